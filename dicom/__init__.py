@@ -1,0 +1,1 @@
+"""DICOM helpers with no I/O policy: geometry, JSON model, synthetic studies."""

@@ -1,0 +1,1 @@
+"""The network edge and orchestration: config, CLI, projects, DIMSE, pulls."""

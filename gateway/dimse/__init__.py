@@ -1,0 +1,1 @@
+"""DIMSE: pynetdicom SCU (C-ECHO/FIND/MOVE/GET) and Storage SCP."""

@@ -1,0 +1,1 @@
+"""Processing pipelines (MONAI, Dask). Nothing yet."""
