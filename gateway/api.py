@@ -1,0 +1,117 @@
+"""The Python API: one `Gateway` object wires settings, catalog, vault, storage and DICOM peers.
+
+    gw = Gateway(Settings(home=Path("var")))
+    gw.create_project("bone-2026", title="Bone density", actor="dm")
+    gw.approve("bone-2026", committee_ref="CSE-26-001", approved_on=..., expires_on=..., actor="cse")
+    gw.add_cohort("bone-2026", "accession", ["ACC1", "ACC2"], actor="dm")
+    report = gw.pull("bone-2026")
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+from collections.abc import Iterable
+from datetime import date
+from functools import cached_property
+from typing import Any
+
+from deid.engine import Deidentifier
+from deid.keys import ProjectKeys
+from deid.profile import Profile
+from deid.vault import Vault
+from gateway import projects
+from gateway.config import Settings
+from gateway.dimse.scp import StorageSCP
+from gateway.dimse.scu import Peer, Scu
+from gateway.pull import PullReport, Puller, Receiver
+from storage.catalog import Catalog
+from storage.objectstore import open_store
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    """The gateway's parts, opened lazily from one `Settings`."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        self.settings.home.mkdir(parents=True, exist_ok=True)
+        self.catalog = Catalog(self.settings.resolved_catalog_url())
+
+    @cached_property
+    def vault(self) -> Vault:
+        return Vault(self.settings.resolved_vault_url())
+
+    @cached_property
+    def store(self) -> Any:
+        return open_store(self.settings.resolved_storage_url(), self.settings.s3)
+
+    @property
+    def actor(self) -> str:
+        return self.settings.actor or getpass.getuser()
+
+    @property
+    def pacs(self) -> Peer:
+        p = self.settings.pacs
+        return Peer(p.ae_title, p.host, p.port)
+
+    def scu(self) -> Scu:
+        return Scu(calling_ae=self.settings.ae_title, timeout_s=self.settings.timeout_s)
+
+    # -- projects ----------------------------------------------------------------------------
+
+    def create_project(
+        self, name: str, *, title: str = "", actor: str | None = None, profile: Profile | None = None
+    ) -> None:
+        """Declare a project with its de-identification profile (default: `Profile()`)."""
+        projects.create(self.catalog, name, title=title, actor=actor or self.actor,
+                        deid_profile=(profile or Profile()).to_json())  # fmt: skip
+
+    def approve(
+        self, name: str, *, committee_ref: str, approved_on: date, expires_on: date,
+        actor: str | None = None,
+    ) -> None:  # fmt: skip
+        projects.approve(self.catalog, name, committee_ref=committee_ref,
+                         approved_on=approved_on, expires_on=expires_on,
+                         actor=actor or self.actor)  # fmt: skip
+
+    def add_cohort(
+        self, name: str, kind: str, values: Iterable[str], *, actor: str | None = None
+    ) -> int:
+        return projects.add_cohort(self.catalog, name, kind, values, actor=actor or self.actor)
+
+    def summary(self, name: str) -> projects.ProjectSummary:
+        return projects.summary(self.catalog, name)
+
+    # -- pull --------------------------------------------------------------------------------
+
+    def deidentifier(self, name: str) -> Deidentifier:
+        """The project's de-identifier: its profile and its keyed secret from the vault."""
+        project = projects.get(self.catalog, name)
+        keys = ProjectKeys(self.vault.project_secret(name))
+        return Deidentifier(Profile.from_json(project.deid_profile or {}), keys)
+
+    def pull(self, name: str, *, actor: str | None = None, today: date | None = None) -> PullReport:
+        """Pull the project's cohort. Raises `PullRefused` when the project may not be pulled."""
+        s = self.settings
+        project = projects.get(self.catalog, name)
+        actor = actor or self.actor
+        receiver = Receiver(
+            on_refused=lambda ae, n: self.catalog.audit(
+                actor, "store.refused", name, "refused", calling_ae=ae, instances=n
+            )
+        )
+        puller = Puller(
+            catalog=self.catalog, project=project, deid=self.deidentifier(name), scu=self.scu(),
+            peer=self.pacs, receiver=receiver, store=self.store, storage_url=s.resolved_storage_url(),
+            spool_root=s.spool_dir, dest_ae=s.ae_title, retrieve=s.pacs.retrieve,
+            max_associations=s.max_associations, retries=s.retries, backoff_s=s.backoff_s,
+            fsync=s.fsync, actor=actor,
+        )  # fmt: skip
+        puller.check_allowed(today)  # before any port is opened
+        if s.pacs.retrieve == "get":
+            return puller.run(today)
+        with StorageSCP(ae_title=s.ae_title, host=s.host, port=s.port,
+                        on_store=receiver.on_store, max_associations=max(8, s.max_associations)):  # fmt: skip
+            return puller.run(today)

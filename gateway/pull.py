@@ -1,0 +1,384 @@
+"""Pull a project's cohort from the PACS: plan with C-FIND, retrieve per series, verify, store.
+
+The way of one series: C-FIND gives the PACS's instance count; the series is registered with the
+`Receiver` (which refuses anything not registered); C-MOVE (or C-GET) brings the instances, each one
+de-identified and spooled durably before it is acknowledged; the received count is checked against
+the PACS's count and the C-MOVE sub-operation counts; only then is the series committed to Zarr and
+marked complete in the catalog. A re-run skips complete series and resumes the others from their spool.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from pydicom import Dataset
+from sqlalchemy import select
+
+from deid.engine import Deidentifier, Quarantined
+from gateway.dimse.scu import DimseError, Peer, RetrieveResult, Scu, SeriesHit, StudyHit
+from storage.catalog import Catalog, CohortItem, Project, SeriesRecord
+from storage.series import SeriesError, SeriesWriter
+
+log = logging.getLogger(__name__)
+
+SUCCESS, REFUSED, FAILED = 0x0000, 0x0124, 0xC000
+
+
+class PullRefused(Exception):
+    """The project may not be pulled (not approved, expired, revoked); the message says why."""
+
+
+@dataclass
+class SeriesJob:
+    """One series being retrieved. Original UIDs stay in memory, never in logs or the catalog."""
+
+    project: str
+    study_uid: str
+    series_uid: str
+    pseudo_study: str
+    pseudo_series: str
+    patient_pseudonym: str
+    modality: str
+    expected: int
+    writer: SeriesWriter
+    deid: Deidentifier
+    quarantined: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def key(self) -> str:
+        return f"projects/{self.project}/{self.pseudo_study}/{self.pseudo_series}"
+
+    def note_quarantine(self, reason: str) -> None:
+        with self.lock:
+            self.quarantined[reason] = self.quarantined.get(reason, 0) + 1
+
+    @property
+    def n_quarantined(self) -> int:
+        return sum(self.quarantined.values())
+
+
+class Receiver:
+    """The Storage SCP's callback: takes in only instances of series that a pull is waiting for."""
+
+    def __init__(self, on_refused: Callable[[str, int], None] | None = None) -> None:
+        self._jobs: dict[str, SeriesJob] = {}
+        self._lock = threading.Lock()
+        self.refused = 0
+        self._on_refused = on_refused
+
+    def expect(self, job: SeriesJob) -> None:
+        with self._lock:
+            self._jobs[job.series_uid] = job
+
+    def forget(self, job: SeriesJob) -> None:
+        with self._lock:
+            self._jobs.pop(job.series_uid, None)
+
+    def on_store(self, ds: Dataset, calling_ae: str) -> int:
+        """De-identify and spool an expected instance; refuse any other."""
+        job = self._jobs.get(str(ds.get("SeriesInstanceUID", "")))
+        if job is None or str(ds.get("StudyInstanceUID", "")) != job.study_uid:
+            with self._lock:
+                self.refused += 1
+            log.warning("refused an unsolicited instance from AE %r", calling_ae)
+            if self._on_refused:
+                self._on_refused(calling_ae, 1)
+            return REFUSED
+        try:
+            job.deid.apply(ds)
+        except Quarantined as q:
+            job.note_quarantine(q.reason)
+            log.warning("quarantined an instance of series %s: %s", job.pseudo_series, q.reason)
+            return SUCCESS  # we took charge of it: it is reported, not stored
+        job.writer.add(ds)
+        return SUCCESS
+
+
+@dataclass
+class SeriesOutcome:
+    pseudo_series: str
+    status: str  # complete|failed|skipped|quarantined
+    expected: int
+    stored: int
+    nbytes: int = 0
+    error: str | None = None
+
+
+@dataclass
+class PullReport:
+    project: str
+    studies: int = 0
+    series: list[SeriesOutcome] = field(default_factory=list)
+    unresolved: int = 0  # cohort items the PACS knows nothing of
+    refused_unsolicited: int = 0
+    seconds: float = 0.0
+    storage: str = ""
+
+    def count(self, status: str) -> int:
+        return sum(1 for s in self.series if s.status == status)
+
+    @property
+    def instances(self) -> int:
+        return sum(s.stored for s in self.series if s.status == "complete")
+
+    @property
+    def new_instances(self) -> int:
+        return sum(s.stored for s in self.series if s.status == "complete" and s.nbytes)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.series)
+
+    @property
+    def ok(self) -> bool:
+        return all(s.status in ("complete", "skipped") for s in self.series)
+
+
+@dataclass
+class Planned:
+    study: StudyHit
+    series: SeriesHit
+
+
+def plan(scu: Scu, peer: Peer, items: list[CohortItem]) -> tuple[list[Planned], dict[int, int]]:
+    """Resolve cohort items to studies, then series, with the PACS's instance counts.
+
+    Only the cohort's own keys are ever queried, so nothing outside the cohort is requested.
+    Returns the planned series and, per cohort item id, how many studies it matched.
+    """
+    studies: dict[str, StudyHit] = {}
+    found: dict[int, int] = {}
+    for item in items:
+        hits = scu.find_studies(peer, **{item.kind: item.value})
+        found[item.id] = len(hits)
+        for h in hits:
+            studies.setdefault(h.study_uid, h)
+    planned = []
+    for st in studies.values():
+        for se in scu.find_series(peer, st.study_uid):
+            planned.append(Planned(st, se))
+    return planned, found
+
+
+class Puller:
+    """Runs one project's pull. Construct with the gateway's parts; call `run()`."""
+
+    def __init__(
+        self,
+        *,
+        catalog: Catalog,
+        project: Project,
+        deid: Deidentifier,
+        scu: Scu,
+        peer: Peer,
+        receiver: Receiver,
+        store: Any,
+        storage_url: str,
+        spool_root: Path,
+        dest_ae: str,
+        retrieve: str = "move",
+        max_associations: int = 2,
+        retries: int = 3,
+        backoff_s: float = 1.0,
+        fsync: bool = True,
+        actor: str = "",
+    ) -> None:
+        self.catalog, self.project, self.deid = catalog, project, deid
+        self.scu, self.peer, self.receiver, self.store = scu, peer, receiver, store
+        self.storage_url, self.spool_root, self.dest_ae = storage_url, spool_root, dest_ae
+        self.retrieve, self.max_assoc = retrieve, max(1, max_associations)
+        self.retries, self.backoff_s, self.fsync, self.actor = retries, backoff_s, fsync, actor
+
+    def check_allowed(self, today: date | None = None) -> None:
+        """Raise `PullRefused` (and audit it) unless the project is approved and in date."""
+        problem = self.project.approval_problem(today or date.today())
+        if problem:
+            self.catalog.audit(self.actor, "pull", self.project.name, "refused", reason=problem)
+            raise PullRefused(problem)
+
+    def run(self, today: date | None = None) -> PullReport:
+        name = self.project.name
+        self.check_allowed(today)
+        t0 = time.perf_counter()
+        report = PullReport(project=name, storage=self.storage_url)
+        self.catalog.audit(self.actor, "pull.start", name, retrieve=self.retrieve)
+        items = self._cohort()
+        planned, found = plan(self.scu, self.peer, items)
+        self._record_resolution(found)
+        report.unresolved = sum(1 for n in found.values() if n == 0)
+        report.studies = len({p.study.study_uid for p in planned})
+        done = self._complete_series()
+        jobs: list[SeriesJob] = []
+        for p in planned:
+            pseudo = self.deid.keys.uid(p.series.series_uid)
+            if pseudo in done:
+                report.series.append(SeriesOutcome(pseudo, "skipped", p.series.n_instances,
+                                                   done[pseudo]))  # fmt: skip
+                continue
+            jobs.append(self._job(p))
+        refused_before = self.receiver.refused
+        # Retrieval is bounded by the PACS's association limit; commits overlap with it.
+        with ThreadPoolExecutor(self.max_assoc, thread_name_prefix="retrieve") as pool, \
+             ThreadPoolExecutor(1, thread_name_prefix="commit") as committer:  # fmt: skip
+            commits: list[Future[SeriesOutcome]] = []
+
+            def retrieve_then_commit(job: SeriesJob) -> None:
+                outcome = self._retrieve(job)
+                if outcome is None:
+                    commits.append(committer.submit(self._commit, job))
+                else:
+                    report.series.append(outcome)
+
+            for f in [pool.submit(retrieve_then_commit, j) for j in jobs]:
+                f.result()
+            report.series.extend(c.result() for c in commits)
+        report.refused_unsolicited = self.receiver.refused - refused_before
+        report.seconds = time.perf_counter() - t0
+        self.catalog.audit(
+            self.actor, "pull.end", name, "ok" if report.ok else "error",
+            studies=report.studies, complete=report.count("complete"),
+            skipped=report.count("skipped"), failed=report.count("failed"),
+            quarantined=report.count("quarantined"), instances=report.instances,
+            bytes=report.nbytes, unresolved_items=report.unresolved,
+            refused_unsolicited=report.refused_unsolicited, seconds=round(report.seconds, 3),
+        )  # fmt: skip
+        return report
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def _cohort(self) -> list[CohortItem]:
+        with self.catalog.session() as s:
+            return list(s.scalars(select(CohortItem).where(
+                CohortItem.project_id == self.project.id)))  # fmt: skip
+
+    def _record_resolution(self, found: dict[int, int]) -> None:
+        with self.catalog.session() as s:
+            for item_id, n in found.items():
+                item = s.get(CohortItem, item_id)
+                if item is not None:
+                    item.studies_found = n
+
+    def _complete_series(self) -> dict[str, int]:
+        with self.catalog.session() as s:
+            rows = s.execute(select(SeriesRecord.series_uid, SeriesRecord.stored).where(
+                SeriesRecord.project_id == self.project.id,
+                SeriesRecord.status == "complete")).tuples()  # fmt: skip
+            return dict(rows)
+
+    def _job(self, p: Planned) -> SeriesJob:
+        keys = self.deid.keys
+        pseudo_series = keys.uid(p.series.series_uid)
+        job = SeriesJob(
+            project=self.project.name,
+            study_uid=p.study.study_uid,
+            series_uid=p.series.series_uid,
+            pseudo_study=keys.uid(p.study.study_uid),
+            pseudo_series=pseudo_series,
+            patient_pseudonym=keys.pseudonym(p.study.patient_id or ""),
+            modality=p.series.modality or "",
+            expected=p.series.n_instances,
+            writer=SeriesWriter(self.spool_root / self.project.name / pseudo_series, fsync=self.fsync),
+            deid=self.deid,
+        )
+        self._upsert(job, status="pending")
+        return job
+
+    def _retrieve(self, job: SeriesJob) -> SeriesOutcome | None:
+        """Bring every instance of the series into the spool; None when it is all there."""
+        if job.expected <= 0:
+            return self._fail(job, "the PACS reports no instances for this series")
+        error = ""
+        self.receiver.expect(job)
+        try:
+            for attempt in range(self.retries + 1):
+                if attempt:
+                    time.sleep(self.backoff_s * 2 ** (attempt - 1))
+                try:
+                    result = self._retrieve_once(job)
+                except DimseError as e:
+                    error = f"retrieve failed: {e}"
+                    log.warning("series %s attempt %d: %s", job.pseudo_series, attempt + 1, e)
+                    continue
+                error = self._verify(job, result)
+                if not error:
+                    return None
+                log.warning("series %s attempt %d: %s", job.pseudo_series, attempt + 1, error)
+        finally:
+            self.receiver.forget(job)
+        return self._fail(job, error)
+
+    def _retrieve_once(self, job: SeriesJob) -> RetrieveResult:
+        if self.retrieve == "get":
+            return self.scu.get_series(self.peer, job.study_uid, job.series_uid,
+                                       lambda ds: self.receiver.on_store(ds, self.peer.ae_title))  # fmt: skip
+        return self.scu.move_series(self.peer, job.study_uid, job.series_uid, self.dest_ae)
+
+    @staticmethod
+    def _verify(job: SeriesJob, result: RetrieveResult) -> str:
+        """Completeness is checked, not guessed: our count, the PACS's count, the sub-operations."""
+        received = job.writer.count + job.n_quarantined
+        if result.failed:
+            return f"the PACS reports {result.failed} failed sub-operations"
+        if received < job.expected:
+            return f"received {received} of {job.expected} instances"
+        if result.completed is not None and result.completed + (result.warning or 0) < job.expected:
+            return f"the PACS's sub-operations report {result.completed} of {job.expected} instances"
+        return ""
+
+    def _commit(self, job: SeriesJob) -> SeriesOutcome:
+        if job.writer.count == 0:
+            job.writer.discard()
+            self._upsert(job, status="quarantined", error=_quarantine_text(job))
+            return SeriesOutcome(job.pseudo_series, "quarantined", job.expected, 0,
+                                 error=_quarantine_text(job))  # fmt: skip
+        try:
+            info = job.writer.commit(self.store, job.key)
+        except SeriesError as e:
+            return self._fail(job, f"could not assemble the series: {e}")
+        except Exception as e:  # storage down: the spool is kept, a re-run resumes
+            log.error("series %s: storage failed: %s", job.pseudo_series, type(e).__name__)
+            return self._fail(job, f"storage failed ({type(e).__name__}): spool kept for resume")
+        self._upsert(
+            job, status="complete", stored=info.n_instances, nbytes=info.nbytes,
+            shape=list(info.shape), error=_quarantine_text(job) or None,
+        )  # fmt: skip
+        self.catalog.audit(self.actor, "series.stored", self.project.name,
+                           series=job.pseudo_series, instances=info.n_instances,
+                           quarantined=job.n_quarantined)  # fmt: skip
+        return SeriesOutcome(job.pseudo_series, "complete", job.expected, info.n_instances,
+                             info.nbytes)  # fmt: skip
+
+    def _fail(self, job: SeriesJob, error: str) -> SeriesOutcome:
+        self._upsert(job, status="failed", error=error)
+        self.catalog.audit(self.actor, "series.failed", self.project.name, "error",
+                           series=job.pseudo_series, reason=error)  # fmt: skip
+        return SeriesOutcome(job.pseudo_series, "failed", job.expected, job.writer.count,
+                             error=error)  # fmt: skip
+
+    def _upsert(self, job: SeriesJob, **values: Any) -> None:
+        with self.catalog.session() as s:
+            row = s.scalar(select(SeriesRecord).where(
+                SeriesRecord.project_id == self.project.id,
+                SeriesRecord.series_uid == job.pseudo_series))  # fmt: skip
+            if row is None:
+                row = SeriesRecord(project_id=self.project.id, series_uid=job.pseudo_series)
+                s.add(row)
+            row.study_uid, row.modality = job.pseudo_study, job.modality
+            row.patient_pseudonym, row.expected = job.patient_pseudonym, job.expected
+            if values.get("status") == "complete":
+                row.storage_key = job.key
+            for k, v in values.items():
+                setattr(row, k, v)
+
+
+def _quarantine_text(job: SeriesJob) -> str:
+    return "; ".join(f"{n} quarantined: {r}" for r, n in sorted(job.quarantined.items()))
