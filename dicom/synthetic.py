@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian
 
 # Names of six letters or more: a shorter string can turn up by chance in compressed pixel bytes.
 SURNAMES = ["DUPONT", "MARTIN", "BERNARD", "PETITJEAN", "DURAND", "LEROYER", "MOREAU", "SIMONET"]
@@ -71,8 +71,15 @@ class _Patient:
     @property
     def phi(self) -> list[str]:
         surname, given = self.name.split("^")
-        return [self.patient_id, surname, given, self.birth_date, self.address, self.phone,
-                self.other_id]
+        return [
+            self.patient_id,
+            surname,
+            given,
+            self.birth_date,
+            self.address,
+            self.phone,
+            self.other_id,
+        ]
 
 
 def _uid(rng: random.Random, embed: str = "") -> str:
@@ -187,7 +194,9 @@ def ct_series(
         block = ds.private_block(0x0029, "ACME CT 1.0", create=True)
         block.add_new(0x10, "LO", patient["name"])
         block.add_new(0x11, "SH", patient["id"])
-        block.add_new(0x12, "UT", "Exam of " + patient["surname"] + " born " + patient["birth_date"])
+        block.add_new(
+            0x12, "UT", "Exam of " + patient["surname"] + " born " + patient["birth_date"]
+        )
         pixels = np.clip(hu + 1024.0, -32768, 32767).astype(np.int16)
         ds.PixelData = pixels.tobytes()
         yield ds
@@ -214,6 +223,10 @@ def _request(patient: dict[str, str], study: dict[str, str]) -> Dataset:
     return item
 
 
+def _month_day(rng: random.Random) -> str:
+    return f"{rng.randrange(1, 13):02d}{rng.randrange(1, 29):02d}"
+
+
 def generate(
     out_dir: Path,
     n_patients: int = 3,
@@ -236,21 +249,28 @@ def generate(
         pat = _Patient(
             patient_id=pid,
             name=f"{surname}^{given}",
-            birth_date=f"19{rng.randrange(40, 70)}{rng.randrange(1, 13):02d}{rng.randrange(1, 29):02d}",
+            birth_date=f"19{rng.randrange(40, 70)}{_month_day(rng)}",
             sex=rng.choice(["M", "F"]),
-            address=f"{rng.randrange(1, 200)} {rng.choice(STREETS)} 750{rng.randrange(10, 20)} PARIS",
+            address=f"{rng.randrange(1, 200)} {rng.choice(STREETS)} PARIS",
             phone=f"+331{rng.randrange(10**7, 10**8)}",
             other_id=f"IPP{rng.randrange(10**8, 10**9)}",
         )
         referrer = SURNAMES[(p + 3) % len(SURNAMES)] + "^" + GIVEN[p % len(GIVEN)]
         patient = {
-            "id": pid, "name": pat.name, "surname": surname, "given": given,
-            "birth_date": pat.birth_date, "sex": pat.sex, "address": pat.address,
-            "phone": pat.phone, "other_id": pat.other_id, "referrer": referrer,
-        }  # fmt: skip
+            "id": pid,
+            "name": pat.name,
+            "surname": surname,
+            "given": given,
+            "birth_date": pat.birth_date,
+            "sex": pat.sex,
+            "address": pat.address,
+            "phone": pat.phone,
+            "other_id": pat.other_id,
+            "referrer": referrer,
+        }
         corpus.phi += pat.phi + [referrer.split("^")[0]]
         for _ in range(studies_per_patient):
-            date = f"{year}{rng.randrange(1, 13):02d}{rng.randrange(1, 29):02d}"
+            date = f"{year}{_month_day(rng)}"
             year += 2
             accession = f"ACC{rng.randrange(10**6, 10**7)}"
             study = {"uid": _uid(rng, embed=pid), "accession": accession, "date": date}
@@ -273,10 +293,18 @@ def generate(
     for patient, study, se, number, frame_uid, sops in jobs:
         thickness = 2.5 if number % 2 == 1 else 5.0
         for ds in ct_series(
-            patient=patient, study=study, series_uid=se.series_uid, series_number=number,
-            slices=se.n_instances, size=size, thickness=thickness, description=se.description,
-            frame_uid=frame_uid, sop_uids=sops, seed=rng.randrange(2**31),
-        ):  # fmt: skip
+            patient=patient,
+            study=study,
+            series_uid=se.series_uid,
+            series_number=number,
+            slices=se.n_instances,
+            size=size,
+            thickness=thickness,
+            description=se.description,
+            frame_uid=frame_uid,
+            sop_uids=sops,
+            seed=rng.randrange(2**31),
+        ):
             path = out_dir / f"{names[k]:06d}.dcm"
             ds.save_as(path, enforce_file_format=True)
             corpus.files.append(path)

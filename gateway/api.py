@@ -1,10 +1,10 @@
 """The Python API: one `Gateway` object wires settings, catalog, vault, storage and DICOM peers.
 
-    gw = Gateway(Settings(home=Path("var")))
-    gw.create_project("bone-2026", title="Bone density", actor="dm")
-    gw.approve("bone-2026", committee_ref="CSE-26-001", approved_on=..., expires_on=..., actor="cse")
-    gw.add_cohort("bone-2026", "accession", ["ACC1", "ACC2"], actor="dm")
-    report = gw.pull("bone-2026")
+gw = Gateway(Settings(home=Path("var")))
+gw.create_project("bone-2026", title="Bone density", actor="dm")
+gw.approve("bone-2026", committee_ref="CSE-26-001", approved_on=..., expires_on=..., actor="cse")
+gw.add_cohort("bone-2026", "accession", ["ACC1", "ACC2"], actor="dm")
+report = gw.pull("bone-2026")
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ from deid.engine import Deidentifier
 from deid.keys import ProjectKeys
 from deid.profile import Profile
 from deid.vault import Vault
+from storage.objectstore import open_store
+
 from gateway import projects
 from gateway.config import Settings
 from gateway.dimse.scp import StorageSCP
 from gateway.dimse.scu import Peer, Scu
-from gateway.pull import PullReport, Puller, Receiver
+from gateway.pull import Puller, PullReport, Receiver
 from storage.catalog import Catalog
-from storage.objectstore import open_store
 
 log = logging.getLogger(__name__)
 
@@ -62,19 +63,39 @@ class Gateway:
     # -- projects ----------------------------------------------------------------------------
 
     def create_project(
-        self, name: str, *, title: str = "", actor: str | None = None, profile: Profile | None = None
+        self,
+        name: str,
+        *,
+        title: str = "",
+        actor: str | None = None,
+        profile: Profile | None = None,
     ) -> None:
         """Declare a project with its de-identification profile (default: `Profile()`)."""
-        projects.create(self.catalog, name, title=title, actor=actor or self.actor,
-                        deid_profile=(profile or Profile()).to_json())  # fmt: skip
+        projects.create(
+            self.catalog,
+            name,
+            title=title,
+            actor=actor or self.actor,
+            deid_profile=(profile or Profile()).to_json(),
+        )
 
     def approve(
-        self, name: str, *, committee_ref: str, approved_on: date, expires_on: date,
+        self,
+        name: str,
+        *,
+        committee_ref: str,
+        approved_on: date,
+        expires_on: date,
         actor: str | None = None,
-    ) -> None:  # fmt: skip
-        projects.approve(self.catalog, name, committee_ref=committee_ref,
-                         approved_on=approved_on, expires_on=expires_on,
-                         actor=actor or self.actor)  # fmt: skip
+    ) -> None:
+        projects.approve(
+            self.catalog,
+            name,
+            committee_ref=committee_ref,
+            approved_on=approved_on,
+            expires_on=expires_on,
+            actor=actor or self.actor,
+        )
 
     def add_cohort(
         self, name: str, kind: str, values: Iterable[str], *, actor: str | None = None
@@ -103,15 +124,31 @@ class Gateway:
             )
         )
         puller = Puller(
-            catalog=self.catalog, project=project, deid=self.deidentifier(name), scu=self.scu(),
-            peer=self.pacs, receiver=receiver, store=self.store, storage_url=s.resolved_storage_url(),
-            spool_root=s.spool_dir, dest_ae=s.ae_title, retrieve=s.pacs.retrieve,
-            max_associations=s.max_associations, retries=s.retries, backoff_s=s.backoff_s,
-            fsync=s.fsync, actor=actor,
-        )  # fmt: skip
+            catalog=self.catalog,
+            project=project,
+            deid=self.deidentifier(name),
+            scu=self.scu(),
+            peer=self.pacs,
+            receiver=receiver,
+            store=self.store,
+            storage_url=s.resolved_storage_url(),
+            spool_root=s.spool_dir,
+            dest_ae=s.ae_title,
+            retrieve=s.pacs.retrieve,
+            max_associations=s.max_associations,
+            retries=s.retries,
+            backoff_s=s.backoff_s,
+            fsync=s.fsync,
+            actor=actor,
+        )
         puller.check_allowed(today)  # before any port is opened
         if s.pacs.retrieve == "get":
             return puller.run(today)
-        with StorageSCP(ae_title=s.ae_title, host=s.host, port=s.port,
-                        on_store=receiver.on_store, max_associations=max(8, s.max_associations)):  # fmt: skip
+        with StorageSCP(
+            ae_title=s.ae_title,
+            host=s.host,
+            port=s.port,
+            on_store=receiver.on_store,
+            max_associations=max(8, s.max_associations),
+        ):
             return puller.run(today)

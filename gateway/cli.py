@@ -15,11 +15,13 @@ from gateway import projects
 from gateway.config import Settings
 
 app = typer.Typer(
-    help="sphere: pull approved research cohorts from a PACS, de-identify them, store them as Zarr.",
+    help="sphere: pull approved research cohorts from a PACS, de-identify and store them as Zarr.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-project_app = typer.Typer(help="Declare, approve and inspect research projects.", no_args_is_help=True)
+project_app = typer.Typer(
+    help="Declare, approve and inspect research projects.", no_args_is_help=True
+)
 cohort_app = typer.Typer(help="Define a project's cohort.", no_args_is_help=True)
 app.add_typer(project_app, name="project")
 app.add_typer(cohort_app, name="cohort")
@@ -30,7 +32,8 @@ state: dict[str, Settings] = {}
 @app.callback()
 def main(
     home: Annotated[
-        Path | None, typer.Option(help="Gateway data folder (catalog, vault, spool, default store).")
+        Path | None,
+        typer.Option(help="Gateway data folder (catalog, vault, spool, default store)."),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")] = False,
 ) -> None:
@@ -76,9 +79,11 @@ def project_approve(
     """Record the committee's approval, with its reference and validity period."""
     try:
         _gateway().approve(
-            name, committee_ref=committee_ref, expires_on=date.fromisoformat(expires_on),
+            name,
+            committee_ref=committee_ref,
+            expires_on=date.fromisoformat(expires_on),
             approved_on=date.fromisoformat(approved_on) if approved_on else date.today(),
-        )  # fmt: skip
+        )
     except (projects.ProjectError, ValueError) as e:
         _fail(str(e))
     console.print(f"project [bold]{name}[/bold] approved until {expires_on}")
@@ -104,13 +109,16 @@ def project_show(name: str) -> None:
         _fail(str(e))
     t = Table(show_header=False, box=None)
     for k, v in [
-        ("name", p.name), ("title", p.title), ("status", p.status),
-        ("committee", p.committee_ref or "-"), ("approved on", p.approved_on or "-"),
+        ("name", p.name),
+        ("title", p.title),
+        ("status", p.status),
+        ("committee", p.committee_ref or "-"),
+        ("approved on", p.approved_on or "-"),
         ("expires on", p.expires_on or "-"),
         ("cohort", ", ".join(f"{n} {k}" for k, n in p.cohort.items()) or "empty"),
         ("series", ", ".join(f"{n} {k}" for k, n in p.series.items()) or "none"),
         ("de-identification", ", ".join(p.deid_profile.get("options", [])) or "basic"),
-    ]:  # fmt: skip
+    ]:
         t.add_row(f"[bold]{k}[/bold]", str(v))
     console.print(t)
 
@@ -127,16 +135,25 @@ def project_list() -> None:
 @cohort_app.command("add")
 def cohort_add(
     name: str,
-    accession: Annotated[list[str] | None, typer.Option(help="Accession number (repeatable).")] = None,
+    accession: Annotated[
+        list[str] | None, typer.Option(help="Accession number (repeatable).")
+    ] = None,
     patient_id: Annotated[list[str] | None, typer.Option(help="Patient ID (repeatable).")] = None,
-    study_uid: Annotated[list[str] | None, typer.Option(help="Study Instance UID (repeatable).")] = None,
+    study_uid: Annotated[
+        list[str] | None, typer.Option(help="Study Instance UID (repeatable).")
+    ] = None,
     csv: Annotated[
-        Path | None, typer.Option(help="CSV file with columns accession, patient_id and/or study_uid.")
+        Path | None,
+        typer.Option(help="CSV file with columns accession, patient_id and/or study_uid."),
     ] = None,
 ) -> None:
     """Add studies to a project's cohort, by accession number, patient ID or study UID."""
     gw = _gateway()
-    given = {"accession": accession or [], "patient_id": patient_id or [], "study_uid": study_uid or []}
+    given = {
+        "accession": accession or [],
+        "patient_id": patient_id or [],
+        "study_uid": study_uid or [],
+    }
     try:
         if csv:
             for kind, values in projects.read_cohort_csv(csv).items():
@@ -173,16 +190,19 @@ def print_report(report) -> None:  # noqa: ANN001
     for k, v in [
         ("project", report.project),
         ("studies", report.studies),
-        ("series", f"{report.count('complete')} stored, {report.count('skipped')} already "
-                   f"complete, {report.count('failed')} failed, "
-                   f"{report.count('quarantined')} quarantined"),
+        (
+            "series",
+            f"{report.count('complete')} stored, {report.count('skipped')} already "
+            f"complete, {report.count('failed')} failed, "
+            f"{report.count('quarantined')} quarantined",
+        ),
         ("instances", f"{report.instances}"),
         ("bytes", f"{report.nbytes / 1e6:.1f} MB written"),
         ("time", f"{report.seconds:.1f} s ({rate:.0f} instances/s)"),
         ("unresolved cohort items", report.unresolved),
         ("refused unsolicited", report.refused_unsolicited),
         ("storage", report.storage),
-    ]:  # fmt: skip
+    ]:
         t.add_row(f"[bold]{k}[/bold]", str(v))
     console.print(t)
     for s in report.series:
@@ -202,13 +222,25 @@ def status(name: str) -> None:
         p = projects.get(gw.catalog, name)
     except projects.ProjectError as e:
         _fail(str(e))
-    t = Table("study (pseudonymous)", "series (pseudonymous)", "modality", "stored/expected",
-              "status", "note")  # fmt: skip
+    t = Table(
+        "study (pseudonymous)",
+        "series (pseudonymous)",
+        "modality",
+        "stored/expected",
+        "status",
+        "note",
+    )
     with gw.catalog.session() as s:
         rows = s.scalars(select(SeriesRecord).where(SeriesRecord.project_id == p.id))
         for r in rows:
-            t.add_row(r.study_uid, r.series_uid, r.modality, f"{r.stored}/{r.expected}",
-                      r.status, r.error or "")  # fmt: skip
+            t.add_row(
+                r.study_uid,
+                r.series_uid,
+                r.modality,
+                f"{r.stored}/{r.expected}",
+                r.status,
+                r.error or "",
+            )
     console.print(t)
     project_show(name)
 
@@ -234,8 +266,14 @@ def audit(
     """Show the audit trail: who did what, when."""
     t = Table("when (UTC)", "who", "action", "project", "outcome", "detail")
     for e in _gateway().catalog.audit_trail(name, limit):
-        t.add_row(e.at.isoformat(timespec="seconds"), e.actor, e.action, e.project or "",
-                  e.outcome, e.detail)  # fmt: skip
+        t.add_row(
+            e.at.isoformat(timespec="seconds"),
+            e.actor,
+            e.action,
+            e.project or "",
+            e.outcome,
+            e.detail,
+        )
     console.print(t)
 
 

@@ -1,4 +1,4 @@
-"""The demo: a local Orthanc as the hospital PACS, synthetic abdominal CT, one approved project, a pull."""
+"""The demo: a local Orthanc as hospital PACS, synthetic abdominal CT, one project, one pull."""
 
 from __future__ import annotations
 
@@ -24,14 +24,16 @@ def free_port() -> int:
 
 
 def run_demo(workdir: Path, *, patients: int = 4, slices: int = 120, size: int = 512) -> int:
-    """Seed a local PACS, approve a project for all patients but one, pull it; 0 if all went well."""
+    """Seed a local PACS, approve a project for all patients but one, pull it; 0 if all is well."""
     workdir = workdir.resolve()
     shutil.rmtree(workdir, ignore_errors=True)
     console.rule("sphere demo")
     console.print(f"generating {patients} synthetic abdominal CT studies ({size}x{size}) ...")
     corpus = generate(workdir / "synthetic", n_patients=patients, slices=slices, size=size)
     port = free_port()
-    with LocalOrthanc(workdir / "orthanc", modalities={"SPHERE": ("SPHERE", "127.0.0.1", port)}) as pacs:
+    with LocalOrthanc(
+        workdir / "orthanc", modalities={"SPHERE": ("SPHERE", "127.0.0.1", port)}
+    ) as pacs:
         n = pacs.upload(corpus.files)
         console.print(f"local Orthanc PACS on port {pacs.dicom_port} holds {n} instances")
         settings = Settings(
@@ -44,13 +46,19 @@ def run_demo(workdir: Path, *, patients: int = 4, slices: int = 120, size: int =
         gw = Gateway(settings)
         name = "demo-bone-density"
         gw.create_project(name, title="Opportunistic bone density from abdominal CT")
-        gw.approve(name, committee_ref="CSE-DEMO-001", approved_on=date.today(),
-                   expires_on=date.today() + timedelta(days=365))  # fmt: skip
+        gw.approve(
+            name,
+            committee_ref="CSE-DEMO-001",
+            approved_on=date.today(),
+            expires_on=date.today() + timedelta(days=365),
+        )
         # One patient stays out of the cohort: the gateway must never fetch their study.
         cohort = [st.accession for st in corpus.studies[:-1]]
         gw.add_cohort(name, "accession", cohort)
-        console.print(f"project {name} approved; cohort: {len(cohort)} of {len(corpus.studies)} "
-                      "studies (by accession number)")  # fmt: skip
+        console.print(
+            f"project {name} approved; cohort: {len(cohort)} of {len(corpus.studies)} "
+            "studies (by accession number)"
+        )
         report = gw.pull(name)
     from gateway.cli import print_report
 
@@ -59,8 +67,10 @@ def run_demo(workdir: Path, *, patients: int = 4, slices: int = 120, size: int =
     console.print(f"catalog: {settings.resolved_catalog_url()}")
     console.print(f"re-identification vault (kept apart): {settings.resolved_vault_url()}")
     if report.ok and report.instances == expected:
-        console.print(f"[green]demo OK[/green]: {report.instances} of {expected} cohort "
-                      "instances stored, de-identified, as Zarr v3")  # fmt: skip
+        console.print(
+            f"[green]demo OK[/green]: {report.instances} of {expected} cohort "
+            "instances stored, de-identified, as Zarr v3"
+        )
         return 0
     console.print(f"[red]demo FAILED[/red]: {report.instances} of {expected} instances stored")
     return 1

@@ -71,9 +71,13 @@ def approve(
         p.status, p.committee_ref, p.approved_by = "approved", committee_ref, actor
         p.approved_on, p.expires_on = approved_on, expires_on
     catalog.audit(
-        actor, "project.approve", name, committee_ref=committee_ref,
-        approved_on=approved_on, expires_on=expires_on,
-    )  # fmt: skip
+        actor,
+        "project.approve",
+        name,
+        committee_ref=committee_ref,
+        approved_on=approved_on,
+        expires_on=expires_on,
+    )
 
 
 def revoke(catalog: Catalog, name: str, *, actor: str, reason: str = "") -> None:
@@ -84,16 +88,19 @@ def revoke(catalog: Catalog, name: str, *, actor: str, reason: str = "") -> None
 
 
 def add_cohort(catalog: Catalog, name: str, kind: str, values: Iterable[str], *, actor: str) -> int:
-    """Add cohort items (accession numbers, patient IDs or study UIDs); returns how many were new."""
+    """Add cohort items (accession numbers, patient IDs or study UIDs); return how many are new."""
     if kind not in COHORT_KINDS:
         raise ProjectError(f"cohort kind must be one of {', '.join(COHORT_KINDS)}")
     clean = sorted({v.strip() for v in values if v and v.strip()})
     with catalog.session() as s:
         p = _get(s, name)
         have = set(
-            s.scalars(select(CohortItem.value).where(
-                CohortItem.project_id == p.id, CohortItem.kind == kind))
-        )  # fmt: skip
+            s.scalars(
+                select(CohortItem.value).where(
+                    CohortItem.project_id == p.id, CohortItem.kind == kind
+                )
+            )
+        )
         new = [v for v in clean if v not in have]
         s.add_all(CohortItem(project_id=p.id, kind=kind, value=v) for v in new)
     # Counts only: the values themselves identify patients.
@@ -107,11 +114,17 @@ def read_cohort_csv(path: Path) -> dict[str, list[str]]:
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         cols = {c: c.strip().lower().replace(" ", "_") for c in reader.fieldnames or []}
-        aliases = {"accession_number": "accession", "patientid": "patient_id",
-                   "study_instance_uid": "study_uid", "studyinstanceuid": "study_uid"}  # fmt: skip
+        aliases = {
+            "accession_number": "accession",
+            "patientid": "patient_id",
+            "study_instance_uid": "study_uid",
+            "studyinstanceuid": "study_uid",
+        }
         known = {c: aliases.get(n, n) for c, n in cols.items() if aliases.get(n, n) in out}
         if not known:
-            raise ProjectError(f"no column named one of {', '.join(COHORT_KINDS)} in the CSV header")
+            raise ProjectError(
+                f"no column named one of {', '.join(COHORT_KINDS)} in the CSV header"
+            )
         for row in reader:
             for col, kind in known.items():
                 if row.get(col):
@@ -134,17 +147,30 @@ def summary(catalog: Catalog, name: str) -> ProjectSummary:
     with catalog.session() as s:
         p = _get(s, name)
         kinds = dict(
-            s.execute(select(CohortItem.kind, func.count()).where(CohortItem.project_id == p.id)
-                      .group_by(CohortItem.kind)).tuples()
-        )  # fmt: skip
+            s.execute(
+                select(CohortItem.kind, func.count())
+                .where(CohortItem.project_id == p.id)
+                .group_by(CohortItem.kind)
+            ).tuples()
+        )
         series = dict(
-            s.execute(select(SeriesRecord.status, func.count())
-                      .where(SeriesRecord.project_id == p.id).group_by(SeriesRecord.status)).tuples()
-        )  # fmt: skip
+            s.execute(
+                select(SeriesRecord.status, func.count())
+                .where(SeriesRecord.project_id == p.id)
+                .group_by(SeriesRecord.status)
+            ).tuples()
+        )
         return ProjectSummary(
-            p.name, p.title, p.status, p.committee_ref, p.approved_on, p.expires_on,
-            kinds, series, dict(p.deid_profile or {}),
-        )  # fmt: skip
+            p.name,
+            p.title,
+            p.status,
+            p.committee_ref,
+            p.approved_on,
+            p.expires_on,
+            kinds,
+            series,
+            dict(p.deid_profile or {}),
+        )
 
 
 def list_all(catalog: Catalog) -> list[Project]:

@@ -4,7 +4,8 @@ The way of one series: C-FIND gives the PACS's instance count; the series is reg
 `Receiver` (which refuses anything not registered); C-MOVE (or C-GET) brings the instances, each one
 de-identified and spooled durably before it is acknowledged; the received count is checked against
 the PACS's count and the C-MOVE sub-operation counts; only then is the series committed to Zarr and
-marked complete in the catalog. A re-run skips complete series and resumes the others from their spool.
+marked complete in the catalog. A re-run skips complete series and resumes the others from
+their spool.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from deid.engine import Deidentifier, Quarantined
 from pydicom import Dataset
 from sqlalchemy import select
+from storage.series import SeriesError, SeriesWriter
 
-from deid.engine import Deidentifier, Quarantined
 from gateway.dimse.scu import DimseError, Peer, RetrieveResult, Scu, SeriesHit, StudyHit
 from storage.catalog import Catalog, CohortItem, Project, SeriesRecord
-from storage.series import SeriesError, SeriesWriter
 
 log = logging.getLogger(__name__)
 
@@ -221,14 +222,17 @@ class Puller:
         for p in planned:
             pseudo = self.deid.keys.uid(p.series.series_uid)
             if pseudo in done:
-                report.series.append(SeriesOutcome(pseudo, "skipped", p.series.n_instances,
-                                                   done[pseudo]))  # fmt: skip
+                report.series.append(
+                    SeriesOutcome(pseudo, "skipped", p.series.n_instances, done[pseudo])
+                )
                 continue
             jobs.append(self._job(p))
         refused_before = self.receiver.refused
         # Retrieval is bounded by the PACS's association limit; commits overlap with it.
-        with ThreadPoolExecutor(self.max_assoc, thread_name_prefix="retrieve") as pool, \
-             ThreadPoolExecutor(1, thread_name_prefix="commit") as committer:  # fmt: skip
+        with (
+            ThreadPoolExecutor(self.max_assoc, thread_name_prefix="retrieve") as pool,
+            ThreadPoolExecutor(1, thread_name_prefix="commit") as committer,
+        ):
             commits: list[Future[SeriesOutcome]] = []
 
             def retrieve_then_commit(job: SeriesJob) -> None:
@@ -244,21 +248,30 @@ class Puller:
         report.refused_unsolicited = self.receiver.refused - refused_before
         report.seconds = time.perf_counter() - t0
         self.catalog.audit(
-            self.actor, "pull.end", name, "ok" if report.ok else "error",
-            studies=report.studies, complete=report.count("complete"),
-            skipped=report.count("skipped"), failed=report.count("failed"),
-            quarantined=report.count("quarantined"), instances=report.instances,
-            bytes=report.nbytes, unresolved_items=report.unresolved,
-            refused_unsolicited=report.refused_unsolicited, seconds=round(report.seconds, 3),
-        )  # fmt: skip
+            self.actor,
+            "pull.end",
+            name,
+            "ok" if report.ok else "error",
+            studies=report.studies,
+            complete=report.count("complete"),
+            skipped=report.count("skipped"),
+            failed=report.count("failed"),
+            quarantined=report.count("quarantined"),
+            instances=report.instances,
+            bytes=report.nbytes,
+            unresolved_items=report.unresolved,
+            refused_unsolicited=report.refused_unsolicited,
+            seconds=round(report.seconds, 3),
+        )
         return report
 
     # -- steps -------------------------------------------------------------------------------
 
     def _cohort(self) -> list[CohortItem]:
         with self.catalog.session() as s:
-            return list(s.scalars(select(CohortItem).where(
-                CohortItem.project_id == self.project.id)))  # fmt: skip
+            return list(
+                s.scalars(select(CohortItem).where(CohortItem.project_id == self.project.id))
+            )
 
     def _record_resolution(self, found: dict[int, int]) -> None:
         with self.catalog.session() as s:
@@ -269,9 +282,11 @@ class Puller:
 
     def _complete_series(self) -> dict[str, int]:
         with self.catalog.session() as s:
-            rows = s.execute(select(SeriesRecord.series_uid, SeriesRecord.stored).where(
-                SeriesRecord.project_id == self.project.id,
-                SeriesRecord.status == "complete")).tuples()  # fmt: skip
+            rows = s.execute(
+                select(SeriesRecord.series_uid, SeriesRecord.stored).where(
+                    SeriesRecord.project_id == self.project.id, SeriesRecord.status == "complete"
+                )
+            ).tuples()
             return dict(rows)
 
     def _job(self, p: Planned) -> SeriesJob:
@@ -286,7 +301,9 @@ class Puller:
             patient_pseudonym=keys.pseudonym(p.study.patient_id or ""),
             modality=p.series.modality or "",
             expected=p.series.n_instances,
-            writer=SeriesWriter(self.spool_root / self.project.name / pseudo_series, fsync=self.fsync),
+            writer=SeriesWriter(
+                self.spool_root / self.project.name / pseudo_series, fsync=self.fsync
+            ),
             deid=self.deid,
         )
         self._upsert(job, status="pending")
@@ -318,8 +335,12 @@ class Puller:
 
     def _retrieve_once(self, job: SeriesJob) -> RetrieveResult:
         if self.retrieve == "get":
-            return self.scu.get_series(self.peer, job.study_uid, job.series_uid,
-                                       lambda ds: self.receiver.on_store(ds, self.peer.ae_title))  # fmt: skip
+            return self.scu.get_series(
+                self.peer,
+                job.study_uid,
+                job.series_uid,
+                lambda ds: self.receiver.on_store(ds, self.peer.ae_title),
+            )
         return self.scu.move_series(self.peer, job.study_uid, job.series_uid, self.dest_ae)
 
     @staticmethod
@@ -331,15 +352,18 @@ class Puller:
         if received < job.expected:
             return f"received {received} of {job.expected} instances"
         if result.completed is not None and result.completed + (result.warning or 0) < job.expected:
-            return f"the PACS's sub-operations report {result.completed} of {job.expected} instances"
+            return (
+                f"the PACS's sub-operations report {result.completed} of {job.expected} instances"
+            )
         return ""
 
     def _commit(self, job: SeriesJob) -> SeriesOutcome:
         if job.writer.count == 0:
             job.writer.discard()
             self._upsert(job, status="quarantined", error=_quarantine_text(job))
-            return SeriesOutcome(job.pseudo_series, "quarantined", job.expected, 0,
-                                 error=_quarantine_text(job))  # fmt: skip
+            return SeriesOutcome(
+                job.pseudo_series, "quarantined", job.expected, 0, error=_quarantine_text(job)
+            )
         try:
             info = job.writer.commit(self.store, job.key)
         except SeriesError as e:
@@ -348,27 +372,47 @@ class Puller:
             log.error("series %s: storage failed: %s", job.pseudo_series, type(e).__name__)
             return self._fail(job, f"storage failed ({type(e).__name__}): spool kept for resume")
         self._upsert(
-            job, status="complete", stored=info.n_instances, nbytes=info.nbytes,
-            shape=list(info.shape), error=_quarantine_text(job) or None,
-        )  # fmt: skip
-        self.catalog.audit(self.actor, "series.stored", self.project.name,
-                           series=job.pseudo_series, instances=info.n_instances,
-                           quarantined=job.n_quarantined)  # fmt: skip
-        return SeriesOutcome(job.pseudo_series, "complete", job.expected, info.n_instances,
-                             info.nbytes)  # fmt: skip
+            job,
+            status="complete",
+            stored=info.n_instances,
+            nbytes=info.nbytes,
+            shape=list(info.shape),
+            error=_quarantine_text(job) or None,
+        )
+        self.catalog.audit(
+            self.actor,
+            "series.stored",
+            self.project.name,
+            series=job.pseudo_series,
+            instances=info.n_instances,
+            quarantined=job.n_quarantined,
+        )
+        return SeriesOutcome(
+            job.pseudo_series, "complete", job.expected, info.n_instances, info.nbytes
+        )
 
     def _fail(self, job: SeriesJob, error: str) -> SeriesOutcome:
         self._upsert(job, status="failed", error=error)
-        self.catalog.audit(self.actor, "series.failed", self.project.name, "error",
-                           series=job.pseudo_series, reason=error)  # fmt: skip
-        return SeriesOutcome(job.pseudo_series, "failed", job.expected, job.writer.count,
-                             error=error)  # fmt: skip
+        self.catalog.audit(
+            self.actor,
+            "series.failed",
+            self.project.name,
+            "error",
+            series=job.pseudo_series,
+            reason=error,
+        )
+        return SeriesOutcome(
+            job.pseudo_series, "failed", job.expected, job.writer.count, error=error
+        )
 
     def _upsert(self, job: SeriesJob, **values: Any) -> None:
         with self.catalog.session() as s:
-            row = s.scalar(select(SeriesRecord).where(
-                SeriesRecord.project_id == self.project.id,
-                SeriesRecord.series_uid == job.pseudo_series))  # fmt: skip
+            row = s.scalar(
+                select(SeriesRecord).where(
+                    SeriesRecord.project_id == self.project.id,
+                    SeriesRecord.series_uid == job.pseudo_series,
+                )
+            )
             if row is None:
                 row = SeriesRecord(project_id=self.project.id, series_uid=job.pseudo_series)
                 s.add(row)

@@ -1,4 +1,4 @@
-"""The catalog: projects, cohorts, stored series and the audit trail (SQLAlchemy; SQLite or PostgreSQL).
+"""The catalog: projects, cohorts, stored series, the audit trail (SQLAlchemy; SQLite/PostgreSQL).
 
 Series are indexed by their pseudonymous UIDs only. The re-identification mapping is not here: it
 lives in the vault (`deid.vault`), a separate database.
@@ -26,7 +26,14 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
 
 
 def utcnow() -> datetime:
