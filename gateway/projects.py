@@ -113,14 +113,16 @@ def read_cohort_csv(path: Path) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {k: [] for k in COHORT_KINDS}
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        cols = {c: c.strip().lower().replace(" ", "_") for c in reader.fieldnames or []}
+        # Header names are matched loosely: "AccessionNumber", "accession_number", "Patient ID"...
+        cols = {c: re.sub(r"[^a-z]", "", c.lower()) for c in reader.fieldnames or []}
         aliases = {
-            "accession_number": "accession",
+            "accession": "accession",
+            "accessionnumber": "accession",
             "patientid": "patient_id",
-            "study_instance_uid": "study_uid",
+            "studyuid": "study_uid",
             "studyinstanceuid": "study_uid",
         }
-        known = {c: aliases.get(n, n) for c, n in cols.items() if aliases.get(n, n) in out}
+        known = {c: aliases[n] for c, n in cols.items() if n in aliases}
         if not known:
             raise ProjectError(
                 f"no column named one of {', '.join(COHORT_KINDS)} in the CSV header"
@@ -151,14 +153,14 @@ def summary(catalog: Catalog, name: str) -> ProjectSummary:
                 select(CohortItem.kind, func.count())
                 .where(CohortItem.project_id == p.id)
                 .group_by(CohortItem.kind)
-            ).tuples()
+            ).all()
         )
         series = dict(
             s.execute(
                 select(SeriesRecord.status, func.count())
                 .where(SeriesRecord.project_id == p.id)
                 .group_by(SeriesRecord.status)
-            ).tuples()
+            ).all()
         )
         return ProjectSummary(
             p.name,

@@ -286,7 +286,7 @@ class Puller:
                 select(SeriesRecord.series_uid, SeriesRecord.stored).where(
                     SeriesRecord.project_id == self.project.id, SeriesRecord.status == "complete"
                 )
-            ).tuples()
+            ).all()
             return dict(rows)
 
     def _job(self, p: Planned) -> SeriesJob:

@@ -1,0 +1,234 @@
+"""End to end: a real Orthanc PACS, the gateway's pull, Zarr in a local folder and in real S3."""
+
+from __future__ import annotations
+
+import subprocess
+from datetime import date, timedelta
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from sqlalchemy import select
+
+from dicom.synthetic import generate
+from gateway.api import Gateway
+from gateway.config import PacsPeer, S3Options, Settings
+from gateway.localpacs import LocalOrthanc, free_port
+from gateway.pull import PullRefused
+from storage.catalog import SeriesRecord
+from storage.series import SeriesReader
+
+pytestmark = pytest.mark.peers
+TODAY = date.today()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("corpus"), n_patients=3, slices=12, size=64, seed=7)
+
+
+@pytest.fixture(scope="module")
+def scp_port():
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory, corpus, scp_port):
+    modalities = {"SPHERE": ("SPHERE", "127.0.0.1", scp_port)}
+    with LocalOrthanc(tmp_path_factory.mktemp("orthanc"), modalities=modalities) as orthanc:
+        assert orthanc.upload(corpus.files) == len(corpus.files)
+        yield orthanc
+
+
+def make_gateway(home: Path, pacs: LocalOrthanc, port: int, **kw) -> Gateway:
+    settings = Settings(
+        home=home,
+        port=port,
+        pacs=PacsPeer(ae_title=pacs.aet, port=pacs.dicom_port, retrieve=kw.pop("retrieve", "move")),
+        actor="tester",
+        fsync=False,
+        backoff_s=0.1,
+        **kw,
+    )
+    return Gateway(settings)
+
+
+def approved(gw: Gateway, name: str, accessions: list[str]) -> None:
+    gw.create_project(name, title="test")
+    gw.approve(
+        name,
+        committee_ref="CSE-T-1",
+        approved_on=TODAY - timedelta(days=1),
+        expires_on=TODAY + timedelta(days=30),
+    )
+    gw.add_cohort(name, "accession", accessions)
+
+
+def source_volume(files: list[Path], series_uid: str) -> np.ndarray:
+    dss = [pydicom.dcmread(f) for f in files]
+    dss = [d for d in dss if d.SeriesInstanceUID == series_uid]
+    dss.sort(key=lambda d: float(d.ImagePositionPatient[2]))
+    return np.stack([d.pixel_array for d in dss])
+
+
+def phi_hits(root_bytes: dict[str, bytes], phi: list[str]) -> list[tuple[str, str]]:
+    return [(name, p) for name, data in root_bytes.items() for p in phi if p.encode() in data]
+
+
+def local_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_pull_refused_when_not_approved_or_expired(tmp_path, pacs, scp_port, corpus):
+    gw = make_gateway(tmp_path, pacs, scp_port)
+    gw.create_project("unapproved", title="t")
+    gw.add_cohort("unapproved", "accession", [corpus.studies[0].accession])
+    with pytest.raises(PullRefused, match="not approved"):
+        gw.pull("unapproved")
+    approved(gw, "expired", [corpus.studies[0].accession])
+    with pytest.raises(PullRefused, match="expired"):
+        gw.pull("expired", today=TODAY + timedelta(days=31))
+    refusals = [e for e in gw.catalog.audit_trail() if e.outcome == "refused"]
+    assert {e.project for e in refusals} == {"unapproved", "expired"}
+    with gw.catalog.session() as s:
+        assert s.scalars(select(SeriesRecord)).all() == []
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("*.json"))
+
+
+def test_pull_stores_exactly_the_cohort_deidentified(tmp_path, pacs, scp_port, corpus):
+    gw = make_gateway(tmp_path, pacs, scp_port)
+    cohort, outsider = corpus.studies[:2], corpus.studies[2]
+    approved(gw, "bone", [st.accession for st in cohort])
+
+    report = gw.pull("bone")
+
+    assert report.ok, [s.error for s in report.series]
+    assert report.studies == 2
+    assert report.instances == sum(st.n_instances for st in cohort)
+    keys = gw.deidentifier("bone").keys
+    with gw.catalog.session() as s:
+        rows = {r.series_uid: r for r in s.scalars(select(SeriesRecord))}
+    expected = {keys.uid(se.series_uid): se for st in cohort for se in st.series}
+    assert set(rows) == set(expected)  # nothing outside the cohort was fetched
+    assert all(r.status == "complete" and r.stored == r.expected for r in rows.values())
+    for se in outsider.series:
+        assert keys.uid(se.series_uid) not in rows
+
+    for st in cohort:
+        for se in st.series:
+            reader = SeriesReader(
+                gw.store, f"projects/bone/{keys.uid(st.study_uid)}/{keys.uid(se.series_uid)}"
+            )
+            assert reader.complete
+            vol = reader.volume[:]
+            np.testing.assert_array_equal(vol, source_volume(corpus.files, se.series_uid))
+            assert vol.dtype == np.int16
+            z = [h["00200032"]["Value"][2] for h in reader.headers()]
+            assert z == sorted(z)  # slices ordered along the normal
+            attrs = reader.attrs
+            assert attrs["spacing"][0] == pytest.approx(2.5 if se.n_instances == 12 else 5.0)
+            assert attrs["direction"][:3] == pytest.approx([1, 0, 0])
+            ds = reader.instance(0)
+            assert ds.PatientIdentityRemoved == "YES"
+            assert ds.PatientID == keys.pseudonym(st.patient_id)
+            assert ds.StudyInstanceUID == keys.uid(st.study_uid)
+            assert ds.DeidentificationMethod
+
+    store_root = tmp_path / "store"
+    assert phi_hits(local_bytes(store_root), corpus.phi) == []
+    actions = [e.action for e in gw.catalog.audit_trail("bone")]
+    assert {"project.create", "project.approve", "cohort.add", "pull.start", "pull.end"} <= set(
+        actions
+    )
+
+
+def test_repull_fetches_only_what_is_missing(tmp_path, pacs, scp_port, corpus):
+    gw = make_gateway(tmp_path, pacs, scp_port)
+    approved(gw, "resume", [corpus.studies[0].accession])
+    first = gw.pull("resume")
+    assert first.ok and first.count("complete") == 2
+
+    again = gw.pull("resume")
+    assert again.ok and again.count("skipped") == 2 and again.nbytes == 0
+
+    # Lose one series (as a crash before commit would): only that one is pulled again.
+    keys = gw.deidentifier("resume").keys
+    lost = keys.uid(corpus.studies[0].series[1].series_uid)
+    with gw.catalog.session() as s:
+        s.scalar(select(SeriesRecord).where(SeriesRecord.series_uid == lost)).status = "pending"
+    third = gw.pull("resume")
+    assert third.ok
+    assert [s.pseudo_series for s in third.series if s.status == "complete"] == [lost]
+    assert third.count("skipped") == 1
+
+
+def test_pull_with_cget(tmp_path, pacs, scp_port, corpus):
+    gw = make_gateway(tmp_path, pacs, scp_port, retrieve="get")
+    approved(gw, "cget", [corpus.studies[1].accession])
+    report = gw.pull("cget")
+    assert report.ok
+    assert report.instances == corpus.studies[1].n_instances
+    assert phi_hits(local_bytes(tmp_path / "store"), corpus.phi) == []
+
+
+def test_pull_into_s3(tmp_path, pacs, scp_port, corpus, s3_server):
+    bucket = s3_server.new_bucket()
+    gw = make_gateway(
+        tmp_path,
+        pacs,
+        scp_port,
+        storage_url=f"s3://{bucket}/research",
+        s3=S3Options(
+            endpoint=s3_server.endpoint,
+            access_key=s3_server.access_key,
+            secret_key=s3_server.secret_key,
+        ),
+    )
+    approved(gw, "s3proj", [corpus.studies[2].accession])
+    report = gw.pull("s3proj")
+    assert report.ok
+    assert report.instances == corpus.studies[2].n_instances
+    objects = s3_server.read_all(bucket)
+    assert any(k.endswith("zarr.json") for k in objects)
+    assert phi_hits(objects, corpus.phi) == []
+    st = corpus.studies[2]
+    keys = gw.deidentifier("s3proj").keys
+    se = st.series[0]
+    reader = SeriesReader(
+        gw.store, f"projects/s3proj/{keys.uid(st.study_uid)}/{keys.uid(se.series_uid)}"
+    )
+    np.testing.assert_array_equal(reader.volume[:], source_volume(corpus.files, se.series_uid))
+
+
+def test_unsolicited_push_is_refused_and_audited(tmp_path, corpus):
+    """A third-party peer (dcmtk storescu) pushing to the gateway gets a failure status."""
+    from gateway.dimse.scp import StorageSCP
+    from gateway.pull import Receiver
+
+    gw = Gateway(Settings(home=tmp_path, actor="tester"))
+    receiver = Receiver(
+        on_refused=lambda ae, n: gw.catalog.audit(
+            "gateway", "store.refused", None, "refused", calling_ae=ae
+        )
+    )
+    with StorageSCP(ae_title="SPHERE", host="127.0.0.1", port=0, on_store=receiver.on_store) as scp:
+        out = subprocess.run(
+            [
+                "storescu",
+                "-aet",
+                "INTRUDER",
+                "-aec",
+                "SPHERE",
+                "127.0.0.1",
+                str(scp.port),
+                str(corpus.files[0]),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert "0124" in (out.stdout + out.stderr) or out.returncode != 0
+    assert receiver.refused == 1
+    assert [e.action for e in gw.catalog.audit_trail()] == ["store.refused"]
+    assert not (tmp_path / "store").exists() and not (tmp_path / "spool").exists()
