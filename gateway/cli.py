@@ -298,3 +298,7 @@ try:  # de-identification commands live with the de-identification code
     _register_deid(app)
 except ImportError:  # pragma: no cover
     pass
+
+
+if __name__ == "__main__":
+    app()
