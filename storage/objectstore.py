@@ -1,0 +1,145 @@
+"""One factory for the zarr stores series are written to: a local folder or S3.
+
+`open_store("var/store")` or `open_store("file:///data/store")` gives a `zarr.storage.LocalStore`;
+`open_store("s3://bucket/prefix", s3)` a `zarr.storage.ObjectStore` over obstore's S3 client,
+with endpoint and credentials from `s3` (any object with the attributes of
+`gateway.config.S3Options`). Errors reaching the store surface as `StorageUnavailable`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+import obstore.exceptions as obs_errors
+from obstore.store import S3Store
+from zarr.abc.store import Store
+from zarr.core.sync import sync
+from zarr.storage import LocalStore, ObjectStore
+
+T = TypeVar("T")
+
+# Failures that mean "the store cannot be used right now", as opposed to a bug in our code.
+# obstore reports connection errors, timeouts and 5xx as GenericError after its retries.
+_UNAVAILABLE = (obs_errors.BaseError, TimeoutError, ConnectionError)
+
+
+class StorageUnavailable(RuntimeError):
+    """The object store cannot be reached or refused the request (message holds no PHI)."""
+
+
+def open_store(
+    url: str,
+    s3: Any | None = None,
+    *,
+    read_only: bool = False,
+    timeout_s: float = 30.0,
+    connect_timeout_s: float = 5.0,
+    retries: int = 2,
+) -> Store:
+    """Open the zarr store at `url`: a folder path, `file://` URL or `s3://bucket[/prefix]`.
+
+    For S3, `timeout_s` bounds each request, `connect_timeout_s` the connect phase and
+    `retries` the retries obstore makes (with backoff) before giving up, so a store that is
+    down fails within seconds instead of hanging.
+    """
+    parts = urlsplit(url)
+    if parts.scheme == "s3":
+        if not parts.netloc:
+            raise ValueError("s3 storage URL needs a bucket: s3://bucket/prefix")
+        return _s3_store(
+            parts.netloc,
+            unquote(parts.path).strip("/"),
+            s3,
+            read_only=read_only,
+            timeout_s=timeout_s,
+            connect_timeout_s=connect_timeout_s,
+            retries=retries,
+        )
+    if parts.scheme == "file":
+        path = Path(unquote(parts.path))
+    elif parts.scheme == "":
+        path = Path(url)
+    else:
+        raise ValueError(f"unsupported storage URL scheme {parts.scheme!r}")
+    return LocalStore(path, read_only=read_only)  # creates the folder on first write
+
+
+def check_store(store: Store) -> None:
+    """Make one cheap request to the store; raise StorageUnavailable if it fails."""
+    with guard("check"):
+        run(store.exists("zarr.json"))
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a store coroutine on zarr's event loop (the one its sync API uses)."""
+    return sync(coro)
+
+
+@contextmanager
+def guard(action: str) -> Iterator[None]:
+    """Turn store access failures inside the block into StorageUnavailable (no PHI)."""
+    try:
+        yield
+    except StorageUnavailable:
+        raise
+    except FileNotFoundError:
+        raise
+    except _UNAVAILABLE as exc:
+        raise StorageUnavailable(
+            f"object store unavailable during {action}: {type(exc).__name__}"
+        ) from exc
+    except OSError as exc:  # local folder: disk full, permissions, read-only file system
+        raise StorageUnavailable(
+            f"storage folder unavailable during {action}: {os.strerror(exc.errno or 0)}"
+        ) from exc
+
+
+def _s3_store(
+    bucket: str,
+    prefix: str,
+    s3: Any | None,
+    *,
+    read_only: bool,
+    timeout_s: float,
+    connect_timeout_s: float,
+    retries: int,
+) -> ObjectStore:
+    config: dict[str, Any] = {}
+    for attr, key in (
+        ("endpoint", "endpoint"),
+        ("access_key", "access_key_id"),
+        ("secret_key", "secret_access_key"),
+        ("region", "region"),
+    ):
+        value = getattr(s3, attr, None) if s3 is not None else None
+        if value:
+            config[key] = value
+    allow_http = bool(getattr(s3, "allow_http", False)) if s3 is not None else False
+    client: dict[str, Any] = {
+        "allow_http": allow_http,
+        "timeout": timedelta(seconds=timeout_s),
+        "connect_timeout": timedelta(seconds=connect_timeout_s),
+    }
+    retry: dict[str, Any] = {
+        "max_retries": retries,
+        "retry_timeout": timedelta(seconds=max(timeout_s, 1.0)),
+        "backoff": {
+            "init_backoff": timedelta(milliseconds=100),
+            "max_backoff": timedelta(seconds=2),
+            "base": 2,
+        },
+    }
+    inner = S3Store(
+        bucket,
+        prefix=prefix or None,
+        client_options=client,
+        retry_config=retry,
+        **config,
+    )
+    return ObjectStore(inner, read_only=read_only)

@@ -1,0 +1,547 @@
+"""Zarr v3 storage of one de-identified series: a spooling writer and a reader.
+
+A series group at `key` (given by the caller; pseudonymous) holds:
+
+    key/volume/     array (z, y, x) or (z, y, x, 3) in the stored pixel type, z in stack order
+                    (ascending along the slice normal); one chunk per slice, in shards of
+                    ~32 MiB of pixels (see storage.volume)
+    key/headers/    string array (n_instances,): the DICOM JSON model of each instance without
+                    pixel data; headers[i] belongs to volume[i] for i < n_slices, then come
+                    instances without pixels (SR, ...)
+    key/zarr.json   group metadata and attributes, written last: the commit marker
+
+Readers treat a group without its `zarr.json` (or without our attributes) as incomplete, so a
+commit that dies half way never looks finished; committing again replaces it whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
+from zarr.abc.store import Store
+from zarr.codecs import ZstdCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.storage import LocalStore, MemoryStore
+
+from dicom import json_model
+from dicom.geometry import GeometryError, order_slices
+from storage import pixels, volume
+from storage.objectstore import guard, run
+from storage.spool import Spool, SpoolEntry
+
+FORMAT_VERSION = 1
+_HEADER_CHUNK = 128  # instances per headers chunk
+_SHARDS_IN_FLIGHT = 2  # shard uploads overlapping the packing of the next
+_HEADER_CODEC = ZstdCodec(level=3)
+_OPEN, _COMMITTING, _CLOSED = "open", "committing", "closed"
+
+
+class SeriesError(ValueError):
+    """The series cannot be stored or read as one volume (message holds no PHI)."""
+
+
+class SeriesIncomplete(SeriesError):
+    """The series group has no commit marker: a commit never finished."""
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """What a commit wrote."""
+
+    n_instances: int
+    shape: tuple[int, ...]  # volume shape; () when the series has no images
+    dtype: str | None  # numpy name of the volume type; None without images
+    nbytes: int  # uncompressed volume bytes
+
+
+class SeriesWriter:
+    """Collects the instances of one series in a spool folder, then commits them to a store.
+
+    `add` may be called from several threads; it returns once the instance is on local disk.
+    Reopening a writer on the spool folder of a crashed process resumes with what was spooled.
+    """
+
+    def __init__(
+        self,
+        spool_dir: Path,
+        fsync: bool = True,
+        *,
+        bulk_threshold: int = json_model.DEFAULT_BULK_THRESHOLD,
+    ) -> None:
+        self.fsync = fsync
+        self.bulk_threshold = bulk_threshold
+        self._spool = Spool(Path(spool_dir), fsync=fsync)
+        self._cond = threading.Condition()
+        self._state = _OPEN
+        self._inflight = 0
+
+    @property
+    def count(self) -> int:
+        """Distinct SOPInstanceUIDs spooled."""
+        return len(self._spool)
+
+    @property
+    def spool_dir(self) -> Path:
+        """The folder this writer spools to."""
+        return self._spool.path
+
+    def add(self, ds: Dataset) -> None:
+        """Spool one de-identified instance durably; a repeated SOPInstanceUID replaces it.
+
+        Raises SeriesError for an instance that cannot be stored (multi-frame, unsupported
+        pixel type); the rest of the series is unaffected.
+        """
+        sop = str(ds.get("SOPInstanceUID") or "")
+        if not sop:
+            raise SeriesError("instance has no SOPInstanceUID")
+        meta: dict[str, Any] = {"n": _int(ds.get("InstanceNumber")), "mod": _str(ds, "Modality")}
+        frame: bytes = b""
+        header = json_model.to_json_dict(ds, self.bulk_threshold)
+        if pixels.has_pixels(ds):
+            try:
+                layout, raw, patches = pixels.extract(ds)
+            except pixels.PixelError as exc:
+                raise SeriesError(str(exc)) from None
+            if patches:
+                header = dict(sorted({**header, **patches}.items()))
+            meta.update(_image_meta(ds, layout))
+            frame = volume.compress_frame(raw, np.dtype(layout.dtype).itemsize)
+        text = json.dumps(header, separators=(",", ":")).encode()
+        with self._cond:
+            if self._state != _OPEN:
+                raise SeriesError("series writer is no longer accepting instances")
+            self._inflight += 1
+        try:
+            self._spool.put(sop, meta, text, frame)
+        finally:
+            with self._cond:
+                self._inflight -= 1
+                self._cond.notify_all()
+
+    def commit(self, store: Store, key: str) -> SeriesInfo:
+        """Write the spooled series to `store` at `key`, then delete the spool.
+
+        Raises SeriesError when the instances do not form one series volume, and
+        StorageUnavailable when the store fails; in both cases the spool is kept, so the
+        commit can be retried or the writer discarded.
+        """
+        key = _check_key(key)
+        with self._cond:
+            if self._state != _OPEN:
+                raise SeriesError("series writer is already committing or closed")
+            self._state = _COMMITTING
+            while self._inflight:  # let adds that were accepted finish first
+                self._cond.wait()
+        try:
+            info = self._commit(store, key)
+        except BaseException:
+            with self._cond:
+                self._state = _OPEN
+            raise
+        with self._cond:
+            self._state = _CLOSED
+        self._spool.remove()
+        return info
+
+    def close(self) -> None:
+        """Stop accepting instances and release the spool, keeping it for a later resume."""
+        with self._cond:
+            if self._state == _COMMITTING:
+                raise SeriesError("series writer is committing")
+            self._state = _CLOSED
+            while self._inflight:
+                self._cond.wait()
+        self._spool.close()
+
+    def discard(self) -> None:
+        """Drop everything spooled; the writer accepts nothing afterwards."""
+        with self._cond:
+            if self._state == _COMMITTING:
+                raise SeriesError("series writer is committing")
+            self._state = _CLOSED
+            while self._inflight:
+                self._cond.wait()
+        self._spool.remove()
+
+    def _commit(self, store: Store, key: str) -> SeriesInfo:
+        entries = self._spool.entries()
+        if not entries:
+            raise SeriesError("no instances to commit")
+        images = [e for e in entries if "rows" in e.meta]
+        others = sorted(
+            (e for e in entries if "rows" not in e.meta),
+            key=lambda e: (e.meta.get("n") or 0, e.meta["sop"]),
+        )
+        attrs: dict[str, Any] = {
+            "sphere_format": FORMAT_VERSION,
+            "complete": True,
+            "modality": _first(e.meta.get("mod") for e in entries),
+            "n_instances": len(entries),
+            "n_slices": len(images),
+        }
+        shape: tuple[int, ...] = ()
+        dtype = None
+        if images:
+            images, image_attrs = _plan_volume(images)
+            attrs.update(image_attrs)
+            shape, dtype = tuple(image_attrs["shape"]), image_attrs["dtype"]
+        local_root = store.root / key if isinstance(store, LocalStore) else None
+        with guard("commit"):
+            delete_series(store, key)
+        if images:
+            self._write_volume(store, key, images, shape, dtype)
+        self._write_headers(store, key, images + others)
+        with guard("commit"):
+            if local_root is not None and self.fsync:
+                _fsync_tree(local_root)  # data durable before the marker says complete
+            run(store.set(f"{key}/zarr.json", _group_doc(attrs)))
+            if local_root is not None and self.fsync:
+                _fsync_path(local_root / "zarr.json")
+                _fsync_path(local_root)
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize if images else 0
+        return SeriesInfo(len(entries), shape, dtype, nbytes)
+
+    def _write_volume(
+        self, store: Store, key: str, images: list[SpoolEntry], shape: tuple[int, ...], dtype: str
+    ) -> None:
+        """Pack the spooled compressed frames into shards; one store write per shard.
+
+        Up to `_SHARDS_IN_FLIGHT` shards upload while the next is packed, which hides
+        object-store latency at a memory cost of that many shards.
+        """
+        frame_nbytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+        depth = volume.shard_depth(len(images), frame_nbytes)
+        with guard("commit"):
+            run(store.set(f"{key}/volume/zarr.json", volume.array_metadata(shape, dtype, depth)))
+        prototype = default_buffer_prototype()
+        pending: deque[Future[None]] = deque()
+        with ThreadPoolExecutor(_SHARDS_IN_FLIGHT, thread_name_prefix="shard") as pool:
+            try:
+                for i, z0 in enumerate(range(0, len(images), depth)):
+                    part = images[z0 : z0 + depth]
+                    buf, slots = volume.pack_shard([e.pixel_len for e in part], depth, len(shape))
+                    view = memoryview(buf)
+                    for entry, slot in zip(part, slots, strict=True):
+                        self._spool.read_pixels_into(entry, view[slot])
+                    if len(pending) >= _SHARDS_IN_FLIGHT:
+                        with guard("commit"):
+                            pending.popleft().result()
+                    shard_key = f"{key}/volume/{volume.shard_key(i, len(shape))}"
+                    value = prototype.buffer.from_bytes(buf)
+                    pending.append(pool.submit(_store_set, store, shard_key, value))
+                while pending:
+                    with guard("commit"):
+                        pending.popleft().result()
+            finally:
+                for f in pending:
+                    f.cancel()
+
+    def _write_headers(self, store: Store, key: str, entries: list[SpoolEntry]) -> None:
+        n = len(entries)
+        arr = _create_array(
+            store,
+            f"{key}/headers",
+            shape=(n,),
+            chunks=(min(n, _HEADER_CHUNK),),
+            dtype=str,
+            compressors=_HEADER_CODEC,
+        )
+        for i0 in range(0, n, _HEADER_CHUNK):
+            part = entries[i0 : i0 + _HEADER_CHUNK]
+            texts = np.array([self._spool.read_header(e).decode() for e in part], dtype=object)
+            with guard("commit"):
+                arr[i0 : i0 + len(part)] = texts
+
+
+class SeriesReader:
+    """Read a committed series: volume, attributes, headers and rebuilt instances."""
+
+    def __init__(self, store: Store, key: str) -> None:
+        self.store = store
+        self.key = _check_key(key)
+        with guard("read"):
+            try:
+                raw = run(store.get(f"{self.key}/zarr.json", default_buffer_prototype()))
+            except FileNotFoundError:  # a local store folder that was never written
+                raw = None
+        self._attrs: dict[str, Any] | None = None
+        self.node_type: str | None = None  # what zarr.json at `key` says, if there is one
+        if raw is not None:
+            try:
+                doc = json.loads(raw.to_bytes())
+                self.node_type = doc.get("node_type")
+                attrs = doc.get("attributes") or {}
+            except (ValueError, AttributeError):
+                attrs = {}
+            if attrs.get("sphere_format") and attrs.get("complete"):
+                self._attrs = attrs
+        self._volume: zarr.Array | None = None
+        self._headers: zarr.Array | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Whether a commit of this series finished."""
+        return self._attrs is not None
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """Group attributes: geometry, rescale, modality, counts, format version."""
+        if self._attrs is None:
+            raise SeriesIncomplete("series is missing or its commit did not finish")
+        return self._attrs
+
+    @property
+    def volume(self) -> zarr.Array | None:
+        """The (z, y, x[, c]) pixel array, or None for a series without images."""
+        if not self.attrs["n_slices"]:
+            return None
+        if self._volume is None:
+            with guard("read"):
+                self._volume = zarr.open_array(
+                    self.store, path=f"{self.key}/volume", mode="r", zarr_format=3
+                )
+        return self._volume
+
+    def __len__(self) -> int:
+        return int(self.attrs["n_instances"])
+
+    def headers(self) -> list[dict[str, Any]]:
+        """DICOM JSON model of every instance, in stored order."""
+        with guard("read"):
+            texts = self._header_array()[:]
+        return [json.loads(t) for t in texts]
+
+    def header(self, i: int) -> dict[str, Any]:
+        """DICOM JSON model of instance `i`."""
+        self._check_index(i)
+        with guard("read"):
+            return json.loads(str(self._header_array()[i]))
+
+    def instance(self, i: int) -> Dataset:
+        """Rebuild instance `i` as a Dataset (Explicit VR Little Endian, native pixels)."""
+        header = self.header(i)
+        frame = None
+        if i < self.attrs["n_slices"]:
+            with guard("read"):
+                frame = self.volume[i]
+        return _rebuild(header, frame)
+
+    def iter_instances(self) -> Iterator[Dataset]:
+        """Rebuild every instance in stored order, reading each volume chunk once."""
+        n, n_slices = len(self), self.attrs["n_slices"]
+        headers = self._header_array()
+        vol = self.volume
+        cz = (vol.shards or vol.chunks)[0] if vol is not None else 1  # one shard at a time
+        for z0 in range(0, n_slices, cz):
+            z1 = min(z0 + cz, n_slices)
+            with guard("read"):
+                block, texts = vol[z0:z1], headers[z0:z1]
+            for j in range(z1 - z0):
+                yield _rebuild(json.loads(texts[j]), block[j])
+        with guard("read"):
+            texts = headers[n_slices:n] if n > n_slices else []
+        for text in texts:
+            yield _rebuild(json.loads(text), None)
+
+    def _header_array(self) -> zarr.Array:
+        self.attrs  # noqa: B018 - refuses an incomplete series
+        if self._headers is None:
+            with guard("read"):
+                self._headers = zarr.open_array(
+                    self.store, path=f"{self.key}/headers", mode="r", zarr_format=3
+                )
+        return self._headers
+
+    def _check_index(self, i: int) -> None:
+        if not 0 <= i < len(self):
+            raise IndexError("instance index out of range")
+
+
+def list_series(store: Store, prefix: str = "") -> Iterator[str]:
+    """Keys of complete series at or below `prefix` (walks folders; stops at each series)."""
+    stack = [prefix.strip("/")]
+    while stack:
+        path = stack.pop()
+        with guard("list"):
+            names = run(_list_dir(store, path))
+        if "zarr.json" in names and path:
+            reader = SeriesReader(store, path)
+            if reader.complete:
+                yield path
+                continue
+            if reader.node_type == "array":
+                continue  # e.g. the volume of an unfinished series: nothing below
+        for name in sorted(names, reverse=True):
+            if name != "zarr.json":
+                stack.append(f"{path}/{name}" if path else name)
+
+
+def delete_series(store: Store, key: str) -> None:
+    """Remove a series: its commit marker first, so it never looks complete half deleted."""
+    key = _check_key(key)
+    with guard("delete"):
+        run(store.delete(f"{key}/zarr.json"))
+        run(store.delete_dir(key))
+
+
+def _plan_volume(images: list[SpoolEntry]) -> tuple[list[SpoolEntry], dict[str, Any]]:
+    """Check the slices agree, order them and derive the volume attributes."""
+    first = images[0].meta
+    for e in images:
+        m = e.meta
+        if (m["rows"], m["cols"]) != (first["rows"], first["cols"]):
+            raise SeriesError("instances differ in Rows/Columns")
+        if (m["spp"], m["dtype"]) != (first["spp"], first["dtype"]):
+            raise SeriesError("instances differ in pixel type or samples per pixel")
+    try:
+        geom = order_slices(
+            [e.meta.get("ipp") for e in images],
+            [e.meta.get("iop") for e in images],
+            [e.meta.get("n") for e in images],
+            pixel_spacing=first.get("ps"),
+            slice_thickness=first.get("st"),
+        )
+    except GeometryError as exc:
+        raise SeriesError(str(exc)) from None
+    ordered = [images[i] for i in geom.order]
+    samples = [first["spp"]] if first["spp"] > 1 else []
+    shape = [len(ordered), first["rows"], first["cols"], *samples]
+    slopes = [e.meta.get("slope", 1.0) for e in ordered]
+    intercepts = [e.meta.get("icpt", 0.0) for e in ordered]
+    attrs = {
+        "shape": shape,
+        "dtype": first["dtype"],
+        "photometric_interpretation": first.get("photo"),
+        **geom.attrs(),
+        # One value when all slices agree (CT); per-slice lists otherwise (e.g. PET).
+        "rescale_slope": slopes[0] if len(set(slopes)) == 1 else slopes,
+        "rescale_intercept": intercepts[0] if len(set(intercepts)) == 1 else intercepts,
+    }
+    return ordered, attrs
+
+
+def _image_meta(ds: Dataset, layout: pixels.PixelLayout) -> dict[str, Any]:
+    return {
+        "rows": layout.rows,
+        "cols": layout.cols,
+        "spp": layout.samples,
+        "dtype": layout.dtype,
+        "photo": _str(ds, "PhotometricInterpretation"),
+        "ipp": _floats(ds.get("ImagePositionPatient"), 3),
+        "iop": _floats(ds.get("ImageOrientationPatient"), 6),
+        "ps": _floats(ds.get("PixelSpacing"), 2),
+        "st": _float(ds.get("SliceThickness")),
+        "slope": _float(ds.get("RescaleSlope"), 1.0),
+        "icpt": _float(ds.get("RescaleIntercept"), 0.0),
+    }
+
+
+def _rebuild(header: dict[str, Any], frame: np.ndarray | None) -> Dataset:
+    ds = json_model.from_json(header)
+    if frame is not None:
+        vr = "OB" if frame.dtype.itemsize == 1 else "OW"
+        data = np.ascontiguousarray(frame, dtype=frame.dtype.newbyteorder("<")).tobytes()
+        ds.add_new(0x7FE00010, vr, data)
+    meta = FileMetaDataset()
+    if "SOPClassUID" in ds:
+        meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    if "SOPInstanceUID" in ds:
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    return ds
+
+
+def _create_array(store: Store, path: str, **kwargs: Any) -> zarr.Array:
+    """Create an array at `path` without zarr writing parent group documents.
+
+    zarr's create_array also writes `zarr.json` for every missing ancestor, which would make
+    the series group exist before it is complete; so the metadata is built in memory and
+    only the array's own document is written.
+    """
+    scratch = zarr.create_array(MemoryStore(), name="a", **kwargs)
+    doc = scratch.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"]
+    with guard("commit"):
+        run(store.set(f"{path}/zarr.json", doc))
+        return zarr.open_array(store, path=path, mode="r+", zarr_format=3)
+
+
+def _store_set(store: Store, key: str, value: Any) -> None:
+    run(store.set(key, value))
+
+
+def _group_doc(attrs: dict[str, Any]) -> Any:
+    doc = {"zarr_format": 3, "node_type": "group", "attributes": attrs}
+    return default_buffer_prototype().buffer.from_bytes(json.dumps(doc).encode())
+
+
+async def _list_dir(store: Store, path: str) -> list[str]:
+    return [name async for name in store.list_dir(path)]
+
+
+def _check_key(key: str) -> str:
+    key = key.strip("/")
+    parts = key.split("/")
+    if not key or any(p in ("", ".", "..") for p in parts):
+        raise ValueError("series key must be a relative path like projects/p/study/series")
+    return key
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            _fsync_path(Path(dirpath) / name)
+        _fsync_path(Path(dirpath))
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _first(values: Iterator[Any]) -> Any:
+    return next((v for v in values if v), None)
+
+
+def _str(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    return str(value) if value not in (None, "") else None
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _float(value: Any, default: float | None = None) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        return default
+
+
+def _floats(value: Any, n: int) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        out = [float(v) for v in value]
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n else None
