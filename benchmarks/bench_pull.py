@@ -39,19 +39,22 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
     raise RuntimeError(f"nothing listens on port {port}")
 
 
-def storescp_round(pacs: LocalOrthanc, port: int, series: list[tuple[str, str]], assoc: int,
-                   out: Path) -> tuple[float, int]:  # fmt: skip
+def storescp_round(
+    pacs: LocalOrthanc, port: int, series: list[tuple[str, str]], assoc: int, out: Path
+) -> tuple[float, int]:
     """C-MOVE every series to a fresh dcmtk storescp (forking, to disk); seconds and files."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     env = {**os.environ, "TCP_NODELAY": "1"}
     proc = subprocess.Popen(
         ["storescp", "--fork", "-aet", "STORESCP", "-od", str(out), str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_port(port)
-        scu = Scu(calling_ae="BENCH", timeout_s=120)
+        scu = Scu(calling_ae="SPHERE", timeout_s=120)  # a known AE to Orthanc
         peer = Peer(pacs.aet, "127.0.0.1", pacs.dicom_port)
         t0 = time.perf_counter()
         with ThreadPoolExecutor(assoc) as pool:
@@ -66,20 +69,25 @@ def storescp_round(pacs: LocalOrthanc, port: int, series: list[tuple[str, str]],
     return seconds, sum(1 for _ in out.rglob("*") if _.is_file())
 
 
-def sphere_round(pacs: LocalOrthanc, port: int, accessions: list[str], assoc: int,
-                 home: Path) -> tuple[float, int]:  # fmt: skip
+def sphere_round(
+    pacs: LocalOrthanc, port: int, accessions: list[str], assoc: int, home: Path
+) -> tuple[float, int]:
     """The whole pull of the cohort with default settings (fsync on); seconds and instances."""
     shutil.rmtree(home, ignore_errors=True)
     gw = Gateway(
         Settings(
-            home=home, port=port, actor="bench", max_associations=assoc,
+            home=home,
+            port=port,
+            actor="bench",
+            max_associations=assoc,
             pacs=PacsPeer(ae_title=pacs.aet, port=pacs.dicom_port),
         )
-    )  # fmt: skip
+    )
     gw.create_project("bench")
     today = date.today()
-    gw.approve("bench", committee_ref="BENCH", approved_on=today,
-               expires_on=today + timedelta(days=1))  # fmt: skip
+    gw.approve(
+        "bench", committee_ref="BENCH", approved_on=today, expires_on=today + timedelta(days=1)
+    )
     gw.add_cohort("bench", "accession", accessions)
     t0 = time.perf_counter()
     report = gw.pull("bench")
@@ -104,25 +112,38 @@ def main() -> None:
     n = corpus.n_instances
     series = [(st.study_uid, se.series_uid) for st in corpus.studies for se in st.series]
     sphere_port, scp_port = free_port(), free_port()
-    mods = {"SPHERE": ("SPHERE", "127.0.0.1", sphere_port),
-            "STORESCP": ("STORESCP", "127.0.0.1", scp_port)}  # fmt: skip
+    mods = {
+        "SPHERE": ("SPHERE", "127.0.0.1", sphere_port),
+        "STORESCP": ("STORESCP", "127.0.0.1", scp_port),
+    }
     with LocalOrthanc(work / "orthanc", modalities=mods) as pacs:
         pacs.upload(corpus.files)
-        print(f"corpus: {n} CT instances of {args.size}x{args.size}, {len(series)} series; "
-              f"{args.associations} concurrent associations; {args.rounds} rounds")  # fmt: skip
+        print(
+            f"corpus: {n} CT instances of {args.size}x{args.size}, {len(series)} series; "
+            f"{args.associations} concurrent associations; {args.rounds} rounds"
+        )
         ours, theirs = [], []
         for r in range(args.rounds):
             s_sec, s_n = storescp_round(pacs, scp_port, series, args.associations, work / "scp")
-            g_sec, g_n = sphere_round(pacs, sphere_port, [st.accession for st in corpus.studies],
-                                      args.associations, work / "gateway")  # fmt: skip
+            g_sec, g_n = sphere_round(
+                pacs,
+                sphere_port,
+                [st.accession for st in corpus.studies],
+                args.associations,
+                work / "gateway",
+            )
             assert s_n == n and g_n == n, (s_n, g_n, n)
             theirs.append(n / s_sec)
             ours.append(n / g_sec)
-            print(f"round {r + 1}: storescp {n / s_sec:7.0f} inst/s   sphere {n / g_sec:7.0f} inst/s"
-                  f"   ratio {s_sec / g_sec:.2f}")  # fmt: skip
+            print(
+                f"round {r + 1}: storescp {n / s_sec:6.0f} inst/s, sphere {n / g_sec:6.0f} inst/s"
+                f"   ratio {s_sec / g_sec:.2f}"
+            )
     a, b = statistics.median(ours), statistics.median(theirs)
-    print(f"median: sphere pull {a:.0f} instances/s, dcmtk storescp {b:.0f} instances/s, "
-          f"ratio sphere/storescp = {a / b:.2f}")  # fmt: skip
+    print(
+        f"median: sphere pull {a:.0f} instances/s, dcmtk storescp {b:.0f} instances/s, "
+        f"ratio sphere/storescp = {a / b:.2f}"
+    )
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -20,14 +20,13 @@ from deid.engine import Deidentifier
 from deid.keys import ProjectKeys
 from deid.profile import Profile
 from deid.vault import Vault
-from storage.objectstore import open_store
-
 from gateway import projects
 from gateway.config import Settings
 from gateway.dimse.scp import StorageSCP
 from gateway.dimse.scu import Peer, Scu
 from gateway.pull import Puller, PullReport, Receiver
 from storage.catalog import Catalog
+from storage.objectstore import open_store
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,8 @@ class Gateway:
 
     @cached_property
     def store(self) -> Any:
-        return open_store(self.settings.resolved_storage_url(), self.settings.s3)
+        s = self.settings
+        return open_store(s.resolved_storage_url(), s.s3, timeout_s=s.timeout_s, retries=s.retries)
 
     @property
     def actor(self) -> str:
@@ -111,7 +111,9 @@ class Gateway:
         """The project's de-identifier: its profile and its keyed secret from the vault."""
         project = projects.get(self.catalog, name)
         keys = ProjectKeys(self.vault.project_secret(name))
-        return Deidentifier(Profile.from_json(project.deid_profile or {}), keys)
+        profile = Profile.from_json(project.deid_profile or {})
+        # Mappings go to the vault in batches, never to the catalog or research storage.
+        return Deidentifier(profile, keys, sink=lambda batch: self.vault.record_many(name, batch))
 
     def pull(self, name: str, *, actor: str | None = None, today: date | None = None) -> PullReport:
         """Pull the project's cohort. Raises `PullRefused` when the project may not be pulled."""

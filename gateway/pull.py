@@ -20,17 +20,17 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from deid.engine import Deidentifier, Quarantined
 from pydicom import Dataset
 from sqlalchemy import select
-from storage.series import SeriesError, SeriesWriter
 
+from deid.engine import Deidentifier, Quarantined
+from gateway.dimse.common import REFUSED_NOT_AUTHORIZED as REFUSED
+from gateway.dimse.common import SUCCESS
 from gateway.dimse.scu import DimseError, Peer, RetrieveResult, Scu, SeriesHit, StudyHit
 from storage.catalog import Catalog, CohortItem, Project, SeriesRecord
+from storage.series import SeriesError, SeriesWriter
 
 log = logging.getLogger(__name__)
-
-SUCCESS, REFUSED, FAILED = 0x0000, 0x0124, 0xC000
 
 
 class PullRefused(Exception):
@@ -336,10 +336,7 @@ class Puller:
     def _retrieve_once(self, job: SeriesJob) -> RetrieveResult:
         if self.retrieve == "get":
             return self.scu.get_series(
-                self.peer,
-                job.study_uid,
-                job.series_uid,
-                lambda ds: self.receiver.on_store(ds, self.peer.ae_title),
+                self.peer, job.study_uid, job.series_uid, self.receiver.on_store
             )
         return self.scu.move_series(self.peer, job.study_uid, job.series_uid, self.dest_ae)
 
@@ -358,6 +355,7 @@ class Puller:
         return ""
 
     def _commit(self, job: SeriesJob) -> SeriesOutcome:
+        self.deid.flush()  # the vault learns the mappings before the data is visible
         if job.writer.count == 0:
             job.writer.discard()
             self._upsert(job, status="quarantined", error=_quarantine_text(job))

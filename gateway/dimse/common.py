@@ -1,0 +1,140 @@
+"""Shared DIMSE pieces: errors, statuses, presentation contexts."""
+
+from __future__ import annotations
+
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import sop_class as sc
+
+UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+# What a storage SCP usually accepts: uncompressed first, then the common encapsulated syntaxes,
+# received as-is (never transcoded here).
+STORAGE_TRANSFER_SYNTAXES = [
+    *UNCOMPRESSED,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGLosslessSV1,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+]
+
+# Storage SOP classes proposed with SCP role on a C-GET association (a requestor may propose at
+# most 128 contexts, so not all ~170): what a research cohort is made of.
+GET_STORAGE_CLASSES = [
+    sc.CTImageStorage,
+    sc.EnhancedCTImageStorage,
+    sc.LegacyConvertedEnhancedCTImageStorage,
+    sc.MRImageStorage,
+    sc.EnhancedMRImageStorage,
+    sc.MRSpectroscopyStorage,
+    sc.PositronEmissionTomographyImageStorage,
+    sc.EnhancedPETImageStorage,
+    sc.NuclearMedicineImageStorage,
+    sc.ComputedRadiographyImageStorage,
+    sc.DigitalXRayImageStorageForPresentation,
+    sc.DigitalXRayImageStorageForProcessing,
+    sc.DigitalMammographyXRayImageStorageForPresentation,
+    sc.BreastTomosynthesisImageStorage,
+    sc.UltrasoundImageStorage,
+    sc.UltrasoundMultiFrameImageStorage,
+    sc.XRayAngiographicImageStorage,
+    sc.EnhancedXAImageStorage,
+    sc.SecondaryCaptureImageStorage,
+    sc.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    sc.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    sc.MultiFrameTrueColorSecondaryCaptureImageStorage,
+    sc.BasicTextSRStorage,
+    sc.EnhancedSRStorage,
+    sc.ComprehensiveSRStorage,
+    sc.Comprehensive3DSRStorage,
+    sc.XRayRadiationDoseSRStorage,
+    sc.KeyObjectSelectionDocumentStorage,
+    sc.GrayscaleSoftcopyPresentationStateStorage,
+    sc.ColorSoftcopyPresentationStateStorage,
+    sc.SegmentationStorage,
+    sc.ParametricMapStorage,
+    sc.SpatialRegistrationStorage,
+    sc.RawDataStorage,
+    sc.EncapsulatedPDFStorage,
+    sc.RTImageStorage,
+    sc.RTDoseStorage,
+    sc.RTStructureSetStorage,
+    sc.RTPlanStorage,
+]
+
+# DIMSE statuses the storage callback and the retrieve results use.
+SUCCESS = 0x0000
+REFUSED_NOT_AUTHORIZED = 0x0124
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+DATASET_MISMATCH = 0xA900  # "Data set does not match SOP class" (nor the request's UIDs)
+DECODE_FAILED = 0xC210  # in "Cannot understand"; pynetdicom's code for an undecodable dataset
+
+
+def is_success(status: int) -> bool:
+    return status == SUCCESS
+
+
+def is_pending(status: int) -> bool:
+    return status in (0xFF00, 0xFF01)
+
+
+def is_warning(status: int) -> bool:
+    return status in (0x0001, 0x0107, 0x0116) or 0xB000 <= status <= 0xBFFF
+
+
+def is_failure(status: int) -> bool:
+    """Neither success, warning, pending nor cancel (0xFE00)."""
+    return not (is_success(status) or is_warning(status) or is_pending(status) or status == 0xFE00)
+
+
+class DimseError(Exception):
+    """A DIMSE operation failed. Messages carry AE titles, statuses and counts, never PHI."""
+
+    reason = "dimse failure"
+
+    def __init__(self, message: str, *, status: int | None = None, result: object = None):
+        super().__init__(message)
+        self.status = status
+        self.result = result  # partial RetrieveResult for an interrupted C-MOVE / C-GET
+
+
+class AssociationRejected(DimseError):
+    """The peer rejected the association (unknown calling AE, no common context, busy...)."""
+
+    reason = "association rejected"
+
+
+class AssociationAborted(DimseError):
+    """The association was aborted, or the peer dropped the connection, mid-operation."""
+
+    reason = "association aborted"
+
+
+class PeerUnreachable(DimseError):
+    """No TCP connection to the peer (down, wrong host/port, firewall)."""
+
+    reason = "peer unreachable"
+
+
+class DimseTimeout(DimseError):
+    """No answer within the timeout (connection, association negotiation or DIMSE response)."""
+
+    reason = "timeout"

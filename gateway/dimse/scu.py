@@ -1,0 +1,575 @@
+"""DIMSE SCU towards the hospital PACS: C-ECHO, C-FIND (Study Root, study and series level),
+C-MOVE and C-GET of one series, over the upper layer in `ul.py`.
+
+Each `Scu` method opens its own association and releases it, so one `Scu` serves several threads
+(the pull runs a few C-MOVEs at once); `Scu.connect` keeps one association for several requests.
+Failures raise `DimseError` subclasses whose messages carry AE titles, statuses and counts only,
+never identifiers of the data.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from io import BytesIO
+from typing import TYPE_CHECKING
+
+from pydicom import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+from gateway.dimse import ul
+from gateway.dimse.common import (
+    GET_STORAGE_CLASSES,
+    UNCOMPRESSED,
+    AssociationAborted,
+    AssociationRejected,
+    DimseError,
+    DimseTimeout,
+    PeerUnreachable,
+    is_pending,
+    is_success,
+)
+from gateway.dimse.scp import OnReceive, OnStore, StoreHandler, store_handler
+
+if TYPE_CHECKING:
+    from gateway.config import PacsPeer, Settings
+
+__all__ = [
+    "Association",
+    "AssociationAborted",
+    "AssociationRejected",
+    "DimseError",
+    "DimseTimeout",
+    "Peer",
+    "PeerUnreachable",
+    "RetrieveResult",
+    "Scu",
+    "SeriesHit",
+    "StudyHit",
+]
+
+_WILDCARDS = ("*", "?", "\\")
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A remote DICOM node: called AE title, host, port."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def from_settings(cls, pacs: PacsPeer) -> Peer:
+        """From `Settings.pacs`."""
+        return cls(pacs.ae_title, pacs.host, int(pacs.port))
+
+
+@dataclass(frozen=True)
+class StudyHit:
+    """One study-level C-FIND match. Identifying fields are kept out of `repr`."""
+
+    study_uid: str = field(repr=False)
+    patient_id: str = field(repr=False)
+    accession: str = field(repr=False)
+    study_date: str = field(repr=False)
+    modalities: tuple[str, ...] = ()
+    n_series: int | None = None
+    n_instances: int | None = None
+
+
+@dataclass(frozen=True)
+class SeriesHit:
+    """One series-level C-FIND match."""
+
+    study_uid: str = field(repr=False)
+    series_uid: str = field(repr=False)
+    modality: str = ""
+    series_number: int | None = None
+    n_instances: int | None = None
+
+
+@dataclass
+class RetrieveResult:
+    """Final (or last known) sub-operation counts of a C-MOVE / C-GET."""
+
+    status: int | None = None  # None: no final response arrived
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    remaining: int = 0
+    received: int = 0  # C-GET only: datasets handed to on_store
+
+    @property
+    def ok(self) -> bool:
+        """Success status and no failed sub-operation."""
+        return self.status is not None and is_success(self.status) and self.failed == 0
+
+    def __str__(self) -> str:
+        status = "none" if self.status is None else f"0x{self.status:04X}"
+        return (
+            f"status {status}, completed {self.completed}, failed {self.failed}, "
+            f"warning {self.warning}, remaining {self.remaining}"
+        )
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _str(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    return "" if value is None else str(value)
+
+
+def _exact(name: str, value: str) -> str:
+    # A cohort item must match one study exactly; DICOM has no escape for wildcards.
+    if any(w in value for w in _WILDCARDS):
+        raise ValueError(f"{name} must not contain wildcards (* ? \\)")
+    return value
+
+
+class Association:
+    """An open association from the SCU (use via `Scu.connect`); not thread-safe."""
+
+    def __init__(self, scu: Scu, peer: Peer, ch: ul.Channel, neg: ul.Negotiated) -> None:
+        self.scu = scu
+        self.peer = peer
+        self.ch = ch
+        self.neg = neg
+        self._message_id = 0
+        self.released = False
+
+    def _where(self) -> str:
+        return f"{self.scu.calling_ae} -> {self.peer.ae_title}"
+
+    def _context(self, sop_class: str, what: str) -> int:
+        cx_id = self.neg.context_for(sop_class)
+        if cx_id is None:
+            raise AssociationRejected(f"{what}: peer accepted no context for it ({self._where()})")
+        return cx_id
+
+    def _next_id(self) -> int:
+        self._message_id = self._message_id % 0xFFFF + 1
+        return self._message_id
+
+    def _encode(self, ds: Dataset, cx_id: int) -> bytes:
+        syntax = self.ch.contexts[cx_id]
+        fp = DicomBytesIO()
+        fp.is_little_endian = syntax.is_little_endian
+        fp.is_implicit_VR = syntax.is_implicit_VR
+        write_dataset(fp, ds)
+        return fp.getvalue()
+
+    def _decode(self, data: bytes, cx_id: int) -> Dataset:
+        syntax = self.ch.contexts[cx_id]
+        return read_dataset(BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian)
+
+    def _read(
+        self, what: str, timeout: float, answered: bool, result: RetrieveResult | None = None
+    ) -> tuple[int, dict[int, bytes], bytes | None]:
+        """The next message, or the DimseError the failure to get one amounts to."""
+        self.ch.sock.settimeout(timeout)
+        tail = f"; {result}" if result is not None else ""
+        try:
+            return self.ch.read_message()
+        except TimeoutError:
+            err: DimseError = DimseTimeout(
+                f"{what}: no response within {timeout:g}s ({self._where()}){tail}", result=result
+            )
+        except (ul.PeerGone, ConnectionError, ul.PeerAborted) as exc:
+            how = f"aborted {exc}" if isinstance(exc, ul.PeerAborted) else "dropped by the peer"
+            # A PACS that refuses a calling AE for a service often just ends the association.
+            hint = (
+                ""
+                if answered
+                else f" before any answer (is {self.scu.calling_ae} allowed to {what} there?)"
+            )
+            err = AssociationAborted(
+                f"{what}: association {how}{hint} ({self._where()}){tail}", result=result
+            )
+        except (ul.ReleaseRequested, ul.ProtocolError, OSError) as exc:
+            err = AssociationAborted(
+                f"{what}: protocol error, {type(exc).__name__} ({self._where()}){tail}",
+                result=result,
+            )
+        self.ch.abort()
+        raise err
+
+    def echo(self) -> None:
+        """C-ECHO; raises DimseError unless the peer answers success."""
+        cx_id = self._context(Verification, "C-ECHO")
+        cmd = {
+            ul.AFFECTED_SOP_CLASS: Verification,
+            ul.COMMAND_FIELD: ul.C_ECHO_RQ,
+            ul.MESSAGE_ID: self._next_id(),
+            ul.DATASET_TYPE: ul.NO_DATASET,
+        }
+        self.ch.send_message(cx_id, ul.encode_command(cmd))
+        _, rsp, _ = self._read("C-ECHO", self.scu.timeout_s, answered=False)
+        status = ul.us(rsp.get(ul.STATUS))
+        if status is None or not is_success(status):
+            raise DimseError(f"C-ECHO: status {_hex(status)} ({self._where()})", status=status)
+
+    def find(self, query: Dataset) -> list[Dataset]:
+        """Study Root C-FIND; the identifiers of all pending responses."""
+        sop = StudyRootQueryRetrieveInformationModelFind
+        cx_id = self._context(sop, "C-FIND")
+        cmd = {
+            ul.AFFECTED_SOP_CLASS: sop,
+            ul.COMMAND_FIELD: ul.C_FIND_RQ,
+            ul.MESSAGE_ID: self._next_id(),
+            ul.PRIORITY: 0,
+            ul.DATASET_TYPE: ul.HAS_DATASET,
+        }
+        self.ch.send_message(cx_id, ul.encode_command(cmd), self._encode(query, cx_id))
+        answers: list[Dataset] = []
+        while True:
+            rx_cx, rsp, data = self._read("C-FIND", self.scu.timeout_s, answered=bool(answers))
+            status = ul.us(rsp.get(ul.STATUS))
+            if status is not None and is_pending(status):
+                if data is not None:
+                    answers.append(self._decode(data, rx_cx))
+                continue
+            if status is not None and is_success(status):
+                return answers
+            raise DimseError(
+                f"C-FIND refused: status {_hex(status)} ({self._where()})", status=status
+            )
+
+    def retrieve(
+        self,
+        what: str,
+        query: Dataset,
+        dest_ae: str | None = None,
+        handler: StoreHandler | None = None,
+        on_progress: Callable[[RetrieveResult], None] | None = None,
+    ) -> RetrieveResult:
+        """C-MOVE (to `dest_ae`) or C-GET (C-STOREs on this association go to `handler`, see
+        `scp.store_handler`)."""
+        is_get = dest_ae is None
+        sop = (
+            StudyRootQueryRetrieveInformationModelGet
+            if is_get
+            else StudyRootQueryRetrieveInformationModelMove
+        )
+        cx_id = self._context(sop, what)
+        cmd: dict[int, int | str] = {
+            ul.AFFECTED_SOP_CLASS: sop,
+            ul.COMMAND_FIELD: ul.C_GET_RQ if is_get else ul.C_MOVE_RQ,
+            ul.MESSAGE_ID: self._next_id(),
+            ul.PRIORITY: 0,
+            ul.DATASET_TYPE: ul.HAS_DATASET,
+        }
+        if dest_ae is not None:
+            cmd[ul.MOVE_DESTINATION] = dest_ae
+        self.ch.send_message(cx_id, ul.encode_command(cmd), self._encode(query, cx_id))
+        result = RetrieveResult()
+        answered = False
+        while True:
+            rx_cx, rsp, data = self._read(what, self.scu.retrieve_timeout_s, answered, result)
+            answered = True
+            field_ = ul.us(rsp.get(ul.COMMAND_FIELD))
+            if field_ == ul.C_STORE_RQ and data is not None and handler is not None:
+                self._store(rx_cx, rsp, data, handler, result)
+                continue
+            if field_ != (ul.C_GET_RSP if is_get else ul.C_MOVE_RSP):
+                self.ch.abort()
+                raise AssociationAborted(
+                    f"{what}: unexpected DIMSE command {_hex(field_)} ({self._where()}); {result}",
+                    result=result,
+                )
+            for attr, elem in (
+                ("completed", ul.COMPLETED),
+                ("failed", ul.FAILED),
+                ("warning", ul.WARNING),
+                ("remaining", ul.REMAINING),
+            ):
+                value = ul.us(rsp.get(elem))
+                if value is not None:
+                    setattr(result, attr, value)
+            status = ul.us(rsp.get(ul.STATUS))
+            if status is not None and is_pending(status):
+                if on_progress is not None:
+                    on_progress(result)
+                continue
+            result.status = status
+            if rsp.get(ul.REMAINING) is None:
+                result.remaining = 0  # absent from a final response: nothing left
+            return result
+
+    def _store(
+        self,
+        cx_id: int,
+        rq: dict[int, bytes],
+        data: bytes,
+        handler: StoreHandler,
+        result: RetrieveResult,
+    ) -> None:
+        sop_class = ul.ui(rq.get(ul.AFFECTED_SOP_CLASS))
+        sop_instance = ul.ui(rq.get(ul.AFFECTED_SOP_INSTANCE))
+        status = handler(data, self.ch.contexts[cx_id], sop_class, sop_instance, self.peer.ae_title)
+        result.received += 1
+        rsp = ul.response_command(
+            ul.C_STORE_RSP, ul.us(rq.get(ul.MESSAGE_ID)) or 0, status, sop_class, sop_instance
+        )
+        self.ch.send_message(cx_id, rsp)
+
+    def release(self) -> None:
+        """A-RELEASE; falls back to closing the connection if the peer does not answer."""
+        if self.released:
+            return
+        self.released = True
+        try:
+            self.ch.sock.settimeout(self.scu.timeout_s)
+            self.ch.send(ul.RELEASE_RQ_PDU)
+            while self.ch.read_pdu()[0] != ul.RELEASE_RP:
+                pass
+        except (OSError, ul.PeerGone):
+            pass
+        finally:
+            self.ch.close()
+
+    def abort(self) -> None:
+        self.released = True
+        self.ch.abort()
+
+
+def _hex(value: int | None) -> str:
+    return "none" if value is None else f"0x{value:04X}"
+
+
+class Scu:
+    """The gateway's SCU. `timeout_s` bounds connect, association and each DIMSE response;
+    `retrieve_timeout_s` (default: the same) bounds the wait between two C-MOVE/C-GET responses,
+    for PACS that send no pending responses. Thread-safe: each call has its own association."""
+
+    def __init__(
+        self,
+        calling_ae: str = "SPHERE",
+        timeout_s: float = 30.0,
+        *,
+        retrieve_timeout_s: float | None = None,
+        max_pdu: int = 0,
+    ) -> None:
+        self.calling_ae = calling_ae
+        self.timeout_s = timeout_s
+        self.retrieve_timeout_s = retrieve_timeout_s or timeout_s
+        self.max_pdu = max_pdu  # what we accept; 0 = unlimited
+        self.qr_contexts = [
+            (uid, UNCOMPRESSED)
+            for uid in (
+                Verification,
+                StudyRootQueryRetrieveInformationModelFind,
+                StudyRootQueryRetrieveInformationModelMove,
+            )
+        ]
+        # One context per storage class, uncompressed only: the PACS transcodes what it holds
+        # compressed, and an acceptor picks one syntax per context anyway.
+        self.get_contexts = [(StudyRootQueryRetrieveInformationModelGet, UNCOMPRESSED)]
+        self.get_contexts += [(uid, UNCOMPRESSED) for uid in GET_STORAGE_CLASSES]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Scu:
+        """Our AE title and timeout from the gateway settings."""
+        return cls(settings.ae_title, settings.timeout_s)
+
+    @contextmanager
+    def connect(
+        self,
+        peer: Peer,
+        contexts: list[tuple[str, list[str]]] | None = None,
+        scp_roles: list[str] | None = None,
+    ) -> Iterator[Association]:
+        """An association to `peer` (default contexts: C-ECHO, C-FIND, C-MOVE), released on exit,
+        aborted if the block raises."""
+        contexts = contexts or self.qr_contexts
+        where = f"{self.calling_ae} -> {peer.ae_title}@{peer.host}:{peer.port}"
+        try:
+            sock = socket.create_connection((peer.host, peer.port), timeout=self.timeout_s)
+        except TimeoutError as exc:
+            raise DimseTimeout(f"no TCP connection within {self.timeout_s:g}s ({where})") from exc
+        except OSError as exc:
+            raise PeerUnreachable(f"cannot connect ({where}): {exc.strerror or exc}") from exc
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        ch = ul.Channel(sock)
+        try:
+            neg = self._negotiate(ch, peer, contexts, scp_roles or [], where)
+        except BaseException:
+            ch.close()
+            raise
+        assoc = Association(self, peer, ch, neg)
+        try:
+            yield assoc
+        except BaseException as exc:
+            if isinstance(exc, DimseError) and exc.status is not None:
+                assoc.release()  # the peer answered (with a failure): part politely
+            else:
+                assoc.abort()
+            raise
+        assoc.release()
+
+    def _negotiate(
+        self,
+        ch: ul.Channel,
+        peer: Peer,
+        contexts: list[tuple[str, list[str]]],
+        scp_roles: list[str],
+        where: str,
+    ) -> ul.Negotiated:
+        rq = ul.associate_rq_pdu(self.calling_ae, peer.ae_title, contexts, self.max_pdu, scp_roles)
+        try:
+            ch.send(rq)
+            pdu_type, pdu = ch.read_pdu()
+        except TimeoutError as exc:
+            raise DimseTimeout(
+                f"no association response within {self.timeout_s:g}s ({where})"
+            ) from exc
+        except (OSError, ul.PeerGone) as exc:
+            raise AssociationAborted(
+                f"peer closed the connection during association ({where})"
+            ) from exc
+        if pdu_type == ul.ASSOCIATE_RJ:
+            raise AssociationRejected(f"association rejected ({where}): {ul.describe_reject(pdu)}")
+        if pdu_type == ul.ABORT:
+            raise AssociationAborted(f"association aborted {ul.describe_abort(pdu)} ({where})")
+        if pdu_type != ul.ASSOCIATE_AC:
+            raise AssociationAborted(
+                f"unexpected PDU 0x{pdu_type:02X} during association ({where})"
+            )
+        neg = ul.parse_associate_ac(pdu, contexts, self.calling_ae, peer.ae_title)
+        if not neg.contexts:
+            ch.send(ul.abort_pdu(0, 0))
+            raise AssociationRejected(f"no presentation context accepted ({where})")
+        ch.peer_max_pdu = neg.peer_max_pdu
+        ch.contexts = neg.contexts
+        return neg
+
+    # --- services ------------------------------------------------------------------------
+
+    def echo(self, peer: Peer) -> None:
+        """C-ECHO; raises DimseError unless the peer answers success."""
+        with self.connect(peer) as assoc:
+            assoc.echo()
+
+    def find_studies(
+        self,
+        peer: Peer,
+        *,
+        accession: str | None = None,
+        patient_id: str | None = None,
+        study_uid: str | None = None,
+    ) -> list[StudyHit]:
+        """Study-level C-FIND on exact keys (at least one); returns every match."""
+        if not (accession or patient_id or study_uid):
+            raise ValueError("give accession, patient_id or study_uid")
+        q = Dataset()
+        q.QueryRetrieveLevel = "STUDY"
+        q.StudyInstanceUID = _exact("study_uid", study_uid or "")
+        q.PatientID = _exact("patient_id", patient_id or "")
+        q.AccessionNumber = _exact("accession", accession or "")
+        q.StudyDate = ""
+        q.ModalitiesInStudy = ""
+        q.NumberOfStudyRelatedSeries = None
+        q.NumberOfStudyRelatedInstances = None
+        with self.connect(peer) as assoc:
+            answers = assoc.find(q)
+        hits = []
+        for ds in answers:
+            mods = ds.get("ModalitiesInStudy") or []
+            mods = [mods] if isinstance(mods, str) else list(mods)
+            hits.append(
+                StudyHit(
+                    study_uid=_str(ds, "StudyInstanceUID"),
+                    patient_id=_str(ds, "PatientID"),
+                    accession=_str(ds, "AccessionNumber"),
+                    study_date=_str(ds, "StudyDate"),
+                    modalities=tuple(str(m) for m in mods if m),
+                    n_series=_int(ds, "NumberOfStudyRelatedSeries"),
+                    n_instances=_int(ds, "NumberOfStudyRelatedInstances"),
+                )
+            )
+        return hits
+
+    def find_series(self, peer: Peer, study_uid: str) -> list[SeriesHit]:
+        """Series-level C-FIND within one study."""
+        q = Dataset()
+        q.QueryRetrieveLevel = "SERIES"
+        q.StudyInstanceUID = _exact("study_uid", study_uid)
+        q.SeriesInstanceUID = ""
+        q.Modality = ""
+        q.SeriesNumber = None
+        q.NumberOfSeriesRelatedInstances = None
+        with self.connect(peer) as assoc:
+            answers = assoc.find(q)
+        return [
+            SeriesHit(
+                study_uid=_str(ds, "StudyInstanceUID") or study_uid,
+                series_uid=_str(ds, "SeriesInstanceUID"),
+                modality=_str(ds, "Modality"),
+                series_number=_int(ds, "SeriesNumber"),
+                n_instances=_int(ds, "NumberOfSeriesRelatedInstances"),
+            )
+            for ds in answers
+        ]
+
+    def move_series(
+        self,
+        peer: Peer,
+        study_uid: str,
+        series_uid: str,
+        dest_ae: str,
+        *,
+        on_progress: Callable[[RetrieveResult], None] | None = None,
+    ) -> RetrieveResult:
+        """C-MOVE one series to `dest_ae` (the gateway's Storage SCP).
+
+        Returns the final counts and status, a failure status included (e.g. 0xA801 "move
+        destination unknown"): check `.ok`. Raises DimseError, with `.result` = the counts so far,
+        when the association breaks or times out before the final response.
+        """
+        q = _series_query(study_uid, series_uid)
+        with self.connect(peer) as assoc:
+            return assoc.retrieve("C-MOVE", q, dest_ae=dest_ae, on_progress=on_progress)
+
+    def get_series(
+        self,
+        peer: Peer,
+        study_uid: str,
+        series_uid: str,
+        on_store: OnStore | None = None,
+        *,
+        on_receive: OnReceive | None = None,
+        on_progress: Callable[[RetrieveResult], None] | None = None,
+    ) -> RetrieveResult:
+        """C-GET one series over its own association; each dataset goes to `on_store(ds, peer_ae)`
+        (or, still encoded, to `on_receive`), whose return value is the C-STORE status sent
+        back. Same result and errors as move_series."""
+        q = _series_query(study_uid, series_uid)
+        handler = store_handler(on_store, on_receive)
+        with self.connect(peer, self.get_contexts, GET_STORAGE_CLASSES) as assoc:
+            return assoc.retrieve("C-GET", q, handler=handler, on_progress=on_progress)
+
+
+def _series_query(study_uid: str, series_uid: str) -> Dataset:
+    q = Dataset()
+    q.QueryRetrieveLevel = "SERIES"
+    q.StudyInstanceUID = _exact("study_uid", study_uid)
+    q.SeriesInstanceUID = _exact("series_uid", series_uid)
+    return q
