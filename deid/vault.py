@@ -1,0 +1,301 @@
+"""The re-identification vault: per-project secrets and the original <-> pseudonym mapping.
+
+It lives in its own database (SQLAlchemy URL, SQLite or PostgreSQL), apart from the catalog and
+from research data. Only an actor granted the `trusted-third-party` role may look a pseudonym up,
+and every lookup, allowed or not, is written to the vault's own audit table. Keep the vault's
+database credentials away from research users: that is the boundary that really holds.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+)
+from sqlalchemy.exc import IntegrityError
+
+TRUSTED_THIRD_PARTY = "trusted-third-party"
+KINDS = frozenset({"patient", "accession", "study", "series", "sop", "frame", "uid"})
+
+metadata = MetaData()
+secrets_table = Table(
+    "vault_secrets",
+    metadata,
+    Column("project", String(64), primary_key=True),
+    Column("secret", LargeBinary(64), nullable=False),
+    Column("created_at", DateTime, nullable=False),
+)
+mappings_table = Table(
+    "vault_mappings",
+    metadata,
+    Column("project", String(64), primary_key=True),
+    Column("pseudonym", String(64), primary_key=True),
+    Column("kind", String(16), nullable=False),
+    Column("original", Text, nullable=False),
+    Column("first_seen", DateTime, nullable=False),
+)
+grants_table = Table(
+    "vault_grants",
+    metadata,
+    Column("actor", String(128), primary_key=True),
+    Column("role", String(64), primary_key=True),
+    Column("granted_by", String(128), nullable=False),
+    Column("granted_at", DateTime, nullable=False),
+)
+audit_table = Table(
+    "vault_audit",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", DateTime, nullable=False),
+    Column("actor", String(128), nullable=False),
+    Column("role", String(64), nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("project", String(64)),
+    Column("pseudonym", String(64)),
+    Column("outcome", String(32), nullable=False),
+    Column("detail", String(128)),
+)
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    at: datetime
+    actor: str
+    role: str
+    action: str
+    project: str | None
+    pseudonym: str | None
+    outcome: str
+    detail: str | None = None
+
+
+class VaultDenied(PermissionError):
+    """The actor may not read the vault."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Vault:
+    """The vault's database. Mappings are buffered and written in batches (`flush`)."""
+
+    def __init__(self, url: str, *, batch: int = 1000) -> None:
+        self.engine = create_engine(url)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        metadata.create_all(self.engine)
+        self._batch = batch
+        self._buffer: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    # -- secrets ----------------------------------------------------------------------------
+
+    def project_secret(self, project: str) -> bytes:
+        """The project's 32-byte secret, created on first use and kept for good."""
+        with self.engine.begin() as c:
+            row = c.execute(
+                select(secrets_table.c.secret).where(secrets_table.c.project == project)
+            ).first()
+            if row:
+                return bytes(row[0])
+        try:
+            with self.engine.begin() as c:
+                value = secrets.token_bytes(32)
+                c.execute(
+                    insert(secrets_table).values(project=project, secret=value, created_at=_now())
+                )
+                return value
+        except IntegrityError:  # created meanwhile by another process
+            return self.project_secret(project)
+
+    # -- mappings ---------------------------------------------------------------------------
+
+    def record(self, project: str, kind: str, original: str, pseudonym: str) -> None:
+        """Remember that `pseudonym` stands for `original` (buffered)."""
+        self.record_many(project, [(kind, original, pseudonym)], flush=False)
+
+    def record_many(
+        self, project: str, items: Iterable[tuple[str, str, str]], *, flush: bool = True
+    ) -> None:
+        """Remember many (kind, original, pseudonym); written at once unless `flush` is False."""
+        now = _now()
+        rows = []
+        for kind, original, pseudonym in items:
+            if kind not in KINDS:
+                raise ValueError(f"unknown mapping kind: {kind!r}")
+            rows.append(
+                {
+                    "project": project,
+                    "pseudonym": pseudonym,
+                    "kind": kind,
+                    "original": original,
+                    "first_seen": now,
+                }
+            )
+        with self._lock:
+            self._buffer.extend(rows)
+            full = len(self._buffer) >= self._batch
+        if flush or full:
+            self.flush()
+
+    def flush(self) -> int:
+        """Write buffered mappings; ones already known are left as they are. Returns rows sent."""
+        with self._lock:
+            rows, self._buffer = self._buffer, []
+        if not rows:
+            return 0
+        unique = list({(r["project"], r["pseudonym"]): r for r in rows}.values())
+        with self.engine.begin() as c:
+            dialect = self.engine.dialect.name
+            if dialect in ("sqlite", "postgresql"):
+                if dialect == "sqlite":
+                    from sqlalchemy.dialects.sqlite import insert as dialect_insert
+                else:
+                    from sqlalchemy.dialects.postgresql import insert as dialect_insert
+                stmt = dialect_insert(mappings_table).on_conflict_do_nothing(
+                    index_elements=["project", "pseudonym"]
+                )
+                c.execute(stmt, unique)
+            else:  # portable fallback: skip what exists
+                for r in unique:
+                    exists = c.execute(
+                        select(mappings_table.c.pseudonym).where(
+                            mappings_table.c.project == r["project"],
+                            mappings_table.c.pseudonym == r["pseudonym"],
+                        )
+                    ).first()
+                    if not exists:
+                        c.execute(insert(mappings_table).values(**r))
+        return len(unique)
+
+    # -- the trusted third party ------------------------------------------------------------
+
+    def grant(self, actor: str, *, by: str, role: str = TRUSTED_THIRD_PARTY) -> None:
+        """Give `actor` a vault role (audited)."""
+        with self.engine.begin() as c:
+            exists = c.execute(
+                select(grants_table.c.actor).where(
+                    grants_table.c.actor == actor, grants_table.c.role == role
+                )
+            ).first()
+            if not exists:
+                c.execute(
+                    insert(grants_table).values(
+                        actor=actor, role=role, granted_by=by, granted_at=_now()
+                    )
+                )
+            self._audit(c, by, role, "grant", None, None, "granted", detail=actor)
+
+    def lookup(self, project: str, pseudonym: str, *, role: str, actor: str) -> str:
+        """The original behind `pseudonym`, for a granted trusted third party only; audited.
+
+        Raises `VaultDenied` for anyone else and `KeyError` for an unknown pseudonym.
+        """
+        self.flush()
+        with self.engine.begin() as c:
+            granted = c.execute(
+                select(grants_table.c.actor).where(
+                    grants_table.c.actor == actor, grants_table.c.role == role
+                )
+            ).first()
+            if role != TRUSTED_THIRD_PARTY or not granted:
+                self._audit(c, actor, role, "lookup", project, pseudonym, "denied")
+                denied = True
+            else:
+                denied = False
+                row = c.execute(
+                    select(mappings_table.c.original).where(
+                        mappings_table.c.project == project,
+                        mappings_table.c.pseudonym == pseudonym,
+                    )
+                ).first()
+                self._audit(
+                    c, actor, role, "lookup", project, pseudonym, "found" if row else "not found"
+                )
+        if denied:
+            raise VaultDenied(f"'{actor}' does not hold the {TRUSTED_THIRD_PARTY} role")
+        if row is None:
+            raise KeyError(pseudonym)
+        return str(row[0])
+
+    def audit_trail(self, project: str | None = None) -> list[AuditEntry]:
+        """Who read or granted what, and when (oldest first)."""
+        q = select(audit_table).order_by(audit_table.c.id)
+        if project is not None:
+            q = q.where(audit_table.c.project == project)
+        with self.engine.connect() as c:
+            return [
+                AuditEntry(
+                    r.at, r.actor, r.role, r.action, r.project, r.pseudonym, r.outcome, r.detail
+                )
+                for r in c.execute(q)
+            ]
+
+    def count(self, project: str) -> int:
+        """How many mappings the project has (no originals shown)."""
+        with self.engine.connect() as c:
+            return c.execute(
+                select(func.count())
+                .select_from(mappings_table)
+                .where(mappings_table.c.project == project)
+            ).scalar_one()
+
+    def close(self) -> None:
+        self.flush()
+        self.engine.dispose()
+
+    def __enter__(self) -> Vault:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @staticmethod
+    def _audit(
+        c: Any,
+        actor: str,
+        role: str,
+        action: str,
+        project: str | None,
+        pseudonym: str | None,
+        outcome: str,
+        detail: str | None = None,
+    ) -> None:
+        c.execute(
+            insert(audit_table).values(
+                at=_now(),
+                actor=actor,
+                role=role,
+                action=action,
+                project=project,
+                pseudonym=pseudonym,
+                outcome=outcome,
+                detail=detail,
+            )
+        )
+
+
+def _sqlite_pragmas(conn: Any, _record: Any) -> None:
+    cur = conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()

@@ -1,0 +1,57 @@
+"""The vault: its own database, lasting per-project secrets, batched mappings, audited lookups."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from deid.vault import TRUSTED_THIRD_PARTY, Vault, VaultDenied
+
+
+def test_secret_is_created_once_and_kept(tmp_path):
+    url = f"sqlite:///{tmp_path / 'vault.db'}"
+    with Vault(url) as v:
+        first = v.project_secret("a")
+        assert len(first) == 32 and v.project_secret("b") != first
+    with Vault(url) as again:  # reopened: same secret, so a re-pull gives the same pseudonyms
+        assert again.project_secret("a") == first
+
+
+def test_mappings_are_buffered_deduplicated_and_kept_apart_from_other_projects(tmp_path):
+    path = tmp_path / "vault.db"
+    v = Vault(f"sqlite:///{path}", batch=3)
+    v.record("p", "patient", "MRN1", "PAAA")
+    v.record("p", "patient", "MRN1", "PAAA")
+    assert v.count("p") == 0  # still in the buffer
+    v.record("p", "sop", "1.2.3", "2.25.9")  # the third fills the batch
+    assert v.count("p") == 2
+    v.record_many("q", [("patient", "MRN1", "PQQQ")])
+    v.record_many("p", [("patient", "MRN1", "PAAA"), ("study", "1.2", "2.25.1")])
+    assert v.count("p") == 3 and v.count("q") == 1
+    with pytest.raises(ValueError):
+        v.record_many("p", [("phone", "x", "y")])
+    v.close()
+    tables = {r[0] for r in sqlite3.connect(path).execute("select name from sqlite_master")}
+    assert {"vault_secrets", "vault_mappings", "vault_grants", "vault_audit"} <= tables
+
+
+def test_only_a_granted_trusted_third_party_can_look_up_and_every_try_is_audited(tmp_path):
+    with Vault(f"sqlite:///{tmp_path / 'vault.db'}") as v:
+        v.record_many("p", [("patient", "MRN42", "PZZZ")])
+        with pytest.raises(VaultDenied):
+            v.lookup("p", "PZZZ", role=TRUSTED_THIRD_PARTY, actor="eve")
+        v.grant("trent", by="admin")
+        with pytest.raises(VaultDenied):  # granted, but not acting in that role
+            v.lookup("p", "PZZZ", role="researcher", actor="trent")
+        assert v.lookup("p", "PZZZ", role=TRUSTED_THIRD_PARTY, actor="trent") == "MRN42"
+        with pytest.raises(KeyError):
+            v.lookup("q", "PZZZ", role=TRUSTED_THIRD_PARTY, actor="trent")  # other project
+        trail = [(e.actor, e.action, e.outcome) for e in v.audit_trail()]
+    assert trail == [
+        ("eve", "lookup", "denied"),
+        ("admin", "grant", "granted"),
+        ("trent", "lookup", "denied"),
+        ("trent", "lookup", "found"),
+        ("trent", "lookup", "not found"),
+    ]
