@@ -13,6 +13,7 @@ from rich.table import Table
 
 from gateway import projects
 from gateway.config import Settings
+from gateway.deid_cmd import register as register_deid_commands
 
 app = typer.Typer(
     help="sphere: pull approved research cohorts from a PACS, de-identify and store them as Zarr.",
@@ -292,12 +293,7 @@ def demo(
     raise typer.Exit(run_demo(workdir, patients=patients, slices=slices, size=size))
 
 
-try:  # de-identification commands live with the de-identification code
-    from gateway.deid_cmd import register as _register_deid
-
-    _register_deid(app)
-except ImportError:  # pragma: no cover
-    pass
+register_deid_commands(app)  # `sphere deid`, `sphere vault …`: beside the de-identification code
 
 
 if __name__ == "__main__":
