@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import date
 from pathlib import Path
@@ -61,11 +62,28 @@ def _fail(msg: str) -> None:
 def project_create(
     name: Annotated[str, typer.Argument(help="Short name: lower-case letters, digits, - and _.")],
     title: Annotated[str, typer.Option(help="Human title of the study.")] = "",
+    option: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="PS3.15 option (repeatable), by name or CID 7050 code, e.g. 113107 or "
+            "'Retain UIDs Option'. Replaces the default set: Basic + Retain Longitudinal Modified "
+            "Dates + Retain Patient Characteristics + Clean Descriptors."
+        ),
+    ] = None,
+    profile: Annotated[
+        Path | None,
+        typer.Option(help="De-identification profile JSON (options, safe_private, burned_in)."),
+    ] = None,
 ) -> None:
     """Declare a research project (not yet approved: nothing can be pulled)."""
+    from deid.profile import Profile
+
     try:
-        _gateway().create_project(name, title=title)
-    except projects.ProjectError as e:
+        data = json.loads(profile.read_text()) if profile else {}
+        if option:
+            data["options"] = option
+        _gateway().create_project(name, title=title, profile=Profile.from_json(data))
+    except (projects.ProjectError, ValueError, OSError) as e:
         _fail(str(e))
     console.print(f"project [bold]{name}[/bold] declared; approve it before pulling")
 
