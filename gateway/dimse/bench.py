@@ -5,11 +5,19 @@ Each round retrieves the same series to every target in turn; `--parallel N` run
 once (one series each). storescp runs with --ignore (receives, stores nothing) and our on_store
 only counts: both measure the network path. Reports instances/s and this process's CPU time
 (user + system) per instance.
+
+Target `scp` measures the SCP with a Handler, in threads and in worker processes: one run per
+`--workers` x `--handlers` combination, e.g. `--targets scp,storescp --workers 0,2 --handlers
+trivial,json2 --parallel 2`. CPU per instance then counts this process and its workers, and
+Orthanc's CPU per instance is shown too (it shares the cores).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import json
 import os
 import shutil
 import statistics
@@ -20,6 +28,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
+from pydicom import Dataset
+
+from dicom.json_model import to_json_dict
 from dicom.synthetic import generate
 from gateway.dimse.scp import ReceivedInstance, StorageSCP
 from gateway.dimse.scu import Peer, Scu
@@ -33,6 +45,58 @@ LABELS = {
     "get": "C-GET by Scu, on_store",
     "get-raw": "C-GET by Scu, on_receive",
 }
+
+
+class TrivialHandler:
+    """Receives and counts; the dataset is parsed lazily, so hardly touched."""
+
+    def on_store(self, ds: Dataset, calling_ae: str) -> int:
+        return 0
+
+
+class JsonHandler:
+    """Realistic CPU work per instance: the DICOM JSON header, `repeat` times (~0.8 ms each
+    for 512x512 CT here)."""
+
+    def __init__(self, repeat: int = 1) -> None:
+        self.repeat = repeat
+
+    def on_store(self, ds: Dataset, calling_ae: str) -> int:
+        for _ in range(self.repeat):
+            json.dumps(to_json_dict(ds))
+        return 0
+
+
+class HandlerFactory:
+    """Picklable handler factory by name: trivial, json, json2 (twice the JSON work)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self) -> TrivialHandler | JsonHandler:
+        if self.name == "trivial":
+            return TrivialHandler()
+        return JsonHandler(2 if self.name == "json2" else 1)
+
+
+def _importable(name: str) -> type:
+    """This module's class by its importable name (not __main__'s), so workers can unpickle it."""
+    return getattr(importlib.import_module("gateway.dimse.bench"), name)
+
+
+def _ae(target: str) -> str:
+    return target.replace("scp-", "").replace("-", "").upper()[:16]
+
+
+def _cpu_s(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
 
 
 def _wait_port(port: int, timeout_s: float = 10.0) -> None:
@@ -67,7 +131,12 @@ def main(argv: list[str] | None = None) -> None:
         default="sphere,storescp",
         help="comma list of: sphere (C-MOVE to our SCP, decoded datasets), raw (same, encoded "
         "instances), spool (same, each written as a Part 10 file, no fsync), storescp (C-MOVE to "
-        "dcmtk storescp), get / get-raw (C-GET by our SCU, decoded / encoded)",
+        "dcmtk storescp), get / get-raw (C-GET by our SCU, decoded / encoded), scp (C-MOVE to "
+        "our SCP with a handler, for each --workers and --handlers)",
+    )
+    ap.add_argument("--workers", default="0,2", help="for target scp: comma list of worker counts")
+    ap.add_argument(
+        "--handlers", default="trivial,json2", help="for target scp: trivial, json, json2"
     )
     ap.add_argument(
         "--mover",
@@ -133,27 +202,51 @@ def main(argv: list[str] | None = None) -> None:
         )
         series = [(st.study_uid, se.series_uid) for st in corpus.studies for se in st.series]
         n_total = sum(st.n_instances for st in corpus.studies)
+        targets = []
+        combos: dict[str, tuple[int, str]] = {}  # scp target -> (workers, handler)
+        for target in args.targets.split(","):
+            if target != "scp":
+                targets.append(target)
+                continue
+            for w in (int(x) for x in args.workers.split(",")):
+                for h in args.handlers.split(","):
+                    name = f"scp-w{w}-{h}"
+                    combos[name] = (w, h)
+                    LABELS[name] = f"C-MOVE -> SCP {w} workers, {h}"
+                    targets.append(name)
+        ports = {name: free_port() for name in combos}
         modalities = {
             "sphere": ("SPHERE", "127.0.0.1", scp_port),
             "storescp": ("STORESCP", "127.0.0.1", storescp_port),
         }
-        with (
-            LocalOrthanc(workdir / "pacs", modalities=modalities, dicomweb=False) as pacs,
-            StorageSCP("SPHERE", port=scp_port, on_store=on_store) as scp,
-        ):
+        modalities |= {name: (_ae(name), "127.0.0.1", ports[name]) for name in combos}
+        factory = _importable("HandlerFactory")
+        with contextlib.ExitStack() as stack:
+            pacs = stack.enter_context(
+                LocalOrthanc(workdir / "pacs", modalities=modalities, dicomweb=False)
+            )
+            scp = stack.enter_context(StorageSCP("SPHERE", port=scp_port, on_store=on_store))
+            scps: dict[str, StorageSCP] = {}
+            for name, (w, h) in combos.items():
+                scps[name] = stack.enter_context(
+                    StorageSCP(_ae(name), port=ports[name], handler_factory=factory(h), workers=w)
+                )
+                print(f"{LABELS[name]}: started in {scps[name].start_seconds:.2f}s")
             pacs.upload(corpus.files)
             shutil.rmtree(workdir / "data")
             _wait_port(storescp_port)
             peer = Peer(pacs.aet, "127.0.0.1", pacs.dicom_port)
             scu = Scu("SPHERE", timeout_s=60)
-            targets = args.targets.split(",")
             rates: dict[str, list[float]] = {k: [] for k in targets}
-            cpu: dict[str, list[tuple[float, float]]] = {k: [] for k in targets if k != "storescp"}
+            cpu: dict[str, list[tuple[float, float]]] = {k: [] for k in targets}
+            orthanc = [pacs.process.pid] if pacs.process else []
 
             def one(target: str, s: tuple[str, str]) -> bool:
                 if target.startswith("get"):
                     return scu.get_series(peer, *s, **callbacks[target]).ok
-                ae = "STORESCP" if target == "storescp" else "SPHERE"
+                ae = {"storescp": "STORESCP"}.get(target) or (
+                    _ae(target) if target in combos else "SPHERE"
+                )
                 if args.mover == "movescu":
                     return _movescu(peer, *s, ae)
                 return scu.move_series(peer, *s, ae).ok
@@ -166,30 +259,38 @@ def main(argv: list[str] | None = None) -> None:
                     for folder in (spool, storescp_out):
                         shutil.rmtree(folder, ignore_errors=True)
                         folder.mkdir()
+                    target_scp = scps.get(target)
+                    before = target_scp.received if target_scp else 0
+                    workers = target_scp.worker_pids if target_scp else []
                     t0, c0 = time.perf_counter(), os.times()
+                    w0, o0 = _cpu_s(workers), _cpu_s(orthanc)
                     with ThreadPoolExecutor(len(series)) as pool:
                         ok = all(pool.map(lambda s, t=target: one(t, s), series))
                     dt, c1 = time.perf_counter() - t0, os.times()
+                    w1, o1 = _cpu_s(workers), _cpu_s(orthanc)
+                    if target_scp:
+                        received = target_scp.received - before
                     if not ok or (target != "storescp" and received != n_total):
                         raise RuntimeError(f"{target}: retrieve failed ({received}/{n_total})")
                     rates[target].append(n_total / dt)
-                    if target in cpu:
-                        user, system = c1.user - c0.user, c1.system - c0.system
-                        cpu[target].append((user / n_total * 1000, system / n_total * 1000))
+                    ours = c1.user - c0.user + c1.system - c0.system + w1 - w0
+                    if target == "storescp":
+                        ours = float("nan")  # another process; not measured
+                    cpu[target].append((ours / n_total * 1000, (o1 - o0) / n_total * 1000))
             print(
                 f"{n_total} instances of {args.size}x{args.size} int16, {len(series)} "
                 f"concurrent retrieve(s), {args.rounds} rounds, C-MOVE issued by {args.mover}"
             )
             for target, values in rates.items():
+                ours = statistics.median(u for u, _ in cpu[target])
+                pacs_cpu = statistics.median(o for _, o in cpu[target])
                 line = (
-                    f"  {LABELS[target]:30s} median {statistics.median(values):7.1f} inst/s "
-                    f"(runs: {', '.join(f'{v:.0f}' for v in values)})"
+                    f"  {LABELS[target]:36s} median {statistics.median(values):7.1f} inst/s "
+                    f"(runs: {', '.join(f'{v:.0f}' for v in values)}); ms CPU/inst: "
                 )
-                if cpu.get(target):
-                    user = statistics.median(u for u, _ in cpu[target])
-                    system = statistics.median(s for _, s in cpu[target])
-                    line += f"; this process, ms CPU/inst: {user:.2f} user + {system:.2f} system"
-                print(line)
+                if ours == ours:  # not NaN
+                    line += f"ours {ours:.2f} (this process + workers), "
+                print(line + f"Orthanc {pacs_cpu:.2f}")
     finally:
         storescp.terminate()
         storescp.wait(timeout=10)

@@ -4,6 +4,9 @@ received dataset to `on_store(ds, calling_ae) -> status`.
 One thread per association reads PDUs straight off a buffered socket and parses only what a
 storage SCP needs (see `ul.py`); this receives 512x512 CT several times faster than a pynetdicom
 AE. Non-blocking: `start()` returns once listening; `stop()` aborts open associations.
+
+With `workers=N` the associations are served by N worker processes instead (see `workers.py`),
+each running a `Handler` built there by a picklable `handler_factory`: real multi-core receiving.
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ import contextlib
 import logging
 import socket
 import threading
+import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, MutableSequence
 from dataclasses import dataclass, field
 from io import BytesIO
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from pydicom import Dataset
 from pydicom.dataelem import RawDataElement
@@ -39,6 +43,7 @@ from gateway.dimse.common import (
 
 if TYPE_CHECKING:
     from gateway.config import Settings
+    from gateway.dimse.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -158,13 +163,113 @@ def store_received(
     return call_on_store(on_store, ds, calling_ae)
 
 
+class Handler(Protocol):
+    """What `handler_factory()` returns: built once per worker process (or once per SCP without
+    workers). Optionally also `on_association(assoc_id, calling_ae)`, called once the
+    association is accepted (an exception aborts it), and `on_release(assoc_id)`, called when it
+    ends: on release before the A-RELEASE-RP is sent (so a flush there is done when the peer
+    sees the release), or after an abort or a dropped connection. All three run on the
+    association's own thread; associations are served concurrently."""
+
+    def on_store(self, ds: Dataset, calling_ae: str) -> int: ...
+
+
+def supported_contexts(transfer_syntaxes: list[str] | None = None) -> list[Any]:
+    """Verification plus every storage SOP class, in our order of preference of syntaxes."""
+    supported = ul.supported_contexts([Verification], UNCOMPRESSED)
+    # Our order of preference among what the sender proposes: uncompressed first.
+    syntaxes = transfer_syntaxes or STORAGE_TRANSFER_SYNTAXES
+    return supported + ul.supported_contexts(_STORAGE_CLASSES, syntaxes)
+
+
+def handler_callbacks(handler: object) -> StoreHandler:
+    """The per-C-STORE handler of a Handler: its on_store, or else its on_receive."""
+    on_store = getattr(handler, "on_store", None)
+    return store_handler(on_store, None if on_store else getattr(handler, "on_receive", None))
+
+
+RECEIVED, FAILED, FINISHED = 0, 1, 2  # counter slots: instances, failures, connections done
+
+
+class Service:
+    """What associations share: contexts, limits, the handler and counters. One per StorageSCP
+    in thread mode, one per worker process otherwise (where the parent enforces the limit)."""
+
+    def __init__(
+        self,
+        supported: list[Any],
+        max_pdu: int,
+        timeout_s: float,
+        max_associations: int | None,
+        store: StoreHandler,
+        handler: object = None,
+        counts: MutableSequence[int] | None = None,
+    ) -> None:
+        self.supported = supported
+        self.max_pdu = max_pdu
+        self.timeout_s = timeout_s
+        self.max_associations = max_associations  # None: not checked here
+        self.store = store
+        self.on_association = getattr(handler, "on_association", None)
+        self.on_release = getattr(handler, "on_release", None)
+        self.counts = counts if counts is not None else [0, 0, 0]
+        self.running = True
+        self.lock = threading.Lock()
+        self.active = 0
+
+    def admit(self) -> bool:
+        if self.max_associations is None:
+            return True
+        with self.lock:
+            if self.active >= self.max_associations:
+                return False
+            self.active += 1
+            return True
+
+    def leave(self) -> None:
+        if self.max_associations is not None:
+            with self.lock:
+                self.active -= 1
+
+    def finished(self) -> None:
+        with self.lock:
+            self.counts[FINISHED] += 1
+
+    def handle(
+        self, data: bytes, syntax: UID, sop_class: str, sop_instance: str, calling_ae: str
+    ) -> int:
+        status = self.store(data, syntax, sop_class, sop_instance, calling_ae)
+        counted = status not in (DECODE_FAILED, DATASET_MISMATCH)
+        failed = is_failure(status)
+        with self.lock:
+            self.counts[RECEIVED] += counted
+            self.counts[FAILED] += failed
+        return status
+
+    def serve(self, sock: socket.socket, assoc_id: int, refuse: bool = False) -> None:
+        """Serve one accepted connection to its end (on the calling thread)."""
+        try:
+            _Association(self, sock, assoc_id, refuse).run()
+        finally:
+            self.finished()
+
+
+class _HookFailed(Exception):
+    """on_association raised: the association is aborted."""
+
+
 class _Association:
     """One accepted connection, served on its own thread until release, abort or timeout."""
 
-    def __init__(self, scp: StorageSCP, sock: socket.socket) -> None:
-        self.scp = scp
+    def __init__(
+        self, service: Service, sock: socket.socket, assoc_id: int, refuse: bool = False
+    ) -> None:
+        self.service = service
         self.ch = ul.Channel(sock)
         self.calling_ae = "?"
+        self.assoc_id = assoc_id
+        self.refuse = refuse  # the limit was checked by whoever accepted the connection
+        self.established = False
 
     def run(self) -> None:
         try:
@@ -177,11 +282,13 @@ class _Association:
             log.warning(
                 "association with %s: nothing received for %gs, aborting",
                 self.calling_ae,
-                self.scp.timeout_s,
+                self.service.timeout_s,
             )
             self.ch.abort()
+        except _HookFailed:
+            self.ch.abort()
         except OSError:
-            if self.scp.running:
+            if self.service.running:
                 log.warning("association with %s: connection error", self.calling_ae)
         except Exception as exc:
             log.error(
@@ -192,43 +299,72 @@ class _Association:
             self.ch.abort()
         finally:
             self.ch.close()
+            self._released()
 
     def _serve(self) -> None:
         pdu_type, rq = self.ch.read_pdu()
         if pdu_type != ul.ASSOCIATE_RQ:
             raise ul.ProtocolError("expected A-ASSOCIATE-RQ")
-        if not self.scp._admit():
+        service = self.service
+        if self.refuse or not service.admit():
             # transient, service-provider (presentation), local limit exceeded
             self.ch.send(ul.reject_pdu(2, 3, 2))
-            log.warning(
-                "association refused: %d associations already open", self.scp.max_associations
-            )
+            log.warning("association refused: %s associations already open", self._limit())
             return
         try:
-            neg = ul.negotiate(rq, self.scp._supported, self.scp.max_pdu)
+            neg = ul.negotiate(rq, service.supported, service.max_pdu)
             self.calling_ae = neg.calling_ae
             self.ch.peer_max_pdu = neg.peer_max_pdu
             self.ch.contexts = neg.contexts
             self.ch.send(neg.ac_pdu)
+            self.established = True
             log.debug(
                 "association from %s accepted, %d contexts", neg.calling_ae, len(neg.contexts)
             )
+            if service.on_association is not None:
+                self._hook("on_association", service.on_association, self.assoc_id, neg.calling_ae)
             self._loop()
         finally:
-            self.scp._leave()
+            service.leave()
+
+    def _limit(self) -> str:
+        n = self.service.max_associations
+        return "too many" if n is None else str(n)
+
+    def _hook(self, name: str, hook: Callable[..., object], *args: object) -> None:
+        try:
+            hook(*args)
+        except Exception as exc:
+            log.error(
+                "association with %s: %s failed (%s), aborting",
+                self.calling_ae,
+                name,
+                type(exc).__name__,
+            )
+            raise _HookFailed from None
+
+    def _released(self) -> None:
+        """on_release, once, for an association that was accepted."""
+        if self.established:
+            self.established = False
+            if self.service.on_release is not None:
+                with contextlib.suppress(_HookFailed):
+                    self._hook("on_release", self.service.on_release, self.assoc_id)
 
     def _loop(self) -> None:
+        handle = self.service.handle
         while True:
             try:
                 cx_id, cmd, data = self.ch.read_message()
             except ul.ReleaseRequested:
+                self._released()
                 self.ch.send(ul.RELEASE_RP_PDU)
                 return
             field = ul.us(cmd.get(ul.COMMAND_FIELD))
             if field == ul.C_STORE_RQ and data is not None:
                 sop_class = ul.ui(cmd.get(ul.AFFECTED_SOP_CLASS))
                 sop_instance = ul.ui(cmd.get(ul.AFFECTED_SOP_INSTANCE))
-                status = self.scp._handle(
+                status = handle(
                     data, self.ch.contexts[cx_id], sop_class, sop_instance, self.calling_ae
                 )
                 self._respond(cx_id, ul.C_STORE_RSP, cmd, status)
@@ -248,12 +384,20 @@ class _Association:
         self.ch.send_message(cx_id, rsp)
 
 
+def _not_started(*_args: object) -> int:
+    return CANNOT_UNDERSTAND
+
+
 class StorageSCP:
     """Storage SCP on `host:port` (port 0 picks a free one); also a context manager.
 
-    Give `on_store(ds, calling_ae)` (decoded dataset) or `on_receive(instance, calling_ae)` (still
-    encoded, see ReceivedInstance); either returns the C-STORE status and is called from one
-    thread per association, so concurrently."""
+    Give one of: `on_store(ds, calling_ae)` (decoded dataset), `on_receive(instance, calling_ae)`
+    (still encoded, see ReceivedInstance), or `handler_factory()` returning a `Handler`. Each
+    returns the C-STORE status and is called from one thread per association, so concurrently.
+
+    `workers=N > 0` serves associations in N worker processes (needs `handler_factory`, which
+    must be picklable: each worker calls it once). The parent only accepts connections and hands
+    each to the worker with the fewest open ones. `received` and `failed` add up all workers."""
 
     def __init__(
         self,
@@ -263,45 +407,68 @@ class StorageSCP:
         on_store: OnStore | None = None,
         *,
         on_receive: OnReceive | None = None,
+        handler_factory: Callable[[], Handler] | None = None,
+        workers: int = 0,
         max_associations: int = 8,
         timeout_s: float = 30.0,
         max_pdu: int = 0,
         transfer_syntaxes: list[str] | None = None,
     ) -> None:
-        self._handler = store_handler(on_store, on_receive)
+        given = sum(x is not None for x in (on_store, on_receive, handler_factory))
+        if given != 1:
+            raise ValueError("give exactly one of on_store, on_receive and handler_factory")
+        if workers < 0 or (workers and handler_factory is None):
+            raise ValueError("worker processes need a picklable handler_factory")
         self.ae_title = ae_title
         self.host = host
         self._port = port
         self.max_associations = max_associations
         self.timeout_s = timeout_s
         self.max_pdu = max_pdu  # 0 = unlimited: the sender uses its largest PDU
-        self.received = 0  # datasets handed to on_store
-        self.failed = 0  # C-STOREs answered with a failure status
-        self._supported = ul.supported_contexts([Verification], UNCOMPRESSED)
-        # Our order of preference among what the sender proposes: uncompressed first.
-        syntaxes = transfer_syntaxes or STORAGE_TRANSFER_SYNTAXES
-        self._supported += ul.supported_contexts(_STORAGE_CLASSES, syntaxes)
+        self.workers = workers
+        self.handler_factory = handler_factory
+        self.transfer_syntaxes = transfer_syntaxes
+        self.start_seconds = 0.0  # how long start() took (worker start-up, mostly)
+        # With a handler_factory, the handler is built by start().
+        store = _not_started if handler_factory else store_handler(on_store, on_receive)
+        self._service = Service(
+            supported_contexts(transfer_syntaxes), max_pdu, timeout_s, max_associations, store
+        )
+        self._pool: WorkerPool | None = None
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._active = 0
         self._conns: dict[socket.socket, threading.Thread] = {}
+        self._next_id = 0
 
     def set_callback(
         self, on_store: OnStore | None = None, *, on_receive: OnReceive | None = None
     ) -> None:
-        """Swap the storage callback while running (takes effect for the next C-STORE)."""
-        self._handler = store_handler(on_store, on_receive)
+        """Swap the storage callback while running (takes effect for the next C-STORE).
+        Not with worker processes: their handlers live there."""
+        if self.workers:
+            raise RuntimeError("set_callback does not reach worker processes")
+        self._service.store = store_handler(on_store, on_receive)
 
     @classmethod
-    def from_settings(cls, settings: Settings, on_store: OnStore) -> StorageSCP:
+    def from_settings(
+        cls,
+        settings: Settings,
+        on_store: OnStore | None = None,
+        *,
+        handler_factory: Callable[[], Handler] | None = None,
+    ) -> StorageSCP:
         """Listen on the gateway's AE title, host and port, with its timeout. Room for more
-        associations than the pull opens: a PACS may hold one open a while after a C-MOVE."""
+        associations than the pull opens: a PACS may hold one open a while after a C-MOVE.
+        With a handler_factory, in `settings.receive_workers` worker processes."""
+        workers = getattr(settings, "receive_workers", 0) if handler_factory else 0
         return cls(
             settings.ae_title,
             settings.host,
             settings.port,
             on_store,
+            handler_factory=handler_factory,
+            workers=workers,
             max_associations=max(8, 4 * settings.max_associations),
             timeout_s=settings.timeout_s,
         )
@@ -315,29 +482,93 @@ class StorageSCP:
     def running(self) -> bool:
         return self._sock is not None
 
+    @property
+    def received(self) -> int:
+        """Datasets handed to the callback (decodable, matching their request)."""
+        return self._count(RECEIVED)
+
+    @property
+    def failed(self) -> int:
+        """C-STOREs answered with a failure status."""
+        return self._count(FAILED)
+
+    @property
+    def open_associations(self) -> int:
+        """Connections being served now (including any not past negotiation yet): 0 once every
+        association has ended and its on_release has returned."""
+        if self._pool is not None:
+            return self._pool.open_connections()
+        with self._lock:
+            return len(self._conns)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the live workers (empty without workers)."""
+        return self._pool.pids() if self._pool is not None else []
+
+    def _count(self, slot: int) -> int:
+        if self._pool is not None:
+            return self._pool.count(slot)
+        return self._service.counts[slot]
+
     def start(self) -> StorageSCP:
-        """Bind, listen, and serve in background threads."""
+        """Bind, listen (and start the workers, in parallel, waiting until all are ready), then
+        serve in the background. Raises if a worker cannot start (its handler_factory failed)."""
         if self._sock is not None:
             return self
+        t0 = time.perf_counter()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self._port))
-        sock.listen(64)
-        sock.settimeout(0.2)  # lets the accept loop notice stop()
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self._port))
+            sock.listen(64)
+            sock.settimeout(0.2)  # lets the accept loop notice stop()
+            if self.workers:
+                from gateway.dimse.workers import WorkerConfig, WorkerPool
+
+                config = WorkerConfig(self.max_pdu, self.timeout_s, self.transfer_syntaxes)
+                assert self.handler_factory is not None
+                self._pool = WorkerPool(self.workers, self.handler_factory, config).start()
+            elif self.handler_factory is not None:
+                handler = self.handler_factory()
+                self._service = Service(
+                    self._service.supported,
+                    self.max_pdu,
+                    self.timeout_s,
+                    self.max_associations,
+                    handler_callbacks(handler),
+                    handler,
+                )
+        except BaseException:
+            sock.close()
+            raise
+        self._service.running = True
         self._sock = sock
         self._thread = threading.Thread(target=self._accept_loop, name="storage-scp", daemon=True)
         self._thread.start()
-        log.info("storage SCP %s listening on %s:%d", self.ae_title, self.host, self.port)
+        self.start_seconds = time.perf_counter() - t0
+        log.info(
+            "storage SCP %s listening on %s:%d (%s), started in %.2fs",
+            self.ae_title,
+            self.host,
+            self.port,
+            f"{self.workers} worker processes" if self.workers else "threads",
+            self.start_seconds,
+        )
         return self
 
     def stop(self) -> None:
-        """Stop listening, abort open associations, wait for their threads."""
+        """Stop listening, abort open associations, wait for their threads (and workers)."""
         sock, self._sock = self._sock, None
         if sock is None:
             return
+        self._service.running = False
         if self._thread is not None:
             self._thread.join()
         sock.close()
+        if self._pool is not None:
+            self._pool.stop(self.timeout_s)
+            return  # the counters stay readable
         with self._lock:
             conns = list(self._conns.items())
         for conn, _ in conns:
@@ -364,38 +595,20 @@ class StorageSCP:
                 continue
             except OSError:
                 return
-            conn.settimeout(self.timeout_s)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            if self._pool is not None:
+                self._pool.dispatch(conn, self.max_associations)
+                continue
+            conn.settimeout(self.timeout_s)
+            self._next_id += 1
+            thread = threading.Thread(target=self._serve, args=(conn, self._next_id), daemon=True)
             with self._lock:
                 self._conns[conn] = thread
             thread.start()
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, conn: socket.socket, assoc_id: int) -> None:
         try:
-            _Association(self, conn).run()
+            self._service.serve(conn, assoc_id)
         finally:
             with self._lock:
                 self._conns.pop(conn, None)
-
-    def _admit(self) -> bool:
-        with self._lock:
-            if self._active >= self.max_associations:
-                return False
-            self._active += 1
-            return True
-
-    def _leave(self) -> None:
-        with self._lock:
-            self._active -= 1
-
-    def _handle(
-        self, data: bytes, syntax: UID, sop_class: str, sop_instance: str, calling_ae: str
-    ) -> int:
-        status = self._handler(data, syntax, sop_class, sop_instance, calling_ae)
-        with self._lock:
-            if status not in (DECODE_FAILED, DATASET_MISMATCH):
-                self.received += 1
-            if is_failure(status):
-                self.failed += 1
-        return status
