@@ -80,6 +80,7 @@ def sphere_round(
             port=port,
             actor="bench",
             max_associations=assoc,
+            fsync=os.environ.get("BENCH_FSYNC", "1") == "1",
             pacs=PacsPeer(ae_title=pacs.aet, port=pacs.dicom_port),
         )
     )

@@ -1,22 +1,30 @@
 """Dataset <-> DICOM JSON model (PS3.18 Annex F) without pixel data.
 
 `to_json_dict` gives the same result as pydicom's `Dataset.to_json_dict` for the elements it
-keeps, about five times faster. It leaves out pixel data, file meta (group 0002), group
-lengths and binary values larger than `bulk_threshold` bytes (bulk data): a header store
-needs the attributes, the pixels live elsewhere.
+keeps, many times faster. It leaves out pixel data, file meta (group 0002), group lengths and
+binary values larger than `bulk_threshold` bytes (bulk data): a header store needs the
+attributes, the pixels live elsewhere.
+
+Elements pydicom has not decoded yet (raw elements, as read from a file or the network) are
+encoded straight from their bytes for the common VRs, giving what pydicom's decoding would;
+anything unusual (non-ASCII text, UN, sequences, odd lengths) goes through pydicom.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import struct
 from operator import itemgetter
 from typing import Any
 
-from pydicom.dataelem import DataElement
+from pydicom import config, hooks
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filewriter import correct_ambiguous_vr_element
 from pydicom.multival import MultiValue
+from pydicom.tag import _LUT_DESCRIPTOR_TAGS
 
 PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # float, double, integer pixels
 DEFAULT_BULK_THRESHOLD = 64 * 1024
@@ -27,6 +35,32 @@ _FLOAT_VRS = frozenset({"DS", "FD", "FL"})
 _LISTS = (MultiValue, list, tuple)
 _SIZED: dict[type, bool] = {}  # value type -> has a length (cached: isinstance on ABCs is slow)
 
+# Raw element fast path. Text VRs pydicom decodes with the default repertoire, by how it
+# splits and strips them; then the VRs decoded with the dataset's character set (taken only
+# when the bytes are plain ASCII, which every supported character set reads the same way).
+_SPLIT_RSTRIP = frozenset({"AS", "CS", "DA", "DT", "TM", "UI"})  # whole value rstripped, split
+_SPLIT_EACH = frozenset({"SH", "LO", "UC"})  # split, each rstripped of NUL and space
+_SINGLE = frozenset({"ST", "LT", "UT"})  # one value, rstripped of NUL and space
+_BINARY_NUMBERS = {
+    "US": "H",
+    "SS": "h",
+    "UL": "I",
+    "SL": "i",
+    "FL": "f",
+    "FD": "d",
+    "UV": "Q",
+    "SV": "q",
+}
+_NUMBER_CHARS = frozenset("0123456789+-. eE\\\x00")
+_INT_CHARS = frozenset("0123456789+- \\\x00")
+_SLOW = object()  # the fast path declines: let pydicom decode the element
+_IMPLICIT_VRS: dict[int, str | None] = {}  # tag -> unambiguous dictionary VR, or None
+# encode()'s cache: (tag, VR, bytes, little endian, bulk threshold) -> (entry, JSON text).
+_CACHE: dict[tuple[Any, ...], tuple[Any, str | None]] = {}
+_CACHE_SIZE = 20_000
+_CACHE_VALUE_BYTES = 1024  # longer values are rarely repeated; not worth their memory
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
 
 def to_json_dict(ds: Dataset, bulk_threshold: int = DEFAULT_BULK_THRESHOLD) -> dict[str, Any]:
     """DICOM JSON model of `ds` without pixel data, file meta, group lengths or bulk data."""
@@ -36,6 +70,51 @@ def to_json_dict(ds: Dataset, bulk_threshold: int = DEFAULT_BULK_THRESHOLD) -> d
 def dumps(ds: Dataset, bulk_threshold: int = DEFAULT_BULK_THRESHOLD) -> str:
     """Compact JSON text of `to_json_dict(ds)`."""
     return json.dumps(to_json_dict(ds, bulk_threshold), separators=(",", ":"))
+
+
+def encode(ds: Dataset, bulk_threshold: int = DEFAULT_BULK_THRESHOLD) -> tuple[dict[str, Any], str]:
+    """`to_json_dict(ds)` and its compact JSON text, made together.
+
+    Raw elements seen before with the same bytes (most of a series' header repeats from
+    instance to instance) are taken from a cache, model and text. The entries of the dict
+    may be shared with other calls: read them, never change them in place.
+    """
+    out: dict[str, Any] = {}
+    texts: list[str] = []
+    fast = _fast_path_allowed()
+    cache = _CACHE
+    if len(cache) > _CACHE_SIZE:
+        cache.clear()  # crude but bounded: a series refills it within a few instances
+    for tag, elem in _sorted_elements(ds):
+        if tag in PIXEL_TAGS or tag >> 16 == 2 or tag & 0xFFFF == 0:
+            continue
+        if fast and type(elem) is RawDataElement and type(elem.value) is bytes:
+            ckey = (tag, elem.VR, elem.value, elem.is_little_endian, bulk_threshold)
+            hit = cache.get(ckey)
+            if hit is None:
+                entry = _raw_element(tag, elem, bulk_threshold)
+                if entry is _SLOW:
+                    hit = None
+                else:
+                    text = f'"{tag:08X}":{_dumps(entry)}' if entry is not None else None
+                    hit = (entry, text)
+                    if len(elem.value) <= _CACHE_VALUE_BYTES:
+                        cache[ckey] = hit
+            if hit is not None:
+                if hit[0] is not None:
+                    out[f"{tag:08X}"] = hit[0]
+                    texts.append(hit[1])
+                continue
+        if not isinstance(elem, DataElement):
+            elem = ds[tag]
+        if " or " in elem.VR:
+            elem = correct_ambiguous_vr_element(elem, ds, True, [ds])
+        entry = _element(elem, bulk_threshold, [ds])
+        if entry is not None:
+            key = f"{tag:08X}"
+            out[key] = entry
+            texts.append(f'"{key}":{_dumps(entry)}')
+    return out, "{" + ",".join(texts) + "}"
 
 
 def from_json(model: dict[str, Any] | str | bytes) -> Dataset:
@@ -50,11 +129,18 @@ def _dataset(
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     lineage = [ds, *ancestors]
+    fast = _fast_path_allowed()
     for tag, elem in _sorted_elements(ds):
         # Pixels nested in sequences (icons) are ordinary binary values.
         if (top and tag in PIXEL_TAGS) or tag >> 16 == 2 or tag & 0xFFFF == 0:
             continue
         if not isinstance(elem, DataElement):
+            if fast and type(elem) is RawDataElement:
+                entry = _raw_element(tag, elem, bulk_threshold)
+                if entry is not _SLOW:
+                    if entry is not None:
+                        out[f"{tag:08X}"] = entry
+                    continue
             elem = ds[tag]  # converts a deferred raw element
         if " or " in elem.VR:
             elem = correct_ambiguous_vr_element(elem, ds, True, lineage)
@@ -62,6 +148,104 @@ def _dataset(
         if entry is not None:
             out[f"{tag:08X}"] = entry
     return out
+
+
+def _fast_path_allowed() -> bool:
+    """Raw bytes may be encoded directly only while pydicom decodes them the default way."""
+    return (
+        config.data_element_callback is None
+        and hooks.hooks.raw_element_vr is hooks.raw_element_vr
+        and hooks.hooks.raw_element_value is hooks.raw_element_value
+        and not config.datetime_conversion
+        and not config.use_DS_numpy
+        and not config.use_IS_numpy
+    )
+
+
+def _raw_element(tag: int, raw: RawDataElement, bulk_threshold: int) -> Any:
+    """DICOM JSON entry of a raw element from its bytes, None to leave it out, or _SLOW."""
+    vr = raw.VR
+    value = raw.value
+    if vr is None:  # implicit VR: the dictionary's, when there is exactly one
+        vr = _IMPLICIT_VRS.get(tag, _SLOW)
+        if vr is _SLOW:
+            vr = _IMPLICIT_VRS[tag] = _implicit_vr(tag)
+        if vr is None:
+            return _SLOW
+    if type(value) is not bytes or raw.length == 0xFFFFFFFF or vr == "SQ" or vr == "UN":
+        return _SLOW
+    if not value:
+        return {"vr": vr}
+    if vr in _BINARY_VRS:
+        if len(value) > bulk_threshold:
+            return None
+        return {"vr": vr, "InlineBinary": base64.b64encode(value).decode("ascii")}
+    if vr in _BINARY_NUMBERS:
+        code = _BINARY_NUMBERS[vr]
+        size = struct.calcsize(code)
+        if len(value) % size or tag in _LUT_DESCRIPTOR_TAGS:
+            return _SLOW
+        order = "<" if raw.is_little_endian else ">"
+        return {"vr": vr, "Value": list(struct.unpack(f"{order}{len(value) // size}{code}", value))}
+    if vr == "AT":
+        if len(value) % 4:
+            return _SLOW
+        order = "<" if raw.is_little_endian else ">"
+        pairs = struct.unpack(f"{order}{len(value) // 2}H", value)
+        return {
+            "vr": vr,
+            "Value": [f"{g:04X}{e:04X}" for g, e in zip(pairs[::2], pairs[1::2], strict=True)],
+        }
+    # Text. Every text VR pydicom decodes with its default repertoire (latin-1) unless the
+    # dataset's character set applies; that is only taken for plain ASCII here.
+    if vr in _SPLIT_RSTRIP:
+        values = value.decode("latin-1").rstrip(" \x00").split("\\")
+    elif vr in _SPLIT_EACH or vr == "PN" or vr in _SINGLE or vr == "UR":
+        if not value.isascii() or b"\x1b" in value:
+            return _SLOW
+        if vr in _SPLIT_EACH:
+            values = [v.rstrip("\x00 ") for v in value.decode("ascii").split("\\")]
+        elif vr == "PN":
+            values = value.rstrip(b"\x00 ").decode("ascii").split("\\")
+            if len(values) == 1 and not values[0]:
+                return {"vr": vr}
+            if b"=" in value:
+                return _SLOW
+            return {"vr": vr, "Value": [{"Alphabetic": v} for v in values]}
+        elif vr == "UR":
+            values = [value.decode("ascii").rstrip()]
+        else:
+            values = [value.decode("ascii").rstrip("\x00 ")]
+    elif vr == "AE":
+        values = [v.strip() for v in value.decode("latin-1").split("\\")]
+    elif vr == "IS" or vr == "DS":
+        text = value.decode("latin-1")
+        if not _INT_CHARS.issuperset(text) if vr == "IS" else not _NUMBER_CHARS.issuperset(text):
+            return _SLOW
+        values = (text.strip() if vr == "DS" else text).rstrip(" \x00").split("\\")
+        if len(values) == 1 and not values[0].strip():
+            return {"vr": vr}
+        kind = int if vr == "IS" else float
+        try:
+            numbers = [kind(v) if v.strip(" \x00") else None for v in values]
+        except ValueError:
+            return _SLOW
+        return {"vr": vr, "Value": numbers}
+    else:
+        return _SLOW
+    if len(values) == 1 and not values[0]:
+        return {"vr": vr}
+    return {"vr": vr, "Value": values}
+
+
+def _implicit_vr(tag: int) -> str | None:
+    if tag >> 16 & 1:  # private: pydicom looks at the creator
+        return None
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:
+        return None
+    return None if " or " in vr else vr
 
 
 def _sorted_elements(ds: Dataset) -> list[tuple[int, Any]]:

@@ -12,11 +12,11 @@ from __future__ import annotations
 import getpass
 import logging
 from collections.abc import Iterable
+from dataclasses import replace
 from datetime import date
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any
 
-from deid.engine import Deidentifier
 from deid.keys import ProjectKeys
 from deid.profile import Profile
 from deid.vault import Vault
@@ -24,7 +24,8 @@ from gateway import projects
 from gateway.config import Settings
 from gateway.dimse.scp import StorageSCP
 from gateway.dimse.scu import Peer, Scu
-from gateway.pull import Puller, PullReport, Receiver
+from gateway.pull import Puller, PullReport
+from gateway.receiver import Receiver, ReceiverConfig, SpoolLayout
 from storage.catalog import Catalog
 from storage.objectstore import open_store
 
@@ -107,50 +108,65 @@ class Gateway:
 
     # -- pull --------------------------------------------------------------------------------
 
-    def deidentifier(self, name: str) -> Deidentifier:
-        """The project's de-identifier: its profile and its keyed secret from the vault."""
+    def keys(self, name: str) -> ProjectKeys:
+        """The project's keyed pseudonyms, UIDs and date shifts (its secret is in the vault)."""
+        return ProjectKeys(self.vault.project_secret(name))
+
+    def receiver_config(self, name: str) -> ReceiverConfig:
+        """What the Storage SCP's workers need to receive for this project (picklable)."""
+        s = self.settings
         project = projects.get(self.catalog, name)
-        keys = ProjectKeys(self.vault.project_secret(name))
-        profile = Profile.from_json(project.deid_profile or {})
-        # Mappings go to the vault in batches, never to the catalog or research storage.
-        return Deidentifier(profile, keys, sink=lambda batch: self.vault.record_many(name, batch))
+        return ReceiverConfig(
+            project=name,
+            secret=self.vault.project_secret(name),
+            profile=dict(project.deid_profile or {}),
+            spool_root=s.spool_dir.resolve(),
+            fsync=s.fsync,
+            vault_url=s.resolved_vault_url(),
+            catalog_url=s.resolved_catalog_url(),
+            actor=self.actor,
+        )
 
     def pull(self, name: str, *, actor: str | None = None, today: date | None = None) -> PullReport:
         """Pull the project's cohort. Raises `PullRefused` when the project may not be pulled."""
         s = self.settings
         project = projects.get(self.catalog, name)
-        actor = actor or self.actor
-        receiver = Receiver(
-            on_refused=lambda ae, n: self.catalog.audit(
-                actor, "store.refused", name, "refused", calling_ae=ae, instances=n
-            )
-        )
+        cfg = self.receiver_config(name)
+        if actor:
+            cfg = replace(cfg, actor=actor)
+        get_receiver = Receiver(cfg) if s.pacs.retrieve == "get" else None
         puller = Puller(
             catalog=self.catalog,
             project=project,
-            deid=self.deidentifier(name),
+            keys=ProjectKeys(cfg.secret),
             scu=self.scu(),
             peer=self.pacs,
-            receiver=receiver,
+            layout=SpoolLayout(cfg.spool_root, name),
             store=self.store,
             storage_url=s.resolved_storage_url(),
-            spool_root=s.spool_dir,
             dest_ae=s.ae_title,
-            retrieve=s.pacs.retrieve,
+            get_receiver=get_receiver,
             max_associations=s.max_associations,
             retries=s.retries,
             backoff_s=s.backoff_s,
             fsync=s.fsync,
-            actor=actor,
+            actor=cfg.actor,
         )
         puller.check_allowed(today)  # before any port is opened
-        if s.pacs.retrieve == "get":
-            return puller.run(today)
-        with StorageSCP(
+        if get_receiver is not None:
+            try:
+                return puller.run(today)
+            finally:
+                get_receiver.close()
+        # Each association is served by a worker process: de-identification runs on every core.
+        scp = StorageSCP(
             ae_title=s.ae_title,
             host=s.host,
             port=s.port,
-            on_store=receiver.on_store,
+            workers=s.receive_workers,
+            handler_factory=partial(Receiver, cfg),
             max_associations=max(8, s.max_associations),
-        ):
+            timeout_s=s.timeout_s,
+        )
+        with scp:
             return puller.run(today)

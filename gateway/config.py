@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     pacs: PacsPeer = PacsPeer()
 
     max_associations: int = 2
+    receive_workers: int = 2  # Storage SCP worker processes (0: threads in the pull's process)
     timeout_s: float = 30.0
     retries: int = 3
     backoff_s: float = 1.0

@@ -11,23 +11,18 @@ their spool.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date
-from pathlib import Path
 from typing import Any
 
-from pydicom import Dataset
-from sqlalchemy import select
+from sqlalchemy import func, select
 
-from deid.engine import Deidentifier, Quarantined
-from gateway.dimse.common import REFUSED_NOT_AUTHORIZED as REFUSED
-from gateway.dimse.common import SUCCESS
+from deid.keys import ProjectKeys
 from gateway.dimse.scu import DimseError, Peer, RetrieveResult, Scu, SeriesHit, StudyHit
-from storage.catalog import Catalog, CohortItem, Project, SeriesRecord
+from gateway.receiver import Receiver, SpoolLayout
+from storage.catalog import AuditEvent, Catalog, CohortItem, Project, SeriesRecord, utcnow
 from storage.series import SeriesError, SeriesWriter
 
 log = logging.getLogger(__name__)
@@ -49,59 +44,16 @@ class SeriesJob:
     patient_pseudonym: str
     modality: str
     expected: int
-    writer: SeriesWriter
-    deid: Deidentifier
+    writer: SeriesWriter  # the coordinator's view of the spool, written to by the receivers
     quarantined: dict[str, int] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def key(self) -> str:
         return f"projects/{self.project}/{self.pseudo_study}/{self.pseudo_series}"
 
-    def note_quarantine(self, reason: str) -> None:
-        with self.lock:
-            self.quarantined[reason] = self.quarantined.get(reason, 0) + 1
-
     @property
     def n_quarantined(self) -> int:
         return sum(self.quarantined.values())
-
-
-class Receiver:
-    """The Storage SCP's callback: takes in only instances of series that a pull is waiting for."""
-
-    def __init__(self, on_refused: Callable[[str, int], None] | None = None) -> None:
-        self._jobs: dict[str, SeriesJob] = {}
-        self._lock = threading.Lock()
-        self.refused = 0
-        self._on_refused = on_refused
-
-    def expect(self, job: SeriesJob) -> None:
-        with self._lock:
-            self._jobs[job.series_uid] = job
-
-    def forget(self, job: SeriesJob) -> None:
-        with self._lock:
-            self._jobs.pop(job.series_uid, None)
-
-    def on_store(self, ds: Dataset, calling_ae: str) -> int:
-        """De-identify and spool an expected instance; refuse any other."""
-        job = self._jobs.get(str(ds.get("SeriesInstanceUID", "")))
-        if job is None or str(ds.get("StudyInstanceUID", "")) != job.study_uid:
-            with self._lock:
-                self.refused += 1
-            log.warning("refused an unsolicited instance from AE %r", calling_ae)
-            if self._on_refused:
-                self._on_refused(calling_ae, 1)
-            return REFUSED
-        try:
-            job.deid.apply(ds)
-        except Quarantined as q:
-            job.note_quarantine(q.reason)
-            log.warning("quarantined an instance of series %s: %s", job.pseudo_series, q.reason)
-            return SUCCESS  # we took charge of it: it is reported, not stored
-        job.writer.add(ds)
-        return SUCCESS
 
 
 @dataclass
@@ -171,32 +123,35 @@ def plan(scu: Scu, peer: Peer, items: list[CohortItem]) -> tuple[list[Planned], 
 
 
 class Puller:
-    """Runs one project's pull. Construct with the gateway's parts; call `run()`."""
+    """Runs one project's pull. Construct with the gateway's parts; call `run()`.
+
+    Instances are received by `Receiver`s (in the Storage SCP's worker processes, or here for
+    C-GET); this class only plans, opens and closes the door per series, verifies and commits.
+    """
 
     def __init__(
         self,
         *,
         catalog: Catalog,
         project: Project,
-        deid: Deidentifier,
+        keys: ProjectKeys,
         scu: Scu,
         peer: Peer,
-        receiver: Receiver,
+        layout: SpoolLayout,
         store: Any,
         storage_url: str,
-        spool_root: Path,
         dest_ae: str,
-        retrieve: str = "move",
+        get_receiver: Receiver | None = None,
         max_associations: int = 2,
         retries: int = 3,
         backoff_s: float = 1.0,
         fsync: bool = True,
         actor: str = "",
     ) -> None:
-        self.catalog, self.project, self.deid = catalog, project, deid
-        self.scu, self.peer, self.receiver, self.store = scu, peer, receiver, store
-        self.storage_url, self.spool_root, self.dest_ae = storage_url, spool_root, dest_ae
-        self.retrieve, self.max_assoc = retrieve, max(1, max_associations)
+        self.catalog, self.project, self.keys = catalog, project, keys
+        self.scu, self.peer, self.layout, self.store = scu, peer, layout, store
+        self.storage_url, self.dest_ae, self.get_receiver = storage_url, dest_ae, get_receiver
+        self.max_assoc = max(1, max_associations)
         self.retries, self.backoff_s, self.fsync, self.actor = retries, backoff_s, fsync, actor
 
     def check_allowed(self, today: date | None = None) -> None:
@@ -210,24 +165,22 @@ class Puller:
         name = self.project.name
         self.check_allowed(today)
         t0 = time.perf_counter()
+        started = utcnow()
         report = PullReport(project=name, storage=self.storage_url)
         self.catalog.audit(self.actor, "pull.start", name, retrieve=self.retrieve)
-        items = self._cohort()
-        planned, found = plan(self.scu, self.peer, items)
+        planned, found = plan(self.scu, self.peer, self._cohort())
         self._record_resolution(found)
         report.unresolved = sum(1 for n in found.values() if n == 0)
         report.studies = len({p.study.study_uid for p in planned})
         done = self._complete_series()
         jobs: list[SeriesJob] = []
         for p in planned:
-            pseudo = self.deid.keys.uid(p.series.series_uid)
+            pseudo = self.keys.uid(p.series.series_uid)
             if pseudo in done:
-                report.series.append(
-                    SeriesOutcome(pseudo, "skipped", p.series.n_instances, done[pseudo])
-                )
-                continue
-            jobs.append(self._job(p))
-        refused_before = self.receiver.refused
+                outcome = SeriesOutcome(pseudo, "skipped", p.series.n_instances, done[pseudo])
+                report.series.append(outcome)
+            else:
+                jobs.append(self._job(p))
         # Retrieval is bounded by the PACS's association limit; commits overlap with it.
         with (
             ThreadPoolExecutor(self.max_assoc, thread_name_prefix="retrieve") as pool,
@@ -245,7 +198,7 @@ class Puller:
             for f in [pool.submit(retrieve_then_commit, j) for j in jobs]:
                 f.result()
             report.series.extend(c.result() for c in commits)
-        report.refused_unsolicited = self.receiver.refused - refused_before
+        report.refused_unsolicited = self._refusals_since(started)
         report.seconds = time.perf_counter() - t0
         self.catalog.audit(
             self.actor,
@@ -265,13 +218,16 @@ class Puller:
         )
         return report
 
+    @property
+    def retrieve(self) -> str:
+        return "get" if self.get_receiver is not None else "move"
+
     # -- steps -------------------------------------------------------------------------------
 
     def _cohort(self) -> list[CohortItem]:
         with self.catalog.session() as s:
-            return list(
-                s.scalars(select(CohortItem).where(CohortItem.project_id == self.project.id))
-            )
+            q = select(CohortItem).where(CohortItem.project_id == self.project.id)
+            return list(s.scalars(q))
 
     def _record_resolution(self, found: dict[int, int]) -> None:
         with self.catalog.session() as s:
@@ -282,29 +238,32 @@ class Puller:
 
     def _complete_series(self) -> dict[str, int]:
         with self.catalog.session() as s:
-            rows = s.execute(
-                select(SeriesRecord.series_uid, SeriesRecord.stored).where(
-                    SeriesRecord.project_id == self.project.id, SeriesRecord.status == "complete"
-                )
-            ).all()
-            return dict(rows)
+            q = select(SeriesRecord.series_uid, SeriesRecord.stored).where(
+                SeriesRecord.project_id == self.project.id, SeriesRecord.status == "complete"
+            )
+            return dict(s.execute(q).all())
+
+    def _refusals_since(self, started: Any) -> int:
+        with self.catalog.session() as s:
+            q = select(func.count()).where(
+                AuditEvent.project == self.project.name,
+                AuditEvent.action == "store.refused",
+                AuditEvent.at >= started,
+            )
+            return int(s.scalar(q) or 0)
 
     def _job(self, p: Planned) -> SeriesJob:
-        keys = self.deid.keys
-        pseudo_series = keys.uid(p.series.series_uid)
+        pseudo_series = self.keys.uid(p.series.series_uid)
         job = SeriesJob(
             project=self.project.name,
             study_uid=p.study.study_uid,
             series_uid=p.series.series_uid,
-            pseudo_study=keys.uid(p.study.study_uid),
+            pseudo_study=self.keys.uid(p.study.study_uid),
             pseudo_series=pseudo_series,
-            patient_pseudonym=keys.pseudonym(p.study.patient_id or ""),
+            patient_pseudonym=self.keys.pseudonym(p.study.patient_id) if p.study.patient_id else "",
             modality=p.series.modality or "",
             expected=p.series.n_instances,
-            writer=SeriesWriter(
-                self.spool_root / self.project.name / pseudo_series, fsync=self.fsync
-            ),
-            deid=self.deid,
+            writer=SeriesWriter(self.layout.data(pseudo_series), fsync=self.fsync),
         )
         self._upsert(job, status="pending")
         return job
@@ -314,7 +273,7 @@ class Puller:
         if job.expected <= 0:
             return self._fail(job, "the PACS reports no instances for this series")
         error = ""
-        self.receiver.expect(job)
+        self.layout.expect(job.pseudo_series, job.pseudo_study, job.patient_pseudonym)
         try:
             for attempt in range(self.retries + 1):
                 if attempt:
@@ -325,19 +284,21 @@ class Puller:
                     error = f"retrieve failed: {e}"
                     log.warning("series %s attempt %d: %s", job.pseudo_series, attempt + 1, e)
                     continue
+                job.quarantined = self.layout.quarantined(job.pseudo_series)
                 error = self._verify(job, result)
                 if not error:
                     return None
                 log.warning("series %s attempt %d: %s", job.pseudo_series, attempt + 1, error)
         finally:
-            self.receiver.forget(job)
+            self.layout.forget(job.pseudo_series)
         return self._fail(job, error)
 
     def _retrieve_once(self, job: SeriesJob) -> RetrieveResult:
-        if self.retrieve == "get":
-            return self.scu.get_series(
-                self.peer, job.study_uid, job.series_uid, self.receiver.on_store
-            )
+        if self.get_receiver is not None:
+            on_store = self.get_receiver.on_store
+            result = self.scu.get_series(self.peer, job.study_uid, job.series_uid, on_store)
+            self.get_receiver.on_release()
+            return result
         return self.scu.move_series(self.peer, job.study_uid, job.series_uid, self.dest_ae)
 
     @staticmethod
@@ -349,19 +310,15 @@ class Puller:
         if received < job.expected:
             return f"received {received} of {job.expected} instances"
         if result.completed is not None and result.completed + (result.warning or 0) < job.expected:
-            return (
-                f"the PACS's sub-operations report {result.completed} of {job.expected} instances"
-            )
+            return f"the PACS completed {result.completed} of {job.expected} sub-operations"
         return ""
 
     def _commit(self, job: SeriesJob) -> SeriesOutcome:
-        self.deid.flush()  # the vault learns the mappings before the data is visible
+        note = _quarantine_text(job)
         if job.writer.count == 0:
             job.writer.discard()
-            self._upsert(job, status="quarantined", error=_quarantine_text(job))
-            return SeriesOutcome(
-                job.pseudo_series, "quarantined", job.expected, 0, error=_quarantine_text(job)
-            )
+            self._upsert(job, status="quarantined", error=note)
+            return SeriesOutcome(job.pseudo_series, "quarantined", job.expected, 0, error=note)
         try:
             info = job.writer.commit(self.store, job.key)
         except SeriesError as e:
@@ -369,13 +326,14 @@ class Puller:
         except Exception as e:  # storage down: the spool is kept, a re-run resumes
             log.error("series %s: storage failed: %s", job.pseudo_series, type(e).__name__)
             return self._fail(job, f"storage failed ({type(e).__name__}): spool kept for resume")
+        self.layout.clear_notes(job.pseudo_series)
         self._upsert(
             job,
             status="complete",
             stored=info.n_instances,
             nbytes=info.nbytes,
             shape=list(info.shape),
-            error=_quarantine_text(job) or None,
+            error=note or None,
         )
         self.catalog.audit(
             self.actor,

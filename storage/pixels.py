@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
 _DTYPES = {
@@ -54,11 +55,18 @@ def has_pixels(ds: Dataset) -> bool:
     return "PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
 
 
-def extract(ds: Dataset) -> tuple[PixelLayout, bytes | memoryview, dict[str, Any]]:
-    """Layout, little-endian frame bytes and header patches {tag: DICOM JSON entry}."""
-    if "PixelData" not in ds:
+def extract(
+    ds: Dataset, header: dict[str, Any] | None = None
+) -> tuple[PixelLayout, bytes | memoryview, dict[str, Any]]:
+    """Layout, little-endian frame bytes and header patches {tag: DICOM JSON entry}.
+
+    `header`, the DICOM JSON model of `ds` when the caller has it, saves decoding the image
+    attributes a second time.
+    """
+    if 0x7FE00010 not in ds._dict:
         raise PixelError("float pixel data is not supported")
-    frames = ds.get("NumberOfFrames")
+    get = _json_getter(header) if header is not None else ds.get
+    frames = get("NumberOfFrames")
     try:
         n_frames = int(frames) if frames not in (None, "") else 1
     except (TypeError, ValueError) as exc:
@@ -66,10 +74,10 @@ def extract(ds: Dataset) -> tuple[PixelLayout, bytes | memoryview, dict[str, Any
     if n_frames != 1:
         raise PixelError("multi-frame instances are not supported")
     try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        bits = int(ds.BitsAllocated)
-        rep = int(ds.get("PixelRepresentation", 0) or 0)
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        rows, cols = int(get("Rows")), int(get("Columns"))
+        bits = int(get("BitsAllocated"))
+        rep = int(get("PixelRepresentation", 0) or 0)
+        samples = int(get("SamplesPerPixel", 1) or 1)
     except (AttributeError, TypeError, ValueError) as exc:
         raise PixelError("image lacks Rows, Columns or BitsAllocated") from exc
     dtype = _DTYPES.get((bits, rep))
@@ -78,8 +86,12 @@ def extract(ds: Dataset) -> tuple[PixelLayout, bytes | memoryview, dict[str, Any
     if samples not in (1, 3) or rows <= 0 or cols <= 0:
         raise PixelError("only 1 or 3 samples per pixel and non-empty frames are supported")
     layout = PixelLayout(rows, cols, samples, dtype)
-    raw = ds.PixelData
-    photometric = str(ds.get("PhotometricInterpretation", ""))
+    elem = ds._dict[0x7FE00010]
+    # Read the bytes of a raw element directly: pydicom's conversion would only copy them.
+    raw = elem.value if type(elem) is RawDataElement and type(elem.value) is bytes else None
+    if raw is None:
+        raw = ds.PixelData
+    photometric = str(get("PhotometricInterpretation", "") or "")
     ts = _transfer_syntax(ds)
     encapsulated = bytes(raw[:4]) == _ITEM_TAG and len(raw) != layout.nbytes
     if encapsulated or (ts is not None and ts.is_compressed and len(raw) < layout.nbytes):
@@ -90,7 +102,7 @@ def extract(ds: Dataset) -> tuple[PixelLayout, bytes | memoryview, dict[str, Any
         raise PixelError("pixel data shorter than Rows x Columns x SamplesPerPixel")
     patches: dict[str, Any] = {}
     little = ts.is_little_endian if ts is not None else ds.original_encoding[1] is not False
-    planar = samples == 3 and int(ds.get("PlanarConfiguration", 0) or 0) == 1
+    planar = samples == 3 and int(get("PlanarConfiguration", 0) or 0) == 1
     if little and not planar:
         return layout, memoryview(raw)[: layout.nbytes], patches
     item = np.dtype(dtype)
@@ -121,6 +133,31 @@ def _decoded(
         if photometric != "RGB":
             patches.update(_RGB)
     return layout, arr.tobytes(), patches
+
+
+def _json_getter(header: dict[str, Any]) -> Any:
+    """`Dataset.get` over a DICOM JSON model, for the single-valued image attributes."""
+
+    def get(keyword: str, default: Any = None) -> Any:
+        entry = header.get(_TAGS[keyword])
+        if entry is None:
+            return default
+        values = entry.get("Value")
+        return values[0] if values else ""
+
+    return get
+
+
+_TAGS = {
+    "NumberOfFrames": "00280008",
+    "Rows": "00280010",
+    "Columns": "00280011",
+    "BitsAllocated": "00280100",
+    "PixelRepresentation": "00280103",
+    "SamplesPerPixel": "00280002",
+    "PhotometricInterpretation": "00280004",
+    "PlanarConfiguration": "00280006",
+}
 
 
 def _transfer_syntax(ds: Dataset) -> Any:

@@ -4,7 +4,8 @@ A series group at `key` (given by the caller; pseudonymous) holds:
 
     key/volume/     array (z, y, x) or (z, y, x, 3) in the stored pixel type, z in stack order
                     (ascending along the slice normal); one chunk per slice, in shards of
-                    ~32 MiB of pixels (see storage.volume)
+                    ~32 MiB of pixels in object stores; in a local folder one shard holding
+                    the whole series, which is the spool file itself (see _link_volume)
     key/headers/    string array (n_instances,): the DICOM JSON model of each instance without
                     pixel data; headers[i] belongs to volume[i] for i < n_slices, then come
                     instances without pixels (SR, ...)
@@ -16,10 +17,11 @@ commit that dies half way never looks finished; committing again replaces it who
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,7 +41,7 @@ from dicom import json_model
 from dicom.geometry import GeometryError, order_slices
 from storage import pixels, volume
 from storage.objectstore import guard, run
-from storage.spool import Spool, SpoolEntry
+from storage.spool import Spool, SpoolEntry, SpoolSealed
 
 FORMAT_VERSION = 1
 _HEADER_CHUNK = 128  # instances per headers chunk
@@ -69,27 +71,43 @@ class SeriesInfo:
 class SeriesWriter:
     """Collects the instances of one series in a spool folder, then commits them to a store.
 
-    `add` may be called from several threads; it returns once the instance is on local disk.
-    Reopening a writer on the spool folder of a crashed process resumes with what was spooled.
+    Several writers, in different processes too, may add to one folder at once when each has
+    its own `segment` name (one append-only log each; none waits for another). A writer with
+    no segment (see `open_existing`) is the coordinator: `count`, `commit` and `discard` see
+    every segment, and the writers need not be closed for a commit. After a commit or discard
+    a writer that had already added gets SeriesError; a new writer on the removed folder
+    starts a new spool there.
+
+    `add` may be called from several threads; it returns once the instance is in the spool
+    (and on disk with `fsync`). Reopening a writer on the spool folder of a crashed process
+    resumes with what every segment holds.
     """
 
     def __init__(
         self,
         spool_dir: Path,
         fsync: bool = True,
+        segment: str | None = None,
         *,
         bulk_threshold: int = json_model.DEFAULT_BULK_THRESHOLD,
     ) -> None:
         self.fsync = fsync
         self.bulk_threshold = bulk_threshold
-        self._spool = Spool(Path(spool_dir), fsync=fsync)
+        self._spool = Spool(Path(spool_dir), fsync=fsync, segment=segment)
         self._cond = threading.Condition()
         self._state = _OPEN
         self._inflight = 0
+        self._linked = False  # this commit made a spool file part of the store
+
+    @classmethod
+    def open_existing(cls, spool_dir: Path, fsync: bool = True) -> SeriesWriter:
+        """The coordinator's writer on a series folder: counts, commits or discards what all
+        segments hold (it adds to the default segment, if asked to add)."""
+        return cls(spool_dir, fsync=fsync)
 
     @property
     def count(self) -> int:
-        """Distinct SOPInstanceUIDs spooled."""
+        """Distinct SOPInstanceUIDs spooled, over all segments (re-read from disk)."""
         return len(self._spool)
 
     @property
@@ -103,28 +121,33 @@ class SeriesWriter:
         Raises SeriesError for an instance that cannot be stored (multi-frame, unsupported
         pixel type); the rest of the series is unaffected.
         """
-        sop = str(ds.get("SOPInstanceUID") or "")
-        if not sop:
+        header, text = json_model.encode(ds, self.bulk_threshold)
+        sop = _first_value(header, "00080018")
+        if not sop or not isinstance(sop, str):
             raise SeriesError("instance has no SOPInstanceUID")
-        meta: dict[str, Any] = {"n": _int(ds.get("InstanceNumber")), "mod": _str(ds, "Modality")}
+        meta: dict[str, Any] = {
+            "n": _int(_first_value(header, "00200013")),
+            "mod": _first_value(header, "00080060") or None,
+        }
         frame: bytes = b""
-        header = json_model.to_json_dict(ds, self.bulk_threshold)
         if pixels.has_pixels(ds):
             try:
-                layout, raw, patches = pixels.extract(ds)
+                layout, raw, patches = pixels.extract(ds, header)
             except pixels.PixelError as exc:
                 raise SeriesError(str(exc)) from None
             if patches:
                 header = dict(sorted({**header, **patches}.items()))
-            meta.update(_image_meta(ds, layout))
+                text = json.dumps(header, separators=(",", ":"))
+            meta.update(_image_meta(header, layout))
             frame = volume.compress_frame(raw, np.dtype(layout.dtype).itemsize)
-        text = json.dumps(header, separators=(",", ":")).encode()
         with self._cond:
             if self._state != _OPEN:
                 raise SeriesError("series writer is no longer accepting instances")
             self._inflight += 1
         try:
-            self._spool.put(sop, meta, text, frame)
+            self._spool.put(sop, meta, text.encode(), frame)
+        except SpoolSealed:
+            raise SeriesError("series spool was committed or discarded") from None
         finally:
             with self._cond:
                 self._inflight -= 1
@@ -144,9 +167,15 @@ class SeriesWriter:
             self._state = _COMMITTING
             while self._inflight:  # let adds that were accepted finish first
                 self._cond.wait()
+        self._linked = False
         try:
+            self._spool.seal()  # and those of other writers; later ones are refused
             info = self._commit(store, key)
         except BaseException:
+            if self._linked:  # the stored shard is a spool file writers may append to again
+                with contextlib.suppress(Exception):
+                    delete_series(store, key)
+            self._spool.unseal()
             with self._cond:
                 self._state = _OPEN
             raise
@@ -154,6 +183,10 @@ class SeriesWriter:
             self._state = _CLOSED
         self._spool.remove()
         return info
+
+    def sync(self) -> None:
+        """Make every instance this writer added durable (fdatasync of its segment)."""
+        self._spool.sync()
 
     def close(self) -> None:
         """Stop accepting instances and release the spool, keeping it for a later resume."""
@@ -179,6 +212,11 @@ class SeriesWriter:
         entries = self._spool.entries()
         if not entries:
             raise SeriesError("no instances to commit")
+        if isinstance(store, LocalStore) and any("rows" in e.meta for e in entries):
+            # The segment holding most images is about to become the volume's shard file:
+            # from now on no writer may open it by name (see _link_volume).
+            self._spool.freeze(_most_images(entries))
+            entries = self._spool.entries()
         images = [e for e in entries if "rows" in e.meta]
         others = sorted(
             (e for e in entries if "rows" not in e.meta),
@@ -221,10 +259,20 @@ class SeriesWriter:
         Up to `_SHARDS_IN_FLIGHT` shards upload while the next is packed, which hides
         object-store latency at a memory cost of that many shards.
         """
+        if isinstance(store, LocalStore):
+            meta = volume.array_metadata(shape, dtype, len(images))
+            with guard("commit"):
+                run(store.set(f"{key}/volume/zarr.json", meta))
+                if self._link_volume(store.root / key / "volume", images, len(shape)):
+                    return
         frame_nbytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
         depth = volume.shard_depth(len(images), frame_nbytes)
         with guard("commit"):
             run(store.set(f"{key}/volume/zarr.json", volume.array_metadata(shape, dtype, depth)))
+        if isinstance(store, LocalStore):
+            with guard("commit"):
+                self._write_local_shards(store.root / key / "volume", images, depth, len(shape))
+            return
         prototype = default_buffer_prototype()
         pending: deque[Future[None]] = deque()
         with ThreadPoolExecutor(_SHARDS_IN_FLIGHT, thread_name_prefix="shard") as pool:
@@ -247,6 +295,64 @@ class SeriesWriter:
             finally:
                 for f in pending:
                     f.cancel()
+
+    def _link_volume(self, root: Path, images: list[SpoolEntry], ndim: int) -> bool:
+        """Make the frozen segment holding most images the volume's only shard, in place.
+
+        A zarr v3 shard is read through the index at its end, so its inner chunks may sit
+        anywhere in the file with other bytes between them: the spooled frames stay where
+        they are, frames from other segments are appended (kernel copies), then the index,
+        and the file is hard-linked into the store. No pixel byte is rewritten in the common
+        case of one writer per series. False when the store is on another file system.
+        """
+        base = _most_images(images)
+        if not base.startswith("frozen-"):
+            return False
+        src = self._spool.segment_path(base)
+        mode = os.stat(root / "zarr.json").st_mode & 0o777  # as the store makes its files
+        fd = os.open(src, os.O_WRONLY)
+        try:
+            end = os.fstat(fd).st_size
+            chunks = []
+            for e in images:
+                if e.segment != base:
+                    self._spool.copy_pixels(e, fd, end)
+                    chunks.append((end, e.pixel_len))
+                    end += e.pixel_len
+                else:
+                    chunks.append((e.pixel_offset, e.pixel_len))
+            _pwrite(fd, volume.shard_index(chunks, len(images), ndim), end)
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+        shard = root / volume.shard_key(0, ndim)
+        shard.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, shard)
+        except OSError:
+            return False
+        self._linked = True
+        return True
+
+    def _write_local_shards(
+        self, root: Path, images: list[SpoolEntry], depth: int, ndim: int
+    ) -> None:
+        """Shard files in a local store, filled by kernel copies from the spool (the pixel
+        bytes never pass through this process): for a store on another file system."""
+        for i, z0 in enumerate(range(0, len(images), depth)):
+            part = images[z0 : z0 + depth]
+            path = root / volume.shard_key(i, ndim)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            try:
+                chunks, pos = [], 0
+                for entry in part:
+                    self._spool.copy_pixels(entry, fd, pos)
+                    chunks.append((pos, entry.pixel_len))
+                    pos += entry.pixel_len
+                _pwrite(fd, volume.shard_index(chunks, depth, ndim), pos)
+            finally:
+                os.close(fd)
 
     def _write_headers(self, store: Store, key: str, entries: list[SpoolEntry]) -> None:
         n = len(entries)
@@ -343,7 +449,10 @@ class SeriesReader:
         n, n_slices = len(self), self.attrs["n_slices"]
         headers = self._header_array()
         vol = self.volume
-        cz = (vol.shards or vol.chunks)[0] if vol is not None else 1  # one shard at a time
+        cz = 1
+        if vol is not None:  # a shard at a time, but never more than ~SHARD_BYTES of pixels
+            frame_nbytes = int(np.prod(vol.shape[1:])) * vol.dtype.itemsize
+            cz = min((vol.shards or vol.chunks)[0], volume.shard_depth(n_slices, frame_nbytes))
         for z0 in range(0, n_slices, cz):
             z1 = min(z0 + cz, n_slices)
             with guard("read"):
@@ -432,20 +541,36 @@ def _plan_volume(images: list[SpoolEntry]) -> tuple[list[SpoolEntry], dict[str, 
     return ordered, attrs
 
 
-def _image_meta(ds: Dataset, layout: pixels.PixelLayout) -> dict[str, Any]:
+def _most_images(entries: list[SpoolEntry]) -> str:
+    """The segment holding the most images."""
+    counts = Counter(e.segment for e in entries if "rows" in e.meta)
+    return counts.most_common(1)[0][0]
+
+
+def _image_meta(header: dict[str, Any], layout: pixels.PixelLayout) -> dict[str, Any]:
     return {
         "rows": layout.rows,
         "cols": layout.cols,
         "spp": layout.samples,
         "dtype": layout.dtype,
-        "photo": _str(ds, "PhotometricInterpretation"),
-        "ipp": _floats(ds.get("ImagePositionPatient"), 3),
-        "iop": _floats(ds.get("ImageOrientationPatient"), 6),
-        "ps": _floats(ds.get("PixelSpacing"), 2),
-        "st": _float(ds.get("SliceThickness")),
-        "slope": _float(ds.get("RescaleSlope"), 1.0),
-        "icpt": _float(ds.get("RescaleIntercept"), 0.0),
+        "photo": _first_value(header, "00280004") or None,
+        "ipp": _floats(_values(header, "00200032"), 3),
+        "iop": _floats(_values(header, "00200037"), 6),
+        "ps": _floats(_values(header, "00280030"), 2),
+        "st": _float(_first_value(header, "00180050")),
+        "slope": _float(_first_value(header, "00281053"), 1.0),
+        "icpt": _float(_first_value(header, "00281052"), 0.0),
     }
+
+
+def _values(header: dict[str, Any], tag: str) -> list[Any] | None:
+    entry = header.get(tag)
+    return entry.get("Value") if entry is not None else None
+
+
+def _first_value(header: dict[str, Any], tag: str) -> Any:
+    values = _values(header, tag)
+    return values[0] if values else None
 
 
 def _rebuild(header: dict[str, Any], frame: np.ndarray | None) -> Dataset:
@@ -476,6 +601,13 @@ def _create_array(store: Store, path: str, **kwargs: Any) -> zarr.Array:
     with guard("commit"):
         run(store.set(f"{path}/zarr.json", doc))
         return zarr.open_array(store, path=path, mode="r+", zarr_format=3)
+
+
+def _pwrite(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def _store_set(store: Store, key: str, value: Any) -> None:
@@ -516,11 +648,6 @@ def _fsync_path(path: Path) -> None:
 
 def _first(values: Iterator[Any]) -> Any:
     return next((v for v in values if v), None)
-
-
-def _str(ds: Dataset, keyword: str) -> str | None:
-    value = ds.get(keyword)
-    return str(value) if value not in (None, "") else None
 
 
 def _int(value: Any) -> int | None:

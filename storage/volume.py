@@ -2,8 +2,9 @@
 
 Each frame is compressed once, when it is spooled (blosc lz4 level 1, byte shuffle: the
 fastest codec that still halves CT), and those exact bytes become the slice's inner chunk.
-Commit then only concatenates spooled frames into shards of ~32 MiB of pixels (one object
-each in S3) with the index the zarr v3 sharding codec expects: no decode or re-encode.
+Commit then only gathers spooled frames into shards with the index the zarr v3 sharding codec
+expects (no decode or re-encode): ~32 MiB of pixels each (one object each in S3), or, in a
+local folder, a spool file that keeps its frames where they are and gains an index at its end.
 Any zarr v3 reader reads the result; reading one slice fetches one inner chunk.
 """
 
@@ -21,13 +22,14 @@ from zarr.storage import MemoryStore
 
 SHARD_BYTES = 32 << 20  # target uncompressed pixel bytes per shard
 _CNAME, _CLEVEL = "lz4", 1
+_BLOCKSIZE = 256 << 10  # blosc's automatic choice is smaller and ~25% slower on CT frames
 _EMPTY = np.uint64(2**64 - 1)  # index entry of an inner chunk that is not there
 
 
 def compress_frame(frame: bytes | bytearray | memoryview, itemsize: int) -> bytes:
     """Compress one frame's little-endian bytes the way the volume array's codec does."""
     shuffle = blosc.SHUFFLE if itemsize > 1 else blosc.NOSHUFFLE
-    return blosc.compress(frame, _CNAME.encode(), _CLEVEL, shuffle, 0, itemsize)
+    return blosc.compress(frame, _CNAME.encode(), _CLEVEL, shuffle, _BLOCKSIZE, itemsize)
 
 
 def shard_depth(n_slices: int, frame_nbytes: int) -> int:
@@ -43,7 +45,7 @@ def array_metadata(shape: tuple[int, ...], dtype: str, depth: int) -> Any:
         clevel=_CLEVEL,
         shuffle="shuffle" if itemsize > 1 else "noshuffle",
         typesize=itemsize,
-        blocksize=0,
+        blocksize=_BLOCKSIZE,
     )
     names = ("z", "y", "x") if len(shape) == 3 else ("z", "y", "x", "c")
     sharding = ShardingCodec(
@@ -74,20 +76,27 @@ def shard_key(index: int, ndim: int) -> str:
     return "c/" + "/".join([str(index)] + ["0"] * (ndim - 1))
 
 
+def shard_index(chunks: list[tuple[int, int]], depth: int, ndim: int) -> bytes:
+    """The index (with its CRC32C) that ends a shard: (offset, nbytes) of each inner chunk in
+    z order. Slots past the last chunk (a short last shard) are marked empty."""
+    index = np.full((depth, *([1] * (ndim - 1)), 2), _EMPTY, dtype="<u8")
+    if chunks:
+        index[: len(chunks)].reshape(len(chunks), 2)[:] = chunks
+    raw = index.tobytes()
+    return raw + google_crc32c.value(raw).to_bytes(4, "little")
+
+
 def pack_shard(frame_lengths: list[int], depth: int, ndim: int) -> tuple[bytearray, list[slice]]:
     """A shard buffer sized for the frames, and where each frame goes in it.
 
     The caller fills each slice with a compressed frame; the index (with its CRC32C) is
-    already written at the end. Slots past the last frame (a short last shard) stay empty.
+    already written at the end.
     """
-    index = np.full((depth, *([1] * (ndim - 1)), 2), _EMPTY, dtype="<u8")
     slots, pos = [], 0
-    for j, n in enumerate(frame_lengths):
-        index[j, ..., 0], index[j, ..., 1] = pos, n
+    for n in frame_lengths:
         slots.append(slice(pos, pos + n))
         pos += n
-    raw = index.tobytes()
-    buf = bytearray(pos + len(raw) + 4)
-    buf[pos : pos + len(raw)] = raw
-    buf[pos + len(raw) :] = google_crc32c.value(raw).to_bytes(4, "little")
+    index = shard_index([(s.start, s.stop - s.start) for s in slots], depth, ndim)
+    buf = bytearray(pos + len(index))
+    buf[pos:] = index
     return buf, slots

@@ -106,7 +106,7 @@ def test_pull_stores_exactly_the_cohort_deidentified(tmp_path, pacs, scp_port, c
     assert report.ok, [s.error for s in report.series]
     assert report.studies == 2
     assert report.instances == sum(st.n_instances for st in cohort)
-    keys = gw.deidentifier("bone").keys
+    keys = gw.keys("bone")
     with gw.catalog.session() as s:
         rows = {r.series_uid: r for r in s.scalars(select(SeriesRecord))}
     expected = {keys.uid(se.series_uid): se for st in cohort for se in st.series}
@@ -153,7 +153,7 @@ def test_repull_fetches_only_what_is_missing(tmp_path, pacs, scp_port, corpus):
     assert again.ok and again.count("skipped") == 2 and again.nbytes == 0
 
     # Lose one series (as a crash before commit would): only that one is pulled again.
-    keys = gw.deidentifier("resume").keys
+    keys = gw.keys("resume")
     lost = keys.uid(corpus.studies[0].series[1].series_uid)
     with gw.catalog.session() as s:
         s.scalar(select(SeriesRecord).where(SeriesRecord.series_uid == lost)).status = "pending"
@@ -193,7 +193,7 @@ def test_pull_into_s3(tmp_path, pacs, scp_port, corpus, s3_server):
     assert any(k.endswith("zarr.json") for k in objects)
     assert phi_hits(objects, corpus.phi) == []
     st = corpus.studies[2]
-    keys = gw.deidentifier("s3proj").keys
+    keys = gw.keys("s3proj")
     se = st.series[0]
     reader = SeriesReader(
         gw.store, f"projects/s3proj/{keys.uid(st.study_uid)}/{keys.uid(se.series_uid)}"
@@ -204,31 +204,87 @@ def test_pull_into_s3(tmp_path, pacs, scp_port, corpus, s3_server):
 def test_unsolicited_push_is_refused_and_audited(tmp_path, corpus):
     """A third-party peer (dcmtk storescu) pushing to the gateway gets a failure status."""
     from gateway.dimse.scp import StorageSCP
-    from gateway.pull import Receiver
+    from gateway.receiver import Receiver
 
     gw = Gateway(Settings(home=tmp_path, actor="tester"))
-    receiver = Receiver(
-        on_refused=lambda ae, n: gw.catalog.audit(
-            "gateway", "store.refused", None, "refused", calling_ae=ae
-        )
-    )
+    gw.create_project("quiet")
+    receiver = Receiver(gw.receiver_config("quiet"))
     with StorageSCP(ae_title="SPHERE", host="127.0.0.1", port=0, on_store=receiver.on_store) as scp:
         out = subprocess.run(
             [
                 "storescu",
+                "-v",
+                "-nh",
                 "-aet",
                 "INTRUDER",
                 "-aec",
                 "SPHERE",
                 "127.0.0.1",
                 str(scp.port),
-                str(corpus.files[0]),
-            ],
+            ]
+            + [str(f) for f in corpus.files[:3]],
             capture_output=True,
             text=True,
             timeout=60,
         )
-    assert "0124" in (out.stdout + out.stderr) or out.returncode != 0
-    assert receiver.refused == 1
-    assert [e.action for e in gw.catalog.audit_trail()] == ["store.refused"]
-    assert not (tmp_path / "store").exists() and not (tmp_path / "spool").exists()
+    assert out.stderr.count("Status: 0x124") == 3, out.stderr  # each store refused
+    assert receiver.refused == 3
+    refusals = [e for e in gw.catalog.audit_trail("quiet") if e.action == "store.refused"]
+    assert len(refusals) == 3 and all("INTRUDER" in e.detail for e in refusals)
+    assert not (tmp_path / "store").exists()
+    assert not (tmp_path / "spool" / "quiet" / "series").exists()
+
+
+PULL_SCRIPT = """
+import sys
+from pathlib import Path
+from gateway.api import Gateway
+from gateway.config import PacsPeer, Settings
+home, aet, port, scp = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+gw = Gateway(Settings(home=Path(home), port=scp, actor="tester", max_associations=1,
+                      pacs=PacsPeer(ae_title=aet, port=port)))
+gw.pull("crash")
+"""
+
+
+def test_crash_mid_pull_resumes_without_loss_or_duplicates(tmp_path, pacs, scp_port, corpus):
+    import os
+    import signal
+    import sys
+    import time
+
+    gw = make_gateway(tmp_path, pacs, scp_port)
+    approved(gw, "crash", [st.accession for st in corpus.studies])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            PULL_SCRIPT,
+            str(tmp_path),
+            pacs.aet,
+            str(pacs.dicom_port),
+            str(scp_port),
+        ],
+        start_new_session=True,
+    )
+    spool = tmp_path / "spool" / "crash" / "series"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if spool.exists() and any(p.is_file() for p in spool.rglob("*")):
+            break
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)  # the gateway and its SCP workers die at once
+    proc.wait(30)
+
+    report = gw.pull("crash")
+    assert report.ok, [s.error for s in report.series if s.error]
+    keys = gw.keys("crash")
+    total = 0
+    for st in corpus.studies:
+        for se in st.series:
+            key = f"projects/crash/{keys.uid(st.study_uid)}/{keys.uid(se.series_uid)}"
+            reader = SeriesReader(gw.store, key)
+            assert reader.complete and len(reader.headers()) == se.n_instances  # no duplicates
+            total += se.n_instances
+    assert report.instances + sum(s.stored for s in report.series if s.status == "skipped") == total
+    assert not any(p.is_file() for p in spool.rglob("*"))  # committed spools are removed

@@ -117,6 +117,8 @@ def test_round_trip_orders_slices_and_rebuilds_instances(tmp_path, ct):
     # Any zarr v3 reader sees one group with the volume and the headers.
     group = zarr.open_group(tmp_path / "store", path=KEY, mode="r")
     assert group["volume"].shape == (16, 32, 32)
+    np.testing.assert_array_equal(group["volume"][:], vol)
+    np.testing.assert_array_equal(group["volume"][7], src[7].pixel_array)
     assert json.loads(str(group["headers"][3]))["00200013"]["Value"] == [4]
 
 

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import struct
 import warnings
+from io import BytesIO
 
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 
 from dicom import json_model
@@ -92,3 +97,127 @@ def test_empty_and_multi_valued_elements():
     assert out["00280030"] == {"vr": "DS", "Value": [0.5, 0.25]}
     assert out["00081199"] == {"vr": "SQ", "Value": []}
     assert json_model.to_json_dict(json_model.from_json(out)) == out
+
+
+def _explicit_le(elements: list[tuple[int, str, bytes]]) -> bytes:
+    """Explicit VR little endian encoding of (tag, VR, value bytes), tags ascending."""
+    out = bytearray()
+    for tag, vr, value in elements:
+        value += b"\x00" if vr in ("UI", "OB", "UN") and len(value) % 2 else b""
+        value += b" " if len(value) % 2 else b""
+        out += struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode()
+        if vr in ("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"):
+            out += b"\x00\x00" + struct.pack("<I", len(value))
+        else:
+            out += struct.pack("<H", len(value))
+        out += value
+    return bytes(out)
+
+
+# Values as they arrive on the wire, odd ones included: padding, empty values among several,
+# NULs, numbers with spaces or signs, invalid numbers, escapes, non-ASCII text.
+RAW_CASES = [
+    ("AE", b" STORE SCP "),
+    ("AE", b"A\\ B "),
+    ("AS", b"045Y"),
+    ("CS", b"ORIGINAL\\PRIMARY\\\\AXIAL "),
+    ("CS", b"  "),
+    ("CS", b"A\\"),
+    ("DA", b"20240101"),
+    ("DA", b"20240101\\20240102 "),
+    ("DT", b"20240101120000.5+0100 "),
+    ("TM", b"120000.123456"),
+    ("UI", b"1.2.840.10008.5.1.4.1.1.2\x00"),
+    ("UI", b"1.2.3\\4.5.6\x00"),
+    ("SH", b"SHORT \\ TEXT"),
+    ("LO", b"Long string  "),
+    ("LO", b"caf\xe9"),
+    ("LO", b"\x1b-Ainfo"),
+    ("LO", b"\x00\x00"),
+    ("UC", b"a\\b\\c "),
+    ("ST", b"short\\text with backslash  "),
+    ("LT", b"line one\r\nline two \x00"),
+    ("UT", b"unlimited text  "),
+    ("UR", b"http://example.org/x "),
+    ("PN", b"Doe^John  "),
+    ("PN", b"Doe^John\\Roe^Jane"),
+    ("PN", b"Doe^John\\"),
+    ("PN", b"Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B=\xa4\xe4\xa4\xde"),
+    ("PN", b"Doe^John==Doe"),
+    ("PN", b"   "),
+    ("IS", b" 12 "),
+    ("IS", b"-3\\+4\\ 5"),
+    ("IS", b"1\\\\2"),
+    ("IS", b"1.0"),
+    ("IS", b"    "),
+    ("DS", b" 1.5 \\-2e3\\0.000001"),
+    ("DS", b"1\\"),
+    ("DS", b"  "),
+    ("DS", b"1.2.3"),
+    ("DS", b"nan"),
+    ("US", struct.pack("<3H", 1, 2, 65535)),
+    ("US", struct.pack("<H", 512)),
+    ("SS", struct.pack("<2h", -1, 7)),
+    ("UL", struct.pack("<I", 2**32 - 1)),
+    ("SL", struct.pack("<i", -(2**31))),
+    ("FL", struct.pack("<2f", 0.1, -3.5)),
+    ("FD", struct.pack("<d", 1 / 3)),
+    ("UV", struct.pack("<Q", 2**64 - 1)),
+    ("SV", struct.pack("<q", -5)),
+    ("US", b"\x01\x02\x03"),  # a length that does not fit the VR
+    ("AT", struct.pack("<4H", 0x0010, 0x0010, 0x7FE0, 0x0010)),
+    ("OB", b"\x00\x01\x02"),
+    ("OW", struct.pack("<2H", 1, 2)),
+    ("OF", struct.pack("<f", 2.5)),
+    ("UN", b"\x01\x02\x03\x04"),
+]
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("charset", [None, b"ISO_IR 100", b"ISO_IR 192", b"\\ISO 2022 IR 87"])
+def test_raw_values_encode_as_pydicom_decodes_them(monkeypatch, charset):
+    elements = [(0x00080005, "CS", charset)] if charset is not None else []
+    # Private tags, one per case: no dictionary VR interferes with the one given.
+    elements += [(0x00990010, "LO", b"TEST")]
+    elements += [(0x00991000 + i, vr, value) for i, (vr, value) in enumerate(RAW_CASES)]
+    data = _explicit_le(elements)
+
+    fast = json_model.to_json_dict(read_dataset(BytesIO(data), False, True))
+    monkeypatch.setattr(json_model, "_fast_path_allowed", lambda: False)
+    slow = json_model.to_json_dict(read_dataset(BytesIO(data), False, True))
+    assert len(slow) == len(elements)
+    for key in slow:  # one at a time, for a readable failure (as text: NaN != NaN)
+        assert (key, json.dumps(fast.get(key))) == (key, json.dumps(slow[key]))
+    assert fast.keys() == slow.keys()
+
+
+def test_raw_public_tags_in_implicit_and_big_endian_datasets(monkeypatch):
+    ds = Dataset()
+    ds.PatientName = "Doe^John"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.PixelSpacing = [0.5, 0.25]
+    ds.InstanceNumber = 7
+    ds.Rows = 512
+    ds.add_new(0x00280106, "SS", -5)  # US or SS in the dictionary
+    ds.LUTDescriptor = [4096, 0, 12]
+    ds.ReferencedSOPSequence = Sequence([Dataset()])
+    ds.ReferencedSOPSequence[0].ReferencedSOPInstanceUID = "1.2.3"
+    for little, implicit in ((True, True), (False, False)):
+        buf = DicomBytesIO()
+        buf.is_little_endian, buf.is_implicit_VR = little, implicit
+        write_dataset(buf, ds)
+        fast = json_model.to_json_dict(read_dataset(BytesIO(buf.getvalue()), implicit, little))
+        with monkeypatch.context() as m:
+            m.setattr(json_model, "_fast_path_allowed", lambda: False)
+            slow = json_model.to_json_dict(read_dataset(BytesIO(buf.getvalue()), implicit, little))
+        assert fast == slow
+        assert fast["00280010"] == {"vr": "US", "Value": [512]}
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+def test_encode_gives_the_model_and_its_text_also_when_cached(name):
+    for _ in range(2):  # the second time from the cache
+        ds = _sample(name)
+        model, text = json_model.encode(ds, bulk_threshold=4096)
+        assert model == json_model.to_json_dict(_sample(name), bulk_threshold=4096)
+        assert json.loads(text) == model
