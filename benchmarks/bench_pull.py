@@ -4,7 +4,7 @@ Both receive the same C-MOVEs of the same series, with the same number of concur
 in the same run. storescp only writes each instance to disk; sphere also de-identifies, spools,
 verifies counts and writes Zarr. Prints instances/s for each and the ratio sphere / storescp.
 
-    .venv/bin/python benchmarks/bench_pull.py [--patients 4 --slices 120 --size 512 --rounds 3]
+    .venv/bin/python benchmarks/bench_pull.py [--patients 4 --slices 250 --size 512 --rounds 3]
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def sphere_round(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--patients", type=int, default=4)
-    ap.add_argument("--slices", type=int, default=120, help="slices of the thin series per study")
+    ap.add_argument("--slices", type=int, default=250, help="slices of the thin series per study")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--associations", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
