@@ -24,19 +24,7 @@ from dicom.synthetic import generate
 from gateway.api import Gateway
 from gateway.config import PacsPeer, Settings
 from gateway.dimse.scu import Peer, Scu
-from gateway.localpacs import LocalOrthanc, free_port
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    import socket
-
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port}")
+from gateway.localpacs import LocalOrthanc, free_port, wait_port
 
 
 def storescp_round(

@@ -36,6 +36,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def wait_port(port: int, timeout_s: float = 10.0, host: str = "127.0.0.1") -> None:
+    """Wait until something accepts connections on `port` (a peer we started)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.05)
+    raise OrthancError(f"nothing listens on port {port} after {timeout_s:g}s")
+
+
 def _modality(aet: str, host: str, port: int) -> dict[str, Any]:
     return {
         "AET": aet,

@@ -21,24 +21,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+from deid.table import OPTION_COLUMNS
+
 # Columns of Table E.1-1, in the standard's order (as the innolitics extractor names them).
-COLUMNS = [
-    "name",
-    "tag",
-    "retired",
-    "stdCompIOD",
-    "basicProfile",
-    "rtnSafePrivOpt",
-    "rtnUIDsOpt",
-    "rtnDevIdOpt",
-    "rtnInstIdOpt",
-    "rtnPatCharsOpt",
-    "rtnLongFullDatesOpt",
-    "rtnLongModifDatesOpt",
-    "cleanDescOpt",
-    "cleanStructContOpt",
-    "cleanGraphOpt",
-]
+COLUMNS = ["name", "tag", "retired", "stdCompIOD", "basicProfile", *OPTION_COLUMNS]
 TABLE_ID = "table_E.1-1"
 XML_ID = "{http://www.w3.org/XML/1998/namespace}id"
 

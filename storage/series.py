@@ -41,7 +41,7 @@ from dicom import json_model
 from dicom.geometry import GeometryError, order_slices
 from storage import pixels, volume
 from storage.objectstore import guard, run
-from storage.spool import Spool, SpoolEntry, SpoolSealed
+from storage.spool import Spool, SpoolEntry, SpoolSealed, fsync_path
 
 FORMAT_VERSION = 1
 _HEADER_CHUNK = 128  # instances per headers chunk
@@ -190,23 +190,22 @@ class SeriesWriter:
 
     def close(self) -> None:
         """Stop accepting instances and release the spool, keeping it for a later resume."""
-        with self._cond:
-            if self._state == _COMMITTING:
-                raise SeriesError("series writer is committing")
-            self._state = _CLOSED
-            while self._inflight:
-                self._cond.wait()
+        self._stop_accepting()
         self._spool.close()
 
     def discard(self) -> None:
         """Drop everything spooled; the writer accepts nothing afterwards."""
+        self._stop_accepting()
+        self._spool.remove()
+
+    def _stop_accepting(self) -> None:
+        """Refuse further adds and wait for the ones under way."""
         with self._cond:
             if self._state == _COMMITTING:
                 raise SeriesError("series writer is committing")
             self._state = _CLOSED
             while self._inflight:
                 self._cond.wait()
-        self._spool.remove()
 
     def _commit(self, store: Store, key: str) -> SeriesInfo:
         entries = self._spool.entries()
@@ -246,8 +245,8 @@ class SeriesWriter:
                 _fsync_tree(local_root)  # data durable before the marker says complete
             run(store.set(f"{key}/zarr.json", _group_doc(attrs)))
             if local_root is not None and self.fsync:
-                _fsync_path(local_root / "zarr.json")
-                _fsync_path(local_root)
+                fsync_path(local_root / "zarr.json")
+                fsync_path(local_root)
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize if images else 0
         return SeriesInfo(len(entries), shape, dtype, nbytes)
 
@@ -634,16 +633,8 @@ def _check_key(key: str) -> str:
 def _fsync_tree(root: Path) -> None:
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
-            _fsync_path(Path(dirpath) / name)
-        _fsync_path(Path(dirpath))
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            fsync_path(Path(dirpath) / name)
+        fsync_path(Path(dirpath))
 
 
 def _first(values: Iterator[Any]) -> Any:

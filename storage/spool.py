@@ -255,7 +255,7 @@ class Spool:
             os.close(lock_fd)
             raise SpoolError("spool segment is in use by another writer") from None
         if created and self.fsync:
-            _fsync_path(self.path)
+            fsync_path(self.path)
         # Whole records stay; a tail torn by a crash of this segment's last writer goes.
         end = _scan(fd, 0, self.segment, {})
         if end != os.fstat(fd).st_size:
@@ -280,7 +280,7 @@ class Spool:
                 self._segments[new] = seg
                 seg.entries = {k: replace(e, segment=new) for k, e in seg.entries.items()}
         if self.fsync:
-            _fsync_path(self.path)
+            fsync_path(self.path)
         return new
 
     # -- sealing and cleanup ------------------------------------------------------------------
@@ -372,7 +372,8 @@ def _pread_all(fd: int, length: int, offset: int) -> bytes:
     return data
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or folder by path (a folder: so a new name in it is durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -1,5 +1,5 @@
 """Receive throughput of the Storage SCP against dcmtk `storescp`, on the same C-MOVE from a local
-Orthanc: `python -m gateway.dimse.bench --instances 200 --size 512`.
+Orthanc: `.venv/bin/python benchmarks/bench_scp.py --instances 200 --size 512`.
 
 Each round retrieves the same series to every target in turn; `--parallel N` runs N retrieves at
 once (one series each). storescp runs with --ignore (receives, stores nothing) and our on_store
@@ -35,7 +35,7 @@ from dicom.json_model import to_json_dict
 from dicom.synthetic import generate
 from gateway.dimse.scp import ReceivedInstance, StorageSCP
 from gateway.dimse.scu import Peer, Scu
-from gateway.localpacs import LocalOrthanc, free_port
+from gateway.localpacs import LocalOrthanc, free_port, wait_port
 
 LABELS = {
     "sphere": "C-MOVE -> StorageSCP on_store",
@@ -81,7 +81,7 @@ class HandlerFactory:
 
 def _importable(name: str) -> type:
     """This module's class by its importable name (not __main__'s), so workers can unpickle it."""
-    return getattr(importlib.import_module("gateway.dimse.bench"), name)
+    return getattr(importlib.import_module("bench_scp"), name)
 
 
 def _ae(target: str) -> str:
@@ -97,18 +97,6 @@ def _cpu_s(pids: list[int]) -> float:
             continue
         total += t.user + t.system
     return total
-
-
-def _wait_port(port: int, timeout_s: float = 10.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError("storescp did not start")
 
 
 def _movescu(peer: Peer, study_uid: str, series_uid: str, dest: str) -> bool:
@@ -234,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{LABELS[name]}: started in {scps[name].start_seconds:.2f}s")
             pacs.upload(corpus.files)
             shutil.rmtree(workdir / "data")
-            _wait_port(storescp_port)
+            wait_port(storescp_port)
             peer = Peer(pacs.aet, "127.0.0.1", pacs.dicom_port)
             scu = Scu("SPHERE", timeout_s=60)
             rates: dict[str, list[float]] = {k: [] for k in targets}
