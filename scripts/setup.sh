@@ -7,13 +7,14 @@ need=()
 command -v Orthanc >/dev/null || need+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
 command -v storescp >/dev/null || need+=(dcmtk)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)  # tests: PostgreSQL catalog
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   echo "installing Debian packages: ${need[*]}"
   $SUDO apt-get update -qq
-  # The orthanc package would start a system service; we run our own instances instead.
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
-  command -v systemctl >/dev/null && $SUDO systemctl disable --now orthanc 2>/dev/null || true
+  # Nor do we use the system services these packages may start; tests start their own.
+  command -v systemctl >/dev/null && $SUDO systemctl disable --now orthanc postgresql 2>/dev/null || true
 fi
 
 PY=${PYTHON:-python3}

@@ -288,3 +288,30 @@ def test_crash_mid_pull_resumes_without_loss_or_duplicates(tmp_path, pacs, scp_p
             total += se.n_instances
     assert report.instances + sum(s.stored for s in report.series if s.status == "skipped") == total
     assert not any(p.is_file() for p in spool.rglob("*"))  # committed spools are removed
+
+
+def test_pull_with_catalog_and_vault_on_postgresql(tmp_path, pacs, scp_port, corpus, pg_server):
+    """Deployment settings: the catalog and the vault each in its own PostgreSQL database."""
+    gw = make_gateway(
+        tmp_path,
+        pacs,
+        scp_port,
+        catalog_url=pg_server.create_database("catalog"),
+        vault_url=pg_server.create_database("vault"),
+    )
+    st = corpus.studies[0]
+    approved(gw, "pgproj", [st.accession])
+    report = gw.pull("pgproj")
+    assert report.ok and report.instances == st.n_instances
+    again = gw.pull("pgproj")
+    assert again.count("skipped") == len(st.series)
+    with gw.catalog.session() as s:
+        rows = s.scalars(select(SeriesRecord)).all()
+    assert {r.status for r in rows} == {"complete"} and len(rows) == len(st.series)
+    # The vault (its own database) maps the pseudonym back, for a granted trusted third party.
+    pseudonym = gw.keys("pgproj").pseudonym(st.patient_id)
+    gw.vault.grant("ttp", by="dpo")
+    assert gw.vault.lookup("pgproj", pseudonym, role="trusted-third-party", actor="ttp") == (
+        st.patient_id
+    )
+    assert not (tmp_path / "catalog.db").exists() and not (tmp_path / "vault.db").exists()
