@@ -13,7 +13,7 @@ if [ ${#need[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need[*]}"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
-  # Nor do we use the system services these packages may start; tests start their own.
+  # The system services these packages may start are not ours: tests start their own.
   command -v systemctl >/dev/null && $SUDO systemctl disable --now orthanc postgresql 2>/dev/null || true
 fi
 
