@@ -216,7 +216,8 @@ def print_report(report) -> None:  # noqa: ANN001
             f"{report.count('quarantined')} quarantined",
         ),
         ("instances", f"{report.instances}"),
-        ("bytes", f"{report.nbytes / 1e6:.1f} MB written"),
+        ("quarantined", f"{report.quarantined} instances (reported, not stored)"),
+        ("pixel data", f"{report.nbytes / 1e6:.1f} MB"),
         ("time", f"{report.seconds:.1f} s ({rate:.0f} instances/s)"),
         ("unresolved cohort items", report.unresolved),
         ("refused unsolicited", report.refused_unsolicited),
@@ -225,7 +226,7 @@ def print_report(report) -> None:  # noqa: ANN001
         t.add_row(f"[bold]{k}[/bold]", str(v))
     console.print(t)
     for s in report.series:
-        if s.status in ("failed", "quarantined"):
+        if s.error:
             console.print(f"[red]{s.status}[/red] series {s.pseudo_series}: {s.error}")
 
 

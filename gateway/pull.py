@@ -63,7 +63,8 @@ class SeriesOutcome:
     expected: int
     stored: int
     nbytes: int = 0
-    error: str | None = None
+    error: str | None = None  # why it failed, or what was quarantined
+    quarantined: int = 0
 
 
 @dataclass
@@ -86,6 +87,11 @@ class PullReport:
     @property
     def new_instances(self) -> int:
         return sum(s.stored for s in self.series if s.status == "complete" and s.nbytes)
+
+    @property
+    def quarantined(self) -> int:
+        """Instances held back by de-identification: reported, never stored."""
+        return sum(s.quarantined for s in self.series)
 
     @property
     def nbytes(self) -> int:
@@ -210,6 +216,7 @@ class Puller:
             skipped=report.count("skipped"),
             failed=report.count("failed"),
             quarantined=report.count("quarantined"),
+            quarantined_instances=report.quarantined,
             instances=report.instances,
             bytes=report.nbytes,
             unresolved_items=report.unresolved,
@@ -309,7 +316,8 @@ class Puller:
             return f"the PACS reports {result.failed} failed sub-operations"
         if received < job.expected:
             return f"received {received} of {job.expected} instances"
-        if result.completed is not None and result.completed + (result.warning or 0) < job.expected:
+        reported = result.completed + result.warning + result.failed > 0  # counts are optional
+        if reported and result.completed + result.warning < job.expected:
             return f"the PACS completed {result.completed} of {job.expected} sub-operations"
         return ""
 
@@ -318,7 +326,14 @@ class Puller:
         if job.writer.count == 0:
             job.writer.discard()
             self._upsert(job, status="quarantined", error=note)
-            return SeriesOutcome(job.pseudo_series, "quarantined", job.expected, 0, error=note)
+            return SeriesOutcome(
+                job.pseudo_series,
+                "quarantined",
+                job.expected,
+                0,
+                error=note,
+                quarantined=job.n_quarantined,
+            )
         try:
             info = job.writer.commit(self.store, job.key)
         except SeriesError as e:
@@ -344,7 +359,13 @@ class Puller:
             quarantined=job.n_quarantined,
         )
         return SeriesOutcome(
-            job.pseudo_series, "complete", job.expected, info.n_instances, info.nbytes
+            job.pseudo_series,
+            "complete",
+            job.expected,
+            info.n_instances,
+            info.nbytes,
+            error=note or None,
+            quarantined=job.n_quarantined,
         )
 
     def _fail(self, job: SeriesJob, error: str) -> SeriesOutcome:

@@ -315,3 +315,32 @@ def test_pull_with_catalog_and_vault_on_postgresql(tmp_path, pacs, scp_port, cor
         st.patient_id
     )
     assert not (tmp_path / "catalog.db").exists() and not (tmp_path / "vault.db").exists()
+
+
+def test_quarantined_instance_is_reported_never_stored(tmp_path, pacs, scp_port):
+    """An image with burned-in text is held back (default policy), and the pull says so."""
+    extra = generate(
+        tmp_path / "extra", n_patients=1, series_per_study=1, slices=5, size=32, seed=99
+    )
+    marked = pydicom.dcmread(extra.files[0])
+    marked.BurnedInAnnotation = "YES"
+    marked.save_as(extra.files[0])
+    assert pacs.upload(extra.files) == 5
+    gw = make_gateway(tmp_path / "gw", pacs, scp_port)
+    approved(gw, "burned", [extra.studies[0].accession])
+
+    report = gw.pull("burned")
+
+    assert report.ok and report.instances == 4 and report.quarantined == 1
+    (series,) = report.series
+    assert "burned-in" in series.error and series.quarantined == 1
+    keys = gw.keys("burned")
+    st = extra.studies[0]
+    reader = SeriesReader(
+        gw.store, f"projects/burned/{keys.uid(st.study_uid)}/{keys.uid(st.series[0].series_uid)}"
+    )
+    stored_sops = {h["00080018"]["Value"][0] for h in reader.headers()}
+    assert keys.uid(marked.SOPInstanceUID) not in stored_sops and len(stored_sops) == 4
+    with gw.catalog.session() as s:
+        row = s.scalar(select(SeriesRecord).where(SeriesRecord.project_id.is_not(None)))
+        assert "1 quarantined" in (row.error or "")
