@@ -22,6 +22,7 @@ from deid.profile import Profile
 from deid.vault import Vault
 from gateway import projects
 from gateway.config import Settings
+from gateway.dimse.forkserver import ForkServer
 from gateway.dimse.scp import StorageSCP
 from gateway.dimse.scu import Peer, Scu
 from gateway.pull import Puller, PullReport
@@ -30,6 +31,9 @@ from storage.catalog import Catalog
 from storage.objectstore import open_store
 
 log = logging.getLogger(__name__)
+
+# What the Storage SCP's worker processes import, once, in the fork server they are forked from.
+WORKER_MODULES = ["gateway.receiver", "deid.vault", "storage.catalog"]
 
 
 class Gateway:
@@ -130,6 +134,8 @@ class Gateway:
     def pull(self, name: str, *, actor: str | None = None, today: date | None = None) -> PullReport:
         """Pull the project's cohort. Raises `PullRefused` when the project may not be pulled."""
         s = self.settings
+        if s.pacs.retrieve != "get" and s.receive_workers:
+            ForkServer.shared(WORKER_MODULES)  # imports while the pull sets up
         project = projects.get(self.catalog, name)
         cfg = self.receiver_config(name)
         if actor:
@@ -167,6 +173,7 @@ class Gateway:
             handler_factory=partial(Receiver, cfg),
             max_associations=max(8, s.max_associations),
             timeout_s=s.timeout_s,
+            preload=WORKER_MODULES,
         )
         with scp:
             return puller.run(today)

@@ -21,12 +21,16 @@ from pydicom import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from gateway.dimse.forkserver import ForkServer
 from gateway.dimse.scp import StorageSCP
 from gateway.dimse.scu import AssociationRejected, Peer, Scu
 from tests.orthanc_fixture import GATEWAY_AE, Seeded
 from tests.test_dimse import DCMTK_ENV, assert_no_phi, dcmtk
 
 pytestmark = pytest.mark.peers
+
+# Workers forked from the fork server (which imports this module once) instead of fresh ones.
+PRELOAD = ["tests.test_dimse_workers"]
 
 
 def _wait_for(predicate, timeout_s: float = 20.0) -> bool:  # noqa: ANN001
@@ -110,10 +114,11 @@ def series_jobs(seeded: Seeded) -> list[tuple[str, str]]:
     return [(st.study_uid, se.series_uid) for st in seeded.corpus.studies for se in st.series]
 
 
+@pytest.mark.parametrize("preload", [None, PRELOAD])
 def test_two_concurrent_moves_go_to_two_workers(
-    pacs_peer: Peer, seeded: Seeded, start_scp, tmp_path: Path
+    preload: list[str] | None, pacs_peer: Peer, seeded: Seeded, start_scp, tmp_path: Path
 ) -> None:
-    scp = start_scp(None, handler_factory=Recorder(tmp_path, meet=2), workers=2)
+    scp = start_scp(None, handler_factory=Recorder(tmp_path, meet=2), workers=2, preload=preload)
     assert len(scp.worker_pids) == 2
     jobs = series_jobs(seeded)[:2]
     with ThreadPoolExecutor(2) as pool:
@@ -130,11 +135,19 @@ def test_two_concurrent_moves_go_to_two_workers(
     assert _wait_for(lambda: scp.open_associations == 0)
 
 
+@pytest.mark.parametrize("preload", [None, PRELOAD])
 def test_handler_exception_is_a_failure_and_the_worker_keeps_serving(
-    pacs_peer: Peer, seeded: Seeded, start_scp, tmp_path: Path, capfd: pytest.CaptureFixture
+    preload: list[str] | None,
+    pacs_peer: Peer,
+    seeded: Seeded,
+    start_scp,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture,
 ) -> None:
     (bad_study, bad), (good_study, good) = series_jobs(seeded)[:2]
-    scp = start_scp(None, handler_factory=Recorder(tmp_path, explode=bad), workers=2)
+    scp = start_scp(
+        None, handler_factory=Recorder(tmp_path, explode=bad), workers=2, preload=preload
+    )
     pids = scp.worker_pids
     result = scu().move_series(pacs_peer, bad_study, bad, GATEWAY_AE)
     assert not result.ok and result.completed == 0
@@ -148,11 +161,12 @@ def test_handler_exception_is_a_failure_and_the_worker_keeps_serving(
     assert_no_phi(err, seeded)
 
 
+@pytest.mark.parametrize("preload", [None, PRELOAD])
 def test_killed_worker_aborts_its_association_and_is_replaced(
-    pacs_peer: Peer, seeded: Seeded, start_scp, tmp_path: Path
+    preload: list[str] | None, pacs_peer: Peer, seeded: Seeded, start_scp, tmp_path: Path
 ) -> None:
     (study, held), (other_study, other) = series_jobs(seeded)[:2]
-    scp = start_scp(None, handler_factory=Recorder(tmp_path, hold=held), workers=2)
+    scp = start_scp(None, handler_factory=Recorder(tmp_path, hold=held), workers=2, preload=preload)
     with ThreadPoolExecutor(1) as pool:
         move = pool.submit(scu().move_series, pacs_peer, study, held, GATEWAY_AE)
         assert _wait_for(lambda: events(tmp_path, "holding"))
@@ -227,6 +241,29 @@ def test_stop_leaves_no_process_behind(tmp_path: Path) -> None:
     assert children() == before
     assert not any(psutil.pid_exists(p) for p in pids)  # exited and reaped: no zombies
     assert _wait_for(lambda: lingering.is_aborted, 10)  # the peer saw it end
+
+
+def test_forked_workers_end_with_the_scp_and_the_fork_server_serves_again(tmp_path: Path) -> None:
+    def forked_scp() -> StorageSCP:
+        factory = Recorder(tmp_path)
+        return StorageSCP(
+            GATEWAY_AE, "127.0.0.1", 0, handler_factory=factory, workers=2, preload=PRELOAD
+        )
+
+    with forked_scp() as scp:
+        server = ForkServer.shared(PRELOAD).process.pid
+        pids = scp.worker_pids
+        assert len(pids) == 2 and all(psutil.Process(p).ppid() == server for p in pids)
+        scu().echo(Peer(GATEWAY_AE, "127.0.0.1", scp.port))
+    assert _wait_for(lambda: not any(psutil.pid_exists(p) for p in pids))  # gone, not zombies
+    os.kill(server, signal.SIGKILL)  # a fork server that died is replaced by the next pool
+    assert _wait_for(
+        lambda: not psutil.pid_exists(server) or psutil.Process(server).status() == "zombie"
+    )
+    with forked_scp() as scp:
+        assert len(scp.worker_pids) == 2
+        scu().echo(Peer(GATEWAY_AE, "127.0.0.1", scp.port))
+    assert ForkServer.shared(PRELOAD).process.pid != server
 
 
 def test_failing_factory_fails_start_and_leaves_nothing(tmp_path: Path) -> None:

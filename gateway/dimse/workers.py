@@ -1,13 +1,14 @@
 """Worker processes for the Storage SCP: real multi-core receiving.
 
-Each worker is a fresh interpreter (like multiprocessing's spawn, without its helper processes)
-that gets its settings and the pickled `handler_factory` on stdin, calls the factory once and
-then serves the connections the parent hands it, each on its own thread, exactly as the SCP does
-in thread mode. The parent accepts connections and passes each socket (SCM_RIGHTS over a Unix
-SOCK_SEQPACKET pair) to the worker with the fewest open connections, with an association id and
-whether the association limit is already reached. Counters live in a small file mapped by both
-sides (one writer per slot). A worker that dies is reaped, reported and restarted; its
-connections die with it, which their peers see as aborted associations. A worker whose parent
+Each worker is a fresh interpreter (like multiprocessing's spawn, without its helper processes) that
+gets its settings and the pickled `handler_factory` on stdin; or, with `preload`, a fork of this
+process's fork server, which imported those modules once (see forkserver.py). Either way it calls
+the factory once and then serves the connections the parent hands it, each on its own thread,
+exactly as the SCP does in thread mode. The parent accepts connections and passes each socket
+(SCM_RIGHTS over a Unix SOCK_SEQPACKET pair) to the worker with the fewest open connections, with an
+association id and whether the association limit is already reached. Counters live in a small file
+mapped by both sides (one writer per slot). A worker that dies is reaped, reported and restarted;
+its connections die with it, which their peers see as aborted associations. A worker whose parent
 goes away sees its channel close and exits.
 """
 
@@ -31,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from gateway.dimse.forkserver import Forked, ForkServer
 from gateway.dimse.scp import FINISHED, Service, handler_callbacks, supported_contexts
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,19 @@ class WorkerConfig:
 def worker_main(boot: BinaryIO) -> None:
     """A worker process: build the handler, then serve each connection handed over the channel
     on its own thread until the parent closes the channel (or dies)."""
-    index, chan_fd, counts_fd, n_slots, config, factory_pickle, level = pickle.load(boot)
+    serve_worker(*pickle.load(boot))
+
+
+def serve_worker(
+    index: int,
+    chan_fd: int,
+    counts_fd: int,
+    n_slots: int,
+    config: WorkerConfig,
+    factory_pickle: bytes,
+    level: int,
+) -> None:
+    """Run as a worker on these descriptors (in a fresh interpreter or a fork); never returns."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     logging.basicConfig(
         level=level,
@@ -148,7 +162,7 @@ class _Slot:
 
     def __init__(self, index: int) -> None:
         self.index = index
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: subprocess.Popen[bytes] | Forked | None = None
         self.chan: socket.socket | None = None
         self.state = "starting"  # starting, ready, failed (gave up), dead
         self.handed = 0  # connections handed over (parent only)
@@ -158,7 +172,13 @@ class _Slot:
 class WorkerPool:
     """N worker processes serving the connections the SCP's accept loop hands over."""
 
-    def __init__(self, n: int, handler_factory: Callable[[], object], config: WorkerConfig):
+    def __init__(
+        self,
+        n: int,
+        handler_factory: Callable[[], object],
+        config: WorkerConfig,
+        preload: list[str] | None = None,
+    ):
         try:
             self.factory_pickle = pickle.dumps(handler_factory)
         except Exception as exc:  # PicklingError, AttributeError, TypeError...
@@ -166,6 +186,7 @@ class WorkerPool:
         if b"__main__" in self.factory_pickle:
             raise TypeError("handler_factory must be picklable by reference: not from __main__")
         self.config = config
+        self.preload = preload
         self.slots = [_Slot(i) for i in range(n)]
         self.running = False
         self._cond = threading.Condition()
@@ -185,6 +206,8 @@ class WorkerPool:
     def start(self) -> WorkerPool:
         """Start every worker at once; wait until all are ready; raise if one is not."""
         self.running = True
+        if self.preload is not None:
+            ForkServer.shared(self.preload)  # its imports overlap with the set-up below
         for slot in self.slots:
             self._launch(slot)
         self._monitor = threading.Thread(target=self._watch, name="scp-workers", daemon=True)
@@ -282,6 +305,19 @@ class WorkerPool:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         counts_fd = self._counts_fd
         level = logging.getLogger("gateway").getEffectiveLevel()
+        if self.preload is not None:
+            boot = (slot.index, len(self.slots), self.config, self.factory_pickle, level)
+            try:
+                forked = ForkServer.shared(self.preload).fork(boot, child.fileno(), counts_fd)
+            except BaseException:
+                parent.close()
+                raise
+            finally:
+                child.close()
+            with self._cond:
+                slot.process, slot.chan, slot.state = forked, parent, "starting"
+            self._selector.register(parent, selectors.EVENT_READ, slot)
+            return
         boot = pickle.dumps(sys.path) + pickle.dumps(
             (
                 slot.index,
@@ -357,7 +393,11 @@ class WorkerPool:
             slot.index,
             code,
         )
-        self._launch(slot)
+        try:
+            self._launch(slot)
+        except OSError as exc:
+            log.error("storage SCP worker %d could not be restarted (%s)", slot.index, exc)
+            self._set_state(slot, "failed")
 
     def _reap(self, slot: _Slot, timeout_s: float) -> int | None:
         """Wait for the process to exit; terminate, then kill, one that does not in time."""
