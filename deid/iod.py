@@ -59,10 +59,9 @@ _ENHANCED = _IMAGE | {
     ACQ_DATETIME: "1C",
     DEVICE_SERIAL: "1",
 }
-# SR Document General module.
-_SR = {
-    CONTENT_DATE: "1",
-    CONTENT_TIME: "1",
+# Type 3 in both the SR Document General and Presentation State Identification modules (and the
+# General Equipment / Series attributes they carry).
+_DOCUMENT_OPTIONAL = {
     SERIES_DATE: "3",
     SERIES_TIME: "3",
     CREATION_DATE: "3",
@@ -73,29 +72,23 @@ _SR = {
     INSTITUTION_CODES: "3",
     OPERATORS: "3",
     OPERATOR_IDS: "3",
+    REF_STUDIES: "3",
+}
+# SR Document General module.
+_SR = _DOCUMENT_OPTIONAL | {
+    CONTENT_DATE: "1",
+    CONTENT_TIME: "1",
     PROTOCOL_NAME: "3",
     PATIENT_ID: "2",
-    REF_STUDIES: "3",
     REF_PPS: "2",
 }
 _DOSE_SR = _SR | {DEVICE_SERIAL: "1"}  # Enhanced General Equipment is mandatory
 # Presentation State Identification module.
-_PR = {
+_PR = _DOCUMENT_OPTIONAL | {
     CONTENT_DATE: "1",
     CONTENT_TIME: "1",
     CONTENT_CREATOR: "2",
-    SERIES_DATE: "3",
-    SERIES_TIME: "3",
-    CREATION_DATE: "3",
-    CREATION_TIME: "3",
-    DEVICE_SERIAL: "3",
-    STATION: "3",
-    INSTITUTION: "3",
-    INSTITUTION_CODES: "3",
-    OPERATORS: "3",
-    OPERATOR_IDS: "3",
     PATIENT_ID: "2",
-    REF_STUDIES: "3",
     REF_PPS: "3",
 }
 TOP_LEVEL: dict[str, dict[int, str]] = {
