@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -12,15 +11,9 @@ from rich.console import Console
 from dicom.synthetic import generate
 from gateway.api import Gateway
 from gateway.config import PacsPeer, Settings
-from gateway.localpacs import LocalOrthanc
+from gateway.localpacs import LocalOrthanc, free_port
 
 console = Console()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_demo(workdir: Path, *, patients: int = 4, slices: int = 120, size: int = 512) -> int:
