@@ -11,14 +11,12 @@ import subprocess
 import sys
 import textwrap
 import threading
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 import zarr
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import BasicTextSRStorage, generate_uid
 
@@ -34,6 +32,7 @@ from storage.series import (
     list_series,
 )
 from storage.spool import LOG_NAME, SpoolError
+from tests.samples import pydicom_sample
 
 KEY = "projects/demo/2.25.1/2.25.2"
 REPO = Path(__file__).resolve().parents[1]
@@ -278,15 +277,6 @@ def test_images_and_a_report_in_one_series(tmp_path, ct):
     assert reader.instance(4).pixel_array.shape == (32, 32)
 
 
-def _sample(name: str) -> Dataset:
-    path = get_testdata_file(name)
-    if path is None:
-        pytest.skip(f"pydicom test file {name} not available")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pydicom.dcmread(path)
-
-
 @pytest.mark.parametrize(
     "name",
     [
@@ -304,7 +294,7 @@ def _sample(name: str) -> Dataset:
 )
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom's samples hold a few odd values
 def test_pixel_encodings_are_stored_as_their_decoded_values(tmp_path, name):
-    src = _sample(name)
+    src = pydicom_sample(name)
     try:
         expected = src.pixel_array
     except Exception:

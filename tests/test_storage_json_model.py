@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import struct
-import warnings
 from io import BytesIO
 
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
@@ -17,6 +15,7 @@ from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 
 from dicom import json_model
+from tests.samples import pydicom_sample
 
 # Files shipped inside the pydicom wheel: CT with many private tags, MR, an SR (nested
 # sequences), an ECG (waveform bulk data), an MR with an overlay and an icon image.
@@ -29,15 +28,6 @@ SAMPLES = [
     "waveform_ecg.dcm",
     "examples_overlay.dcm",
 ]
-
-
-def _sample(name: str) -> Dataset:
-    path = get_testdata_file(name)
-    if path is None:
-        pytest.skip(f"pydicom test file {name} not available")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pydicom.dcmread(path)
 
 
 def _reference(ds: Dataset) -> dict:
@@ -54,7 +44,7 @@ def _reference(ds: Dataset) -> dict:
 
 @pytest.mark.parametrize("name", SAMPLES)
 def test_matches_pydicom_and_round_trips(name):
-    ds = _sample(name)
+    ds = pydicom_sample(name)
     ours = json_model.to_json_dict(ds, bulk_threshold=10**9)
     assert json.dumps(ours, sort_keys=True) == json.dumps(_reference(ds), sort_keys=True)
 
@@ -217,7 +207,7 @@ def test_raw_public_tags_in_implicit_and_big_endian_datasets(monkeypatch):
 @pytest.mark.parametrize("name", SAMPLES)
 def test_encode_gives_the_model_and_its_text_also_when_cached(name):
     for _ in range(2):  # the second time from the cache
-        ds = _sample(name)
+        ds = pydicom_sample(name)
         model, text = json_model.encode(ds, bulk_threshold=4096)
-        assert model == json_model.to_json_dict(_sample(name), bulk_threshold=4096)
+        assert model == json_model.to_json_dict(pydicom_sample(name), bulk_threshold=4096)
         assert json.loads(text) == model
