@@ -85,10 +85,6 @@ class PullReport:
         return sum(s.stored for s in self.series if s.status == "complete")
 
     @property
-    def new_instances(self) -> int:
-        return sum(s.stored for s in self.series if s.status == "complete" and s.nbytes)
-
-    @property
     def quarantined(self) -> int:
         """Instances held back by de-identification: reported, never stored."""
         return sum(s.quarantined for s in self.series)
