@@ -58,9 +58,14 @@ def storescp_round(
 
 
 def sphere_round(
-    pacs: LocalOrthanc, port: int, accessions: list[str], assoc: int, home: Path
+    pacs: LocalOrthanc,
+    port: int,
+    accessions: list[str],
+    assoc: int,
+    home: Path,
+    fsync_each: bool = False,
 ) -> tuple[float, int]:
-    """The whole pull of the cohort with default settings (fsync on); seconds and instances."""
+    """The whole pull of the cohort with default settings; seconds and instances."""
     shutil.rmtree(home, ignore_errors=True)
     gw = Gateway(
         Settings(
@@ -69,6 +74,7 @@ def sphere_round(
             actor="bench",
             max_associations=assoc,
             fsync=os.environ.get("BENCH_FSYNC", "1") == "1",
+            fsync_each=fsync_each,
             pacs=PacsPeer(ae_title=pacs.aet, port=pacs.dicom_port),
         )
     )
@@ -94,6 +100,11 @@ def main() -> None:
     ap.add_argument("--associations", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument(
+        "--fsync-each",
+        action="store_true",
+        help="flush each instance before acknowledging it (SPHERE_FSYNC_EACH), not per association",
+    )
     args = ap.parse_args()
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="sphere-bench-"))
@@ -110,6 +121,7 @@ def main() -> None:
         print(
             f"corpus: {n} CT instances of {args.size}x{args.size}, {len(series)} series; "
             f"{args.associations} concurrent associations; {args.rounds} rounds"
+            + ("; sphere flushes every instance" if args.fsync_each else "")
         )
         ours, theirs = [], []
         for r in range(args.rounds):
@@ -120,6 +132,7 @@ def main() -> None:
                 [st.accession for st in corpus.studies],
                 args.associations,
                 work / "gateway",
+                args.fsync_each,
             )
             assert s_n == n and g_n == n, (s_n, g_n, n)
             theirs.append(n / s_sec)

@@ -35,6 +35,16 @@ VALID_VRS = frozenset(str(v) for v in VR if len(str(v)) == 2)
 TEXT_VRS = frozenset({"LO", "SH", "LT", "ST", "UT", "UC"})
 _LONG_TEXT = frozenset({"LT", "ST", "UT", "UC"})
 _SEMANTIC_VRS = frozenset({"SQ", "UI", "DA", "DT", "TM", "PN", "AS"})
+# VRs of elements whose outcome depends on their own value only (no names, dates or text,
+# which feed or undergo the free-text scrub): see `Deidentifier.is_local`.
+_LOCAL_VRS = frozenset(
+    {"UI", "TM", "IS", "DS", "US", "SS", "UL", "SL", "FL", "FD", "AT", "SV", "UV"}
+    | {"OD", "OF", "OL", "OV"}
+)
+# Elements other rules read (patient, study, class, burned-in checks, character set).
+_CONTEXT_TAGS = frozenset(
+    {0x00080005, 0x00080008, 0x00080016, 0x00080060, 0x0020000D, 0x0020000E, 0x00100020}
+)
 # VRs whose values no rule looks at when the table does not list the attribute.
 _PASS_VRS = frozenset(
     {"US", "SS", "UL", "SL", "FL", "FD", "DS", "IS", "CS", "AT", "SV", "UV", "OB", "OW", "OF"}
@@ -225,11 +235,55 @@ class Deidentifier:
             raise Quarantined(f"malformed data ({type(e).__name__})") from None
         self._stamp(ds, run)
         if meta is not None:
-            self._meta(meta)
+            self.clean_meta(meta)
         if getattr(ds, "preamble", None):
             ds.preamble = b"\x00" * 128
         self._keep_mappings(run.mappings)
         return ds
+
+    def context(self, ds: Dataset) -> tuple[str, str, bool]:
+        """(Patient ID, SOP class, has pixels) of an instance, read before `apply` changes it:
+        what `apply_changes` needs to know of the instance it follows."""
+        has_pixels = any(t in ds._dict for t in pixels.PIXEL_TAGS)
+        return self._text(ds, PATIENT_ID) or "", self._text(ds, SOP_CLASS) or "", has_pixels
+
+    def is_local(self, tag: int, vr: str | None) -> bool:
+        """Whether an element's outcome depends on its own value only and no other rule reads
+        it: then it can be de-identified alone (see `apply_changes`)."""
+        group = tag >> 16
+        if group & 1 or not tag & 0xFFFF or group == 0x0002 or group & 0xFF00 in (0x5000, 0x6000):
+            return False
+        if (group == 0x0028 and tag & 0xFFFF < 0x1000) or tag in _CONTEXT_TAGS or tag in ID_TAGS:
+            return False  # image pixel description, burned-in flag, identities
+        vrs = _dict_vrs(tag) if vr is None or vr == "UN" else frozenset({vr})
+        return bool(vrs) and vrs <= _LOCAL_VRS
+
+    def apply_changes(self, changed: Dataset, context: tuple[str, str, bool]) -> bool:
+        """De-identify in place the elements in which an instance differs from an earlier one
+        of its series that went through `apply`, every other element being byte for byte the
+        same (same patient, class and transfer syntax too): the rest of its output is the earlier
+        one's. `context` is the earlier one's `context`.
+
+        False when that is not safe for these elements (`changed` is then to be thrown away
+        and the instance given to `apply`): one is not local, or the walk noted identities or
+        deferred text, or found something to quarantine.
+        """
+        if self.stats is not None:
+            return False  # a per-rule report counts every instance in full
+        if not all(self.is_local(int(t), e.VR) for t, e in changed._dict.items()):
+            return False
+        patient_id, sop_class, has_pixels = context
+        shift = self.keys.date_shift_days(patient_id) if self._modified else None
+        family = iod.family(sop_class, has_pixels)
+        run = _Run(self.keys.pseudonym(patient_id), shift, family, None)
+        try:
+            self._walk(run, changed, None, NORMAL)
+        except Exception:  # Quarantined or malformed: `apply` decides, with the whole instance
+            return False
+        if run.tokens or run.deferred:
+            return False
+        self._keep_mappings(run.mappings)
+        return True
 
     def drain_mappings(self) -> list[Mapping]:
         """Mappings collected since the last call (when no sink was given), for the vault."""
@@ -628,7 +682,8 @@ class Deidentifier:
         # One read-only element shared by all instances: building items costs more than the rest.
         d[BaseTag(0x00120064)] = self._codes_blanked if run.blanked else self._codes
 
-    def _meta(self, meta: Dataset) -> None:
+    def clean_meta(self, meta: Dataset) -> None:
+        """De-identify file meta information in place (done by `apply` for `ds.file_meta`)."""
         d = meta._dict
         for t in _META_DROP:
             d.pop(t, None)

@@ -126,6 +126,7 @@ class Gateway:
             profile=dict(project.deid_profile or {}),
             spool_root=s.spool_dir.resolve(),
             fsync=s.fsync,
+            fsync_each=s.fsync_each,
             vault_url=s.resolved_vault_url(),
             catalog_url=s.resolved_catalog_url(),
             actor=self.actor,

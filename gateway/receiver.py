@@ -12,17 +12,26 @@ import json
 import logging
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from deid.engine import Deidentifier, Quarantined
 from deid.keys import ProjectKeys
 from deid.profile import Profile
+from dicom.raw import element_spans
 from gateway.dimse.common import REFUSED_NOT_AUTHORIZED, SUCCESS
+from gateway.dimse.scp import ReceivedInstance, file_meta, store_received
 from storage.series import SeriesWriter
+
+_SERIES_UID, _SOP_UID, _PIXEL_DATA = 0x0020000E, 0x00080018, 0x7FE00010
+_TEMPLATES = 64  # series followed at once per worker process
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +97,21 @@ class SpoolLayout:
 
 
 @dataclass(frozen=True)
+class _Template:
+    """The last instance of a series that went through the whole engine: its elements as
+    received (pixel data left out) and as stored."""
+
+    syntax: str
+    sop_class: str
+    context: tuple[str, str, bool]  # Deidentifier.context
+    pseudo_series: str
+    raw: dict[int, bytes]
+    tags: frozenset[int]  # every top-level tag received, pixel data included
+    out: dict[Any, Any]  # de-identified elements, pixel data left out
+    charset: Any
+
+
+@dataclass(frozen=True)
 class ReceiverConfig:
     """Everything a worker process needs to receive for one project's pull (picklable)."""
 
@@ -96,13 +120,21 @@ class ReceiverConfig:
     profile: dict[str, Any]
     spool_root: Path
     fsync: bool
+    fsync_each: bool
     vault_url: str
     catalog_url: str
     actor: str
 
 
 class Receiver:
-    """Accepts expected instances: de-identifies headers, spools durably, then acknowledges."""
+    """Accepts expected instances: de-identifies headers, spools them, then acknowledges.
+
+    An acknowledged instance is in the spool file, safe from a crash of this process. The
+    spool reaches stable storage at the end of each association (before the release is
+    answered, so before the PACS reports the transfer done), or before each acknowledgement
+    with `fsync_each`. A power loss in between loses only instances the pull has not verified
+    yet: the re-run fetches them again from the PACS.
+    """
 
     def __init__(self, cfg: ReceiverConfig) -> None:
         from deid.vault import Vault
@@ -117,12 +149,43 @@ class Receiver:
             sink=lambda batch: self._vault.record_many(cfg.project, batch),
         )
         self._writers: dict[str, SeriesWriter] = {}
+        self._templates: OrderedDict[bytes, _Template] = OrderedDict()
         self._lock = threading.Lock()
         self._catalog: Any = None
         self.refused = 0
+        self.shortcuts = 0  # instances stored by comparison with the last of their series
+
+    def on_receive(self, inst: ReceivedInstance, calling_ae: str) -> int:
+        """`on_store` for an instance still encoded, as the Storage SCP hands it over.
+
+        The same outcome, byte for byte, but the second and later instances of a series take
+        a shortcut: compared with the last one as bytes, element by element, only the
+        elements that changed (UIDs, position, times...) are decoded and de-identified, when
+        they are of a kind that cannot affect any other (see Deidentifier.apply_changes).
+        """
+        syntax = inst.transfer_syntax
+        spans = None
+        if syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            spans = element_spans(inst.data, syntax.is_implicit_VR)
+            if spans is not None:
+                status = self._like_before(inst, spans)
+                if status is not None:
+                    return status
+
+        def store(ds: Dataset, ae: str) -> int:
+            return self._store(ds, ae, (inst, spans) if spans is not None else None)
+
+        return store_received(
+            store, inst.data, syntax, inst.sop_class, inst.sop_instance, calling_ae
+        )
 
     def on_store(self, ds: Dataset, calling_ae: str) -> int:
         """The C-STORE status for one instance: success only once it is spooled (or quarantined)."""
+        return self._store(ds, calling_ae, None)
+
+    def _store(
+        self, ds: Dataset, calling_ae: str, received: tuple[ReceivedInstance, dict] | None
+    ) -> int:
         series_uid = str(ds.get("SeriesInstanceUID") or "")
         pseudo_series = self.keys.uid(series_uid) if series_uid else ""
         want = self.layout.expected(pseudo_series) if pseudo_series else None
@@ -131,6 +194,7 @@ class Receiver:
             self._refuse(calling_ae)
             return REFUSED_NOT_AUTHORIZED
         pseudo_sop = self.keys.uid(str(ds.get("SOPInstanceUID") or ""))
+        context = self.deid.context(ds) if received is not None else None
         try:
             self.deid.apply(ds)
             if want.get("patient") and ds.get("PatientID") != want["patient"]:
@@ -141,11 +205,97 @@ class Receiver:
             log.warning("quarantined an instance of series %s: %s", pseudo_series, q.reason)
             return SUCCESS  # taken in charge: reported, never stored
         self._writer(pseudo_series).add(ds)
+        if received is not None and context is not None and self.deid.stats is None:
+            self._remember(received[0], received[1], context, pseudo_series, ds)
+        return SUCCESS
+
+    def _remember(
+        self,
+        inst: ReceivedInstance,
+        spans: dict[int, tuple[int, int]],
+        context: tuple[str, str, bool],
+        pseudo_series: str,
+        out: Dataset,
+    ) -> None:
+        """Keep this instance as the one the next of its series is compared with."""
+        data = inst.data
+        if _SERIES_UID not in spans:
+            return
+        raw = {t: data[s:e] for t, (s, e) in spans.items() if t != _PIXEL_DATA}
+        template = _Template(
+            syntax=inst.transfer_syntax,
+            sop_class=inst.sop_class,
+            context=context,
+            pseudo_series=pseudo_series,
+            raw=raw,
+            tags=frozenset(spans),
+            out={t: e for t, e in out._dict.items() if t != _PIXEL_DATA},
+            charset=out.original_character_set,
+        )
+        with self._lock:
+            self._templates[raw[_SERIES_UID]] = template
+            self._templates.move_to_end(raw[_SERIES_UID])
+            while len(self._templates) > _TEMPLATES:
+                self._templates.popitem(last=False)
+
+    def _like_before(self, inst: ReceivedInstance, spans: dict[int, tuple[int, int]]) -> int | None:
+        """Store an instance that differs from its series' template only in local elements;
+        None when it does not (then it takes the whole way, which also answers refusals)."""
+        data = inst.data
+        span = spans.get(_SERIES_UID)
+        if span is None:
+            return None
+        with self._lock:
+            tpl = self._templates.get(data[span[0] : span[1]])
+        if (
+            tpl is None
+            or tpl.syntax != inst.transfer_syntax
+            or tpl.sop_class != inst.sop_class
+            or tpl.tags != spans.keys()
+        ):
+            return None
+        raw = tpl.raw
+        changed = [t for t, (s, e) in spans.items() if t != _PIXEL_DATA and raw[t] != data[s:e]]
+        implicit = inst.transfer_syntax.is_implicit_VR
+        mini = read_dataset(
+            BytesIO(b"".join(data[spans[t][0] : spans[t][1]] for t in changed)), implicit, True
+        )
+        if sorted(mini._dict) != sorted(changed):
+            return None
+        sop = mini.get(_SOP_UID)
+        if sop is None or str(sop.value) != inst.sop_instance:
+            return None  # the whole way answers a dataset that does not match its request
+        if self.layout.expected(tpl.pseudo_series) is None:
+            return None
+        if not self.deid.apply_changes(mini, tpl.context):
+            return None
+        out = dict(tpl.out)
+        for t in changed:
+            elem = mini._dict.get(t)
+            if elem is None:
+                out.pop(t, None)
+            else:
+                out[t] = elem
+        if _PIXEL_DATA in spans:
+            s, e = spans[_PIXEL_DATA]
+            out.update(read_dataset(BytesIO(data[s:e]), implicit, True)._dict)
+        ds = Dataset(out)
+        ds.set_original_encoding(implicit, True, tpl.charset)
+        meta = file_meta(inst.transfer_syntax, inst.sop_class, inst.sop_instance)
+        self.deid.clean_meta(meta)
+        ds.file_meta = meta
+        self._writer(tpl.pseudo_series).add(ds)
+        self.shortcuts += 1
         return SUCCESS
 
     def on_release(self, assoc_id: Any = None) -> None:
-        """At the end of an association: hand mappings to the vault, close finished series."""
+        """At the end of an association: hand mappings to the vault, flush the spool, close
+        finished series."""
         self.deid.flush()
+        with self._lock:
+            writers = list(self._writers.values())
+        for w in writers:
+            w.sync()
         with self._lock:
             done = [k for k in self._writers if self.layout.expected(k) is None]
             for k in done:
@@ -166,6 +316,7 @@ class Receiver:
                     self.layout.data(pseudo_series),
                     fsync=self.cfg.fsync,
                     segment=str(os.getpid()),
+                    sync_each=self.cfg.fsync_each,
                 )
                 self._writers[pseudo_series] = w
             return w

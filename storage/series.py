@@ -79,7 +79,8 @@ class SeriesWriter:
     starts a new spool there.
 
     `add` may be called from several threads; it returns once the instance is in the spool
-    (and on disk with `fsync`). Reopening a writer on the spool folder of a crashed process
+    file (and flushed to stable storage with `fsync` and `sync_each`; with `sync_each=False`,
+    `sync` and `close` flush). Reopening a writer on the spool folder of a crashed process
     resumes with what every segment holds.
     """
 
@@ -89,11 +90,12 @@ class SeriesWriter:
         fsync: bool = True,
         segment: str | None = None,
         *,
+        sync_each: bool = True,
         bulk_threshold: int = json_model.DEFAULT_BULK_THRESHOLD,
     ) -> None:
         self.fsync = fsync
         self.bulk_threshold = bulk_threshold
-        self._spool = Spool(Path(spool_dir), fsync=fsync, segment=segment)
+        self._spool = Spool(Path(spool_dir), fsync=fsync, segment=segment, sync_each=sync_each)
         self._cond = threading.Condition()
         self._state = _OPEN
         self._inflight = 0
@@ -189,7 +191,7 @@ class SeriesWriter:
         self._spool.sync()
 
     def close(self) -> None:
-        """Stop accepting instances and release the spool, keeping it for a later resume."""
+        """Stop accepting instances, flush and release the spool, keeping it for a resume."""
         self._stop_accepting()
         self._spool.close()
 

@@ -6,7 +6,9 @@ segments at the same time without waiting for each other; a segment is locked (f
 live writer so two writers never share one. A record is a fixed head (magic, lengths, CRC32C
 of the rest), a small JSON `meta` (what commit needs to order and check slices, with the time
 the record was written), the instance header (DICOM JSON) and the pixel bytes (compressed by
-the caller). With `fsync`, `put` returns after fdatasync, so the record survives a crash.
+the caller). `put` returns once the record is written to the file: it then survives a crash
+of the process. With `fsync`, it also survives power loss: after each `put` (`sync_each`), or
+once `sync` or `close` returns (one flush for many records: what a receiver uses).
 
 Readers (the coordinator that counts and commits) scan every segment, keep each whole record
 and ignore a torn tail; a later record for the same SOPInstanceUID replaces an earlier one
@@ -93,9 +95,12 @@ class Spool:
     and `__len__` re-read every segment from disk (only bytes not yet scanned).
     """
 
-    def __init__(self, path: Path, fsync: bool = True, segment: str | None = None) -> None:
+    def __init__(
+        self, path: Path, fsync: bool = True, segment: str | None = None, sync_each: bool = True
+    ) -> None:
         self.path = Path(path)
         self.fsync = fsync
+        self.sync_each = fsync and sync_each
         self.segment = segment_file(segment)
         self._lock = threading.Lock()
         self._fd = -1  # own segment, locked exclusively
@@ -203,7 +208,7 @@ class Spool:
     # -- writing (this spool's own segment) ---------------------------------------------------
 
     def put(self, sop_uid: str, meta: dict[str, Any], header: BytesLike, pixels: BytesLike) -> None:
-        """Append one instance; on return it is in the log (and on disk if `fsync`).
+        """Append one instance; on return it is in the log (flushed too with `sync_each`).
 
         Raises SpoolSealed once the folder was committed or discarded (or deleted).
         """
@@ -228,13 +233,14 @@ class Spool:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             self._end += size
             fd = self._fd
-        if self.fsync:
+        if self.sync_each:
             os.fdatasync(fd)  # outside the lock: concurrent adds share the flush
 
     def sync(self) -> None:
-        """Make everything this spool appended durable (fdatasync of its segment)."""
+        """Make everything this spool appended durable (fdatasync of its segment), unless
+        built with `fsync=False`."""
         with self._lock:
-            if self._fd >= 0:
+            if self._fd >= 0 and self.fsync:
                 os.fdatasync(self._fd)
 
     def _open_segment(self) -> None:
@@ -308,9 +314,12 @@ class Spool:
         finally:
             os.close(fd)  # also drops the lock
 
-    def close(self) -> None:
-        """Release the files (and the segment's lock); the files stay for a later resume."""
+    def close(self, flush: bool = True) -> None:
+        """Flush (with `fsync`) and release the files and the segment's lock; the files stay
+        for a later resume."""
         with self._lock:
+            if flush and self._fd >= 0 and self.fsync and not self.sync_each:
+                os.fdatasync(self._fd)
             self._closed = True
             for fd in (self._fd, self._lock_fd):
                 if fd >= 0:
@@ -323,7 +332,7 @@ class Spool:
     def remove(self) -> None:
         """Seal, close and delete the spool folder."""
         self.seal()
-        self.close()
+        self.close(flush=False)
         shutil.rmtree(self.path, ignore_errors=True)
 
 

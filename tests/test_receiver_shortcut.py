@@ -1,0 +1,112 @@
+"""The receiver's shortcut for the second and later instances of a series: it must store
+exactly what the whole engine stores, and step aside whenever an identity could be involved."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pydicom
+import pytest
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from dicom.synthetic import generate
+from gateway.api import Gateway
+from gateway.config import Settings
+from gateway.dimse.common import DATASET_MISMATCH, REFUSED_NOT_AUTHORIZED, SUCCESS
+from gateway.dimse.scp import ReceivedInstance
+from gateway.receiver import Receiver
+from storage.series import SeriesWriter
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """A series, and two receivers of one project: `fast` gets encoded instances (on_receive),
+    `whole` decoded ones (on_store, the whole engine every time)."""
+    corpus = generate(tmp_path / "corpus", n_patients=1, series_per_study=1, slices=12, size=32)
+    gw = Gateway(Settings(home=tmp_path / "gw", fsync=False))
+    gw.create_project("short")
+    cfg = gw.receiver_config("short")
+    fast, whole = Receiver(cfg), Receiver(replace(cfg, spool_root=tmp_path / "spool-whole"))
+    st = corpus.studies[0]
+    se = st.series[0]
+    for r in (fast, whole):
+        pseudo = r.keys.uid(se.series_uid)
+        r.layout.expect(pseudo, r.keys.uid(st.study_uid), r.keys.pseudonym(st.patient_id))
+    return corpus, fast, whole, fast.keys.uid(se.series_uid)
+
+
+def encoded(ds: pydicom.Dataset, syntax) -> ReceivedInstance:
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, syntax.is_implicit_VR
+    write_dataset(buf, ds)
+    return ReceivedInstance(ds.SOPClassUID, ds.SOPInstanceUID, syntax, buf.getvalue())
+
+
+def stored(receiver: Receiver, pseudo: str) -> dict[str, tuple[bytes, bytes, dict]]:
+    """{pseudonymous SOP UID: (header JSON, pixel bytes, record meta without its time)}."""
+    writer = SeriesWriter(receiver.layout.data(pseudo), fsync=False)
+    spool = writer._spool
+    out = {}
+    for e in spool.entries():
+        pixels = bytearray(e.pixel_len)
+        spool.read_pixels_into(e, memoryview(pixels))
+        meta = {k: v for k, v in e.meta.items() if k != "t"}
+        out[e.meta["sop"]] = (spool.read_header(e), bytes(pixels), meta)
+    writer.close()
+    return out
+
+
+def feed(corpus, fast, whole, syntax, change=None) -> None:
+    for i, f in enumerate(sorted(corpus.files)):
+        ds = pydicom.dcmread(f)
+        if change:
+            change(i, ds)
+        inst = encoded(ds, syntax)
+        assert fast.on_receive(inst, "ORTHANC") == SUCCESS
+        assert whole.on_store(inst.dataset(), "ORTHANC") == SUCCESS
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_the_shortcut_stores_what_the_whole_engine_stores(pair, syntax):
+    corpus, fast, whole, pseudo = pair
+    feed(corpus, fast, whole, syntax)
+    n = len(corpus.files)
+    assert fast.shortcuts == n - 1  # all but the first instance
+    got, want = stored(fast, pseudo), stored(whole, pseudo)
+    assert len(got) == n and got == want  # headers, pixels and slice metadata, byte for byte
+    headers = b"".join(h for h, _, _ in got.values())
+    assert not [p for p in corpus.phi if p.encode() in headers]
+
+
+def test_changed_identities_or_text_take_the_whole_way(pair):
+    corpus, fast, whole, pseudo = pair
+    n = len(corpus.files)
+
+    def change(i, ds):
+        ds.WindowCenter = 40 + i  # a number: local, never a reason to step aside
+        if i >= n // 2:  # then a name and free text that change from instance to instance
+            ds.OperatorsName = f"Operator^{i}"
+            ds.ImageComments = f"slice read by {corpus.phi[0]} {i}"
+
+    feed(corpus, fast, whole, ExplicitVRLittleEndian, change)
+    assert fast.shortcuts == n // 2 - 1
+    got, want = stored(fast, pseudo), stored(whole, pseudo)
+    assert got == want
+    headers = b"".join(h for h, _, _ in got.values())
+    assert corpus.phi[0].encode() not in headers and b"Operator^" not in headers
+
+
+def test_the_shortcut_still_refuses_and_checks_requests(pair):
+    corpus, fast, _, pseudo = pair
+    files = sorted(corpus.files)
+    first, second, third = (pydicom.dcmread(f) for f in files[:3])
+    assert fast.on_receive(encoded(first, ExplicitVRLittleEndian), "ORTHANC") == SUCCESS
+    wrong = encoded(second, ExplicitVRLittleEndian)
+    wrong = replace(wrong, sop_instance=third.SOPInstanceUID)  # request and dataset disagree
+    assert fast.on_receive(wrong, "ORTHANC") == DATASET_MISMATCH
+    fast.layout.forget(pseudo)  # the pull closed the door on the series
+    late = encoded(third, ExplicitVRLittleEndian)
+    assert fast.on_receive(late, "ORTHANC") == REFUSED_NOT_AUTHORIZED
+    assert fast.shortcuts == 0 and fast.refused == 1
