@@ -2,10 +2,10 @@
 
 The way of one series: C-FIND gives the PACS's instance count; the series is registered with the
 `Receiver` (which refuses anything not registered); C-MOVE (or C-GET) brings the instances, each one
-de-identified and spooled durably before it is acknowledged; the received count is checked against
-the PACS's count and the C-MOVE sub-operation counts; only then is the series committed to Zarr and
-marked complete in the catalog. A re-run skips complete series and resumes the others from
-their spool.
+de-identified and spooled before it is acknowledged (flushed when the association ends, see
+Receiver); the received count is checked against the PACS's count and the C-MOVE sub-operation
+counts; only then is the series committed to Zarr and marked complete in the catalog. A re-run
+skips complete series and resumes the others from their spool.
 """
 
 from __future__ import annotations

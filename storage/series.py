@@ -118,7 +118,7 @@ class SeriesWriter:
         return self._spool.path
 
     def add(self, ds: Dataset) -> None:
-        """Spool one de-identified instance durably; a repeated SOPInstanceUID replaces it.
+        """Spool one de-identified instance; a repeated SOPInstanceUID replaces it.
 
         Raises SeriesError for an instance that cannot be stored (multi-frame, unsupported
         pixel type); the rest of the series is unaffected.
