@@ -41,6 +41,9 @@ class SpoolLayout:
 
     def __init__(self, spool_root: Path, project: str) -> None:
         self.root = Path(spool_root) / project
+        # Markers read, by series, with the identity of the file read: asked once per instance,
+        # a marker is read again only when replaced.
+        self._read: dict[str, tuple[tuple[int, int, int], dict[str, str]]] = {}
 
     def data(self, pseudo_series: str) -> Path:
         return self.root / "series" / pseudo_series
@@ -62,10 +65,21 @@ class SpoolLayout:
 
     def expected(self, pseudo_series: str) -> dict[str, str] | None:
         """{"study", "patient"} the series belongs to, or None if nobody waits for it."""
+        marker = self._marker(pseudo_series)
         try:
-            return json.loads(self._marker(pseudo_series).read_text())
+            st = os.stat(marker)
+            seen = (st.st_ino, st.st_mtime_ns, st.st_size)
+            hit = self._read.get(pseudo_series)
+            if hit is not None and hit[0] == seen:
+                return hit[1]
+            want = json.loads(marker.read_text())
         except (FileNotFoundError, ValueError):
+            self._read.pop(pseudo_series, None)
             return None
+        if len(self._read) > 4096:
+            self._read.clear()
+        self._read[pseudo_series] = (seen, want)
+        return want
 
     def forget(self, pseudo_series: str) -> None:
         """Close the door: later arrivals of this series are refused."""
