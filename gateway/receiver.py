@@ -292,7 +292,9 @@ class Receiver:
                 out[t] = elem
         if _PIXEL_DATA in spans:
             s, e = spans[_PIXEL_DATA]
-            out.update(read_dataset(BytesIO(data[s:e]), implicit, True)._dict)
+            fp = BytesIO(data)  # read in place: no copy of the pixels before pydicom's own
+            fp.seek(s)
+            out.update(read_dataset(fp, implicit, True, bytelength=e - s)._dict)
         ds = Dataset(out)
         ds.set_original_encoding(implicit, True, tpl.charset)
         meta = file_meta(inst.transfer_syntax, inst.sop_class, inst.sop_instance)
