@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
+from collections.abc import Mapping
 from operator import itemgetter
 from typing import Any
 
@@ -60,6 +61,7 @@ _CACHE: dict[tuple[Any, ...], tuple[Any, str | None]] = {}
 _CACHE_SIZE = 20_000
 _CACHE_VALUE_BYTES = 1024  # longer values are rarely repeated; not worth their memory
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
+Part = tuple[Any, str]  # one element's DICOM JSON entry and its '"TAG":{...}' text, from encode()
 
 
 def to_json_dict(ds: Dataset, bulk_threshold: int = DEFAULT_BULK_THRESHOLD) -> dict[str, Any]:
@@ -72,12 +74,21 @@ def dumps(ds: Dataset, bulk_threshold: int = DEFAULT_BULK_THRESHOLD) -> str:
     return json.dumps(to_json_dict(ds, bulk_threshold), separators=(",", ":"))
 
 
-def encode(ds: Dataset, bulk_threshold: int = DEFAULT_BULK_THRESHOLD) -> tuple[dict[str, Any], str]:
+def encode(
+    ds: Dataset,
+    bulk_threshold: int = DEFAULT_BULK_THRESHOLD,
+    reuse: Mapping[int, Part | None] | None = None,
+    parts: dict[int, Part | None] | None = None,
+) -> tuple[dict[str, Any], str]:
     """`to_json_dict(ds)` and its compact JSON text, made together.
 
     Raw elements seen before with the same bytes (most of a series' header repeats from
     instance to instance) are taken from a cache, model and text. The entries of the dict
     may be shared with other calls: read them, never change them in place.
+
+    `parts`, when given, receives each top-level element's part (None for one left out).
+    `reuse` gives parts from an earlier call for elements the caller knows are unchanged
+    since (the same objects, same bulk threshold): those are taken as they are.
     """
     out: dict[str, Any] = {}
     texts: list[str] = []
@@ -87,6 +98,14 @@ def encode(ds: Dataset, bulk_threshold: int = DEFAULT_BULK_THRESHOLD) -> tuple[d
         cache.clear()  # crude but bounded: a series refills it within a few instances
     for tag, elem in _sorted_elements(ds):
         if tag in PIXEL_TAGS or tag >> 16 == 2 or tag & 0xFFFF == 0:
+            continue
+        if reuse is not None and tag in reuse:
+            hit = reuse[tag]
+            if hit is not None:
+                out[f"{tag:08X}"] = hit[0]
+                texts.append(hit[1])
+            if parts is not None:
+                parts[tag] = hit
             continue
         if fast and type(elem) is RawDataElement and type(elem.value) is bytes:
             ckey = (tag, elem.VR, elem.value, elem.is_little_endian, bulk_threshold)
@@ -104,16 +123,22 @@ def encode(ds: Dataset, bulk_threshold: int = DEFAULT_BULK_THRESHOLD) -> tuple[d
                 if hit[0] is not None:
                     out[f"{tag:08X}"] = hit[0]
                     texts.append(hit[1])
+                if parts is not None:
+                    parts[tag] = hit if hit[0] is not None else None
                 continue
         if not isinstance(elem, DataElement):
             elem = ds[tag]
         if " or " in elem.VR:
             elem = correct_ambiguous_vr_element(elem, ds, True, [ds])
         entry = _element(elem, bulk_threshold, [ds])
+        part = None
         if entry is not None:
             key = f"{tag:08X}"
+            part = (entry, f'"{key}":{_dumps(entry)}')
             out[key] = entry
-            texts.append(f'"{key}":{_dumps(entry)}')
+            texts.append(part[1])
+        if parts is not None:
+            parts[tag] = part
     return out, "{" + ",".join(texts) + "}"
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -19,12 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
+from pydicom.dataelem import RawDataElement
 from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from deid.engine import Deidentifier, Quarantined
 from deid.keys import ProjectKeys
 from deid.profile import Profile
+from dicom.json_model import Part
 from dicom.raw import element_spans
 from gateway.dimse.common import REFUSED_NOT_AUTHORIZED, SUCCESS
 from gateway.dimse.scp import ReceivedInstance, file_meta, store_received
@@ -32,6 +36,7 @@ from storage.series import SeriesWriter
 
 _SERIES_UID, _SOP_UID, _PIXEL_DATA = 0x0020000E, 0x00080018, 0x7FE00010
 _TEMPLATES = 64  # series followed at once per worker process
+_LENGTH = struct.Struct("<I")
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +127,7 @@ class _Template:
     raw: dict[int, bytes]
     tags: frozenset[int]  # every top-level tag received, pixel data included
     out: dict[Any, Any]  # de-identified elements, pixel data left out
+    parts: dict[int, Part | None]  # their encoded headers, as SeriesWriter.add returned them
     charset: Any
 
 
@@ -218,9 +224,9 @@ class Receiver:
             self.layout.note_quarantine(pseudo_series, pseudo_sop, q.reason)
             log.warning("quarantined an instance of series %s: %s", pseudo_series, q.reason)
             return SUCCESS  # taken in charge: reported, never stored
-        self._writer(pseudo_series).add(ds)
+        parts = self._writer(pseudo_series).add(ds)
         if received is not None and context is not None and self.deid.stats is None:
-            self._remember(received[0], received[1], context, pseudo_series, ds)
+            self._remember(received[0], received[1], context, pseudo_series, ds, parts)
         return SUCCESS
 
     def _remember(
@@ -230,6 +236,7 @@ class Receiver:
         context: tuple[str, str, bool],
         pseudo_series: str,
         out: Dataset,
+        parts: dict[int, Part | None],
     ) -> None:
         """Keep this instance as the one the next of its series is compared with."""
         data = inst.data
@@ -244,6 +251,7 @@ class Receiver:
             raw=raw,
             tags=frozenset(spans),
             out={t: e for t, e in out._dict.items() if t != _PIXEL_DATA},
+            parts=parts,
             charset=out.original_character_set,
         )
         with self._lock:
@@ -281,6 +289,11 @@ class Receiver:
             return None  # the whole way answers a dataset that does not match its request
         if self.layout.expected(tpl.pseudo_series) is None:
             return None
+        pixels = None
+        if _PIXEL_DATA in spans:
+            pixels = _pixel_element(data, spans[_PIXEL_DATA], implicit)
+            if pixels is None:
+                return None
         if not self.deid.apply_changes(mini, tpl.context):
             return None
         out = dict(tpl.out)
@@ -290,17 +303,16 @@ class Receiver:
                 out.pop(t, None)
             else:
                 out[t] = elem
-        if _PIXEL_DATA in spans:
-            s, e = spans[_PIXEL_DATA]
-            fp = BytesIO(data)  # read in place: no copy of the pixels before pydicom's own
-            fp.seek(s)
-            out.update(read_dataset(fp, implicit, True, bytelength=e - s)._dict)
+        if pixels is not None:
+            out[_PIXEL_DATA] = pixels
         ds = Dataset(out)
         ds.set_original_encoding(implicit, True, tpl.charset)
         meta = file_meta(inst.transfer_syntax, inst.sop_class, inst.sop_instance)
         self.deid.clean_meta(meta)
         ds.file_meta = meta
-        self._writer(tpl.pseudo_series).add(ds)
+        fresh = set(changed)
+        reuse = {t: p for t, p in tpl.parts.items() if t not in fresh}
+        self._writer(tpl.pseudo_series).add(ds, reuse)
         self.shortcuts += 1
         return SUCCESS
 
@@ -348,3 +360,18 @@ class Receiver:
         self._catalog.audit(
             self.cfg.actor, "store.refused", self.cfg.project, "refused", calling_ae=calling_ae
         )
+
+
+def _pixel_element(data: bytes, span: tuple[int, int], implicit: bool) -> RawDataElement | None:
+    """Native pixel data as a raw element whose value is a view of `data` (no copy); None
+    for a form the writer should see decoded the ordinary way (undefined length, odd VR)."""
+    start, end = span
+    head = 8 if implicit else 12
+    if not implicit and data[start + 4 : start + 6] not in (b"OB", b"OW"):
+        return None
+    (length,) = _LENGTH.unpack_from(data, start + head - 4)
+    if length != end - start - head:
+        return None
+    vr = None if implicit else data[start + 4 : start + 6].decode()
+    value = memoryview(data)[start + head : end]
+    return RawDataElement(BaseTag(_PIXEL_DATA), vr, length, value, start + head, implicit, True)

@@ -88,7 +88,10 @@ def extract(
     layout = PixelLayout(rows, cols, samples, dtype)
     elem = ds._dict[0x7FE00010]
     # Read the bytes of a raw element directly: pydicom's conversion would only copy them.
-    raw = elem.value if type(elem) is RawDataElement and type(elem.value) is bytes else None
+    # (A receiver may hand over a view of the bytes it received.)
+    raw = None
+    if type(elem) is RawDataElement and type(elem.value) in (bytes, memoryview):
+        raw = elem.value
     if raw is None:
         raw = ds.PixelData
     photometric = str(get("PhotometricInterpretation", "") or "")

@@ -22,7 +22,7 @@ import json
 import os
 import threading
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,13 +117,18 @@ class SeriesWriter:
         """The folder this writer spools to."""
         return self._spool.path
 
-    def add(self, ds: Dataset) -> None:
+    def add(
+        self, ds: Dataset, reuse: Mapping[int, json_model.Part | None] | None = None
+    ) -> dict[int, json_model.Part | None]:
         """Spool one de-identified instance; a repeated SOPInstanceUID replaces it.
 
+        Returns the encoded header's parts, element by element; `reuse` takes such parts of
+        an earlier `add` for elements known to be the same objects (see json_model.encode).
         Raises SeriesError for an instance that cannot be stored (multi-frame, unsupported
         pixel type); the rest of the series is unaffected.
         """
-        header, text = json_model.encode(ds, self.bulk_threshold)
+        parts: dict[int, json_model.Part | None] = {}
+        header, text = json_model.encode(ds, self.bulk_threshold, reuse, parts)
         sop = _first_value(header, "00080018")
         if not sop or not isinstance(sop, str):
             raise SeriesError("instance has no SOPInstanceUID")
@@ -154,6 +159,7 @@ class SeriesWriter:
             with self._cond:
                 self._inflight -= 1
                 self._cond.notify_all()
+        return parts
 
     def commit(self, store: Store, key: str) -> SeriesInfo:
         """Write the spooled series to `store` at `key`, then delete the spool.

@@ -211,3 +211,23 @@ def test_encode_gives_the_model_and_its_text_also_when_cached(name):
         model, text = json_model.encode(ds, bulk_threshold=4096)
         assert model == json_model.to_json_dict(pydicom_sample(name), bulk_threshold=4096)
         assert json.loads(text) == model
+
+
+def test_encode_reuses_the_parts_of_unchanged_elements_and_encodes_the_rest():
+    ds = pydicom_sample("CT_small.dcm")
+    parts: dict = {}
+    _, first = json_model.encode(ds, parts=parts)
+    assert set(parts) == {int(t) for t in ds._dict if t >> 16 != 2 and t != 0x7FE00010}
+    ds.InstanceNumber = 99
+    ds.PatientName = "Other^Name"
+    del ds.StudyID
+    reuse = {t: p for t, p in parts.items() if t not in (0x00200013, 0x00100010, 0x00200010)}
+    model, text = json_model.encode(ds, reuse=reuse)
+    assert model == json_model.to_json_dict(ds)
+    assert json.loads(text) == model
+    assert model["00200013"]["Value"] == [99] and "00200010" not in model
+    assert text != first
+    # Taken as they are, unchecked: the caller vouches for them.
+    stale = {0x00080060: ({"vr": "CS", "Value": ["MR"]}, '"00080060":{"vr":"CS","Value":["MR"]}')}
+    model, text = json_model.encode(ds, reuse=stale)
+    assert model["00080060"]["Value"] == ["MR"] and json.loads(text) == model
