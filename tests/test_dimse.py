@@ -550,3 +550,20 @@ def test_localpacs_counts_and_dicomweb(orthanc: LocalOrthanc, seeded: Seeded) ->
         "instances": corpus.n_instances,
     }
     assert len(orthanc.get("/dicom-web/studies")) == len(corpus.studies)
+
+
+def test_a_repeated_association_request_gets_the_same_answer_and_another_its_own():
+    from gateway.dimse import ul
+    from gateway.dimse.scp import Service, supported_contexts
+
+    service = Service(supported_contexts(), 0, 5.0, None, store=lambda *a: 0)
+    ct, mr = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"
+    rq_ct = ul.associate_rq_pdu("PACS", "SPHERE", [(ct, [ExplicitVRLittleEndian])], 0, [])
+    rq_mr = ul.associate_rq_pdu("PACS", "SPHERE", [(mr, [ImplicitVRLittleEndian])], 0, [])
+    first = service.negotiate(rq_ct)
+    first.contexts.clear()  # one association's state never leaks into the next
+    again = service.negotiate(rq_ct)
+    assert again.abstract == {1: ct} and again.contexts == {1: ExplicitVRLittleEndian}
+    assert again.ac_pdu == ul.negotiate(rq_ct, service.supported, 0).ac_pdu
+    other = service.negotiate(rq_mr)
+    assert other.abstract == {1: mr} and other.contexts == {1: ImplicitVRLittleEndian}

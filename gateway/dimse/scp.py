@@ -17,8 +17,9 @@ import socket
 import threading
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, MutableSequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from io import BytesIO
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 OnStore = Callable[[Dataset, str], int]
 
 _STORAGE_CLASSES = [cx.abstract_syntax for cx in AllStoragePresentationContexts]
+_ANSWERS = 8  # association requests remembered per service
 
 
 def call_on_store(callback: Callable[[Any, str], int], item: Any, calling_ae: str) -> int:
@@ -222,6 +224,23 @@ class Service:
         self.running = True
         self.lock = threading.Lock()
         self.active = 0
+        # A peer asks in the same words every time (a PACS proposes its ~120 storage contexts
+        # for each C-MOVE), and pynetdicom takes ~6 ms to answer: answer a repeat from memory.
+        self._answers: OrderedDict[bytes, ul.Negotiated] = OrderedDict()
+
+    def negotiate(self, rq: bytes) -> ul.Negotiated:
+        """`ul.negotiate` with this service's contexts and limit, remembered per request."""
+        with self.lock:
+            neg = self._answers.get(rq)
+            if neg is not None:
+                self._answers.move_to_end(rq)
+        if neg is None:
+            neg = ul.negotiate(rq, self.supported, self.max_pdu)
+            with self.lock:
+                self._answers[rq] = neg
+                while len(self._answers) > _ANSWERS:
+                    self._answers.popitem(last=False)
+        return replace(neg, contexts=dict(neg.contexts), abstract=dict(neg.abstract))
 
     def admit(self) -> bool:
         if self.max_associations is None:
@@ -318,7 +337,7 @@ class _Association:
             log.warning("association refused: %s associations already open", self._limit())
             return
         try:
-            neg = ul.negotiate(rq, service.supported, service.max_pdu)
+            neg = service.negotiate(rq)
             self.calling_ae = neg.calling_ae
             self.ch.peer_max_pdu = neg.peer_max_pdu
             self.ch.contexts = neg.contexts
