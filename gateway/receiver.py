@@ -46,6 +46,7 @@ class SpoolLayout:
 
     def __init__(self, spool_root: Path, project: str) -> None:
         self.root = Path(spool_root) / project
+        self._expected_dir = os.fspath(self.root / "expected")  # a string: asked per instance
         # Markers read, by series, with the identity of the file read: asked once per instance,
         # a marker is read again only when replaced.
         self._read: dict[str, tuple[tuple[int, int, int], dict[str, str]]] = {}
@@ -70,14 +71,15 @@ class SpoolLayout:
 
     def expected(self, pseudo_series: str) -> dict[str, str] | None:
         """{"study", "patient"} the series belongs to, or None if nobody waits for it."""
-        marker = self._marker(pseudo_series)
+        marker = f"{self._expected_dir}/{pseudo_series}.json"  # as _marker, without pathlib
         try:
             st = os.stat(marker)
             seen = (st.st_ino, st.st_mtime_ns, st.st_size)
             hit = self._read.get(pseudo_series)
             if hit is not None and hit[0] == seen:
                 return hit[1]
-            want = json.loads(marker.read_text())
+            with open(marker, encoding="utf-8") as f:
+                want = json.load(f)
         except (FileNotFoundError, ValueError):
             self._read.pop(pseudo_series, None)
             return None
