@@ -8,7 +8,9 @@ of the rest), a small JSON `meta` (what commit needs to order and check slices, 
 the record was written), the instance header (DICOM JSON) and the pixel bytes (compressed by
 the caller). `put` returns once the record is written to the file: it then survives a crash
 of the process. With `fsync`, it also survives power loss: after each `put` (`sync_each`), or
-once `sync` or `close` returns (one flush for many records: what a receiver uses).
+once `sync` or `close` returns (one flush for many records: what a receiver uses). Meanwhile,
+every `FLUSH_BEHIND` bytes appended start a flush in the background, so that the one `sync`
+waits for has little left to write.
 
 Readers (the coordinator that counts and commits) scan every segment, keep each whole record
 and ignore a torn tail; a later record for the same SOPInstanceUID replaces an earlier one
@@ -31,6 +33,7 @@ import shutil
 import struct
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,7 @@ LOCK_NAME = "spool.lock"
 MAGIC = b"SPHREC01"
 # magic, meta length, header length, pixel length, CRC32C(meta + header), CRC32C(pixels)
 _HEAD = struct.Struct("<8sIIQII")
+FLUSH_BEHIND = 16 << 20  # bytes appended between background flushes (fsync without sync_each)
 _SEGMENT_RE = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 # Segment logs: writers' (spool.log, spool-<name>.log) and frozen ones, which commit made
 # part of a stored volume and which no writer opens by name any more.
@@ -106,6 +110,8 @@ class Spool:
         self._fd = -1  # own segment, locked exclusively
         self._lock_fd = -1  # spool.lock, for the shared lock around appends
         self._end = 0
+        self._unflushed = 0  # bytes appended since the last flush started
+        self._behind: Future[None] | None = None  # the background flush under way
         self._closed = False
         self._segments: dict[str, _Segment] = {}
         # Nothing is opened or created yet: a gateway may plan thousands of series, and only
@@ -233,6 +239,8 @@ class Spool:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             self._end += size
             fd = self._fd
+            if self.fsync and not self.sync_each:
+                self._flush_behind(size)
         if self.sync_each:
             os.fdatasync(fd)  # outside the lock: concurrent adds share the flush
 
@@ -241,7 +249,27 @@ class Spool:
         built with `fsync=False`."""
         with self._lock:
             if self._fd >= 0 and self.fsync:
-                os.fdatasync(self._fd)
+                self._flush()
+
+    def _flush(self) -> None:
+        """fdatasync the segment; caller holds the lock. A background flush's error surfaces
+        here: it shares the open file, so this fdatasync might no longer report it."""
+        behind, self._behind = self._behind, None
+        if behind is not None:
+            behind.result()
+        os.fdatasync(self._fd)
+        self._unflushed = 0
+
+    def _flush_behind(self, size: int) -> None:
+        """Count appended bytes; past FLUSH_BEHIND, start a flush in the background (on a
+        duplicate descriptor: closing ours never races it). Caller holds the lock."""
+        self._unflushed += size
+        if self._unflushed < FLUSH_BEHIND or (self._behind and not self._behind.done()):
+            return
+        if self._behind is not None:
+            self._behind.result()  # raises the last one's error, if any
+        self._unflushed = 0
+        self._behind = _flusher().submit(_fdatasync_dup, os.dup(self._fd))
 
     def _open_segment(self) -> None:
         """Open and lock this spool's segment if not yet done; caller holds the lock."""
@@ -319,7 +347,8 @@ class Spool:
         for a later resume."""
         with self._lock:
             if flush and self._fd >= 0 and self.fsync and not self.sync_each:
-                os.fdatasync(self._fd)
+                self._flush()
+            self._behind = None
             self._closed = True
             for fd in (self._fd, self._lock_fd):
                 if fd >= 0:
@@ -357,6 +386,26 @@ def _scan(fd: int, pos: int, segment: str, entries: dict[str, SpoolEntry]) -> in
         entries[meta["sop"]] = SpoolEntry(meta, poff - hlen, hlen, poff, plen, segment)
         pos = end
     return pos
+
+
+_FLUSHER: ThreadPoolExecutor | None = None
+_FLUSHER_LOCK = threading.Lock()
+
+
+def _flusher() -> ThreadPoolExecutor:
+    """The process's one background flushing thread (made on first use: after any fork)."""
+    global _FLUSHER
+    with _FLUSHER_LOCK:
+        if _FLUSHER is None:
+            _FLUSHER = ThreadPoolExecutor(1, thread_name_prefix="spool-flush")
+        return _FLUSHER
+
+
+def _fdatasync_dup(fd: int) -> None:
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 def _pwrite_all(fd: int, parts: list[BytesLike], offset: int) -> None:

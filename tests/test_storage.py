@@ -502,3 +502,26 @@ def test_header_json_is_the_dicom_json_model(tmp_path, ct):
     _, store, _ = spool_and_commit(tmp_path, ct[:1])
     header = SeriesReader(store, KEY).header(0)
     assert header == json_model.to_json_dict(ct[0])
+
+
+def test_a_background_flush_that_fails_is_reported_by_the_next_sync(tmp_path, monkeypatch):
+    from storage import spool as spool_mod
+
+    monkeypatch.setattr(spool_mod, "FLUSH_BEHIND", 1000)  # every record starts one
+    s = spool_mod.Spool(tmp_path / "s", fsync=True, segment="w", sync_each=False)
+    s.put("1.2.3.1", {}, b"{}", b"x" * 2000)
+    s.sync()  # the background flush of that record, then our own: both fine
+    real = os.fdatasync
+
+    def failing(fd: int) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise OSError(5, "Input/output error")  # the disk failed under the background flush
+        real(fd)
+
+    monkeypatch.setattr(spool_mod.os, "fdatasync", failing)
+    s.put("1.2.3.2", {}, b"{}", b"y" * 2000)
+    with pytest.raises(OSError, match="Input/output"):
+        s.sync()  # not swallowed: the acknowledgements it would cover are not durable
+    monkeypatch.setattr(spool_mod.os, "fdatasync", real)
+    assert len(s) == 2  # what was written stays readable
+    s.close()
