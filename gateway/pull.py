@@ -11,6 +11,7 @@ skips complete series and resumes the others from their spool.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,7 +21,15 @@ from typing import Any
 from sqlalchemy import func, select
 
 from deid.keys import ProjectKeys
-from gateway.dimse.scu import DimseError, Peer, RetrieveResult, Scu, SeriesHit, StudyHit
+from gateway.dimse.scu import (
+    DimseError,
+    Mover,
+    Peer,
+    RetrieveResult,
+    Scu,
+    SeriesHit,
+    StudyHit,
+)
 from gateway.receiver import Receiver, SpoolLayout
 from storage.catalog import AuditEvent, Catalog, CohortItem, Project, SeriesRecord, utcnow
 from storage.series import SeriesError, SeriesWriter
@@ -155,6 +164,9 @@ class Puller:
         self.storage_url, self.dest_ae, self.get_receiver = storage_url, dest_ae, get_receiver
         self.max_assoc = max(1, max_associations)
         self.retries, self.backoff_s, self.fsync, self.actor = retries, backoff_s, fsync, actor
+        self._local = threading.local()  # each retrieving thread's Mover
+        self._movers: list[Mover] = []
+        self._movers_lock = threading.Lock()
 
     def check_allowed(self, today: date | None = None) -> None:
         """Raise `PullRefused` (and audit it) unless the project is approved and in date."""
@@ -197,8 +209,12 @@ class Puller:
                 else:
                     report.series.append(outcome)
 
-            for f in [pool.submit(retrieve_then_commit, j) for j in jobs]:
-                f.result()
+            try:
+                for f in [pool.submit(retrieve_then_commit, j) for j in jobs]:
+                    f.result()
+            finally:
+                pool.shutdown()
+                self._close_movers()
             report.series.extend(c.result() for c in commits)
         report.refused_unsolicited = self._refusals_since(started)
         report.seconds = time.perf_counter() - t0
@@ -302,7 +318,22 @@ class Puller:
             result = self.scu.get_series(self.peer, job.study_uid, job.series_uid, on_store)
             self.get_receiver.on_release()
             return result
-        return self.scu.move_series(self.peer, job.study_uid, job.series_uid, self.dest_ae)
+        return self._mover().move_series(job.study_uid, job.series_uid, self.dest_ae)
+
+    def _mover(self) -> Mover:
+        """This thread's association to the PACS, kept for the series it retrieves next."""
+        mover = getattr(self._local, "mover", None)
+        if mover is None:
+            mover = self._local.mover = Mover(self.scu, self.peer)
+            with self._movers_lock:
+                self._movers.append(mover)
+        return mover
+
+    def _close_movers(self) -> None:
+        with self._movers_lock:
+            movers, self._movers = self._movers, []
+        for mover in movers:
+            mover.close()
 
     @staticmethod
     def _verify(job: SeriesJob, result: RetrieveResult) -> str:

@@ -33,6 +33,7 @@ from gateway.dimse.scu import (
     AssociationRejected,
     DimseError,
     DimseTimeout,
+    Mover,
     Peer,
     PeerUnreachable,
     Scu,
@@ -166,6 +167,32 @@ def test_move_series_every_instance_arrives(pacs_peer: Peer, seeded: Seeded, sta
     assert ds.PatientID == original.PatientID
     assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_a_mover_keeps_one_association_and_replaces_one_the_pacs_closed(
+    pacs_peer: Peer, seeded: Seeded, start_scp
+) -> None:
+    got = Received()
+    start_scp(collecting(got))
+    study = seeded.corpus.studies[0]
+    mover = Mover(scu(), pacs_peer)
+    try:
+        for series in study.series:
+            result = mover.move_series(study.study_uid, series.series_uid, GATEWAY_AE)
+            assert result.ok and result.completed == series.n_instances
+        assert mover.associations == 1  # series after series on the same association
+        # The PACS ends the kept association (as many do with idle ones): the next series
+        # still arrives, on a new one.
+        mover._assoc.ch.sock.shutdown(socket.SHUT_WR)  # type: ignore[union-attr]
+        other = seeded.corpus.studies[1]
+        series = other.series[0]
+        result = mover.move_series(other.study_uid, series.series_uid, GATEWAY_AE)
+        assert result.ok and result.completed == series.n_instances
+        assert mover.associations == 2
+    finally:
+        mover.close()
+    expected = sum(s.n_instances for s in study.series) + series.n_instances
+    assert len(got.sop_uids) == expected
 
 
 def test_move_raw_instances_spooled_as_part10_files(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import TYPE_CHECKING
@@ -181,6 +181,25 @@ class Association:
         syntax = self.ch.contexts[cx_id]
         return read_dataset(BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian)
 
+    def _send(
+        self,
+        what: str,
+        cx_id: int,
+        command: bytes,
+        dataset: bytes | None = None,
+        result: RetrieveResult | None = None,
+    ) -> None:
+        """Send one message, or raise the DimseError a broken connection amounts to."""
+        try:
+            self.ch.send_message(cx_id, command, dataset)
+        except OSError as exc:
+            tail = f"; {result}" if result is not None else ""
+            raise AssociationAborted(
+                f"{what}: association dropped by the peer, {type(exc).__name__} "
+                f"({self._where()}){tail}",
+                result=result,
+            ) from exc
+
     def _read(
         self, what: str, timeout: float, answered: bool, result: RetrieveResult | None = None
     ) -> tuple[int, dict[int, bytes], bytes | None]:
@@ -221,7 +240,7 @@ class Association:
             ul.MESSAGE_ID: self._next_id(),
             ul.DATASET_TYPE: ul.NO_DATASET,
         }
-        self.ch.send_message(cx_id, ul.encode_command(cmd))
+        self._send("C-ECHO", cx_id, ul.encode_command(cmd))
         _, rsp, _ = self._read("C-ECHO", self.scu.timeout_s, answered=False)
         status = ul.us(rsp.get(ul.STATUS))
         if status is None or not is_success(status):
@@ -238,7 +257,7 @@ class Association:
             ul.PRIORITY: 0,
             ul.DATASET_TYPE: ul.HAS_DATASET,
         }
-        self.ch.send_message(cx_id, ul.encode_command(cmd), self._encode(query, cx_id))
+        self._send("C-FIND", cx_id, ul.encode_command(cmd), self._encode(query, cx_id))
         answers: list[Dataset] = []
         while True:
             rx_cx, rsp, data = self._read("C-FIND", self.scu.timeout_s, answered=bool(answers))
@@ -279,8 +298,8 @@ class Association:
         }
         if dest_ae is not None:
             cmd[ul.MOVE_DESTINATION] = dest_ae
-        self.ch.send_message(cx_id, ul.encode_command(cmd), self._encode(query, cx_id))
         result = RetrieveResult()
+        self._send(what, cx_id, ul.encode_command(cmd), self._encode(query, cx_id), result)
         answered = False
         while True:
             rx_cx, rsp, data = self._read(what, self.scu.retrieve_timeout_s, answered, result)
@@ -329,7 +348,7 @@ class Association:
         rsp = ul.response_command(
             ul.C_STORE_RSP, ul.us(rq.get(ul.MESSAGE_ID)) or 0, status, sop_class, sop_instance
         )
-        self.ch.send_message(cx_id, rsp)
+        self._send("C-STORE", cx_id, rsp, None, result)
 
     def release(self) -> None:
         """A-RELEASE; falls back to closing the connection if the peer does not answer."""
@@ -565,6 +584,60 @@ class Scu:
         handler = store_handler(on_store, on_receive)
         with self.connect(peer, self.get_contexts, GET_STORAGE_CLASSES) as assoc:
             return assoc.retrieve("C-GET", q, handler=handler, on_progress=on_progress)
+
+
+class Mover:
+    """C-MOVEs of series to one peer over one association, kept open from one call to the next:
+    a pull asks for series after series, and each new association costs the PACS and the pull
+    ~10 ms of setting up and parting. Not thread-safe (one per thread); `close()` releases."""
+
+    def __init__(self, scu: Scu, peer: Peer) -> None:
+        self.scu, self.peer = scu, peer
+        self._open: ExitStack | None = None
+        self._assoc: Association | None = None
+        self.associations = 0  # opened so far
+
+    def move_series(self, study_uid: str, series_uid: str, dest_ae: str) -> RetrieveResult:
+        """As `Scu.move_series`. A kept association the PACS has closed meanwhile (many end
+        idle ones) is replaced once, when it broke before any answer."""
+        q = _series_query(study_uid, series_uid)
+        kept = self._assoc is not None
+        assoc = self._assoc or self._connect()
+        try:
+            return assoc.retrieve("C-MOVE", q, dest_ae=dest_ae)
+        except BaseException as exc:
+            self._end(exc)
+            if kept and isinstance(exc, AssociationAborted) and _unanswered(exc.result):
+                return self.move_series(study_uid, series_uid, dest_ae)
+            raise
+
+    def close(self) -> None:
+        """Release the association, if one is open."""
+        self._end(None)
+
+    def _connect(self) -> Association:
+        stack = ExitStack()
+        self._assoc = stack.enter_context(self.scu.connect(self.peer))
+        self._open = stack
+        self.associations += 1
+        return self._assoc
+
+    def _end(self, exc: BaseException | None) -> None:
+        """Release (or, after an error that needs it, abort) the association; see Scu.connect."""
+        stack, self._open, self._assoc = self._open, None, None
+        if stack is not None:
+            if exc is None:
+                stack.close()
+            else:
+                stack.__exit__(type(exc), exc, exc.__traceback__)
+
+
+def _unanswered(result: object) -> bool:
+    return (
+        isinstance(result, RetrieveResult)
+        and result.status is None
+        and not (result.completed or result.failed or result.warning or result.remaining)
+    )
 
 
 def _series_query(study_uid: str, series_uid: str) -> Dataset:
