@@ -15,6 +15,7 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date, timedelta
@@ -23,7 +24,7 @@ from pathlib import Path
 from dicom.synthetic import generate
 from gateway.api import Gateway
 from gateway.config import PacsPeer, Settings
-from gateway.dimse.scu import Peer, Scu
+from gateway.dimse.scu import Mover, Peer, RetrieveResult, Scu
 from gateway.localpacs import LocalOrthanc, free_port, wait_port
 
 
@@ -44,12 +45,21 @@ def storescp_round(
         wait_port(port)
         scu = Scu(calling_ae="SPHERE", timeout_s=120)  # a known AE to Orthanc
         peer = Peer(pacs.aet, "127.0.0.1", pacs.dicom_port)
+        local, movers = threading.local(), []
+
+        def move(s: tuple[str, str]) -> RetrieveResult:
+            # As the pull does: each thread keeps its association for the next series.
+            if not hasattr(local, "mover"):
+                local.mover = Mover(scu, peer)
+                movers.append(local.mover)
+            return local.mover.move_series(s[0], s[1], "STORESCP")
+
         t0 = time.perf_counter()
         with ThreadPoolExecutor(assoc) as pool:
-            results = list(
-                pool.map(lambda s: scu.move_series(peer, s[0], s[1], "STORESCP"), series)
-            )
+            results = list(pool.map(move, series))
         seconds = time.perf_counter() - t0
+        for m in movers:
+            m.close()
     finally:
         proc.terminate()
         proc.wait(10)
