@@ -346,17 +346,19 @@ class Spool:
         """Flush (with `fsync`) and release the files and the segment's lock; the files stay
         for a later resume."""
         with self._lock:
-            if flush and self._fd >= 0 and self.fsync and not self.sync_each:
-                self._flush()
-            self._behind = None
-            self._closed = True
-            for fd in (self._fd, self._lock_fd):
-                if fd >= 0:
-                    os.close(fd)
-            self._fd = self._lock_fd = -1
-            for seg in self._segments.values():
-                os.close(seg.fd)
-            self._segments.clear()
+            try:
+                if flush and self._fd >= 0 and self.fsync and not self.sync_each:
+                    self._flush()
+            finally:  # a failed flush still releases the files and the lock
+                self._behind = None
+                self._closed = True
+                for fd in (self._fd, self._lock_fd):
+                    if fd >= 0:
+                        os.close(fd)
+                self._fd = self._lock_fd = -1
+                for seg in self._segments.values():
+                    os.close(seg.fd)
+                self._segments.clear()
 
     def remove(self) -> None:
         """Seal, close and delete the spool folder."""

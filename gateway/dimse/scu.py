@@ -597,18 +597,25 @@ class Mover:
         self._assoc: Association | None = None
         self.associations = 0  # opened so far
 
-    def move_series(self, study_uid: str, series_uid: str, dest_ae: str) -> RetrieveResult:
+    def move_series(
+        self,
+        study_uid: str,
+        series_uid: str,
+        dest_ae: str,
+        *,
+        on_progress: Callable[[RetrieveResult], None] | None = None,
+    ) -> RetrieveResult:
         """As `Scu.move_series`. A kept association the PACS has closed meanwhile (many end
         idle ones) is replaced once, when it broke before any answer."""
         q = _series_query(study_uid, series_uid)
         kept = self._assoc is not None
         assoc = self._assoc or self._connect()
         try:
-            return assoc.retrieve("C-MOVE", q, dest_ae=dest_ae)
+            return assoc.retrieve("C-MOVE", q, dest_ae=dest_ae, on_progress=on_progress)
         except BaseException as exc:
             self._end(exc)
             if kept and isinstance(exc, AssociationAborted) and _unanswered(exc.result):
-                return self.move_series(study_uid, series_uid, dest_ae)
+                return self.move_series(study_uid, series_uid, dest_ae, on_progress=on_progress)
             raise
 
     def close(self) -> None:
