@@ -563,9 +563,11 @@ class Scu:
         destination unknown"): check `.ok`. Raises DimseError, with `.result` = the counts so far,
         when the association breaks or times out before the final response.
         """
-        q = _series_query(study_uid, series_uid)
-        with self.connect(peer) as assoc:
-            return assoc.retrieve("C-MOVE", q, dest_ae=dest_ae, on_progress=on_progress)
+        mover = Mover(self, peer)  # on an association of its own
+        try:
+            return mover.move_series(study_uid, series_uid, dest_ae, on_progress=on_progress)
+        finally:
+            mover.close()
 
     def get_series(
         self,
