@@ -35,7 +35,6 @@ from storage.catalog import AuditEvent, Catalog, CohortItem, Project, SeriesReco
 from storage.series import SeriesError, SeriesWriter
 
 log = logging.getLogger(__name__)
-_SCAN_EVERY = 32  # C-MOVE pending responses between two scans of the spool during a retrieve
 
 
 class PullRefused(Exception):
@@ -319,20 +318,7 @@ class Puller:
             result = self.scu.get_series(self.peer, job.study_uid, job.series_uid, on_store)
             self.get_receiver.on_release()
             return result
-
-        pending = 0
-
-        def progress(result: RetrieveResult) -> None:
-            # Count the spool as it fills (a count scans what is new), so that once the C-MOVE
-            # is done, verifying reads only the last instances: the next series comes sooner.
-            nonlocal pending
-            pending += 1
-            if pending % _SCAN_EVERY == 0:
-                _ = job.writer.count
-
-        return self._mover().move_series(
-            job.study_uid, job.series_uid, self.dest_ae, on_progress=progress
-        )
+        return self._mover().move_series(job.study_uid, job.series_uid, self.dest_ae)
 
     def _mover(self) -> Mover:
         """This thread's association to the PACS, kept for the series it retrieves next."""
