@@ -34,6 +34,27 @@ def element_spans(data: bytes | memoryview, implicit: bool) -> dict[int, tuple[i
     return spans
 
 
+def value_span(
+    data: bytes | memoryview, span: tuple[int, int], implicit: bool
+) -> tuple[int, int] | None:
+    """(start, end) of the value of the element at `span` (one of element_spans'), when it has
+    a defined length; None for an undefined-length one (items follow, not a plain value)."""
+    start, end = span
+    if implicit:
+        head, length = 8, _TAG_LEN.unpack_from(data, start)[2]
+    else:
+        vr = bytes(data[start + 4 : start + 6])
+        head = 12 if vr in _LONG_VRS else 8
+        length = (
+            struct.unpack_from("<I", data, start + 8)[0]
+            if head == 12
+            else _EXPLICIT.unpack_from(data, start)[3]
+        )
+    if length == _UNDEFINED or start + head + length != end:
+        return None
+    return start + head, end
+
+
 def _element(
     data: bytes | memoryview, pos: int, end: int, implicit: bool, depth: int
 ) -> tuple[int, int]:

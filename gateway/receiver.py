@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -29,14 +28,13 @@ from deid.engine import Deidentifier, Quarantined
 from deid.keys import ProjectKeys
 from deid.profile import Profile
 from dicom.json_model import Part
-from dicom.raw import element_spans
+from dicom.raw import element_spans, value_span
 from gateway.dimse.common import REFUSED_NOT_AUTHORIZED, SUCCESS
 from gateway.dimse.scp import ReceivedInstance, file_meta, store_received
 from storage.series import SeriesWriter
 
 _SERIES_UID, _SOP_UID, _PIXEL_DATA = 0x0020000E, 0x00080018, 0x7FE00010
 _TEMPLATES = 64  # series followed at once per worker process
-_LENGTH = struct.Struct("<I")
 
 log = logging.getLogger(__name__)
 
@@ -367,13 +365,10 @@ class Receiver:
 def _pixel_element(data: bytes, span: tuple[int, int], implicit: bool) -> RawDataElement | None:
     """Native pixel data as a raw element whose value is a view of `data` (no copy); None
     for a form the writer should see decoded the ordinary way (undefined length, odd VR)."""
-    start, end = span
-    head = 8 if implicit else 12
-    if not implicit and data[start + 4 : start + 6] not in (b"OB", b"OW"):
+    vr = None if implicit else data[span[0] + 4 : span[0] + 6].decode("latin-1")
+    value = value_span(data, span, implicit)
+    if value is None or vr not in (None, "OB", "OW"):
         return None
-    (length,) = _LENGTH.unpack_from(data, start + head - 4)
-    if length != end - start - head:
-        return None
-    vr = None if implicit else data[start + 4 : start + 6].decode()
-    value = memoryview(data)[start + head : end]
-    return RawDataElement(BaseTag(_PIXEL_DATA), vr, length, value, start + head, implicit, True)
+    start, end = value
+    view = memoryview(data)[start:end]
+    return RawDataElement(BaseTag(_PIXEL_DATA), vr, end - start, view, start, implicit, True)

@@ -10,7 +10,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 
-from dicom.raw import element_spans
+from dicom.raw import element_spans, value_span
 from dicom.synthetic import generate
 from tests.samples import pydicom_sample
 
@@ -33,8 +33,14 @@ def test_spans_match_pydicom_element_for_element(tmp_path, implicit):
         assert spans is not None
         assert sorted(spans) == sorted(read_dataset(BytesIO(data), implicit, True).keys())
         assert sum(e - s for s, e in spans.values()) == len(data)
+        raw = read_dataset(BytesIO(data), implicit, True)._dict
         for tag, (s, e) in spans.items():  # each span is exactly that element
             assert list(read_dataset(BytesIO(data[s:e]), implicit, True).keys()) == [tag]
+            value = value_span(data, (s, e), implicit)
+            if value is None:  # undefined length: items follow, not a plain value
+                assert raw[tag].length == 0xFFFFFFFF
+            else:  # the value's bytes, as pydicom reads them
+                assert data[value[0] : value[1]] == (raw[tag].value or b"")
 
 
 def test_truncated_or_garbled_bytes_give_none(tmp_path):
