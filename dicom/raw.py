@@ -40,16 +40,14 @@ def value_span(
     """(start, end) of the value of the element at `span` (one of element_spans'), when it has
     a defined length; None for an undefined-length one (items follow, not a plain value)."""
     start, end = span
+    head = 8
     if implicit:
-        head, length = 8, _TAG_LEN.unpack_from(data, start)[2]
-    else:
-        vr = bytes(data[start + 4 : start + 6])
-        head = 12 if vr in _LONG_VRS else 8
-        length = (
-            struct.unpack_from("<I", data, start + 8)[0]
-            if head == 12
-            else _EXPLICIT.unpack_from(data, start)[3]
-        )
+        length = _TAG_LEN.unpack_from(data, start)[2]
+    else:  # read as _element does
+        _, _, vr, length = _EXPLICIT.unpack_from(data, start)
+        if vr in _LONG_VRS:
+            (length,) = struct.unpack_from("<I", data, start + 8)
+            head = 12
     if length == _UNDEFINED or start + head + length != end:
         return None
     return start + head, end

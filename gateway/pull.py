@@ -164,8 +164,7 @@ class Puller:
         self.storage_url, self.dest_ae, self.get_receiver = storage_url, dest_ae, get_receiver
         self.max_assoc = max(1, max_associations)
         self.retries, self.backoff_s, self.fsync, self.actor = retries, backoff_s, fsync, actor
-        self._local = threading.local()  # each retrieving thread's Mover
-        self._movers: list[Mover] = []
+        self._movers: dict[int, Mover] = {}  # by retrieving thread
         self._movers_lock = threading.Lock()
 
     def check_allowed(self, today: date | None = None) -> None:
@@ -322,17 +321,16 @@ class Puller:
 
     def _mover(self) -> Mover:
         """This thread's association to the PACS, kept for the series it retrieves next."""
-        mover = getattr(self._local, "mover", None)
-        if mover is None:
-            mover = self._local.mover = Mover(self.scu, self.peer)
-            with self._movers_lock:
-                self._movers.append(mover)
+        with self._movers_lock:
+            mover = self._movers.get(threading.get_ident())
+            if mover is None:
+                mover = self._movers[threading.get_ident()] = Mover(self.scu, self.peer)
         return mover
 
     def _close_movers(self) -> None:
         with self._movers_lock:
-            movers, self._movers = self._movers, []
-        for mover in movers:
+            movers, self._movers = self._movers, {}
+        for mover in movers.values():
             mover.close()
 
     @staticmethod
