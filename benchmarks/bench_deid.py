@@ -22,7 +22,7 @@ import tempfile
 import venv
 from pathlib import Path
 
-from dicom.synthetic import generate
+from harness.synthetic import generate
 
 HERE = Path(__file__).resolve().parent
 PEERS = HERE / ".venv-peers"

@@ -21,11 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import date, timedelta
 from pathlib import Path
 
-from dicom.synthetic import generate
+from core.settings import PacsPeer, Settings
 from gateway.api import Gateway
-from gateway.config import PacsPeer, Settings
 from gateway.dimse.scu import Mover, Peer, RetrieveResult, Scu
-from gateway.localpacs import LocalOrthanc, free_port, wait_port
+from harness.localpacs import LocalOrthanc, free_port, wait_port
+from harness.synthetic import generate
 
 
 def storescp_round(
@@ -98,7 +98,7 @@ def sphere_round(
     report = gw.pull("bench")
     seconds = time.perf_counter() - t0
     assert report.ok, [s.error for s in report.series if s.error]
-    gw.catalog.dispose()
+    gw.close()
     return seconds, report.instances
 
 

@@ -32,10 +32,11 @@ import psutil
 from pydicom import Dataset
 
 from dicom.json_model import to_json_dict
-from dicom.synthetic import generate
-from gateway.dimse.scp import ReceivedInstance, StorageSCP
+from gateway.dimse.scp import StorageSCP
 from gateway.dimse.scu import Peer, Scu
-from gateway.localpacs import LocalOrthanc, free_port, wait_port
+from gateway.dimse.service import ReceivedInstance
+from harness.localpacs import LocalOrthanc, free_port, wait_port
+from harness.synthetic import generate
 
 LABELS = {
     "sphere": "C-MOVE -> StorageSCP on_store",

@@ -8,3 +8,5 @@
 - `deid.vault`: `Vault`, the original <-> pseudonym mapping and project secrets, in a database of
   its own, read only by an audited trusted third party.
 """
+
+import dicom  # noqa: F401 - pydicom keeps values (PHI) out of its messages

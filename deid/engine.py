@@ -28,6 +28,7 @@ from deid import iod, pixels, scrub, table
 from deid.dates import shift_da, shift_dt
 from deid.keys import ProjectKeys
 from deid.profile import BASIC_CODE, CODES, Option, Profile
+from dicom import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 Mapping = tuple[str, str, str]  # (kind, original, pseudonym)
 
@@ -692,6 +693,9 @@ class Deidentifier:
             v = self._value_text(meta, 0x00020003, elem)
             if v and not v.startswith("1.2.840.10008."):
                 d[BaseTag(0x00020003)] = _raw(0x00020003, "UI", self.keys.uid(v))
+        # The file is ours now: the source's implementation would tell where it came from.
+        d[BaseTag(0x00020012)] = _raw(0x00020012, "UI", IMPLEMENTATION_CLASS_UID)
+        d[BaseTag(0x00020013)] = _raw(0x00020013, "SH", IMPLEMENTATION_VERSION_NAME)
 
     def _keep_mappings(self, mappings: Iterable[Mapping]) -> None:
         fresh = [m for m in mappings if m[2] not in self._seen]

@@ -38,6 +38,11 @@ class ProjectKeys:
         msg = domain.encode() + b"\x00" + value.encode("utf-8", "surrogateescape")
         return hmac.digest(self._secret, msg, "sha256")
 
+    def cohort_digest(self, kind: str, value: str) -> str:
+        """What the catalog keeps of a cohort item: a keyed digest (32 hex digits). Accession
+        numbers are short enough to guess; without the secret, the digest tells nothing."""
+        return self.mac("cohort", f"{kind}\x00{value.strip()}").hex()[:32]
+
     def _uid(self, original_uid: str) -> str:
         """A valid UID (<= 64 characters) under `uid_root` standing for `original_uid`."""
         digest = self.mac("uid", original_uid.strip().rstrip("\x00"))

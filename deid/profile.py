@@ -196,8 +196,3 @@ def row_action(row: table.Row, options: frozenset[Option]) -> str:
 
 def _compile(options: frozenset[Option]) -> dict[int, str]:
     return {r.value: row_action(r, options) for r in table.load() if r.exact}
-
-
-def masked_rows() -> dict[str, table.Row]:
-    """The masked rows by tag pattern: (50XX,XXXX), (60XX,3000), (60XX,4000) and the private row."""
-    return {r.tag: r for r in table.load() if not r.exact}

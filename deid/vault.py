@@ -52,6 +52,15 @@ mappings_table = Table(
     Column("original", Text, nullable=False),
     Column("first_seen", DateTime, nullable=False),
 )
+cohort_table = Table(
+    "vault_cohort",
+    metadata,
+    Column("project", String(64), primary_key=True),
+    Column("kind", String(16), primary_key=True),
+    Column("digest", String(64), primary_key=True),  # as the catalog's cohort item has it
+    Column("original", Text, nullable=False),
+    Column("added_at", DateTime, nullable=False),
+)
 grants_table = Table(
     "vault_grants",
     metadata,
@@ -186,6 +195,40 @@ class Vault:
                     if not exists:
                         c.execute(insert(mappings_table).values(**r))
         return len(unique)
+
+    # -- cohorts ----------------------------------------------------------------------------
+
+    def add_cohort(self, project: str, kind: str, items: Iterable[tuple[str, str]]) -> None:
+        """Keep the original values of cohort items, as (digest, original)."""
+        rows = [
+            {"project": project, "kind": kind, "digest": d, "original": o, "added_at": _now()}
+            for d, o in items
+        ]
+        if not rows:
+            return
+        with self.engine.begin() as c:
+            have = set(
+                c.scalars(
+                    select(cohort_table.c.digest).where(
+                        cohort_table.c.project == project, cohort_table.c.kind == kind
+                    )
+                )
+            )
+            fresh = [r for r in rows if r["digest"] not in have]
+            if fresh:
+                c.execute(insert(cohort_table), fresh)
+
+    def cohort(self, project: str, *, actor: str, purpose: str) -> dict[tuple[str, str], str]:
+        """{(kind, digest): original} of a project's cohort, for the gateway's own use (a pull
+        resolving it on the PACS); each read is audited with its purpose."""
+        with self.engine.begin() as c:
+            rows = c.execute(
+                select(cohort_table.c.kind, cohort_table.c.digest, cohort_table.c.original).where(
+                    cohort_table.c.project == project
+                )
+            ).all()
+            self._audit(c, actor, "gateway", "cohort.read", project, None, "ok", detail=purpose)
+        return {(k, d): o for k, d, o in rows}
 
     # -- the trusted third party ------------------------------------------------------------
 

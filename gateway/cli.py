@@ -1,4 +1,9 @@
-"""The `sphere` command line. Settings come from SPHERE_* environment variables (see README)."""
+"""The `sphere` command line. Settings come from SPHERE_* environment variables (see README).
+
+A problem the user can act on (`core.SphereError`: a wrong home, a missing project, a PACS that is
+down) is one line on stderr and exit status 2; anything else is one line and status 1, with the
+traceback only under `--verbose`.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +11,36 @@ import json
 import logging
 from datetime import date
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
+from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
-from gateway import projects
-from gateway.config import Settings
-from gateway.deid_cmd import register as register_deid_commands
+from core import Core, Settings, SphereError, Unavailable, projects
+from gateway import deid_cmd, views
+
+
+class _Commands(TyperGroup):
+    """Turns errors into one line each, for every command and sub-command."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, TyperException, KeyboardInterrupt):
+            raise
+        except SphereError as e:
+            _error(str(e))
+            raise typer.Exit(2) from None
+        except Exception as e:
+            if _verbose(ctx):
+                raise
+            _error(f"unexpected {type(e).__name__}; run with --verbose to see where")
+            raise typer.Exit(1) from None
+
 
 app = typer.Typer(
+    cls=_Commands,
     help="sphere: pull approved research cohorts from a PACS, de-identify and store them as Zarr.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -27,39 +51,52 @@ project_app = typer.Typer(
 cohort_app = typer.Typer(help="Define a project's cohort.", no_args_is_help=True)
 app.add_typer(project_app, name="project")
 app.add_typer(cohort_app, name="cohort")
-console = Console()
-state: dict[str, Settings] = {}
 
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     home: Annotated[
         Path | None,
         typer.Option(help="Gateway data folder (catalog, vault, spool, default store)."),
     ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log progress; tracebacks on errors.")
+    ] = False,
 ) -> None:
     """Settings come from SPHERE_* environment variables; --home overrides SPHERE_HOME."""
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    state["settings"] = Settings(home=home) if home else Settings()
+    ctx.obj = {"settings": Settings(home=home) if home else Settings(), "verbose": verbose}
 
 
-def _gateway():  # noqa: ANN202 - imported lazily so `--help` stays fast
-    from gateway.api import Gateway
+def core(ctx: typer.Context, *, create: bool = False) -> Core:
+    """The core for this command; `create` only for commands that may start a new home."""
+    return Core(ctx.obj["settings"], create=create)
 
-    return Gateway(state.get("settings"))
+
+def _verbose(ctx: Any) -> bool:
+    obj = ctx.find_root().obj
+    return bool(obj and obj.get("verbose"))
 
 
-def _fail(msg: str) -> None:
-    console.print(f"[red]error:[/red] {msg}")
-    raise typer.Exit(2)
+def _error(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+
+
+def _echo_lines(lines: list[str]) -> None:
+    for line in lines:
+        typer.echo(line)
+
+
+# -- projects ---------------------------------------------------------------------------------
 
 
 @project_app.command("create")
 def project_create(
+    ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Short name: lower-case letters, digits, - and _.")],
     title: Annotated[str, typer.Option(help="Human title of the study.")] = "",
     option: Annotated[
@@ -82,77 +119,91 @@ def project_create(
         data = json.loads(profile.read_text()) if profile else {}
         if option:
             data["options"] = option
-        _gateway().create_project(name, title=title, profile=Profile.from_json(data))
-    except (projects.ProjectError, ValueError, OSError) as e:
-        _fail(str(e))
-    console.print(f"project [bold]{name}[/bold] declared; approve it before pulling")
+        chosen = Profile.from_json(data)
+    except (ValueError, OSError) as e:
+        raise SphereError(f"profile: {e}") from None
+    projects.create(core(ctx, create=True), name, title=title, profile=chosen)
+    typer.echo(f"project {name} declared; approve it before pulling")
 
 
 @project_app.command("approve")
 def project_approve(
+    ctx: typer.Context,
     name: str,
     committee_ref: Annotated[str, typer.Option(help="Ethics/scientific committee reference.")],
     expires_on: Annotated[str, typer.Option(help="Last day pulls are allowed (YYYY-MM-DD).")],
     approved_on: Annotated[str | None, typer.Option(help="Approval date, default today.")] = None,
 ) -> None:
     """Record the committee's approval, with its reference and validity period."""
-    try:
-        _gateway().approve(
-            name,
-            committee_ref=committee_ref,
-            expires_on=date.fromisoformat(expires_on),
-            approved_on=date.fromisoformat(approved_on) if approved_on else date.today(),
-        )
-    except (projects.ProjectError, ValueError) as e:
-        _fail(str(e))
-    console.print(f"project [bold]{name}[/bold] approved until {expires_on}")
+    until = _date(expires_on, "--expires-on")
+    projects.approve(
+        core(ctx),
+        name,
+        committee_ref=committee_ref,
+        expires_on=until,
+        approved_on=_date(approved_on, "--approved-on") if approved_on else date.today(),
+    )
+    typer.echo(f"project {name} approved until {until.isoformat()}")
 
 
 @project_app.command("revoke")
-def project_revoke(name: str, reason: Annotated[str, typer.Option()] = "") -> None:
+def project_revoke(
+    ctx: typer.Context,
+    name: str,
+    reason: Annotated[str, typer.Option(help="Why, for the audit trail.")] = "",
+) -> None:
     """Withdraw a project's approval: no further pulls."""
-    gw = _gateway()
-    try:
-        projects.revoke(gw.catalog, name, actor=gw.actor, reason=reason)
-    except projects.ProjectError as e:
-        _fail(str(e))
-    console.print(f"project [bold]{name}[/bold] revoked")
+    projects.revoke(core(ctx), name, reason=reason)
+    typer.echo(f"project {name} revoked")
 
 
 @project_app.command("show")
-def project_show(name: str) -> None:
+def project_show(ctx: typer.Context, name: str) -> None:
     """Show a project: approval, cohort size, series by status, de-identification profile."""
-    try:
-        p = _gateway().summary(name)
-    except projects.ProjectError as e:
-        _fail(str(e))
-    t = Table(show_header=False, box=None)
-    for k, v in [
-        ("name", p.name),
-        ("title", p.title),
-        ("status", p.status),
-        ("committee", p.committee_ref or "-"),
-        ("approved on", p.approved_on or "-"),
-        ("expires on", p.expires_on or "-"),
-        ("cohort", ", ".join(f"{n} {k}" for k, n in p.cohort.items()) or "empty"),
-        ("series", ", ".join(f"{n} {k}" for k, n in p.series.items()) or "none"),
-        ("de-identification", ", ".join(p.deid_profile.get("options", [])) or "basic"),
-    ]:
-        t.add_row(f"[bold]{k}[/bold]", str(v))
-    console.print(t)
+    _echo_lines(_project_lines(projects.summary(core(ctx), name)))
 
 
 @project_app.command("list")
-def project_list() -> None:
-    """List projects."""
-    t = Table("name", "status", "committee", "expires on", "title")
-    for p in projects.list_all(_gateway().catalog):
-        t.add_row(p.name, p.status, p.committee_ref or "-", str(p.expires_on or "-"), p.title)
-    console.print(t)
+def project_list(ctx: typer.Context) -> None:
+    """List projects: name, status, expiry, title."""
+    rows = core(ctx).catalog.projects()
+    if not rows:
+        typer.echo("no projects yet: `sphere project create` declares one")
+    for p in rows:
+        typer.echo(f"{p.name:<24} {p.status:<9} {str(p.expires_on or '-'):<10}  {p.title}"[:80])
+
+
+def _project_lines(p: projects.ProjectSummary) -> list[str]:
+    return [
+        line
+        for k, v in [
+            ("name", p.name),
+            ("title", p.title),
+            ("status", p.status),
+            ("committee", p.committee_ref or "-"),
+            ("approved on", p.approved_on or "-"),
+            ("expires on", p.expires_on or "-"),
+            ("cohort", ", ".join(f"{n} {k}" for k, n in p.cohort.items()) or "empty"),
+            ("series", ", ".join(f"{n} {k}" for k, n in p.series.items()) or "none"),
+            ("de-identification", ", ".join(p.deid_profile.get("options", [])) or "basic"),
+        ]
+        for line in views.field(k, str(v))
+    ]
+
+
+def _date(text: str, option: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise SphereError(f"{option} must be a date as YYYY-MM-DD") from None
+
+
+# -- cohorts ----------------------------------------------------------------------------------
 
 
 @cohort_app.command("add")
 def cohort_add(
+    ctx: typer.Context,
     name: str,
     accession: Annotated[
         list[str] | None, typer.Option(help="Accession number (repeatable).")
@@ -166,135 +217,83 @@ def cohort_add(
         typer.Option(help="CSV file with columns accession, patient_id and/or study_uid."),
     ] = None,
 ) -> None:
-    """Add studies to a project's cohort, by accession number, patient ID or study UID."""
-    gw = _gateway()
+    """Add studies to a project's cohort, by accession number, patient ID or study UID. The
+    values are kept in the vault; the catalog holds only keyed digests of them."""
     given = {
         "accession": accession or [],
         "patient_id": patient_id or [],
         "study_uid": study_uid or [],
     }
-    try:
-        if csv:
+    if csv:
+        try:
             for kind, values in projects.read_cohort_csv(csv).items():
                 given[kind] += values
-        if not any(given.values()):
-            _fail("nothing to add: give --accession, --patient-id, --study-uid or --csv")
-        for kind, values in given.items():
-            if values:
-                n = gw.add_cohort(name, kind, values)
-                console.print(f"{n} new {kind} item(s) in {name}'s cohort")
-    except (projects.ProjectError, OSError) as e:
-        _fail(str(e))
+        except OSError as e:
+            raise SphereError(f"cannot read {csv}: {e.strerror}") from None
+    if not any(given.values()):
+        raise SphereError("nothing to add: give --accession, --patient-id, --study-uid or --csv")
+    c = core(ctx)
+    for kind, values in given.items():
+        if values:
+            n = projects.add_cohort(c, name, kind, values)
+            typer.echo(f"{n} new {kind} item(s) in {name}'s cohort")
+
+
+# -- pull and status --------------------------------------------------------------------------
 
 
 @app.command()
-def pull(name: str) -> None:
+def pull(ctx: typer.Context, name: str) -> None:
     """Pull a project's cohort from the PACS, de-identify it and store it. Re-run to resume."""
-    from gateway.pull import PullRefused
+    from gateway.pull import pull as run_pull
 
-    gw = _gateway()
-    try:
-        report = gw.pull(name)
-    except (PullRefused, projects.ProjectError) as e:
-        _fail(str(e))
-    print_report(report)
+    report = run_pull(core(ctx), name)
+    _echo_lines(views.report_lines(report))
     if not report.ok:
         raise typer.Exit(1)
 
 
-def print_report(report) -> None:  # noqa: ANN001
-    """Print a pull's summary: studies, series, instances, bytes, time, where the data is."""
-    rate = report.instances / report.seconds if report.seconds else 0.0
-    t = Table(show_header=False, box=None)
-    for k, v in [
-        ("project", report.project),
-        ("studies", report.studies),
-        (
-            "series",
-            f"{report.count('complete')} stored, {report.count('skipped')} already "
-            f"complete, {report.count('failed')} failed, "
-            f"{report.count('quarantined')} quarantined",
-        ),
-        ("instances", f"{report.instances}"),
-        ("quarantined", f"{report.quarantined} instances (reported, not stored)"),
-        ("pixel data", f"{report.nbytes / 1e6:.1f} MB"),
-        ("time", f"{report.seconds:.1f} s ({rate:.0f} instances/s)"),
-        ("unresolved cohort items", report.unresolved),
-        ("refused unsolicited", report.refused_unsolicited),
-        ("storage", report.storage),
-    ]:
-        t.add_row(f"[bold]{k}[/bold]", str(v))
-    console.print(t)
-    for s in report.series:
-        if s.error:
-            console.print(f"[red]{s.status}[/red] series {s.pseudo_series}: {s.error}")
+@app.command()
+def status(
+    ctx: typer.Context,
+    name: str,
+    series: Annotated[
+        bool, typer.Option("--series", "-s", help="A line per series, with its notes.")
+    ] = False,
+) -> None:
+    """Show a project's studies (pseudonymous): series, instances stored, status."""
+    c = core(ctx)
+    p = c.project(name)
+    approval = f"until {p.expires_on}" if p.status == "approved" else ""
+    typer.echo(f"project {p.name}: {p.status} {approval}".rstrip())
+    _echo_lines(views.status_lines(c.catalog.series(p.id), details=series))
 
 
 @app.command()
-def status(name: str) -> None:
-    """Show a project's series: complete, pending, failed."""
-    from sqlalchemy import select
-
-    from storage.catalog import SeriesRecord
-
-    gw = _gateway()
-    try:
-        p = projects.get(gw.catalog, name)
-    except projects.ProjectError as e:
-        _fail(str(e))
-    t = Table(
-        "study (pseudonymous)",
-        "series (pseudonymous)",
-        "modality",
-        "stored/expected",
-        "status",
-        "note",
-    )
-    with gw.catalog.session() as s:
-        rows = s.scalars(select(SeriesRecord).where(SeriesRecord.project_id == p.id))
-        for r in rows:
-            t.add_row(
-                r.study_uid,
-                r.series_uid,
-                r.modality,
-                f"{r.stored}/{r.expected}",
-                r.status,
-                r.error or "",
-            )
-    console.print(t)
-    project_show(name)
-
-
-@app.command()
-def echo() -> None:
+def echo(ctx: typer.Context) -> None:
     """C-ECHO the configured PACS."""
-    gw = _gateway()
     from gateway.dimse.scu import DimseError
+    from gateway.pull.retrievers import open_retriever
 
+    c = core(ctx)
+    pacs = open_retriever(c, "", actor=c.actor)
     try:
-        gw.scu().echo(gw.pacs)
+        pacs.echo()
     except DimseError as e:
-        _fail(str(e))
-    console.print(f"PACS {gw.pacs.ae_title} at {gw.pacs.host}:{gw.pacs.port} answered C-ECHO")
+        raise Unavailable(f"{pacs} does not answer C-ECHO: {e}") from None
+    typer.echo(f"{pacs} answered C-ECHO")
 
 
 @app.command()
 def audit(
+    ctx: typer.Context,
     name: Annotated[str | None, typer.Argument(help="Project (default: all).")] = None,
     limit: Annotated[int, typer.Option(help="Most recent rows.")] = 50,
 ) -> None:
     """Show the audit trail: who did what, when."""
-    t = Table("when (UTC)", "who", "action", "project", "outcome", "detail")
-    for e in _gateway().catalog.audit_trail(name, limit):
-        t.add_row(
-            e.at.isoformat(timespec="seconds"),
-            e.actor,
-            e.action,
-            e.project or "",
-            e.outcome,
-            e.detail,
-        )
-    console.print(t)
+    for e in core(ctx).catalog.audit_trail(name, limit):
+        when = e.at.isoformat(timespec="seconds")
+        typer.echo(f"{when}  {e.actor}  {e.action}  {e.project or '-'}  {e.outcome}  {e.detail}")
 
 
 @app.command()
@@ -307,12 +306,12 @@ def demo(
     ),
 ) -> None:
     """Run the whole way once: local Orthanc PACS, synthetic CT, project, approval, pull."""
-    from gateway.demo import run_demo
+    from harness.demo import run_demo
 
     raise typer.Exit(run_demo(workdir, patients=patients, slices=slices, size=size))
 
 
-register_deid_commands(app)  # `sphere deid`, `sphere vault …`: beside the de-identification code
+deid_cmd.register(app)  # `sphere deid`, `sphere vault …`: beside the de-identification code
 
 
 if __name__ == "__main__":

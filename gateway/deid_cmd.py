@@ -3,12 +3,10 @@ trusted third party's audited re-identification lookup). Mounted on the CLI by `
 
 from __future__ import annotations
 
-import getpass
 import json
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -18,14 +16,11 @@ from pydicom.datadict import dictionary_description
 from rich.console import Console
 from rich.table import Table
 
+from core import Core, SphereError
 from deid import table as deid_table
 from deid.engine import Deidentifier, Quarantined
-from deid.keys import ProjectKeys
 from deid.profile import Profile
-from deid.vault import TRUSTED_THIRD_PARTY, Vault, VaultDenied
-from gateway import projects
-from gateway.config import Settings
-from storage.catalog import Catalog
+from deid.vault import TRUSTED_THIRD_PARTY, VaultDenied
 
 console = Console()
 REPORT_NAME = "deid-report.json"
@@ -90,43 +85,12 @@ def rule_counts(stats: Counter) -> list[tuple[str, str, str, int]]:
     return sorted(rows)
 
 
-def project_deidentifier(
-    settings: Settings, project: str, profile: Profile | None = None
-) -> tuple[Deidentifier, Vault]:
-    """The project's de-identifier (its stored profile unless `profile` is given; its secret
-    from the vault), counting what each rule does and recording mappings in the vault."""
-    vault = Vault(settings.resolved_vault_url())
-    if profile is None:
-        stored = projects.get(Catalog(settings.resolved_catalog_url()), project)
-        profile = Profile.from_json(stored.deid_profile or {})
-    keys = ProjectKeys(vault.project_secret(project))
-    sink = partial(vault.record_many, project)
-    return Deidentifier(profile, keys, sink=sink, report=True), vault
-
-
-def vault_lookup(settings: Settings, project: str, pseudonym: str, actor: str) -> str:
-    """The original behind a pseudonym, for a granted trusted third party (audited)."""
-    vault = Vault(settings.resolved_vault_url())
-    try:
-        return vault.lookup(project, pseudonym, role=TRUSTED_THIRD_PARTY, actor=actor)
-    finally:
-        vault.close()
-
-
-def _settings() -> Settings:
-    try:  # the CLI's --home, when mounted on it
-        from gateway.cli import state
-
-        return state.get("settings") or Settings()
-    except ImportError:  # pragma: no cover
-        return Settings()
-
-
-def _actor(settings: Settings) -> str:
-    return settings.actor or getpass.getuser()
+def _core(ctx: typer.Context) -> Core:
+    return Core(ctx.find_root().obj["settings"])
 
 
 def deid_command(
+    ctx: typer.Context,
     files: Annotated[list[Path], typer.Argument(help="DICOM files to de-identify.")],
     project: Annotated[str, typer.Option(help="Project whose profile and keys to use.")],
     out: Annotated[Path, typer.Option(help="Folder for the de-identified files.")],
@@ -136,23 +100,15 @@ def deid_command(
     ] = None,
 ) -> None:
     """De-identify local files with a project's profile and report what each rule did."""
-    settings = _settings()
     profile = None
     if profile_file is not None:
         try:
             profile = Profile.from_json(profile_file.read_text())
         except (OSError, ValueError) as e:
-            console.print(f"[red]error:[/red] profile: {e}")
-            raise typer.Exit(2) from None
-    try:
-        deid, vault = project_deidentifier(settings, project, profile)
-    except projects.ProjectError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
-    try:
+            raise SphereError(f"profile: {e}") from None
+    with _core(ctx) as core:
+        deid = core.deidentifier(project, profile=profile, report=True)
         run = deidentify_files(files, out, deid)
-    finally:
-        vault.close()
     (out / REPORT_NAME).write_text(json.dumps(run.to_json(), indent=1))
     t = Table("tag", "attribute", "action", "count", title="what each rule did")
     for tag, name, action, n in run.rules:
@@ -174,41 +130,43 @@ vault_app = typer.Typer(
 
 @vault_app.command("lookup")
 def vault_lookup_command(
+    ctx: typer.Context,
     pseudonym: Annotated[str, typer.Argument(help="A pseudonym or pseudonymous UID.")],
     project: Annotated[str, typer.Option(help="The project it belongs to.")],
 ) -> None:
     """Print the original identifier behind a pseudonym (trusted third party; audited)."""
-    settings = _settings()
-    try:
-        original = vault_lookup(settings, project, pseudonym, _actor(settings))
-    except VaultDenied as e:
-        console.print(f"[red]denied:[/red] {e}")
-        raise typer.Exit(2) from None
-    except KeyError:
-        console.print("[red]not found[/red] in this project's vault")
-        raise typer.Exit(1) from None
+    with _core(ctx) as core:
+        try:
+            original = core.vault.lookup(
+                project, pseudonym, role=TRUSTED_THIRD_PARTY, actor=core.actor
+            )
+        except VaultDenied as e:
+            raise SphereError(f"denied: {e}") from None
+        except KeyError:
+            typer.echo("error: not found in this project's vault", err=True)
+            raise typer.Exit(1) from None
     typer.echo(original)
 
 
 @vault_app.command("grant")
 def vault_grant_command(
+    ctx: typer.Context,
     actor: Annotated[str, typer.Argument(help="Who becomes a trusted third party.")],
 ) -> None:
     """Give someone the trusted-third-party role (audited)."""
-    settings = _settings()
-    with Vault(settings.resolved_vault_url()) as vault:
-        vault.grant(actor, by=_actor(settings))
+    with Core(ctx.find_root().obj["settings"], create=True) as core:
+        core.vault.grant(actor, by=core.actor)
     console.print(f"{actor} is now a {TRUSTED_THIRD_PARTY}")
 
 
 @vault_app.command("audit")
 def vault_audit_command(
+    ctx: typer.Context,
     project: Annotated[str | None, typer.Option(help="Only this project.")] = None,
 ) -> None:
     """Show who looked up or granted what, and when."""
-    settings = _settings()
-    with Vault(settings.resolved_vault_url()) as vault:
-        entries = vault.audit_trail(project)
+    with _core(ctx) as core:
+        entries = core.vault.audit_trail(project)
     t = Table("when (UTC)", "actor", "action", "project", "pseudonym", "outcome", "detail")
     for e in entries:
         t.add_row(

@@ -1,134 +1,41 @@
-"""The catalog: projects, cohorts, stored series, the audit trail (SQLAlchemy; SQLite/PostgreSQL).
+"""The catalog (SQLAlchemy; SQLite or PostgreSQL) and every query made on it, by what it returns.
 
-Series are indexed by their pseudonymous UIDs only. The re-identification mapping is not here: it
-lives in the vault (`deid.vault`), a separate database.
+The tables are in `storage.models`. Callers (the pull, the CLI, the web server, pipelines) ask
+here instead of writing their own `select`, so a query has one definition and one name.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, date, datetime
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import (
-    JSON,
-    Date,
-    DateTime,
-    ForeignKey,
-    Integer,
-    String,
-    Text,
-    UniqueConstraint,
-    create_engine,
-    event,
-    select,
-)
+from sqlalchemy import create_engine, event, func, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import (
-    DeclarativeBase,
-    Mapped,
-    Session,
-    mapped_column,
-    relationship,
-    sessionmaker,
-)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.models import AuditEvent, Base, CohortItem, Project, SeriesRecord, utcnow
+
+__all__ = [
+    "AuditEvent",
+    "Catalog",
+    "CohortItem",
+    "DuplicateProject",
+    "Project",
+    "SeriesRecord",
+    "utcnow",
+]
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Project(Base):
-    __tablename__ = "projects"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(64), unique=True)
-    title: Mapped[str] = mapped_column(String(256), default="")
-    status: Mapped[str] = mapped_column(String(16), default="declared")  # declared|approved|revoked
-    committee_ref: Mapped[str | None] = mapped_column(String(128))
-    approved_on: Mapped[date | None] = mapped_column(Date)
-    expires_on: Mapped[date | None] = mapped_column(Date)
-    approved_by: Mapped[str | None] = mapped_column(String(128))
-    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
-    created_by: Mapped[str] = mapped_column(String(128), default="")
-    deid_profile: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-
-    cohort: Mapped[list[CohortItem]] = relationship(back_populates="project", cascade="all")
-    series: Mapped[list[SeriesRecord]] = relationship(back_populates="project", cascade="all")
-
-    def approval_problem(self, today: date) -> str | None:
-        """Why this project may not be pulled today, or None if it may."""
-        if self.status != "approved":
-            return f"project '{self.name}' is not approved (status: {self.status})"
-        if self.approved_on and today < self.approved_on:
-            return f"project '{self.name}' approval starts on {self.approved_on.isoformat()}"
-        if self.expires_on and today > self.expires_on:
-            return f"project '{self.name}' approval expired on {self.expires_on.isoformat()}"
-        return None
-
-
-class CohortItem(Base):
-    """One line of a project's cohort. Identifying by nature: control data, never research data."""
-
-    __tablename__ = "cohort_items"
-    __table_args__ = (UniqueConstraint("project_id", "kind", "value"),)
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
-    kind: Mapped[str] = mapped_column(String(16))  # accession|patient_id|study_uid
-    value: Mapped[str] = mapped_column(String(128))
-    added_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
-    studies_found: Mapped[int | None] = mapped_column(Integer)  # after the last resolution
-
-    project: Mapped[Project] = relationship(back_populates="cohort")
-
-
-class SeriesRecord(Base):
-    """A series of a project, by pseudonymous UIDs. Visible to readers only once `complete`."""
-
-    __tablename__ = "series"
-    __table_args__ = (UniqueConstraint("project_id", "series_uid"),)
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
-    study_uid: Mapped[str] = mapped_column(String(64))
-    series_uid: Mapped[str] = mapped_column(String(64))
-    patient_pseudonym: Mapped[str] = mapped_column(String(64), default="")
-    modality: Mapped[str] = mapped_column(String(16), default="")
-    expected: Mapped[int] = mapped_column(Integer, default=0)
-    stored: Mapped[int] = mapped_column(Integer, default=0)
-    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending|complete|failed
-    storage_key: Mapped[str | None] = mapped_column(String(256))
-    nbytes: Mapped[int] = mapped_column(Integer, default=0)
-    shape: Mapped[list[int] | None] = mapped_column(JSON)
-    error: Mapped[str | None] = mapped_column(Text)
-    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
-
-    project: Mapped[Project] = relationship(back_populates="series")
-
-
-class AuditEvent(Base):
-    """Who did what, when. `detail` never holds identifiers of patients."""
-
-    __tablename__ = "audit"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
-    actor: Mapped[str] = mapped_column(String(128))
-    action: Mapped[str] = mapped_column(String(64))
-    project: Mapped[str | None] = mapped_column(String(64), index=True)
-    outcome: Mapped[str] = mapped_column(String(16), default="ok")  # ok|refused|error
-    detail: Mapped[str] = mapped_column(Text, default="{}")
+class DuplicateProject(Exception):
+    """A project of that name exists already."""
 
 
 class Catalog:
-    """Opens the catalog database and hands out sessions."""
+    """Opens the catalog database; its methods are the queries the gateway makes."""
 
     def __init__(self, url: str) -> None:
         self.engine: Engine = create_engine(url, future=True)
@@ -142,6 +49,124 @@ class Catalog:
         """A transaction: committed on success, rolled back on error."""
         with self._sessions.begin() as s:
             yield s
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- projects -----------------------------------------------------------------------------
+
+    def project(self, name: str) -> Project | None:
+        """The project of that name, or None."""
+        with self.session() as s:
+            return s.scalar(select(Project).where(Project.name == name))
+
+    def projects(self) -> list[Project]:
+        """Every project, by name."""
+        with self.session() as s:
+            return list(s.scalars(select(Project).order_by(Project.name)))
+
+    def add_project(self, project: Project) -> None:
+        """Insert a new project; `DuplicateProject` if the name is taken."""
+        try:
+            with self.session() as s:
+                s.add(project)
+        except IntegrityError:
+            raise DuplicateProject(project.name) from None
+
+    def update_project(self, name: str, **values: Any) -> bool:
+        """Set columns of a project; False when there is no such project."""
+        with self.session() as s:
+            p = s.scalar(select(Project).where(Project.name == name))
+            if p is None:
+                return False
+            for k, v in values.items():
+                setattr(p, k, v)
+            return True
+
+    # -- cohorts ------------------------------------------------------------------------------
+
+    def cohort(self, project_id: int) -> list[CohortItem]:
+        """The cohort items of a project (kind and keyed digest; originals are in the vault)."""
+        with self.session() as s:
+            q = select(CohortItem).where(CohortItem.project_id == project_id)
+            return list(s.scalars(q.order_by(CohortItem.id)))
+
+    def add_cohort_items(self, project_id: int, kind: str, digests: Iterable[str]) -> list[str]:
+        """Add cohort items by digest; returns the digests that were new."""
+        wanted = sorted(set(digests))
+        with self.session() as s:
+            have = set(
+                s.scalars(
+                    select(CohortItem.digest).where(
+                        CohortItem.project_id == project_id, CohortItem.kind == kind
+                    )
+                )
+            )
+            new = [d for d in wanted if d not in have]
+            s.add_all(CohortItem(project_id=project_id, kind=kind, digest=d) for d in new)
+        return new
+
+    def cohort_counts(self, project_id: int) -> dict[str, int]:
+        """Cohort items of a project by kind."""
+        with self.session() as s:
+            q = (
+                select(CohortItem.kind, func.count())
+                .where(CohortItem.project_id == project_id)
+                .group_by(CohortItem.kind)
+            )
+            return dict(s.execute(q).all())
+
+    def record_resolution(self, studies_found: dict[int, int]) -> None:
+        """Remember how many studies each cohort item (by id) matched at the last pull."""
+        with self.session() as s:
+            for item_id, n in studies_found.items():
+                item = s.get(CohortItem, item_id)
+                if item is not None:
+                    item.studies_found = n
+
+    # -- series -------------------------------------------------------------------------------
+
+    def series(self, project_id: int, *, status: str | None = None) -> list[SeriesRecord]:
+        """The series of a project, with their status (or only those of `status`), by study."""
+        with self.session() as s:
+            q = select(SeriesRecord).where(SeriesRecord.project_id == project_id)
+            if status is not None:
+                q = q.where(SeriesRecord.status == status)
+            return list(s.scalars(q.order_by(SeriesRecord.study_uid, SeriesRecord.id)))
+
+    def complete_series(self, project_id: int) -> dict[str, int]:
+        """{pseudonymous series UID: instances stored} of the project's complete series."""
+        with self.session() as s:
+            q = select(SeriesRecord.series_uid, SeriesRecord.stored).where(
+                SeriesRecord.project_id == project_id, SeriesRecord.status == "complete"
+            )
+            return dict(s.execute(q).all())
+
+    def series_counts(self, project_id: int) -> dict[str, int]:
+        """Series of a project by status."""
+        with self.session() as s:
+            q = (
+                select(SeriesRecord.status, func.count())
+                .where(SeriesRecord.project_id == project_id)
+                .group_by(SeriesRecord.status)
+            )
+            return dict(s.execute(q).all())
+
+    def upsert_series(self, project_id: int, series_uid: str, **values: Any) -> None:
+        """Create or update a series row (by pseudonymous UID) with these column values."""
+        with self.session() as s:
+            row = s.scalar(
+                select(SeriesRecord).where(
+                    SeriesRecord.project_id == project_id, SeriesRecord.series_uid == series_uid
+                )
+            )
+            if row is None:
+                row = SeriesRecord(project_id=project_id, series_uid=series_uid)
+                s.add(row)
+            for k, v in values.items():
+                setattr(row, k, v)
+
+    # -- audit --------------------------------------------------------------------------------
 
     def audit(
         self, actor: str, action: str, project: str | None, outcome: str = "ok", **detail: Any
@@ -159,14 +184,22 @@ class Catalog:
             )
 
     def audit_trail(self, project: str | None = None, limit: int = 100) -> list[AuditEvent]:
+        """The most recent audit rows, newest first (of one project, or all)."""
         with self.session() as s:
             q = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
             if project is not None:
                 q = q.where(AuditEvent.project == project)
             return list(s.scalars(q))
 
-    def dispose(self) -> None:
-        self.engine.dispose()
+    def refusals_since(self, project: str, since: datetime) -> int:
+        """Unsolicited instances refused for a project since `since`."""
+        with self.session() as s:
+            q = select(func.count()).where(
+                AuditEvent.project == project,
+                AuditEvent.action == "store.refused",
+                AuditEvent.at >= since,
+            )
+            return int(s.scalar(q) or 0)
 
 
 def _sqlite_pragmas(conn: Any, _record: Any) -> None:

@@ -3,7 +3,7 @@
 `open_store("var/store")` or `open_store("file:///data/store")` gives a `zarr.storage.LocalStore`;
 `open_store("s3://bucket/prefix", s3)` a `zarr.storage.ObjectStore` over obstore's S3 client,
 with endpoint and credentials from `s3` (any object with the attributes of
-`gateway.config.S3Options`). Errors reaching the store surface as `StorageUnavailable`.
+`core.settings.S3Options`). Errors reaching the store surface as `StorageUnavailable`.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from zarr.codecs import ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import LocalStore, MemoryStore
 
-from dicom import json_model
+from dicom import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, json_model
 from dicom.geometry import GeometryError, order_slices
 from storage import pixels, volume
 from storage.objectstore import guard, run
@@ -485,6 +485,12 @@ class SeriesReader:
             raise IndexError("instance index out of range")
 
 
+def series_key(project: str, pseudo_study: str, pseudo_series: str) -> str:
+    """Where a project's series lives in the store: `projects/<project>/<study>/<series>`, by
+    pseudonymous UIDs only (object keys are visible to whoever lists the bucket)."""
+    return _check_key(f"projects/{project}/{pseudo_study}/{pseudo_series}")
+
+
 def list_series(store: Store, prefix: str = "") -> Iterator[str]:
     """Keys of complete series at or below `prefix` (walks folders; stops at each series)."""
     stack = [prefix.strip("/")]
@@ -592,6 +598,8 @@ def _rebuild(header: dict[str, Any], frame: np.ndarray | None) -> Dataset:
     if "SOPInstanceUID" in ds:
         meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     ds.file_meta = meta
     return ds
 

@@ -1,6 +1,6 @@
 """An adversarial study for the de-identification tests: identity planted wherever it can hide.
 
-One patient, one study: two CT series (valid CT Image IOD, from `dicom.synthetic.ct_series`), a
+One patient, one study: two CT series (valid CT Image IOD, from `harness.synthetic.ct_series`), a
 Comprehensive SR and a Grayscale Softcopy Presentation State that reference the CT images. PHI
 sits in the usual attributes and in the unusual places: 4+ levels deep in sequences, private tags
 of every VR (UN included), free text, SR TEXT and PN content items, graphic annotations, UIDs with
@@ -24,7 +24,7 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
-from dicom.synthetic import ct_series
+from harness.synthetic import ct_series
 
 MRN = "8675309421"
 SURNAME, GIVEN = "WHITE", "ROSALIND"  # the surname is also a common word in reports

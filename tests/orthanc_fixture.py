@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 from pydicom import Dataset, dcmread
 
-from dicom.synthetic import SyntheticCorpus, generate
-from gateway.dimse.scp import OnStore, StorageSCP
+from gateway.dimse.scp import StorageSCP
 from gateway.dimse.scu import Peer
-from gateway.localpacs import ORTHANC_BIN, LocalOrthanc
+from gateway.dimse.service import OnStore
+from harness.localpacs import ORTHANC_BIN, LocalOrthanc
+from harness.synthetic import SyntheticCorpus, generate
 
 GATEWAY_AE = "SPHERE"
 

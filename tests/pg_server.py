@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.localpacs import free_port, wait_port
+from harness.localpacs import free_port, wait_port
 
 
 @dataclass

@@ -6,14 +6,18 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 SPHERE = [sys.executable, "-m", "gateway.cli"]
 
 
-def sphere(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+def sphere(
+    *args: str, home: Path, check: bool = True, **extra_env: str
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SPHERE_HOME": str(home), "SPHERE_ACTOR": "tester", "COLUMNS": "200"}
+    env.update(extra_env)
     out = subprocess.run([*SPHERE, *args], capture_output=True, text=True, env=env, timeout=300)
     if check:
         assert out.returncode == 0, out.stdout + out.stderr
@@ -40,7 +44,7 @@ def test_project_lifecycle_from_the_command_line(tmp_path):
         home=tmp_path,
     )
     refused = sphere("pull", "cli-proj", home=tmp_path, check=False)
-    assert refused.returncode == 2 and "not approved" in refused.stdout
+    assert refused.returncode == 2 and "not approved" in refused.stderr
     sphere(
         "project",
         "approve",
@@ -72,7 +76,7 @@ def test_project_lifecycle_from_the_command_line(tmp_path):
     wrong = sphere(
         "project", "create", "bad-opt", "--option", "Retain Everything", home=tmp_path, check=False
     )
-    assert wrong.returncode == 2 and "unknown de-identification option" in wrong.stdout
+    assert wrong.returncode == 2 and "unknown de-identification option" in wrong.stderr
     bad = sphere(
         "project",
         "approve",
@@ -84,7 +88,7 @@ def test_project_lifecycle_from_the_command_line(tmp_path):
         home=tmp_path,
         check=False,
     )
-    assert bad.returncode == 2 and "no project named 'nope'" in bad.stdout
+    assert bad.returncode == 2 and "no project named 'nope'" in bad.stderr
 
 
 @pytest.mark.peers
@@ -102,3 +106,128 @@ def test_demo_runs_end_to_end(tmp_path):
         home=tmp_path,
     )
     assert "demo OK" in out.stdout
+
+
+# -- a user's mistakes: one clear line, a non-zero status, no traceback ------------------------
+
+FRESH_HOME_COMMANDS = [
+    ("status", "p"),
+    ("project", "show", "p"),
+    ("project", "list"),
+    ("project", "approve", "p", "--committee-ref", "C", "--expires-on", "2099-01-01"),
+    ("project", "revoke", "p"),
+    ("cohort", "add", "p", "--accession", "A1"),
+    ("pull", "p"),
+    ("audit",),
+    ("deid", "/etc/hostname", "--project", "p", "--out", "out"),
+    ("vault", "audit"),
+    ("vault", "lookup", "P123", "--project", "p"),
+]
+
+
+def one_error_line(out: Any) -> str:
+    """The one line a failed command printed (a subprocess's result, or CliRunner's)."""
+    code = getattr(out, "returncode", getattr(out, "exit_code", None))
+    assert code == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args", FRESH_HOME_COMMANDS, ids=lambda a: " ".join(a[:2]))
+def test_a_wrong_home_is_one_clear_line_and_nothing_is_created(tmp_path, args):
+    from typer.testing import CliRunner
+
+    from gateway.cli import app
+
+    home = tmp_path / "no-such-home"
+    # In process (the same error handling as the executable, which the tests below run).
+    out = CliRunner().invoke(app, list(args), env={"SPHERE_HOME": str(home)})
+    line = one_error_line(out)
+    assert "no-such-home" in line and "SPHERE_HOME" in line
+    assert not home.exists()
+
+
+def test_a_missing_project_is_one_clear_line(tmp_path):
+    sphere("project", "create", "real", home=tmp_path)
+    for args in [("status", "nope"), ("pull", "nope"), ("project", "show", "nope"),
+                 ("deid", "/etc/hostname", "--project", "nope", "--out", str(tmp_path / "o")),
+                 ("cohort", "add", "nope", "--accession", "A")]:  # fmt: skip
+        assert "no project named 'nope'" in one_error_line(
+            sphere(*args, home=tmp_path, check=False)
+        )
+    bad_date = sphere("project", "approve", "real", "--committee-ref", "C", "--expires-on",
+                      "next year", home=tmp_path, check=False)  # fmt: skip
+    assert "YYYY-MM-DD" in one_error_line(bad_date)
+
+
+def test_a_pacs_that_is_down_is_one_clear_line(tmp_path, monkeypatch):
+    from harness.localpacs import free_port
+
+    monkeypatch.setenv("SPHERE_PACS__PORT", str(free_port()))  # nobody listens there
+    monkeypatch.setenv("SPHERE_TIMEOUT_S", "3")
+    assert "does not answer C-ECHO" in one_error_line(sphere("echo", home=tmp_path, check=False))
+    sphere("project", "create", "pp", home=tmp_path)
+    sphere("project", "approve", "pp", "--committee-ref", "C", "--expires-on", "2099-01-01",
+           home=tmp_path)  # fmt: skip
+    sphere("cohort", "add", "pp", "--accession", "ACC-1", home=tmp_path)
+    line = one_error_line(sphere("pull", "pp", home=tmp_path, check=False))
+    assert "cannot be queried" in line and "ACC-1" not in line
+    assert "pull.end" in sphere("audit", "pp", home=tmp_path).stdout
+
+
+def test_a_corrupt_catalog_is_one_clear_line(tmp_path):
+    (tmp_path / "catalog.db").write_text("not a database")
+    line = one_error_line(sphere("status", "p", home=tmp_path, check=False))
+    assert "catalog database cannot be opened" in line and "SPHERE_CATALOG_URL" in line
+
+
+def test_an_unexpected_error_is_one_line_without_its_message_unless_verbose(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from core import Core
+    from gateway.cli import app
+
+    def broken(self, name):
+        raise RuntimeError("a message that could quote DUPONT^JEANNE")
+
+    monkeypatch.setattr(Core, "project", broken)
+    env = {"SPHERE_HOME": str(tmp_path)}
+    CliRunner().invoke(app, ["project", "create", "pp"], env=env)
+    quiet = CliRunner().invoke(app, ["status", "pp"], env=env)
+    assert quiet.exit_code == 1 and quiet.stderr.strip().splitlines() == [
+        "error: unexpected RuntimeError; run with --verbose to see where"
+    ]
+    assert "DUPONT" not in quiet.stdout + quiet.stderr
+    loud = CliRunner().invoke(app, ["--verbose", "status", "pp"], env=env)
+    assert isinstance(loud.exception, RuntimeError)  # the traceback is there when asked
+
+
+def test_status_fits_80_columns_a_line_per_study(tmp_path):
+    from core import Core, Settings
+
+    sphere("project", "create", "wide", home=tmp_path)
+    core = Core(Settings(home=tmp_path))
+    pid = core.project("wide").id
+    keys = core.keys("wide")
+    for study in range(3):
+        for series in range(4):
+            core.catalog.upsert_series(
+                pid,
+                keys.uid(f"1.2.3.{study}.{series}"),
+                study_uid=keys.uid(f"1.2.3.{study}"),
+                modality="CT",
+                expected=500,
+                stored=500 if series else 120,
+                status="complete" if series else "failed",
+                error=None if series else "received 120 of 500 instances " * 4,
+            )
+    core.close()
+    env_columns = {"COLUMNS": "80"}
+    short = sphere("status", "wide", home=tmp_path, **env_columns).stdout.splitlines()
+    assert len(short) == 2 + 3  # project line, header, a line per study
+    assert all(len(line) <= 80 for line in short), short
+    assert all(line.endswith(" 1620/2000  1 failed") for line in short[2:])
+    long = sphere("status", "wide", "--series", home=tmp_path).stdout.splitlines()
+    assert len(long) > 2 + 3 + 12 and all(len(line) <= 80 for line in long), long

@@ -8,10 +8,11 @@ import pydicom
 import pytest
 from typer.testing import CliRunner
 
+from core.settings import Settings
 from deid.keys import ProjectKeys
 from deid.vault import Vault
+from dicom import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from gateway.cli import app
-from gateway.config import Settings
 from tests.adversarial import PATIENT, make_study, secondary_capture
 
 
@@ -53,6 +54,10 @@ def test_deid_files_with_a_project_profile_then_reidentify_as_trusted_third_part
         keys = ProjectKeys(vault.project_secret("trial"))
     pseudonym = keys.pseudonym(PATIENT["id"])
     assert {pydicom.dcmread(p).PatientID for p in written} == {pseudonym}
+    # The files are sphere's now: its implementation, not the source's, in the file meta.
+    metas = [pydicom.dcmread(p).file_meta for p in written]
+    assert {m.ImplementationClassUID for m in metas} == {IMPLEMENTATION_CLASS_UID}
+    assert {m.ImplementationVersionName for m in metas} == {IMPLEMENTATION_VERSION_NAME}
 
     denied = sphere(env, "vault", "lookup", pseudonym, "--project", "trial", code=2)
     assert "denied" in denied and PATIENT["id"] not in denied

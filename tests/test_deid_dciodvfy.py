@@ -14,7 +14,7 @@ import pytest
 from deid.engine import Deidentifier
 from deid.keys import ProjectKeys
 from deid.profile import Option, Profile
-from dicom.synthetic import generate
+from harness.synthetic import generate
 from tests.adversarial import make_study
 
 DCIODVFY = shutil.which("dciodvfy") or str(Path(sys.executable).parent / "dciodvfy")

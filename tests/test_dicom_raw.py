@@ -11,7 +11,7 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 
 from dicom.raw import element_spans, value_span
-from dicom.synthetic import generate
+from harness.synthetic import generate
 from tests.samples import pydicom_sample
 
 

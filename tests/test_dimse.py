@@ -27,7 +27,7 @@ from pydicom.uid import (
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
 
-from gateway.dimse.scp import ReceivedInstance, StorageSCP
+from gateway.dimse.scp import StorageSCP
 from gateway.dimse.scu import (
     AssociationAborted,
     AssociationRejected,
@@ -38,7 +38,8 @@ from gateway.dimse.scu import (
     PeerUnreachable,
     Scu,
 )
-from gateway.localpacs import LocalOrthanc
+from gateway.dimse.service import ReceivedInstance
+from harness.localpacs import LocalOrthanc
 from tests.orthanc_fixture import GATEWAY_AE, Received, Seeded, collecting, seed_corpus
 
 pytestmark = pytest.mark.peers
@@ -581,7 +582,7 @@ def test_localpacs_counts_and_dicomweb(orthanc: LocalOrthanc, seeded: Seeded) ->
 
 def test_a_repeated_association_request_gets_the_same_answer_and_another_its_own():
     from gateway.dimse import ul
-    from gateway.dimse.scp import Service, supported_contexts
+    from gateway.dimse.service import Service, supported_contexts
 
     service = Service(supported_contexts(), 0, 5.0, None, store=lambda *a: 0)
     ct, mr = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"

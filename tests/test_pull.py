@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from datetime import date, timedelta
 from pathlib import Path
@@ -11,13 +12,14 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from dicom.synthetic import generate
+from core.settings import PacsPeer, S3Options, Settings
 from gateway.api import Gateway
-from gateway.config import PacsPeer, S3Options, Settings
-from gateway.localpacs import LocalOrthanc, free_port
 from gateway.pull import PullRefused
+from harness.leaks import scan_database, scan_folder, scan_store, scan_text
+from harness.localpacs import LocalOrthanc, free_port
+from harness.synthetic import generate
 from storage.catalog import SeriesRecord
-from storage.series import SeriesReader
+from storage.series import SeriesReader, series_key
 
 pytestmark = pytest.mark.peers
 TODAY = date.today()
@@ -72,12 +74,27 @@ def source_volume(files: list[Path], series_uid: str) -> np.ndarray:
     return np.stack([d.pixel_array for d in dss])
 
 
-def phi_hits(root_bytes: dict[str, bytes], phi: list[str]) -> list[tuple[str, str]]:
-    return [(name, p) for name, data in root_bytes.items() for p in phi if p.encode() in data]
+@pytest.fixture
+def logs(caplog, capfd):
+    """Everything the pull logs at INFO, in this process and its SCP workers (stderr)."""
+    caplog.set_level(logging.INFO, logger="gateway")
+
+    def text() -> str:
+        out, err = capfd.readouterr()
+        return caplog.text + out + err
+
+    return text
 
 
-def local_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+def assert_no_leaks(gw: Gateway, needles: list[str], log_text: str) -> None:
+    """Not one planted identifier in the store (decoded), the catalog, the spool, the logs."""
+    s = gw.settings
+    leaks = scan_store(gw.store, needles)
+    leaks += scan_database(s.resolved_catalog_url(), needles)
+    if s.spool_dir.exists():
+        leaks += scan_folder(s.spool_dir, needles)
+    leaks += scan_text("logs", log_text, needles)
+    assert leaks == []
 
 
 def test_pull_refused_when_not_approved_or_expired(tmp_path, pacs, scp_port, corpus):
@@ -96,7 +113,7 @@ def test_pull_refused_when_not_approved_or_expired(tmp_path, pacs, scp_port, cor
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("*.json"))
 
 
-def test_pull_stores_exactly_the_cohort_deidentified(tmp_path, pacs, scp_port, corpus):
+def test_pull_stores_exactly_the_cohort_deidentified(tmp_path, pacs, scp_port, corpus, logs):
     gw = make_gateway(tmp_path, pacs, scp_port)
     cohort, outsider = corpus.studies[:2], corpus.studies[2]
     approved(gw, "bone", [st.accession for st in cohort])
@@ -118,7 +135,7 @@ def test_pull_stores_exactly_the_cohort_deidentified(tmp_path, pacs, scp_port, c
     for st in cohort:
         for se in st.series:
             reader = SeriesReader(
-                gw.store, f"projects/bone/{keys.uid(st.study_uid)}/{keys.uid(se.series_uid)}"
+                gw.store, series_key("bone", keys.uid(st.study_uid), keys.uid(se.series_uid))
             )
             assert reader.complete
             vol = reader.volume[:]
@@ -135,8 +152,7 @@ def test_pull_stores_exactly_the_cohort_deidentified(tmp_path, pacs, scp_port, c
             assert ds.StudyInstanceUID == keys.uid(st.study_uid)
             assert ds.DeidentificationMethod
 
-    store_root = tmp_path / "store"
-    assert phi_hits(local_bytes(store_root), corpus.phi) == []
+    assert_no_leaks(gw, corpus.phi, logs())
     actions = [e.action for e in gw.catalog.audit_trail("bone")]
     assert {"project.create", "project.approve", "cohort.add", "pull.start", "pull.end"} <= set(
         actions
@@ -163,16 +179,16 @@ def test_repull_fetches_only_what_is_missing(tmp_path, pacs, scp_port, corpus):
     assert third.count("skipped") == 1
 
 
-def test_pull_with_cget(tmp_path, pacs, scp_port, corpus):
+def test_pull_with_cget(tmp_path, pacs, scp_port, corpus, logs):
     gw = make_gateway(tmp_path, pacs, scp_port, retrieve="get")
     approved(gw, "cget", [corpus.studies[1].accession])
     report = gw.pull("cget")
     assert report.ok
     assert report.instances == corpus.studies[1].n_instances
-    assert phi_hits(local_bytes(tmp_path / "store"), corpus.phi) == []
+    assert_no_leaks(gw, corpus.phi, logs())
 
 
-def test_pull_into_s3(tmp_path, pacs, scp_port, corpus, s3_server):
+def test_pull_into_s3(tmp_path, pacs, scp_port, corpus, s3_server, logs):
     bucket = s3_server.new_bucket()
     gw = make_gateway(
         tmp_path,
@@ -191,12 +207,12 @@ def test_pull_into_s3(tmp_path, pacs, scp_port, corpus, s3_server):
     assert report.instances == corpus.studies[2].n_instances
     objects = s3_server.read_all(bucket)
     assert any(k.endswith("zarr.json") for k in objects)
-    assert phi_hits(objects, corpus.phi) == []
+    assert_no_leaks(gw, corpus.phi, logs())
     st = corpus.studies[2]
     keys = gw.keys("s3proj")
     se = st.series[0]
     reader = SeriesReader(
-        gw.store, f"projects/s3proj/{keys.uid(st.study_uid)}/{keys.uid(se.series_uid)}"
+        gw.store, series_key("s3proj", keys.uid(st.study_uid), keys.uid(se.series_uid))
     )
     np.testing.assert_array_equal(reader.volume[:], source_volume(corpus.files, se.series_uid))
 
@@ -204,11 +220,11 @@ def test_pull_into_s3(tmp_path, pacs, scp_port, corpus, s3_server):
 def test_unsolicited_push_is_refused_and_audited(tmp_path, corpus):
     """A third-party peer (dcmtk storescu) pushing to the gateway gets a failure status."""
     from gateway.dimse.scp import StorageSCP
-    from gateway.receiver import Receiver
+    from gateway.pull.receiver import Receiver, ReceiverConfig
 
     gw = Gateway(Settings(home=tmp_path, actor="tester"))
     gw.create_project("quiet")
-    receiver = Receiver(gw.receiver_config("quiet"))
+    receiver = Receiver(ReceiverConfig.of(gw.core, "quiet"))
     with StorageSCP(ae_title="SPHERE", host="127.0.0.1", port=0, on_store=receiver.on_store) as scp:
         out = subprocess.run(
             [
@@ -239,7 +255,7 @@ PULL_SCRIPT = """
 import sys
 from pathlib import Path
 from gateway.api import Gateway
-from gateway.config import PacsPeer, Settings
+from core.settings import PacsPeer, Settings
 home, aet, port, scp = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 gw = Gateway(Settings(home=Path(home), port=scp, actor="tester", max_associations=1,
                       pacs=PacsPeer(ae_title=aet, port=port)))
@@ -247,7 +263,7 @@ gw.pull("crash")
 """
 
 
-def test_crash_mid_pull_resumes_without_loss_or_duplicates(tmp_path, pacs, scp_port, corpus):
+def test_crash_mid_pull_resumes_without_loss_or_duplicates(tmp_path, pacs, scp_port, corpus, logs):
     import os
     import signal
     import sys
@@ -282,15 +298,18 @@ def test_crash_mid_pull_resumes_without_loss_or_duplicates(tmp_path, pacs, scp_p
     total = 0
     for st in corpus.studies:
         for se in st.series:
-            key = f"projects/crash/{keys.uid(st.study_uid)}/{keys.uid(se.series_uid)}"
+            key = series_key("crash", keys.uid(st.study_uid), keys.uid(se.series_uid))
             reader = SeriesReader(gw.store, key)
             assert reader.complete and len(reader.headers()) == se.n_instances  # no duplicates
             total += se.n_instances
     assert report.instances + sum(s.stored for s in report.series if s.status == "skipped") == total
     assert not any(p.is_file() for p in spool.rglob("*"))  # committed spools are removed
+    assert_no_leaks(gw, corpus.phi, logs())
 
 
-def test_pull_with_catalog_and_vault_on_postgresql(tmp_path, pacs, scp_port, corpus, pg_server):
+def test_pull_with_catalog_and_vault_on_postgresql(
+    tmp_path, pacs, scp_port, corpus, pg_server, logs
+):
     """Deployment settings: the catalog and the vault each in its own PostgreSQL database."""
     gw = make_gateway(
         tmp_path,
@@ -315,9 +334,10 @@ def test_pull_with_catalog_and_vault_on_postgresql(tmp_path, pacs, scp_port, cor
         st.patient_id
     )
     assert not (tmp_path / "catalog.db").exists() and not (tmp_path / "vault.db").exists()
+    assert_no_leaks(gw, [st.patient_id, st.accession, st.study_uid, *corpus.phi], logs())
 
 
-def test_quarantined_instance_is_reported_never_stored(tmp_path, pacs, scp_port):
+def test_quarantined_instance_is_reported_never_stored(tmp_path, pacs, scp_port, logs):
     """An image with burned-in text is held back (default policy), and the pull says so."""
     extra = generate(
         tmp_path / "extra", n_patients=1, series_per_study=1, slices=5, size=32, seed=99
@@ -337,10 +357,11 @@ def test_quarantined_instance_is_reported_never_stored(tmp_path, pacs, scp_port)
     keys = gw.keys("burned")
     st = extra.studies[0]
     reader = SeriesReader(
-        gw.store, f"projects/burned/{keys.uid(st.study_uid)}/{keys.uid(st.series[0].series_uid)}"
+        gw.store, series_key("burned", keys.uid(st.study_uid), keys.uid(st.series[0].series_uid))
     )
     stored_sops = {h["00080018"]["Value"][0] for h in reader.headers()}
     assert keys.uid(marked.SOPInstanceUID) not in stored_sops and len(stored_sops) == 4
     with gw.catalog.session() as s:
         row = s.scalar(select(SeriesRecord).where(SeriesRecord.project_id.is_not(None)))
         assert "1 quarantined" in (row.error or "")
+    assert_no_leaks(gw, extra.phi, logs())

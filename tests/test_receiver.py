@@ -6,11 +6,11 @@ import copy
 
 import pytest
 
-from dicom.synthetic import generate
+from core.settings import Settings
 from gateway.api import Gateway
-from gateway.config import Settings
 from gateway.dimse.common import REFUSED_NOT_AUTHORIZED, SUCCESS
-from gateway.receiver import Receiver
+from gateway.pull.receiver import Receiver, ReceiverConfig
+from harness.synthetic import generate
 from storage.series import SeriesWriter
 
 
@@ -19,7 +19,7 @@ def setup(tmp_path):
     corpus = generate(tmp_path / "corpus", n_patients=2, slices=4, size=32, seed=3)
     gw = Gateway(Settings(home=tmp_path / "gw", actor="tester"))
     gw.create_project("recv")
-    receiver = Receiver(gw.receiver_config("recv"))
+    receiver = Receiver(ReceiverConfig.of(gw.core, "recv"))
     return corpus, gw, receiver
 
 

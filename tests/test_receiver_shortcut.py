@@ -11,12 +11,12 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from dicom.synthetic import generate
+from core.settings import Settings
 from gateway.api import Gateway
-from gateway.config import Settings
 from gateway.dimse.common import DATASET_MISMATCH, REFUSED_NOT_AUTHORIZED, SUCCESS
-from gateway.dimse.scp import ReceivedInstance
-from gateway.receiver import Receiver
+from gateway.dimse.service import ReceivedInstance
+from gateway.pull.receiver import Receiver, ReceiverConfig
+from harness.synthetic import generate
 from storage.series import SeriesWriter
 
 
@@ -27,7 +27,7 @@ def pair(tmp_path):
     corpus = generate(tmp_path / "corpus", n_patients=1, series_per_study=1, slices=12, size=32)
     gw = Gateway(Settings(home=tmp_path / "gw", fsync=False))
     gw.create_project("short")
-    cfg = gw.receiver_config("short")
+    cfg = ReceiverConfig.of(gw.core, "short")
     fast, whole = Receiver(cfg), Receiver(replace(cfg, spool_root=tmp_path / "spool-whole"))
     st = corpus.studies[0]
     se = st.series[0]

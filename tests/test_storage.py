@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import BasicTextSRStorage, generate_uid
 
 from dicom import json_model
-from dicom.synthetic import generate
+from harness.synthetic import generate
 from storage.objectstore import open_store
 from storage.series import (
     SeriesError,

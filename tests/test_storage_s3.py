@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom.synthetic import generate
+from harness.synthetic import generate
 from storage.objectstore import StorageUnavailable, check_store, open_store
 from storage.series import SeriesReader, SeriesWriter, list_series
 from tests.s3server import SeaweedS3

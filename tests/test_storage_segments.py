@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom.synthetic import generate
+from harness.synthetic import generate
 from storage.objectstore import StorageUnavailable, open_store
 from storage.series import SeriesError, SeriesReader, SeriesWriter
 from storage.spool import SpoolError, segment_file

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from gateway.dimse.scu import RetrieveResult
-from gateway.pull import Puller, SeriesJob
+from gateway.pull.puller import SeriesJob, verify
 from storage.series import SeriesWriter
 
 
 def job_with(tmp_path, expected: int, spooled: int, quarantined: int = 0) -> SeriesJob:
-    from dicom.synthetic import ct_series
+    from harness.synthetic import ct_series
 
     writer = SeriesWriter(tmp_path / "spool", fsync=False)
     sops = [f"1.2.3.{i}" for i in range(max(spooled, 1))]
@@ -58,5 +58,5 @@ def job_with(tmp_path, expected: int, spooled: int, quarantined: int = 0) -> Ser
 )
 def test_verify(tmp_path, expected, spooled, quarantined, result, problem):
     job = job_with(tmp_path, expected, spooled, quarantined)
-    error = Puller._verify(job, result)
+    error = verify(job, result)
     assert (problem in error) if problem else error == ""

@@ -78,10 +78,9 @@ def _child(ctl: socket.socket, msg: bytes, fds: list[int]) -> None:
         os.dup2(err_fd, 1)  # stdout and stderr: the requesting process's stderr
         os.dup2(err_fd, 2)
         os.close(err_fd)
-        from gateway.dimse.workers import serve_worker
-
-        index, n_slots, config, factory_pickle, level = pickle.loads(msg)
-        serve_worker(index, chan_fd, counts_fd, n_slots, config, factory_pickle, level)
+        target, args = pickle.loads(msg)
+        module, _, name = target.partition(":")
+        getattr(importlib.import_module(module), name)(chan_fd, counts_fd, *args)
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
@@ -185,10 +184,11 @@ class ForkServer:
                 server = cls._shared = cls(preload)
             return server
 
-    def fork(self, boot: tuple[Any, ...], chan_fd: int, counts_fd: int) -> Forked:
-        """A new worker running `workers.serve_worker(*boot)` with these descriptors (waits
-        for the server's imports the first time)."""
-        msg = pickle.dumps(boot)
+    def fork(self, target: str, args: tuple[Any, ...], chan_fd: int, counts_fd: int) -> Forked:
+        """A new process running `target(chan_fd, counts_fd, *args)`, `target` named as
+        "module:function" (so this module needs to import no caller); waits for the server's
+        imports the first time."""
+        msg = pickle.dumps((target, args))
         with self._lock:
             socket.send_fds(self._ctl, [msg], [chan_fd, counts_fd, 2])
             reply = self._ctl.recv(_PID.size)

@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from io import BytesIO
-from typing import TYPE_CHECKING
 
 from pydicom import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -39,10 +38,7 @@ from gateway.dimse.common import (
     is_pending,
     is_success,
 )
-from gateway.dimse.scp import OnReceive, OnStore, StoreHandler, store_handler
-
-if TYPE_CHECKING:
-    from gateway.config import PacsPeer, Settings
+from gateway.dimse.service import OnReceive, OnStore, StoreHandler, store_handler
 
 __all__ = [
     "Association",
@@ -68,11 +64,6 @@ class Peer:
     ae_title: str
     host: str
     port: int
-
-    @classmethod
-    def from_settings(cls, pacs: PacsPeer) -> Peer:
-        """From `Settings.pacs`."""
-        return cls(pacs.ae_title, pacs.host, int(pacs.port))
 
 
 @dataclass(frozen=True)
@@ -403,11 +394,6 @@ class Scu:
         # compressed, and an acceptor picks one syntax per context anyway.
         self.get_contexts = [(StudyRootQueryRetrieveInformationModelGet, UNCOMPRESSED)]
         self.get_contexts += [(uid, UNCOMPRESSED) for uid in GET_STORAGE_CLASSES]
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Scu:
-        """Our AE title and timeout from the gateway settings."""
-        return cls(settings.ae_title, settings.timeout_s)
 
     @contextmanager
     def connect(

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from gateway.dimse.forkserver import Forked, ForkServer
-from gateway.dimse.scp import FINISHED, Service, handler_callbacks, supported_contexts
+from gateway.dimse.service import FINISHED, Service, handler_callbacks, supported_contexts
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ _JOIN_S = 10.0  # how long a stopping worker waits for its associations' threads
 _START_S = 120.0  # how long start() waits for the workers to be ready
 # The child reads all of stdin at once (the parent never waits on it), sets sys.path (so the
 # factory's module can be found), then unpickles the rest.
+_FORKED_ENTRY = "gateway.dimse.workers:serve_worker"  # what the fork server runs in a worker
 _BOOT = (
     "import io, pickle, sys; f = io.BytesIO(sys.stdin.buffer.read()); "
     "sys.path[:] = pickle.load(f); from gateway.dimse.workers import worker_main; worker_main(f)"
@@ -67,9 +68,9 @@ def worker_main(boot: BinaryIO) -> None:
 
 
 def serve_worker(
-    index: int,
     chan_fd: int,
     counts_fd: int,
+    index: int,
     n_slots: int,
     config: WorkerConfig,
     factory_pickle: bytes,
@@ -306,9 +307,10 @@ class WorkerPool:
         counts_fd = self._counts_fd
         level = logging.getLogger("gateway").getEffectiveLevel()
         if self.preload is not None:
-            boot = (slot.index, len(self.slots), self.config, self.factory_pickle, level)
+            args = (slot.index, len(self.slots), self.config, self.factory_pickle, level)
+            server = ForkServer.shared(self.preload)
             try:
-                forked = ForkServer.shared(self.preload).fork(boot, child.fileno(), counts_fd)
+                forked = server.fork(_FORKED_ENTRY, args, child.fileno(), counts_fd)
             except BaseException:
                 parent.close()
                 raise
@@ -320,9 +322,9 @@ class WorkerPool:
             return
         boot = pickle.dumps(sys.path) + pickle.dumps(
             (
-                slot.index,
                 child.fileno(),
                 counts_fd,
+                slot.index,
                 len(self.slots),
                 self.config,
                 self.factory_pickle,

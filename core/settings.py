@@ -1,4 +1,4 @@
-"""Gateway settings: embedded defaults, overridden by SPHERE_* environment variables or .env."""
+"""Settings: embedded defaults, overridden by SPHERE_* environment variables or .env."""
 
 from __future__ import annotations
 

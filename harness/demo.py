@@ -8,10 +8,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from dicom.synthetic import generate
+from core.settings import PacsPeer, Settings
 from gateway.api import Gateway
-from gateway.config import PacsPeer, Settings
-from gateway.localpacs import LocalOrthanc, free_port
+from gateway.views import report_lines
+from harness.localpacs import LocalOrthanc, free_port
+from harness.synthetic import generate
 
 console = Console()
 
@@ -53,9 +54,8 @@ def run_demo(workdir: Path, *, patients: int = 4, slices: int = 120, size: int =
             "studies (by accession number)"
         )
         report = gw.pull(name)
-    from gateway.cli import print_report
-
-    print_report(report)
+    for line in report_lines(report):
+        console.print(line, highlight=False)
     expected = sum(st.n_instances for st in corpus.studies[:-1])
     console.print(f"catalog: {settings.resolved_catalog_url()}")
     console.print(f"re-identification vault (kept apart): {settings.resolved_vault_url()}")

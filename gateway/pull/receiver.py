@@ -2,18 +2,17 @@
 
 It runs in the SCP's worker processes (one `Receiver` each, built from a picklable
 `ReceiverConfig`) or in the pull's own process for C-GET. A pull announces each series it waits for
-with a marker file in the spool's `expected/` folder; anything without a marker is refused. Markers,
-spool folders and quarantine notes are named by pseudonymous UIDs only.
+with a marker (`layout.SpoolLayout`); anything without one is refused. Markers, spool folders and
+quarantine notes are named by pseudonymous UIDs only.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -24,95 +23,19 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from deid.engine import Deidentifier, Quarantined
-from deid.keys import ProjectKeys
-from deid.profile import Profile
+from core import Core, Settings
+from deid.engine import Quarantined
 from dicom.json_model import Part
 from dicom.raw import element_spans, value_span
 from gateway.dimse.common import REFUSED_NOT_AUTHORIZED, SUCCESS
-from gateway.dimse.scp import ReceivedInstance, file_meta, store_received
+from gateway.dimse.service import ReceivedInstance, file_meta, store_received
+from gateway.pull.layout import SpoolLayout
 from storage.series import SeriesWriter
 
 _SERIES_UID, _SOP_UID, _PIXEL_DATA = 0x0020000E, 0x00080018, 0x7FE00010
 _TEMPLATES = 64  # series followed at once per worker process
 
 log = logging.getLogger(__name__)
-
-
-class SpoolLayout:
-    """Where a project's pull keeps its spool (`series/`) and its expectations (`expected/`)."""
-
-    def __init__(self, spool_root: Path, project: str) -> None:
-        self.root = Path(spool_root) / project
-        self._expected_dir = os.fspath(self.root / "expected")  # a string: asked per instance
-        # Markers read, by series, with the identity of the file read: asked once per instance,
-        # a marker is read again only when replaced.
-        self._read: dict[str, tuple[tuple[int, int, int], dict[str, str]]] = {}
-
-    def data(self, pseudo_series: str) -> Path:
-        return self.root / "series" / pseudo_series
-
-    def _marker(self, pseudo_series: str) -> Path:
-        return self.root / "expected" / f"{pseudo_series}.json"
-
-    def _notes(self, pseudo_series: str) -> Path:
-        return self.root / "expected" / f"{pseudo_series}.quarantine"
-
-    def expect(self, pseudo_series: str, pseudo_study: str, patient: str = "") -> None:
-        """Open the door for one series, of one study, of one patient (pseudonyms); written
-        atomically, so readers never see half a marker."""
-        marker = self._marker(pseudo_series)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"study": pseudo_study, "patient": patient}))
-        os.replace(tmp, marker)
-
-    def expected(self, pseudo_series: str) -> dict[str, str] | None:
-        """{"study", "patient"} the series belongs to, or None if nobody waits for it."""
-        marker = f"{self._expected_dir}/{pseudo_series}.json"  # as _marker, without pathlib
-        try:
-            st = os.stat(marker)
-            seen = (st.st_ino, st.st_mtime_ns, st.st_size)
-            hit = self._read.get(pseudo_series)
-            if hit is not None and hit[0] == seen:
-                return hit[1]
-            with open(marker, encoding="utf-8") as f:
-                want = json.load(f)
-        except (FileNotFoundError, ValueError):
-            self._read.pop(pseudo_series, None)
-            return None
-        if len(self._read) > 4096:
-            self._read.clear()
-        self._read[pseudo_series] = (seen, want)
-        return want
-
-    def forget(self, pseudo_series: str) -> None:
-        """Close the door: later arrivals of this series are refused."""
-        self._marker(pseudo_series).unlink(missing_ok=True)
-
-    def note_quarantine(self, pseudo_series: str, pseudo_sop: str, reason: str) -> None:
-        line = json.dumps({"sop": pseudo_sop, "reason": reason}) + "\n"
-        with open(self._notes(pseudo_series), "a", encoding="utf-8") as f:
-            f.write(line)  # one short append: atomic between processes
-
-    def quarantined(self, pseudo_series: str) -> dict[str, int]:
-        """Quarantine reasons and counts for a series (each instance counted once)."""
-        by_sop: dict[str, str] = {}
-        try:
-            with open(self._notes(pseudo_series), encoding="utf-8") as f:
-                for line in f:
-                    if line.strip():
-                        rec = json.loads(line)
-                        by_sop[rec["sop"]] = rec["reason"]
-        except FileNotFoundError:
-            pass
-        counts: dict[str, int] = {}
-        for reason in by_sop.values():
-            counts[reason] = counts.get(reason, 0) + 1
-        return counts
-
-    def clear_notes(self, pseudo_series: str) -> None:
-        self._notes(pseudo_series).unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -133,17 +56,19 @@ class _Template:
 
 @dataclass(frozen=True)
 class ReceiverConfig:
-    """Everything a worker process needs to receive for one project's pull (picklable)."""
+    """Everything a worker process needs to receive for one project's pull (picklable): it
+    opens its own `Core` from these settings."""
 
+    settings: Settings
     project: str
-    secret: bytes = field(repr=False)
-    profile: dict[str, Any]
-    spool_root: Path
-    fsync: bool
-    fsync_each: bool
-    vault_url: str
-    catalog_url: str
+    spool_root: Path  # resolved by the pull, so a worker's working folder does not matter
     actor: str
+
+    @classmethod
+    def of(cls, core: Core, project: str, actor: str | None = None) -> ReceiverConfig:
+        """What receivers need to receive for `project`, from the core's settings."""
+        s = core.settings
+        return cls(s, project, s.spool_dir.resolve(), actor or core.actor)
 
 
 class Receiver:
@@ -157,21 +82,14 @@ class Receiver:
     """
 
     def __init__(self, cfg: ReceiverConfig) -> None:
-        from deid.vault import Vault
-
         self.cfg = cfg
+        self.core = Core(cfg.settings, actor=cfg.actor)
         self.layout = SpoolLayout(cfg.spool_root, cfg.project)
-        self.keys = ProjectKeys(cfg.secret)
-        self._vault = Vault(cfg.vault_url)
-        self.deid = Deidentifier(
-            Profile.from_json(cfg.profile),
-            self.keys,
-            sink=lambda batch: self._vault.record_many(cfg.project, batch),
-        )
+        self.keys = self.core.keys(cfg.project)
+        self.deid = self.core.deidentifier(cfg.project)
         self._writers: dict[str, SeriesWriter] = {}
         self._templates: OrderedDict[bytes, _Template] = OrderedDict()
         self._lock = threading.Lock()
-        self._catalog: Any = None
         self.refused = 0
         self.shortcuts = 0  # instances stored by comparison with the last of their series
 
@@ -335,6 +253,7 @@ class Receiver:
             for w in self._writers.values():
                 w.close()
             self._writers.clear()
+        self.core.close()
 
     def _writer(self, pseudo_series: str) -> SeriesWriter:
         with self._lock:
@@ -342,22 +261,18 @@ class Receiver:
             if w is None:
                 w = SeriesWriter(
                     self.layout.data(pseudo_series),
-                    fsync=self.cfg.fsync,
+                    fsync=self.cfg.settings.fsync,
                     segment=str(os.getpid()),
-                    sync_each=self.cfg.fsync_each,
+                    sync_each=self.cfg.settings.fsync_each,
                 )
                 self._writers[pseudo_series] = w
             return w
 
     def _refuse(self, calling_ae: str) -> None:
-        from storage.catalog import Catalog
-
         with self._lock:
             self.refused += 1
-            if self._catalog is None:
-                self._catalog = Catalog(self.cfg.catalog_url)
         log.warning("refused an unsolicited instance from AE %r", calling_ae)
-        self._catalog.audit(
+        self.core.catalog.audit(
             self.cfg.actor, "store.refused", self.cfg.project, "refused", calling_ae=calling_ae
         )
 

@@ -1,0 +1,152 @@
+"""`Core`: the gateway's parts opened once from one `Settings`, for every edge.
+
+core = Core(Settings())          # or Core(settings, create=True) to start a new home
+core.catalog, core.vault, core.store
+core.project("bone-2026")        # the catalog row; ProjectError if there is none
+core.keys("bone-2026")           # keyed pseudonyms, UIDs, date shifts (secret from the vault)
+core.deidentifier("bone-2026")   # the project's profile and keys, mappings recorded in the vault
+"""
+
+from __future__ import annotations
+
+import getpass
+import threading
+from functools import cached_property, partial
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError
+
+from core.errors import NotSetUp, ProjectError, Unavailable
+from core.settings import Settings
+from deid.engine import Deidentifier
+from deid.keys import ProjectKeys
+from deid.profile import Profile
+from deid.vault import Vault
+from storage.catalog import Catalog, Project
+from storage.objectstore import open_store
+
+
+class Core:
+    """Settings, catalog, vault, store and per-project keys, each opened on first use.
+
+    Without `create`, a home whose SQLite catalog or vault does not exist is refused with
+    `NotSetUp` instead of being created empty: a mistyped SPHERE_HOME then says so.
+    """
+
+    def __init__(
+        self, settings: Settings | None = None, *, create: bool = False, actor: str | None = None
+    ) -> None:
+        self.settings = settings or Settings()
+        self.create = create
+        self._actor = actor
+        self._keys: dict[str, ProjectKeys] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def actor(self) -> str:
+        """Who is acting, for the audit trails: given, from settings, or the OS user."""
+        return self._actor or self.settings.actor or getpass.getuser()
+
+    @cached_property
+    def catalog(self) -> Catalog:
+        url = self.settings.resolved_catalog_url()
+        self._require("catalog", url)
+        return _open_database("catalog", "SPHERE_CATALOG_URL", Catalog, url)
+
+    @cached_property
+    def vault(self) -> Vault:
+        url = self.settings.resolved_vault_url()
+        self._require("re-identification vault", url)
+        return _open_database("vault", "SPHERE_VAULT_URL", Vault, url)
+
+    @cached_property
+    def store(self) -> Any:
+        s = self.settings
+        try:
+            return open_store(
+                s.resolved_storage_url(), s.s3, timeout_s=s.timeout_s, retries=s.retries
+            )
+        except ValueError as e:
+            raise NotSetUp(f"SPHERE_STORAGE_URL: {e}") from None
+
+    # -- a project's parts --------------------------------------------------------------------
+
+    def project(self, name: str) -> Project:
+        """The project's catalog row; `ProjectError` when there is none."""
+        p = self.catalog.project(name)
+        if p is None:
+            raise ProjectError(f"no project named '{name}' (see `sphere project list`)")
+        return p
+
+    def keys(self, name: str) -> ProjectKeys:
+        """The project's keyed derivations; its secret is created in the vault on first use."""
+        with self._lock:
+            keys = self._keys.get(name)
+        if keys is None:
+            keys = ProjectKeys(self.vault.project_secret(name))
+            with self._lock:
+                keys = self._keys.setdefault(name, keys)
+        return keys
+
+    def profile(self, name: str) -> Profile:
+        """The project's de-identification profile, as stored at its creation."""
+        return Profile.from_json(self.project(name).deid_profile or {})
+
+    def deidentifier(
+        self, name: str, *, profile: Profile | None = None, report: bool = False
+    ) -> Deidentifier:
+        """The project's de-identifier (its stored profile unless `profile` is given), handing
+        the mappings it makes to the vault; `report` counts what each rule did."""
+        return Deidentifier(
+            profile or self.profile(name),
+            self.keys(name),
+            sink=partial(self.vault.record_many, name),
+            report=report,
+        )
+
+    def close(self) -> None:
+        """Flush the vault and release the databases (what was opened)."""
+        if "vault" in self.__dict__:
+            self.vault.close()
+        if "catalog" in self.__dict__:
+            self.catalog.dispose()
+
+    def __enter__(self) -> Core:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- opening ------------------------------------------------------------------------------
+
+    def _require(self, what: str, url: str) -> None:
+        path = _sqlite_file(url)
+        if path is None:
+            return
+        if self.create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        elif not path.exists():
+            raise NotSetUp(
+                f"no {what} at {path}: is SPHERE_HOME (or --home) right? "
+                "`sphere project create` starts a new one"
+            )
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The file behind a SQLite URL (None for other databases and in-memory ones)."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or url[len(prefix) :] in ("", ":memory:"):
+        return None
+    return Path(url[len(prefix) :])
+
+
+def _open_database(what: str, variable: str, cls: Any, url: str) -> Any:
+    try:
+        return cls(url)
+    except DBAPIError as e:
+        # The driver's first line says why (refused, unknown host, bad password), never data.
+        reason = str(e.orig).strip().splitlines()[0][:200] if e.orig else type(e).__name__
+        raise Unavailable(
+            f"the {what} database cannot be opened ({reason}); check {variable}"
+        ) from None

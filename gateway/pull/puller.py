@@ -1,0 +1,319 @@
+"""Pull a project's cohort from the PACS: plan, retrieve per series, verify, commit.
+
+The way of one series: the plan gives the PACS's instance count; the series is announced to the
+receivers (which refuse anything not announced); the `Retriever` brings the instances, each one
+de-identified and spooled before it is acknowledged; the received count is checked against the
+PACS's count and the retrieve's sub-operation counts; only then is the series committed to Zarr
+and marked complete in the catalog. A re-run skips complete series and resumes the others from
+their spool.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import date
+
+from core import Core, SphereError, Unavailable
+from core.projects import CohortEntry, cohort
+from deid.keys import ProjectKeys
+from gateway.dimse.scu import DimseError, RetrieveResult, SeriesHit, StudyHit
+from gateway.pull.layout import SpoolLayout
+from gateway.pull.report import PullReport, SeriesOutcome
+from gateway.pull.retrievers import Retriever, open_retriever
+from storage.catalog import Project, utcnow
+from storage.series import SeriesError, SeriesWriter, series_key
+
+log = logging.getLogger(__name__)
+
+
+class PullRefused(SphereError):
+    """The project may not be pulled (not approved, expired, revoked); the message says why."""
+
+
+@dataclass
+class SeriesJob:
+    """One series being retrieved. Original UIDs stay in memory, never in logs or the catalog."""
+
+    project: str
+    study_uid: str
+    series_uid: str
+    pseudo_study: str
+    pseudo_series: str
+    patient_pseudonym: str
+    modality: str
+    expected: int
+    writer: SeriesWriter  # the coordinator's view of the spool, written to by the receivers
+    quarantined: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return series_key(self.project, self.pseudo_study, self.pseudo_series)
+
+    @property
+    def n_quarantined(self) -> int:
+        return sum(self.quarantined.values())
+
+
+@dataclass
+class Planned:
+    study: StudyHit
+    series: SeriesHit
+
+
+def plan(retriever: Retriever, items: list[CohortEntry]) -> tuple[list[Planned], dict[int, int]]:
+    """Resolve cohort items to studies, then series, with the PACS's instance counts.
+
+    Only the cohort's own keys are ever queried, so nothing outside the cohort is requested.
+    Returns the planned series and, per cohort item id, how many studies it matched.
+    """
+    studies: dict[str, StudyHit] = {}
+    found: dict[int, int] = {}
+    for item in items:
+        hits = retriever.find_studies(item.kind, item.value)
+        found[item.id] = len(hits)
+        for h in hits:
+            studies.setdefault(h.study_uid, h)
+    planned = []
+    for st in studies.values():
+        for se in retriever.find_series(st.study_uid):
+            planned.append(Planned(st, se))
+    return planned, found
+
+
+def verify(job: SeriesJob, result: RetrieveResult) -> str:
+    """Completeness is checked, not guessed: our count, the PACS's count, the sub-operations.
+    Returns what is wrong, or "" when the series is all there."""
+    received = job.writer.count + job.n_quarantined
+    if result.failed:
+        return f"the PACS reports {result.failed} failed sub-operations"
+    if received < job.expected:
+        return f"received {received} of {job.expected} instances"
+    reported = result.completed + result.warning + result.failed > 0  # counts are optional
+    if reported and result.completed + result.warning < job.expected:
+        return f"the PACS completed {result.completed} of {job.expected} sub-operations"
+    return ""
+
+
+def pull(
+    core: Core, name: str, *, actor: str | None = None, today: date | None = None
+) -> PullReport:
+    """Pull a project's cohort with the retriever the settings name. Raises `PullRefused` when
+    the project may not be pulled, `Unavailable` when the PACS cannot be reached."""
+    puller = Puller(core, name, actor=actor)
+    puller.check_allowed(today)  # before any port is opened
+    return puller.run(open_retriever(core, name, actor=puller.actor), today)
+
+
+class Puller:
+    """Runs one project's pull: plans, opens and closes the door per series, verifies and
+    commits. Instances are received by `Receiver`s the retriever feeds."""
+
+    def __init__(self, core: Core, name: str, *, actor: str | None = None) -> None:
+        self.core = core
+        self.project: Project = core.project(name)
+        self.keys: ProjectKeys = core.keys(name)
+        self.actor = actor or core.actor
+        self.layout = SpoolLayout(core.settings.spool_dir.resolve(), name)
+
+    def check_allowed(self, today: date | None = None) -> None:
+        """Raise `PullRefused` (and audit it) unless the project is approved and in date."""
+        problem = self.project.approval_problem(today or date.today())
+        if problem:
+            self.core.catalog.audit(
+                self.actor, "pull", self.project.name, "refused", reason=problem
+            )
+            raise PullRefused(problem)
+
+    def run(self, retriever: Retriever, today: date | None = None) -> PullReport:
+        self.check_allowed(today)
+        name = self.project.name
+        catalog = self.core.catalog
+        t0 = time.perf_counter()
+        started = utcnow()
+        report = PullReport(project=name, storage=self.core.settings.resolved_storage_url())
+        catalog.audit(self.actor, "pull.start", name, retrieve=retriever.name)
+        items = cohort(self.core, name, purpose="pull", actor=self.actor)
+        with retriever:
+            try:
+                planned, found = plan(retriever, items)
+            except DimseError as e:
+                catalog.audit(self.actor, "pull.end", name, "error", reason=str(e))
+                raise Unavailable(f"{retriever} cannot be queried: {e}") from None
+            catalog.record_resolution(found)
+            report.unresolved = sum(1 for n in found.values() if n == 0)
+            report.studies = len({p.study.study_uid for p in planned})
+            done = catalog.complete_series(self.project.id)
+            jobs: list[SeriesJob] = []
+            for p in planned:
+                pseudo = self.keys.uid(p.series.series_uid)
+                if pseudo in done:
+                    outcome = SeriesOutcome(pseudo, "skipped", p.series.n_instances, done[pseudo])
+                    report.series.append(outcome)
+                else:
+                    jobs.append(self._job(p))
+            self._retrieve_all(retriever, jobs, report)
+        report.refused_unsolicited = catalog.refusals_since(name, started)
+        report.seconds = time.perf_counter() - t0
+        catalog.audit(
+            self.actor,
+            "pull.end",
+            name,
+            "ok" if report.ok else "error",
+            studies=report.studies,
+            complete=report.count("complete"),
+            skipped=report.count("skipped"),
+            failed=report.count("failed"),
+            quarantined=report.count("quarantined"),
+            quarantined_instances=report.quarantined,
+            instances=report.instances,
+            bytes=report.nbytes,
+            unresolved_items=report.unresolved,
+            refused_unsolicited=report.refused_unsolicited,
+            seconds=round(report.seconds, 3),
+        )
+        return report
+
+    def _retrieve_all(
+        self, retriever: Retriever, jobs: list[SeriesJob], report: PullReport
+    ) -> None:
+        # Retrieval is bounded by the PACS's association limit; commits overlap with it.
+        with (
+            ThreadPoolExecutor(retriever.max_concurrent, thread_name_prefix="retrieve") as pool,
+            ThreadPoolExecutor(1, thread_name_prefix="commit") as committer,
+        ):
+            commits: list[Future[SeriesOutcome]] = []
+
+            def retrieve_then_commit(job: SeriesJob) -> None:
+                outcome = self._retrieve(retriever, job)
+                if outcome is None:
+                    commits.append(committer.submit(self._commit, job))
+                else:
+                    report.series.append(outcome)
+
+            for f in [pool.submit(retrieve_then_commit, j) for j in jobs]:
+                f.result()
+            report.series.extend(c.result() for c in commits)
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def _job(self, p: Planned) -> SeriesJob:
+        pseudo_series = self.keys.uid(p.series.series_uid)
+        job = SeriesJob(
+            project=self.project.name,
+            study_uid=p.study.study_uid,
+            series_uid=p.series.series_uid,
+            pseudo_study=self.keys.uid(p.study.study_uid),
+            pseudo_series=pseudo_series,
+            patient_pseudonym=self.keys.pseudonym(p.study.patient_id) if p.study.patient_id else "",
+            modality=p.series.modality or "",
+            expected=p.series.n_instances or 0,
+            writer=SeriesWriter(self.layout.data(pseudo_series), fsync=self.core.settings.fsync),
+        )
+        self._upsert(job, status="pending")
+        return job
+
+    def _retrieve(self, retriever: Retriever, job: SeriesJob) -> SeriesOutcome | None:
+        """Bring every instance of the series into the spool; None when it is all there."""
+        if job.expected <= 0:
+            return self._fail(job, "the PACS reports no instances for this series")
+        s = self.core.settings
+        error = ""
+        self.layout.expect(job.pseudo_series, job.pseudo_study, job.patient_pseudonym)
+        try:
+            for attempt in range(s.retries + 1):
+                if attempt:
+                    time.sleep(s.backoff_s * 2 ** (attempt - 1))
+                try:
+                    result = retriever.retrieve(job.study_uid, job.series_uid)
+                except DimseError as e:
+                    error = f"retrieve failed: {e}"
+                    log.warning("series %s attempt %d: %s", job.pseudo_series, attempt + 1, e)
+                    continue
+                job.quarantined = self.layout.quarantined(job.pseudo_series)
+                error = verify(job, result)
+                if not error:
+                    return None
+                log.warning("series %s attempt %d: %s", job.pseudo_series, attempt + 1, error)
+        finally:
+            self.layout.forget(job.pseudo_series)
+        return self._fail(job, error)
+
+    def _commit(self, job: SeriesJob) -> SeriesOutcome:
+        note = _quarantine_text(job)
+        if job.writer.count == 0:
+            job.writer.discard()
+            self._upsert(job, status="quarantined", error=note)
+            return SeriesOutcome(
+                job.pseudo_series,
+                "quarantined",
+                job.expected,
+                0,
+                error=note,
+                quarantined=job.n_quarantined,
+            )
+        try:
+            info = job.writer.commit(self.core.store, job.key)
+        except SeriesError as e:
+            return self._fail(job, f"could not assemble the series: {e}")
+        except Exception as e:  # storage down: the spool is kept, a re-run resumes
+            log.error("series %s: storage failed: %s", job.pseudo_series, type(e).__name__)
+            return self._fail(job, f"storage failed ({type(e).__name__}): spool kept for resume")
+        self.layout.clear_notes(job.pseudo_series)
+        self._upsert(
+            job,
+            status="complete",
+            storage_key=job.key,
+            stored=info.n_instances,
+            nbytes=info.nbytes,
+            shape=list(info.shape),
+            error=note or None,
+        )
+        self.core.catalog.audit(
+            self.actor,
+            "series.stored",
+            self.project.name,
+            series=job.pseudo_series,
+            instances=info.n_instances,
+            quarantined=job.n_quarantined,
+        )
+        return SeriesOutcome(
+            job.pseudo_series,
+            "complete",
+            job.expected,
+            info.n_instances,
+            info.nbytes,
+            error=note or None,
+            quarantined=job.n_quarantined,
+        )
+
+    def _fail(self, job: SeriesJob, error: str) -> SeriesOutcome:
+        self._upsert(job, status="failed", error=error)
+        self.core.catalog.audit(
+            self.actor,
+            "series.failed",
+            self.project.name,
+            "error",
+            series=job.pseudo_series,
+            reason=error,
+        )
+        return SeriesOutcome(
+            job.pseudo_series, "failed", job.expected, job.writer.count, error=error
+        )
+
+    def _upsert(self, job: SeriesJob, **values: object) -> None:
+        self.core.catalog.upsert_series(
+            self.project.id,
+            job.pseudo_series,
+            study_uid=job.pseudo_study,
+            modality=job.modality,
+            patient_pseudonym=job.patient_pseudonym,
+            expected=job.expected,
+            **values,
+        )
+
+
+def _quarantine_text(job: SeriesJob) -> str:
+    return "; ".join(f"{n} quarantined: {r}" for r, n in sorted(job.quarantined.items()))

@@ -1,0 +1,5 @@
+"""What the demo, the tests and the benchmarks run on, apart from what ships: a local Orthanc as
+PACS, synthetic CT studies with planted identifiers, phantoms, the leak scanner, the demo itself.
+
+Production code never imports this package; only `sphere demo` reaches into it.
+"""
