@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import select
 
 from core.settings import PacsPeer, S3Options, Settings
+from dicom import IMPLEMENTATION_CLASS_UID
 from gateway.api import Gateway
 from gateway.pull import PullRefused
 from harness.leaks import scan_database, scan_folder, scan_store, scan_text
@@ -147,6 +148,7 @@ def test_pull_stores_exactly_the_cohort_deidentified(tmp_path, pacs, scp_port, c
             assert attrs["spacing"][0] == pytest.approx(2.5 if se.n_instances == 12 else 5.0)
             assert attrs["direction"][:3] == pytest.approx([1, 0, 0])
             ds = reader.instance(0)
+            assert ds.file_meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID  # ours
             assert ds.PatientIdentityRemoved == "YES"
             assert ds.PatientID == keys.pseudonym(st.patient_id)
             assert ds.StudyInstanceUID == keys.uid(st.study_uid)
