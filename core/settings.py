@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Where scripts/setup.sh puts OHIF's prebuilt files: the checkout's .viewer/ (an editable install).
+DEFAULT_VIEWER_DIST = Path(__file__).resolve().parents[1] / ".viewer" / "dist"
 
 
 class PacsPeer(BaseModel):
@@ -14,7 +18,25 @@ class PacsPeer(BaseModel):
     ae_title: str = "ORTHANC"
     host: str = "127.0.0.1"
     port: int = 4242
-    retrieve: str = Field("move", description="'move' (C-MOVE back to us) or 'get' (C-GET)")
+    retrieve: Literal["move", "get"] = "move"  # C-MOVE back to us, or C-GET
+
+
+class Source(BaseModel):
+    """One PACS a cohort may be found on. DIMSE sources use `ae_title`, `host`, `port`;
+    DICOMweb ones `url` (the service root, e.g. https://pacs/dicom-web) and their credentials."""
+
+    name: str = "pacs"
+    protocol: Literal["move", "get", "dicomweb"] = "move"
+    ae_title: str = "ORTHANC"
+    host: str = "127.0.0.1"
+    port: int = 4242
+    url: str | None = None
+    username: str | None = None  # DICOMweb basic authentication
+    password: str | None = Field(None, repr=False)
+    token: str | None = Field(None, repr=False)  # DICOMweb bearer token
+    ca_bundle: Path | None = None  # DICOMweb over https: the CAs to trust (default: the system's)
+    # Associations or requests at once; default: max_associations.
+    max_concurrent: int | None = None
 
 
 class S3Options(BaseModel):
@@ -25,6 +47,17 @@ class S3Options(BaseModel):
     secret_key: str | None = None
     region: str = "us-east-1"
     allow_http: bool = True
+
+
+class WebOptions(BaseModel):
+    """The DICOMweb server (`sphere serve`)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8042
+    workers: int = 1
+    cors_origins: list[str] = []  # e.g. ["https://viewer.example.org"]; empty: no CORS
+    session_hours: float = 8.0  # a sign-in cookie's lifetime
+    max_results: int = 1000  # QIDO-RS results per request at most
 
 
 class Settings(BaseSettings):
@@ -39,11 +72,14 @@ class Settings(BaseSettings):
     vault_url: str | None = None  # re-identification store; default: its own sqlite under home
     storage_url: str | None = None  # folder path or s3://bucket/prefix; default: home/store
     s3: S3Options = S3Options()
+    web: WebOptions = WebOptions()
 
     ae_title: str = "SPHERE"
     host: str = "127.0.0.1"
     port: int = 11112
     pacs: PacsPeer = PacsPeer()
+    # Several PACS: a JSON list of sources (SPHERE_SOURCES); empty means the one `pacs` above.
+    sources: list[Source] = []
 
     max_associations: int = 2
     receive_workers: int = 2  # Storage SCP worker processes (0: threads in the pull's process)
@@ -56,6 +92,16 @@ class Settings(BaseSettings):
     fsync: bool = True  # off only for throwaway test data
     fsync_each: bool = False
     actor: str | None = None  # who is acting, for the audit trail; default: the OS user
+    viewer_dist: Path | None = DEFAULT_VIEWER_DIST  # OHIF's dist/, served at /viewer/
+
+    def all_sources(self) -> list[Source]:
+        """The PACS to pull from, the default first: `sources`, or the one `pacs`."""
+        if self.sources:
+            return list(self.sources)
+        p = self.pacs
+        return [
+            Source(name="pacs", protocol=p.retrieve, ae_title=p.ae_title, host=p.host, port=p.port)
+        ]
 
     @property
     def spool_dir(self) -> Path:

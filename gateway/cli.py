@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from core import Core, Settings, SphereError, Unavailable, projects
-from gateway import deid_cmd, views
+from gateway import deid_cmd, views, web_cmd
 
 
 class _Commands(TyperGroup):
@@ -69,7 +70,13 @@ def main(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    ctx.obj = {"settings": Settings(home=home) if home else Settings(), "verbose": verbose}
+    try:
+        settings = Settings(home=home) if home else Settings()
+    except ValidationError as e:
+        # Field names and reasons only: the values given may be passwords.
+        wrong = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        raise SphereError(f"settings (SPHERE_* variables or .env): {wrong}") from None
+    ctx.obj = {"settings": settings, "verbose": verbose}
 
 
 def core(ctx: typer.Context, *, create: bool = False) -> Core:
@@ -271,17 +278,20 @@ def status(
 
 @app.command()
 def echo(ctx: typer.Context) -> None:
-    """C-ECHO the configured PACS."""
-    from gateway.dimse.scu import DimseError
-    from gateway.pull.retrievers import open_retriever
+    """Check that each PACS answers: C-ECHO for DIMSE sources, a QIDO query for DICOMweb."""
+    from gateway.pull.retrievers import SourceError, open_retrievers
 
-    c = core(ctx)
-    pacs = open_retriever(c, "", actor=c.actor)
-    try:
-        pacs.echo()
-    except DimseError as e:
-        raise Unavailable(f"{pacs} does not answer C-ECHO: {e}") from None
-    typer.echo(f"{pacs} answered C-ECHO")
+    silent = []
+    for source in open_retrievers(core(ctx), ""):
+        how = "a QIDO query" if source.protocol == "dicomweb" else "C-ECHO"
+        try:
+            source.echo()
+            typer.echo(f"{source.name}: {source} answered {how}")
+        except SourceError as e:
+            typer.echo(f"{source.name}: no answer to {how}: {e}")
+            silent.append(source.name)
+    if silent:
+        raise Unavailable(f"{', '.join(silent)} did not answer")
 
 
 @app.command()
@@ -312,6 +322,7 @@ def demo(
 
 
 deid_cmd.register(app)  # `sphere deid`, `sphere vault …`: beside the de-identification code
+web_cmd.register(app, project_app)  # `sphere user …`, `project grant`, `serve`
 
 
 if __name__ == "__main__":

@@ -57,6 +57,8 @@ def status_lines(series: Iterable[SeriesRecord], *, details: bool = False) -> li
             for r in rows:
                 count = f"{r.stored}/{r.expected}"
                 lines.append(f"  {r.series_uid:<44} {r.modality:<5} {count:>11}  {r.status}")
+                if r.source:
+                    lines.append(f"    from {r.source}")
                 if r.error:
                     lines += _wrapped(r.error, indent="    ")
     return lines

@@ -6,6 +6,7 @@ logs under a work directory. Seeding goes over REST (`POST /instances`) on keep-
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -75,6 +76,7 @@ class LocalOrthanc:
         dicomweb: bool = True,
         dicom_threads: int = 8,
         timeout_s: float = 30.0,
+        users: dict[str, str] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.aet = aet
@@ -84,6 +86,8 @@ class LocalOrthanc:
         self.dicomweb = dicomweb
         self.dicom_threads = dicom_threads
         self.timeout_s = timeout_s
+        # HTTP basic authentication on REST and DICOMweb; our own calls use the first user.
+        self.users = dict(users or {})
         self.process: subprocess.Popen[bytes] | None = None
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -108,7 +112,8 @@ class LocalOrthanc:
             "HttpPort": self.http_port,
             "HttpCompressionEnabled": False,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
             "KeepAlive": True,
             "TcpNoDelay": True,
             "DicomServerEnabled": True,
@@ -249,6 +254,10 @@ class LocalOrthanc:
     ) -> Any:
         """One REST call on this thread's keep-alive connection; the JSON answer (or None)."""
         headers = {"Content-Type": ctype} if body is not None else {}
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            headers["Authorization"] = f"Basic {token}"
         conn = self._conn()
         for attempt in range(2):  # the server may have closed an idle keep-alive connection
             try:

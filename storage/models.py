@@ -79,6 +79,7 @@ class SeriesRecord(Base):
     series_uid: Mapped[str] = mapped_column(String(64))
     patient_pseudonym: Mapped[str] = mapped_column(String(64), default="")
     modality: Mapped[str] = mapped_column(String(16), default="")
+    source: Mapped[str] = mapped_column(String(64), default="")  # the PACS it was pulled from
     expected: Mapped[int] = mapped_column(Integer, default=0)
     stored: Mapped[int] = mapped_column(Integer, default=0)
     status: Mapped[str] = mapped_column(String(16), default="pending")  # pending|complete|failed

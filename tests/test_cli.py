@@ -167,7 +167,9 @@ def test_a_pacs_that_is_down_is_one_clear_line(tmp_path, monkeypatch):
 
     monkeypatch.setenv("SPHERE_PACS__PORT", str(free_port()))  # nobody listens there
     monkeypatch.setenv("SPHERE_TIMEOUT_S", "3")
-    assert "does not answer C-ECHO" in one_error_line(sphere("echo", home=tmp_path, check=False))
+    down = sphere("echo", home=tmp_path, check=False)
+    assert "pacs: no answer to C-ECHO" in down.stdout and "Connection refused" in down.stdout
+    assert "pacs did not answer" in one_error_line(down)
     sphere("project", "create", "pp", home=tmp_path)
     sphere("project", "approve", "pp", "--committee-ref", "C", "--expires-on", "2099-01-01",
            home=tmp_path)  # fmt: skip

@@ -13,16 +13,17 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import date
 
 from core import Core, SphereError, Unavailable
 from core.projects import CohortEntry, cohort
 from deid.keys import ProjectKeys
-from gateway.dimse.scu import DimseError, RetrieveResult, SeriesHit, StudyHit
+from gateway.dimse.scu import RetrieveResult, SeriesHit, StudyHit
 from gateway.pull.layout import SpoolLayout
 from gateway.pull.report import PullReport, SeriesOutcome
-from gateway.pull.retrievers import Retriever, open_retriever
+from gateway.pull.retrievers import Retriever, SourceError, open_retrievers
 from storage.catalog import Project, utcnow
 from storage.series import SeriesError, SeriesWriter, series_key
 
@@ -46,6 +47,7 @@ class SeriesJob:
     modality: str
     expected: int
     writer: SeriesWriter  # the coordinator's view of the spool, written to by the receivers
+    source: Retriever  # where it is pulled from
     quarantined: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -61,26 +63,33 @@ class SeriesJob:
 class Planned:
     study: StudyHit
     series: SeriesHit
+    source: Retriever
 
 
-def plan(retriever: Retriever, items: list[CohortEntry]) -> tuple[list[Planned], dict[int, int]]:
-    """Resolve cohort items to studies, then series, with the PACS's instance counts.
+def plan(
+    sources: list[Retriever], items: list[CohortEntry]
+) -> tuple[list[Planned], dict[int, int]]:
+    """Resolve cohort items on every source to studies, then series, with instance counts.
 
-    Only the cohort's own keys are ever queried, so nothing outside the cohort is requested.
-    Returns the planned series and, per cohort item id, how many studies it matched.
+    A study found on several sources is planned once, from the first that holds it whole (the
+    most instances; the earlier source on a tie). Only the cohort's own keys are ever queried,
+    so nothing outside the cohort is requested. Returns the planned series and, per cohort item
+    id, how many distinct studies it matched.
     """
-    studies: dict[str, StudyHit] = {}
-    found: dict[int, int] = {}
-    for item in items:
-        hits = retriever.find_studies(item.kind, item.value)
-        found[item.id] = len(hits)
-        for h in hits:
-            studies.setdefault(h.study_uid, h)
+    studies: dict[str, tuple[StudyHit, Retriever]] = {}
+    found: dict[int, set[str]] = {}
+    for source in sources:
+        for item in items:
+            for h in source.find_studies(item.kind, item.value):
+                found.setdefault(item.id, set()).add(h.study_uid)
+                have = studies.get(h.study_uid)
+                if have is None or (h.n_instances or 0) > (have[0].n_instances or 0):
+                    studies[h.study_uid] = (h, source)
     planned = []
-    for st in studies.values():
-        for se in retriever.find_series(st.study_uid):
-            planned.append(Planned(st, se))
-    return planned, found
+    for st, source in studies.values():
+        for se in source.find_series(st.study_uid):
+            planned.append(Planned(st, se, source))
+    return planned, {item.id: len(found.get(item.id, ())) for item in items}
 
 
 def verify(job: SeriesJob, result: RetrieveResult) -> str:
@@ -100,11 +109,11 @@ def verify(job: SeriesJob, result: RetrieveResult) -> str:
 def pull(
     core: Core, name: str, *, actor: str | None = None, today: date | None = None
 ) -> PullReport:
-    """Pull a project's cohort with the retriever the settings name. Raises `PullRefused` when
-    the project may not be pulled, `Unavailable` when the PACS cannot be reached."""
+    """Pull a project's cohort from the sources the settings name. Raises `PullRefused` when
+    the project may not be pulled, `Unavailable` when a source cannot be queried."""
     puller = Puller(core, name, actor=actor)
     puller.check_allowed(today)  # before any port is opened
-    return puller.run(open_retriever(core, name, actor=puller.actor), today)
+    return puller.run(open_retrievers(core, name, actor=puller.actor), today)
 
 
 class Puller:
@@ -127,21 +136,26 @@ class Puller:
             )
             raise PullRefused(problem)
 
-    def run(self, retriever: Retriever, today: date | None = None) -> PullReport:
+    def run(self, sources: list[Retriever], today: date | None = None) -> PullReport:
+        """Plan on every source, retrieve each series from the one chosen, verify, commit."""
         self.check_allowed(today)
         name = self.project.name
         catalog = self.core.catalog
         t0 = time.perf_counter()
         started = utcnow()
         report = PullReport(project=name, storage=self.core.settings.resolved_storage_url())
-        catalog.audit(self.actor, "pull.start", name, retrieve=retriever.name)
+        catalog.audit(
+            self.actor, "pull.start", name, sources=[f"{r.name} ({r.protocol})" for r in sources]
+        )
         items = cohort(self.core, name, purpose="pull", actor=self.actor)
-        with retriever:
+        with ExitStack() as opened:
+            for source in sources:
+                opened.enter_context(source)
             try:
-                planned, found = plan(retriever, items)
-            except DimseError as e:
+                planned, found = plan(sources, items)
+            except SourceError as e:
                 catalog.audit(self.actor, "pull.end", name, "error", reason=str(e))
-                raise Unavailable(f"{retriever} cannot be queried: {e}") from None
+                raise Unavailable(f"cannot be queried: {e}") from None
             catalog.record_resolution(found)
             report.unresolved = sum(1 for n in found.values() if n == 0)
             report.studies = len({p.study.study_uid for p in planned})
@@ -154,7 +168,7 @@ class Puller:
                     report.series.append(outcome)
                 else:
                     jobs.append(self._job(p))
-            self._retrieve_all(retriever, jobs, report)
+            self._retrieve_all(sources, jobs, report)
         report.refused_unsolicited = catalog.refusals_since(name, started)
         report.seconds = time.perf_counter() - t0
         catalog.audit(
@@ -177,23 +191,27 @@ class Puller:
         return report
 
     def _retrieve_all(
-        self, retriever: Retriever, jobs: list[SeriesJob], report: PullReport
+        self, sources: list[Retriever], jobs: list[SeriesJob], report: PullReport
     ) -> None:
-        # Retrieval is bounded by the PACS's association limit; commits overlap with it.
-        with (
-            ThreadPoolExecutor(retriever.max_concurrent, thread_name_prefix="retrieve") as pool,
-            ThreadPoolExecutor(1, thread_name_prefix="commit") as committer,
-        ):
+        # Each source is bounded by its own limit, all of them at once; commits overlap.
+        with ExitStack() as pools:
+            committer = pools.enter_context(ThreadPoolExecutor(1, thread_name_prefix="commit"))
+            pool = {
+                id(s): pools.enter_context(
+                    ThreadPoolExecutor(s.max_concurrent, thread_name_prefix=f"pull-{s.name}")
+                )
+                for s in sources
+            }
             commits: list[Future[SeriesOutcome]] = []
 
             def retrieve_then_commit(job: SeriesJob) -> None:
-                outcome = self._retrieve(retriever, job)
+                outcome = self._retrieve(job)
                 if outcome is None:
                     commits.append(committer.submit(self._commit, job))
                 else:
                     report.series.append(outcome)
 
-            for f in [pool.submit(retrieve_then_commit, j) for j in jobs]:
+            for f in [pool[id(j.source)].submit(retrieve_then_commit, j) for j in jobs]:
                 f.result()
             report.series.extend(c.result() for c in commits)
 
@@ -211,11 +229,12 @@ class Puller:
             modality=p.series.modality or "",
             expected=p.series.n_instances or 0,
             writer=SeriesWriter(self.layout.data(pseudo_series), fsync=self.core.settings.fsync),
+            source=p.source,
         )
         self._upsert(job, status="pending")
         return job
 
-    def _retrieve(self, retriever: Retriever, job: SeriesJob) -> SeriesOutcome | None:
+    def _retrieve(self, job: SeriesJob) -> SeriesOutcome | None:
         """Bring every instance of the series into the spool; None when it is all there."""
         if job.expected <= 0:
             return self._fail(job, "the PACS reports no instances for this series")
@@ -227,8 +246,8 @@ class Puller:
                 if attempt:
                     time.sleep(s.backoff_s * 2 ** (attempt - 1))
                 try:
-                    result = retriever.retrieve(job.study_uid, job.series_uid)
-                except DimseError as e:
+                    result = job.source.retrieve(job.study_uid, job.series_uid)
+                except SourceError as e:
                     error = f"retrieve failed: {e}"
                     log.warning("series %s attempt %d: %s", job.pseudo_series, attempt + 1, e)
                     continue
@@ -309,6 +328,7 @@ class Puller:
             job.pseudo_series,
             study_uid=job.pseudo_study,
             modality=job.modality,
+            source=job.source.name,
             patient_pseudonym=job.patient_pseudonym,
             expected=job.expected,
             **values,

@@ -1,0 +1,213 @@
+"""Pulls from several PACS at once, one over DICOMweb (Orthanc's plugin, authentication on), one
+over DIMSE: a study held by both is pulled once, from the one that holds it whole; a cut WADO-RS
+stream is resumed; wrong credentials are one clear error."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+from datetime import date, timedelta
+
+import numpy as np
+import pydicom
+import pytest
+
+from core.settings import Settings, Source
+from gateway.api import Gateway
+from gateway.pull import PullRefused  # noqa: F401 - the public names stay importable
+from harness.leaks import scan_database, scan_folder, scan_store, scan_text
+from harness.localpacs import LocalOrthanc, free_port
+from harness.synthetic import generate
+from storage.series import SeriesReader, series_key
+
+pytestmark = pytest.mark.peers
+USERS = {"sphere": "s3cret-pw"}
+TODAY = date.today()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("corpus"), n_patients=3, slices=6, size=32, seed=11)
+
+
+def files_of(corpus, study):
+    uids = {se.series_uid for se in study.series}
+    return [
+        f
+        for f in corpus.files
+        if pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID in uids
+    ]
+
+
+@pytest.fixture(scope="module")
+def scp_port():
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def pacs_web(tmp_path_factory, corpus):
+    """Site A, DICOMweb only (with a password): studies 0 and 1, study 1 missing an instance."""
+    with LocalOrthanc(tmp_path_factory.mktemp("site-a"), users=USERS) as orthanc:
+        s0, s1 = (files_of(corpus, st) for st in corpus.studies[:2])
+        orthanc.upload(s0 + s1[:-1])
+        yield orthanc
+
+
+@pytest.fixture(scope="module")
+def pacs_dimse(tmp_path_factory, corpus, scp_port):
+    """Site B, DIMSE: studies 1 (whole) and 2."""
+    modalities = {"SPHERE": ("SPHERE", "127.0.0.1", scp_port)}
+    with LocalOrthanc(tmp_path_factory.mktemp("site-b"), modalities=modalities) as orthanc:
+        orthanc.upload([f for st in corpus.studies[1:] for f in files_of(corpus, st)])
+        yield orthanc
+
+
+def web_source(pacs: LocalOrthanc, *, url: str | None = None, password: str = "s3cret-pw"):
+    return Source(
+        name="site-a",
+        protocol="dicomweb",
+        url=url or f"{pacs.url}/dicom-web",
+        username="sphere",
+        password=password,
+    )
+
+
+def gateway(tmp_path, scp_port, *sources: Source) -> Gateway:
+    settings = Settings(
+        home=tmp_path,
+        port=scp_port,
+        sources=list(sources),
+        actor="tester",
+        fsync=False,
+        backoff_s=0.05,
+        timeout_s=10,
+    )
+    return Gateway(settings)
+
+
+def approve(gw: Gateway, name: str, accessions: list[str]) -> None:
+    gw.create_project(name)
+    gw.approve(name, committee_ref="C", approved_on=TODAY, expires_on=TODAY + timedelta(days=9))
+    gw.add_cohort(name, "accession", accessions)
+
+
+def source_volume(corpus, series_uid: str) -> np.ndarray:
+    dss = [pydicom.dcmread(f) for f in corpus.files]
+    dss = sorted((d for d in dss if d.SeriesInstanceUID == series_uid),
+                 key=lambda d: float(d.ImagePositionPatient[2]))  # fmt: skip
+    return np.stack([d.pixel_array for d in dss])
+
+
+def test_a_cohort_across_two_pacs_dicomweb_and_dimse(
+    tmp_path, corpus, pacs_web, pacs_dimse, scp_port, caplog, capfd
+):
+    caplog.set_level(logging.INFO, logger="gateway")
+    dimse = Source(name="site-b", protocol="move", ae_title=pacs_dimse.aet,
+                   port=pacs_dimse.dicom_port)  # fmt: skip
+    gw = gateway(tmp_path, scp_port, web_source(pacs_web), dimse)
+    approve(gw, "multi", [st.accession for st in corpus.studies])
+
+    report = gw.pull("multi")
+
+    assert report.ok, [s.error for s in report.series if s.error]
+    assert report.studies == 3 and report.instances == corpus.n_instances
+    keys = gw.keys("multi")
+    rows = {r.series_uid: r for r in gw.catalog.series(gw.core.project("multi").id)}
+    want = {0: "site-a", 1: "site-b", 2: "site-b"}  # study 1 is whole on site B only
+    for i, st in enumerate(corpus.studies):
+        for se in st.series:
+            row = rows[keys.uid(se.series_uid)]
+            assert row.status == "complete" and row.source == want[i]
+            reader = SeriesReader(
+                gw.store, series_key("multi", keys.uid(st.study_uid), row.series_uid)
+            )
+            np.testing.assert_array_equal(reader.volume[:], source_volume(corpus, se.series_uid))
+            assert reader.instance(0).PatientID == keys.pseudonym(st.patient_id)
+    # Nothing identifying anywhere, the credentials included.
+    out, err = capfd.readouterr()
+    needles = [*corpus.phi, USERS["sphere"]]
+    leaks = scan_store(gw.store, needles) + scan_folder(tmp_path / "spool", needles)
+    leaks += scan_database(gw.settings.resolved_catalog_url(), needles)
+    leaks += scan_text("logs", caplog.text + out + err, needles)
+    assert leaks == []
+    # A re-run skips everything, on both sources.
+    again = gw.pull("multi")
+    assert again.ok and again.count("skipped") == len(rows)
+
+
+class CuttingProxy:
+    """A TCP proxy to Orthanc that cuts the first WADO-RS series response after `cut` bytes."""
+
+    def __init__(self, upstream: int, cut: int) -> None:
+        self.upstream, self.cut, self.cuts = upstream, cut, 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        up = socket.create_connection(("127.0.0.1", self.upstream))
+        first = client.recv(65536)
+        is_series = b"/series/" in first.split(b"\r\n")[0] and b"metadata" not in first[:200]
+        cutting = is_series and self.cuts == 0
+        if cutting:
+            self.cuts += 1
+        up.sendall(first)
+
+        def pump(src: socket.socket, dst: socket.socket, limit: int | None) -> None:
+            sent = 0
+            try:
+                while data := src.recv(65536):
+                    if limit is not None and sent + len(data) > limit:
+                        dst.sendall(data[: limit - sent])
+                        break
+                    dst.sendall(data)
+                    sent += len(data)
+            except OSError:
+                pass
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+        threading.Thread(target=pump, args=(client, up, None), daemon=True).start()
+        pump(up, client, self.cut if cutting else None)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_cut_wado_stream_is_resumed_and_wrong_credentials_are_one_clear_error(
+    tmp_path, corpus, pacs_web, scp_port
+):
+    proxy = CuttingProxy(pacs_web.http_port, cut=6000)
+    try:
+        gw = gateway(
+            tmp_path / "a",
+            scp_port,
+            web_source(pacs_web, url=f"http://127.0.0.1:{proxy.port}/dicom-web"),
+        )
+        approve(gw, "cut", [corpus.studies[0].accession])
+        report = gw.pull("cut")
+    finally:
+        proxy.close()
+    assert proxy.cuts == 1  # the stream was cut once...
+    assert report.ok and report.instances == corpus.studies[0].n_instances  # ...and resumed
+    trail = [e.detail for e in gw.catalog.audit_trail("cut")]
+    assert not any("store.refused" in d for d in trail)
+
+    from core import Unavailable
+
+    wrong = gateway(tmp_path / "b", scp_port, web_source(pacs_web, password="nope"))
+    approve(wrong, "denied", [corpus.studies[0].accession])
+    with pytest.raises(Unavailable, match="refused our credentials") as e:
+        wrong.pull("denied")
+    assert "nope" not in str(e.value) and corpus.studies[0].accession not in str(e.value)
