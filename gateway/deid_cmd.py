@@ -154,7 +154,7 @@ def vault_grant_command(
     actor: Annotated[str, typer.Argument(help="Who becomes a trusted third party.")],
 ) -> None:
     """Give someone the trusted-third-party role (audited)."""
-    with Core(ctx.find_root().obj["settings"], create=True) as core:
+    with _core(ctx) as core:
         core.vault.grant(actor, by=core.actor)
     console.print(f"{actor} is now a {TRUSTED_THIRD_PARTY}")
 

@@ -122,6 +122,7 @@ FRESH_HOME_COMMANDS = [
     ("deid", "/etc/hostname", "--project", "p", "--out", "out"),
     ("vault", "audit"),
     ("vault", "lookup", "P123", "--project", "p"),
+    ("vault", "grant", "ttp"),
 ]
 
 
