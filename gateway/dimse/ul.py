@@ -67,6 +67,12 @@ IMPLEMENTATION_VERSION = "SPHERE"
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 
 PDU_HEADER = struct.Struct(">BBL")
+# The largest PDU other than P-DATA-TF we read: an A-ASSOCIATE-RQ proposing 128 contexts with
+# user identity is ~100 KB; a header claiming more is refused before anything is read.
+MAX_CONTROL_PDU = 1 << 20
+# Reads longer than this go in steps of this: the buffered reader allocates what is asked up
+# front, so a peer claiming a 4 GB PDU in 6 bytes would cost 4 GB it never sends.
+_READ_STEP = 1 << 20
 PDV_HEADER = struct.Struct(">LBB")
 _ELEMENT = struct.Struct("<HHL")
 
@@ -88,6 +94,15 @@ class ReleaseRequested(Exception):
 
 class ProtocolError(ValueError):
     """The peer broke the upper layer or DIMSE protocol."""
+
+
+def _decode_pdu(pdu: object, data: bytes) -> None:
+    """pynetdicom's decode of a received PDU; anything it raises on bad bytes (ValueError,
+    KeyError, struct.error, AssertionError...) becomes ProtocolError."""
+    try:
+        pdu.decode(data)  # type: ignore[attr-defined]
+    except Exception as exc:
+        raise ProtocolError(f"undecodable PDU ({type(exc).__name__})") from exc
 
 
 def abort_pdu(source: int = 2, reason: int = 0) -> bytes:
@@ -152,18 +167,22 @@ def supported_contexts(
 
 
 def negotiate(rq_bytes: bytes, supported: list[PresentationContext], max_pdu: int) -> Negotiated:
-    """Acceptor: decode an A-ASSOCIATE-RQ PDU and build the A-ASSOCIATE-AC answering it."""
+    """Acceptor: decode an A-ASSOCIATE-RQ PDU and build the A-ASSOCIATE-AC answering it.
+    Raises ProtocolError if the request does not decode or cannot be negotiated."""
     rq = A_ASSOCIATE_RQ()
-    rq.decode(rq_bytes)
-    prim = rq.to_primitive()
-    roles = {
-        item.sop_class_uid: (item.scu_role, item.scp_role)
-        for item in prim.user_information
-        if isinstance(item, SCP_SCU_RoleSelectionNegotiation)
-    }
-    results, role_items = negotiate_as_acceptor(
-        prim.presentation_context_definition_list, supported, roles
-    )
+    _decode_pdu(rq, rq_bytes)
+    try:
+        prim = rq.to_primitive()
+        roles = {
+            item.sop_class_uid: (item.scu_role, item.scp_role)
+            for item in prim.user_information
+            if isinstance(item, SCP_SCU_RoleSelectionNegotiation)
+        }
+        results, role_items = negotiate_as_acceptor(
+            prim.presentation_context_definition_list, supported, roles
+        )
+    except Exception as exc:  # a well-framed request pynetdicom cannot make sense of
+        raise ProtocolError(f"unusable A-ASSOCIATE-RQ ({type(exc).__name__})") from exc
     ac = A_ASSOCIATE()
     ac.application_context_name = UID(APPLICATION_CONTEXT)
     ac.calling_ae_title = prim.calling_ae_title
@@ -221,10 +240,14 @@ def associate_rq_pdu(
 def parse_associate_ac(
     ac_bytes: bytes, contexts: list[tuple[str, list[str]]], calling_ae: str, called_ae: str
 ) -> Negotiated:
-    """Requestor: the accepted contexts of an A-ASSOCIATE-AC answering our proposal."""
+    """Requestor: the accepted contexts of an A-ASSOCIATE-AC answering our proposal.
+    Raises ProtocolError if it does not decode."""
     ac = A_ASSOCIATE_AC()
-    ac.decode(ac_bytes)
-    prim = ac.to_primitive()
+    _decode_pdu(ac, ac_bytes)
+    try:
+        prim = ac.to_primitive()
+    except Exception as exc:
+        raise ProtocolError(f"unusable A-ASSOCIATE-AC ({type(exc).__name__})") from exc
     neg = Negotiated(calling_ae, called_ae, prim.maximum_length_received or 0)
     for cx in prim.presentation_context_definition_results_list:
         index = (int(cx.context_id) - 1) // 2
@@ -236,11 +259,14 @@ def parse_associate_ac(
 
 def describe_reject(rj_bytes: bytes) -> str:
     """Human reason of an A-ASSOCIATE-RJ, e.g. 'Rejected (Permanent), ...: Calling AE title
-    not recognised'."""
+    not recognised'. Raises ProtocolError if it does not decode."""
     rj = A_ASSOCIATE_RJ()
-    rj.decode(rj_bytes)
-    prim = rj.to_primitive()
-    return f"{prim.result_str}, {prim.source_str}: {prim.reason_str}"
+    _decode_pdu(rj, rj_bytes)
+    try:
+        prim = rj.to_primitive()
+        return f"{prim.result_str}, {prim.source_str}: {prim.reason_str}"
+    except Exception as exc:
+        raise ProtocolError(f"unusable A-ASSOCIATE-RJ ({type(exc).__name__})") from exc
 
 
 def describe_abort(abort_bytes: bytes) -> str:
@@ -275,7 +301,9 @@ def us(value: bytes | None) -> int | None:
 
 
 def ui(value: bytes | None) -> str:
-    return value.rstrip(b"\x00 ").decode("ascii", "replace") if value else ""
+    """A UI (or AE) value as ASCII text: a byte outside ASCII reads as '?', so that whatever a
+    peer sent can be echoed back in a response (encode_command encodes ASCII)."""
+    return value.rstrip(b"\x00 ").decode("ascii", "replace").replace("\ufffd", "?") if value else ""
 
 
 def encode_command(fields: dict[int, int | str]) -> bytes:
@@ -363,15 +391,23 @@ class Channel:
         self._pdu_left = 0  # bytes of the current P-DATA-TF PDU not read yet
 
     def read(self, n: int) -> bytes:
+        if n > _READ_STEP:  # memory grows with the bytes that arrive, not with a claim
+            parts = []
+            for start in range(0, n, _READ_STEP):
+                parts.append(self.read(min(_READ_STEP, n - start)))
+            return b"".join(parts)
         data = self.rfile.read(n)
         if len(data) != n:
             raise PeerGone
         return data
 
     def read_pdu(self) -> tuple[int, bytes]:
-        """A whole non-P-DATA PDU (type, bytes including its header)."""
+        """A whole PDU (type, bytes including its header); ProtocolError for one other than
+        P-DATA-TF longer than MAX_CONTROL_PDU."""
         header = self.read(6)
         pdu_type, _, length = PDU_HEADER.unpack(header)
+        if length > MAX_CONTROL_PDU and pdu_type != P_DATA_TF:
+            raise ProtocolError(f"PDU type 0x{pdu_type:02X} of {length} bytes")
         return pdu_type, header + self.read(length)
 
     def read_message(self) -> tuple[int, dict[int, bytes], bytes | None]:
@@ -389,6 +425,8 @@ class Channel:
                 if pdu_type == P_DATA_TF:
                     self._pdu_left = length
                     continue
+                if length > MAX_CONTROL_PDU:
+                    raise ProtocolError(f"PDU type 0x{pdu_type:02X} of {length} bytes")
                 body = self.read(length)
                 if pdu_type == RELEASE_RQ:
                     raise ReleaseRequested
@@ -403,10 +441,12 @@ class Channel:
             if flags & 0x01:
                 if cmd is not None:
                     raise ProtocolError("command fragment while a dataset was expected")
+                if command and item_cx != cx_id:
+                    raise ProtocolError("command fragments on two presentation contexts")
+                cx_id = item_cx
                 command.append(chunk)
                 if flags & 0x02:
                     cmd = parse_command(command[0] if len(command) == 1 else b"".join(command))
-                    cx_id = item_cx
                     if us(cmd.get(DATASET_TYPE)) == NO_DATASET:
                         return cx_id, cmd, None
             else:
