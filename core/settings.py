@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     sources: list[Source] = []
 
     max_associations: int = 2
+    # Calling AE titles our Storage SCP accepts associations from (the PACS); None: any (an
+    # instance nobody asked for is still refused and audited).
+    allowed_callers: list[str] | None = None
     receive_workers: int = 2  # Storage SCP worker processes (0: threads in the pull's process)
     timeout_s: float = 30.0
     retries: int = 3

@@ -281,12 +281,6 @@ def test_half_message_in_an_association_is_dropped(target: Target, cut: int) -> 
     assert_serves(target)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="timeout_s bounds each recv, not the association: a peer trickling a byte now and "
-    "then holds its connection (and thread) as long as it likes (gateway/dimse/scp.py sets "
-    "conn.settimeout(timeout_s) only)",
-)
 def test_trickling_peer_is_dropped(target: Target) -> None:
     rq = ul.associate_rq_pdu("TRICKLE", AE_TITLE, VERIFY, 0)
     dropped = False
@@ -340,12 +334,6 @@ def test_associations_above_the_limit_are_rejected(target: Target) -> None:
     assert_serves(target)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="connections are admitted against max_associations only once their A-ASSOCIATE-RQ "
-    "is read: connections that say nothing each hold a thread until the timeout, unbounded "
-    "(gateway/dimse/scp.py _accept_loop)",
-)
 def test_silent_connections_are_bounded(target: Target) -> None:
     silent = [connect(target.port) for _ in range(4 * LIMIT)]
     try:
@@ -477,9 +465,9 @@ def test_unknown_sop_class_or_syntax_is_refused(
     assert all(ae == "MODALITY" for _, ae in target.stored)
 
 
-def test_no_ae_title_allow_list(target: Target) -> None:
-    """The SCP itself has no allow-list: any calling AE title, and any called AE title, gets an
-    association. Who may store is the storage callback's decision (it gets the calling AE)."""
+def test_calling_ae_titles_are_checked_when_an_allow_list_is_given(target: Target) -> None:
+    """Without an allow-list any calling AE title associates (the storage callback decides who
+    may store, and gets the calling AE); with one, any other title is rejected, permanently."""
     sock, pdu_type, _ = associate(target.port, CT, calling_ae="NOBODY", called_ae="NOT_SPHERE")
     with sock:
         assert pdu_type == ul.ASSOCIATE_AC
@@ -488,6 +476,82 @@ def test_no_ae_title_allow_list(target: Target) -> None:
     assert store(target.port, calling_ae="INTRUDER") == REFUSED_NOT_AUTHORIZED
     assert store(target.port, calling_ae="MODALITY") == 0x0000
     assert [ae for _, ae in target.stored] == ["MODALITY"]
+
+    strict = start_target(allowed_callers={"MODALITY"})
+    try:
+        sock, pdu_type, pdu = associate(strict.port, CT, calling_ae="INTRUDER")
+        sock.close()
+        # permanent, service-user, calling AE title not recognised
+        assert pdu_type == ul.ASSOCIATE_RJ and pdu[7:10] == bytes([1, 1, 3])
+        assert store(strict.port, calling_ae="INTRUDER") is None
+        assert store(strict.port, calling_ae="MODALITY") == 0x0000
+    finally:
+        strict.scp.stop()
+
+
+def test_a_dataset_over_the_limit_aborts_its_association(monkeypatch) -> None:
+    monkeypatch.setattr(ul, "MAX_DATASET", 4096)  # CT_small is ~39 KB
+    small = start_target()
+    try:
+        assert store(small.port) is None or small.stored == []
+        assert small.stored == []
+    finally:
+        small.scp.stop()
+
+
+def test_a_deflate_bomb_is_refused_not_inflated(monkeypatch) -> None:
+    import tracemalloc
+    import zlib
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from gateway.dimse.service import decode_dataset
+
+    monkeypatch.setattr(ul, "MAX_DATASET", 8 << 20)
+    element = struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, 64 << 20)  # 64 MiB of zeros
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    bomb = packer.compress(element) + packer.compress(bytes(64 << 20)) + packer.flush()
+    assert len(bomb) < 100_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="inflates past 8 MiB"):
+            decode_dataset(bomb, DeflatedExplicitVRLittleEndian, CT, "1.2.3")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20, f"{peak >> 20} MiB for a {len(bomb) >> 10} KB bomb"
+
+
+def test_our_scu_meets_a_peer_that_answers_garbage() -> None:
+    """Association answers that do not decode are a DimseError, whatever pynetdicom raises."""
+    from gateway.dimse.scu import DimseError, Peer, Scu
+
+    answers = [
+        ul.PDU_HEADER.pack(ul.ASSOCIATE_AC, 0, 20) + bytes(range(20)),
+        ul.PDU_HEADER.pack(ul.ASSOCIATE_RJ, 0, 4) + b"\xff\xff\xff\xff",
+        ul.PDU_HEADER.pack(ul.ASSOCIATE_AC, 0, 0xFFFF_FFFF) + bytes(16),
+    ]
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def serve() -> None:
+        for answer in answers:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(answer)
+                time.sleep(0.2)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        for _ in answers:
+            with pytest.raises(DimseError):  # not pynetdicom's ValueError, KeyError...
+                Scu("SPHERE", timeout_s=3).echo(Peer("PEER", "127.0.0.1", port))
+    finally:
+        server.close()
 
 
 # --- a real sender during an attack -------------------------------------------------------------

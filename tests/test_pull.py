@@ -367,3 +367,21 @@ def test_quarantined_instance_is_reported_never_stored(tmp_path, pacs, scp_port,
         row = s.scalar(select(SeriesRecord).where(SeriesRecord.project_id.is_not(None)))
         assert "1 quarantined" in (row.error or "")
     assert_no_leaks(gw, extra.phi, logs())
+
+
+def test_a_pull_completes_while_hostile_peers_hit_the_gateways_scp(
+    tmp_path, pacs, scp_port, corpus
+):
+    """Silent, stalled and garbage connections to our Storage SCP, all through a real pull
+    (worker processes, C-MOVE from Orthanc): each is dropped, and every instance arrives."""
+    from tests.test_dimse_hostile import attack
+
+    gw = make_gateway(tmp_path, pacs, scp_port, timeout_s=3)
+    approved(gw, "besieged", [st.accession for st in corpus.studies])
+    with attack(scp_port, seconds=20) as over:
+        report = gw.pull("besieged")
+        assert not over.is_set(), "the attack ended before the pull did: it proved nothing"
+    assert report.ok, [s.error for s in report.series if s.error]
+    assert report.instances == corpus.n_instances
+    refused = [e for e in gw.catalog.audit_trail("besieged") if e.action == "store.refused"]
+    assert refused == []  # garbage never got as far as a C-STORE

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
+from gateway.dimse import ul
 from gateway.dimse.common import CANNOT_UNDERSTAND
 from gateway.dimse.service import (
     FAILED,
@@ -30,9 +32,22 @@ from gateway.dimse.service import (
     store_handler,
     supported_contexts,
 )
-from gateway.dimse.workers import WorkerConfig, WorkerPool
+from gateway.dimse.workers import MAX_PREFIX, WorkerConfig, WorkerPool
 
 log = logging.getLogger(__name__)
+
+MAX_WAITING = 256  # connections accepted whose association request has not come whole yet
+
+
+def _request_read(got: bytearray) -> bool:
+    """Whether what a new connection sent is enough to hand it over: a whole A-ASSOCIATE-RQ,
+    or anything that is not one (the association's own code answers it: reject, abort)."""
+    if len(got) < 6:
+        return False
+    pdu_type, _, length = ul.PDU_HEADER.unpack_from(got)
+    if pdu_type != ul.ASSOCIATE_RQ or 6 + length > MAX_PREFIX:
+        return True
+    return len(got) >= 6 + length
 
 
 def _not_started(*_args: object) -> int:
@@ -67,6 +82,7 @@ class StorageSCP:
         max_pdu: int = 0,
         transfer_syntaxes: list[str] | None = None,
         preload: list[str] | None = None,
+        allowed_callers: Collection[str] | None = None,
     ) -> None:
         given = sum(x is not None for x in (on_store, on_receive, handler_factory))
         if given != 1:
@@ -83,11 +99,18 @@ class StorageSCP:
         self.handler_factory = handler_factory
         self.transfer_syntaxes = transfer_syntaxes
         self.preload = preload
+        # Calling AE titles that may associate (None: any); others are rejected, permanently.
+        self.allowed_callers = frozenset(allowed_callers) if allowed_callers is not None else None
         self.start_seconds = 0.0  # how long start() took (worker start-up, mostly)
         # With a handler_factory, the handler is built by start().
         store = _not_started if handler_factory else store_handler(on_store, on_receive)
         self._service = Service(
-            supported_contexts(transfer_syntaxes), max_pdu, timeout_s, max_associations, store
+            supported_contexts(transfer_syntaxes),
+            max_pdu,
+            timeout_s,
+            max_associations,
+            store,
+            allowed_callers=self.allowed_callers,
         )
         self._pool: WorkerPool | None = None
         self._sock: socket.socket | None = None
@@ -156,7 +179,9 @@ class StorageSCP:
             sock.listen(64)
             sock.settimeout(0.2)  # lets the accept loop notice stop()
             if self.workers:
-                config = WorkerConfig(self.max_pdu, self.timeout_s, self.transfer_syntaxes)
+                config = WorkerConfig(
+                    self.max_pdu, self.timeout_s, self.transfer_syntaxes, self.allowed_callers
+                )
                 assert self.handler_factory is not None
                 pool = WorkerPool(self.workers, self.handler_factory, config, self.preload)
                 self._pool = pool.start()
@@ -169,6 +194,7 @@ class StorageSCP:
                     self.max_associations,
                     handler_callbacks(handler),
                     handler,
+                    allowed_callers=self.allowed_callers,
                 )
         except BaseException:
             sock.close()
@@ -218,30 +244,83 @@ class StorageSCP:
         self.stop()
 
     def _accept_loop(self) -> None:
-        while True:
-            sock = self._sock
-            if sock is None:
-                return
-            try:
-                conn, _addr = sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._pool is not None:
-                self._pool.dispatch(conn, self.max_associations)
-                continue
-            conn.settimeout(self.timeout_s)
-            self._next_id += 1
-            thread = threading.Thread(target=self._serve, args=(conn, self._next_id), daemon=True)
-            with self._lock:
-                self._conns[conn] = thread
-            thread.start()
+        """Accept connections, and read each one's A-ASSOCIATE-RQ here before handing it to a
+        thread or a worker: a peer that says nothing, or stalls halfway through its request,
+        costs no thread and no association slot, and is closed after `timeout_s` (past
+        MAX_WAITING of them, the oldest first)."""
+        listener = self._sock
+        if listener is None:
+            return
+        sel = selectors.DefaultSelector()
+        sel.register(listener, selectors.EVENT_READ)
+        waiting: dict[socket.socket, tuple[float, bytearray]] = {}  # since when, what came
 
-    def _serve(self, conn: socket.socket, assoc_id: int) -> None:
+        def drop(conn: socket.socket) -> None:
+            sel.unregister(conn)
+            del waiting[conn]
+            conn.close()
+
         try:
-            self._service.serve(conn, assoc_id)
+            while self._sock is not None:
+                for key, _ in sel.select(0.2):
+                    if key.fileobj is listener:
+                        conn = self._accept(listener)
+                        if conn is None:
+                            return
+                        waiting[conn] = (time.monotonic(), bytearray())
+                        sel.register(conn, selectors.EVENT_READ)
+                        if len(waiting) > MAX_WAITING:
+                            drop(next(iter(waiting)))
+                        continue
+                    conn = key.fileobj  # type: ignore[assignment]
+                    got = waiting[conn][1]
+                    try:
+                        chunk = conn.recv(65536)
+                    except OSError:
+                        chunk = b""
+                    if not chunk:
+                        drop(conn)
+                        continue
+                    got += chunk
+                    if _request_read(got):
+                        sel.unregister(conn)
+                        del waiting[conn]
+                        conn.setblocking(True)
+                        self._hand_over(conn, bytes(got))
+                cutoff = time.monotonic() - self.timeout_s
+                for conn in [c for c, (t, _) in waiting.items() if t < cutoff]:
+                    log.warning("a connection sent no association request in %gs: closed",
+                                self.timeout_s)  # fmt: skip
+                    drop(conn)
+        finally:
+            for conn in waiting:
+                conn.close()
+            sel.close()
+
+    def _accept(self, listener: socket.socket) -> socket.socket | None:
+        try:
+            conn, _addr = listener.accept()
+        except OSError:
+            return None  # stop() shut the listener
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.setblocking(False)
+        return conn
+
+    def _hand_over(self, conn: socket.socket, prefix: bytes) -> None:
+        if self._pool is not None:
+            self._pool.dispatch(conn, self.max_associations, prefix)
+            return
+        conn.settimeout(self.timeout_s)
+        self._next_id += 1
+        args = (conn, self._next_id, prefix)
+        thread = threading.Thread(target=self._serve, args=args, daemon=True)
+        with self._lock:
+            self._conns[conn] = thread
+        thread.start()
+
+    def _serve(self, conn: socket.socket, assoc_id: int, prefix: bytes) -> None:
+        try:
+            self._service.serve(conn, assoc_id, prefix=prefix)
         finally:
             with self._lock:
                 self._conns.pop(conn, None)

@@ -349,9 +349,10 @@ class Association:
         try:
             self.ch.sock.settimeout(self.scu.timeout_s)
             self.ch.send(ul.RELEASE_RQ_PDU)
-            while self.ch.read_pdu()[0] != ul.RELEASE_RP:
-                pass
-        except (OSError, ul.PeerGone):
+            for _ in range(64):  # late answers may come first; a peer that never stops is cut
+                if self.ch.read_pdu()[0] == ul.RELEASE_RP:
+                    break
+        except (OSError, ul.PeerGone, ul.ProtocolError):
             pass
         finally:
             self.ch.close()
@@ -450,15 +451,21 @@ class Scu:
             raise AssociationAborted(
                 f"peer closed the connection during association ({where})"
             ) from exc
-        if pdu_type == ul.ASSOCIATE_RJ:
-            raise AssociationRejected(f"association rejected ({where}): {ul.describe_reject(pdu)}")
-        if pdu_type == ul.ABORT:
-            raise AssociationAborted(f"association aborted {ul.describe_abort(pdu)} ({where})")
-        if pdu_type != ul.ASSOCIATE_AC:
-            raise AssociationAborted(
-                f"unexpected PDU 0x{pdu_type:02X} during association ({where})"
-            )
-        neg = ul.parse_associate_ac(pdu, contexts, self.calling_ae, peer.ae_title)
+        except ul.ProtocolError as exc:
+            raise AssociationAborted(f"unreadable association answer: {exc} ({where})") from exc
+        try:
+            if pdu_type == ul.ASSOCIATE_RJ:
+                why = ul.describe_reject(pdu)
+                raise AssociationRejected(f"association rejected ({where}): {why}")
+            if pdu_type == ul.ABORT:
+                raise AssociationAborted(f"association aborted {ul.describe_abort(pdu)} ({where})")
+            if pdu_type != ul.ASSOCIATE_AC:
+                raise AssociationAborted(
+                    f"unexpected PDU 0x{pdu_type:02X} during association ({where})"
+                )
+            neg = ul.parse_associate_ac(pdu, contexts, self.calling_ae, peer.ae_title)
+        except ul.ProtocolError as exc:
+            raise AssociationAborted(f"unreadable association answer: {exc} ({where})") from exc
         if not neg.contexts:
             ch.send(ul.abort_pdu(0, 0))
             raise AssociationRejected(f"no presentation context accepted ({where})")

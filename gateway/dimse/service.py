@@ -11,6 +11,7 @@ import contextlib
 import logging
 import socket
 import threading
+import time
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, MutableSequence
@@ -72,7 +73,10 @@ _IMPLEMENTATION = _ui(0x00020012, ul.IMPLEMENTATION_CLASS_UID)
 def decode_dataset(data: bytes, syntax: UID, sop_class: str, sop_instance: str) -> Dataset:
     """Parse a received dataset (values stay raw until read) and attach its file meta."""
     if syntax == DeflatedExplicitVRLittleEndian:
-        data = zlib.decompress(data, -zlib.MAX_WBITS)
+        inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+        data = inflate.decompress(data, ul.MAX_DATASET)
+        if inflate.unconsumed_tail:  # a deflate bomb: a few KB that inflate to gigabytes
+            raise ValueError(f"deflated dataset inflates past {ul.MAX_DATASET >> 20} MiB")
     ds = read_dataset(BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian)
     ds.file_meta = file_meta(syntax, sop_class, sop_instance)
     return ds
@@ -203,8 +207,11 @@ class Service:
         store: StoreHandler,
         handler: object = None,
         counts: MutableSequence[int] | None = None,
+        *,
+        allowed_callers: frozenset[str] | None = None,
     ) -> None:
         self.supported = supported
+        self.allowed_callers = allowed_callers  # None: any calling AE title
         self.max_pdu = max_pdu
         self.timeout_s = timeout_s
         self.max_associations = max_associations  # None: not checked here
@@ -215,6 +222,8 @@ class Service:
         self.running = True
         self.lock = threading.Lock()
         self.active = 0
+        self._serving: set[_Association] = set()  # watched for their deadlines
+        self._watchdog: threading.Thread | None = None
         # A peer asks in the same words every time (a PACS proposes its ~120 storage contexts
         # for each C-MOVE), and pynetdicom takes ~6 ms to answer: answer a repeat from memory.
         self._answers: OrderedDict[bytes, ul.Negotiated] = OrderedDict()
@@ -262,12 +271,36 @@ class Service:
             self.counts[FAILED] += failed
         return status
 
-    def serve(self, sock: socket.socket, assoc_id: int, refuse: bool = False) -> None:
-        """Serve one accepted connection to its end (on the calling thread)."""
+    def serve(
+        self, sock: socket.socket, assoc_id: int, refuse: bool = False, prefix: bytes = b""
+    ) -> None:
+        """Serve one accepted connection to its end (on the calling thread); `prefix` is what
+        the acceptor already read of it (the association request)."""
+        assoc = _Association(self, sock, assoc_id, refuse, prefix)
+        with self.lock:
+            self._serving.add(assoc)
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(target=self._watch, name="scp-watchdog")
+                self._watchdog.daemon = True
+                self._watchdog.start()
         try:
-            _Association(self, sock, assoc_id, refuse).run()
+            assoc.run()
         finally:
+            with self.lock:
+                self._serving.discard(assoc)
             self.finished()
+
+    def _watch(self) -> None:
+        """Drop associations past their deadline. A socket timeout bounds each read only: a
+        peer sending a byte now and then would otherwise hold its connection for ever."""
+        period = max(0.05, min(1.0, self.timeout_s / 4))
+        while True:
+            time.sleep(period)
+            now = time.monotonic()
+            with self.lock:
+                late = [a for a in self._serving if (a.ch.deadline or now) < now]
+            for assoc in late:
+                assoc.expire()
 
 
 class _HookFailed(Exception):
@@ -278,18 +311,49 @@ class _Association:
     """One accepted connection, served on its own thread until release, abort or timeout."""
 
     def __init__(
-        self, service: Service, sock: socket.socket, assoc_id: int, refuse: bool = False
+        self,
+        service: Service,
+        sock: socket.socket,
+        assoc_id: int,
+        refuse: bool = False,
+        prefix: bytes = b"",
     ) -> None:
         self.service = service
-        self.ch = ul.Channel(sock)
+        self.ch = ul.Channel(sock, prefix)
         self.calling_ae = "?"
         self.assoc_id = assoc_id
         self.refuse = refuse  # the limit was checked by whoever accepted the connection
         self.established = False
+        self.expired = False
+
+    def expire(self) -> None:
+        """Past its deadline: wake the blocked read (it fails) and end the association."""
+        self.expired = True
+        self.ch.deadline = None
+        with contextlib.suppress(OSError):
+            self.ch.sock.shutdown(socket.SHUT_RDWR)
 
     def run(self) -> None:
         try:
             self._serve()
+        except Exception:
+            if not self.expired:
+                self._fail()
+            else:
+                log.warning(
+                    "association with %s: too slow (under %d bytes/s past %gs), dropped",
+                    self.calling_ae,
+                    ul.MIN_RATE,
+                    self.service.timeout_s,
+                )
+        finally:
+            self.ch.close()
+            self._released()
+
+    def _fail(self) -> None:
+        """Say why the association ended (re-raising the exception being handled)."""
+        try:
+            raise
         except ul.PeerGone:
             log.debug("association with %s: connection closed by peer", self.calling_ae)
         except ul.PeerAborted:
@@ -313,11 +377,9 @@ class _Association:
                 type(exc).__name__,
             )
             self.ch.abort()
-        finally:
-            self.ch.close()
-            self._released()
 
     def _serve(self) -> None:
+        self.ch.allow(self.service.timeout_s)
         pdu_type, rq = self.ch.read_pdu()
         if pdu_type != ul.ASSOCIATE_RQ:
             raise ul.ProtocolError("expected A-ASSOCIATE-RQ")
@@ -330,6 +392,12 @@ class _Association:
         try:
             neg = service.negotiate(rq)
             self.calling_ae = neg.calling_ae
+            allowed = service.allowed_callers
+            if allowed is not None and neg.calling_ae.strip() not in allowed:
+                # permanent, service-user, calling AE title not recognised
+                self.ch.send(ul.reject_pdu(1, 1, 3))
+                log.warning("association refused: calling AE %r is not allowed", neg.calling_ae)
+                return
             self.ch.peer_max_pdu = neg.peer_max_pdu
             self.ch.contexts = neg.contexts
             self.ch.send(neg.ac_pdu)
@@ -369,13 +437,17 @@ class _Association:
 
     def _loop(self) -> None:
         handle = self.service.handle
+        timeout_s = self.service.timeout_s
         while True:
+            self.ch.allow(timeout_s)
             try:
                 cx_id, cmd, data = self.ch.read_message()
             except ul.ReleaseRequested:
+                self.ch.deadline = None  # on_release may take its time (a flush)
                 self._released()
                 self.ch.send(ul.RELEASE_RP_PDU)
                 return
+            self.ch.deadline = None  # the handler's time is not the peer's
             field = ul.us(cmd.get(ul.COMMAND_FIELD))
             if field == ul.C_STORE_RQ and data is not None:
                 sop_class = ul.ui(cmd.get(ul.AFFECTED_SOP_CLASS))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -73,6 +74,11 @@ MAX_CONTROL_PDU = 1 << 20
 # Reads longer than this go in steps of this: the buffered reader allocates what is asked up
 # front, so a peer claiming a 4 GB PDU in 6 bytes would cost 4 GB it never sends.
 _READ_STEP = 1 << 20
+# A message (or the association request) must arrive within the timeout plus one second per this
+# many bytes: a peer trickling a byte now and then cannot hold a connection for ever.
+MIN_RATE = 64 << 10
+# The largest dataset taken in one C-STORE; past it the association is aborted (memory bound).
+MAX_DATASET = 1 << 30
 PDV_HEADER = struct.Struct(">LBB")
 _ELEMENT = struct.Struct("<HHL")
 
@@ -383,12 +389,21 @@ def part10_header(sop_class: str, sop_instance: str, syntax: str) -> bytes:
 class Channel:
     """One DICOM TCP connection: whole DIMSE messages in, PDUs out. Not thread-safe."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, prefix: bytes = b"") -> None:
         self.sock = sock
         self.rfile = sock.makefile("rb", buffering=1 << 16)
+        self._prefix = prefix  # what the acceptor read off the socket before handing it over
         self.peer_max_pdu = 0
         self.contexts: dict[int, UID] = {}
         self._pdu_left = 0  # bytes of the current P-DATA-TF PDU not read yet
+        # When what is being read must have arrived (time.monotonic()); a watchdog closes the
+        # connection past it (see service.Service). None: no deadline.
+        self.deadline: float | None = None
+        self.max_dataset = MAX_DATASET
+
+    def allow(self, seconds: float) -> None:
+        """Start a deadline for the next PDU or message: `seconds`, plus time per byte read."""
+        self.deadline = time.monotonic() + seconds
 
     def read(self, n: int) -> bytes:
         if n > _READ_STEP:  # memory grows with the bytes that arrive, not with a claim
@@ -396,7 +411,14 @@ class Channel:
             for start in range(0, n, _READ_STEP):
                 parts.append(self.read(min(_READ_STEP, n - start)))
             return b"".join(parts)
-        data = self.rfile.read(n)
+        if self.deadline is not None:
+            self.deadline += n / MIN_RATE
+        if self._prefix:
+            data, self._prefix = self._prefix[:n], self._prefix[n:]
+            if len(data) < n:
+                data += self.rfile.read(n - len(data))
+        else:
+            data = self.rfile.read(n)
         if len(data) != n:
             raise PeerGone
         return data
@@ -418,7 +440,7 @@ class Channel:
         command: list[bytes] = []
         data: list[bytes] = []
         cmd: dict[int, bytes] | None = None
-        cx_id = 0
+        cx_id = size = 0
         while True:
             if self._pdu_left == 0:
                 pdu_type, _, length = PDU_HEADER.unpack(self.read(6))
@@ -453,6 +475,9 @@ class Channel:
                 if cmd is None or item_cx != cx_id:
                     raise ProtocolError("dataset fragment without its command")
                 data.append(chunk)
+                size += len(chunk)
+                if size > self.max_dataset:
+                    raise ProtocolError(f"dataset over {self.max_dataset >> 20} MiB")
                 if flags & 0x02:
                     return cx_id, cmd, data[0] if len(data) == 1 else b"".join(data)
 

@@ -37,7 +37,8 @@ from gateway.dimse.service import FINISHED, Service, handler_callbacks, supporte
 
 log = logging.getLogger(__name__)
 
-_HANDOFF = struct.Struct("<QB")  # association id, refuse (limit reached)
+_HANDOFF = struct.Struct("<QB")  # association id, refuse (limit reached); then the prefix
+MAX_PREFIX = 128 << 10  # the most of an association request the parent reads before handing over
 _READY, _FAILED = b"R", b"F"
 _SLOTS = 3  # counters per worker: received, failed, finished connections (see scp.py)
 _MAX_RESTARTS = 5  # per worker; beyond that a crash loop is not worth feeding
@@ -59,6 +60,7 @@ class WorkerConfig:
     max_pdu: int
     timeout_s: float
     transfer_syntaxes: list[str] | None = None
+    allowed_callers: frozenset[str] | None = None
 
 
 def worker_main(boot: BinaryIO) -> None:
@@ -102,6 +104,7 @@ def serve_worker(
         store,
         handler,
         counts,
+        allowed_callers=config.allowed_callers,
     )
     _serve_handed(chan, service, config.timeout_s)
     close = getattr(handler, "close", None)
@@ -119,9 +122,9 @@ def _serve_handed(chan: socket.socket, service: Service, timeout_s: float) -> No
     conns: dict[socket.socket, threading.Thread] = {}
     lock = threading.Lock()
 
-    def serve(conn: socket.socket, assoc_id: int, refuse: bool) -> None:
+    def serve(conn: socket.socket, assoc_id: int, refuse: bool, prefix: bytes) -> None:
         try:
-            service.serve(conn, assoc_id, refuse)
+            service.serve(conn, assoc_id, refuse, prefix)
         finally:
             with lock:
                 conns.pop(conn, None)
@@ -129,7 +132,7 @@ def _serve_handed(chan: socket.socket, service: Service, timeout_s: float) -> No
     chan.sendall(_READY)
     while True:
         try:
-            msg, fds, _flags, _addr = socket.recv_fds(chan, 64, 4)
+            msg, fds, _flags, _addr = socket.recv_fds(chan, _HANDOFF.size + MAX_PREFIX, 4)
         except OSError:
             break
         if not msg:
@@ -142,7 +145,8 @@ def _serve_handed(chan: socket.socket, service: Service, timeout_s: float) -> No
         conn = socket.socket(fileno=fds[0])
         assoc_id, refuse = _HANDOFF.unpack(msg[: _HANDOFF.size])
         conn.settimeout(timeout_s)
-        thread = threading.Thread(target=serve, args=(conn, assoc_id, bool(refuse)), daemon=True)
+        args = (conn, assoc_id, bool(refuse), msg[_HANDOFF.size :])
+        thread = threading.Thread(target=serve, args=args, daemon=True)
         with lock:
             conns[conn] = thread
         thread.start()
@@ -269,7 +273,7 @@ class WorkerPool:
 
     # -- hand-over -----------------------------------------------------------------------------
 
-    def dispatch(self, conn: socket.socket, max_associations: int) -> None:
+    def dispatch(self, conn: socket.socket, max_associations: int, prefix: bytes = b"") -> None:
         """Hand an accepted connection to the least busy ready worker; closes it here either
         way. With none ready (all restarting), wait a while, then drop the connection."""
         try:
@@ -288,7 +292,7 @@ class WorkerPool:
                     self._next_id += 1
                     try:
                         assert slot.chan is not None
-                        msg = _HANDOFF.pack(self._next_id, refuse)
+                        msg = _HANDOFF.pack(self._next_id, refuse) + prefix
                         socket.send_fds(slot.chan, [msg], [conn.fileno()])
                     except OSError:
                         slot.state = "dead"  # dying: the monitor will see to it
@@ -304,6 +308,8 @@ class WorkerPool:
 
     def _launch(self, slot: _Slot) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # A hand-over carries the association request with it: room for the largest.
+        parent.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MAX_PREFIX)
         counts_fd = self._counts_fd
         level = logging.getLogger("gateway").getEffectiveLevel()
         if self.preload is not None:

@@ -117,6 +117,7 @@ class _SharedSCP:
                     max_associations=max(8, 4 * self.limit),
                     timeout_s=self.cfg.settings.timeout_s,
                     preload=WORKER_MODULES if self.workers else None,
+                    allowed_callers=self.cfg.settings.allowed_callers,
                 ).start()
 
     def leave(self) -> None:
