@@ -1,0 +1,183 @@
+"""Spinal column and vertebral bodies on a canonical (S, P, L) torch volume.
+
+The column is found as the most persistent bone mass near the body midline; the anterior wall of
+the vertebral bodies is followed down a midline strip; a slice belongs to a body when that wall is
+there (cortex in a band at the wall's depth) and to a disc when it is not. Runs of body slices are
+the vertebral segments, numbered from the bottom.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Column:
+    """Per-slice track of the spine (pixel indices, float) and the anterior-wall signal."""
+
+    tx: np.ndarray  # column centre x
+    ty: np.ndarray  # column centre y (inside body or arch)
+    y_ant: np.ndarray  # anterior wall of the bodies (interpolated across discs)
+    wall: np.ndarray  # 0..1: how much of a body's anterior cortex the slice holds
+    body_cy: float  # centre of the patient's body, y
+    body_cx: float
+
+
+@dataclass
+class Segment:
+    """A run of body slices [z0, z1) in canonical order (z0 inferior)."""
+
+    z0: int
+    z1: int
+    height_mm: float
+    z_mid: float  # wall-weighted centre slice (float index)
+    cut: bool  # touches the field of view's top or bottom
+    tall: bool = False  # much taller than its peers: two bodies merged?
+    gap_below_mm: float = 0.0  # disc space under it (0 for the lowest)
+
+
+def box1d(t: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """Mean over a centred window of k (odd) samples along dim, renormalised at the edges."""
+    if k <= 1:
+        return t
+    x = t.movedim(dim, -1)
+    shape = x.shape
+    x = torch.nn.functional.avg_pool1d(
+        x.reshape(-1, 1, shape[-1]), k, stride=1, padding=k // 2, count_include_pad=False
+    )
+    return x.reshape(shape).movedim(-1, dim)
+
+
+def _median_filter(a: np.ndarray, k: int) -> np.ndarray:
+    r = max(k // 2, 0)
+    if r == 0 or a.size == 0:
+        return a.copy()
+    p = np.pad(a, r, mode="edge")
+    return np.median(np.lib.stride_tricks.sliding_window_view(p, 2 * r + 1), axis=1)
+
+
+def find_column(vol: torch.Tensor, spacing: tuple[float, float, float], bone_hu: float) -> Column:
+    """Track the spinal column and the bodies' anterior wall through every slice."""
+    sz, sy, sx = spacing
+    nz, ny, nx = vol.shape
+    dev = vol.device
+    body = vol[::2, ::2, ::2] > -400.0
+    prof_x = body.sum((0, 1)).double()
+    prof_y = body.sum((0, 2)).double()
+    xs, ys = torch.arange(0, nx, 2, device=dev), torch.arange(0, ny, 2, device=dev)
+    body_cx = float((prof_x * xs).sum() / prof_x.sum().clamp(min=1))
+    body_cy = float((prof_y * ys).sum() / prof_y.sum().clamp(min=1))
+
+    # coarse: bone fraction on a ~3 mm grid, smoothed over ~40 mm in z and ~30 mm in plane
+    f, fz = max(1, round(3.0 / sx)), max(1, round(4.0 / sz))
+    # dense bone only: contrast-filled vessels (up to ~450 HU) must not pull the track
+    bone = (vol > max(bone_hu, 450.0)).float()[None, None]
+    coarse = torch.nn.functional.avg_pool3d(bone, (fz, f, f), (fz, f, f), ceil_mode=True)[0, 0]
+    coarse = box1d(coarse, max(1, round(40.0 / (sz * fz))) | 1, 0)
+    coarse = box1d(coarse, max(1, round(30.0 / (sy * f))) | 1, 1)
+    coarse = box1d(coarse, max(1, round(30.0 / (sx * f))) | 1, 2)
+    xc = (torch.arange(coarse.shape[2], device=dev) + 0.5) * f - 0.5
+    band = (xc - body_cx).abs() * sx < 40.0
+    coarse = torch.where(band[None, None, :], coarse, torch.full_like(coarse, -1.0))
+    flat = coarse.flatten(1).argmax(1)
+    cy_c = ((flat // coarse.shape[2]).double() + 0.5) * f - 0.5
+    # x: centroid of the best row (the spine is left-right symmetric; an argmax is not)
+    row = coarse[torch.arange(coarse.shape[0], device=dev), flat // coarse.shape[2]].clamp(min=0)
+    wgt = row**2
+    cx_c = (wgt * xc).sum(1).double() / wgt.sum(1).clamp(min=1e-9).double()
+    zc = (np.arange(coarse.shape[0]) + 0.5) * fz - 0.5
+    zf = np.arange(nz)
+    ty = np.interp(zf, zc, _median_filter(cy_c.cpu().numpy(), 5))
+    tx = np.interp(zf, zc, _median_filter(cx_c.cpu().numpy(), 5))
+    tx = np.clip(tx, np.median(tx) - 15.0 / sx, np.median(tx) + 15.0 / sx)
+
+    # anterior wall: first bone from the front in a midline strip, per strip column
+    w = max(2, round(8.0 / sx))
+    cols = torch.as_tensor(np.rint(tx), device=dev).long()[:, None] + torch.arange(
+        -w, w + 1, device=dev
+    )
+    cols = cols.clamp(0, nx - 1)
+    strip = vol.gather(2, cols[:, None, :].expand(nz, ny, 2 * w + 1))
+    yy = torch.arange(ny, device=dev)[None, :, None]
+    ty_t = torch.as_tensor(ty, device=dev, dtype=torch.float32)[:, None, None]
+    inside = (yy >= ty_t - 70.0 / sy) & (yy <= ty_t + 25.0 / sy)
+    bs = (strip > bone_hu) & inside
+    first = torch.where(bs, yy.expand_as(bs), torch.full_like(bs, ny, dtype=torch.long)).amin(1)
+    first = torch.where(
+        first < ny, first.float(), torch.full_like(first, float("nan"), dtype=torch.float32)
+    )
+    y_first = torch.nanmedian(first, dim=1).values.cpu().numpy().astype(float)
+    has = (~torch.isnan(first)).float().mean(1).cpu().numpy()
+    y_first[has < 0.5] = np.nan
+
+    # which slices show the wall where it runs: near a running median of the first-bone depth
+    r = max(1, round(25.0 / sz))
+    pad = np.pad(y_first, r, mode="constant", constant_values=np.nan)
+    win = np.lib.stride_tricks.sliding_window_view(pad, 2 * r + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows: no wall there
+        run_med = np.nanmedian(win, axis=1)
+    with np.errstate(invalid="ignore"):
+        on = np.abs(y_first - run_med) * sy < 8.0
+    on &= ~np.isnan(y_first)
+    if on.sum() < 2:  # no wall found: a flat guess; no segment will come of it
+        y_ant = np.full(nz, ty.mean() - 30.0 / sy)
+    else:
+        y_ant = np.interp(zf, zf[on], y_first[on])
+
+    # wall signal: cortex in a +-4 mm band about the wall depth, linear in partial volume
+    yb = torch.as_tensor(y_ant, device=dev, dtype=torch.float32)[:, None, None]
+    band_rows = (yy >= yb - 4.0 / sy) & (yy <= yb + 4.0 / sy)
+    peak = torch.where(band_rows, strip, torch.full_like(strip, -2000.0)).amax(1)
+    v = peak.median(1).values.cpu().numpy().astype(float)
+    if on.any() and (~on).any():
+        v_body, v_gap = np.median(v[on]), np.median(v[~on])
+    else:
+        v_body, v_gap = max(float(np.median(v)), bone_hu + 1.0), 0.0
+    wall = np.clip((v - v_gap) / max(v_body - v_gap, 1.0), 0.0, 1.0)
+    return Column(tx, ty, y_ant, wall, body_cy, body_cx)
+
+
+def split_bodies(col: Column, spacing: tuple[float, float, float]) -> list[Segment]:
+    """Runs of body slices (wall > 0.5), short gaps closed, slivers dropped; bottom first."""
+    sz = spacing[0]
+    on = col.wall > 0.5
+    nz = on.size
+    runs, z = [], 0
+    while z < nz:
+        if on[z]:
+            z1 = z
+            while z1 < nz and on[z1]:
+                z1 += 1
+            runs.append([z, z1])
+            z = z1
+        else:
+            z += 1
+    merged: list[list[int]] = []
+    for a, b in runs:  # a gap under 3 mm is not a disc
+        if merged and (a - merged[-1][1]) * sz < 3.0:
+            merged[-1][1] = b
+        else:
+            merged.append([a, b])
+    segs = []
+    for a, b in merged:
+        lo, hi = max(a - 1, 0), min(b + 1, nz)
+        wsum = col.wall[lo:hi]
+        height = float(wsum.sum() * sz)
+        cut = a == 0 or b == nz
+        if height < 6.0 and not cut:
+            continue
+        z_mid = float((np.arange(lo, hi) * wsum).sum() / max(wsum.sum(), 1e-6))
+        segs.append(Segment(a, b, height, z_mid, cut))
+    for lower, upper in zip(segs, segs[1:], strict=False):
+        upper.gap_below_mm = (upper.z0 - lower.z1) * sz
+    full = [s.height_mm for s in segs if not s.cut]
+    if full:
+        typical = float(np.median(full))
+        for s in segs:
+            s.tall = not s.cut and s.height_mm > 1.6 * typical
+    return segs

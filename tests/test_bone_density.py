@@ -1,0 +1,306 @@
+"""Bone density from phantoms: L1 found or refused (never mislabelled), HU accurate, invariant."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import pytest
+import torch
+
+from harness.phantoms import LEVEL_CODES, make_phantom
+from processing.bone import (
+    ScanFacts,
+    Thresholds,
+    classify,
+    measure_bone_density,
+    to_hu,
+)
+from processing.bone.levels import CODES, Rib, assign_levels
+from processing.bone.measure import _header_flags
+from processing.bone.segment import Segment
+
+SMALL = dict(shape_yx=(200, 200), pixel_mm=1.6, slice_spacing_mm=2.5)
+
+
+@lru_cache(maxsize=6)
+def case(**kw):
+    vol, truth = make_phantom(**{**SMALL, **kw})
+    return vol, truth, measure_bone_density(vol, truth.spacing, affine=truth.affine)
+
+
+def assert_not_mislabelled(truth, rep):
+    """Measurable means the measured L1 is the true L1; otherwise a reason is given."""
+    if rep.measurable:
+        a, b = rep.levels["L1"].slices
+        ta, tb = truth.z_slices["L1"]
+        assert abs(a - ta) <= 1 and abs(b - tb) <= 1, (rep.levels["L1"], truth.z_slices["L1"])
+        assert rep.reason == ""
+    else:
+        assert rep.reason and rep.l1_hu is None and rep.bone_class is None
+
+
+# --- accuracy --------------------------------------------------------------------------------
+
+ACCURACY = [  # (slice spacing, noise, trabecular HU, seed, allowed L1 error)
+    (1.25, 20.0, 150.0, 0, 5.0),
+    (0.625, 15.0, 80.0, 1, 5.0),
+    (3.0, 20.0, 120.0, 3, 10.0),
+    (5.0, 25.0, 60.0, 4, 10.0),
+    (5.0, 20.0, 200.0, 5, 10.0),
+]
+
+
+@pytest.mark.parametrize("sz,noise,hu,seed,tol", ACCURACY)
+def test_l1_found_and_accurate(sz, noise, hu, seed, tol):
+    vol, truth, rep = case(slice_spacing_mm=sz, noise_sd=noise, trabecular_hu=hu, seed=seed)
+    assert truth.l1_measurable
+    assert rep.measurable, rep.reason
+    assert_not_mislabelled(truth, rep)
+    assert abs(rep.l1_hu - truth.l1_hu) <= tol
+    assert rep.bone_class == classify(truth.l1_hu)
+    assert rep.lowest_rib_level == "T12" and rep.sacrum_found
+    for name in ("T12", "L2", "L3", "L4"):
+        lv = rep.levels[name]
+        assert abs(lv.mean_hu - truth.trabecular_hu[name]) <= tol, name
+        assert abs(lv.median_hu - truth.trabecular_hu[name]) <= tol + 1, name
+        assert lv.n_voxels > 0 and lv.sd_hu > 0
+    l1 = rep.levels["L1"]
+    assert 120.0 <= l1.roi_area_mm2 <= 260.0
+    assert abs(l1.sd_hu - noise) < 0.35 * noise  # the ROI holds trabecular bone only
+
+
+def test_realistic_resolution():
+    vol, truth, rep = case(
+        shape_yx=(380, 380),
+        pixel_mm=0.85,
+        slice_spacing_mm=1.25,
+        noise_sd=20.0,
+        seed=7,
+        fov_mm=(-15.0, 230.0),
+        psf_fwhm_mm=0.8,
+    )
+    assert rep.measurable, rep.reason
+    assert abs(rep.l1_hu - truth.l1_hu) <= 5.0
+    assert_not_mislabelled(truth, rep)
+
+
+def test_wrong_level_would_be_caught():
+    """Per-level HU 20 apart: a one-level slip moves the L1 reading by >= 15 HU."""
+    names = ["L5", "L4", "L3", "L2", "L1", "T12", "T11", "T10", "T9", "T8"]
+    hus = {n: 60.0 + 20 * i for i, n in enumerate(names)}
+    vol, truth = make_phantom(**SMALL, trabecular_hu=hus, noise_sd=15.0, seed=11)
+    rep = measure_bone_density(vol, truth.spacing, affine=truth.affine)
+    assert rep.measurable
+    assert abs(rep.l1_hu - hus["L1"]) <= 5.0
+    for wrong in ("T12", "L2"):
+        assert abs(rep.levels[wrong].mean_hu - hus["L1"]) >= 15.0
+
+
+# --- never mislabel --------------------------------------------------------------------------
+
+REFUSALS = [  # phantom options, and words the reason must contain
+    (dict(rib_pairs=11), "transitional"),
+    (dict(rib_pairs=13), "transitional"),
+    (dict(rib_pairs=13, slice_spacing_mm=5.0, noise_sd=25.0), "transitional"),
+    (dict(rib_pairs=11, seed=4, flip_z=True), "transitional"),
+    (dict(fov="cut_l1_top"), "field of view"),
+    (dict(fov="cut_l1_bottom"), "field of view"),
+    (dict(fov_mm=(15.0, 250.0)), "sacrum"),
+    (dict(fracture_l1=True), "collapsed"),
+    (dict(fracture_l1=True, slice_spacing_mm=5.0, seed=2), "collapsed"),
+    (dict(metal_l1=True), "metal"),
+]
+
+
+@pytest.mark.parametrize("opts,words", REFUSALS)
+def test_refuses_when_unsure(opts, words):
+    vol, truth, rep = case(**opts)
+    assert not truth.l1_measurable
+    assert not rep.measurable
+    assert words in rep.reason, rep.reason
+    assert_not_mislabelled(truth, rep)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_seeds_never_mislabel(seed):
+    rng = np.random.default_rng(100 + seed)
+    opts = dict(
+        seed=seed,
+        trabecular_hu=float(rng.uniform(50, 250)),
+        noise_sd=float(rng.uniform(5, 25)),
+        cortical_hu=float(rng.uniform(500, 900)),
+        slice_spacing_mm=float(rng.choice([1.25, 2.5, 5.0])),
+        rib_pairs=int(rng.choice([11, 12, 13])),
+        contrast_hu=float(rng.choice([0.0, 200.0])),
+    )
+    vol, truth, rep = case(**opts)
+    assert_not_mislabelled(truth, rep)
+    assert rep.measurable == truth.l1_measurable, (opts, rep.reason)
+    if rep.measurable:
+        assert abs(rep.l1_hu - truth.l1_hu) <= 10.0 and rep.bone_class == classify(truth.l1_hu)
+
+
+def test_cross_check_logic():
+    """The two ways to L1 must agree; each disagreement is refused."""
+    segs = [Segment(10 * i, 10 * i + 8, 20.0, 10 * i + 4.0, False) for i in range(9)]
+
+    def ribs_on(i):
+        return [Rib(10 * j + 6.0, s, 120.0, j) for j in range(i, 9) for s in (-1, 1)]
+
+    ok = assign_levels(segs, ribs_on(6), sacrum=0)
+    assert ok.l1 == 5 and ok.names[5] == "L1" and ok.names[6] == "T12" and ok.names[0] == "S"
+    for lowest in (5, 7):  # 13 and 11 rib pairs
+        bad = assign_levels(segs, ribs_on(lowest), sacrum=0)
+        assert bad.l1 is None and "transitional" in bad.reason
+    assert "sacrum" in assign_levels(segs, ribs_on(6), sacrum=None).reason
+    one_side = [r for r in ribs_on(6) if not (r.segment == 6 and r.side == 1)]
+    assert assign_levels(segs, one_side, sacrum=0).l1 is None
+    segs[4].gap_below_mm = 40.0  # a body missed between sacrum and ribs
+    assert "missing" in assign_levels(segs, ribs_on(6), sacrum=0).reason
+    segs[4].gap_below_mm = 10.0
+    segs[3].tall = True  # a missed disc between sacrum and ribs
+    assert "merged" in assign_levels(segs, ribs_on(6), sacrum=0).reason
+
+
+# --- class, thresholds, flags ----------------------------------------------------------------
+
+
+def test_classify_boundaries():
+    assert classify(110.0) == "osteoporosis"
+    assert classify(110.5) == "osteopenia"
+    assert classify(160.0) == "osteopenia"
+    assert classify(160.5) == "normal"
+    assert classify(105.0, Thresholds(osteoporosis_hu=100.0, osteopenia_hu=150.0)) == "osteopenia"
+
+
+@pytest.mark.parametrize("hu", [99.0, 121.0, 149.0, 171.0])
+def test_class_right_away_from_thresholds(hu):
+    vol, truth, rep = case(trabecular_hu=hu, noise_sd=20.0, seed=int(hu))
+    assert rep.measurable
+    assert rep.bone_class == classify(truth.l1_hu)
+
+
+def test_thresholds_are_configurable():
+    vol, truth, rep = case()
+    assert rep.bone_class == "osteopenia"  # 150 HU
+    strict = measure_bone_density(
+        vol, truth.spacing, affine=truth.affine, thresholds=Thresholds(160.0, 180.0), masks=False
+    )
+    assert strict.bone_class == "osteoporosis" and strict.l1_hu == rep.l1_hu
+
+
+def test_header_flags():
+    vol, truth, _ = case()
+    rep = measure_bone_density(
+        vol,
+        truth.spacing,
+        affine=truth.affine,
+        facts=ScanFacts(slice_thickness_mm=5.0, kvp=100.0, iv_contrast=True),
+        masks=False,
+    )
+    text = " ".join(rep.flags)
+    assert "thickness" in text and "kVp" in text and "contrast" in text
+    assert rep.measurable and rep.labels is None
+    assert _header_flags(ScanFacts(2.5, 120.0, False), 2.5) == []
+    assert _header_flags(None, 2.5) == [] and "thickness" in _header_flags(None, 5.0)[0]
+
+
+# --- orientation and storage -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flips", [(1, 0, 0), (0, 1, 1), (1, 1, 1)])
+def test_orientation_invariant(flips):
+    vol, truth, rep = case()
+    fz, fy, fx = (bool(f) for f in flips)
+    vol2, truth2, rep2 = case(flip_z=fz, flip_y=fy, flip_x=fx)
+    assert rep2.measurable and rep2.l1_hu == rep.l1_hu
+    assert {n: lv.mean_hu for n, lv in rep2.levels.items()} == {
+        n: lv.mean_hu for n, lv in rep.levels.items()
+    }
+    axes = [i for i, f in enumerate(flips) if f]
+    assert np.array_equal(rep2.roi, np.flip(rep.roi, axes))
+    assert np.array_equal(rep2.labels, np.flip(rep.labels, axes))
+    assert rep2.levels["L1"].slices == truth2.z_slices["L1"] or all(
+        abs(a - b) <= 1
+        for a, b in zip(rep2.levels["L1"].slices, truth2.z_slices["L1"], strict=True)
+    )
+
+
+def test_z_flag_and_transposed_axes():
+    vol, truth, rep = case()
+    flipped = np.ascontiguousarray(vol[::-1])
+    rep_flag = measure_bone_density(flipped, truth.spacing, z_increases_superior=False)
+    assert rep_flag.l1_hu == rep.l1_hu
+    # axes stored as (x, y, z): the affine's columns say so
+    xyz = np.ascontiguousarray(np.transpose(vol, (2, 1, 0)))
+    aff = truth.affine.copy()
+    aff[:, :3] = truth.affine[:, [2, 1, 0]]
+    rep_t = measure_bone_density(xyz, (0.0, 0.0, 0.0), affine=aff)
+    assert rep_t.l1_hu == rep.l1_hu
+    assert np.array_equal(rep_t.roi, np.transpose(rep.roi, (2, 1, 0)))
+
+
+def test_wrong_orientation_is_refused_not_mislabelled():
+    vol, truth, _ = case()
+    upside_down = measure_bone_density(np.ascontiguousarray(vol[::-1]), truth.spacing)
+    assert not upside_down.measurable and upside_down.reason
+    back_to_front = measure_bone_density(np.ascontiguousarray(vol[:, ::-1]), truth.spacing)
+    assert not back_to_front.measurable and "orientation" in back_to_front.reason
+
+
+def test_unsigned_storage_goes_through_to_hu():
+    vol, truth, rep = case()
+    stored = (vol.astype(np.int32) + 1024).astype(np.uint16)  # intercept -1024
+    with pytest.raises(TypeError):
+        measure_bone_density(stored, truth.spacing, affine=truth.affine)
+    hu = to_hu(stored, slope=1.0, intercept=-1024.0)
+    assert hu.dtype == np.float32 and np.array_equal(hu, vol.astype(np.float32))
+    rep_u = measure_bone_density(hu, truth.spacing, affine=truth.affine)
+    assert rep_u.l1_hu == rep.l1_hu
+    # forgetting the intercept cannot yield a plausible L1 reading
+    raw = measure_bone_density(stored.astype(np.int32), truth.spacing, affine=truth.affine)
+    assert not (raw.measurable and abs(raw.l1_hu - truth.l1_hu) < 50.0)
+    # slope 2 storage
+    half = np.rint((vol.astype(np.float32) + 1024) / 2).astype(np.uint16)
+    rep_s = measure_bone_density(to_hu(half, 2.0, -1024.0), truth.spacing, affine=truth.affine)
+    assert rep_s.measurable and abs(rep_s.l1_hu - truth.l1_hu) <= 5.0
+
+
+# --- masks -----------------------------------------------------------------------------------
+
+
+def test_masks_sit_in_the_right_body():
+    vol, truth, rep = case(flip_y=True, flip_x=True)
+    assert rep.roi.shape == vol.shape and rep.labels.shape == vol.shape
+    l1 = CODES["L1"]
+    assert CODES["L1"] == LEVEL_CODES["L1"]
+    in_roi = rep.roi == l1
+    assert in_roi.any()
+    assert (truth.labels[in_roi] == LEVEL_CODES["L1"]).all()  # ROI inside the true L1 body
+    lab = rep.labels == l1
+    dice = 2 * (lab & (truth.labels == l1)).sum() / (lab.sum() + (truth.labels == l1).sum())
+    assert dice > 0.8
+    assert set(np.unique(rep.roi)) == {0} | {CODES[n] for n in ("T12", "L1", "L2", "L3", "L4")}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_gpu_matches_cpu():
+    vol, truth, rep = case(slice_spacing_mm=1.25)
+    gpu = measure_bone_density(vol, truth.spacing, affine=truth.affine, device="cuda")
+    assert gpu.measurable == rep.measurable and gpu.reason == rep.reason
+    assert abs(gpu.l1_hu - rep.l1_hu) < 0.5
+    assert (gpu.roi != rep.roi).mean() < 1e-4
+
+
+@pytest.mark.parametrize("fill", [-1000, 0, None])
+def test_no_spine_is_refused_without_error(fill):
+    rng = np.random.default_rng(0)
+    if fill is None:
+        vol = rng.normal(0.0, 300.0, (40, 64, 64)).astype(np.int16)
+    else:
+        vol = np.full((40, 64, 64), fill, np.int16)
+    rep = measure_bone_density(vol, (2.0, 1.0, 1.0))
+    assert not rep.measurable and rep.reason and rep.l1_hu is None
+    tiny = measure_bone_density(np.zeros((1, 64, 64), np.int16), (2.0, 1.0, 1.0))
+    assert not tiny.measurable and "small" in tiny.reason
