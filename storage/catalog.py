@@ -12,22 +12,46 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import create_engine, event, func, select
+from sqlalchemy import create_engine, event, func, insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.models import AuditEvent, Base, CohortItem, Project, SeriesRecord, utcnow
+from storage import index
+from storage.models import (
+    AuditEvent,
+    Base,
+    CohortItem,
+    IndexedInstance,
+    IndexedSeries,
+    IndexedStudy,
+    Membership,
+    PipelineResult,
+    Project,
+    SeriesRecord,
+    User,
+    utcnow,
+)
 
 __all__ = [
     "AuditEvent",
     "Catalog",
     "CohortItem",
     "DuplicateProject",
+    "Hit",
+    "IndexedInstance",
+    "IndexedSeries",
+    "IndexedStudy",
+    "Membership",
+    "PipelineResult",
     "Project",
     "SeriesRecord",
+    "User",
     "utcnow",
 ]
+
+
+Hit = index.Hit
 
 
 class DuplicateProject(Exception):
@@ -166,6 +190,218 @@ class Catalog:
             for k, v in values.items():
                 setattr(row, k, v)
 
+    # -- the QIDO-RS index (storage.index) ----------------------------------------------------
+
+    def index_series(
+        self, project_id: int, storage_key: str, headers: list[dict[str, Any]], n_slices: int
+    ) -> None:
+        """Index a committed series from its headers, replacing any earlier version of it."""
+        with self.session() as s:
+            index.write_series(s, project_id, storage_key, headers, n_slices)
+
+    def unindex_series(self, project_id: int, series_uid: str) -> None:
+        with self.session() as s:
+            index.delete_series(s, project_id, series_uid)
+
+    def search(
+        self,
+        level: str,
+        project_id: int,
+        matches: Iterable[Any],
+        recheck: index.Recheck | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[index.Hit]:
+        """QIDO-RS search at `level` ('study', 'series', 'instance') within one project."""
+        with self.session() as s:
+            return index.search(s, level, project_id, list(matches), recheck, limit, offset)
+
+    def indexed_series(
+        self, project_id: int, study_uid: str, series_uid: str | None = None
+    ) -> list[IndexedSeries]:
+        """A study's indexed series (or the one named), by series number."""
+        with self.session() as s:
+            q = select(IndexedSeries).where(
+                IndexedSeries.project_id == project_id, IndexedSeries.study_uid == study_uid
+            )
+            if series_uid is not None:
+                q = q.where(IndexedSeries.series_uid == series_uid)
+            q = q.order_by(IndexedSeries.series_number, IndexedSeries.series_uid)
+            return list(s.scalars(q))
+
+    def indexed_instances(
+        self, project_id: int, series_uid: str, sop_uid: str | None = None
+    ) -> list[IndexedInstance]:
+        """A series' indexed instances (or the one named), by stored position."""
+        with self.session() as s:
+            q = select(IndexedInstance).where(
+                IndexedInstance.project_id == project_id, IndexedInstance.series_uid == series_uid
+            )
+            if sop_uid is not None:
+                q = q.where(IndexedInstance.sop_uid == sop_uid)
+            return list(s.scalars(q.order_by(IndexedInstance.position)))
+
+    def locate_instance(
+        self, project_id: int, study_uid: str, series_uid: str, sop_uid: str
+    ) -> tuple[IndexedSeries, IndexedInstance] | None:
+        """An instance and its series, when both are in this project and this study."""
+        with self.session() as s:
+            q = (
+                select(IndexedSeries, IndexedInstance)
+                .join(
+                    IndexedInstance,
+                    (IndexedInstance.project_id == IndexedSeries.project_id)
+                    & (IndexedInstance.series_uid == IndexedSeries.series_uid),
+                )
+                .where(
+                    IndexedSeries.project_id == project_id,
+                    IndexedSeries.study_uid == study_uid,
+                    IndexedSeries.series_uid == series_uid,
+                    IndexedInstance.sop_uid == sop_uid,
+                )
+            )
+            row = s.execute(q).first()
+            return (row[0], row[1]) if row is not None else None
+
+    def indexed_studies(self, project_id: int) -> list[IndexedStudy]:
+        """Every indexed study of a project, by date."""
+        with self.session() as s:
+            q = select(IndexedStudy).where(IndexedStudy.project_id == project_id)
+            return list(s.scalars(q.order_by(IndexedStudy.study_date, IndexedStudy.study_uid)))
+
+    # -- users and roles ----------------------------------------------------------------------
+
+    def user(self, name: str) -> User | None:
+        with self.session() as s:
+            return s.scalar(select(User).where(User.name == name))
+
+    def user_by_token_hash(self, token_hash: str) -> User | None:
+        """The active user holding this token digest, or None."""
+        with self.session() as s:
+            return s.scalar(
+                select(User).where(User.token_hash == token_hash, User.active.is_(True))
+            )
+
+    def user_by_id(self, user_id: int) -> User | None:
+        with self.session() as s:
+            return s.get(User, user_id)
+
+    def add_user(self, user: User) -> bool:
+        """Insert a new user; False when the name is taken."""
+        try:
+            with self.session() as s:
+                s.add(user)
+        except IntegrityError:
+            return False
+        return True
+
+    def update_user(self, name: str, **values: Any) -> bool:
+        with self.session() as s:
+            u = s.scalar(select(User).where(User.name == name))
+            if u is None:
+                return False
+            for k, v in values.items():
+                setattr(u, k, v)
+            return True
+
+    def grant(self, project_id: int, user_id: int, role: str, by: str) -> None:
+        """Give a user a role in a project (replacing the one it had)."""
+        with self.session() as s:
+            m = s.scalar(
+                select(Membership).where(
+                    Membership.project_id == project_id, Membership.user_id == user_id
+                )
+            )
+            if m is None:
+                m = Membership(project_id=project_id, user_id=user_id)
+                s.add(m)
+            m.role, m.granted_by, m.granted_at = role, by, utcnow()
+
+    def role(self, project_id: int, user_id: int) -> str | None:
+        """The user's role in the project, or None when not a member."""
+        with self.session() as s:
+            return s.scalar(
+                select(Membership.role).where(
+                    Membership.project_id == project_id, Membership.user_id == user_id
+                )
+            )
+
+    def membership(self, project: str, user_id: int) -> tuple[Project, str] | None:
+        """The project of that name and the user's role in it; None unless both exist."""
+        with self.session() as s:
+            q = (
+                select(Project, Membership.role)
+                .join(Membership, Membership.project_id == Project.id)
+                .where(Project.name == project, Membership.user_id == user_id)
+            )
+            row = s.execute(q).first()
+            return (row[0], row[1]) if row is not None else None
+
+    def user_projects(self, user_id: int) -> list[tuple[Project, str]]:
+        """The projects a user is a member of, with the role, by name."""
+        with self.session() as s:
+            q = (
+                select(Project, Membership.role)
+                .join(Membership, Membership.project_id == Project.id)
+                .where(Membership.user_id == user_id)
+                .order_by(Project.name)
+            )
+            return [(p, r) for p, r in s.execute(q)]
+
+    # -- pipeline results -----------------------------------------------------------------------
+
+    def upsert_result(self, project_id: int, series_uid: str, pipeline: str, **values: Any) -> None:
+        """Create or replace the result of `pipeline` for a series (one row per project,
+        series and pipeline): columns not given are reset, so nothing of a previous run stays."""
+        fresh: dict[str, Any] = {
+            "reason": None,
+            "values": {},
+            "provenance": {},
+            "sr_series_uid": None,
+            "seg_series_uid": None,
+            "report_key": None,
+        }
+        with self.session() as s:
+            row = s.scalar(
+                select(PipelineResult).where(
+                    PipelineResult.project_id == project_id,
+                    PipelineResult.series_uid == series_uid,
+                    PipelineResult.pipeline == pipeline,
+                )
+            )
+            if row is None:
+                row = PipelineResult(
+                    project_id=project_id, series_uid=series_uid, pipeline=pipeline
+                )
+                s.add(row)
+            for k, v in {**fresh, **values}.items():
+                setattr(row, k, v)
+
+    def results(self, project_id: int, pipeline: str | None = None) -> list[PipelineResult]:
+        """Pipeline results of a project (of one pipeline), by study and series."""
+        with self.session() as s:
+            q = select(PipelineResult).where(PipelineResult.project_id == project_id)
+            if pipeline is not None:
+                q = q.where(PipelineResult.pipeline == pipeline)
+            order = (PipelineResult.study_uid, PipelineResult.series_uid, PipelineResult.pipeline)
+            return list(s.scalars(q.order_by(*order)))
+
+    def result_states(self, project_id: int, pipeline: str) -> dict[str, tuple[str, str]]:
+        """{series UID: (version, status)} of a pipeline's results in a project."""
+        with self.session() as s:
+            q = select(
+                PipelineResult.series_uid, PipelineResult.version, PipelineResult.status
+            ).where(PipelineResult.project_id == project_id, PipelineResult.pipeline == pipeline)
+            return {uid: (v, st) for uid, v, st in s.execute(q).all()}
+
+    def derived_series_uids(self, project_id: int) -> set[str]:
+        """UIDs of the series pipelines made (SR, SEG): outputs, never inputs."""
+        with self.session() as s:
+            q = select(PipelineResult.sr_series_uid, PipelineResult.seg_series_uid).where(
+                PipelineResult.project_id == project_id
+            )
+            return {uid for row in s.execute(q).all() for uid in row if uid}
+
     # -- audit --------------------------------------------------------------------------------
 
     def audit(
@@ -182,6 +418,16 @@ class Catalog:
                     detail=json.dumps(detail, default=str, sort_keys=True),
                 )
             )
+
+    def audit_many(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Append audit rows (actor, action, project, outcome, detail dict, at) in one go."""
+        values = [
+            {**r, "detail": json.dumps(r.get("detail") or {}, default=str, sort_keys=True)}
+            for r in rows
+        ]
+        if values:
+            with self.session() as s:
+                s.execute(insert(AuditEvent), values)
 
     def audit_trail(self, project: str | None = None, limit: int = 100) -> list[AuditEvent]:
         """The most recent audit rows, newest first (of one project, or all)."""
@@ -208,4 +454,5 @@ def _sqlite_pragmas(conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA case_sensitive_like=ON")  # LIKE as in PostgreSQL (QIDO-RS wildcards)
     cur.close()

@@ -1,4 +1,5 @@
-"""The catalog's tables: projects, cohorts (by keyed digest), stored series, the audit trail.
+"""The catalog's tables: projects, cohorts (by keyed digest), stored series, the audit trail,
+the QIDO-RS index of stored studies, series and instances, and the web's users and their roles.
 
 Series are indexed by their pseudonymous UIDs only; nothing here identifies a patient. The
 re-identification mapping and the cohort's original values live in the vault (`deid.vault`).
@@ -9,7 +10,18 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Date, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Date,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -104,3 +116,140 @@ class AuditEvent(Base):
     project: Mapped[str | None] = mapped_column(String(64), index=True)
     outcome: Mapped[str] = mapped_column(String(16), default="ok")  # ok|refused|error
     detail: Mapped[str] = mapped_column(Text, default="{}")
+
+
+# -- the QIDO-RS index: written when a series is committed, read by searches (never Zarr) --------
+# Columns hold what searches match on; `dataset` the DICOM JSON of the level's own attributes
+# (those every instance below shares), for returning them and matching on the others.
+
+
+class IndexedStudy(Base):
+    """A stored study, by pseudonymous UID; attributes are the de-identified ones."""
+
+    __tablename__ = "qido_studies"
+    __table_args__ = (UniqueConstraint("project_id", "study_uid"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True)
+    study_uid: Mapped[str] = mapped_column(String(64))
+    patient_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    patient_name: Mapped[str | None] = mapped_column(String(256))
+    patient_birth_date: Mapped[str | None] = mapped_column(String(8))
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    study_time: Mapped[str | None] = mapped_column(String(16))  # normalised HHMMSS.ffffff
+    accession: Mapped[str | None] = mapped_column(String(64))
+    study_id: Mapped[str | None] = mapped_column(String(16))
+    study_description: Mapped[str | None] = mapped_column(String(256))
+    referring_physician: Mapped[str | None] = mapped_column(String(256))
+    modalities: Mapped[str] = mapped_column(String(128), default="")  # "CT\\SR"
+    n_series: Mapped[int] = mapped_column(Integer, default=0)
+    n_instances: Mapped[int] = mapped_column(Integer, default=0)
+    dataset: Mapped[str] = mapped_column(Text, default="{}")
+
+
+class IndexedSeries(Base):
+    __tablename__ = "qido_series"
+    __table_args__ = (
+        UniqueConstraint("project_id", "series_uid"),
+        Index("ix_qido_series_study", "project_id", "study_uid"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    study_uid: Mapped[str] = mapped_column(String(64))
+    series_uid: Mapped[str] = mapped_column(String(64))
+    storage_key: Mapped[str] = mapped_column(String(256))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_description: Mapped[str | None] = mapped_column(String(256))
+    series_date: Mapped[str | None] = mapped_column(String(8))
+    n_instances: Mapped[int] = mapped_column(Integer, default=0)
+    committed_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    dataset: Mapped[str] = mapped_column(Text, default="{}")
+
+
+class IndexedInstance(Base):
+    """An instance and where it is: `position` in its series' stored headers (and volume)."""
+
+    __tablename__ = "qido_instances"
+    __table_args__ = (
+        UniqueConstraint("project_id", "sop_uid"),
+        Index("ix_qido_instances_series", "project_id", "series_uid", "position"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    study_uid: Mapped[str] = mapped_column(String(64))
+    series_uid: Mapped[str] = mapped_column(String(64))
+    sop_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str | None] = mapped_column(String(64))
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
+    bits_allocated: Mapped[int | None] = mapped_column(Integer)
+    number_of_frames: Mapped[int | None] = mapped_column(Integer)
+    position: Mapped[int] = mapped_column(Integer)
+    has_pixels: Mapped[bool] = mapped_column(Boolean, default=False)
+    dataset: Mapped[str] = mapped_column(Text, default="{}")  # what differs from the series'
+
+
+# -- web users --------------------------------------------------------------------------------
+
+
+class User(Base):
+    """A web user. Only a digest of the API token is kept; the token is shown once."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    token_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(128), default="")
+
+
+class Membership(Base):
+    """A user's role in a project: investigator or viewer."""
+
+    __tablename__ = "memberships"
+    __table_args__ = (UniqueConstraint("project_id", "user_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    role: Mapped[str] = mapped_column(String(16))
+    granted_by: Mapped[str] = mapped_column(String(128), default="")
+    granted_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+# -- pipeline results -------------------------------------------------------------------------
+
+
+class PipelineResult(Base):
+    """One pipeline's result for one series of a project: a re-run replaces it.
+
+    `status`: ok (measured), unmeasurable (ran; the method declined, `reason` says why),
+    ineligible (the series does not qualify, `reason` says why) or failed (an error; retried
+    by the next run). `values` are the measurements, `provenance` what produced them (version,
+    parameters, input and model checksums, device). Derived series (SR, SEG) by pseudonymous UID.
+    """
+
+    __tablename__ = "results"
+    __table_args__ = (UniqueConstraint("project_id", "series_uid", "pipeline"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True)
+    study_uid: Mapped[str] = mapped_column(String(64))
+    series_uid: Mapped[str] = mapped_column(String(64))
+    pipeline: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))  # ok|unmeasurable|ineligible|failed
+    reason: Mapped[str | None] = mapped_column(Text)
+    values: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    provenance: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    sr_series_uid: Mapped[str | None] = mapped_column(String(64))
+    seg_series_uid: Mapped[str | None] = mapped_column(String(64))
+    report_key: Mapped[str | None] = mapped_column(String(256))  # the PNG report in the store
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)

@@ -17,6 +17,7 @@ commit that dies half way never looks finished; committing again replaces it who
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -118,14 +119,20 @@ class SeriesWriter:
         return self._spool.path
 
     def add(
-        self, ds: Dataset, reuse: Mapping[int, json_model.Part | None] | None = None
+        self,
+        ds: Dataset,
+        reuse: Mapping[int, json_model.Part | None] | None = None,
+        *,
+        inline_pixels: bool = False,
     ) -> dict[int, json_model.Part | None]:
         """Spool one de-identified instance; a repeated SOPInstanceUID replaces it.
 
         Returns the encoded header's parts, element by element; `reuse` takes such parts of
         an earlier `add` for elements known to be the same objects (see json_model.encode).
         Raises SeriesError for an instance that cannot be stored (multi-frame, unsupported
-        pixel type); the rest of the series is unaffected.
+        pixel type); the rest of the series is unaffected. With `inline_pixels` the instance's
+        native pixel data stays in its header (InlineBinary) instead of the volume: for
+        derived multi-frame objects (a SEG) made by pipelines, never for what a PACS sends.
         """
         parts: dict[int, json_model.Part | None] = {}
         header, text = json_model.encode(ds, self.bulk_threshold, reuse, parts)
@@ -137,7 +144,10 @@ class SeriesWriter:
             "mod": _first_value(header, "00080060") or None,
         }
         frame: bytes = b""
-        if pixels.has_pixels(ds):
+        if inline_pixels and pixels.has_pixels(ds):
+            header = {**header, "7FE00010": _inline_pixels(ds)}
+            text = json.dumps(header, separators=(",", ":"))
+        elif pixels.has_pixels(ds):
             try:
                 layout, raw, patches = pixels.extract(ds, header)
             except pixels.PixelError as exc:
@@ -436,6 +446,11 @@ class SeriesReader:
             texts = self._header_array()[:]
         return [json.loads(t) for t in texts]
 
+    def header_texts(self) -> list[str]:
+        """The DICOM JSON text of every instance, in stored order, as stored (not parsed)."""
+        with guard("read"):
+            return [str(t) for t in self._header_array()[:]]
+
     def header(self, i: int) -> dict[str, Any]:
         """DICOM JSON model of instance `i`."""
         self._check_index(i)
@@ -574,6 +589,16 @@ def _image_meta(header: dict[str, Any], layout: pixels.PixelLayout) -> dict[str,
         "slope": _float(_first_value(header, "00281053"), 1.0),
         "icpt": _float(_first_value(header, "00281052"), 0.0),
     }
+
+
+def _inline_pixels(ds: Dataset) -> dict[str, Any]:
+    """The DICOM JSON entry of native little-endian pixel data (SeriesError otherwise)."""
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if 0x7FE00010 not in ds._dict or (ts and (ts.is_compressed or not ts.is_little_endian)):
+        raise SeriesError("inline pixel data must be native little-endian (PixelData)")
+    vr = "OB" if int(ds.get("BitsAllocated") or 8) <= 8 else "OW"
+    return {"vr": vr, "InlineBinary": base64.b64encode(bytes(ds.PixelData)).decode("ascii")}
 
 
 def _values(header: dict[str, Any], tag: str) -> list[Any] | None:

@@ -25,7 +25,7 @@ from gateway.pull.layout import SpoolLayout
 from gateway.pull.report import PullReport, SeriesOutcome
 from gateway.pull.retrievers import Retriever, SourceError, open_retrievers
 from storage.catalog import Project, utcnow
-from storage.series import SeriesError, SeriesWriter, series_key
+from storage.series import SeriesError, SeriesReader, SeriesWriter, series_key
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +280,11 @@ class Puller:
         except Exception as e:  # storage down: the spool is kept, a re-run resumes
             log.error("series %s: storage failed: %s", job.pseudo_series, type(e).__name__)
             return self._fail(job, f"storage failed ({type(e).__name__}): spool kept for resume")
+        try:
+            self._index(job)
+        except Exception as e:  # stored but not findable: failed, so a re-run pulls it again
+            log.error("series %s: indexing failed: %s", job.pseudo_series, type(e).__name__)
+            return self._fail(job, f"indexing failed ({type(e).__name__})")
         self.layout.clear_notes(job.pseudo_series)
         self._upsert(
             job,
@@ -306,6 +311,14 @@ class Puller:
             info.nbytes,
             error=note or None,
             quarantined=job.n_quarantined,
+        )
+
+    def _index(self, job: SeriesJob) -> None:
+        """The QIDO-RS index rows of a committed series, from its stored headers (what the
+        web serves), before the series is marked complete."""
+        reader = SeriesReader(self.core.store, job.key)
+        self.core.catalog.index_series(
+            self.project.id, job.key, reader.headers(), int(reader.attrs["n_slices"])
         )
 
     def _fail(self, job: SeriesJob, error: str) -> SeriesOutcome:

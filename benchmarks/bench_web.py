@@ -1,0 +1,338 @@
+"""DICOMweb serving: sphere against Orthanc's DICOMweb plugin and nginx, on one CT series.
+
+One synthetic CT series (default 500 slices of 512 x 512) is loaded into Orthanc, pulled and
+de-identified by sphere, and its frames are also written as static files (each frame's bytes in
+a one-part multipart/related body, as a WADO-RS answer) that nginx serves: the floor for
+"bytes off a disk over HTTP". Then, in the same run:
+
+- frames: 1 and 4 concurrent `dicomweb-client` clients (processes), each retrieving every frame
+  of the series in order: frames/s over all clients, and the time until the last frame arrived;
+- series /metadata: the first request after the server started (cold) and the median of the
+  next five (warm), sphere against Orthanc.
+
+Ratios are printed; nothing is asserted. The machine's cores are shared by the servers and the
+clients, so the figures are for comparing in one run, not absolute capacities.
+
+    .venv/bin/python benchmarks/bench_web.py [--slices 500 --size 512 --clients 1 4]
+
+Set-up: installs Debian `nginx` with apt-get when it is missing (as root, or through sudo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from pathlib import Path
+
+import requests
+from dicomweb_client.api import DICOMwebClient
+
+from core import users
+from core.settings import PacsPeer, Settings
+from gateway.api import Gateway
+from harness.localpacs import LocalOrthanc, free_port, wait_port
+from harness.synthetic import generate
+
+PROJECT = "bench-web"
+BOUNDARY = "sphere-static-frame"
+FRAME_CONTENT_TYPE = f'multipart/related; type="application/octet-stream"; boundary={BOUNDARY}'
+FRAME_TYPE = (("application/octet-stream", "*"),)  # Orthanc refuses the default type="*/*"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Server:
+    """A DICOMweb service root and the series it holds (its own UIDs)."""
+
+    name: str
+    url: str
+    study: str
+    series: str
+    sops: list[str]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def ensure_nginx() -> str:
+    """The nginx binary, installed with apt-get when missing (the benchmark's own set-up)."""
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else "")
+    if found:
+        return found
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    print("installing Debian nginx")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run([*sudo, "apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(
+        [*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends", "nginx"],
+        check=True,
+        env=env,
+    )
+    # The system service the package may start is not ours.
+    subprocess.run([*sudo, "systemctl", "disable", "--now", "nginx"], capture_output=True)
+    return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def start_nginx(binary: str, work: Path, www: Path, port: int) -> subprocess.Popen[bytes]:
+    """nginx in the foreground on loopback, serving `www` with the frames' multipart type."""
+    for d in ("tmp", "logs"):
+        (work / d).mkdir(parents=True, exist_ok=True)
+    temps = "".join(
+        f"  {kind}_temp_path {work / 'tmp' / kind};\n"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    conf = work / "nginx.conf"
+    conf.write_text(
+        ("user root;\n" if os.geteuid() == 0 else "")
+        + textwrap.dedent(
+            f"""\
+            worker_processes 2;
+            daemon off;
+            pid {work / "nginx.pid"};
+            error_log {work / "logs" / "error.log"} warn;
+            events {{ worker_connections 1024; }}
+            http {{
+              access_log off;
+              sendfile on;
+              tcp_nodelay on;
+              keepalive_requests 100000;
+              types {{ }}
+              default_type '{FRAME_CONTENT_TYPE}';
+            """
+        )
+        + temps
+        + f"  server {{ listen 127.0.0.1:{port}; root {www}; location / {{ }} }}\n}}\n"
+    )
+    proc = subprocess.Popen(
+        [binary, "-p", str(work), "-e", str(work / "logs" / "error.log"), "-c", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_port(port)
+    return proc
+
+
+def start_sphere(home: Path, port: int) -> subprocess.Popen[bytes]:
+    """The gateway's web app under uvicorn in its own process, as `sphere serve` runs it."""
+    code = (
+        "import uvicorn\n"
+        "from core import Core, Settings\n"
+        "from gateway.web.app import create_app\n"
+        f"uvicorn.run(create_app(Core(Settings())), host='127.0.0.1', port={port},"
+        " log_level='warning')\n"
+    )
+    env = {**os.environ, "SPHERE_HOME": str(home)}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT)
+    wait_port(port, timeout_s=60)
+    return proc
+
+
+def client(server: Server) -> DICOMwebClient:
+    return DICOMwebClient(url=server.url, headers=server.headers)
+
+
+def fetch_all(server: Server, start: mp.Event, done: mp.Queue) -> None:  # type: ignore[type-arg]
+    """One client: every frame of the series in order; reports when the last one arrived."""
+    c = client(server)
+    c.retrieve_instance_frames(
+        server.study, server.series, server.sops[0], frame_numbers=[1], media_types=FRAME_TYPE
+    )  # connection open, as a viewer's would be
+    start.wait()
+    nbytes = 0
+    for sop in server.sops:
+        (frame,) = c.retrieve_instance_frames(
+            server.study, server.series, sop, frame_numbers=[1], media_types=FRAME_TYPE
+        )
+        nbytes += len(frame)
+    done.put((time.perf_counter(), nbytes))
+
+
+def frames_run(server: Server, n_clients: int) -> tuple[float, float]:
+    """(frames/s over all clients, seconds until the last frame arrived)."""
+    ctx = mp.get_context("fork")
+    start, done = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=fetch_all, args=(server, start, done)) for _ in range(n_clients)]
+    for p in procs:
+        p.start()
+    time.sleep(1.0)  # every client connected and waiting
+    t0 = time.perf_counter()
+    start.set()
+    ends = [done.get(timeout=600)[0] for _ in procs]
+    for p in procs:
+        p.join()
+    last = max(ends) - t0
+    return n_clients * len(server.sops) / last, last
+
+
+def metadata_latency(server: Server) -> tuple[float, float]:
+    """(cold seconds: the first request, warm: the median of the next five)."""
+    url = f"{server.url}/studies/{server.study}/series/{server.series}/metadata"
+    headers = {**server.headers, "Accept": "application/dicom+json"}
+    times = []
+    with requests.Session() as s:
+        for _ in range(6):
+            t0 = time.perf_counter()
+            r = s.get(url, headers=headers)
+            r.raise_for_status()
+            assert len(r.json()) == len(server.sops)
+            times.append(time.perf_counter() - t0)
+    return times[0], statistics.median(times[1:])
+
+
+def static_frames(source: Server, www: Path, target: Server) -> None:
+    """Write each frame, as `source` serves it, to the static tree under `target`'s UIDs."""
+    c = client(source)
+    base = www / "dicom-web" / "studies" / target.study / "series" / target.series / "instances"
+    for sop in source.sops:
+        (frame,) = c.retrieve_instance_frames(
+            source.study, source.series, sop, frame_numbers=[1], media_types=FRAME_TYPE
+        )
+        path = base / sop / "frames" / "1"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        head = f"--{BOUNDARY}\r\nContent-Type: application/octet-stream\r\n\r\n".encode()
+        path.write_bytes(head + frame + f"\r\n--{BOUNDARY}--\r\n".encode())
+
+
+def sop_uids(server: Server) -> list[str]:
+    found = client(server).search_for_instances(server.study, server.series)
+    return sorted(d["00080018"]["Value"][0] for d in found)
+
+
+def pull(tmp: Path, pacs: LocalOrthanc, accession: str) -> tuple[Path, str]:
+    """The series pulled and de-identified into a fresh home; a viewer's token."""
+    scp_port = free_port()
+    pacs.add_modality("SPHERE", "SPHERE", "127.0.0.1", scp_port)
+    settings = Settings(
+        home=tmp / "home",
+        port=scp_port,
+        pacs=PacsPeer(ae_title=pacs.aet, port=pacs.dicom_port),
+        actor="bench",
+        fsync=False,
+    )
+    gw = Gateway(settings)
+    gw.create_project(PROJECT, title="web benchmark")
+    today = date.today()
+    gw.approve(
+        PROJECT,
+        committee_ref="BENCH",
+        approved_on=today - timedelta(days=1),
+        expires_on=today + timedelta(days=30),
+    )
+    gw.add_cohort(PROJECT, "accession", [accession])
+    t0 = time.perf_counter()
+    gw.pull(PROJECT)
+    print(f"pulled in {time.perf_counter() - t0:.1f} s")
+    token = users.add(gw.core, "bench")
+    users.grant(gw.core, PROJECT, "bench", "viewer")
+    gw.core.close()
+    return settings.home, token
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--slices", type=int, default=500)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = ap.parse_args()
+    nginx = ensure_nginx()
+    tmp = Path(tempfile.mkdtemp(prefix="sphere-bench-web-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        t0 = time.perf_counter()
+        corpus = generate(
+            tmp / "corpus",
+            n_patients=1,
+            series_per_study=1,
+            slices=args.slices,
+            size=args.size,
+            seed=5,
+        )
+        took = time.perf_counter() - t0
+        print(f"{args.slices} slices of {args.size}² CT written in {took:.1f} s")
+        with LocalOrthanc(tmp / "orthanc") as pacs:
+            pacs.upload(corpus.files)
+            study = corpus.studies[0]
+            home, token = pull(tmp, pacs, study.accession)
+
+            sphere_port, nginx_port = free_port(), free_port()
+            procs.append(start_sphere(home, sphere_port))
+            sphere = Server(
+                "sphere", f"http://127.0.0.1:{sphere_port}/projects/{PROJECT}/dicom-web", "", "", []
+            )
+            sphere.headers = {"Authorization": f"Bearer {token}"}
+            (found,) = client(sphere).search_for_series()
+            sphere.study = found["0020000D"]["Value"][0]
+            sphere.series = found["0020000E"]["Value"][0]
+            sphere.sops = sop_uids(sphere)
+            orthanc = Server(
+                "Orthanc",
+                f"{pacs.url}/dicom-web",
+                study.study_uid,
+                study.series[0].series_uid,
+                [],
+            )
+            orthanc.sops = sop_uids(orthanc)
+            assert len(sphere.sops) == len(orthanc.sops) == args.slices
+
+            # Series metadata first: nothing has asked either server for it yet.
+            meta = {s.name: metadata_latency(s) for s in (sphere, orthanc)}
+
+            static = Server("nginx", f"http://127.0.0.1:{nginx_port}/dicom-web", "", "", [])
+            static.study, static.series, static.sops = sphere.study, sphere.series, sphere.sops
+            static_frames(sphere, tmp / "www", static)
+            procs.append(start_nginx(nginx, tmp / "nginx", tmp / "www", nginx_port))
+            same = [
+                client(s).retrieve_instance_frames(
+                    s.study, s.series, s.sops[0], frame_numbers=[1], media_types=FRAME_TYPE
+                )[0]
+                for s in (sphere, orthanc, static)
+            ]
+            assert len(same[0]) == args.size * args.size * 2 and len(set(map(len, same))) == 1
+
+            results: dict[tuple[str, int], tuple[float, float]] = {}
+            for n in args.clients:
+                for s in (sphere, orthanc, static):
+                    results[(s.name, n)] = frames_run(s, n)
+            report(args, results, meta)
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            p.wait(10)
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"kept {tmp}")
+
+
+def report(
+    args: argparse.Namespace,
+    results: dict[tuple[str, int], tuple[float, float]],
+    meta: dict[str, tuple[float, float]],
+) -> None:
+    mb = args.size * args.size * 2 / 1e6
+    print(f"\nframes: {args.slices} frames of {mb:.2f} MB each, per client, in order")
+    print(f"{'server':10} {'clients':>7} {'frames/s':>9} {'MB/s':>7} {'last frame s':>13}")
+    for (name, n), (fps, last) in results.items():
+        print(f"{name:10} {n:7d} {fps:9.0f} {fps * mb:7.0f} {last:13.2f}")
+    for n in args.clients:
+        s, o, g = (results[(name, n)][0] for name in ("sphere", "Orthanc", "nginx"))
+        print(f"{n} client(s): sphere / Orthanc = {s / o:.2f}x   sphere / nginx = {s / g:.2f}x")
+    print("\nseries metadata (application/dicom+json)")
+    print(f"{'server':10} {'cold ms':>9} {'warm ms':>9}")
+    for name, (cold, warm) in meta.items():
+        print(f"{name:10} {cold * 1e3:9.1f} {warm * 1e3:9.1f}")
+    (sc, sw), (oc, ow) = meta["sphere"], meta["Orthanc"]
+    print(f"Orthanc / sphere: cold {oc / sc:.1f}x, warm {ow / sw:.1f}x (higher: sphere faster)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""The DICOMweb server: `create_app(core)` gives the FastAPI app `sphere serve` runs.
+
+    /healthz, /signin, /signout, /                   pages (gateway.web.routes.pages)
+    /projects/{project}/dicom-web/...                QIDO-RS and WADO-RS, per project
+    /viewer/...                                      OHIF (gateway.web.viewer), when installed
+
+Every route but /healthz, /signin and the viewer's files needs a user (gateway.web.deps).
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+
+from core import Core
+from gateway.web import sessions
+from gateway.web.accept import NotAcceptable
+from gateway.web.audit import AuditBuffer, AuditMiddleware
+from gateway.web.qido import QidoError
+from gateway.web.render import RenderError
+from gateway.web.routes import pages, qido, wado
+from gateway.web.wado import Readers
+from storage.objectstore import StorageUnavailable
+from storage.series import SeriesError
+
+DICOMWEB = "/projects/{project}/dicom-web"
+
+
+def create_app(core: Core) -> FastAPI:
+    buffer = AuditBuffer(core.catalog)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> Any:
+        yield
+        buffer.close()
+
+    app = FastAPI(
+        title="sphere", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
+    )
+    app.state.core = core
+    app.state.readers = Readers(core.store)
+    app.state.session_secret = sessions.load_secret(core.settings.home)
+    app.state.audit = buffer
+    app.include_router(pages.router)
+    app.include_router(qido.router, prefix=DICOMWEB)
+    app.include_router(wado.router, prefix=DICOMWEB)
+    viewer_dist = getattr(core.settings, "viewer_dist", None)
+    if viewer_dist is not None:
+        from gateway.web.deps import user_from_request
+        from gateway.web.viewer import mount_viewer
+
+        mount_viewer(app, viewer_dist, lambda r: user_from_request(r, core) is not None)
+
+    for error, status in (
+        (NotAcceptable, 406),
+        (QidoError, 400),
+        (RenderError, 400),
+        (SeriesError, 404),
+        (StorageUnavailable, 503),
+    ):
+        app.add_exception_handler(error, _answer(status))
+    app.add_middleware(AuditMiddleware, buffer=buffer)
+    origins = core.settings.web.cors_origins
+    if origins:  # outermost, so refusals carry CORS headers too
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Accept", "Content-Type", "If-None-Match"],
+            expose_headers=["ETag", "Warning", "Content-Type", "Content-Length"],
+            max_age=600,
+        )
+    return app
+
+
+def _answer(status: int) -> Any:
+    async def handler(_request: Request, exc: Exception) -> JSONResponse:
+        detail = str(exc) if status != 503 else "the object store is unavailable; try again"
+        return JSONResponse({"detail": detail}, status_code=status)
+
+    return handler
+
+
+def from_environment() -> FastAPI:
+    """The app on a core from SPHERE_* settings (for uvicorn's worker processes)."""
+    return create_app(Core())

@@ -1,0 +1,134 @@
+"""FastAPI dependencies: the core, the signed-in user, a user's access to a project.
+
+Access is decided here and nowhere else: no credential is 401; a project the user is not a
+member of (or that does not exist) is 404 on every route, so nothing tells whether it exists;
+a project that is not approved, revoked or expired is 403 for its members. `current_user` is
+the one place a credential is checked (a bearer token, else the sign-in cookie): an OIDC
+check would replace that function alone.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+from fastapi import Depends, HTTPException, Request
+
+from core import Core, users
+from gateway.web import sessions
+from storage.catalog import Project, User
+
+
+@dataclass(frozen=True)
+class Access:
+    """A member's access to an approved, in-date project."""
+
+    project: Project
+    user: User
+    role: str
+
+
+async def get_core(request: Request) -> Core:
+    return request.app.state.core  # async: no thread hop for what does no I/O
+
+
+def audit(request: Request, action: str | None = None, **detail: Any) -> None:
+    """Add to this request's audit record (pseudonymous UIDs, counts; never query values)."""
+    record = getattr(request.state, "audit", None)
+    if record is None:
+        return
+    if action:
+        record["action"] = action
+    record["detail"].update({k: v for k, v in detail.items() if v is not None})
+
+
+def user_from_request(request: Request, core: Core) -> User | None:
+    """The user a request's bearer token or session cookie names, or None."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if header:
+        return users.authenticate(core, token.strip()) if scheme.lower() == "bearer" else None
+    cookie = request.cookies.get(sessions.COOKIE)
+    if not cookie:
+        return None
+    found = sessions.read(request.app.state.session_secret, cookie)
+    if found is None:
+        return None
+    user = core.catalog.user_by_id(found[0])
+    if user is None or not user.active or sessions.fingerprint(user.token_hash) != found[1]:
+        return None
+    return user
+
+
+def current_user(request: Request, core: Core = Depends(get_core)) -> User:
+    """The signed-in user, else 401: the one place a credential is checked."""
+    user = user_from_request(request, core)
+    if user is None:
+        raise HTTPException(
+            401, "sign in: a bearer token or a session", {"WWW-Authenticate": "Bearer"}
+        )
+    record = getattr(request.state, "audit", None)
+    if record is not None:
+        record["actor"] = user.name
+    return user
+
+
+def project_access(project: str, request: Request, core: Core = Depends(get_core)) -> Access:
+    """The caller's access to `project` (calls `current_user` itself: one thread hop, not two,
+    for each request)."""
+    user = current_user(request, core)
+    record = getattr(request.state, "audit", None)
+    found = core.catalog.membership(project, user.id)
+    if found is None:  # no such project, or not a member: the same answer
+        if record is not None and core.catalog.project(project) is not None:
+            record["project"] = project  # a name typed that is no project is not kept
+        raise HTTPException(404, "not found")
+    p, role = found
+    if record is not None:
+        record["project"] = p.name
+    problem = p.approval_problem(date.today())
+    if problem:  # told to members only: revoked, expired, not yet approved
+        raise HTTPException(403, problem)
+    return Access(p, user, role)
+
+
+_HOST = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
+_PREFIX = re.compile(r"(/[A-Za-z0-9._~\-]+)*")
+
+
+def base_url(request: Request) -> str:
+    """This server's origin as the client sees it, honouring `Forwarded` (RFC 7239) or
+    `X-Forwarded-Proto/Host/Prefix` from the proxy in front; odd values are ignored."""
+    proto, host = request.url.scheme, request.headers.get("host", request.url.netloc)
+    prefix = ""
+    forwarded = request.headers.get("forwarded")
+    if forwarded:
+        first = forwarded.split(",")[0]
+        for pair in first.split(";"):
+            name, _, value = pair.strip().partition("=")
+            value = value.strip().strip('"')
+            if name.lower() == "proto":
+                proto = value
+            elif name.lower() == "host":
+                host = value
+    else:
+        proto = _first(request.headers.get("x-forwarded-proto")) or proto
+        host = _first(request.headers.get("x-forwarded-host")) or host
+        prefix = _first(request.headers.get("x-forwarded-prefix")) or ""
+    proto = proto.lower() if proto.lower() in ("http", "https") else request.url.scheme
+    if not _HOST.fullmatch(host):
+        host = request.url.netloc
+    prefix = prefix.rstrip("/")
+    if not _PREFIX.fullmatch(prefix):
+        prefix = ""
+    return f"{proto}://{host}{prefix}"
+
+
+def dicomweb_root(request: Request, project: str) -> str:
+    return f"{base_url(request)}/projects/{project}/dicom-web"
+
+
+def _first(value: str | None) -> str | None:
+    return value.split(",")[0].strip() if value else None

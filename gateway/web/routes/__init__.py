@@ -1,0 +1,1 @@
+"""Thin routers: each reads the request, asks the core or `gateway.web.wado`, answers."""

@@ -1,0 +1,170 @@
+"""The small HTML side: sign-in (a token traded for a session cookie), the home page listing
+the user's projects and their studies (pseudonymous) with links into the viewer, and grants."""
+
+from __future__ import annotations
+
+from datetime import date
+from html import escape
+from urllib.parse import quote, urlencode
+
+from fastapi import APIRouter, Depends, Form, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from pydantic import BaseModel
+
+from core import Core, users
+from gateway.web import sessions
+from gateway.web.deps import (
+    Access,
+    audit,
+    get_core,
+    project_access,
+    user_from_request,
+)
+
+router = APIRouter()
+STYLE = (
+    "body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:60rem;padding:0 1rem}"
+    "table{border-collapse:collapse;width:100%}td,th{padding:.3rem .6rem;text-align:left;"
+    "border-bottom:1px solid #ddd}code{font-size:.85em}"
+)
+
+
+def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
+    html = (
+        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{escape(title)}</title>"
+        f"<style>{STYLE}</style></head><body>{body}</body></html>"
+    )
+    return HTMLResponse(html, status, headers={"Cache-Control": "no-store"})
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/signin")
+def signin_form(next: str = "/") -> HTMLResponse:
+    return _page(
+        "Sign in",
+        "<h1>sphere</h1><form method=post action=/signin>"
+        f'<input type=hidden name=next value="{escape(_safe_next(next))}">'
+        "<label>API token <input name=token type=password autocomplete=off size=50></label> "
+        "<button>Sign in</button></form>",
+    )
+
+
+@router.post("/signin")
+def signin(
+    request: Request,
+    token: str = Form(""),
+    next: str = Form("/"),
+    core: Core = Depends(get_core),
+) -> Response:
+    user = users.authenticate(core, token.strip())
+    audit(request, "signin")
+    if user is None:
+        return _page(
+            "Sign in", "<p>That token is not valid. <a href=/signin>Try again</a></p>", 401
+        )
+    request.state.audit["actor"] = user.name
+    hours = core.settings.web.session_hours
+    value = sessions.make(request.app.state.session_secret, user.id, user.token_hash, hours * 3600)
+    response = RedirectResponse(_safe_next(next), status_code=303)
+    response.set_cookie(
+        sessions.COOKIE,
+        value,
+        max_age=int(hours * 3600),
+        httponly=True,
+        samesite="lax",
+        secure=request.url.scheme == "https"
+        or request.headers.get("x-forwarded-proto", "").startswith("https")
+        or "proto=https" in request.headers.get("forwarded", "").lower(),
+        path="/",
+    )
+    return response
+
+
+@router.post("/signout")
+def signout(request: Request) -> Response:
+    audit(request, "signout")
+    response = RedirectResponse("/signin", status_code=303)
+    response.delete_cookie(sessions.COOKIE, path="/")
+    return response
+
+
+@router.get("/")
+def home(request: Request, core: Core = Depends(get_core)) -> Response:
+    user = user_from_request(request, core)
+    if user is None:
+        return RedirectResponse("/signin", status_code=303)
+    request.state.audit["actor"] = user.name
+    audit(request, "home")
+    today = date.today()
+    parts = [
+        f"<h1>sphere</h1><p>Signed in as <b>{escape(user.name)}</b>. "
+        "<form method=post action=/signout style=display:inline><button>Sign out</button>"
+        "</form></p>"
+    ]
+    memberships = core.catalog.user_projects(user.id)
+    if not memberships:
+        parts.append("<p>You are not a member of any project yet.</p>")
+    for project, role in memberships:
+        parts.append(f"<h2>{escape(project.name)} <small>({escape(role)})</small></h2>")
+        if project.title:
+            parts.append(f"<p>{escape(project.title)}</p>")
+        problem = project.approval_problem(today)
+        if problem:
+            parts.append(f"<p>Not available: {escape(problem)}.</p>")
+            continue
+        studies = core.catalog.indexed_studies(project.id)
+        if not studies:
+            parts.append("<p>No studies stored yet.</p>")
+            continue
+        rows = []
+        for st in studies:
+            link = "/viewer/?" + urlencode(
+                {"StudyInstanceUIDs": st.study_uid, "project": project.name}
+            )
+            rows.append(
+                f'<tr><td><a href="{escape(link)}"><code>{escape(st.study_uid)}</code></a></td>'
+                f"<td>{escape(st.patient_id or '')}</td><td>{escape(st.study_date or '')}</td>"
+                f"<td>{escape(st.study_description or '')}</td><td>{escape(st.modalities)}</td>"
+                f"<td>{st.n_series}</td><td>{st.n_instances}</td></tr>"
+            )
+        parts.append(
+            "<table><tr><th>study (pseudonymous)</th><th>patient</th><th>date (shifted)</th>"
+            "<th>description</th><th>modalities</th><th>series</th><th>instances</th></tr>"
+            + "".join(rows)
+            + "</table>"
+        )
+    return _page("sphere", "".join(parts))
+
+
+class Grant(BaseModel):
+    user: str
+    role: str = "viewer"
+
+
+@router.post("/projects/{project}/members", status_code=204)
+def grant(
+    body: Grant,
+    request: Request,
+    access: Access = Depends(project_access),
+    core: Core = Depends(get_core),
+) -> Response:
+    """An investigator grants the viewer role in their project."""
+    audit(request, "grant", role=body.role)
+    try:
+        users.grant(core, access.project.name, body.user, body.role, by_user=access.user)
+    except users.NotAllowed as e:
+        raise HTTPException(403, str(e)) from None
+    except users.UserError:
+        raise HTTPException(404, "no such user") from None
+    return Response(status_code=204)
+
+
+def _safe_next(target: str) -> str:
+    """Only a path on this site: never `//host` or a scheme (an open redirect)."""
+    if not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    return quote(target, safe="/?&=%:._-~+,")

@@ -1,0 +1,121 @@
+"""QIDO-RS: searches of a project's studies, series and instances, from the catalog's index."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from core import Core
+from gateway.web import qido
+from gateway.web.accept import negotiate_metadata
+from gateway.web.deps import Access, audit, dicomweb_root, get_core, project_access
+
+router = APIRouter()
+RETRIEVE_URL = "00081190"
+
+
+def search(
+    request: Request,
+    access: Access,
+    core: Core,
+    level: qido.Level,
+    study: str | None = None,
+    series: str | None = None,
+) -> Response:
+    chosen = negotiate_metadata(
+        request.headers.get("accept"), accept_query=request.query_params.get("accept")
+    )
+    query = qido.parse_qido(
+        request.query_params.multi_items(),
+        level,
+        study_uid=study,
+        series_uid=series,
+        max_limit=core.settings.web.max_results,
+    )
+    hits = core.catalog.search(
+        str(level),
+        access.project.id,
+        query.matches,
+        recheck=lambda ds: qido.matches(query, ds),
+        limit=query.limit,
+        offset=query.offset,
+    )
+    root = dicomweb_root(request, access.project.name)
+    results = []
+    for hit in hits:
+        url = f"{root}/studies/{hit.study_uid}"
+        if level is not qido.Level.STUDY:
+            url += f"/series/{hit.series_uid}"
+        if level is qido.Level.INSTANCE:
+            url += f"/instances/{hit.sop_uid}"
+        hit.dataset[RETRIEVE_URL] = {"vr": "UR", "Value": [url]}
+        results.append(qido.select(query, hit.dataset, fill_missing=True))
+    # A UID from the path is recorded only when it named something here: a user may type anything.
+    known = bool(results)
+    audit(
+        request,
+        f"qido.{level}",
+        study=study if known else None,
+        series=series if known else None,
+        results=len(results),
+    )
+    headers = {"Warning": ", ".join(qido.warning_headers(query))} if query.warnings else {}
+    return Response(
+        json.dumps(results, separators=(",", ":")),
+        media_type=chosen.content_type(),
+        headers=headers,
+    )
+
+
+@router.get("/studies")
+def studies(
+    request: Request, access: Access = Depends(project_access), core: Core = Depends(get_core)
+):
+    return search(request, access, core, qido.Level.STUDY)
+
+
+@router.get("/series")
+def all_series(
+    request: Request, access: Access = Depends(project_access), core: Core = Depends(get_core)
+):
+    return search(request, access, core, qido.Level.SERIES)
+
+
+@router.get("/instances")
+def all_instances(
+    request: Request, access: Access = Depends(project_access), core: Core = Depends(get_core)
+):
+    return search(request, access, core, qido.Level.INSTANCE)
+
+
+@router.get("/studies/{study}/series")
+def study_series(
+    study: str,
+    request: Request,
+    access: Access = Depends(project_access),
+    core: Core = Depends(get_core),
+):
+    return search(request, access, core, qido.Level.SERIES, study)
+
+
+@router.get("/studies/{study}/instances")
+def study_instances(
+    study: str,
+    request: Request,
+    access: Access = Depends(project_access),
+    core: Core = Depends(get_core),
+):
+    return search(request, access, core, qido.Level.INSTANCE, study)
+
+
+@router.get("/studies/{study}/series/{series}/instances")
+def series_instances(
+    study: str,
+    series: str,
+    request: Request,
+    access: Access = Depends(project_access),
+    core: Core = Depends(get_core),
+):
+    return search(request, access, core, qido.Level.INSTANCE, study, series)

@@ -1,0 +1,388 @@
+"""WADO-RS: instances (multipart application/dicom), metadata (DICOM JSON, gzip, ETag),
+frames and bulk data (octet-stream), rendered images and thumbnails (JPEG, PNG).
+
+Every lookup goes through the catalog's index within the caller's project before anything is
+read or sent: an unknown UID is 404 before the response starts.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+from collections.abc import Callable, Iterator
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import Response, StreamingResponse
+
+from core import Core
+from gateway.web import wado
+from gateway.web.accept import (
+    negotiate_bulkdata,
+    negotiate_dicom,
+    negotiate_metadata,
+    negotiate_rendered,
+)
+from gateway.web.deps import Access, audit, dicomweb_root, get_core, project_access
+from gateway.web.multipart import MultipartWriter
+from gateway.web.render import PixelAttributes, parse_render_params, render_frame
+from storage.catalog import IndexedInstance, IndexedSeries
+
+router = APIRouter()
+GZIP_MIN = 1024
+MAX_FRAMES = 64  # frame numbers in one request: each is a part held in memory
+
+
+def _series(
+    core: Core, access: Access, study: str, series: str | None = None
+) -> list[IndexedSeries]:
+    rows = core.catalog.indexed_series(access.project.id, study, series)
+    if not rows:
+        raise HTTPException(404, "not found")
+    return rows
+
+
+def _instance(
+    core: Core, access: Access, study: str, series: str, sop: str
+) -> tuple[IndexedSeries, IndexedInstance]:
+    found = core.catalog.locate_instance(access.project.id, study, series, sop)
+    if found is None:
+        raise HTTPException(404, "not found")
+    return found
+
+
+def _readers(request: Request) -> wado.Readers:
+    return request.app.state.readers
+
+
+# -- instances ---------------------------------------------------------------------------------
+
+
+def _dicom_response(request: Request, parts: Iterator[bytes]) -> StreamingResponse:
+    chosen = negotiate_dicom(
+        request.headers.get("accept"), accept_query=request.query_params.get("accept")
+    )
+    writer = MultipartWriter(
+        ((chosen.part_content_type, body) for body in parts), part_type=chosen.media_type
+    )
+    return StreamingResponse(iter(writer), media_type=writer.content_type)
+
+
+@router.get("/studies/{study}")
+def retrieve_study(
+    study: str,
+    request: Request,
+    access: Access = Depends(project_access),
+    core: Core = Depends(get_core),
+):
+    rows = _series(core, access, study)
+    readers = [_readers(request).get(se) for se in rows]
+    audit(request, "wado.study", study=study)
+
+    def parts() -> Iterator[bytes]:
+        for reader in readers:
+            yield from wado.instances(reader)
+
+    return _dicom_response(request, parts())
+
+
+@router.get("/studies/{study}/series/{series}")
+def retrieve_series(
+    study: str,
+    series: str,
+    request: Request,
+    access: Access = Depends(project_access),
+    core: Core = Depends(get_core),
+):
+    (se,) = _series(core, access, study, series)
+    reader = _readers(request).get(se)
+    audit(request, "wado.series", study=study, series=series)
+    return _dicom_response(request, wado.instances(reader))
+
+
+@router.get("/studies/{study}/series/{series}/instances/{sop}")
+def retrieve_instance(
+    study: str,
+    series: str,
+    sop: str,
+    request: Request,
+    access: Access = Depends(project_access),
+    core: Core = Depends(get_core),
+):
+    se, inst = _instance(core, access, study, series, sop)
+    reader = _readers(request).get(se)
+    audit(request, "wado.instance", study=study, series=series, instance=sop)
+    return _dicom_response(request, wado.instances(reader, [inst]))
+
+
+# -- metadata ----------------------------------------------------------------------------------
+
+
+def _json(request: Request, version: list[str], build: Callable[[], list[str]]) -> Response:
+    """A JSON array of the texts `build` gives, with an ETag (304 when the client has it) and
+    gzip when accepted (level 1: most of the gain for a fraction of the time)."""
+    chosen = negotiate_metadata(
+        request.headers.get("accept"), accept_query=request.query_params.get("accept")
+    )
+    tag = hashlib.sha256("|".join([chosen.media_type, *version]).encode()).hexdigest()[:32]
+    etag = f'"{tag}"'
+    headers = {"ETag": etag, "Cache-Control": "private, no-cache", "Vary": "Accept-Encoding"}
+    sent = request.headers.get("if-none-match", "")
+    if etag in {t.strip().removeprefix("W/") for t in sent.split(",")} or sent.strip() == "*":
+        return Response(status_code=304, headers=headers)
+    body = ("[" + ",".join(build()) + "]").encode()
+    if "gzip" in request.headers.get("accept-encoding", "").lower() and len(body) >= GZIP_MIN:
+        body = gzip.compress(body, 1)
+        headers["Content-Encoding"] = "gzip"
+    return Response(body, media_type=chosen.content_type(), headers=headers)
+
+
+def _version(root: str, rows: list[IndexedSeries], *uids: str) -> list[str]:
+    return [root, *uids, *(f"{se.series_uid}@{se.committed_at.isoformat()}" for se in rows)]
+
+
+def _series_metadata(request: Request, root: str, se: IndexedSeries) -> list[str]:
+    reader = _readers(request).get(se)
+    return wado.series_metadata(reader, root, se.study_uid, se.series_uid)
+
+
+@router.get("/studies/{study}/metadata")
+def study_metadata(
+    study: str,
+    request: Request,
+    access: Access = Depends(project_access),
+    core: Core = Depends(get_core),
+):
+    rows = _series(core, access, study)
+    root = dicomweb_root(request, access.project.name)
+    audit(request, "wado.study.metadata", study=study)
+    return _json(
+        request,
+        _version(root, rows, study),
+        lambda: [m for se in rows for m in _series_metadata(request, root, se)],
+    )
+
+
+@router.get("/studies/{study}/series/{series}/metadata")
+def series_metadata(
+    study: str,
+    series: str,
+    request: Request,
+    access: Access = Depends(project_access),
+    core: Core = Depends(get_core),
+):
+    rows = _series(core, access, study, series)
+    root = dicomweb_root(request, access.project.name)
+    audit(request, "wado.series.metadata", study=study, series=series)
+    return _json(
+        request,
+        _version(root, rows, study, series),
+        lambda: _series_metadata(request, root, rows[0]),
+    )
+
+
+@router.get("/studies/{study}/series/{series}/instances/{sop}/metadata")
+def instance_metadata(
+    study: str,
+    series: str,
+    sop: str,
+    request: Request,
+    access: Access = Depends(project_access),
+    core: Core = Depends(get_core),
+):
+    se, inst = _instance(core, access, study, series, sop)
+    root = dicomweb_root(request, access.project.name)
+    audit(request, "wado.instance.metadata", study=study, series=series, instance=sop)
+
+    def build() -> list[str]:
+        reader = _readers(request).get(se)
+        return [wado.instance_metadata(reader, root, study, series, inst.position)]
+
+    return _json(request, _version(root, [se], study, series, sop), build)
+
+
+# -- frames and bulk data ----------------------------------------------------------------------
+
+
+def _frame_numbers(text: str) -> list[int]:
+    try:
+        numbers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise HTTPException(400, "frame numbers must be integers, e.g. 1 or 1,2") from None
+    if not numbers or len(numbers) > MAX_FRAMES:
+        raise HTTPException(400, f"give 1 to {MAX_FRAMES} frame numbers")
+    return numbers
+
+
+def _bulk_response(request: Request, frames: list[bytes]) -> Response:
+    chosen = negotiate_bulkdata(
+        request.headers.get("accept"), accept_query=request.query_params.get("accept")
+    )
+    if not chosen.multipart:
+        if len(frames) != 1:
+            raise HTTPException(406, "several frames need multipart/related")
+        return Response(frames[0], media_type=chosen.part_content_type)
+    writer = MultipartWriter(
+        ((chosen.part_content_type, f) for f in frames), part_type=chosen.media_type
+    )
+    # Frames are few and small: one write answers faster than a stream (one hop, one packet).
+    return Response(b"".join(writer), media_type=writer.content_type)
+
+
+def _pixels(
+    core: Core, access: Access, study: str, series: str, sop: str
+) -> tuple[IndexedSeries, IndexedInstance]:
+    se, inst = _instance(core, access, study, series, sop)
+    if not inst.has_pixels:
+        raise HTTPException(404, "this instance has no pixel data")
+    return se, inst
+
+
+@router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frames}")
+def retrieve_frames(
+    study: str,
+    series: str,
+    sop: str,
+    frames: str,
+    request: Request,
+    access: Access = Depends(project_access),
+    core: Core = Depends(get_core),
+):
+    numbers = _frame_numbers(frames)
+    se, inst = _pixels(core, access, study, series, sop)
+    if any(n != 1 for n in numbers):  # stored instances are single-frame
+        raise HTTPException(404, "no such frame")
+    audit(request, "wado.frames", study=study, series=series, instance=sop, frames=len(numbers))
+    data = _readers(request).frames(se).raw(inst.position)
+    return _bulk_response(request, [data] * len(numbers))
+
+
+@router.get("/studies/{study}/series/{series}/instances/{sop}/bulkdata/{tag}")
+def retrieve_bulkdata(
+    study: str,
+    series: str,
+    sop: str,
+    tag: str,
+    request: Request,
+    access: Access = Depends(project_access),
+    core: Core = Depends(get_core),
+):
+    if tag.upper() != wado.PIXEL_DATA:
+        raise HTTPException(404, "not found")
+    se, inst = _instance(core, access, study, series, sop)
+    audit(request, "wado.bulkdata", study=study, series=series, instance=sop)
+    if inst.has_pixels:
+        return _bulk_response(request, [_readers(request).frames(se).raw(inst.position)])
+    inline = wado.inline_pixels(_readers(request).get(se).header(inst.position))
+    if inline is None:
+        raise HTTPException(404, "this instance has no pixel data")
+    return _bulk_response(request, [inline])
+
+
+# -- rendered ----------------------------------------------------------------------------------
+
+
+def _rendered(request: Request, se: IndexedSeries, position: int, thumbnail: bool) -> Response:
+    chosen = negotiate_rendered(
+        request.headers.get("accept"), accept_query=request.query_params.get("accept")
+    )
+    options = parse_render_params(request.query_params.multi_items())
+    attrs = PixelAttributes.from_dataset_json(_readers(request).get(se).header(position))
+    body = render_frame(
+        _readers(request).frames(se).frame(position),
+        attrs,
+        media_type=chosen.media_type,
+        options=options,
+        thumbnail=thumbnail,
+    )
+    return Response(body, media_type=chosen.media_type)
+
+
+def _instance_image(request, access, core, study, series, sop, frame, kind):
+    se, inst = _pixels(core, access, study, series, sop)
+    if frame != 1:
+        raise HTTPException(404, "no such frame")
+    audit(request, f"wado.{kind}", study=study, series=series, instance=sop)
+    return _rendered(request, se, inst.position, kind == "thumbnail")
+
+
+@router.get("/studies/{study}/series/{series}/instances/{sop}/rendered")
+def instance_rendered(
+    study: str,
+    series: str,
+    sop: str,
+    request: Request,
+    access: Access = Depends(project_access),
+    core: Core = Depends(get_core),
+):
+    return _instance_image(request, access, core, study, series, sop, 1, "rendered")
+
+
+@router.get("/studies/{study}/series/{series}/instances/{sop}/thumbnail")
+def instance_thumbnail(
+    study: str,
+    series: str,
+    sop: str,
+    request: Request,
+    access: Access = Depends(project_access),
+    core: Core = Depends(get_core),
+):
+    return _instance_image(request, access, core, study, series, sop, 1, "thumbnail")
+
+
+@router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frame}/rendered")
+def frame_rendered(
+    study: str,
+    series: str,
+    sop: str,
+    frame: int,
+    request: Request,
+    access: Access = Depends(project_access),
+    core: Core = Depends(get_core),
+):
+    return _instance_image(request, access, core, study, series, sop, frame, "rendered")
+
+
+@router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frame}/thumbnail")
+def frame_thumbnail(
+    study: str,
+    series: str,
+    sop: str,
+    frame: int,
+    request: Request,
+    access: Access = Depends(project_access),
+    core: Core = Depends(get_core),
+):
+    return _instance_image(request, access, core, study, series, sop, frame, "thumbnail")
+
+
+def _middle_image(request: Request, se: IndexedSeries) -> Response:
+    reader = _readers(request).get(se)
+    n = int(reader.attrs["n_slices"])
+    if not n:
+        raise HTTPException(404, "this series has no images")
+    return _rendered(request, se, n // 2, True)
+
+
+@router.get("/studies/{study}/series/{series}/thumbnail")
+def series_thumbnail(
+    study: str,
+    series: str,
+    request: Request,
+    access: Access = Depends(project_access),
+    core: Core = Depends(get_core),
+):
+    (se,) = _series(core, access, study, series)
+    audit(request, "wado.thumbnail", study=study, series=series)
+    return _middle_image(request, se)
+
+
+@router.get("/studies/{study}/thumbnail")
+def study_thumbnail(
+    study: str,
+    request: Request,
+    access: Access = Depends(project_access),
+    core: Core = Depends(get_core),
+):
+    rows = _series(core, access, study)
+    audit(request, "wado.thumbnail", study=study)
+    return _middle_image(request, rows[0])

@@ -1,0 +1,575 @@
+"""The DICOMweb server end to end: a real pull from a test Orthanc, `create_app` under uvicorn on
+loopback, dicomweb-client and plain HTTP as the clients. What is served is the stored,
+de-identified series (pixels equal, valid DICOM), to members only, and never an identifier."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from datetime import date, timedelta
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+from PIL import Image
+
+from core import users
+from core.settings import S3Options
+from gateway.web import sessions
+from harness.leaks import scan_bytes
+from storage.series import SeriesReader, series_key
+from tests.test_pull import approved, corpus, make_gateway, pacs, scp_port  # noqa: F401
+from tests.web_server import fetch, leaks, serving
+
+pytestmark = pytest.mark.peers
+TODAY = date.today()
+DCIODVFY = shutil.which("dciodvfy") or str(Path(sys.executable).parent / "dciodvfy")
+OHIF_METADATA_ACCEPT = (
+    "application/dicom+json, multipart/related; type=application/octet-stream; transfer-syntax=*"
+)
+
+
+class Site:
+    """The gateway, its server and who may do what."""
+
+    def __init__(self, gw, url, tokens, synthetic):
+        self.gw, self.url, self.tokens, self.corpus = gw, url, tokens, synthetic
+        self.keys = gw.keys("web")
+        self.root = f"{url}/projects/web/dicom-web"
+
+    def client(self, user="alice", project="web"):
+        return DICOMwebClient(
+            f"{self.url}/projects/{project}/dicom-web",
+            headers={"Authorization": f"Bearer {self.tokens[user]}"},
+        )
+
+    def uids(self, i=0, series=0):
+        """Pseudonymous (study, series) of the corpus' study i, series `series`."""
+        st = self.corpus.studies[i]
+        return self.keys.uid(st.study_uid), self.keys.uid(st.series[series].series_uid)
+
+    def reader(self, i=0, series=0) -> SeriesReader:
+        return SeriesReader(self.gw.store, series_key("web", *self.uids(i, series)))
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, pacs, scp_port, corpus):  # noqa: F811
+    gw = make_gateway(tmp_path_factory.mktemp("web"), pacs, scp_port)
+    approved(gw, "web", [st.accession for st in corpus.studies[:2]])
+    approved(gw, "other", [corpus.studies[2].accession])
+    assert gw.pull("web").ok and gw.pull("other").ok
+    approved(gw, "closed", [])
+    gw.revoke("closed")
+    gw.create_project("expired")
+    gw.approve(
+        "expired",
+        committee_ref="X",
+        approved_on=TODAY - timedelta(days=60),
+        expires_on=TODAY - timedelta(days=1),
+    )
+    c = gw.core
+    tokens = {n: users.add(c, n) for n in ("alice", "bob", "carol", "mallory", "dave")}
+    users.grant(c, "web", "alice", "investigator")
+    users.grant(c, "web", "bob", "viewer")
+    users.grant(c, "other", "carol", "investigator")
+    users.grant(c, "closed", "alice", "investigator")
+    users.grant(c, "expired", "alice", "viewer")
+    with serving(c) as url:
+        yield Site(gw, url, tokens, corpus)
+
+
+# -- QIDO-RS ----------------------------------------------------------------------------------
+
+
+def value(ds, tag):
+    return (ds.get(tag) or {}).get("Value", [None])[0]
+
+
+def test_qido_at_every_level(site):
+    client = site.client()
+    studies = client.search_for_studies()
+    expected = {site.keys.uid(st.study_uid): st for st in site.corpus.studies[:2]}
+    assert {value(s, "0020000D") for s in studies} == set(expected)  # only this project's
+    for s in studies:
+        st = expected[value(s, "0020000D")]
+        assert value(s, "00100020") == site.keys.pseudonym(st.patient_id)
+        assert value(s, "00201206") == len(st.series)
+        assert value(s, "00201208") == st.n_instances
+        assert value(s, "00080061") == "CT"
+        # dicomweb-client sends `Host` without the port: the URL follows the Host header.
+        assert value(s, "00081190").startswith("http://127.0.0.1/projects/web/dicom-web/studies/")
+    study, series = site.uids(0)
+    found = client.search_for_series(study)
+    assert len(found) == len(site.corpus.studies[0].series)
+    instances = client.search_for_instances(study, series)
+    assert len(instances) == site.corpus.studies[0].series[0].n_instances
+    assert all(value(i, "00280010") == 64 and value(i, "00280100") == 16 for i in instances)
+    assert all("00280008" not in i or not i["00280008"].get("Value") for i in instances)
+    assert len(client.search_for_series()) == sum(len(st.series) for st in expected.values())
+    assert len(client.search_for_instances()) == sum(st.n_instances for st in expected.values())
+    # OHIF's query for a patient's other studies stays in the project.
+    pid = site.gw.keys("other").pseudonym(site.corpus.studies[2].patient_id)
+    assert client.search_for_studies(search_filters={"PatientID": pid}) == []
+    assert site.client("carol", "other").search_for_studies(search_filters={"PatientID": pid})
+
+
+def test_qido_vectors(site):
+    client = site.client()
+    st = site.corpus.studies[0]
+    pseudo = site.keys.pseudonym(st.patient_id)
+    (one,) = client.search_for_studies(search_filters={"PatientID": pseudo})
+    day = value(one, "00080020")
+    assert day and day != st.study_date  # shifted
+    assert len(client.search_for_studies(search_filters={"PatientID": pseudo[:4] + "*"})) >= 1
+    assert client.search_for_studies(search_filters={"StudyDate": f"{day}-{day}"}) == [one]
+    before = client.search_for_studies(search_filters={"StudyDate": f"-{day}"})
+    after = client.search_for_studies(search_filters={"StudyDate": f"{day}-"})
+    assert len(before) + len(after) == 3  # the two studies, this one in both
+    both = ",".join(site.uids(i)[0] for i in (0, 1))
+    assert len(client.search_for_studies(search_filters={"StudyInstanceUID": both})) == 2
+    assert client.search_for_studies(search_filters={"ModalitiesInStudy": "MR"}) == []
+    included = client.search_for_studies(fields=["00081030", "PatientAge"])
+    assert all("00101010" in s for s in included)
+    everything = client.search_for_studies(fields=["all"])
+    assert all("00100040" in s for s in everything)
+    study, _ = site.uids(0)
+    all_instances = client.search_for_instances(study)
+    pages = [client.search_for_instances(study, limit=5, offset=o) for o in range(0, 40, 5)]
+    paged = [value(i, "00080018") for page in pages for i in page]
+    assert paged == [value(i, "00080018") for i in all_instances]  # stable, disjoint pages
+    r = fetch(f"{site.root}/studies?NotAnAttribute=1", site.tokens["alice"])
+    assert r.status == 200 and r.headers["Warning"].startswith("299 ")
+    assert fetch(f"{site.root}/studies?StudyDate=2020", site.tokens["alice"]).status == 400
+    assert fetch(f"{site.root}/studies/1.2.3/series", site.tokens["alice"]).json() == []
+
+
+# -- WADO-RS ----------------------------------------------------------------------------------
+
+
+def dciodvfy_errors(path: Path) -> set[str]:
+    out = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
+    text = out.stdout + out.stderr
+    assert "Assertion" not in text, text[-500:]
+    return {re.sub(r"= <[^>]*>", "= <>", ln.strip()) for ln in text.splitlines() if "Error" in ln}
+
+
+@pytest.mark.skipif(not Path(DCIODVFY).exists(), reason="dicom3tools not installed")
+def test_retrieved_instances_equal_the_store_and_validate(site, tmp_path):
+    client = site.client("bob")  # a viewer may read
+    study, series = site.uids(0)
+    reader = site.reader(0)
+    volume = reader.volume[:]
+    retrieved = client.retrieve_series(study, series)
+    assert len(retrieved) == len(volume)
+    by_sop = {ds.SOPInstanceUID: ds for ds in retrieved}
+    sources = {}
+    for f in site.corpus.files:
+        src = pydicom.dcmread(f, stop_before_pixels=True)
+        sources[site.keys.uid(src.SOPInstanceUID)] = f
+    for i, header in enumerate(reader.headers()):
+        ds = by_sop[header["00080018"]["Value"][0]]
+        np.testing.assert_array_equal(ds.pixel_array, volume[i])
+        assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+        assert "NumberOfFrames" not in ds
+        out = tmp_path / f"{i}.dcm"
+        ds.save_as(out, enforce_file_format=True)
+        new = dciodvfy_errors(out) - dciodvfy_errors(sources[ds.SOPInstanceUID])
+        assert not new, sorted(new)
+    whole = client.retrieve_study(study)
+    assert len(whole) == site.corpus.studies[0].n_instances
+    sop = reader.header(3)["00080018"]["Value"][0]
+    one = client.retrieve_instance(study, series, sop)
+    np.testing.assert_array_equal(one.pixel_array, volume[3])
+
+
+def test_metadata_for_ohif(site):
+    client = site.client()
+    study, series = site.uids(0)
+    meta = client.retrieve_series_metadata(study, series)
+    assert len(meta) == site.corpus.studies[0].series[0].n_instances
+    needed = ["00280004", "00280010", "00280011", "00280103", "00280100", "00280101", "00280030"]
+    needed += ["00281052", "00281053", "00281050", "00281051", "00200032", "00200037"]
+    for m in meta:
+        assert all(t in m for t in needed), [t for t in needed if t not in m]
+        assert "00280008" not in m  # single-frame CT: no NumberOfFrames
+        uri = m["7FE00010"]["BulkDataURI"]
+        assert uri.startswith(f"http://127.0.0.1/projects/web/dicom-web/studies/{study}/series/")
+    assert len(client.retrieve_study_metadata(study)) == site.corpus.studies[0].n_instances
+    sop = value(meta[0], "00080018")
+    assert value(client.retrieve_instance_metadata(study, series, sop), "00080018") == sop
+    url = f"{site.root}/studies/{study}/series/{series}/metadata"
+    tok = site.tokens["alice"]
+    # OHIF's combined Accept gets JSON, gzipped when asked, with an ETag for a 304.
+    r = fetch(url, tok, headers={"Accept": OHIF_METADATA_ACCEPT, "Accept-Encoding": "gzip"})
+    assert r.status == 200 and r.headers["Content-Type"].startswith("application/dicom+json")
+    assert r.headers["Content-Encoding"] == "gzip" and len(r.raw) < len(r.body)
+    again = fetch(url, tok, headers={"If-None-Match": r.headers["ETag"]})
+    assert again.status == 304 and again.body == b""
+    assert fetch(url, tok, headers={"Accept": "image/png"}).status == 406
+    # Behind a proxy, bulk data URIs name the proxy.
+    fwd = fetch(url, tok, headers={"Forwarded": 'for=1.2.3.4;proto=https;host="pacs.example.org"'})
+    assert fwd.json()[0]["7FE00010"]["BulkDataURI"].startswith(
+        "https://pacs.example.org/projects/web/dicom-web/studies/"
+    )
+    assert fwd.headers["ETag"] != r.headers["ETag"]
+    xf = fetch(
+        url,
+        tok,
+        headers={
+            "X-Forwarded-Proto": "https",
+            "X-Forwarded-Host": "gw.example.org",
+            "X-Forwarded-Prefix": "/sphere",
+        },
+    )
+    assert xf.json()[0]["7FE00010"]["BulkDataURI"].startswith(
+        "https://gw.example.org/sphere/projects/web/dicom-web/"
+    )
+
+
+def test_frames_bulkdata_rendered(site):
+    client = site.client()
+    study, series = site.uids(0)
+    reader = site.reader(0)
+    sop = reader.header(5)["00080018"]["Value"][0]
+    expected = np.ascontiguousarray(reader.volume[5], dtype="<i2").tobytes()
+    (frame,) = client.retrieve_instance_frames(study, series, sop, [1])
+    assert frame == expected
+    base = f"{site.root}/studies/{study}/series/{series}/instances/{sop}"
+    tok = site.tokens["alice"]
+    ohif = fetch(
+        f"{base}/frames/1",
+        tok,
+        headers={"Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"},
+    )
+    assert ohif.status == 200 and ohif.parts == [
+        ("application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1", expected)
+    ]
+    single = fetch(f"{base}/frames/1", tok, headers={"Accept": "application/octet-stream"})
+    assert single.body == expected
+    jpeg_ls = (
+        'multipart/related; type="application/octet-stream"; transfer-syntax=1.2.840.10008.1.2.4.80'
+    )
+    assert fetch(f"{base}/frames/1", tok, headers={"Accept": jpeg_ls}).status == 406
+    assert fetch(f"{base}/frames/2", tok).status == 404
+    assert fetch(f"{base}/frames/x", tok).status == 400
+    bulk = client.retrieve_bulkdata(f"{base}/bulkdata/7FE00010")
+    assert bulk == [expected]
+    png = client.retrieve_instance_rendered(study, series, sop, media_types=("image/png",))
+    assert Image.open(BytesIO(png)).size == (64, 64)
+    jpeg = fetch(f"{base}/rendered?window=40,400,linear&viewport=32,32", tok)
+    assert jpeg.headers["Content-Type"] == "image/jpeg"
+    assert Image.open(BytesIO(jpeg.body)).size == (32, 32)
+    for url in (
+        f"{base}/thumbnail",
+        f"{site.root}/studies/{study}/thumbnail",
+        f"{site.root}/studies/{study}/series/{series}/thumbnail",
+        f"{base}/frames/1/rendered",
+    ):
+        r = fetch(url, tok, headers={"Accept": "image/avif,image/webp,*/*;q=0.8"})
+        assert r.status == 200 and r.headers["Content-Type"] == "image/jpeg", url
+    assert fetch(f"{base}/rendered?window=bad", tok).status == 400
+
+
+# -- access -----------------------------------------------------------------------------------
+
+
+def routes(site, project="web"):
+    study, series = site.uids(0)
+    sop = site.reader(0).header(0)["00080018"]["Value"][0]
+    root = f"{site.url}/projects/{project}/dicom-web"
+    se = f"{root}/studies/{study}/series/{series}"
+    inst = f"{se}/instances/{sop}"
+    return [
+        f"{root}/studies", f"{root}/series", f"{root}/instances",
+        f"{root}/studies/{study}/series", f"{root}/studies/{study}/instances",
+        f"{se}/instances", f"{root}/studies/{study}", se, inst,
+        f"{root}/studies/{study}/metadata", f"{se}/metadata", f"{inst}/metadata",
+        f"{inst}/frames/1", f"{inst}/bulkdata/7FE00010", f"{inst}/rendered",
+        f"{inst}/thumbnail", f"{inst}/frames/1/rendered", f"{se}/thumbnail",
+        f"{root}/studies/{study}/thumbnail",
+    ]  # fmt: skip
+
+
+def test_access_table_route_by_route(site):
+    t = site.tokens
+    for url in routes(site):
+        assert fetch(url, t["alice"]).status == 200, url  # positive control
+        assert fetch(url, t["bob"]).status == 200, url
+        assert fetch(url).status == 401, url
+        assert fetch(url, "sph_not-a-token").status == 401, url
+        assert fetch(url, headers={"Authorization": f"Basic {t['alice']}"}).status == 401
+        assert fetch(url, t["mallory"]).status == 404, url  # a member of nothing
+    # Carol's project is approved, but these UIDs are not in it: nothing says they exist.
+    web_uids = [u.encode() for u in site.uids(0)]
+    for url in routes(site, "other"):
+        r = fetch(url, t["carol"])
+        assert r.status in (200, 404), url
+        assert r.status == 404 or not any(u in r.body for u in web_uids), url
+    for url in routes(site, "nonexistent"):
+        assert fetch(url, t["alice"]).status == 404
+    for project in ("closed", "expired"):
+        for url in routes(site, project):
+            assert fetch(url, t["alice"]).status == 403, url  # a member: told why
+            assert fetch(url, t["bob"]).status == 404, url  # not a member: not told
+    grant = f"{site.url}/projects/web/members"
+    assert fetch(grant, t["bob"], "POST", json={"user": "dave"}).status == 403  # a viewer
+    assert fetch(grant, t["carol"], "POST", json={"user": "dave"}).status == 404
+    assert (
+        fetch(grant, t["alice"], "POST", json={"user": "dave", "role": "investigator"}).status
+        == 403
+    )
+    assert fetch(f"{routes(site)[0]}", t["dave"]).status == 404
+    assert fetch(grant, t["alice"], "POST", json={"user": "dave"}).status == 204
+    assert fetch(f"{routes(site)[0]}", t["dave"]).status == 200
+
+
+def test_signin_session_cookie(site):
+    s = requests.Session()
+    r = s.post(
+        f"{site.url}/signin",
+        data={"token": site.tokens["bob"], "next": "//evil.org"},
+        allow_redirects=False,
+    )
+    assert r.status_code == 303 and r.headers["Location"] == "/"
+    cookie = r.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=lax" in cookie.replace("Lax", "lax")
+    assert "Max-Age=" in cookie
+    assert s.get(f"{site.root}/studies").status_code == 200
+    home = s.get(f"{site.url}/")
+    study, _ = site.uids(0)
+    assert f"/viewer/?StudyInstanceUIDs={study}&amp;project=web" in home.text
+    forged = s.cookies[sessions.COOKIE].replace(".", "x.", 1)
+    assert (
+        requests.get(f"{site.root}/studies", cookies={sessions.COOKIE: forged}).status_code == 401
+    )
+    assert requests.post(f"{site.url}/signin", data={"token": "nope"}).status_code == 401
+    assert requests.get(f"{site.url}/", allow_redirects=False).status_code == 303
+    # A new token ends the sessions of the old one.
+    site.tokens["bob"] = users.reissue(site.gw.core, "bob")
+    assert s.get(f"{site.root}/studies").status_code == 401
+
+
+def test_revoked_user_is_refused(site):
+    token = users.add(site.gw.core, "erin")
+    users.grant(site.gw.core, "web", "erin", "viewer")
+    assert fetch(f"{site.root}/studies", token).status == 200
+    users.revoke(site.gw.core, "erin")
+    assert fetch(f"{site.root}/studies", token).status == 401
+
+
+def test_requests_are_audited(site):
+    study, _ = site.uids(1)
+    fetch(f"{site.root}/studies/{study}/metadata", site.tokens["alice"])
+    fetch(f"{site.root}/studies", site.tokens["mallory"])
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        trail = site.gw.catalog.audit_trail("web", limit=500)
+        mine = [e for e in trail if e.action == "wado.study.metadata" and study in e.detail]
+        refused = [e for e in trail if e.actor == "mallory" and e.outcome == "refused"]
+        if mine and refused:
+            break
+        time.sleep(0.2)
+    assert mine[0].actor == "alice" and '"bytes": ' in mine[0].detail and mine[0].outcome == "ok"
+    assert refused
+
+
+def test_identifiers_typed_by_a_user_stay_out_of_the_catalog(site):
+    """Probing with original identifiers (a name, an original UID) finds nothing, and neither
+    the audit trail nor the index keeps them."""
+    from harness.leaks import scan_database
+
+    st = site.corpus.studies[0]
+    tok = site.tokens["alice"]
+    surname = st.patient_name.split("^")[0]
+    assert fetch(f"{site.root}/studies?PatientName={surname}", tok).json() == []
+    assert fetch(f"{site.root}/studies/{st.study_uid}/series", tok).json() == []
+    assert fetch(f"{site.root}/studies/{st.study_uid}/metadata", tok).status == 404
+    assert fetch(f"{site.url}/projects/{st.patient_id}/dicom-web/studies", tok).status == 404
+    site.gw.catalog.audit_many([])  # the server's buffer writes within a second
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        trail = site.gw.catalog.audit_trail("web", limit=20)
+        if any(e.action == "wado.study.metadata" and e.outcome == "refused" for e in trail):
+            break
+        time.sleep(0.2)
+    url = site.gw.settings.resolved_catalog_url()
+    assert scan_database(url, site.corpus.phi) == []
+    # Positive control: the same scan sees an identifier once the catalog holds one.
+    site.gw.catalog.audit("probe", "test", "web", note=surname)
+    assert scan_database(url, [surname])
+
+
+def test_cors_is_off_by_default_and_answers_preflights_when_set(site):
+    pre = {
+        "Origin": "https://viewer.example.org",
+        "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "authorization",
+    }
+    r = requests.options(f"{site.root}/studies", headers=pre)
+    assert "access-control-allow-origin" not in r.headers
+    core = site.gw.core
+    core.settings.web.cors_origins = ["https://viewer.example.org"]
+    try:
+        with serving(core) as url:
+            r = requests.options(f"{url}/projects/web/dicom-web/studies", headers=pre)
+            assert r.status_code == 200
+            assert r.headers["access-control-allow-origin"] == "https://viewer.example.org"
+            assert "authorization" in r.headers["access-control-allow-headers"].lower()
+            r = requests.get(
+                f"{url}/projects/web/dicom-web/studies", headers={"Origin": pre["Origin"]}
+            )
+            assert r.status_code == 401 and r.headers["access-control-allow-origin"]
+    finally:
+        core.settings.web.cors_origins = []
+
+
+# -- no identifier anywhere -------------------------------------------------------------------
+
+
+def test_no_planted_identifier_in_any_response(site):
+    tok = site.tokens["alice"]
+    needles = site.corpus.phi
+    urls = routes(site) + [f"{site.url}/", f"{site.url}/signin", f"{site.url}/healthz"]
+    study, series = site.uids(1, 1)
+    urls += [u.replace(site.uids(0)[0], study) for u in routes(site)[3:6]]
+    urls += [
+        f"{site.root}/studies?includefield=all",
+        f"{site.root}/instances?includefield=all",
+        f"{site.root}/studies/{study}/metadata",
+        f"{site.root}/studies/{study}",
+    ]
+    found, checked = [], 0
+    for url in urls:
+        for accept in (None, OHIF_METADATA_ACCEPT, "image/png"):
+            headers = {"Accept-Encoding": "gzip", **({"Accept": accept} if accept else {})}
+            r = fetch(url, tok, headers=headers)
+            found += leaks(url, r, needles)
+            checked += len(r.body)
+    for url in routes(site)[:3] + routes(site, "closed")[:3]:
+        found += leaks(url, fetch(url), needles) + leaks(url, fetch(url, tok), needles)
+    assert checked > 100_000
+    assert found == []
+
+
+def test_leak_scan_positive_control(site):
+    """The same scan finds a planted identifier in a source file, in gzip, in a multipart part
+    and in JSON that escapes non-ASCII."""
+    import gzip
+    import json
+
+    from gateway.web.multipart import write_multipart
+    from tests.web_server import Fetched
+
+    needle = site.corpus.phi[0]
+    assert scan_bytes("source", site.corpus.files[0].read_bytes(), site.corpus.phi)
+    ctype, chunks = write_multipart(
+        [("application/octet-stream", b"x" + needle.encode())], part_type="application/octet-stream"
+    )
+    body = b"".join(chunks)
+    from gateway.web.multipart import parse_multipart
+
+    f = Fetched(
+        200,
+        requests.structures.CaseInsensitiveDict({"content-type": ctype}),
+        gzip.compress(body),
+        body,
+        [(p.content_type, p.content) for p in parse_multipart(body, content_type=ctype)],
+    )
+    assert leaks("control", f, [needle])
+    accented = "JOSÉPHINE"
+    as_json = json.dumps([{"00100010": {"vr": "PN", "Value": [{"Alphabetic": accented}]}}])
+    f = Fetched(
+        200,
+        requests.structures.CaseInsensitiveDict({"content-type": "application/dicom+json"}),
+        as_json.encode(),
+        as_json.encode(),
+    )
+    assert accented.encode() not in f.body and leaks("control", f, [accented])
+
+
+# -- S3 and throughput ------------------------------------------------------------------------
+
+
+def test_frames_and_metadata_from_s3(tmp_path, pacs, scp_port, corpus, s3_server):  # noqa: F811
+    bucket = s3_server.new_bucket()
+    gw = make_gateway(
+        tmp_path, pacs, scp_port, storage_url=f"s3://{bucket}/research",
+        s3=S3Options(endpoint=s3_server.endpoint, access_key=s3_server.access_key,
+                     secret_key=s3_server.secret_key),
+    )  # fmt: skip
+    st = corpus.studies[1]
+    approved(gw, "s3web", [st.accession])
+    assert gw.pull("s3web").ok
+    token = users.add(gw.core, "sam")
+    users.grant(gw.core, "s3web", "sam", "viewer")
+    keys = gw.keys("s3web")
+    study, series = keys.uid(st.study_uid), keys.uid(st.series[0].series_uid)
+    reader = SeriesReader(gw.store, series_key("s3web", study, series))
+    with serving(gw.core) as url:
+        client = DICOMwebClient(
+            f"{url}/projects/s3web/dicom-web", headers={"Authorization": f"Bearer {token}"}
+        )
+        meta = client.retrieve_series_metadata(study, series)
+        assert [value(m, "00080018") for m in meta] == [
+            h["00080018"]["Value"][0] for h in reader.headers()
+        ]
+        for i in (0, len(meta) - 1):
+            (frame,) = client.retrieve_instance_frames(
+                study, series, value(meta[i], "00080018"), [1]
+            )
+            assert frame == np.ascontiguousarray(reader.volume[i], dtype="<i2").tobytes()
+        assert len(client.retrieve_series(study, series)) == len(meta)
+
+
+def test_frames_per_second(site):
+    """Printed for the report, not asserted: frames of one series, 1 and 4 clients at once."""
+    study, series = site.uids(0)
+    reader = site.reader(0)
+    sops = [h["00080018"]["Value"][0] for h in reader.headers()]
+    base = f"{site.root}/studies/{study}/series/{series}/instances"
+    headers = {
+        "Authorization": f"Bearer {site.tokens['alice']}",
+        "Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*",
+    }
+
+    def client(n: int, out: list[int]) -> None:
+        with requests.Session() as s:
+            for i in range(n):
+                r = s.get(f"{base}/{sops[i % len(sops)]}/frames/1", headers=headers)
+                assert r.status_code == 200
+            out.append(n)
+
+    for clients in (1, 4):
+        done: list[int] = []
+        threads = [threading.Thread(target=client, args=(60, done)) for _ in range(clients)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rate = sum(done) / (time.perf_counter() - t0)
+        print(f"\nframes/s, {clients} client(s), 64x64 int16, local store: {rate:.0f}")
+
+
+def test_reindex_rebuilds_the_index_from_the_store(site):
+    from core.index import reindex
+
+    core = site.gw.core
+    pid = core.project("other").id
+    client = site.client("carol", "other")
+    before = client.search_for_instances()
+    for hit in core.catalog.search("series", pid, []):
+        core.catalog.unindex_series(pid, hit.series_uid)
+    assert client.search_for_studies() == []  # a series not indexed is not served
+    assert reindex(core, "other") == len(site.corpus.studies[2].series)
+    reindex(core, "other")  # twice: nothing doubles
+    after = client.search_for_instances()
+    assert sorted(map(str, after)) == sorted(map(str, before))

@@ -1,0 +1,87 @@
+"""A real sphere web server for tests: uvicorn in a thread on a free loopback port, and a
+way to read responses as a client sees them, decoded (gzip, multipart parts, DICOM)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from io import BytesIO
+
+import pydicom
+import requests
+import uvicorn
+
+from core import Core
+from gateway.web.app import create_app
+from gateway.web.multipart import parse_multipart
+from harness.leaks import Leak, scan_bytes
+from harness.localpacs import free_port
+
+
+@contextmanager
+def serving(core: Core) -> Iterator[str]:
+    """Start the app on 127.0.0.1; yields its base URL; stops it (flushing the audit)."""
+    port = free_port()
+    config = uvicorn.Config(create_app(core), host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(20)
+
+
+@dataclass
+class Fetched:
+    status: int
+    headers: requests.structures.CaseInsensitiveDict
+    raw: bytes  # as sent (compressed, if it was)
+    body: bytes  # gunzipped
+    parts: list[tuple[str, bytes]] = field(default_factory=list)  # (content type, content)
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def fetch(url: str, token: str | None = None, method: str = "GET", **kw) -> Fetched:
+    """One request; the body read raw, then gunzipped and split into multipart parts."""
+    headers = dict(kw.pop("headers", {}) or {})
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    r = requests.request(method, url, headers=headers, stream=True, timeout=30, **kw)
+    raw = r.raw.read(decode_content=False)
+    body = gzip.decompress(raw) if r.headers.get("content-encoding") == "gzip" else raw
+    parts = []
+    ctype = r.headers.get("content-type", "")
+    if ctype.startswith("multipart/"):
+        parts = [
+            (p.content_type or "", p.content) for p in parse_multipart(body, content_type=ctype)
+        ]
+    return Fetched(r.status_code, r.headers, raw, body, parts)
+
+
+def leaks(where: str, f: Fetched, needles: list[str]) -> list[Leak]:
+    """Planted identifiers in a response, every layer decoded: headers, body, JSON (non-ASCII
+    unescaped), each multipart part and each DICOM part read back (its elements as text)."""
+    found = scan_bytes(f"{where} headers", json.dumps(dict(f.headers)).encode(), needles)
+    found += scan_bytes(where, f.body, needles)
+    if f.headers.get("content-type", "").startswith(("application/dicom+json", "application/json")):
+        text = json.dumps(json.loads(f.body), ensure_ascii=False)
+        found += scan_bytes(f"{where} (json)", text.encode(), needles)
+    for i, (ctype, content) in enumerate(f.parts):
+        found += scan_bytes(f"{where} part {i}", content, needles)
+        if ctype.startswith("application/dicom"):
+            ds = pydicom.dcmread(BytesIO(content))
+            found += scan_bytes(f"{where} part {i} (dicom)", str(ds).encode(), needles)
+    return found
