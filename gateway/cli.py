@@ -19,7 +19,7 @@ from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from core import Core, Settings, SphereError, Unavailable, projects
-from gateway import deid_cmd, views, web_cmd
+from gateway import deid_cmd, run_cmd, views, web_cmd
 
 
 class _Commands(TyperGroup):
@@ -323,6 +323,7 @@ def demo(
 
 deid_cmd.register(app)  # `sphere deid`, `sphere vault …`: beside the de-identification code
 web_cmd.register(app, project_app)  # `sphere user …`, `project grant`, `serve`
+run_cmd.register(app)  # `sphere run bone-density …`, `sphere results …`
 
 
 if __name__ == "__main__":

@@ -1,0 +1,107 @@
+"""`sphere run bone-density PROJECT` (a pipeline over a project's series, with Dask) and
+`sphere results PROJECT` (the results table, CSV or Parquet). Mounted by `register(app)`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from core import Core, Settings, SphereError
+
+run_app = typer.Typer(
+    help="Run an analysis pipeline over a project's series.", no_args_is_help=True
+)
+WIDTH = 80
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    return ctx.find_root().obj["settings"]
+
+
+@run_app.command("bone-density")
+def bone_density(
+    ctx: typer.Context,
+    project: str,
+    scheduler: Annotated[
+        str | None, typer.Option(help="Address of a running Dask scheduler (tcp://host:8786).")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes of the embedded cluster (default 2).")
+    ] = None,
+    gpu: Annotated[
+        bool, typer.Option("--gpu", help="Run on GPU workers (Dask resource GPU=1).")
+    ] = False,
+    gpus: Annotated[int, typer.Option(help="GPU workers of the embedded cluster, with --gpu.")] = 1,
+    force: Annotated[
+        bool, typer.Option("--force", help="Re-run series already done with this version.")
+    ] = False,
+) -> None:
+    """L1 trabecular attenuation of each eligible CT series: results, SR, SEG and PNG."""
+    from processing.bone_density import BoneDensity
+    from processing.runner import run_pipeline
+
+    if workers is not None and workers < 1:
+        raise SphereError("--workers must be at least 1")
+    report = run_pipeline(
+        _settings(ctx),
+        project,
+        BoneDensity(),
+        scheduler=scheduler,
+        workers=workers,
+        gpus=max(gpus, 1) if gpu else 0,
+        force=force,
+    )
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(report.counts().items())) or "nothing to do"
+    typer.echo(f"{report.pipeline} {report.version}: {counts}; {report.already_done} already done")
+    for o in report.outcomes:
+        if o.status == "failed":
+            typer.echo(f"  failed {o.series_uid[-20:]}: {o.reason}"[:WIDTH])
+
+
+def results(
+    ctx: typer.Context,
+    project: str,
+    pipeline: Annotated[str | None, typer.Option(help="Only this pipeline.")] = None,
+    csv: Annotated[Path | None, typer.Option("--csv", help="Write the table as CSV.")] = None,
+    parquet: Annotated[
+        Path | None, typer.Option("--parquet", help="Write the table as Parquet (pyarrow).")
+    ] = None,
+) -> None:
+    """Show a project's pipeline results (pseudonymous UIDs); export them as CSV or Parquet."""
+    from processing.results import result_rows, write_csv, write_parquet
+
+    with Core(_settings(ctx)) as core:
+        rows = result_rows(core, project, pipeline)
+    for line in table_lines(rows):
+        typer.echo(line)
+    if csv is not None:
+        write_csv(rows, csv)
+        typer.echo(f"{len(rows)} rows written as CSV ({csv.name})"[:WIDTH])
+    if parquet is not None:
+        write_parquet(rows, parquet)
+        typer.echo(f"{len(rows)} rows written as Parquet ({parquet.name})"[:WIDTH])
+
+
+def table_lines(rows: list[dict]) -> list[str]:
+    """Series (UID tail), pipeline, status, main value, reason: lines of at most 80 columns."""
+    head = f"{'series':<14} {'pipeline':<13} {'status':<12} {'value':>9}  reason"
+    lines = [head]
+    for r in rows:
+        value = r.get("l1_hu", r.get("body_mean_hu"))
+        shown = f"{value:9.1f}" if isinstance(value, int | float) else f"{'-':>9}"
+        line = (
+            f"…{r['series_uid'][-13:]:<13} {r['pipeline'][:13]:<13} {r['status'][:12]:<12} "
+            f"{shown}  {r.get('class') or r['reason'] or ''}"
+        )
+        lines.append(line[:WIDTH])
+    if not rows:
+        lines.append("no results yet: `sphere run bone-density PROJECT`")
+    return lines
+
+
+def register(app: typer.Typer) -> None:
+    """Mount `run` and `results` on the main CLI."""
+    app.add_typer(run_app, name="run")
+    app.command("results")(results)

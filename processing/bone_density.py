@@ -1,0 +1,89 @@
+"""The bone-density pipeline: L1 trabecular attenuation (processing.bone) as a `Pipeline`.
+
+The science takes the HU volume in the store's (z, y, x) order with its LPS affine, on any torch
+device; this wraps it: header facts in, per-level ROIs out as SEG segments and SR measurements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from monai.data import MetaTensor
+from pydicom.sr.codedict import codes
+
+from processing.bone import ScanFacts, Thresholds, measure_bone_density
+from processing.bone.levels import CODES
+from processing.bone.measure import MEASURED
+from processing.loader import to_zyx_lps
+from processing.pipeline import OK, UNMEASURABLE, Finding, Pipeline, Segment, SeriesFacts
+
+SITES = {
+    "T12": codes.SCT.T12Vertebra,
+    "L1": codes.SCT.L1Vertebra,
+    "L2": codes.SCT.L2Vertebra,
+    "L3": codes.SCT.L3Vertebra,
+    "L4": codes.SCT.L4Vertebra,
+}
+
+
+@dataclass(frozen=True)
+class BoneDensity(Pipeline):
+    name: ClassVar[str] = "bone-density"
+    version: ClassVar[str] = "0.1"
+    wants_gpu: ClassVar[bool] = True
+
+    min_slices: int = 20
+    max_thickness_mm: float | None = 5.0
+    bone_hu: float = 300.0
+    metal_hu: float = 2000.0
+    roi_area_mm2: float = 200.0
+    osteoporosis_hu: float = 110.0
+    osteopenia_hu: float = 160.0
+
+    def run(
+        self, image: MetaTensor, facts: SeriesFacts, *, model: Any, device: torch.device
+    ) -> Finding:
+        vol, affine = to_zyx_lps(image)
+        sx, sy, sz = (float(v) for v in image.meta["spacing"])
+        report = measure_bone_density(
+            vol.cpu().numpy(),
+            (sz, sy, sx),
+            affine=affine,
+            facts=ScanFacts(facts.slice_thickness, facts.kvp, facts.contrast),
+            thresholds=Thresholds(self.osteoporosis_hu, self.osteopenia_hu),
+            device=device,
+            bone_hu=self.bone_hu,
+            metal_hu=self.metal_hu,
+            roi_area_mm2=self.roi_area_mm2,
+        )
+        values: dict[str, Any] = {
+            "l1_hu": report.l1_hu,
+            "class": report.bone_class,
+            "lowest_rib_level": report.lowest_rib_level,
+            "sacrum_found": report.sacrum_found,
+            "flags": "; ".join(report.flags),
+        }
+        segments = []
+        for name in MEASURED:
+            lv = report.levels.get(name)
+            values[f"{name.lower()}_hu"] = lv.mean_hu if lv else None
+            if lv is None or lv.mean_hu is None or report.roi is None:
+                continue
+            segments.append(
+                Segment(
+                    f"{name} trabecular ROI",
+                    SITES[name],
+                    report.roi == CODES[name],
+                    lv.mean_hu,
+                    lv.median_hu,
+                    lv.sd_hu,
+                    lv.n_voxels,
+                )
+            )
+        levels = {n: lv.slices for n, lv in report.levels.items()}
+        if report.measurable:
+            summary = f"L1 {report.l1_hu:.0f} HU: {report.bone_class}"
+            return Finding(OK, values, "", segments, levels, report.bone_class, summary)
+        return Finding(UNMEASURABLE, values, report.reason, segments, levels, None, report.reason)

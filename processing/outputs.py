@@ -1,0 +1,299 @@
+"""What a pipeline leaves per series: a DICOM SEG of its ROIs, a DICOM SR measurement report
+(TID 1500) referencing them, both stored as derived series of the project, and a PNG report.
+
+SEG and SR reference the stored (de-identified) instances: they are built from the stored
+headers and copy only their already de-identified patient and study attributes. Their series
+UIDs derive from the source series and the pipeline, so a re-run replaces them in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+from PIL import Image, ImageDraw
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from zarr.core.buffer import default_buffer_prototype
+
+from core.core import Core
+from dicom import IMPLEMENTATION_CLASS_UID, json_model
+from processing.pipeline import Finding, Pipeline
+from storage.objectstore import guard, run
+from storage.series import SeriesReader, SeriesWriter, series_key
+
+MANUFACTURER = "sphere"
+SEG_SERIES_NUMBER, SR_SERIES_NUMBER = 9001, 9002
+# Qualitative evaluation of the bone class (SNOMED CT findings; a private concept name).
+BONE_CLASS = hd.sr.CodedConcept("BONECLASS", "99SPHERE", "Bone density class")
+CLASS_CODES = {
+    "osteoporosis": hd.sr.CodedConcept("64859006", "SCT", "Osteoporosis"),
+    "osteopenia": hd.sr.CodedConcept("312894000", "SCT", "Osteopenia"),
+    "normal": hd.sr.CodedConcept("17621005", "SCT", "Normal"),
+}
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A derived series written: its UID, storage key and modality."""
+
+    series_uid: str
+    key: str
+    modality: str
+
+
+def derived_uid(source_series_uid: str, pipeline: str, kind: str) -> str:
+    """A UID fixed by the source series, pipeline and kind (2.25 form, from a digest)."""
+    digest = hashlib.sha256(f"{source_series_uid}|{pipeline}|{kind}".encode()).digest()
+    return "2.25." + str(int.from_bytes(digest[:16], "big"))
+
+
+def source_images(reader: SeriesReader) -> list[Dataset]:
+    """The stored image instances as datasets without pixel data (headers only), in stored
+    order: what SEG and SR reference; volume index z is `[z]` here."""
+    n = int(reader.attrs["n_slices"])
+    out = []
+    for header in reader.headers()[:n]:
+        ds = json_model.from_json(header)
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        out.append(ds)
+    return out
+
+
+def build_seg(
+    sources: list[Dataset], finding: Finding, pipeline: Pipeline, source_series_uid: str
+) -> hd.seg.Segmentation:
+    """A binary SEG with one segment per ROI of `finding` (segment numbers from 1, in order)."""
+    algorithm = _algorithm(pipeline)
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=i,
+            segment_label=s.label,
+            segmented_property_category=codes.SCT.BodyStructure,
+            segmented_property_type=s.site,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_uid=derived_uid(source_series_uid, pipeline.name, f"track-{s.label}"),
+            tracking_id=s.label,
+        )
+        for i, s in enumerate(finding.segments, start=1)
+    ]
+    masks = np.stack([s.mask for s in finding.segments], axis=-1)  # (z, y, x, segments)
+    return hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=masks,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=derived_uid(source_series_uid, pipeline.name, "seg"),
+        series_number=SEG_SERIES_NUMBER,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=pipeline.name,
+        software_versions=pipeline.version,
+        device_serial_number="0",
+        series_description=f"{pipeline.name} ROIs"[:64],
+    )
+
+
+def build_sr(
+    sources: list[Dataset],
+    seg: hd.seg.Segmentation | None,
+    finding: Finding,
+    pipeline: Pipeline,
+    source_series_uid: str,
+) -> hd.sr.Comprehensive3DSR:
+    """A TID 1500 measurement report: per ROI its mean, median and SD attenuation (HU),
+    referencing its SEG segment; the classification, when there is one, on the first ROI."""
+    algorithm = hd.sr.AlgorithmIdentification(pipeline.name, pipeline.version)
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=derived_uid(pipeline.name, pipeline.version, "device"),
+            name=f"{MANUFACTURER} {pipeline.name}",
+        ),
+    )
+    groups: list[Any] = []
+    for i, s in enumerate(finding.segments, start=1):
+        measurements = [
+            hd.sr.Measurement(
+                name=codes.DCM.MeanAttenuationCoefficient,
+                value=value,
+                unit=codes.UCUM.HounsfieldUnit,
+                derivation=derivation,
+                algorithm_id=algorithm,
+            )
+            for value, derivation in (
+                (s.mean_hu, codes.SCT.Mean),
+                (s.median_hu, codes.SCT.Median),
+                (s.sd_hu, codes.SCT.StandardDeviation),
+            )
+            if value is not None
+        ]
+        evaluations = []
+        if i == 1 and finding.classification in CLASS_CODES:
+            evaluations.append(
+                hd.sr.QualitativeEvaluation(BONE_CLASS, CLASS_CODES[finding.classification])
+            )
+        tracking = hd.sr.TrackingIdentifier(
+            uid=derived_uid(source_series_uid, pipeline.name, f"track-{s.label}"),
+            identifier=s.label,
+        )
+        common = {
+            "tracking_identifier": tracking,
+            "finding_type": s.site,
+            "finding_sites": [hd.sr.FindingSite(s.site)],
+            "algorithm_id": algorithm,
+            "measurements": measurements,
+            "qualitative_evaluations": evaluations or None,
+        }
+        if seg is not None:
+            ref = hd.sr.ReferencedSegment(
+                sop_class_uid=seg.SOPClassUID,
+                sop_instance_uid=seg.SOPInstanceUID,
+                segment_number=i,
+                source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid),
+            )
+            groups.append(
+                hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                    referenced_segment=ref, **common
+                )
+            )
+        else:
+            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(**common))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=codes.SCT.ComputedTomography,
+        imaging_measurements=groups,
+    )
+    return hd.sr.Comprehensive3DSR(
+        evidence=[*sources, *([seg] if seg is not None else [])],
+        content=report,
+        series_instance_uid=derived_uid(source_series_uid, pipeline.name, "sr"),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        series_description=f"{pipeline.name} report"[:64],
+    )
+
+
+def store_derived(
+    core: Core, project: str, study_uid: str, patient: str, datasets: list[Dataset], spool: Path
+) -> Derived:
+    """Commit `datasets` (one series) to the project's store through a SeriesWriter, index them
+    for the web and mark the series complete in the catalog: served with the project's data."""
+    ds0 = datasets[0]
+    uid, modality = str(ds0.SeriesInstanceUID), str(ds0.Modality)
+    key = series_key(project, study_uid, uid)
+    writer = SeriesWriter(spool / uid, fsync=core.settings.fsync)
+    try:
+        for ds in datasets:
+            writer.add(_as_written(ds), inline_pixels=modality == "SEG")
+        info = writer.commit(core.store, key)
+    except BaseException:
+        writer.discard()
+        raise
+    p = core.project(project)
+    reader = SeriesReader(core.store, key)
+    core.catalog.index_series(p.id, key, reader.headers(), int(reader.attrs["n_slices"]))
+    core.catalog.upsert_series(
+        p.id,
+        uid,
+        study_uid=study_uid,
+        modality=modality,
+        patient_pseudonym=patient,
+        expected=info.n_instances,
+        stored=info.n_instances,
+        status="complete",
+        storage_key=key,
+        nbytes=info.nbytes,
+        shape=list(info.shape),
+        error=None,
+    )
+    return Derived(uid, key, modality)
+
+
+def report_png(
+    hu_zyx: np.ndarray,
+    affine_lps: np.ndarray,
+    finding: Finding,
+    title: str,
+    *,
+    window: tuple[float, float] = (400.0, 1800.0),
+) -> bytes:
+    """A sagittal view through the ROIs (or the middle), head up, at true aspect, with the
+    levels marked and the ROIs in red; `window` is (level, width) in HU."""
+    nz, ny, nx = hu_zyx.shape
+    roi = np.zeros((nz, ny, nx), bool)
+    for s in finding.segments:
+        roi |= s.mask
+    x = int(np.round(np.nonzero(roi)[2].mean())) if roi.any() else nx // 2
+    level, width = window
+    img = np.clip((hu_zyx[:, :, x] - (level - width / 2)) / width * 255.0, 0, 255).astype(np.uint8)
+    rgb = np.repeat(img[..., None], 3, axis=-1)
+    cut = roi[:, :, x]
+    rgb[cut] = rgb[cut] // 2 + np.array([127, 0, 0], np.uint8)  # ROIs tinted red
+    a = np.asarray(affine_lps, float)
+    head_up = a[2, 0] > 0  # index z grows toward the head: draw it reversed
+    if head_up:
+        rgb = rgb[::-1]
+    sz, sy = float(np.linalg.norm(a[:3, 0])) or 1.0, float(np.linalg.norm(a[:3, 1])) or 1.0
+    scale = 512.0 / max(ny * sy, nz * sz)
+    size = (max(1, round(ny * sy * scale)), max(1, round(nz * sz * scale)))
+    pic = Image.fromarray(np.ascontiguousarray(rgb)).resize(size, Image.Resampling.BILINEAR)
+    canvas = Image.new("RGB", (size[0] + 60, size[1] + 24), "black")
+    canvas.paste(pic, (60, 24))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 4), title[:90], fill="white")
+    for name, (z0, z1) in finding.levels.items():
+        zc = (z0 + z1) / 2
+        row = (nz - zc if head_up else zc) * sz * scale + 24
+        draw.line([(50, row), (60, row)], fill="yellow")
+        draw.text((4, row - 6), name[:8], fill="yellow")
+    out = io.BytesIO()
+    canvas.save(out, format="PNG")
+    return out.getvalue()
+
+
+def report_key(project: str, pipeline: str, series_uid: str) -> str:
+    """Where a series' PNG report goes in the store (pseudonymous UIDs only)."""
+    return f"reports/{project}/{pipeline}/{series_uid}.png"
+
+
+def put_bytes(store: Any, key: str, data: bytes) -> None:
+    """Write one object to the store."""
+    with guard("commit"):
+        run(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+
+
+def _algorithm(pipeline: Pipeline) -> hd.AlgorithmIdentificationSequence:
+    return hd.AlgorithmIdentificationSequence(
+        name=pipeline.name,
+        family=pipeline.family,
+        version=pipeline.version,
+        parameters={k: str(v) for k, v in pipeline.parameters().items()},
+    )
+
+
+def _as_written(ds: Dataset) -> Dataset:
+    """`ds` as read back from its file: decimal strings (DS) keep the text they are written
+    as (highdicom formats floats to 16 characters; the float itself may need 19)."""
+    meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = meta.get("TransferSyntaxUID") or ExplicitVRLittleEndian
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    ds.file_meta = meta
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return dcmread(io.BytesIO(buf.getvalue()))
