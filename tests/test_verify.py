@@ -40,7 +40,9 @@ def job_with(tmp_path, expected: int, spooled: int, quarantined: int = 0) -> Ser
         )
     ):
         writer.add(ds)
-    job = SeriesJob("p", "1.2.3", "1.2.3.9", "2.25.1", "2.25.2", "P1", "CT", expected, writer)
+    job = SeriesJob(
+        "p", "1.2.3", "1.2.3.9", "2.25.1", "2.25.2", "P1", "CT", expected, writer, source=None
+    )
     job.quarantined = {"burned-in annotation": quarantined} if quarantined else {}
     return job
 
