@@ -372,16 +372,45 @@ def test_quarantined_instance_is_reported_never_stored(tmp_path, pacs, scp_port,
 def test_a_pull_completes_while_hostile_peers_hit_the_gateways_scp(
     tmp_path, pacs, scp_port, corpus
 ):
-    """Silent, stalled and garbage connections to our Storage SCP, all through a real pull
-    (worker processes, C-MOVE from Orthanc): each is dropped, and every instance arrives."""
-    from tests.test_dimse_hostile import attack
+    """Silent, stalled and garbage connections, floods of associations, unknown calling AE
+    titles and a wrong SOP class, all at our Storage SCP through a real pull (worker processes,
+    C-MOVE from Orthanc, an allow-list of the PACS's AE title): each is answered or dropped, and
+    every instance arrives."""
+    import threading
 
-    gw = make_gateway(tmp_path, pacs, scp_port, timeout_s=3)
+    from gateway.dimse import ul
+    from tests.test_dimse_hostile import VERIFY, associate, attack
+
+    gw = make_gateway(tmp_path, pacs, scp_port, timeout_s=3, allowed_callers=[pacs.aet])
     approved(gw, "besieged", [st.accession for st in corpus.studies])
+    answers: list[int] = []
+    stop = threading.Event()
+
+    def impostors() -> None:
+        find = [("1.2.840.10008.5.1.4.1.2.2.1", ["1.2.840.10008.1.2.1"])]  # not a storage class
+        for _ in range(200):  # bounded, as long as the pull lasts
+            if stop.is_set():
+                return
+            try:
+                # a flood of three at once, an unknown AE, the PACS's own title on a wrong class
+                socks = [associate(scp_port, VERIFY, "FLOOD", "SPHERE") for _ in range(3)]
+                socks.append(associate(scp_port, find, pacs.aet, "SPHERE"))
+            except (OSError, AssertionError):
+                continue
+            for sock, pdu_type, _ in socks:
+                answers.append(pdu_type)
+                sock.close()
+            stop.wait(0.05)
+
+    flood = threading.Thread(target=impostors, daemon=True)
     with attack(scp_port, seconds=20) as over:
+        flood.start()
         report = gw.pull("besieged")
         assert not over.is_set(), "the attack ended before the pull did: it proved nothing"
+        stop.set()
+        flood.join(10)
     assert report.ok, [s.error for s in report.series if s.error]
     assert report.instances == corpus.n_instances
+    assert ul.ASSOCIATE_RJ in answers  # the unknown AE titles were turned away...
     refused = [e for e in gw.catalog.audit_trail("besieged") if e.action == "store.refused"]
-    assert refused == []  # garbage never got as far as a C-STORE
+    assert refused == []  # ...and garbage never got as far as a C-STORE
