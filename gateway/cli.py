@@ -315,7 +315,8 @@ def demo(
         "demo-data"
     ),
 ) -> None:
-    """Run the whole way once: local Orthanc PACS, synthetic CT, project, approval, pull."""
+    """Run the whole way once: local Orthanc PACS, synthetic CT and spine phantoms, project,
+    approval, pull, bone density, then DICOMweb for a viewer user (until Ctrl-C at a terminal)."""
     from harness.demo import run_demo
 
     raise typer.Exit(run_demo(workdir, patients=patients, slices=slices, size=size))

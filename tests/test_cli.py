@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,7 +106,18 @@ def test_demo_runs_end_to_end(tmp_path):
         str(tmp_path / "demo"),
         home=tmp_path,
     )
-    assert "demo OK" in out.stdout
+    lines = out.stdout.splitlines()
+    assert "demo OK" in out.stdout and "pull OK" in out.stdout
+    # bone density over the pulled project: the phantoms measured or refused, a 80-column table
+    assert any(ln.startswith("series") and "status" in ln for ln in lines)
+    assert any("bone-density  ok" in ln and "osteopenia" in ln for ln in lines)
+    assert sum("bone-density  unmeasurable" in ln for ln in lines) == 2
+    assert max(len(ln) for ln in lines if "bone-density" in ln) <= 80
+    # a viewer user, its token and URL; the server answered, then stopped (no terminal)
+    assert any(re.fullmatch(r"token for demo-viewer: sph_\S+", ln) for ln in lines)
+    assert any(re.fullmatch(r"viewer: http://127\.0\.0\.1:\d+/ \(sign in .*\)", ln) for ln in lines)
+    assert "server check: /healthz ok" in lines
+    assert "server check: QIDO-RS found 4 of 4 studies with the token" in lines
 
 
 # -- a user's mistakes: one clear line, a non-zero status, no traceback ------------------------

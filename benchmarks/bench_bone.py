@@ -1,0 +1,159 @@
+"""Bone density throughput on CPU: one 512x512x400 CT end to end, and a small project on the
+embedded Dask cluster.
+
+A spine phantom (harness.phantoms) is written as CT DICOM and committed to a local Zarr store
+with the pull's SeriesWriter, as a pull would (without de-identification: it plants nothing
+that matters here). Then:
+
+- one series end to end, in a child process of its own (`processing.worker.process_series`:
+  load from the store into a MetaTensor, segment, measure, write SEG, SR, PNG and the result
+  row): seconds per series, and the child's peak memory (VmHWM, its own high-water mark);
+- `--series` clinical-size series (512x512, 2.5 mm slices) through `run_pipeline` on the
+  embedded LocalCluster (2 worker processes): series per hour, cluster start included.
+
+Figures are printed, not asserted.
+
+    .venv/bin/python benchmarks/bench_bone.py [--slices 400 --size 512 --series 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import pydicom
+
+from core.core import Core
+from core.projects import create
+from core.settings import Settings
+from harness.phantom_dicom import write_phantom_study
+from harness.phantoms import make_phantom
+from storage.series import SeriesWriter, series_key
+
+PROJECT = "bench"
+FOV_MM = 384.0  # in-plane field of view: the phantom's body is 300 x 220 mm
+
+
+def commit_phantom(settings: Settings, index: int, size: int, slices: int, spacing: float) -> str:
+    """A phantom of `slices` x `size`^2 written as DICOM and committed; its storage key."""
+    lo = -25.0
+    vol, truth = make_phantom(
+        shape_yx=(size, size),
+        pixel_mm=FOV_MM / size,
+        slice_spacing_mm=spacing,
+        fov_mm=(lo, lo + slices * spacing + 1e-6),
+        seed=index,
+    )
+    tmp = settings.home / "dicom" / str(index)
+    study = write_phantom_study(vol, truth, tmp, index=index)
+    key = series_key(PROJECT, study.study_uid, study.series_uid)
+    with Core(settings) as core:
+        writer = SeriesWriter(settings.home / "spool" / str(index), fsync=False)
+        for f in study.files:
+            writer.add(pydicom.dcmread(f))
+        info = writer.commit(core.store, key)
+        core.catalog.upsert_series(
+            core.project(PROJECT).id,
+            study.series_uid,
+            study_uid=study.study_uid,
+            modality="CT",
+            patient_pseudonym=study.patient_id,
+            expected=info.n_instances,
+            stored=info.n_instances,
+            status="complete",
+            storage_key=key,
+            nbytes=info.nbytes,
+            shape=list(info.shape),
+        )
+    for f in study.files:
+        f.unlink()
+    return key
+
+
+def one_series(settings_json: str, key: str) -> None:
+    """The child: one series end to end; prints seconds, status and peak memory as JSON."""
+    from processing.bone_density import BoneDensity
+    from processing.worker import SeriesTask, process_series
+
+    settings = Settings.model_validate_json(settings_json)
+    with Core(settings) as core:
+        series = core.catalog.series(core.project(PROJECT).id)
+        rec = next(r for r in series if r.storage_key == key)
+    task = SeriesTask(PROJECT, rec.series_uid, rec.study_uid, rec.patient_pseudonym, key)
+    started = time.perf_counter()
+    out = process_series(settings_json, task, BoneDensity(), False)
+    seconds = time.perf_counter() - started
+    hwm = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if "VmHWM" in ln)
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "status": out.status,
+                "l1_hu": out.values.get("l1_hu"),
+                "peak_mib": int(hwm.split()[1]) / 1024,
+            }
+        )
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--slices", type=int, default=400)
+    ap.add_argument("--series", type=int, default=6, help="series of the small project")
+    ap.add_argument("--one", nargs=2, metavar=("SETTINGS", "KEY"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    if args.one:
+        one_series(*args.one)
+        return
+    from processing.bone_density import BoneDensity
+    from processing.runner import run_pipeline
+
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(home=Path(tmp), fsync=False, actor="bench")
+        with Core(settings, create=True) as core:
+            create(core, PROJECT, title="bench")
+        t = time.perf_counter()
+        spacing = 300.0 / args.slices  # the whole phantom, T10 to sacrum, in `slices` slices
+        key = commit_phantom(settings, 0, args.size, args.slices, spacing)
+        print(
+            f"phantom {args.slices}x{args.size}x{args.size} ({spacing:.2f} mm slices) "
+            f"written and committed in {time.perf_counter() - t:.1f} s"
+        )
+        child = subprocess.run(
+            [sys.executable, __file__, "--one", settings.model_dump_json(), key],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        one = json.loads(child.stdout.strip().splitlines()[-1])
+        print(
+            f"one series end to end (load, segment, measure, SEG, SR, PNG), one process: "
+            f"{one['seconds']:.1f} s, {one['status']} (L1 {one['l1_hu']}), "
+            f"peak memory {one['peak_mib']:.0f} MiB"
+        )
+
+        for i in range(1, args.series + 1):
+            commit_phantom(settings, i, 512, 120, 2.5)
+        t = time.perf_counter()
+        report = run_pipeline(settings, PROJECT, BoneDensity(), workers=2, progress=False)
+        seconds = time.perf_counter() - t
+        n = len(report.outcomes)
+        print(
+            f"project of {n} series of 120x512x512 (2.5 mm) on the embedded cluster "
+            f"(2 workers): {seconds:.1f} s, {3600 * n / seconds:.0f} series/hour "
+            f"({report.counts()}, cluster start included)"
+        )
+
+
+if __name__ == "__main__":
+    main()
