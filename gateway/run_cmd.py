@@ -1,5 +1,6 @@
-"""`sphere run bone-density PROJECT` (a pipeline over a project's series, with Dask) and
-`sphere results PROJECT` (the results table, CSV or Parquet). Mounted by `register(app)`."""
+"""`sphere run bone-density PROJECT` (a pipeline over a project's series, with Dask),
+`sphere results PROJECT` (the results table, CSV or Parquet) and `sphere train bone-density`
+(a learned vertebral-body segmenter, saved as a MONAI bundle). Mounted by `register(app)`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from core import Core, Settings, SphereError
 run_app = typer.Typer(
     help="Run an analysis pipeline over a project's series.", no_args_is_help=True
 )
+train_app = typer.Typer(help="Train a pipeline's model locally.", no_args_is_help=True)
 WIDTH = 80
 
 
@@ -37,6 +39,10 @@ def bone_density(
     force: Annotated[
         bool, typer.Option("--force", help="Re-run series already done with this version.")
     ] = False,
+    model: Annotated[
+        Path | None,
+        typer.Option(help="A bundle folder from `sphere train bone-density`: learned bodies."),
+    ] = None,
 ) -> None:
     """L1 trabecular attenuation of each eligible CT series: results, SR, SEG and PNG."""
     from processing.bone_density import BoneDensity
@@ -44,10 +50,16 @@ def bone_density(
 
     if workers is not None and workers < 1:
         raise SphereError("--workers must be at least 1")
+    model_path = None
+    if model is not None:
+        from processing.bone.learned import load_bundle
+
+        load_bundle(model)  # a missing or corrupt bundle is one line, before any work
+        model_path = str(model.resolve())
     report = run_pipeline(
         _settings(ctx),
         project,
-        BoneDensity(),
+        BoneDensity(model_path=model_path),
         scheduler=scheduler,
         workers=workers,
         gpus=max(gpus, 1) if gpu else 0,
@@ -101,7 +113,48 @@ def table_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+@train_app.command("bone-density")
+def train_bone_density(
+    out: Annotated[Path, typer.Option(help="Folder to write the MONAI bundle to.")],
+    phantoms: Annotated[
+        int, typer.Option(help="Synthetic phantoms made for it (a fifth held out).")
+    ] = 12,
+    epochs: Annotated[int, typer.Option(help="Passes over the training volumes.")] = 15,
+    size: Annotated[int, typer.Option(help="Training crop edge, voxels (2x3x3 mm).")] = 48,
+    seed: Annotated[int, typer.Option(help="Seed of phantoms, crops and weights.")] = 0,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Folder of labelled .npz volumes (image, labels, spacing) to add."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite a bundle in OUT.")] = False,
+) -> None:
+    """Train the vertebral-body segmenter on the CPU and save it as a MONAI bundle."""
+    from harness.phantoms import make_phantom  # the one door to the harness from here
+    from processing.bone.learned import Recipe, make_data, save_bundle, train
+
+    if phantoms < 2 or epochs < 1 or size < 16 or size % 4:
+        raise SphereError("need --phantoms >= 2, --epochs >= 1, --size >= 16 and a multiple of 4")
+    if (out / "models" / "model.pt").exists() and not force:
+        raise SphereError(f"{out} already holds a bundle; give --force to overwrite it")
+    if data is not None and not data.is_dir():
+        raise SphereError(f"--data {data}: not a folder")
+    recipe = Recipe(
+        phantoms=phantoms,
+        epochs=epochs,
+        size=size,
+        seed=seed,
+        data=str(data) if data else None,
+    )
+    result = train(recipe, make_data(recipe, make_phantom), log=typer.echo)
+    save_bundle(result, out)
+    typer.echo(
+        f"bundle written to {out}: validation Dice {result.val_dice:.3f} on {result.n_val} "
+        f"held-out volumes ({result.n_train} trained on, {result.seconds:.0f} s)"
+    )
+
+
 def register(app: typer.Typer) -> None:
-    """Mount `run` and `results` on the main CLI."""
+    """Mount `run`, `results` and `train` on the main CLI."""
     app.add_typer(run_app, name="run")
+    app.add_typer(train_app, name="train")
     app.command("results")(results)

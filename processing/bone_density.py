@@ -2,6 +2,8 @@
 
 The science takes the HU volume in the store's (z, y, x) order with its LPS affine, on any torch
 device; this wraps it: header facts in, per-level ROIs out as SEG segments and SR measurements.
+With `model_path` (a bundle folder from `sphere train bone-density`) a learned segmenter finds
+the vertebral bodies; L1 is still named only when ribs and sacrum agree.
 """
 
 from __future__ import annotations
@@ -42,6 +44,22 @@ class BoneDensity(Pipeline):
     osteoporosis_hu: float = 110.0
     osteopenia_hu: float = 160.0
 
+    def load_model(self, device: torch.device) -> Any:
+        """The learned body segmenter of the bundle at `model_path`; None: classical bodies."""
+        if not self.model_path:
+            return None
+        from processing.bone.learned import load_bundle
+
+        return load_bundle(self.model_path, device)
+
+    def model_checksum(self) -> str | None:
+        """sha256 over the bundle's files (`model_path` is a bundle folder, not one file)."""
+        if not self.model_path:
+            return None
+        from processing.bone.learned import bundle_checksum
+
+        return bundle_checksum(self.model_path)
+
     def run(
         self, image: MetaTensor, facts: SeriesFacts, *, model: Any, device: torch.device
     ) -> Finding:
@@ -57,6 +75,7 @@ class BoneDensity(Pipeline):
             bone_hu=self.bone_hu,
             metal_hu=self.metal_hu,
             roi_area_mm2=self.roi_area_mm2,
+            segmenter=model,
         )
         values: dict[str, Any] = {
             "l1_hu": report.l1_hu,

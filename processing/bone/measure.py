@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -10,7 +11,10 @@ import torch
 from processing.bone.levels import CODES, assign_levels, find_ribs, find_sacrum
 from processing.bone.orient import canonical_orientation
 from processing.bone.roi import body_roi
-from processing.bone.segment import find_column, split_bodies
+from processing.bone.segment import find_column, split_bodies, wall_from_mask
+
+# canonical HU volume (S, P, L), its spacing -> vertebral-body mask on the same grid
+Segmenter = Callable[[torch.Tensor, tuple[float, float, float]], np.ndarray]
 
 MEASURED = ("T12", "L1", "L2", "L3", "L4")
 
@@ -100,12 +104,14 @@ def measure_bone_density(
     roi_area_mm2: float = 200.0,
     fracture_ratio: float = 0.75,
     masks: bool = True,
+    segmenter: Segmenter | None = None,
 ) -> BoneReport:
     """Score L1 trabecular attenuation of an axial CT volume given in HU (after rescale).
 
     Orientation: `affine` (array index -> LPS mm), or without it axial DICOM order with axis 0
     superior when `z_increases_superior`. Unsigned arrays are refused: HU are signed; convert
-    stored values with `to_hu` first.
+    stored values with `to_hu` first. A `segmenter` (e.g. a trained network) gives the
+    vertebral bodies in place of the anterior-wall signal; an implausible mask is refused.
     """
     arr = np.asarray(volume_hu)
     if arr.dtype.kind == "u" or arr.dtype == np.bool_:
@@ -124,6 +130,11 @@ def measure_bone_density(
         report.reason = "volume too small to hold a spine"
         return report
     col = find_column(vol, spacing, bone_hu)
+    if segmenter is not None:
+        why = wall_from_mask(col, np.asarray(segmenter(vol, spacing), bool), spacing)
+        if why:
+            report.reason = f"learned segmenter output implausible: {why}"
+            return report
     segs = split_bodies(col, spacing)
     report.n_segments = len(segs)
     if len(segs) < 3:

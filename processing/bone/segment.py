@@ -181,3 +181,26 @@ def split_bodies(col: Column, spacing: tuple[float, float, float]) -> list[Segme
         for s in segs:
             s.tall = not s.cut and s.height_mm > 1.6 * typical
     return segs
+
+
+def wall_from_mask(col: Column, mask: np.ndarray, spacing: tuple[float, float, float]) -> str:
+    """Replace the wall signal with a body mask's per-slice area (a learned segmenter's), after
+    checking the mask looks like a column of bodies; returns why not ("" when it does)."""
+    sz, sy, sx = spacing
+    if mask.ndim != 3 or mask.shape[0] != col.wall.size or not mask.any():
+        return "no vertebral body found"
+    # the mask must sit on the column the classical track follows, not on ribs, pelvis or vessels
+    zz, yy, xx = np.nonzero(mask)
+    near = np.hypot((yy - col.ty[zz]) * sy, (xx - col.tx[zz]) * sx) <= 45.0
+    away = 1.0 - float(near.mean())
+    if away > 0.25:
+        return f"{away:.0%} of the body voxels lie away from the spinal column"
+    area = np.bincount(zz[near], minlength=mask.shape[0]) * sy * sx  # stray voxels left out
+    on = area > 150.0
+    if on.sum() * sz < 40.0:
+        return f"bodies on {on.sum() * sz:.0f} mm of the column, too little for a spine"
+    typical = float(np.median(area[on]))
+    if not 300.0 <= typical <= 4000.0:
+        return f"body cross-section {typical:.0f} mm², not a vertebral body's"
+    col.wall = np.clip(area / typical, 0.0, 1.0)
+    return ""
