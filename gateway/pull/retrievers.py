@@ -61,13 +61,26 @@ class Retriever(Protocol):
         """Bring every instance of one series to the receivers; thread-safe."""
 
 
+class _Source:
+    """What every retriever shares: its protocol's errors become `SourceError`, named by it."""
+
+    errors: type[Exception] = Exception
+
+    def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return fn(*args)
+        except self.errors as e:
+            raise SourceError(f"{self}: {e}") from None
+
+
 # -- DIMSE ------------------------------------------------------------------------------------
 
 
-class DimseRetriever:
+class DimseRetriever(_Source):
     """What C-MOVE and C-GET share: C-ECHO and C-FIND (Study Root) on the PACS."""
 
     protocol = "dimse"
+    errors = DimseError
 
     def __init__(self, name: str, scu: Scu, peer: Peer, cfg: ReceiverConfig, limit: int) -> None:
         self.name, self.scu, self.peer, self.cfg = name, scu, peer, cfg
@@ -81,12 +94,6 @@ class DimseRetriever:
 
     def find_series(self, study_uid: str) -> list[SeriesHit]:
         return self._call(self.scu.find_series, self.peer, study_uid)
-
-    def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        try:
-            return fn(*args)
-        except DimseError as e:
-            raise SourceError(f"{self}: {e}") from None
 
     def __str__(self) -> str:
         return f"PACS {self.peer.ae_title} at {self.peer.host}:{self.peer.port}"
@@ -196,12 +203,13 @@ _QIDO_KEY = {
 _STUDY_FIELDS = "00080061,00201206,00201208"  # ModalitiesInStudy, related series, instances
 
 
-class DicomwebRetriever:
+class DicomwebRetriever(_Source):
     """QIDO-RS to plan, WADO-RS to retrieve: each instance of the multipart stream goes to a
     receiver in this process, exactly as a C-STORE would (refused unless expected, de-identified,
     spooled), and is counted; the pull verifies the count against QIDO's."""
 
     protocol = "dicomweb"
+    errors = DicomwebError
 
     def __init__(self, name: str, client: DicomwebClient, cfg: ReceiverConfig, limit: int) -> None:
         self.name, self.client, self.cfg = name, client, cfg
@@ -257,12 +265,6 @@ class DicomwebRetriever:
         finally:
             receiver.on_release()  # what came whole is flushed and kept for the next attempt
         return RetrieveResult(status=0, completed=ok, failed=bad)
-
-    def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        try:
-            return fn(*args)
-        except DicomwebError as e:
-            raise SourceError(f"{self}: {e}") from None
 
     def __str__(self) -> str:
         return f"DICOMweb source {self.name} at {self.client.where}"
