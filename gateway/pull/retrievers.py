@@ -73,6 +73,28 @@ class _Source:
             raise SourceError(f"{self}: {e}") from None
 
 
+class _ReceivesHere(_Source):
+    """A retriever whose instances arrive in this process: one receiver, open while entered."""
+
+    cfg: ReceiverConfig
+    _receiver: Receiver | None = None
+
+    def __enter__(self) -> _ReceivesHere:
+        self._receiver = Receiver(self.cfg)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._receiver is not None:
+            self._receiver.close()
+            self._receiver = None
+
+    @property
+    def receiver(self) -> Receiver:
+        if self._receiver is None:
+            raise RuntimeError("retriever used outside its `with` block")
+        return self._receiver
+
+
 # -- DIMSE ------------------------------------------------------------------------------------
 
 
@@ -169,24 +191,14 @@ class MoveRetriever(DimseRetriever):
         return self._call(mover.move_series, study_uid, series_uid, self.scu.calling_ae)
 
 
-class GetRetriever(DimseRetriever):
+class GetRetriever(DimseRetriever, _ReceivesHere):
     """C-GET: the instances come back on our own association, to a receiver in this process
     (for a PACS that cannot open a connection back to us)."""
 
     protocol = "get"
-    _receiver: Receiver | None = None
-
-    def __enter__(self) -> GetRetriever:
-        self._receiver = Receiver(self.cfg)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._receiver is not None:
-            self._receiver.close()
-            self._receiver = None
 
     def retrieve(self, study_uid: str, series_uid: str) -> RetrieveResult:
-        receiver = _entered(self._receiver)
+        receiver = self.receiver
         get = self.scu.get_series
         result = self._call(get, self.peer, study_uid, series_uid, receiver.on_store)
         receiver.on_release()
@@ -203,7 +215,7 @@ _QIDO_KEY = {
 _STUDY_FIELDS = "00080061,00201206,00201208"  # ModalitiesInStudy, related series, instances
 
 
-class DicomwebRetriever(_Source):
+class DicomwebRetriever(_ReceivesHere):
     """QIDO-RS to plan, WADO-RS to retrieve: each instance of the multipart stream goes to a
     receiver in this process, exactly as a C-STORE would (refused unless expected, de-identified,
     spooled), and is counted; the pull verifies the count against QIDO's."""
@@ -214,16 +226,9 @@ class DicomwebRetriever(_Source):
     def __init__(self, name: str, client: DicomwebClient, cfg: ReceiverConfig, limit: int) -> None:
         self.name, self.client, self.cfg = name, client, cfg
         self.max_concurrent = max(1, limit)
-        self._receiver: Receiver | None = None
-
-    def __enter__(self) -> DicomwebRetriever:
-        self._receiver = Receiver(self.cfg)
-        return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._receiver is not None:
-            self._receiver.close()
-            self._receiver = None
+        super().__exit__(*exc)
         self.client.close()
 
     def echo(self) -> None:
@@ -247,7 +252,7 @@ class DicomwebRetriever(_Source):
         return [_series_hit(study_uid, d) for d in found]
 
     def retrieve(self, study_uid: str, series_uid: str) -> RetrieveResult:
-        receiver = _entered(self._receiver)
+        receiver = self.receiver
         ok = bad = 0
         caller = f"dicomweb:{self.name}"
         try:
@@ -318,12 +323,6 @@ def _series_hit(study_uid: str, d: dict[str, Any]) -> SeriesHit:
         series_number=_int(d, "00200011"),
         n_instances=_int(d, "00201209"),
     )
-
-
-def _entered(receiver: Receiver | None) -> Receiver:
-    if receiver is None:
-        raise RuntimeError("retriever used outside its `with` block")
-    return receiver
 
 
 # -- from settings ----------------------------------------------------------------------------
