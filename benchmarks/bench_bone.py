@@ -59,19 +59,10 @@ def commit_phantom(settings: Settings, index: int, size: int, slices: int, spaci
         for f in study.files:
             writer.add(pydicom.dcmread(f))
         info = writer.commit(core.store, key)
-        core.catalog.upsert_series(
-            core.project(PROJECT).id,
-            study.series_uid,
-            study_uid=study.study_uid,
-            modality="CT",
-            patient_pseudonym=study.patient_id,
-            expected=info.n_instances,
-            stored=info.n_instances,
-            status="complete",
-            storage_key=key,
-            nbytes=info.nbytes,
-            shape=list(info.shape),
-        )
+        core.catalog.mark_complete(
+            core.project(PROJECT).id, study.series_uid, key, info, study_uid=study.study_uid,
+            modality="CT", patient_pseudonym=study.patient_id,
+        )  # fmt: skip
     for f in study.files:
         f.unlink()
     return key

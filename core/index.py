@@ -7,6 +7,13 @@ from core.core import Core
 from storage.series import SeriesReader
 
 
+def index_stored(core: Core, project_id: int, key: str) -> None:
+    """Index one committed series from its stored headers (what the web serves); a series
+    indexed before is replaced."""
+    reader = SeriesReader(core.store, key)
+    core.catalog.index_series(project_id, key, reader.headers(), int(reader.attrs["n_slices"]))
+
+
 def reindex(core: Core, name: str, *, actor: str = "") -> int:
     """Index every complete series of the project from its stored headers; returns how many."""
     project = core.project(name)
@@ -14,10 +21,7 @@ def reindex(core: Core, name: str, *, actor: str = "") -> int:
     for row in core.catalog.series(project.id, status="complete"):
         if not row.storage_key:
             continue
-        reader = SeriesReader(core.store, row.storage_key)
-        core.catalog.index_series(
-            project.id, row.storage_key, reader.headers(), int(reader.attrs["n_slices"])
-        )
+        index_stored(core, project.id, row.storage_key)
         n += 1
     core.catalog.audit(actor or core.actor, "project.reindex", name, series=n)
     return n

@@ -24,6 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from zarr.core.buffer import default_buffer_prototype
 
 from core.core import Core
+from core.index import index_stored
 from dicom import IMPLEMENTATION_CLASS_UID, json_model
 from processing.pipeline import Finding, Pipeline
 from storage.objectstore import guard, run
@@ -204,22 +205,11 @@ def store_derived(
         writer.discard()
         raise
     p = core.project(project)
-    reader = SeriesReader(core.store, key)
-    core.catalog.index_series(p.id, key, reader.headers(), int(reader.attrs["n_slices"]))
-    core.catalog.upsert_series(
-        p.id,
-        uid,
-        study_uid=study_uid,
-        modality=modality,
-        patient_pseudonym=patient,
-        expected=info.n_instances,
-        stored=info.n_instances,
-        status="complete",
-        storage_key=key,
-        nbytes=info.nbytes,
-        shape=list(info.shape),
-        error=None,
-    )
+    index_stored(core, p.id, key)
+    core.catalog.mark_complete(
+        p.id, uid, key, info, study_uid=study_uid, modality=modality,
+        patient_pseudonym=patient, error=None,
+    )  # fmt: skip
     return Derived(uid, key, modality)
 
 

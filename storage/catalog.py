@@ -176,6 +176,23 @@ class Catalog:
             )
             return dict(s.execute(q).all())
 
+    def mark_complete(
+        self, project_id: int, series_uid: str, storage_key: str, info: Any, **values: Any
+    ) -> None:
+        """A series committed whole outside a pull (a pipeline's output, a test's data):
+        complete, with what `info` (the commit's SeriesInfo) says is stored, all expected."""
+        self.upsert_series(
+            project_id,
+            series_uid,
+            status="complete",
+            storage_key=storage_key,
+            expected=info.n_instances,
+            stored=info.n_instances,
+            nbytes=info.nbytes,
+            shape=list(info.shape),
+            **values,
+        )
+
     def upsert_series(self, project_id: int, series_uid: str, **values: Any) -> None:
         """Create or update a series row (by pseudonymous UID) with these column values."""
         with self.session() as s:

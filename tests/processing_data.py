@@ -96,19 +96,10 @@ def store_series(settings: Settings, project: str, datasets: list[Dataset], spoo
             writer.add(ds)
         info = writer.commit(core.store, key)
         p = core.project(project)
-        core.catalog.upsert_series(
-            p.id,
-            series,
-            study_uid=study,
-            modality=ds0.Modality,
+        core.catalog.mark_complete(
+            p.id, series, key, info, study_uid=study, modality=ds0.Modality,
             patient_pseudonym=str(ds0.PatientID),
-            expected=info.n_instances,
-            stored=info.n_instances,
-            status="complete",
-            storage_key=key,
-            nbytes=info.nbytes,
-            shape=list(info.shape),
-        )
+        )  # fmt: skip
     return key
 
 

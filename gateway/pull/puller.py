@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import date
 
 from core import Core, SphereError, Unavailable
+from core.index import index_stored
 from core.projects import CohortEntry, cohort
 from deid.keys import ProjectKeys
 from gateway.dimse.scu import RetrieveResult, SeriesHit, StudyHit
@@ -25,7 +26,7 @@ from gateway.pull.layout import SpoolLayout
 from gateway.pull.report import PullReport, SeriesOutcome
 from gateway.pull.retrievers import Retriever, SourceError, open_retrievers
 from storage.catalog import Project, utcnow
-from storage.series import SeriesError, SeriesReader, SeriesWriter, series_key
+from storage.series import SeriesError, SeriesWriter, series_key
 
 log = logging.getLogger(__name__)
 
@@ -314,12 +315,8 @@ class Puller:
         )
 
     def _index(self, job: SeriesJob) -> None:
-        """The QIDO-RS index rows of a committed series, from its stored headers (what the
-        web serves), before the series is marked complete."""
-        reader = SeriesReader(self.core.store, job.key)
-        self.core.catalog.index_series(
-            self.project.id, job.key, reader.headers(), int(reader.attrs["n_slices"])
-        )
+        """The QIDO-RS index rows of a committed series, before it is marked complete."""
+        index_stored(self.core, self.project.id, job.key)
 
     def _fail(self, job: SeriesJob, error: str) -> SeriesOutcome:
         self._upsert(job, status="failed", error=error)
