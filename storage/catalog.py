@@ -12,13 +12,14 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import create_engine, event, func, insert, select
+from sqlalchemy import create_engine, event, func, insert, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 
 from storage import index
 from storage.models import (
+    AccessVersion,
     AuditEvent,
     Base,
     CohortItem,
@@ -52,6 +53,9 @@ __all__ = [
 
 
 Hit = index.Hit
+# Changes to these bump `AccessVersion` in the same transaction.
+WATCHED = (Project, User, Membership, IndexedStudy, IndexedSeries, IndexedInstance)
+_VERSION = text("SELECT version FROM access_version WHERE id = 1")
 
 
 class DuplicateProject(Exception):
@@ -67,6 +71,13 @@ class Catalog:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        _watch_changes(self._sessions)
+        try:
+            with self.session() as s:
+                if s.get(AccessVersion, 1) is None:
+                    s.add(AccessVersion(id=1, version=0))
+        except IntegrityError:  # another process made it first
+            pass
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -76,6 +87,12 @@ class Catalog:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+    def access_version(self) -> int:
+        """A number that changes with every commit that changes projects, users, roles or the
+        QIDO-RS index: one one-row read, for a cache of those to check on each request."""
+        with self.engine.connect() as c:
+            return int(c.execute(_VERSION).scalar() or 0)
 
     # -- projects -----------------------------------------------------------------------------
 
@@ -258,27 +275,15 @@ class Catalog:
                 q = q.where(IndexedInstance.sop_uid == sop_uid)
             return list(s.scalars(q.order_by(IndexedInstance.position)))
 
-    def locate_instance(
-        self, project_id: int, study_uid: str, series_uid: str, sop_uid: str
-    ) -> tuple[IndexedSeries, IndexedInstance] | None:
-        """An instance and its series, when both are in this project and this study."""
+    def instance_positions(self, project_id: int, series_uid: str) -> dict[str, tuple[int, bool]]:
+        """Each instance of a series: SOP Instance UID -> (stored position, has pixels)."""
         with self.session() as s:
-            q = (
-                select(IndexedSeries, IndexedInstance)
-                .join(
-                    IndexedInstance,
-                    (IndexedInstance.project_id == IndexedSeries.project_id)
-                    & (IndexedInstance.series_uid == IndexedSeries.series_uid),
-                )
-                .where(
-                    IndexedSeries.project_id == project_id,
-                    IndexedSeries.study_uid == study_uid,
-                    IndexedSeries.series_uid == series_uid,
-                    IndexedInstance.sop_uid == sop_uid,
-                )
+            q = select(
+                IndexedInstance.sop_uid, IndexedInstance.position, IndexedInstance.has_pixels
+            ).where(
+                IndexedInstance.project_id == project_id, IndexedInstance.series_uid == series_uid
             )
-            row = s.execute(q).first()
-            return (row[0], row[1]) if row is not None else None
+            return {sop: (position, bool(pixels)) for sop, position, pixels in s.execute(q)}
 
     def indexed_studies(self, project_id: int) -> list[IndexedStudy]:
         """Every indexed study of a project, by date."""
@@ -463,6 +468,39 @@ class Catalog:
                 AuditEvent.at >= since,
             )
             return int(s.scalar(q) or 0)
+
+
+def _watch_changes(sessions: sessionmaker[Session]) -> None:
+    """Bump `AccessVersion` in any transaction that changes a `WATCHED` table, whether through
+    the ORM's unit of work or a bulk insert, update or delete."""
+
+    def flushing(session: Session, _context: Any, _instances: Any) -> None:
+        changed = (*session.new, *session.dirty, *session.deleted)
+        if any(isinstance(o, WATCHED) for o in changed):
+            session.info["bump"] = True
+
+    def executing(state: ORMExecuteState) -> None:
+        if state.is_insert or state.is_update or state.is_delete:
+            mapper = state.bind_mapper
+            if mapper is not None and issubclass(mapper.class_, WATCHED):
+                state.session.info["bump"] = True
+
+    def committing(session: Session) -> None:
+        session.flush()  # the last flush runs after this hook: see what it would write
+        if session.info.pop("bump", False):
+            session.execute(
+                update(AccessVersion)
+                .where(AccessVersion.id == 1)
+                .values(version=AccessVersion.version + 1)
+            )
+
+    def rolled_back(session: Session, _transaction: Any) -> None:
+        session.info.pop("bump", None)
+
+    event.listen(sessions, "before_flush", flushing)
+    event.listen(sessions, "do_orm_execute", executing)
+    event.listen(sessions, "before_commit", committing)
+    event.listen(sessions, "after_soft_rollback", rolled_back)
 
 
 def _sqlite_pragmas(conn: Any, _record: Any) -> None:

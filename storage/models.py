@@ -118,6 +118,17 @@ class AuditEvent(Base):
     detail: Mapped[str] = mapped_column(Text, default="{}")
 
 
+class AccessVersion(Base):
+    """One row whose number changes with every commit that changes who may see what (projects,
+    users, roles) or what is there to see (the QIDO-RS index): a server's caches of those stay
+    valid while it is unchanged (`Catalog.access_version`)."""
+
+    __tablename__ = "access_version"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, default=0)
+
+
 # -- the QIDO-RS index: written when a series is committed, read by searches (never Zarr) --------
 # Columns hold what searches match on; `dataset` the DICOM JSON of the level's own attributes
 # (those every instance below shares), for returning them and matching on the others.

@@ -365,6 +365,38 @@ def test_revoked_user_is_refused(site):
     assert fetch(f"{site.root}/studies", token).status == 401
 
 
+def test_changes_reach_a_warm_cache_on_the_next_request(site, monkeypatch):
+    """Access and locations are cached between requests (gateway.web.cache): a revoked
+    project, an unindexed series and a new grant must still take effect at once."""
+    core = site.gw.core
+    study, series = site.uids(1)
+    sop = site.reader(1).header(0)["00080018"]["Value"][0]
+    frame = f"{site.root}/studies/{study}/series/{series}/instances/{sop}/frames/1"
+    token = users.add(core, "frank")
+    assert fetch(frame, token).status == 404  # not a member yet
+    users.grant(core, "web", "frank", "viewer")
+    for _ in range(2):  # warm
+        assert fetch(frame, token).status == 200
+    pid = core.project("web").id
+    core.catalog.unindex_series(pid, series)
+    assert fetch(frame, token).status == 404
+    from core.index import reindex
+
+    reindex(core, "web")
+    assert fetch(frame, token).status == 200
+    # The positive control: with the version check blinded, a stale answer is served.
+    monkeypatch.setattr(type(core.catalog), "access_version", lambda self: -1)
+    assert fetch(frame, token).status == 200  # the version becomes -1: cleared once, warm again
+    core.catalog.update_project("web", status="revoked")
+    try:
+        assert fetch(frame, token).status == 200  # stale: what the check exists to prevent
+        monkeypatch.undo()
+        assert fetch(frame, token).status == 403
+    finally:
+        core.catalog.update_project("web", status="approved")
+    assert fetch(frame, token).status == 200
+
+
 def test_requests_are_audited(site):
     study, _ = site.uids(1)
     fetch(f"{site.root}/studies/{study}/metadata", site.tokens["alice"])

@@ -186,3 +186,47 @@ def test_inline_pixel_data_is_not_indexed_and_is_served_as_bulk_data(tmp_path):
     }
     assert wado.inline_pixels(header) == pixels
     assert wado.inline_pixels({}) is None
+
+
+def test_access_version_changes_with_access_and_index_only(catalog):
+    """The web caches stay valid while this number is unchanged: every change to projects,
+    users, roles and the index (ORM or bulk statement) must move it; audit rows must not."""
+    from storage.catalog import Membership, User
+
+    cat, pid, corpus = catalog
+    seen = [cat.access_version()]
+
+    def moved() -> bool:
+        seen.append(cat.access_version())
+        return seen[-1] != seen[-2]
+
+    cat.audit("tester", "nothing.changes", None)
+    cat.audit_many([{"actor": "t", "action": "a", "project": None, "outcome": "ok", "detail": {}}])
+    assert not moved()  # the control: a write that is not watched
+    cat.add_project(Project(name="v", title=""))
+    assert moved()
+    cat.update_project("v", status="revoked")
+    assert moved()
+    assert cat.add_user(User(name="vic", token_hash="0" * 64))
+    assert moved()
+    cat.grant(cat.project("v").id, cat.user("vic").id, "viewer", "tester")
+    assert moved()
+    cat.update_user("vic", active=False)
+    assert moved()
+    (hit, *_) = cat.search("series", pid, [])
+    cat.unindex_series(pid, hit.series_uid)  # a bulk delete, then an ORM delete
+    assert moved()
+    with pytest.raises(RuntimeError), cat.session() as s:  # rolled back: nothing changed
+        s.add(Membership(project_id=pid, user_id=cat.user("vic").id, role="viewer"))
+        s.flush()
+        raise RuntimeError
+    assert not moved()
+    # Put the series back as it was (the other tests of this module search it).
+    uid = hit.series_uid
+    dss = sorted(
+        (pydicom.dcmread(f, stop_before_pixels=True) for f in corpus.files),
+        key=lambda d: float(d.ImagePositionPatient[2]),
+    )
+    headers = [json_model.to_json_dict(d) for d in dss if d.SeriesInstanceUID == uid]
+    cat.index_series(pid, f"k/{uid}", headers, len(headers))  # bulk inserts
+    assert moved()

@@ -20,6 +20,7 @@ from core import Core
 from gateway.web import sessions
 from gateway.web.accept import NotAcceptable
 from gateway.web.audit import AuditBuffer, AuditMiddleware
+from gateway.web.cache import CatalogCache
 from gateway.web.qido import QidoError
 from gateway.web.render import RenderError
 from gateway.web.routes import pages, qido, wado
@@ -43,6 +44,7 @@ def create_app(core: Core) -> FastAPI:
     )
     app.state.core = core
     app.state.readers = Readers(core.store)
+    app.state.cache = CatalogCache(core)
     app.state.session_secret = sessions.load_secret(core.settings.home)
     app.state.audit = buffer
     app.include_router(pages.router)
@@ -53,7 +55,7 @@ def create_app(core: Core) -> FastAPI:
         from gateway.web.deps import user_from_request
         from gateway.web.viewer import mount_viewer
 
-        mount_viewer(app, viewer_dist, lambda r: user_from_request(r, core) is not None)
+        mount_viewer(app, viewer_dist, lambda r: user_from_request(r) is not None)
 
     for error, status in (
         (NotAcceptable, 406),

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import HTTPException, Request
 
-from core import Core, users
+from core import Core
 from gateway.web import sessions
+from gateway.web.cache import CatalogCache
 from storage.catalog import Project, User
 
 
@@ -44,27 +45,34 @@ def audit(request: Request, action: str | None = None, **detail: Any) -> None:
     record["detail"].update({k: v for k, v in detail.items() if v is not None})
 
 
-def user_from_request(request: Request, core: Core) -> User | None:
-    """The user a request's bearer token or session cookie names, or None."""
+def catalog_cache(request: Request) -> CatalogCache:
+    return request.app.state.cache
+
+
+def user_from_request(request: Request) -> User | None:
+    """The user a request's bearer token or session cookie names, or None. Refreshes the
+    catalog cache: this runs first in every request that needs a user."""
+    cache = catalog_cache(request)
+    cache.refresh()
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if header:
-        return users.authenticate(core, token.strip()) if scheme.lower() == "bearer" else None
+        return cache.user_by_token(token.strip()) if scheme.lower() == "bearer" else None
     cookie = request.cookies.get(sessions.COOKIE)
     if not cookie:
         return None
     found = sessions.read(request.app.state.session_secret, cookie)
     if found is None:
         return None
-    user = core.catalog.user_by_id(found[0])
+    user = cache.user_by_id(found[0])
     if user is None or not user.active or sessions.fingerprint(user.token_hash) != found[1]:
         return None
     return user
 
 
-def current_user(request: Request, core: Core = Depends(get_core)) -> User:
+def current_user(request: Request) -> User:
     """The signed-in user, else 401: the one place a credential is checked."""
-    user = user_from_request(request, core)
+    user = user_from_request(request)
     if user is None:
         raise HTTPException(
             401, "sign in: a bearer token or a session", {"WWW-Authenticate": "Bearer"}
@@ -75,14 +83,15 @@ def current_user(request: Request, core: Core = Depends(get_core)) -> User:
     return user
 
 
-def project_access(project: str, request: Request, core: Core = Depends(get_core)) -> Access:
+def project_access(project: str, request: Request) -> Access:
     """The caller's access to `project` (calls `current_user` itself: one thread hop, not two,
     for each request)."""
-    user = current_user(request, core)
+    user = current_user(request)
+    cache = catalog_cache(request)
     record = getattr(request.state, "audit", None)
-    found = core.catalog.membership(project, user.id)
+    found = cache.membership(project, user.id)
     if found is None:  # no such project, or not a member: the same answer
-        if record is not None and core.catalog.project(project) is not None:
+        if record is not None and cache.project_exists(project):
             record["project"] = project  # a name typed that is no project is not kept
         raise HTTPException(404, "not found")
     p, role = found

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from pydicom import Dataset
 
-from storage.catalog import IndexedInstance, IndexedSeries
+from storage.catalog import IndexedSeries
 from storage.frames import FrameReader
 from storage.series import SeriesError, SeriesReader
 
@@ -124,16 +124,15 @@ def encode(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def instances(
-    reader: SeriesReader, wanted: Iterable[IndexedInstance] | None = None
-) -> Iterator[bytes]:
-    """Part 10 bytes of the series' instances (all, or those given), one at a time."""
-    if wanted is None:
+def instances(reader: SeriesReader, positions: Iterable[int] | None = None) -> Iterator[bytes]:
+    """Part 10 bytes of the series' instances (all, or those at the stored positions given),
+    one at a time."""
+    if positions is None:
         for ds in reader.iter_instances():
             yield encode(ds)
         return
-    for inst in wanted:
-        yield encode(reader.instance(inst.position))
+    for position in positions:
+        yield encode(reader.instance(position))
 
 
 def inline_pixels(header: dict[str, Any]) -> bytes | None:

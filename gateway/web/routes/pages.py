@@ -94,7 +94,7 @@ def signout(request: Request) -> Response:
 
 @router.get("/")
 def home(request: Request, core: Core = Depends(get_core)) -> Response:
-    user = user_from_request(request, core)
+    user = user_from_request(request)
     if user is None:
         return RedirectResponse("/signin", status_code=303)
     request.state.audit["actor"] = user.name

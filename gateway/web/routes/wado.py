@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import Response, StreamingResponse
 
-from core import Core
 from gateway.web import wado
 from gateway.web.accept import (
     negotiate_bulkdata,
@@ -22,10 +21,11 @@ from gateway.web.accept import (
     negotiate_metadata,
     negotiate_rendered,
 )
-from gateway.web.deps import Access, audit, dicomweb_root, get_core, project_access
+from gateway.web.cache import Located
+from gateway.web.deps import Access, audit, catalog_cache, dicomweb_root, project_access
 from gateway.web.multipart import MultipartWriter
 from gateway.web.render import PixelAttributes, parse_render_params, render_frame
-from storage.catalog import IndexedInstance, IndexedSeries
+from storage.catalog import IndexedSeries
 
 router = APIRouter()
 GZIP_MIN = 1024
@@ -33,18 +33,18 @@ MAX_FRAMES = 64  # frame numbers in one request: each is a part held in memory
 
 
 def _series(
-    core: Core, access: Access, study: str, series: str | None = None
+    request: Request, access: Access, study: str, series: str | None = None
 ) -> list[IndexedSeries]:
-    rows = core.catalog.indexed_series(access.project.id, study, series)
+    rows = catalog_cache(request).series(access.project.id, study, series)
     if not rows:
         raise HTTPException(404, "not found")
     return rows
 
 
 def _instance(
-    core: Core, access: Access, study: str, series: str, sop: str
-) -> tuple[IndexedSeries, IndexedInstance]:
-    found = core.catalog.locate_instance(access.project.id, study, series, sop)
+    request: Request, access: Access, study: str, series: str, sop: str
+) -> tuple[IndexedSeries, Located]:
+    found = catalog_cache(request).instance(access.project.id, study, series, sop)
     if found is None:
         raise HTTPException(404, "not found")
     return found
@@ -72,9 +72,8 @@ def retrieve_study(
     study: str,
     request: Request,
     access: Access = Depends(project_access),
-    core: Core = Depends(get_core),
 ):
-    rows = _series(core, access, study)
+    rows = _series(request, access, study)
     readers = [_readers(request).get(se) for se in rows]
     audit(request, "wado.study", study=study)
 
@@ -91,9 +90,8 @@ def retrieve_series(
     series: str,
     request: Request,
     access: Access = Depends(project_access),
-    core: Core = Depends(get_core),
 ):
-    (se,) = _series(core, access, study, series)
+    (se,) = _series(request, access, study, series)
     reader = _readers(request).get(se)
     audit(request, "wado.series", study=study, series=series)
     return _dicom_response(request, wado.instances(reader))
@@ -106,12 +104,11 @@ def retrieve_instance(
     sop: str,
     request: Request,
     access: Access = Depends(project_access),
-    core: Core = Depends(get_core),
 ):
-    se, inst = _instance(core, access, study, series, sop)
+    se, inst = _instance(request, access, study, series, sop)
     reader = _readers(request).get(se)
     audit(request, "wado.instance", study=study, series=series, instance=sop)
-    return _dicom_response(request, wado.instances(reader, [inst]))
+    return _dicom_response(request, wado.instances(reader, [inst.position]))
 
 
 # -- metadata ----------------------------------------------------------------------------------
@@ -150,9 +147,8 @@ def study_metadata(
     study: str,
     request: Request,
     access: Access = Depends(project_access),
-    core: Core = Depends(get_core),
 ):
-    rows = _series(core, access, study)
+    rows = _series(request, access, study)
     root = dicomweb_root(request, access.project.name)
     audit(request, "wado.study.metadata", study=study)
     return _json(
@@ -168,9 +164,8 @@ def series_metadata(
     series: str,
     request: Request,
     access: Access = Depends(project_access),
-    core: Core = Depends(get_core),
 ):
-    rows = _series(core, access, study, series)
+    rows = _series(request, access, study, series)
     root = dicomweb_root(request, access.project.name)
     audit(request, "wado.series.metadata", study=study, series=series)
     return _json(
@@ -187,9 +182,8 @@ def instance_metadata(
     sop: str,
     request: Request,
     access: Access = Depends(project_access),
-    core: Core = Depends(get_core),
 ):
-    se, inst = _instance(core, access, study, series, sop)
+    se, inst = _instance(request, access, study, series, sop)
     root = dicomweb_root(request, access.project.name)
     audit(request, "wado.instance.metadata", study=study, series=series, instance=sop)
 
@@ -229,9 +223,9 @@ def _bulk_response(request: Request, frames: list[bytes]) -> Response:
 
 
 def _pixels(
-    core: Core, access: Access, study: str, series: str, sop: str
-) -> tuple[IndexedSeries, IndexedInstance]:
-    se, inst = _instance(core, access, study, series, sop)
+    request: Request, access: Access, study: str, series: str, sop: str
+) -> tuple[IndexedSeries, Located]:
+    se, inst = _instance(request, access, study, series, sop)
     if not inst.has_pixels:
         raise HTTPException(404, "this instance has no pixel data")
     return se, inst
@@ -245,10 +239,9 @@ def retrieve_frames(
     frames: str,
     request: Request,
     access: Access = Depends(project_access),
-    core: Core = Depends(get_core),
 ):
     numbers = _frame_numbers(frames)
-    se, inst = _pixels(core, access, study, series, sop)
+    se, inst = _pixels(request, access, study, series, sop)
     if any(n != 1 for n in numbers):  # stored instances are single-frame
         raise HTTPException(404, "no such frame")
     audit(request, "wado.frames", study=study, series=series, instance=sop, frames=len(numbers))
@@ -264,11 +257,10 @@ def retrieve_bulkdata(
     tag: str,
     request: Request,
     access: Access = Depends(project_access),
-    core: Core = Depends(get_core),
 ):
     if tag.upper() != wado.PIXEL_DATA:
         raise HTTPException(404, "not found")
-    se, inst = _instance(core, access, study, series, sop)
+    se, inst = _instance(request, access, study, series, sop)
     audit(request, "wado.bulkdata", study=study, series=series, instance=sop)
     if inst.has_pixels:
         return _bulk_response(request, [_readers(request).frames(se).raw(inst.position)])
@@ -297,8 +289,8 @@ def _rendered(request: Request, se: IndexedSeries, position: int, thumbnail: boo
     return Response(body, media_type=chosen.media_type)
 
 
-def _instance_image(request, access, core, study, series, sop, frame, kind):
-    se, inst = _pixels(core, access, study, series, sop)
+def _instance_image(request, access, study, series, sop, frame, kind):
+    se, inst = _pixels(request, access, study, series, sop)
     if frame != 1:
         raise HTTPException(404, "no such frame")
     audit(request, f"wado.{kind}", study=study, series=series, instance=sop)
@@ -312,9 +304,8 @@ def instance_rendered(
     sop: str,
     request: Request,
     access: Access = Depends(project_access),
-    core: Core = Depends(get_core),
 ):
-    return _instance_image(request, access, core, study, series, sop, 1, "rendered")
+    return _instance_image(request, access, study, series, sop, 1, "rendered")
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/thumbnail")
@@ -324,9 +315,8 @@ def instance_thumbnail(
     sop: str,
     request: Request,
     access: Access = Depends(project_access),
-    core: Core = Depends(get_core),
 ):
-    return _instance_image(request, access, core, study, series, sop, 1, "thumbnail")
+    return _instance_image(request, access, study, series, sop, 1, "thumbnail")
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frame}/rendered")
@@ -337,9 +327,8 @@ def frame_rendered(
     frame: int,
     request: Request,
     access: Access = Depends(project_access),
-    core: Core = Depends(get_core),
 ):
-    return _instance_image(request, access, core, study, series, sop, frame, "rendered")
+    return _instance_image(request, access, study, series, sop, frame, "rendered")
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frame}/thumbnail")
@@ -350,9 +339,8 @@ def frame_thumbnail(
     frame: int,
     request: Request,
     access: Access = Depends(project_access),
-    core: Core = Depends(get_core),
 ):
-    return _instance_image(request, access, core, study, series, sop, frame, "thumbnail")
+    return _instance_image(request, access, study, series, sop, frame, "thumbnail")
 
 
 def _middle_image(request: Request, se: IndexedSeries) -> Response:
@@ -369,9 +357,8 @@ def series_thumbnail(
     series: str,
     request: Request,
     access: Access = Depends(project_access),
-    core: Core = Depends(get_core),
 ):
-    (se,) = _series(core, access, study, series)
+    (se,) = _series(request, access, study, series)
     audit(request, "wado.thumbnail", study=study, series=series)
     return _middle_image(request, se)
 
@@ -381,8 +368,7 @@ def study_thumbnail(
     study: str,
     request: Request,
     access: Access = Depends(project_access),
-    core: Core = Depends(get_core),
 ):
-    rows = _series(core, access, study)
+    rows = _series(request, access, study)
     audit(request, "wado.thumbnail", study=study)
     return _middle_image(request, rows[0])

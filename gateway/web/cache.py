@@ -1,0 +1,102 @@
+"""What nearly every web request asks the catalog, kept between requests.
+
+A viewer asks for hundreds of frames a second, each needing: who holds this token, the user's
+role in the project, where the instance is. Those answers are kept here while the catalog's
+access version (`Catalog.access_version`, one one-row read, made once per request by
+`refresh`) is unchanged; any commit that revokes, grants, re-approves or re-indexes changes it,
+so such a change takes effect on the next request, as without a cache.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from core import Core, users
+from storage.catalog import IndexedSeries, Project, User
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Located:
+    """An instance of a series: its stored position, and whether it has frames."""
+
+    sop_uid: str
+    position: int
+    has_pixels: bool
+
+
+class CatalogCache:
+    """Catalog answers for the web (users, roles, series, instance positions), least recently
+    used dropped past `size`, all dropped when the access version changes."""
+
+    def __init__(self, core: Core, size: int = 4096) -> None:
+        self.core = core
+        self.size = size
+        self._entries: OrderedDict[Hashable, Any] = OrderedDict()
+        self._version: int | None = None
+        self._lock = threading.Lock()
+
+    def refresh(self) -> None:
+        """Drop everything when the catalog changed since the last call (once per request)."""
+        version = self.core.catalog.access_version()
+        with self._lock:
+            if version != self._version:
+                self._entries.clear()
+                self._version = version
+
+    def user_by_token(self, token: str) -> User | None:
+        """The active user holding this API token (`core.users.authenticate`), or None."""
+        found = self._get(
+            ("token", users.token_hash(token)), lambda: users.authenticate(self.core, token)
+        )
+        return found
+
+    def user_by_id(self, user_id: int) -> User | None:
+        return self._get(("user", user_id), lambda: self.core.catalog.user_by_id(user_id))
+
+    def membership(self, project: str, user_id: int) -> tuple[Project, str] | None:
+        """The project of that name and the user's role in it; None unless both exist."""
+        key = ("member", project, user_id)
+        return self._get(key, lambda: self.core.catalog.membership(project, user_id))
+
+    def project_exists(self, project: str) -> bool:
+        key = ("project", project)
+        return self._get(key, lambda: self.core.catalog.project(project) is not None)
+
+    def series(self, project_id: int, study: str, series: str | None) -> list[IndexedSeries]:
+        """A study's indexed series (or the one named) in this project, by series number."""
+        key = ("series", project_id, study, series)
+        return self._get(key, lambda: self.core.catalog.indexed_series(project_id, study, series))
+
+    def instance(
+        self, project_id: int, study: str, series: str, sop: str
+    ) -> tuple[IndexedSeries, Located] | None:
+        """An instance and its series, when both are in this project and this study."""
+        rows = self.series(project_id, study, series)
+        if not rows:
+            return None
+        key = ("positions", project_id, series)
+        positions = self._get(key, lambda: self.core.catalog.instance_positions(project_id, series))
+        found = positions.get(sop)
+        return (rows[0], Located(sop, *found)) if found is not None else None
+
+    def _get(self, key: Hashable, compute: Callable[[], T]) -> T:
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+            version = self._version
+        value = compute()
+        if value is None:
+            return value  # not kept: unknown tokens and names cost a query, never memory
+        with self._lock:
+            if version == self._version:  # computed against the version still current
+                self._entries[key] = value
+                while len(self._entries) > self.size:
+                    self._entries.popitem(last=False)
+        return value
