@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import create_engine, event, func, insert, select, text, update
+from sqlalchemy import create_engine, event, func, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
@@ -55,7 +55,7 @@ __all__ = [
 Hit = index.Hit
 # Changes to these bump `AccessVersion` in the same transaction.
 WATCHED = (Project, User, Membership, IndexedStudy, IndexedSeries, IndexedInstance)
-_VERSION = text("SELECT version FROM access_version WHERE id = 1")
+_VERSION = "SELECT version FROM access_version WHERE id = 1"
 
 
 class DuplicateProject(Exception):
@@ -91,8 +91,15 @@ class Catalog:
     def access_version(self) -> int:
         """A number that changes with every commit that changes projects, users, roles or the
         QIDO-RS index: one one-row read, for a cache of those to check on each request."""
-        with self.engine.connect() as c:
-            return int(c.execute(_VERSION).scalar() or 0)
+        conn = self.engine.raw_connection()  # asked on every web request: no Core overhead
+        try:
+            cur = conn.cursor()
+            cur.execute(_VERSION)
+            row = cur.fetchone()
+            cur.close()
+        finally:
+            conn.close()
+        return int(row[0]) if row else 0
 
     # -- projects -----------------------------------------------------------------------------
 

@@ -24,6 +24,8 @@ from storage import volume
 from storage.objectstore import guard, run
 from storage.series import SeriesError
 
+EMPTY = 2**64 - 1  # a shard index's offset for a chunk never written
+
 
 class FrameReader:
     """Frames of one committed series' volume, by stored position (z)."""
@@ -36,7 +38,9 @@ class FrameReader:
         if not array.shards:
             raise SeriesError("the volume is not sharded as storage.volume writes it")
         self.depth = int(array.shards[0])
-        self._indexes: dict[int, np.ndarray] = {}
+        self.frame_nbytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        self._root = str(store.root) if isinstance(store, LocalStore) else None
+        self._indexes: dict[int, list[list[int]]] = {}
         self._lock = threading.Lock()
 
     def raw(self, z: int) -> bytes:
@@ -44,8 +48,8 @@ class FrameReader:
         if not 0 <= z < self.shape[0]:
             raise IndexError("frame index out of range")
         shard, slot = divmod(z, self.depth)
-        offset, nbytes = (int(v) for v in self._index(shard)[slot])
-        if offset == int(np.uint64(2**64 - 1)):
+        offset, nbytes = self._index(shard)[slot]
+        if offset == EMPTY:
             return bytes(self.frame_nbytes)  # never written: the fill value
         data = blosc.decompress(self._read(shard, RangeByteRequest(offset, offset + nbytes)))
         if len(data) != self.frame_nbytes:
@@ -55,11 +59,7 @@ class FrameReader:
     def frame(self, z: int) -> np.ndarray:
         return np.frombuffer(self.raw(z), dtype=self.dtype).reshape(self.shape[1:])
 
-    @property
-    def frame_nbytes(self) -> int:
-        return int(np.prod(self.shape[1:])) * self.dtype.itemsize
-
-    def _index(self, shard: int) -> np.ndarray:
+    def _index(self, shard: int) -> list[list[int]]:
         with self._lock:
             found = self._indexes.get(shard)
         if found is not None:
@@ -69,7 +69,7 @@ class FrameReader:
         body, crc = raw[:-4], int.from_bytes(raw[-4:], "little")
         if google_crc32c.value(body) != crc:
             raise SeriesError("a shard index of the volume is damaged")
-        index = np.frombuffer(body, dtype="<u8").reshape(-1, 2)
+        index = np.frombuffer(body, dtype="<u8").reshape(-1, 2).tolist()  # ints, read often
         with self._lock:
             self._indexes[shard] = index
         return index
@@ -78,9 +78,9 @@ class FrameReader:
         """Bytes of a shard: straight from the file in a local folder (no event loop, no
         thread hop), else through the store."""
         key = f"{self.key}/volume/{volume.shard_key(shard, len(self.shape))}"
-        if isinstance(self.store, LocalStore):
+        if self._root is not None:
             try:
-                with open(self.store.root / key, "rb") as f:
+                with open(f"{self._root}/{key}", "rb") as f:
                     if isinstance(byte_range, SuffixByteRequest):
                         f.seek(-byte_range.suffix, os.SEEK_END)
                         return f.read(byte_range.suffix)

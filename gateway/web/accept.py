@@ -16,6 +16,7 @@ specific matching range decides, as in RFC 9110 12.5.1).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -325,8 +326,21 @@ def negotiate(
         accept = accept_query
     if allow_single_part is None:
         allow_single_part = kind is Resource.BULKDATA
-    offers = _offers(kind, stored_transfer_syntax, supported_transfer_syntaxes, allow_single_part)
     text = accept if isinstance(accept, str) or accept is None else ",".join(accept)
+    return _negotiate(
+        text, kind, stored_transfer_syntax, tuple(supported_transfer_syntaxes), allow_single_part
+    )
+
+
+@functools.lru_cache(maxsize=512)  # a client sends the same header with every request
+def _negotiate(
+    text: str | None,
+    kind: Resource,
+    stored_transfer_syntax: str,
+    supported_transfer_syntaxes: tuple[str, ...],
+    allow_single_part: bool,
+) -> Negotiated:
+    offers = _offers(kind, stored_transfer_syntax, supported_transfer_syntaxes, allow_single_part)
     ranges = parse_accept(text) or [MediaRange("*", "*")]
     best: tuple[float, int, int] | None = None
     chosen: _Offer | None = None

@@ -50,6 +50,7 @@ def create_app(core: Core) -> FastAPI:
     app.include_router(pages.router)
     app.include_router(qido.router, prefix=DICOMWEB)
     app.include_router(wado.router, prefix=DICOMWEB)
+    app.router.routes[:0] = wado.pixel_routes(DICOMWEB)  # first: matched before the rest
     viewer_dist = getattr(core.settings, "viewer_dist", None)
     if viewer_dist is not None:
         from gateway.web.deps import user_from_request

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from pydicom import Dataset
+from zarr.storage import LocalStore
 
 from storage.catalog import IndexedSeries
 from storage.frames import FrameReader
@@ -32,6 +33,7 @@ class Readers:
 
     def __init__(self, store: Any, size: int = 64) -> None:
         self.store = store
+        self.local = isinstance(store, LocalStore)  # reads are page-cache reads, not requests
         self.size = size
         self._readers: OrderedDict[tuple[str, Any], tuple[SeriesReader, FrameReader | None]]
         self._readers = OrderedDict()

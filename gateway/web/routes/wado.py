@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.routing import Route
 
 from gateway.web import wado
 from gateway.web.accept import (
@@ -231,43 +233,67 @@ def _pixels(
     return se, inst
 
 
-@router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frames}")
-def retrieve_frames(
-    study: str,
-    series: str,
-    sop: str,
-    frames: str,
-    request: Request,
-    access: Access = Depends(project_access),
-):
-    numbers = _frame_numbers(frames)
-    se, inst = _pixels(request, access, study, series, sop)
+# Frames and bulk data are plain Starlette routes put first in the app's list (`pixel_routes`):
+# a viewer asks for hundreds a second, and FastAPI's route matching and dependency solving cost
+# more than reading a frame. Same access check, same error handlers. From a local folder the
+# answer is made on the event loop (a page-cache read, as nginx does it): the hop to a thread
+# cost more than the read; from S3 it is made in a thread.
+
+
+async def _pixel_route(request: Request, answer: Callable[[Request], Response]) -> Response:
+    if _readers(request).local:
+        return answer(request)
+    return await run_in_threadpool(answer, request)
+
+
+async def retrieve_frames(request: Request) -> Response:
+    """GET .../instances/{sop}/frames/{frames}"""
+    return await _pixel_route(request, _frames)
+
+
+async def retrieve_bulkdata(request: Request) -> Response:
+    """GET .../instances/{sop}/bulkdata/{tag} (Pixel Data only: nothing else is bulk)"""
+    return await _pixel_route(request, _bulkdata)
+
+
+def _frames(request: Request) -> Response:
+    p = request.path_params
+    numbers = _frame_numbers(p["frames"])
+    access = project_access(p["project"], request)
+    se, inst = _pixels(request, access, p["study"], p["series"], p["sop"])
     if any(n != 1 for n in numbers):  # stored instances are single-frame
         raise HTTPException(404, "no such frame")
-    audit(request, "wado.frames", study=study, series=series, instance=sop, frames=len(numbers))
+    audit(request, "wado.frames", **_uids(p), frames=len(numbers))
     data = _readers(request).frames(se).raw(inst.position)
     return _bulk_response(request, [data] * len(numbers))
 
 
-@router.get("/studies/{study}/series/{series}/instances/{sop}/bulkdata/{tag}")
-def retrieve_bulkdata(
-    study: str,
-    series: str,
-    sop: str,
-    tag: str,
-    request: Request,
-    access: Access = Depends(project_access),
-):
-    if tag.upper() != wado.PIXEL_DATA:
+def _bulkdata(request: Request) -> Response:
+    p = request.path_params
+    access = project_access(p["project"], request)
+    if p["tag"].upper() != wado.PIXEL_DATA:
         raise HTTPException(404, "not found")
-    se, inst = _instance(request, access, study, series, sop)
-    audit(request, "wado.bulkdata", study=study, series=series, instance=sop)
+    se, inst = _instance(request, access, p["study"], p["series"], p["sop"])
+    audit(request, "wado.bulkdata", **_uids(p))
     if inst.has_pixels:
         return _bulk_response(request, [_readers(request).frames(se).raw(inst.position)])
     inline = wado.inline_pixels(_readers(request).get(se).header(inst.position))
     if inline is None:
         raise HTTPException(404, "this instance has no pixel data")
     return _bulk_response(request, [inline])
+
+
+def pixel_routes(prefix: str) -> list[Route]:
+    """The frames and bulk data routes under `prefix` (the project's DICOMweb root)."""
+    instance = prefix + "/studies/{study}/series/{series}/instances/{sop}"
+    return [
+        Route(instance + "/frames/{frames}", retrieve_frames, methods=["GET"]),
+        Route(instance + "/bulkdata/{tag}", retrieve_bulkdata, methods=["GET"]),
+    ]
+
+
+def _uids(path: dict[str, str]) -> dict[str, str]:
+    return {"study": path["study"], "series": path["series"], "instance": path["sop"]}
 
 
 # -- rendered ----------------------------------------------------------------------------------
