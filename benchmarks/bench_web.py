@@ -1,19 +1,20 @@
 """DICOMweb serving: sphere against Orthanc's DICOMweb plugin and nginx, on one CT series.
 
 One synthetic CT series (default 500 slices of 512 x 512) is loaded into Orthanc, pulled and
-de-identified by sphere, and its frames are also written as static files (each frame's bytes in
-a one-part multipart/related body, as a WADO-RS answer) that nginx serves: the floor for
-"bytes off a disk over HTTP". Then, in the same run:
+de-identified by sphere twice, into a local folder and into S3 (SeaweedFS on loopback), and its
+frames are also written as static files (each frame's bytes in a one-part multipart/related
+body, as a WADO-RS answer) that nginx serves: the floor for "bytes off a disk over HTTP".
+sphere runs as `sphere serve` does (`--workers`, default 1). Then, in the same run:
 
 - frames: 1 and 4 concurrent `dicomweb-client` clients (processes), each retrieving every frame
   of the series in order: frames/s over all clients, and the time until the last frame arrived;
 - series /metadata: the first request after the server started (cold) and the median of the
-  next five (warm), sphere against Orthanc.
+  next five (warm), sphere (local folder and S3) against Orthanc.
 
 Ratios are printed; nothing is asserted. The machine's cores are shared by the servers and the
 clients, so the figures are for comparing in one run, not absolute capacities.
 
-    .venv/bin/python benchmarks/bench_web.py [--slices 500 --size 512 --clients 1 4]
+    .venv/bin/python benchmarks/bench_web.py [--slices 500 --size 512 --clients 1 4 --workers 1]
 
 Set-up: installs Debian `nginx` with apt-get when it is missing (as root, or through sudo).
 """
@@ -21,6 +22,7 @@ Set-up: installs Debian `nginx` with apt-get when it is missing (as root, or thr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import shutil
@@ -33,14 +35,16 @@ import time
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
+from typing import Any
 
 import requests
 from dicomweb_client.api import DICOMwebClient
 
 from core import users
-from core.settings import PacsPeer, Settings
+from core.settings import PacsPeer, S3Options, Settings
 from gateway.api import Gateway
 from harness.localpacs import LocalOrthanc, free_port, wait_port
+from harness.seaweed import SeaweedS3
 from harness.synthetic import generate
 
 PROJECT = "bench-web"
@@ -120,19 +124,29 @@ def start_nginx(binary: str, work: Path, www: Path, port: int) -> subprocess.Pop
     return proc
 
 
-def start_sphere(home: Path, port: int) -> subprocess.Popen[bytes]:
-    """The gateway's web app under uvicorn in its own process, as `sphere serve` runs it."""
-    code = (
-        "import uvicorn\n"
-        "from core import Core, Settings\n"
-        "from gateway.web.app import create_app\n"
-        f"uvicorn.run(create_app(Core(Settings())), host='127.0.0.1', port={port},"
-        " log_level='warning')\n"
-    )
-    env = {**os.environ, "SPHERE_HOME": str(home)}
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT)
+def start_sphere(settings: Settings, port: int, workers: int) -> subprocess.Popen[bytes]:
+    """`sphere serve` in its own process, on the settings' home and store."""
+    env = {**os.environ, **settings_env(settings)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--workers",
+         str(workers)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,  # uvicorn's start and stop lines
+    )  # fmt: skip
     wait_port(port, timeout_s=60)
     return proc
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    env = {"SPHERE_HOME": str(settings.home)}
+    if settings.storage_url:
+        env["SPHERE_STORAGE_URL"] = settings.storage_url
+        for name, value in settings.s3.model_dump().items():
+            if value is not None:
+                env[f"SPHERE_S3__{name.upper()}"] = str(value)
+    return env
 
 
 def client(server: Server) -> DICOMwebClient:
@@ -206,17 +220,23 @@ def sop_uids(server: Server) -> list[str]:
     return sorted(d["00080018"]["Value"][0] for d in found)
 
 
-def pull(tmp: Path, pacs: LocalOrthanc, accession: str) -> tuple[Path, str]:
-    """The series pulled and de-identified into a fresh home; a viewer's token."""
+def pull(
+    home: Path, pacs: LocalOrthanc, accession: str, s3: SeaweedS3 | None = None
+) -> tuple[Settings, str]:
+    """The series pulled and de-identified into a fresh home (its store in S3 when given);
+    a viewer's token."""
     scp_port = free_port()
     pacs.add_modality("SPHERE", "SPHERE", "127.0.0.1", scp_port)
     settings = Settings(
-        home=tmp / "home",
+        home=home,
         port=scp_port,
         pacs=PacsPeer(ae_title=pacs.aet, port=pacs.dicom_port),
         actor="bench",
         fsync=False,
     )
+    if s3 is not None:
+        settings.storage_url = s3.url(prefix="bench-web")
+        settings.s3 = S3Options(**vars(s3.options()))
     gw = Gateway(settings)
     gw.create_project(PROJECT, title="web benchmark")
     today = date.today()
@@ -229,11 +249,24 @@ def pull(tmp: Path, pacs: LocalOrthanc, accession: str) -> tuple[Path, str]:
     gw.add_cohort(PROJECT, "accession", [accession])
     t0 = time.perf_counter()
     gw.pull(PROJECT)
-    print(f"pulled in {time.perf_counter() - t0:.1f} s")
+    where = "S3" if s3 is not None else "a local folder"
+    print(f"pulled into {where} in {time.perf_counter() - t0:.1f} s")
     token = users.add(gw.core, "bench")
     users.grant(gw.core, PROJECT, "bench", "viewer")
     gw.core.close()
-    return settings.home, token
+    return settings, token
+
+
+def sphere_server(name: str, settings: Settings, token: str, workers: int) -> tuple[Server, Any]:
+    port = free_port()
+    proc = start_sphere(settings, port, workers)
+    server = Server(name, f"http://127.0.0.1:{port}/projects/{PROJECT}/dicom-web", "", "", [])
+    server.headers = {"Authorization": f"Bearer {token}"}
+    (found,) = client(server).search_for_series()
+    server.study = found["0020000D"]["Value"][0]
+    server.series = found["0020000E"]["Value"][0]
+    server.sops = sop_uids(server)
+    return server, proc
 
 
 def main() -> None:
@@ -241,6 +274,8 @@ def main() -> None:
     ap.add_argument("--slices", type=int, default=500)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--workers", type=int, default=1, help="sphere serve --workers")
+    ap.add_argument("--no-s3", action="store_true", help="the local folder only")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args()
     nginx = ensure_nginx()
@@ -258,21 +293,19 @@ def main() -> None:
         )
         took = time.perf_counter() - t0
         print(f"{args.slices} slices of {args.size}² CT written in {took:.1f} s")
-        with LocalOrthanc(tmp / "orthanc") as pacs:
+        with LocalOrthanc(tmp / "orthanc") as pacs, contextlib.ExitStack() as stack:
             pacs.upload(corpus.files)
             study = corpus.studies[0]
-            home, token = pull(tmp, pacs, study.accession)
-
-            sphere_port, nginx_port = free_port(), free_port()
-            procs.append(start_sphere(home, sphere_port))
-            sphere = Server(
-                "sphere", f"http://127.0.0.1:{sphere_port}/projects/{PROJECT}/dicom-web", "", "", []
-            )
-            sphere.headers = {"Authorization": f"Bearer {token}"}
-            (found,) = client(sphere).search_for_series()
-            sphere.study = found["0020000D"]["Value"][0]
-            sphere.series = found["0020000E"]["Value"][0]
-            sphere.sops = sop_uids(sphere)
+            homes = [("sphere", pull(tmp / "home", pacs, study.accession))]
+            if not args.no_s3:
+                s3 = stack.enter_context(SeaweedS3(tmp / "s3"))
+                homes.append(("sphere S3", pull(tmp / "home-s3", pacs, study.accession, s3)))
+            spheres = []
+            for name, (settings, token) in homes:
+                server, proc = sphere_server(name, settings, token, args.workers)
+                spheres.append(server)
+                procs.append(proc)
+            sphere = spheres[0]
             orthanc = Server(
                 "Orthanc",
                 f"{pacs.url}/dicom-web",
@@ -281,26 +314,31 @@ def main() -> None:
                 [],
             )
             orthanc.sops = sop_uids(orthanc)
-            assert len(sphere.sops) == len(orthanc.sops) == args.slices
+            assert all(len(s.sops) == len(orthanc.sops) == args.slices for s in spheres)
 
             # Series metadata first: nothing has asked either server for it yet.
-            meta = {s.name: metadata_latency(s) for s in (sphere, orthanc)}
+            meta = {s.name: metadata_latency(s) for s in (*spheres, orthanc)}
 
+            nginx_port = free_port()
             static = Server("nginx", f"http://127.0.0.1:{nginx_port}/dicom-web", "", "", [])
             static.study, static.series, static.sops = sphere.study, sphere.series, sphere.sops
             static_frames(sphere, tmp / "www", static)
             procs.append(start_nginx(nginx, tmp / "nginx", tmp / "www", nginx_port))
+            servers = (*spheres, orthanc, static)
             same = [
                 client(s).retrieve_instance_frames(
                     s.study, s.series, s.sops[0], frame_numbers=[1], media_types=FRAME_TYPE
                 )[0]
-                for s in (sphere, orthanc, static)
+                for s in servers
             ]
-            assert len(same[0]) == args.size * args.size * 2 and len(set(map(len, same))) == 1
+            # Each home has its own pseudonymous UIDs, so only sphere and nginx hold the same
+            # frame at the same place: the rest are compared by size.
+            assert {len(f) for f in same} == {args.size * args.size * 2}
+            assert bytes(same[0]) == bytes(same[-1])
 
             results: dict[tuple[str, int], tuple[float, float]] = {}
             for n in args.clients:
-                for s in (sphere, orthanc, static):
+                for s in servers:
                     results[(s.name, n)] = frames_run(s, n)
             report(args, results, meta)
     finally:
@@ -320,18 +358,24 @@ def report(
 ) -> None:
     mb = args.size * args.size * 2 / 1e6
     print(f"\nframes: {args.slices} frames of {mb:.2f} MB each, per client, in order")
+    print(f"sphere serve --workers {args.workers}")
     print(f"{'server':10} {'clients':>7} {'frames/s':>9} {'MB/s':>7} {'last frame s':>13}")
     for (name, n), (fps, last) in results.items():
         print(f"{name:10} {n:7d} {fps:9.0f} {fps * mb:7.0f} {last:13.2f}")
+    spheres = [name for name in meta if name.startswith("sphere")]
     for n in args.clients:
-        s, o, g = (results[(name, n)][0] for name in ("sphere", "Orthanc", "nginx"))
-        print(f"{n} client(s): sphere / Orthanc = {s / o:.2f}x   sphere / nginx = {s / g:.2f}x")
+        o, g = results[("Orthanc", n)][0], results[("nginx", n)][0]
+        for name in spheres:
+            s = results[(name, n)][0]
+            print(f"{n} client(s): {name} / Orthanc = {s / o:.2f}x   / nginx = {s / g:.2f}x")
     print("\nseries metadata (application/dicom+json)")
     print(f"{'server':10} {'cold ms':>9} {'warm ms':>9}")
     for name, (cold, warm) in meta.items():
         print(f"{name:10} {cold * 1e3:9.1f} {warm * 1e3:9.1f}")
-    (sc, sw), (oc, ow) = meta["sphere"], meta["Orthanc"]
-    print(f"Orthanc / sphere: cold {oc / sc:.1f}x, warm {ow / sw:.1f}x (higher: sphere faster)")
+    oc, ow = meta["Orthanc"]
+    for name in spheres:
+        sc, sw = meta[name]
+        print(f"Orthanc / {name}: cold {oc / sc:.1f}x, warm {ow / sw:.1f}x (higher: sphere faster)")
 
 
 if __name__ == "__main__":

@@ -11,10 +11,10 @@ import numpy as np
 import pydicom
 import pytest
 
+from harness.seaweed import SeaweedS3
 from harness.synthetic import generate
 from storage.objectstore import StorageUnavailable, check_store, open_store
 from storage.series import SeriesReader, SeriesWriter, list_series
-from tests.s3server import SeaweedS3
 
 pytestmark = pytest.mark.peers
 KEY = "projects/demo/2.25.10/2.25.20"
