@@ -9,7 +9,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import LocalStore, MemoryStore
 
 from storage import volume
-from storage.frames import FrameReader
+from storage.frames import WINDOW, FrameReader, ReadAhead
 from storage.objectstore import run
 from storage.series import SeriesError
 
@@ -49,3 +49,62 @@ def test_missing_frame_is_the_fill_value_and_a_damaged_index_is_refused(tmp_path
     run(store.set(key, default_buffer_prototype().buffer.from_bytes(bytes(raw))))
     with pytest.raises(SeriesError, match="damaged"):
         FrameReader(store, "s", arr).raw(4)
+
+
+class Counting(MemoryStore):
+    """A remote store stand-in that counts its reads."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.reads: list[object] = []
+
+    async def get(self, key, prototype, byte_range=None):
+        self.reads.append(byte_range)
+        return await super().get(key, prototype, byte_range)
+
+
+def test_read_ahead_fetches_a_window_once_and_stays_in_budget():
+    n = 2 * WINDOW + 5
+    store, arr, data = stored((n, 8, 8), "<i2", WINDOW * 2, range(n), Counting())
+    cache = ReadAhead(max_bytes=10**9)
+    frames = FrameReader(store, "s", arr, cache)
+    store.reads.clear()
+    for z in range(n):
+        assert frames.raw(z) == data[z].tobytes()
+    # Per shard: its index, then one range per window of frames (2 shards, 3 windows).
+    assert len(store.reads) == 2 + 3
+    store.reads.clear()
+    for z in reversed(range(n)):  # read ahead already
+        np.testing.assert_array_equal(frames.frame(z), arr[z])
+    assert store.reads == []
+    control = FrameReader(store, "s", arr)  # the control: no read-ahead, a read a frame
+    for z in range(n):
+        control.raw(z)
+    assert len(store.reads) == n + 2
+    small = ReadAhead(max_bytes=3 * WINDOW * 8 * 8 * 2 // 4)
+    tight = FrameReader(store, "s", arr, small)
+    for z in range(n):
+        assert tight.raw(z) == data[z].tobytes()
+        assert small.nbytes <= small.max_bytes
+
+
+def test_concurrent_readers_of_a_window_wait_for_one_fetch():
+    import threading
+
+    store, arr, data = stored((WINDOW, 64, 64), "<i2", WINDOW, range(WINDOW), Counting())
+    frames = FrameReader(store, "s", arr, ReadAhead())
+    frames.raw(0)  # the index
+    frames.read_ahead = cache = ReadAhead()
+    store.reads.clear()
+    start = threading.Barrier(8)
+
+    def read(z):
+        start.wait()
+        assert frames.raw(z) == data[z].tobytes()
+
+    threads = [threading.Thread(target=read, args=(z,)) for z in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(store.reads) == 1 and cache.nbytes > 0

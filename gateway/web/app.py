@@ -43,7 +43,7 @@ def create_app(core: Core) -> FastAPI:
         title="sphere", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
     )
     app.state.core = core
-    app.state.readers = Readers(core.store)
+    app.state.readers = Readers(core.store, read_ahead_bytes=core.settings.web.read_ahead_mb << 20)
     app.state.cache = CatalogCache(core)
     app.state.session_secret = sessions.load_secret(core.settings.home)
     app.state.audit = buffer

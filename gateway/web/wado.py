@@ -21,7 +21,7 @@ from pydicom import Dataset
 from zarr.storage import LocalStore
 
 from storage.catalog import IndexedSeries
-from storage.frames import FrameReader
+from storage.frames import FrameReader, ReadAhead
 from storage.series import SeriesError, SeriesReader
 
 PIXEL_DATA = "7FE00010"
@@ -31,8 +31,9 @@ _SOP = re.compile(r'"00080018":\{"vr":"UI","Value":\["([0-9.]{1,64})"\]\}')
 class Readers:
     """Open `SeriesReader`s by series, least recently used dropped past `size`."""
 
-    def __init__(self, store: Any, size: int = 64) -> None:
+    def __init__(self, store: Any, size: int = 64, read_ahead_bytes: int = 256 << 20) -> None:
         self.store = store
+        self.read_ahead = ReadAhead(read_ahead_bytes)  # used on a remote store only
         self.local = isinstance(store, LocalStore)  # reads are page-cache reads, not requests
         self.size = size
         self._readers: OrderedDict[tuple[str, Any], tuple[SeriesReader, FrameReader | None]]
@@ -48,7 +49,7 @@ class Readers:
         if frames is None:
             if reader.volume is None:
                 raise SeriesError("this series has no images")
-            frames = FrameReader(self.store, reader.key, reader.volume)
+            frames = FrameReader(self.store, reader.key, reader.volume, self.read_ahead)
             with self._lock:
                 self._readers[(series.storage_key, series.committed_at)] = (reader, frames)
         return frames
