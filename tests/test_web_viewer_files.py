@@ -140,3 +140,26 @@ def test_missing_dist_says_how_to_install(tmp_path: Path, where: str) -> None:
     r = c.get("/viewer/")
     assert r.status_code == 503 and "scripts/setup.sh" in r.text
     assert c.get("/viewer/viewer?StudyInstanceUIDs=1").status_code == 503
+
+
+def test_pages_are_audited_and_the_viewers_own_files_are_not(dist: Path) -> None:
+    from gateway.web.audit import AuditMiddleware
+
+    class Trail:
+        rows: list[dict] = []
+
+        def add(self, row: dict) -> None:
+            self.rows.append(row)
+
+    trail = Trail()
+    app = FastAPI()
+    mount_viewer(app, dist)
+    app.add_middleware(AuditMiddleware, buffer=trail)
+    c = TestClient(app)
+    assert c.get("/viewer/app.bundle.0123456789abcdef.js").status_code == 200
+    assert c.get("/viewer/assets/favicon.ico").status_code == 200
+    assert trail.rows == []  # the same files for everyone: no rows
+    assert c.get("/viewer/assets/nothing.png").status_code == 404
+    assert c.get("/viewer/?StudyInstanceUIDs=1.2.3&project=p1", follow_redirects=True)
+    actions = [(r["action"], r["outcome"]) for r in trail.rows]
+    assert actions == [("web", "refused"), ("web", "ok"), ("viewer.page", "ok")]

@@ -26,6 +26,9 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 
+from gateway.web.audit import skip_audit
+from gateway.web.deps import audit
+
 BASE = "/viewer"
 PROJECT_KEY = "sphere.project"
 IMMUTABLE = "public, max-age=31536000, immutable"
@@ -214,6 +217,7 @@ def viewer_router(
 
     def index(request: Request) -> Response:
         assert files.dist is not None
+        audit(request, "viewer.page")
         return page(request, lambda: files.response(files.dist / "index.html", request))
 
     @router.get(BASE)
@@ -239,6 +243,7 @@ def viewer_router(
             return page(request, lambda: RedirectResponse(target, status_code=302))
         file = files.find(path)
         if file is not None:
+            skip_audit(request)
             return files.response(file, request)
         if _looks_like_asset(path):
             return Response("not found", status_code=404, media_type="text/plain")

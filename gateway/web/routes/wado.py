@@ -315,58 +315,27 @@ def _rendered(request: Request, se: IndexedSeries, position: int, thumbnail: boo
     return Response(body, media_type=chosen.media_type)
 
 
-def _instance_image(request, access, study, series, sop, frame, kind):
+_INSTANCE = "/studies/{study}/series/{series}/instances/{sop}"
+
+
+@router.get(_INSTANCE + "/rendered")
+@router.get(_INSTANCE + "/thumbnail")
+@router.get(_INSTANCE + "/frames/{frame}/rendered")
+@router.get(_INSTANCE + "/frames/{frame}/thumbnail")
+def instance_image(
+    study: str,
+    series: str,
+    sop: str,
+    request: Request,
+    access: Access = Depends(project_access),
+):
+    """An instance's image, rendered or as a thumbnail (frame 1: stored instances have one)."""
+    kind = request.url.path.rsplit("/", 1)[1]
     se, inst = _pixels(request, access, study, series, sop)
-    if frame != 1:
+    if request.path_params.get("frame", "1") != "1":
         raise HTTPException(404, "no such frame")
     audit(request, f"wado.{kind}", study=study, series=series, instance=sop)
     return _rendered(request, se, inst.position, kind == "thumbnail")
-
-
-@router.get("/studies/{study}/series/{series}/instances/{sop}/rendered")
-def instance_rendered(
-    study: str,
-    series: str,
-    sop: str,
-    request: Request,
-    access: Access = Depends(project_access),
-):
-    return _instance_image(request, access, study, series, sop, 1, "rendered")
-
-
-@router.get("/studies/{study}/series/{series}/instances/{sop}/thumbnail")
-def instance_thumbnail(
-    study: str,
-    series: str,
-    sop: str,
-    request: Request,
-    access: Access = Depends(project_access),
-):
-    return _instance_image(request, access, study, series, sop, 1, "thumbnail")
-
-
-@router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frame}/rendered")
-def frame_rendered(
-    study: str,
-    series: str,
-    sop: str,
-    frame: int,
-    request: Request,
-    access: Access = Depends(project_access),
-):
-    return _instance_image(request, access, study, series, sop, frame, "rendered")
-
-
-@router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frame}/thumbnail")
-def frame_thumbnail(
-    study: str,
-    series: str,
-    sop: str,
-    frame: int,
-    request: Request,
-    access: Access = Depends(project_access),
-):
-    return _instance_image(request, access, study, series, sop, frame, "thumbnail")
 
 
 def _middle_image(request: Request, se: IndexedSeries) -> Response:
