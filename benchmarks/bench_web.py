@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import multiprocessing as mp
 import os
 import shutil
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from dicomweb_client.api import DICOMwebClient
@@ -51,6 +53,7 @@ PROJECT = "bench-web"
 BOUNDARY = "sphere-static-frame"
 FRAME_CONTENT_TYPE = f'multipart/related; type="application/octet-stream"; boundary={BOUNDARY}'
 FRAME_TYPE = (("application/octet-stream", "*"),)  # Orthanc refuses the default type="*/*"
+FRAME_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -169,11 +172,33 @@ def fetch_all(server: Server, start: mp.Event, done: mp.Queue) -> None:  # type:
     done.put((time.perf_counter(), nbytes))
 
 
-def frames_run(server: Server, n_clients: int) -> tuple[float, float]:
+def fetch_all_raw(server: Server, start: mp.Event, done: mp.Queue) -> None:  # type: ignore[type-arg]
+    """One lean client: the same requests on one keep-alive connection, each body read whole
+    and not parsed, so the server's own cost shows (dicomweb-client's parsing bounds the rest)."""
+    url = urlsplit(server.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port)
+    headers = {**server.headers, "Accept": FRAME_ACCEPT}
+
+    def get(sop: str) -> int:
+        path = f"{url.path}/studies/{server.study}/series/{server.series}/instances/{sop}/frames/1"
+        conn.request("GET", path, headers=headers)
+        r = conn.getresponse()
+        body = r.read()
+        assert r.status == 200, r.status
+        return len(body)
+
+    get(server.sops[0])
+    start.wait()
+    nbytes = sum(get(sop) for sop in server.sops)
+    done.put((time.perf_counter(), nbytes))
+
+
+def frames_run(server: Server, n_clients: int, lean: bool = False) -> tuple[float, float]:
     """(frames/s over all clients, seconds until the last frame arrived)."""
     ctx = mp.get_context("fork")
     start, done = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=fetch_all, args=(server, start, done)) for _ in range(n_clients)]
+    target = fetch_all_raw if lean else fetch_all
+    procs = [ctx.Process(target=target, args=(server, start, done)) for _ in range(n_clients)]
     for p in procs:
         p.start()
     time.sleep(1.0)  # every client connected and waiting
@@ -337,10 +362,14 @@ def main() -> None:
             assert bytes(same[0]) == bytes(same[-1])
 
             results: dict[tuple[str, int], tuple[float, float]] = {}
+            lean: dict[tuple[str, int], tuple[float, float]] = {}
             for n in args.clients:
                 for s in servers:
                     results[(s.name, n)] = frames_run(s, n)
-            report(args, results, meta)
+                for s in servers:
+                    lean[(s.name, n)] = frames_run(s, n, lean=True)
+            report(args, results, meta, "dicomweb-client")
+            report(args, lean, None, "a lean HTTP client (bodies read, not parsed)")
     finally:
         for p in reversed(procs):
             p.terminate()
@@ -354,20 +383,25 @@ def main() -> None:
 def report(
     args: argparse.Namespace,
     results: dict[tuple[str, int], tuple[float, float]],
-    meta: dict[str, tuple[float, float]],
+    meta: dict[str, tuple[float, float]] | None,
+    clients: str,
 ) -> None:
     mb = args.size * args.size * 2 / 1e6
-    print(f"\nframes: {args.slices} frames of {mb:.2f} MB each, per client, in order")
+    print(f"\nframes: {args.slices} frames of {mb:.2f} MB each, per client, in order, by {clients}")
     print(f"sphere serve --workers {args.workers}")
     print(f"{'server':10} {'clients':>7} {'frames/s':>9} {'MB/s':>7} {'last frame s':>13}")
     for (name, n), (fps, last) in results.items():
         print(f"{name:10} {n:7d} {fps:9.0f} {fps * mb:7.0f} {last:13.2f}")
-    spheres = [name for name in meta if name.startswith("sphere")]
+    spheres = [name for name, _ in results if name.startswith("sphere")]
+    spheres = list(dict.fromkeys(spheres))
     for n in args.clients:
         o, g = results[("Orthanc", n)][0], results[("nginx", n)][0]
+        print(f"{n} client(s): nginx / Orthanc = {g / o:.2f}x (the ceiling of any server's ratio)")
         for name in spheres:
             s = results[(name, n)][0]
             print(f"{n} client(s): {name} / Orthanc = {s / o:.2f}x   / nginx = {s / g:.2f}x")
+    if meta is None:
+        return
     print("\nseries metadata (application/dicom+json)")
     print(f"{'server':10} {'cold ms':>9} {'warm ms':>9}")
     for name, (cold, warm) in meta.items():
