@@ -14,7 +14,9 @@ at a per-level HU and a basivertebral vein channel in the posterior middle; disc
 posterior elements ring a CSF canal. Ribs (3 mm tubes, a few mm clear of the spine, as joints are)
 leave the thoracic bodies and run round the body wall, going down. Slices are rendered from thin
 sub-slices (<= 0.8 mm) averaged over the slice thickness (partial volume along z), then white
-noise is added. In-plane edges are sharp unless `psf_fwhm_mm` blurs them.
+noise is added. Pixels coarser than 1 mm are area-sampled (sub-pixels <= 0.8 mm) about the spine,
+so a cortex thinner than a pixel shows as partial volume, not as nothing; edges are otherwise sharp
+unless `psf_fwhm_mm` blurs them.
 
 Options: 11/12/13 rib pairs (the lowest rib-bearing vertebra is T11/T12/L1), IV contrast (aorta,
 IVC), a field of view cutting L1, a collapsed sclerotic L1, a metal bead in L1, flips of any axis
@@ -166,11 +168,21 @@ class _Plane:
     """Coordinates (mm) of a box of one slice's grid, body centre at 0, y posterior, x left."""
 
     def __init__(
-        self, ny: int, nx: int, px: float, ys: slice = slice(None), xs: slice = slice(None)
+        self,
+        ny: int,
+        nx: int,
+        px: float,
+        ys: slice = slice(None),
+        xs: slice = slice(None),
+        sub: int = 1,
     ):
-        self.y = ((np.arange(ny)[ys] - (ny - 1) / 2) * px).astype(np.float32)[:, None]
-        self.x = ((np.arange(nx)[xs] - (nx - 1) / 2) * px).astype(np.float32)[None, :]
-        self.px = px
+        # sub x sub points per pixel, centred on it (sub odd: the middle one is the centre)
+        off = (np.arange(sub) + 0.5) / sub - 0.5
+        iy = (np.arange(ny)[ys][:, None] + off).ravel()
+        ix = (np.arange(nx)[xs][:, None] + off).ravel()
+        self.y = ((iy - (ny - 1) / 2) * px).astype(np.float32)[:, None]
+        self.x = ((ix - (nx - 1) / 2) * px).astype(np.float32)[None, :]
+        self.px = px / sub
 
     def ellipse(self, cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
         return ((self.x - cx) / rx) ** 2 + ((self.y - cy) / ry) ** 2 <= 1.0
@@ -267,6 +279,17 @@ def _spine_plane(
             img[ring & (pl.y > 10.0)] = cort
 
 
+def _background(pl: _Plane, contrast_hu: float) -> np.ndarray:
+    """Air, the body's fat and soft tissue, aorta and IVC on a plane's points."""
+    out = np.full((pl.y.shape[0], pl.x.shape[1]), AIR_HU, np.float32)
+    out[pl.ellipse(0, 0, BODY_RX, BODY_RY)] = FAT_HU
+    out[pl.ellipse(0, 0, BODY_RX - FAT_LAYER, BODY_RY - FAT_LAYER)] = SOFT_HU
+    aorta_y = 40.0 - 17.0 - 13.0
+    out[pl.ellipse(18.0, aorta_y, 11.0, 11.0)] = SOFT_HU + contrast_hu
+    out[pl.ellipse(-24.0, aorta_y - 2.0, 12.0, 10.0)] = SOFT_HU + 0.6 * contrast_hu
+    return out
+
+
 def make_phantom(spec: PhantomSpec | None = None, **kw) -> tuple[np.ndarray, PhantomTruth]:
     """Build a phantom: (int16 HU volume (z, y, x), ground truth). Keywords override `spec`."""
     spec = spec or PhantomSpec()
@@ -289,18 +312,18 @@ def make_phantom(spec: PhantomSpec | None = None, **kw) -> tuple[np.ndarray, Pha
     nz = int(math.floor((hi - lo) / sz))
     centres = lo + (np.arange(nz) + 0.5) * sz
     ny, nx = spec.shape_yx
-    full = _Plane(ny, nx, px)
-    base = np.full((ny, nx), AIR_HU, np.float32)
-    base[full.ellipse(0, 0, BODY_RX, BODY_RY)] = FAT_HU
-    base[full.ellipse(0, 0, BODY_RX - FAT_LAYER, BODY_RY - FAT_LAYER)] = SOFT_HU
-    aorta_y = 40.0 - 17.0 - 13.0
-    base[full.ellipse(18.0, aorta_y, 11.0, 11.0)] = SOFT_HU + spec.contrast_hu
-    base[full.ellipse(-24.0, aorta_y - 2.0, 12.0, 10.0)] = SOFT_HU + 0.6 * spec.contrast_hu
+    base = _background(_Plane(ny, nx, px), spec.contrast_hu)
     # the spine, sacrum and pelvis are drawn in a box only; ribs are stamped on the full plane
     ys = slice(*np.clip(np.round(np.array([-8.0, 125.0]) / px + (ny - 1) / 2).astype(int), 0, ny))
     xs = slice(*np.clip(np.round(np.array([-132.0, 132.0]) / px + (nx - 1) / 2).astype(int), 0, nx))
-    pl = _Plane(ny, nx, px, ys, xs)
-    base_box = base[ys, xs]
+    # pixels coarser than 1 mm are area-sampled there: point samples 2 mm apart can miss the
+    # 1.5 mm cortical shell altogether, which a scanner's partial volume never does
+    sub = 1 if px <= 1.0 else math.ceil(px / 0.8) | 1
+    pl = _Plane(ny, nx, px, ys, xs, sub)
+    base_box = _background(pl, spec.contrast_hu)
+    hy, hx = base[ys, xs].shape
+    base[ys, xs] = base_box.reshape(hy, sub, hx, sub).mean((1, 3))
+    lab_box = np.zeros_like(base_box, np.int16)
 
     ribs = [_rib_path(lv, side) for lv in levels if lv.ribs for side in (-1, 1)]
     rib_pts = np.concatenate(ribs) if ribs else np.zeros((0, 3))
@@ -324,8 +347,13 @@ def make_phantom(spec: PhantomSpec | None = None, **kw) -> tuple[np.ndarray, Pha
         for j, off in enumerate(offsets):
             s = float(zc + off)
             img[:] = base_box
-            _spine_plane(pl, levels, s, spec, img, labels[k, ys, xs] if j == n_sub // 2 else None)
-            acc[ys, xs] += img - base_box
+            mid = j == n_sub // 2
+            if mid:
+                lab_box[:] = 0
+            _spine_plane(pl, levels, s, spec, img, lab_box if mid else None)
+            if mid:  # labels point-sampled at pixel centres
+                labels[k, ys, xs] = lab_box[sub // 2 :: sub, sub // 2 :: sub]
+            acc[ys, xs] += (img - base_box).reshape(hy, sub, hx, sub).mean((1, 3))
             lo_i = np.searchsorted(rib_pts[:, 2], s - RIB_R)
             hi_i = np.searchsorted(rib_pts[:, 2], s + RIB_R)
             if hi_i > lo_i:

@@ -70,6 +70,30 @@ def test_l1_found_and_accurate(sz, noise, hu, seed, tol):
     assert abs(l1.sd_hu - noise) < 0.35 * noise  # the ROI holds trabecular bone only
 
 
+COARSE = dict(shape_yx=(160, 160), pixel_mm=2.0)  # a 320 mm field on 2 mm pixels
+COARSE_ACCURACY = [  # (slice spacing, noise, trabecular HU, seed, allowed L1 error)
+    (3.0, 20.0, 150.0, 0, 10.0),
+    (3.0, 20.0, 100.0, 1, 10.0),
+    (1.25, 20.0, 180.0, 0, 5.0),
+]
+
+
+@pytest.mark.parametrize("sz,noise,hu,seed,tol", COARSE_ACCURACY)
+def test_coarse_pixels_found_and_accurate(sz, noise, hu, seed, tol):
+    """A 1.5 mm cortex on 2 mm pixels is only partial volume: the bodies must still be found."""
+    vol, truth, rep = case(
+        **COARSE, slice_spacing_mm=sz, noise_sd=noise, trabecular_hu=hu, seed=seed
+    )
+    assert truth.l1_measurable
+    assert rep.measurable, rep.reason
+    assert_not_mislabelled(truth, rep)
+    assert abs(rep.l1_hu - truth.l1_hu) <= tol
+    assert rep.bone_class == classify(truth.l1_hu)
+    assert rep.lowest_rib_level == "T12" and rep.sacrum_found
+    for name in ("T12", "L2", "L3", "L4"):
+        assert abs(rep.levels[name].mean_hu - truth.trabecular_hu[name]) <= tol, name
+
+
 def test_realistic_resolution():
     vol, truth, rep = case(
         shape_yx=(380, 380),
@@ -110,6 +134,8 @@ REFUSALS = [  # phantom options, and words the reason must contain
     (dict(fracture_l1=True), "collapsed"),
     (dict(fracture_l1=True, slice_spacing_mm=5.0, seed=2), "collapsed"),
     (dict(metal_l1=True), "metal"),
+    (dict(COARSE, rib_pairs=13, slice_spacing_mm=3.0, noise_sd=20.0), "transitional"),
+    (dict(COARSE, fracture_l1=True, slice_spacing_mm=3.0, seed=1), "collapsed"),
 ]
 
 
