@@ -181,8 +181,13 @@ def fetch_all_raw(server: Server, start: mp.Event, done: mp.Queue) -> None:  # t
 
     def get(sop: str) -> int:
         path = f"{url.path}/studies/{server.study}/series/{server.series}/instances/{sop}/frames/1"
-        conn.request("GET", path, headers=headers)
-        r = conn.getresponse()
+        try:
+            conn.request("GET", path, headers=headers)
+            r = conn.getresponse()
+        except (http.client.RemoteDisconnected, ConnectionError):
+            conn.close()  # an idle keep-alive closed (Orthanc's lasts 1 s): reconnect, as
+            conn.request("GET", path, headers=headers)  # requests does for dicomweb-client
+            r = conn.getresponse()
         body = r.read()
         assert r.status == 200, r.status
         return len(body)
