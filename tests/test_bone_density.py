@@ -45,7 +45,9 @@ def assert_not_mislabelled(truth, rep):
 FINE: dict = {}  # SMALL's 1.6 mm pixels
 COARSE = dict(shape_yx=(160, 160), pixel_mm=2.0)  # a 320 mm field on 2 mm pixels: a 1.5 mm
 # cortex is only partial volume there, and the bodies must still be found
-ACCURACY = [  # (grid, slice spacing, noise, trabecular HU, seed, allowed L1 error)
+# a contrast-filled aorta as bright as cortex, in front of the spine: it must not take the track
+ARTERIAL = dict(contrast_hu=400.0)
+ACCURACY = [  # (options beyond SMALL, slice spacing, noise, trabecular HU, seed, allowed L1 error)
     (FINE, 1.25, 20.0, 150.0, 0, 5.0),
     (FINE, 0.625, 15.0, 80.0, 1, 5.0),
     (FINE, 3.0, 20.0, 120.0, 3, 10.0),
@@ -54,12 +56,14 @@ ACCURACY = [  # (grid, slice spacing, noise, trabecular HU, seed, allowed L1 err
     (COARSE, 3.0, 20.0, 150.0, 0, 10.0),
     (COARSE, 3.0, 20.0, 100.0, 1, 10.0),
     (COARSE, 1.25, 20.0, 180.0, 0, 5.0),
+    (ARTERIAL, 2.5, 15.0, 130.0, 0, 10.0),
+    (dict(contrast_hu=500.0), 1.25, 15.0, 170.0, 1, 5.0),
 ]
 
 
-@pytest.mark.parametrize("grid,sz,noise,hu,seed,tol", ACCURACY)
-def test_l1_found_and_accurate(grid, sz, noise, hu, seed, tol):
-    vol, truth, rep = case(**grid, slice_spacing_mm=sz, noise_sd=noise, trabecular_hu=hu, seed=seed)
+@pytest.mark.parametrize("more,sz,noise,hu,seed,tol", ACCURACY)
+def test_l1_found_and_accurate(more, sz, noise, hu, seed, tol):
+    vol, truth, rep = case(**more, slice_spacing_mm=sz, noise_sd=noise, trabecular_hu=hu, seed=seed)
     assert truth.l1_measurable
     assert rep.measurable, rep.reason
     assert_not_mislabelled(truth, rep)
@@ -106,6 +110,9 @@ def test_wrong_level_would_be_caught():
 # --- never mislabel --------------------------------------------------------------------------
 
 REFUSALS = [  # phantom options, and words the reason must contain
+    # the track once took the aorta at the sacrum: L5 merged into it, and 11 rib pairs passed
+    (dict(ARTERIAL, rib_pairs=11, noise_sd=20.0), "transitional"),
+    (dict(ARTERIAL, rib_pairs=11, noise_sd=20.0, seed=1), "transitional"),
     (dict(rib_pairs=11), "transitional"),
     (dict(rib_pairs=13), "transitional"),
     (dict(rib_pairs=13, slice_spacing_mm=5.0, noise_sd=25.0), "transitional"),
@@ -140,7 +147,7 @@ def test_seeds_never_mislabel(seed):
         cortical_hu=float(rng.uniform(500, 900)),
         slice_spacing_mm=float(rng.choice([1.25, 2.5, 5.0])),
         rib_pairs=int(rng.choice([11, 12, 13])),
-        contrast_hu=float(rng.choice([0.0, 200.0])),
+        contrast_hu=float(rng.choice([0.0, 200.0, 400.0])),
     )
     vol, truth, rep = case(**opts)
     assert_not_mislabelled(truth, rep)

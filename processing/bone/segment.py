@@ -60,6 +60,37 @@ def _median_filter(a: np.ndarray, k: int) -> np.ndarray:
     return np.median(np.lib.stride_tricks.sliding_window_view(p, 2 * r + 1), axis=1)
 
 
+def _solid(vol: torch.Tensor, hu: float, f: int, width_px: float) -> torch.Tensor:
+    """Voxels above `hu` in regions at least `width_px` across in plane (a morphological
+    opening on a grid `f` times coarser, brought back to full size)."""
+    nz, ny, nx = vol.shape
+    above = (vol[:, ::f, ::f] > hu).float()[:, None]
+    k = max(3, round(width_px / f) | 1)
+    pool = torch.nn.functional.max_pool2d
+    eroded = 1.0 - pool(1.0 - above, k, 1, k // 2)
+    opened = pool(eroded, k, 1, k // 2)[:, 0] > 0.5
+    full = opened.repeat_interleave(f, 1).repeat_interleave(f, 2)[:, :ny, :nx]
+    return full & (vol > hu)
+
+
+def _best_path(coarse: torch.Tensor) -> torch.Tensor:
+    """Per slice, the flat in-plane index of the cell on the best path through `coarse` that
+    moves at most one cell a slice: the column is continuous, so a structure that is brighter
+    for a few slices only (a contrast-filled aorta beside the sacrum) cannot take the track."""
+    score = coarse[0]
+    back = []
+    for plane in coarse[1:]:
+        best, where = torch.nn.functional.max_pool2d(
+            score[None, None], 3, stride=1, padding=1, return_indices=True
+        )
+        back.append(where.flatten())
+        score = plane + best[0, 0]
+    path = [int(score.flatten().argmax())]
+    for where in reversed(back):
+        path.append(int(where[path[-1]]))
+    return torch.as_tensor(path[::-1], device=coarse.device)
+
+
 def find_column(vol: torch.Tensor, spacing: tuple[float, float, float], bone_hu: float) -> Column:
     """Track the spinal column and the bodies' anterior wall through every slice."""
     sz, sy, sx = spacing
@@ -74,8 +105,10 @@ def find_column(vol: torch.Tensor, spacing: tuple[float, float, float], bone_hu:
 
     # coarse: bone fraction on a ~3 mm grid, smoothed over ~40 mm in z and ~30 mm in plane
     f, fz = max(1, round(3.0 / sx)), max(1, round(4.0 / sz))
-    # dense bone only: contrast-filled vessels (up to ~450 HU) must not pull the track
-    bone = (vol > max(bone_hu, 450.0)).float()[None, None]
+    # dense bone only, and not what is thick and solid above bone_hu: a contrast-filled aorta
+    # (up to ~550 HU in an arterial phase) survives an ~9 mm opening, a cortical shell does not
+    bone = (vol > max(bone_hu, 450.0)) & ~_solid(vol, bone_hu, f, 9.0 / sx)
+    bone = bone.float()[None, None]
     coarse = torch.nn.functional.avg_pool3d(bone, (fz, f, f), (fz, f, f), ceil_mode=True)[0, 0]
     coarse = box1d(coarse, max(1, round(40.0 / (sz * fz))) | 1, 0)
     coarse = box1d(coarse, max(1, round(30.0 / (sy * f))) | 1, 1)
@@ -83,7 +116,7 @@ def find_column(vol: torch.Tensor, spacing: tuple[float, float, float], bone_hu:
     xc = (torch.arange(coarse.shape[2], device=dev) + 0.5) * f - 0.5
     band = (xc - body_cx).abs() * sx < 40.0
     coarse = torch.where(band[None, None, :], coarse, torch.full_like(coarse, -1.0))
-    flat = coarse.flatten(1).argmax(1)
+    flat = _best_path(coarse)
     cy_c = ((flat // coarse.shape[2]).double() + 0.5) * f - 0.5
     # x: centroid of the best row (the spine is left-right symmetric; an argmax is not)
     row = coarse[torch.arange(coarse.shape[0], device=dev), flat // coarse.shape[2]].clamp(min=0)
