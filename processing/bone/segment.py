@@ -85,8 +85,9 @@ def _best_path(coarse: torch.Tensor) -> torch.Tensor:
         )
         back.append(where.flatten())
         score = plane + best[0, 0]
-    path = [int(score.flatten().argmax())]
-    for where in reversed(back):
+    steps = torch.stack(back).cpu().numpy() if back else np.zeros((0, 0), np.int64)
+    path = [int(score.flatten().argmax())]  # one copy off the device, not one per slice
+    for where in steps[::-1]:
         path.append(int(where[path[-1]]))
     return torch.as_tensor(path[::-1], device=coarse.device)
 
