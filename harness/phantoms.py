@@ -18,8 +18,8 @@ noise is added. Pixels coarser than 1 mm are area-sampled (sub-pixels <= 0.8 mm)
 so a cortex thinner than a pixel shows as partial volume, not as nothing; edges are otherwise sharp
 unless `psf_fwhm_mm` blurs them.
 
-Options: 11/12/13 rib pairs (the lowest rib-bearing vertebra is T11/T12/L1), IV contrast (aorta,
-IVC), a field of view cutting L1, a collapsed sclerotic L1, a metal bead in L1, flips of any axis
+Options: 11/12/13 rib pairs (the lowest rib-bearing vertebra is T11/T12/L1), habitus (fat
+thickness, abdomen width; an obese body may overflow the field), IV contrast (aorta, IVC), a field of view cutting L1, a collapsed sclerotic L1, a metal bead in L1, flips of any axis
 (the array comes back flipped, with `affine` and `z_increases_superior` to match). Iliac wings and
 sacral alae sit at the bottom. `PhantomTruth` records per-level trabecular HU, slice ranges, a
 label volume of the bodies, the rib count and whether L1 should be measurable, with the reason.
@@ -67,8 +67,7 @@ _DISC_BELOW = {
 # How far round the body wall each rib runs (radians from the back), lower ribs being shorter.
 _RIB_REACH = {"L1": 0.95, "T12": 1.2, "T11": 1.6, "T10": 2.0, "T9": 2.3, "T8": 2.4}
 
-BODY_RX, BODY_RY = 150.0, 110.0  # body ellipse half-axes, mm
-FAT_LAYER = 18.0  # subcutaneous fat, mm
+WALL_RX, WALL_RY = 132.0, 92.0  # the abdominal wall's half-axes (inside the fat), mm
 SOFT_HU, FAT_HU, AIR_HU, DISC_HU, CSF_HU = 40.0, -100.0, -1000.0, 80.0, 10.0
 RIB_HU, ARCH_HU, METAL_HU = 520.0, 620.0, 3000.0
 RIB_R = 3.0  # rib radius, mm
@@ -90,6 +89,8 @@ class PhantomSpec:
     psf_fwhm_mm: float = 0.0  # in-plane blur (scanner PSF) before noise; 0: sharp edges
     rib_pairs: int = 12  # 11, 12 or 13: the lowest rib-bearing vertebra is T11, T12 or L1
     contrast_hu: float = 0.0  # IV contrast: added to the aorta (and 60 % of it to the IVC)
+    fat_mm: float = 18.0  # habitus: subcutaneous fat (10 lean .. 60 obese; may leave the field)
+    width_scale: float = 1.0  # habitus: the abdomen's (and rib cage's) width, 0.9 .. 1.2
     fov: str = "full"  # "full", "cut_l1_top" (field ends in L1), "cut_l1_bottom" (starts in L1)
     fov_mm: tuple[float, float] | None = None  # explicit (bottom, top) on the anatomical axis
     fracture_l1: bool = False  # L1 collapsed to 55 % height, sclerotic
@@ -191,11 +192,11 @@ class _Plane:
         return (self.x >= x0) & (self.x <= x1) & (self.y >= y0) & (self.y <= y1)
 
 
-def _rib_path(lv: _Level, side: int) -> np.ndarray:
+def _rib_path(lv: _Level, side: int, width_scale: float = 1.0) -> np.ndarray:
     """Points (x, y, s) every 0.5 mm along one rib, from the head beside the body outward."""
     head = np.array([side * (lv.rx + 6.0), lv.cy + 0.4 * lv.ry, lv.top - 0.15 * lv.height])
     tub = np.array([side * 38.0, lv.canal_y, head[2] - 4.0])
-    ax, ay = BODY_RX - 18.0, BODY_RY - 18.0
+    ax, ay = WALL_RX * width_scale, WALL_RY
     phi0 = math.asin(min(1.0, 62.0 / ax))
     phis = np.linspace(phi0, _RIB_REACH[lv.name], 400)
     arc = np.stack([side * ax * np.sin(phis), ay * np.cos(phis)], axis=1)
@@ -279,11 +280,13 @@ def _spine_plane(
             img[ring & (pl.y > 10.0)] = cort
 
 
-def _background(pl: _Plane, contrast_hu: float) -> np.ndarray:
+def _background(pl: _Plane, spec: PhantomSpec) -> np.ndarray:
     """Air, the body's fat and soft tissue, aorta and IVC on a plane's points."""
+    contrast_hu = spec.contrast_hu
     out = np.full((pl.y.shape[0], pl.x.shape[1]), AIR_HU, np.float32)
-    out[pl.ellipse(0, 0, BODY_RX, BODY_RY)] = FAT_HU
-    out[pl.ellipse(0, 0, BODY_RX - FAT_LAYER, BODY_RY - FAT_LAYER)] = SOFT_HU
+    wall_rx = WALL_RX * spec.width_scale
+    out[pl.ellipse(0, 0, wall_rx + spec.fat_mm, WALL_RY + spec.fat_mm)] = FAT_HU
+    out[pl.ellipse(0, 0, wall_rx, WALL_RY)] = SOFT_HU
     aorta_y = 40.0 - 17.0 - 13.0
     out[pl.ellipse(18.0, aorta_y, 11.0, 11.0)] = SOFT_HU + contrast_hu
     out[pl.ellipse(-24.0, aorta_y - 2.0, 12.0, 10.0)] = SOFT_HU + 0.6 * contrast_hu
@@ -312,7 +315,7 @@ def make_phantom(spec: PhantomSpec | None = None, **kw) -> tuple[np.ndarray, Pha
     nz = int(math.floor((hi - lo) / sz))
     centres = lo + (np.arange(nz) + 0.5) * sz
     ny, nx = spec.shape_yx
-    base = _background(_Plane(ny, nx, px), spec.contrast_hu)
+    base = _background(_Plane(ny, nx, px), spec)
     # the spine, sacrum and pelvis are drawn in a box only; ribs are stamped on the full plane
     ys = slice(*np.clip(np.round(np.array([-8.0, 125.0]) / px + (ny - 1) / 2).astype(int), 0, ny))
     xs = slice(*np.clip(np.round(np.array([-132.0, 132.0]) / px + (nx - 1) / 2).astype(int), 0, nx))
@@ -320,12 +323,12 @@ def make_phantom(spec: PhantomSpec | None = None, **kw) -> tuple[np.ndarray, Pha
     # 1.5 mm cortical shell altogether, which a scanner's partial volume never does
     sub = 1 if px <= 1.0 else math.ceil(px / 0.8) | 1
     pl = _Plane(ny, nx, px, ys, xs, sub)
-    base_box = _background(pl, spec.contrast_hu)
+    base_box = _background(pl, spec)
     hy, hx = base[ys, xs].shape
     base[ys, xs] = base_box.reshape(hy, sub, hx, sub).mean((1, 3))
     lab_box = np.zeros_like(base_box, np.int16)
 
-    ribs = [_rib_path(lv, side) for lv in levels if lv.ribs for side in (-1, 1)]
+    ribs = [_rib_path(lv, side, spec.width_scale) for lv in levels if lv.ribs for side in (-1, 1)]
     rib_pts = np.concatenate(ribs) if ribs else np.zeros((0, 3))
     rib_pts = rib_pts[np.argsort(rib_pts[:, 2])]
     stamp_r = int(math.ceil(RIB_R / px))

@@ -47,6 +47,8 @@ COARSE = dict(shape_yx=(160, 160), pixel_mm=2.0)  # a 320 mm field on 2 mm pixel
 # cortex is only partial volume there, and the bodies must still be found
 # a contrast-filled aorta as bright as cortex, in front of the spine: it must not take the track
 ARTERIAL = dict(contrast_hu=400.0)
+LEAN = dict(fat_mm=10.0, width_scale=0.9)
+OBESE = dict(fat_mm=60.0, width_scale=1.2)  # 436 mm wide: the body overflows the 320 mm field
 ACCURACY = [  # (options beyond SMALL, slice spacing, noise, trabecular HU, seed, allowed L1 error)
     (FINE, 1.25, 20.0, 150.0, 0, 5.0),
     (FINE, 0.625, 15.0, 80.0, 1, 5.0),
@@ -58,6 +60,9 @@ ACCURACY = [  # (options beyond SMALL, slice spacing, noise, trabecular HU, seed
     (COARSE, 1.25, 20.0, 180.0, 0, 5.0),
     (ARTERIAL, 2.5, 15.0, 130.0, 0, 10.0),
     (dict(contrast_hu=500.0), 1.25, 15.0, 170.0, 1, 5.0),
+    (LEAN, 2.5, 15.0, 125.0, 2, 10.0),
+    (OBESE, 2.5, 20.0, 175.0, 3, 10.0),
+    (dict(OBESE, contrast_hu=400.0), 1.25, 20.0, 90.0, 4, 5.0),
 ]
 
 
@@ -113,6 +118,7 @@ REFUSALS = [  # phantom options, and words the reason must contain
     # the track once took the aorta at the sacrum: L5 merged into it, and 11 rib pairs passed
     (dict(ARTERIAL, rib_pairs=11, noise_sd=20.0), "transitional"),
     (dict(ARTERIAL, rib_pairs=11, noise_sd=20.0, seed=1), "transitional"),
+    (dict(OBESE, rib_pairs=13, noise_sd=20.0), "transitional"),
     (dict(rib_pairs=11), "transitional"),
     (dict(rib_pairs=13), "transitional"),
     (dict(rib_pairs=13, slice_spacing_mm=5.0, noise_sd=25.0), "transitional"),
@@ -148,6 +154,8 @@ def test_seeds_never_mislabel(seed):
         slice_spacing_mm=float(rng.choice([1.25, 2.5, 5.0])),
         rib_pairs=int(rng.choice([11, 12, 13])),
         contrast_hu=float(rng.choice([0.0, 200.0, 400.0])),
+        fat_mm=float(rng.uniform(10, 60)),
+        width_scale=float(rng.uniform(0.9, 1.2)),
     )
     vol, truth, rep = case(**opts)
     assert_not_mislabelled(truth, rep)
