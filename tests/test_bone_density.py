@@ -204,6 +204,17 @@ def test_class_right_away_from_thresholds(hu):
     assert rep.bone_class == classify(truth.l1_hu)
 
 
+@pytest.mark.parametrize("hu", [105.0, 115.0, 155.0, 165.0])
+def test_accurate_within_5_hu_of_a_threshold(hu):
+    """Near a threshold the class may go either way; the value must still be within 5 HU,
+    and then the class is wrong only when the truth is within 5 HU of the threshold."""
+    vol, truth, rep = case(trabecular_hu=hu, noise_sd=15.0, slice_spacing_mm=1.25, seed=int(hu))
+    assert rep.measurable, rep.reason
+    assert abs(rep.l1_hu - truth.l1_hu) <= 5.0
+    if rep.bone_class != classify(truth.l1_hu):
+        assert min(abs(truth.l1_hu - t) for t in (110.0, 160.0)) <= 5.0
+
+
 def test_thresholds_are_configurable():
     vol, truth, rep = case()
     assert rep.bone_class == "osteopenia"  # 150 HU
