@@ -58,7 +58,7 @@ class WebOptions(BaseModel):
     cors_origins: list[str] = []  # e.g. ["https://viewer.example.org"]; empty: no CORS
     session_hours: float = 8.0  # a sign-in cookie's lifetime
     max_results: int = 1000  # QIDO-RS results per request at most
-    read_ahead_mb: int = 256  # frames read ahead from S3, kept in memory (storage.frames)
+    read_ahead_mb: int = 256  # frames read ahead from S3, kept in memory, per worker process
 
 
 class Settings(BaseSettings):

@@ -19,7 +19,8 @@ so a cortex thinner than a pixel shows as partial volume, not as nothing; edges 
 unless `psf_fwhm_mm` blurs them.
 
 Options: 11/12/13 rib pairs (the lowest rib-bearing vertebra is T11/T12/L1), habitus (fat
-thickness, abdomen width; an obese body may overflow the field), IV contrast (aorta, IVC), a field of view cutting L1, a collapsed sclerotic L1, a metal bead in L1, flips of any axis
+thickness, abdomen width; an obese body may overflow the field), IV contrast (aorta, IVC), a
+field of view cutting L1, a collapsed sclerotic L1, a metal bead in L1, flips of any axis
 (the array comes back flipped, with `affine` and `z_increases_superior` to match). Iliac wings and
 sacral alae sit at the bottom. `PhantomTruth` records per-level trabecular HU, slice ranges, a
 label volume of the bodies, the rib count and whether L1 should be measurable, with the reason.

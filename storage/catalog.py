@@ -55,6 +55,7 @@ __all__ = [
 Hit = index.Hit
 # Changes to these bump `AccessVersion` in the same transaction.
 WATCHED = (Project, User, Membership, IndexedStudy, IndexedSeries, IndexedInstance)
+_WATCHED_TABLES = frozenset(m.__tablename__ for m in WATCHED)
 _VERSION = "SELECT version FROM access_version WHERE id = 1"
 
 
@@ -91,15 +92,24 @@ class Catalog:
     def access_version(self) -> int:
         """A number that changes with every commit that changes projects, users, roles or the
         QIDO-RS index: one one-row read, for a cache of those to check on each request."""
-        conn = self.engine.raw_connection()  # asked on every web request: no Core overhead
-        try:
-            cur = conn.cursor()
-            cur.execute(_VERSION)
-            row = cur.fetchone()
-            cur.close()
-        finally:
-            conn.close()
-        return int(row[0]) if row else 0
+        for attempt in (1, 2):
+            conn = self.engine.raw_connection()  # asked on every web request: no Core overhead
+            try:
+                cur = conn.cursor()
+                cur.execute(_VERSION)
+                row = cur.fetchone()
+                cur.close()
+            except Exception:
+                # A pooled connection the server dropped (a PostgreSQL restart): throw it
+                # away and try once more on a fresh one, as the Core layer would.
+                conn.invalidate()
+                if attempt == 2:
+                    raise
+                continue
+            finally:
+                conn.close()
+            return int(row[0]) if row else 0
+        raise AssertionError("unreachable")
 
     # -- projects -----------------------------------------------------------------------------
 
@@ -489,7 +499,10 @@ def _watch_changes(sessions: sessionmaker[Session]) -> None:
     def executing(state: ORMExecuteState) -> None:
         if state.is_insert or state.is_update or state.is_delete:
             mapper = state.bind_mapper
-            if mapper is not None and issubclass(mapper.class_, WATCHED):
+            table = getattr(state.statement, "table", None)  # a statement on the Table itself
+            if (mapper is not None and issubclass(mapper.class_, WATCHED)) or (
+                table is not None and table.name in _WATCHED_TABLES
+            ):
                 state.session.info["bump"] = True
 
     def committing(session: Session) -> None:

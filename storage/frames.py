@@ -69,9 +69,10 @@ class ReadAhead:
         with self._lock:
             return self._fetching.setdefault(window, threading.Lock())
 
-    def fetched(self, window: Hashable) -> None:
+    def fetched(self, window: Hashable, lock: threading.Lock) -> None:
         with self._lock:
-            self._fetching.pop(window, None)
+            if self._fetching.get(window) is lock:  # not a newer fetch's lock
+                del self._fetching[window]
 
 
 class FrameReader:
@@ -125,8 +126,9 @@ class FrameReader:
             return found
         first = slot - slot % WINDOW
         window = (self._id, shard, first)
+        lock = cache.fetching(window)
         try:
-            with cache.fetching(window):  # another request may be fetching it: wait for it
+            with lock:  # another request may be fetching it: wait for that one
                 found = cache.get(key)
                 if found is not None:
                     return found
@@ -145,7 +147,7 @@ class FrameReader:
                 cache.put(chunks)
                 return chunks[key]
         finally:
-            cache.fetched(window)
+            cache.fetched(window, lock)
 
     def _index(self, shard: int) -> list[list[int]]:
         with self._lock:

@@ -45,6 +45,8 @@ def create_app(core: Core) -> FastAPI:
     app.state.core = core
     app.state.readers = Readers(core.store, read_ahead_bytes=core.settings.web.read_ahead_mb << 20)
     app.state.cache = CatalogCache(core)
+    local_catalog = core.catalog.engine.dialect.name == "sqlite"
+    app.state.pixels_on_loop = app.state.readers.local and local_catalog  # see routes.wado
     app.state.session_secret = sessions.load_secret(core.settings.home)
     app.state.audit = buffer
     app.include_router(pages.router)

@@ -42,8 +42,9 @@ class AuditBuffer:
         """Write what is left and stop the writer."""
         with self._lock:
             thread, self._thread = self._thread, None
+            if thread is not None:
+                self._stop.set()  # under the lock: a writer started by a late `add` is not stopped
         if thread is not None:
-            self._stop.set()
             thread.join(30)
 
     def _run(self) -> None:

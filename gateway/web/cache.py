@@ -34,10 +34,11 @@ class CatalogCache:
     """Catalog answers for the web (users, roles, series, instance positions), least recently
     used dropped past `size`, all dropped when the access version changes."""
 
-    def __init__(self, core: Core, size: int = 4096) -> None:
+    def __init__(self, core: Core, size: int = 4096, series_size: int = 128) -> None:
         self.core = core
-        self.size = size
         self._entries: OrderedDict[Hashable, Any] = OrderedDict()
+        self._positions: OrderedDict[Hashable, Any] = OrderedDict()  # large: a map per series
+        self._sizes = {id(self._entries): size, id(self._positions): series_size}
         self._version: int | None = None
         self._lock = threading.Lock()
 
@@ -45,8 +46,12 @@ class CatalogCache:
         """Drop everything when the catalog changed since the last call (once per request)."""
         version = self.core.catalog.access_version()
         with self._lock:
-            if version != self._version:
+            # The version only grows: a read older than the one kept (a request that read it
+            # just before a commit another request has seen) must not bring it back. (A catalog
+            # restored from an older backup needs the server restarted.)
+            if self._version is None or version > self._version:
                 self._entries.clear()
+                self._positions.clear()
                 self._version = version
 
     def user_by_token(self, token: str) -> User | None:
@@ -81,22 +86,25 @@ class CatalogCache:
         if not rows:
             return None
         key = ("positions", project_id, series)
-        positions = self._get(key, lambda: self.core.catalog.instance_positions(project_id, series))
+        positions = self._get(
+            key, lambda: self.core.catalog.instance_positions(project_id, series), self._positions
+        )
         found = positions.get(sop)
         return (rows[0], Located(sop, *found)) if found is not None else None
 
-    def _get(self, key: Hashable, compute: Callable[[], T]) -> T:
+    def _get(self, key: Hashable, compute: Callable[[], T], table: OrderedDict | None = None) -> T:
+        entries = self._entries if table is None else table
         with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                return self._entries[key]
+            if key in entries:
+                entries.move_to_end(key)
+                return entries[key]
             version = self._version
         value = compute()
         if value is None:
             return value  # not kept: unknown tokens and names cost a query, never memory
         with self._lock:
             if version == self._version:  # computed against the version still current
-                self._entries[key] = value
-                while len(self._entries) > self.size:
-                    self._entries.popitem(last=False)
+                entries[key] = value
+                while len(entries) > self._sizes[id(entries)]:
+                    entries.popitem(last=False)
         return value

@@ -235,13 +235,14 @@ def _pixels(
 
 # Frames and bulk data are plain Starlette routes put first in the app's list (`pixel_routes`):
 # a viewer asks for hundreds a second, and FastAPI's route matching and dependency solving cost
-# more than reading a frame. Same access check, same error handlers. From a local folder the
-# answer is made on the event loop (a page-cache read, as nginx does it): the hop to a thread
-# cost more than the read; from S3 it is made in a thread.
+# more than reading a frame. Same access check, same error handlers. From a local folder with
+# a SQLite catalog the answer is made on the event loop (a page-cache read, as nginx does it,
+# and a local one-row read): the hop to a thread cost more than both. From S3, or with a
+# PostgreSQL catalog (a round trip that would stall every other request), it is made in a thread.
 
 
 async def _pixel_route(request: Request, answer: Callable[[Request], Response]) -> Response:
-    if _readers(request).local:
+    if request.app.state.pixels_on_loop:
         return answer(request)
     return await run_in_threadpool(answer, request)
 
