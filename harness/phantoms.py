@@ -19,15 +19,17 @@ so a cortex thinner than a pixel shows as partial volume, not as nothing; edges 
 unless `psf_fwhm_mm` blurs them.
 
 Options: 11/12/13 rib pairs (the lowest rib-bearing vertebra is T11/T12/L1), habitus (fat
-thickness, abdomen width; an obese body may overflow the field), IV contrast (aorta, IVC), a
-field of view cutting L1, a collapsed sclerotic L1, a metal bead in L1, flips of any axis
-(the array comes back flipped, with `affine` and `z_increases_superior` to match). Iliac wings and
-sacral alae sit at the bottom. `PhantomTruth` records per-level trabecular HU, slice ranges, a
-label volume of the bodies, the rib count and whether L1 should be measurable, with the reason.
+thickness, abdomen width; an obese body may overflow the field), a scoliotic C curve, IV contrast
+(aorta, IVC), a field of view cutting L1, a collapsed sclerotic L1, a metal bead in L1, flips of
+any axis (the array comes back flipped, with `affine` and `z_increases_superior` to match).
+Iliac wings and sacral alae sit at the bottom. `PhantomTruth` records per-level trabecular HU,
+slice ranges, a label volume of the bodies, the rib count and whether L1 should be measurable,
+with the reason.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -92,6 +94,7 @@ class PhantomSpec:
     contrast_hu: float = 0.0  # IV contrast: added to the aorta (and 60 % of it to the IVC)
     fat_mm: float = 18.0  # habitus: subcutaneous fat (10 lean .. 60 obese; may leave the field)
     width_scale: float = 1.0  # habitus: the abdomen's (and rib cage's) width, 0.9 .. 1.2
+    scoliosis_mm: float = 0.0  # a lateral C curve: the spine shifted sideways up to this much
     fov: str = "full"  # "full", "cut_l1_top" (field ends in L1), "cut_l1_bottom" (starts in L1)
     fov_mm: tuple[float, float] | None = None  # explicit (bottom, top) on the anatomical axis
     fracture_l1: bool = False  # L1 collapsed to 55 % height, sclerotic
@@ -185,6 +188,12 @@ class _Plane:
         self.y = ((iy - (ny - 1) / 2) * px).astype(np.float32)[:, None]
         self.x = ((ix - (nx - 1) / 2) * px).astype(np.float32)[None, :]
         self.px = px / sub
+
+    def shifted(self, dx: float) -> _Plane:
+        """The same points, with x measured from `dx` (what is drawn at 0 lands at dx)."""
+        out = copy.copy(self)
+        out.x = self.x - np.float32(dx)
+        return out
 
     def ellipse(self, cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
         return ((self.x - cx) / rx) ** 2 + ((self.y - cy) / ry) ** 2 <= 1.0
@@ -281,17 +290,22 @@ def _spine_plane(
             img[ring & (pl.y > 10.0)] = cort
 
 
-def _background(pl: _Plane, spec: PhantomSpec) -> np.ndarray:
-    """Air, the body's fat and soft tissue, aorta and IVC on a plane's points."""
-    contrast_hu = spec.contrast_hu
+def _background(pl: _Plane, spec: PhantomSpec, vessels: bool = True) -> np.ndarray:
+    """Air, the body's fat and soft tissue, and (unless drawn per slice) aorta and IVC."""
     out = np.full((pl.y.shape[0], pl.x.shape[1]), AIR_HU, np.float32)
     wall_rx = WALL_RX * spec.width_scale
     out[pl.ellipse(0, 0, wall_rx + spec.fat_mm, WALL_RY + spec.fat_mm)] = FAT_HU
     out[pl.ellipse(0, 0, wall_rx, WALL_RY)] = SOFT_HU
-    aorta_y = 40.0 - 17.0 - 13.0
-    out[pl.ellipse(18.0, aorta_y, 11.0, 11.0)] = SOFT_HU + contrast_hu
-    out[pl.ellipse(-24.0, aorta_y - 2.0, 12.0, 10.0)] = SOFT_HU + 0.6 * contrast_hu
+    if vessels:
+        _vessels(pl, spec, out)
     return out
+
+
+def _vessels(pl: _Plane, spec: PhantomSpec, img: np.ndarray) -> None:
+    """Aorta (left, in front of the bodies) and IVC (right), with any IV contrast."""
+    aorta_y = 40.0 - 17.0 - 13.0
+    img[pl.ellipse(18.0, aorta_y, 11.0, 11.0)] = SOFT_HU + spec.contrast_hu
+    img[pl.ellipse(-24.0, aorta_y - 2.0, 12.0, 10.0)] = SOFT_HU + 0.6 * spec.contrast_hu
 
 
 def make_phantom(spec: PhantomSpec | None = None, **kw) -> tuple[np.ndarray, PhantomTruth]:
@@ -324,13 +338,21 @@ def make_phantom(spec: PhantomSpec | None = None, **kw) -> tuple[np.ndarray, Pha
     # 1.5 mm cortical shell altogether, which a scanner's partial volume never does
     sub = 1 if px <= 1.0 else math.ceil(px / 0.8) | 1
     pl = _Plane(ny, nx, px, ys, xs, sub)
-    base_box = _background(pl, spec)
+    moving = bool(spec.scoliosis_mm)  # the great vessels follow the curved spine, per slice
+    base_box = _background(pl, spec, vessels=not moving)
     hy, hx = base[ys, xs].shape
     base[ys, xs] = base_box.reshape(hy, sub, hx, sub).mean((1, 3))
     lab_box = np.zeros_like(base_box, np.int16)
 
     ribs = [_rib_path(lv, side, spec.width_scale) for lv in levels if lv.ribs for side in (-1, 1)]
     rib_pts = np.concatenate(ribs) if ribs else np.zeros((0, 3))
+    s_lo, s_hi = min(lv.bottom for lv in levels), max(lv.top for lv in levels)
+
+    def curve(at: np.ndarray | float) -> np.ndarray:  # lateral shift of the spine (scoliosis)
+        t = np.clip((np.asarray(at) - s_lo) / (s_hi - s_lo), 0.0, 1.0)
+        return spec.scoliosis_mm * np.sin(np.pi * t)
+
+    rib_pts[:, 0] += curve(rib_pts[:, 2])
     rib_pts = rib_pts[np.argsort(rib_pts[:, 2])]
     stamp_r = int(math.ceil(RIB_R / px))
     oy, ox = np.mgrid[-stamp_r : stamp_r + 1, -stamp_r : stamp_r + 1] * px
@@ -354,7 +376,10 @@ def make_phantom(spec: PhantomSpec | None = None, **kw) -> tuple[np.ndarray, Pha
             mid = j == n_sub // 2
             if mid:
                 lab_box[:] = 0
-            _spine_plane(pl, levels, s, spec, img, lab_box if mid else None)
+            plane = pl.shifted(float(curve(s))) if moving else pl
+            if moving:
+                _vessels(plane, spec, img)
+            _spine_plane(plane, levels, s, spec, img, lab_box if mid else None)
             if mid:  # labels point-sampled at pixel centres
                 labels[k, ys, xs] = lab_box[sub // 2 :: sub, sub // 2 :: sub]
             acc[ys, xs] += (img - base_box).reshape(hy, sub, hx, sub).mean((1, 3))

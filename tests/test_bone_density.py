@@ -63,6 +63,9 @@ ACCURACY = [  # (options beyond SMALL, slice spacing, noise, trabecular HU, seed
     (LEAN, 2.5, 15.0, 125.0, 2, 10.0),
     (OBESE, 2.5, 20.0, 175.0, 3, 10.0),
     (dict(OBESE, contrast_hu=400.0), 1.25, 20.0, 90.0, 4, 5.0),
+    (dict(scoliosis_mm=30.0), 2.5, 20.0, 140.0, 5, 10.0),
+    (dict(scoliosis_mm=-40.0), 1.25, 15.0, 190.0, 6, 5.0),
+    (dict(scoliosis_mm=20.0, contrast_hu=300.0), 1.25, 15.0, 70.0, 7, 5.0),
 ]
 
 
@@ -119,6 +122,7 @@ REFUSALS = [  # phantom options, and words the reason must contain
     (dict(ARTERIAL, rib_pairs=11, noise_sd=20.0), "transitional"),
     (dict(ARTERIAL, rib_pairs=11, noise_sd=20.0, seed=1), "transitional"),
     (dict(OBESE, rib_pairs=13, noise_sd=20.0), "transitional"),
+    (dict(scoliosis_mm=25.0, rib_pairs=11, noise_sd=20.0), "transitional"),
     (dict(rib_pairs=11), "transitional"),
     (dict(rib_pairs=13), "transitional"),
     (dict(rib_pairs=13, slice_spacing_mm=5.0, noise_sd=25.0), "transitional"),
@@ -156,6 +160,7 @@ def test_seeds_never_mislabel(seed):
         contrast_hu=float(rng.choice([0.0, 200.0, 400.0])),
         fat_mm=float(rng.uniform(10, 60)),
         width_scale=float(rng.uniform(0.9, 1.2)),
+        scoliosis_mm=float(rng.uniform(-30, 30)),
     )
     vol, truth, rep = case(**opts)
     assert_not_mislabelled(truth, rep)

@@ -127,7 +127,7 @@ def find_column(vol: torch.Tensor, spacing: tuple[float, float, float], bone_hu:
     zf = np.arange(nz)
     ty = np.interp(zf, zc, _median_filter(cy_c.cpu().numpy(), 5))
     tx = np.interp(zf, zc, _median_filter(cx_c.cpu().numpy(), 5))
-    tx = np.clip(tx, np.median(tx) - 15.0 / sx, np.median(tx) + 15.0 / sx)
+    tx = np.clip(tx, np.median(tx) - 50.0 / sx, np.median(tx) + 50.0 / sx)  # scoliosis: ~45 mm
 
     # anterior wall: first bone from the front in a midline strip, per strip column
     w = max(2, round(8.0 / sx))
