@@ -31,6 +31,7 @@ from storage.models import (
     Project,
     SeriesRecord,
     User,
+    get_or_add,
     utcnow,
 )
 
@@ -230,14 +231,7 @@ class Catalog:
     def upsert_series(self, project_id: int, series_uid: str, **values: Any) -> None:
         """Create or update a series row (by pseudonymous UID) with these column values."""
         with self.session() as s:
-            row = s.scalar(
-                select(SeriesRecord).where(
-                    SeriesRecord.project_id == project_id, SeriesRecord.series_uid == series_uid
-                )
-            )
-            if row is None:
-                row = SeriesRecord(project_id=project_id, series_uid=series_uid)
-                s.add(row)
+            row = get_or_add(s, SeriesRecord, project_id=project_id, series_uid=series_uid)
             for k, v in values.items():
                 setattr(row, k, v)
 
@@ -346,14 +340,7 @@ class Catalog:
     def grant(self, project_id: int, user_id: int, role: str, by: str) -> None:
         """Give a user a role in a project (replacing the one it had)."""
         with self.session() as s:
-            m = s.scalar(
-                select(Membership).where(
-                    Membership.project_id == project_id, Membership.user_id == user_id
-                )
-            )
-            if m is None:
-                m = Membership(project_id=project_id, user_id=user_id)
-                s.add(m)
+            m = get_or_add(s, Membership, project_id=project_id, user_id=user_id)
             m.role, m.granted_by, m.granted_at = role, by, utcnow()
 
     def role(self, project_id: int, user_id: int) -> str | None:
@@ -401,18 +388,9 @@ class Catalog:
             "report_key": None,
         }
         with self.session() as s:
-            row = s.scalar(
-                select(PipelineResult).where(
-                    PipelineResult.project_id == project_id,
-                    PipelineResult.series_uid == series_uid,
-                    PipelineResult.pipeline == pipeline,
-                )
+            row = get_or_add(
+                s, PipelineResult, project_id=project_id, series_uid=series_uid, pipeline=pipeline
             )
-            if row is None:
-                row = PipelineResult(
-                    project_id=project_id, series_uid=series_uid, pipeline=pipeline
-                )
-                s.add(row)
             for k, v in {**fresh, **values}.items():
                 setattr(row, k, v)
 

@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import delete, func, insert, or_, select
 from sqlalchemy.orm import Session
 
-from storage.models import IndexedInstance, IndexedSeries, IndexedStudy
+from storage.models import IndexedInstance, IndexedSeries, IndexedStudy, get_or_add
 
 # Patient and study attributes: kept on the study row, not repeated below it.
 STUDY_TAGS = frozenset(
@@ -166,14 +166,7 @@ def _write_study(s: Session, project_id: int, study_uid: str, latest: dict[str, 
         )
     )
     study_ds = {t: e for t, e in latest.items() if _is_study_tag(t)}
-    row = s.scalar(
-        select(IndexedStudy).where(
-            IndexedStudy.project_id == project_id, IndexedStudy.study_uid == study_uid
-        )
-    )
-    if row is None:
-        row = IndexedStudy(project_id=project_id, study_uid=study_uid)
-        s.add(row)
+    row = get_or_add(s, IndexedStudy, project_id=project_id, study_uid=study_uid)
     for k, v in _columns(study_ds, STUDY_COLUMNS, skip=frozenset({"study_uid"})).items():
         setattr(row, k, v)
     row.dataset = _dumps(study_ds)

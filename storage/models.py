@@ -8,7 +8,7 @@ re-identification mapping and the cohort's original values live in the vault (`d
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -21,8 +21,9 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    select,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 
 def utcnow() -> datetime:
@@ -31,6 +32,18 @@ def utcnow() -> datetime:
 
 class Base(DeclarativeBase):
     pass
+
+
+M = TypeVar("M", bound=Base)
+
+
+def get_or_add(s: Session, model: type[M], **keys: Any) -> M:
+    """The row of `model` with these column values, added to the session when there is none."""
+    row = s.scalar(select(model).filter_by(**keys))
+    if row is None:
+        row = model(**keys)
+        s.add(row)
+    return row
 
 
 class Project(Base):
