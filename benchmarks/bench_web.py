@@ -397,8 +397,7 @@ def report(
     print(f"{'server':10} {'clients':>7} {'frames/s':>9} {'MB/s':>7} {'last frame s':>13}")
     for (name, n), (fps, last) in results.items():
         print(f"{name:10} {n:7d} {fps:9.0f} {fps * mb:7.0f} {last:13.2f}")
-    spheres = [name for name, _ in results if name.startswith("sphere")]
-    spheres = list(dict.fromkeys(spheres))
+    spheres = list(dict.fromkeys(name for name, _ in results if name.startswith("sphere")))
     for n in args.clients:
         o, g = results[("Orthanc", n)][0], results[("nginx", n)][0]
         print(f"{n} client(s): nginx / Orthanc = {g / o:.2f}x (the ceiling of any server's ratio)")

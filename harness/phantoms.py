@@ -376,8 +376,9 @@ def make_phantom(spec: PhantomSpec | None = None, **kw) -> tuple[np.ndarray, Pha
             mid = j == n_sub // 2
             if mid:
                 lab_box[:] = 0
-            plane = pl.shifted(float(curve(s))) if moving else pl
+            plane = pl
             if moving:
+                plane = pl.shifted(float(curve(s)))
                 _vessels(plane, spec, img)
             _spine_plane(plane, levels, s, spec, img, lab_box if mid else None)
             if mid:  # labels point-sampled at pixel centres

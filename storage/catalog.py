@@ -93,24 +93,24 @@ class Catalog:
     def access_version(self) -> int:
         """A number that changes with every commit that changes projects, users, roles or the
         QIDO-RS index: one one-row read, for a cache of those to check on each request."""
-        for attempt in (1, 2):
-            conn = self.engine.raw_connection()  # asked on every web request: no Core overhead
-            try:
-                cur = conn.cursor()
-                cur.execute(_VERSION)
-                row = cur.fetchone()
-                cur.close()
-            except Exception:
-                # A pooled connection the server dropped (a PostgreSQL restart): throw it
-                # away and try once more on a fresh one, as the Core layer would.
-                conn.invalidate()
-                if attempt == 2:
-                    raise
-                continue
-            finally:
-                conn.close()
-            return int(row[0]) if row else 0
-        raise AssertionError("unreachable")
+        try:
+            return self._read_version()
+        except Exception:  # a pooled connection the server dropped (a PostgreSQL restart)
+            return self._read_version()  # once more, on a fresh one
+
+    def _read_version(self) -> int:
+        conn = self.engine.raw_connection()  # asked on every web request: no Core overhead
+        try:
+            cur = conn.cursor()
+            cur.execute(_VERSION)
+            row = cur.fetchone()
+            cur.close()
+        except Exception:
+            conn.invalidate()  # not back into the pool
+            raise
+        finally:
+            conn.close()
+        return int(row[0]) if row else 0
 
     # -- projects -----------------------------------------------------------------------------
 

@@ -13,12 +13,20 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from core import Core, users
 from storage.catalog import IndexedSeries, Project, User
 
 T = TypeVar("T")
+
+
+class _Lru(OrderedDict):
+    """Entries, oldest first; `_get` drops the oldest past `size`."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
 
 
 @dataclass(frozen=True)
@@ -36,9 +44,8 @@ class CatalogCache:
 
     def __init__(self, core: Core, size: int = 4096, series_size: int = 128) -> None:
         self.core = core
-        self._entries: OrderedDict[Hashable, Any] = OrderedDict()
-        self._positions: OrderedDict[Hashable, Any] = OrderedDict()  # large: a map per series
-        self._sizes = {id(self._entries): size, id(self._positions): series_size}
+        self._entries = _Lru(size)
+        self._positions = _Lru(series_size)  # large: a map per series
         self._version: int | None = None
         self._lock = threading.Lock()
 
@@ -56,10 +63,8 @@ class CatalogCache:
 
     def user_by_token(self, token: str) -> User | None:
         """The active user holding this API token (`core.users.authenticate`), or None."""
-        found = self._get(
-            ("token", users.token_hash(token)), lambda: users.authenticate(self.core, token)
-        )
-        return found
+        key = ("token", users.token_hash(token))
+        return self._get(key, lambda: users.authenticate(self.core, token))
 
     def user_by_id(self, user_id: int) -> User | None:
         return self._get(("user", user_id), lambda: self.core.catalog.user_by_id(user_id))
@@ -92,7 +97,7 @@ class CatalogCache:
         found = positions.get(sop)
         return (rows[0], Located(sop, *found)) if found is not None else None
 
-    def _get(self, key: Hashable, compute: Callable[[], T], table: OrderedDict | None = None) -> T:
+    def _get(self, key: Hashable, compute: Callable[[], T], table: _Lru | None = None) -> T:
         entries = self._entries if table is None else table
         with self._lock:
             if key in entries:
@@ -105,6 +110,6 @@ class CatalogCache:
         with self._lock:
             if version == self._version:  # computed against the version still current
                 entries[key] = value
-                while len(entries) > self._sizes[id(entries)]:
+                while len(entries) > entries.size:
                     entries.popitem(last=False)
         return value

@@ -61,16 +61,15 @@ def _median_filter(a: np.ndarray, k: int) -> np.ndarray:
 
 
 def _solid(vol: torch.Tensor, hu: float, f: int, width_px: float) -> torch.Tensor:
-    """Voxels above `hu` in regions at least `width_px` across in plane (a morphological
-    opening on a grid `f` times coarser, brought back to full size)."""
+    """Where the slices are above `hu` over regions at least `width_px` across in plane (a
+    morphological opening on a grid `f` times coarser, brought back to full size)."""
     nz, ny, nx = vol.shape
     above = (vol[:, ::f, ::f] > hu).float()[:, None]
     k = max(3, round(width_px / f) | 1)
     pool = torch.nn.functional.max_pool2d
     eroded = 1.0 - pool(1.0 - above, k, 1, k // 2)
     opened = pool(eroded, k, 1, k // 2)[:, 0] > 0.5
-    full = opened.repeat_interleave(f, 1).repeat_interleave(f, 2)[:, :ny, :nx]
-    return full & (vol > hu)
+    return opened.repeat_interleave(f, 1).repeat_interleave(f, 2)[:, :ny, :nx]
 
 
 def _best_path(coarse: torch.Tensor) -> torch.Tensor:
