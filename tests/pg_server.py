@@ -8,6 +8,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +26,25 @@ class PgServer:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
 
     def create_database(self, name: str) -> str:
-        import psycopg
-
-        with psycopg.connect(
-            f"host=127.0.0.1 port={self.port} user=postgres", autocommit=True
-        ) as c:
+        with self.connect() as c:
             c.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
+
+    def connect(self, timeout_s: float = 30.0):  # noqa: ANN201 - psycopg is imported lazily
+        """A connection to the server, once it accepts them: it listens a moment before its
+        start-up is done ("the database system is starting up")."""
+        import psycopg
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return psycopg.connect(
+                    f"host=127.0.0.1 port={self.port} user=postgres", autocommit=True
+                )
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
 
 def _as_postgres(cmd: list[str]) -> list[str]:
@@ -77,7 +90,9 @@ def pg_server() -> Iterator[PgServer]:
     )
     try:
         wait_port(port, timeout_s=30)
-        yield PgServer(port)
+        server = PgServer(port)
+        server.connect().close()
+        yield server
     finally:
         proc.terminate()
         proc.wait(30)

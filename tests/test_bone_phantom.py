@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from functools import lru_cache
 
 import numpy as np
@@ -134,11 +133,9 @@ def test_thick_slices_average_partial_volume():
     assert ((body > 250) & (body < 600)).any()
 
 
-def test_spec_object_and_speed():
+def test_spec_object():
     spec = PhantomSpec(shape_yx=(256, 256), pixel_mm=1.3, slice_spacing_mm=2.0, seed=9)
-    t0 = time.perf_counter()
     vol, t = make_phantom(spec)
-    assert time.perf_counter() - t0 < 5.0
     assert vol.shape[1:] == (256, 256) and t.l1_measurable
 
 

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -533,6 +534,9 @@ def test_max_associations_rejects_the_extra_one(start_scp) -> None:
             scu().echo(Peer(GATEWAY_AE, "127.0.0.1", scp.port))
     finally:
         held.release()
+    deadline = time.monotonic() + 20  # the slot frees just after the A-RELEASE-RP is sent
+    while scp.open_associations and time.monotonic() < deadline:
+        time.sleep(0.02)
     scu().echo(Peer(GATEWAY_AE, "127.0.0.1", scp.port))
 
 

@@ -221,6 +221,8 @@ def test_association_limit_across_workers(start_scp, tmp_path: Path) -> None:
     finally:
         held.release()
     assert _wait_for(lambda: len(events(tmp_path, "end")) == 1)
+    # the slot frees just after the A-RELEASE-RP (and after on_release's event): wait for it
+    assert _wait_for(lambda: scp.open_associations == 0)
     scu().echo(peer)
 
 

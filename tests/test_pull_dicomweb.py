@@ -142,6 +142,7 @@ class CuttingProxy:
 
     def __init__(self, upstream: int, cut: int) -> None:
         self.upstream, self.cut, self.cuts = upstream, cut, 0
+        self._lock = threading.Lock()  # the two series are fetched at once: cut one only
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -158,9 +159,10 @@ class CuttingProxy:
         up = socket.create_connection(("127.0.0.1", self.upstream))
         first = client.recv(65536)
         is_series = b"/series/" in first.split(b"\r\n")[0] and b"metadata" not in first[:200]
-        cutting = is_series and self.cuts == 0
-        if cutting:
-            self.cuts += 1
+        with self._lock:
+            cutting = is_series and self.cuts == 0
+            if cutting:
+                self.cuts += 1
         up.sendall(first)
 
         def pump(src: socket.socket, dst: socket.socket, limit: int | None) -> None:
