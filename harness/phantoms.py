@@ -19,7 +19,8 @@ so a cortex thinner than a pixel shows as partial volume, not as nothing; edges 
 unless `psf_fwhm_mm` blurs them.
 
 Options: 11/12/13 rib pairs (the lowest rib-bearing vertebra is T11/T12/L1), habitus (fat
-thickness, abdomen width; an obese body may overflow the field), a scoliotic C curve, IV contrast
+thickness, abdomen width; an obese body may overflow the field), a scoliotic C curve with axial
+rotation of the vertebrae (about a point behind the body, rib necks turning with them), IV contrast
 (aorta, IVC), a field of view cutting L1, a collapsed sclerotic L1, a metal bead in L1, flips of
 any axis (the array comes back flipped, with `affine` and `z_increases_superior` to match).
 Iliac wings and sacral alae sit at the bottom. `PhantomTruth` records per-level trabecular HU,
@@ -95,6 +96,7 @@ class PhantomSpec:
     fat_mm: float = 18.0  # habitus: subcutaneous fat (10 lean .. 60 obese; may leave the field)
     width_scale: float = 1.0  # habitus: the abdomen's (and rib cage's) width, 0.9 .. 1.2
     scoliosis_mm: float = 0.0  # a lateral C curve: the spine shifted sideways up to this much
+    rotation_deg: float = 0.0  # axial rotation of the vertebrae along the same curve, at its apex
     fov: str = "full"  # "full", "cut_l1_top" (field ends in L1), "cut_l1_bottom" (starts in L1)
     fov_mm: tuple[float, float] | None = None  # explicit (bottom, top) on the anatomical axis
     fracture_l1: bool = False  # L1 collapsed to 55 % height, sclerotic
@@ -195,6 +197,14 @@ class _Plane:
         out.x = self.x - np.float32(dx)
         return out
 
+    def rotated(self, theta: float, cy: float) -> _Plane:
+        """The same points, what is drawn turned by `theta` radians about (0, cy)."""
+        out = copy.copy(self)
+        c, s, dy = np.float32(math.cos(theta)), np.float32(math.sin(theta)), self.y - np.float32(cy)
+        out.x = c * self.x + s * dy  # full (y, x) grids from here on
+        out.y = np.float32(cy) - s * self.x + c * dy
+        return out
+
     def ellipse(self, cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
         return ((self.x - cx) / rx) ** 2 + ((self.y - cy) / ry) ** 2 <= 1.0
 
@@ -203,7 +213,8 @@ class _Plane:
 
 
 def _rib_path(lv: _Level, side: int, width_scale: float = 1.0) -> np.ndarray:
-    """Points (x, y, s) every 0.5 mm along one rib, from the head beside the body outward."""
+    """Points (x, y, s) every 0.5 mm along one rib, from the head beside the body outward, and
+    how much each turns with its vertebra (1 at the neck, 0 beyond 80 mm along the rib)."""
     head = np.array([side * (lv.rx + 6.0), lv.cy + 0.4 * lv.ry, lv.top - 0.15 * lv.height])
     tub = np.array([side * 38.0, lv.canal_y, head[2] - 4.0])
     ax, ay = WALL_RX * width_scale, WALL_RY
@@ -218,7 +229,7 @@ def _rib_path(lv: _Level, side: int, width_scale: float = 1.0) -> np.ndarray:
     x = np.interp(t, length, pts2[:, 0])
     y = np.interp(t, length, pts2[:, 1])
     s = head[2] - 0.12 * np.minimum(t, 20.0) - 0.28 * np.maximum(t - 20.0, 0.0)
-    return np.stack([x, y, s], axis=1)
+    return np.stack([x, y, s, np.clip(1.0 - (t - 20.0) / 60.0, 0.0, 1.0)], axis=1)
 
 
 def _spine_plane(
@@ -339,20 +350,28 @@ def make_phantom(spec: PhantomSpec | None = None, **kw) -> tuple[np.ndarray, Pha
     sub = 1 if px <= 1.0 else math.ceil(px / 0.8) | 1
     pl = _Plane(ny, nx, px, ys, xs, sub)
     moving = bool(spec.scoliosis_mm)  # the great vessels follow the curved spine, per slice
+    turning = bool(spec.rotation_deg)
     base_box = _background(pl, spec, vessels=not moving)
     hy, hx = base[ys, xs].shape
     base[ys, xs] = base_box.reshape(hy, sub, hx, sub).mean((1, 3))
     lab_box = np.zeros_like(base_box, np.int16)
 
     ribs = [_rib_path(lv, side, spec.width_scale) for lv in levels if lv.ribs for side in (-1, 1)]
-    rib_pts = np.concatenate(ribs) if ribs else np.zeros((0, 3))
+    rib_pts = np.concatenate(ribs) if ribs else np.zeros((0, 4))
     s_lo, s_hi = min(lv.bottom for lv in levels), max(lv.top for lv in levels)
 
-    def curve(at: np.ndarray | float) -> np.ndarray:  # lateral shift of the spine (scoliosis)
-        t = np.clip((np.asarray(at) - s_lo) / (s_hi - s_lo), 0.0, 1.0)
-        return spec.scoliosis_mm * np.sin(np.pi * t)
+    def bend(at: np.ndarray | float) -> np.ndarray:  # 0 at the ends of the spine, 1 at the apex
+        return np.sin(np.pi * np.clip((np.asarray(at) - s_lo) / (s_hi - s_lo), 0.0, 1.0))
 
-    rib_pts[:, 0] += curve(rib_pts[:, 2])
+    # the vertebrae turn about a point just behind the bodies (the front of the canal)
+    pivot_y = 58.0
+    turn = np.radians(spec.rotation_deg) * bend(rib_pts[:, 2]) * rib_pts[:, 3]
+    dy = rib_pts[:, 1] - pivot_y
+    rib_pts[:, 0], rib_pts[:, 1] = (
+        np.cos(turn) * rib_pts[:, 0] - np.sin(turn) * dy,
+        pivot_y + np.sin(turn) * rib_pts[:, 0] + np.cos(turn) * dy,
+    )
+    rib_pts[:, 0] += spec.scoliosis_mm * bend(rib_pts[:, 2])
     rib_pts = rib_pts[np.argsort(rib_pts[:, 2])]
     stamp_r = int(math.ceil(RIB_R / px))
     oy, ox = np.mgrid[-stamp_r : stamp_r + 1, -stamp_r : stamp_r + 1] * px
@@ -378,8 +397,10 @@ def make_phantom(spec: PhantomSpec | None = None, **kw) -> tuple[np.ndarray, Pha
                 lab_box[:] = 0
             plane = pl
             if moving:
-                plane = pl.shifted(float(curve(s)))
+                plane = pl.shifted(float(spec.scoliosis_mm * bend(s)))
                 _vessels(plane, spec, img)
+            if turning:
+                plane = plane.rotated(math.radians(spec.rotation_deg) * float(bend(s)), pivot_y)
             _spine_plane(plane, levels, s, spec, img, lab_box if mid else None)
             if mid:  # labels point-sampled at pixel centres
                 labels[k, ys, xs] = lab_box[sub // 2 :: sub, sub // 2 :: sub]

@@ -66,6 +66,9 @@ ACCURACY = [  # (options beyond SMALL, slice spacing, noise, trabecular HU, seed
     (dict(scoliosis_mm=30.0), 2.5, 20.0, 140.0, 5, 10.0),
     (dict(scoliosis_mm=-40.0), 1.25, 15.0, 190.0, 6, 5.0),
     (dict(scoliosis_mm=20.0, contrast_hu=300.0), 1.25, 15.0, 70.0, 7, 5.0),
+    # scoliotic vertebrae turn too: the ROI and its vein exclusion must follow the body
+    (dict(scoliosis_mm=30.0, rotation_deg=25.0), 2.5, 20.0, 140.0, 8, 10.0),
+    (dict(scoliosis_mm=-25.0, rotation_deg=-20.0, contrast_hu=300.0), 1.25, 15.0, 100.0, 9, 5.0),
 ]
 
 
@@ -101,6 +104,22 @@ def test_realistic_resolution():
     assert rep.measurable, rep.reason
     assert abs(rep.l1_hu - truth.l1_hu) <= 5.0
     assert_not_mislabelled(truth, rep)
+
+
+@pytest.mark.parametrize("turn", [0.0, 30.0, -30.0])
+def test_roi_misses_cortex_and_vein_of_a_turned_body(turn):
+    """Noise-free: every ROI voxel is trabecular bone (SD 0, mean exact to the int16 rounding),
+    whichever way the body is turned, though the vein (70 HU below it) is in the slab."""
+    vol, truth, rep = case(
+        shape_yx=(320, 320), pixel_mm=1.0, slice_spacing_mm=1.25, noise_sd=0.0,
+        scoliosis_mm=30.0, rotation_deg=turn, trabecular_hu=150.0,
+    )  # fmt: skip
+    assert rep.measurable, rep.reason
+    l1 = rep.levels["L1"]
+    a, b = l1.slices
+    body = vol[a:b][truth.labels[a:b] == LEVEL_CODES["L1"]]
+    assert (body == 80).sum() > 100  # the vein is there to be caught (control)
+    assert l1.sd_hu == 0.0 and abs(l1.mean_hu - 150.0) < 0.5 and l1.roi_area_mm2 > 150
 
 
 def test_wrong_level_would_be_caught():
@@ -161,6 +180,7 @@ def test_seeds_never_mislabel(seed):
         fat_mm=float(rng.uniform(10, 60)),
         width_scale=float(rng.uniform(0.9, 1.2)),
         scoliosis_mm=float(rng.uniform(-30, 30)),
+        rotation_deg=float(rng.uniform(-25, 25)),
     )
     vol, truth, rep = case(**opts)
     assert_not_mislabelled(truth, rep)

@@ -146,3 +146,24 @@ def test_psf_blurs_edges_only():
     k = (a + b) // 2
     assert soft[k].max() < sharp[k].max()  # thin cortex loses its peak
     assert abs(_interior_mean(soft, t, "L1") - t.l1_hu) < 3.0  # the interior keeps its HU
+
+
+def _turn_deg(truth, name):
+    """The in-plane angle of a body's long (left-right) axis at mid-height, degrees."""
+    a, b = truth.z_slices[name]
+    yy, xx = np.nonzero(truth.labels[(a + b) // 2] == LEVEL_CODES[name])
+    c = np.cov(np.stack([xx, yy]).astype(float))
+    return float(np.degrees(0.5 * np.arctan2(2 * c[0, 1], c[0, 0] - c[1, 1])))
+
+
+def test_rotation_turns_the_vertebrae_most_at_the_apex():
+    _, flat = phantom(scoliosis_mm=25.0)
+    _, turned = phantom(scoliosis_mm=25.0, rotation_deg=20.0)
+    _, back = phantom(scoliosis_mm=25.0, rotation_deg=-20.0)
+    assert all(abs(_turn_deg(flat, n)) < 1.5 for n in ("L3", "L1", "T11"))
+    # little at the bottom of the curve, most at its apex (T12-L1), less above it
+    angles = [_turn_deg(turned, n) for n in ("L5", "L3", "T12", "T10")]
+    assert angles[0] < 5.0 < angles[1] < angles[2] and 15.0 < angles[2] <= 21.0, angles
+    assert angles[3] < angles[2]
+    assert abs(_turn_deg(back, "T12") + angles[2]) < 1.5  # the other way
+    assert turned.labels.max() == flat.labels.max() and turned.l1_measurable
