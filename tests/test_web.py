@@ -276,6 +276,16 @@ def test_frames_bulkdata_rendered(site):
         r = fetch(url, tok, headers={"Accept": "image/avif,image/webp,*/*;q=0.8"})
         assert r.status == 200 and r.headers["Content-Type"] == "image/jpeg", url
     assert fetch(f"{base}/rendered?window=bad", tok).status == 400
+    # A series or study rendered is one representative image (its middle slice), full size,
+    # as dicomweb-client reads it; the thumbnail of the same is smaller.
+    middle = site.reader(0)
+    n = int(middle.attrs["n_slices"])
+    mid_sop = middle.header(n // 2)["00080018"]["Value"][0]
+    want = client.retrieve_instance_rendered(study, series, mid_sop, media_types=("image/png",))
+    got = client.retrieve_series_rendered(study, series, media_types=("image/png",))
+    assert got == want and Image.open(BytesIO(got)).size == (64, 64)
+    whole = fetch(f"{site.root}/studies/{study}/rendered", tok, headers={"Accept": "image/png"})
+    assert whole.headers["Content-Type"] == "image/png" and Image.open(BytesIO(whole.body)).size
 
 
 # -- access -----------------------------------------------------------------------------------
@@ -294,7 +304,7 @@ def routes(site, project="web"):
         f"{root}/studies/{study}/metadata", f"{se}/metadata", f"{inst}/metadata",
         f"{inst}/frames/1", f"{inst}/bulkdata/7FE00010", f"{inst}/rendered",
         f"{inst}/thumbnail", f"{inst}/frames/1/rendered", f"{se}/thumbnail",
-        f"{root}/studies/{study}/thumbnail",
+        f"{root}/studies/{study}/thumbnail", f"{se}/rendered", f"{root}/studies/{study}/rendered",
     ]  # fmt: skip
 
 

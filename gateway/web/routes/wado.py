@@ -340,31 +340,37 @@ def instance_image(
 
 
 def _middle_image(request: Request, se: IndexedSeries) -> Response:
+    """A series' (or study's) representative image, as Orthanc and dicomweb-client take it: one
+    image, not a multipart of every instance; the middle slice shows more than an end one."""
     reader = _readers(request).get(se)
     n = int(reader.attrs["n_slices"])
     if not n:
         raise HTTPException(404, "this series has no images")
-    return _rendered(request, se, n // 2, True)
+    return _rendered(request, se, n // 2, request.url.path.endswith("/thumbnail"))
 
 
+@router.get("/studies/{study}/series/{series}/rendered")
 @router.get("/studies/{study}/series/{series}/thumbnail")
-def series_thumbnail(
+def series_image(
     study: str,
     series: str,
     request: Request,
     access: Access = Depends(project_access),
 ):
+    """A series' middle image, rendered or as a thumbnail."""
     (se,) = _series(request, access, study, series)
-    audit(request, "wado.thumbnail", study=study, series=series)
+    audit(request, f"wado.{request.url.path.rsplit('/', 1)[1]}", study=study, series=series)
     return _middle_image(request, se)
 
 
+@router.get("/studies/{study}/rendered")
 @router.get("/studies/{study}/thumbnail")
-def study_thumbnail(
+def study_image(
     study: str,
     request: Request,
     access: Access = Depends(project_access),
 ):
+    """A study's representative image (its first series' middle one), rendered or small."""
     rows = _series(request, access, study)
-    audit(request, "wado.thumbnail", study=study)
+    audit(request, f"wado.{request.url.path.rsplit('/', 1)[1]}", study=study)
     return _middle_image(request, rows[0])
