@@ -10,6 +10,7 @@ import base64
 import http.client
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -30,9 +31,36 @@ class OrthancError(RuntimeError):
     """Orthanc did not start, or answered a REST call with an error."""
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (for peers that cannot bind port 0 themselves)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A TCP port free now, for peers that cannot bind port 0 themselves.
+
+    It is drawn below the kernel's ephemeral range, so no `bind(0)` and no outgoing connection
+    can take it before the peer binds it (a module-long SCP port is bound and released many
+    times), and this process never hands the same port out twice."""
+    low, high = 20000, _ephemeral_low() - 1
+    rng = random.Random()
+    for _ in range(200 if high - low > 1000 else 0):
+        port = rng.randint(low, high)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # an unusual port range
         s.bind((host, 0))
         return s.getsockname()[1]
 
