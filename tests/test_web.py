@@ -25,6 +25,7 @@ from core import users
 from core.settings import S3Options
 from gateway.web import sessions
 from harness.leaks import scan_bytes
+from harness.seaweed import SeaweedS3
 from storage.series import SeriesReader, series_key
 from tests.test_pull import approved, corpus, make_gateway, pacs, scp_port  # noqa: F401
 from tests.web_server import fetch, leaks, serving
@@ -574,6 +575,40 @@ def test_frames_and_metadata_from_s3(tmp_path, pacs, scp_port, corpus, s3_server
             )
             assert frame == np.ascontiguousarray(reader.volume[i], dtype="<i2").tobytes()
         assert len(client.retrieve_series(study, series)) == len(meta)
+
+
+def test_a_store_that_is_down_is_a_clear_503_and_searches_go_on(tmp_path, pacs, scp_port, corpus):
+    """The object store goes away after the pull: searches (the catalog) still answer, every
+    read of pixels or headers is a 503 that says what is wrong and nothing internal, and the
+    server stays up."""
+    with SeaweedS3(tmp_path / "s3") as own:
+        bucket = own.new_bucket()
+        gw = make_gateway(
+            tmp_path / "gw", pacs, scp_port, storage_url=f"s3://{bucket}/research",
+            s3=S3Options(endpoint=own.endpoint, access_key=own.access_key,
+                         secret_key=own.secret_key),
+        )  # fmt: skip
+        approved(gw, "downs3", [corpus.studies[0].accession])
+        assert gw.pull("downs3").ok
+        endpoint = own.endpoint
+    token = users.add(gw.core, "dora")
+    users.grant(gw.core, "downs3", "dora", "viewer")
+    keys = gw.keys("downs3")
+    st = corpus.studies[0]
+    study, series = keys.uid(st.study_uid), keys.uid(st.series[0].series_uid)
+    with serving(gw.core) as url:
+        root = f"{url}/projects/downs3/dicom-web"
+        found = fetch(f"{root}/studies/{study}/series/{series}/instances", token)
+        assert found.status == 200  # the catalog does not need the store
+        sop = value(found.json()[0], "00080018")
+        inst = f"{root}/studies/{study}/series/{series}/instances/{sop}"
+        for target in (f"{inst}/metadata", f"{inst}/frames/1", f"{inst}/rendered", inst):
+            r = fetch(target, token)
+            assert r.status == 503, (target, r.status)
+            said = r.body.decode("utf-8", "replace")
+            assert "object store is unavailable" in said
+            assert bucket not in said and endpoint not in said and "Traceback" not in said
+        assert fetch(f"{url}/healthz").status == 200
 
 
 def test_frames_per_second(site):
