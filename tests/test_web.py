@@ -577,7 +577,12 @@ def test_frames_and_metadata_from_s3(tmp_path, pacs, scp_port, corpus, s3_server
         assert len(client.retrieve_series(study, series)) == len(meta)
 
 
-def test_a_store_that_is_down_is_a_clear_503_and_searches_go_on(tmp_path, pacs, scp_port, corpus):
+def test_a_store_that_is_down_is_a_clear_503_and_searches_go_on(
+    tmp_path,
+    pacs,  # noqa: F811
+    scp_port,  # noqa: F811
+    corpus,  # noqa: F811
+):
     """The object store goes away after the pull: searches (the catalog) still answer, every
     read of pixels or headers is a 503 that says what is wrong and nothing internal, and the
     server stays up."""
