@@ -105,6 +105,7 @@ class LocalOrthanc:
         dicom_threads: int = 8,
         timeout_s: float = 30.0,
         users: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.aet = aet
@@ -116,6 +117,7 @@ class LocalOrthanc:
         self.timeout_s = timeout_s
         # HTTP basic authentication on REST and DICOMweb; our own calls use the first user.
         self.users = dict(users or {})
+        self.extra = dict(extra or {})  # configuration over ours (a benchmark's tuning)
         self.process: subprocess.Popen[bytes] | None = None
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -178,7 +180,7 @@ class LocalOrthanc:
         }
         if self.dicomweb:
             cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
-        return cfg
+        return {**cfg, **self.extra}
 
     def start(self) -> LocalOrthanc:
         """Write the config, launch Orthanc and wait until REST `/system` answers."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete, func, insert, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from storage.models import IndexedInstance, IndexedSeries, IndexedStudy, get_or_add
 
@@ -39,6 +39,7 @@ STUDY_TAGS = frozenset(
     }
 )
 _INSTANCE_ALWAYS = frozenset({"00080018", "00200013"})  # SOP Instance UID, Instance Number
+MODALITIES_IN_STUDY = "00080061"
 ONLINE = {"vr": "CS", "Value": ["ONLINE"]}
 _PIXEL_TAGS = frozenset({"7FE00008", "7FE00009", "7FE00010"})
 
@@ -305,6 +306,8 @@ def _clause(m: Any, tables: list[tuple[Any, dict[str, Column]]]) -> tuple[Any, b
     kind = str(m.kind)
     if kind == "universal":
         return None, True
+    if m.path == (MODALITIES_IN_STUDY,):
+        return _modalities_clause(m, kind)
     col = None
     if len(m.path) == 1:
         for table, columns in tables:
@@ -348,6 +351,21 @@ def _clause(m: Any, tables: list[tuple[Any, dict[str, Column]]]) -> tuple[Any, b
         else:
             terms.append(or_(*(col.like(p, escape="\\") for p in t.likes)))
     return (terms[0] if len(terms) == 1 else or_(*terms)), exact
+
+
+def _modalities_clause(m: Any, kind: str) -> tuple[Any, bool]:
+    """ModalitiesInStudy: the study has a series of one of the modalities (equality, so as
+    case-sensitive as the recheck on every database). Wildcards and empty matches are left
+    to the recheck."""
+    if kind not in ("single", "list") or not all(t.exact for t in m.terms):
+        return None, False
+    se, st = aliased(IndexedSeries), IndexedStudy
+    has = select(se.id).where(
+        se.project_id == st.project_id,
+        se.study_uid == st.study_uid,
+        se.modality.in_([t.value for t in m.terms]),
+    )
+    return has.exists(), True
 
 
 # -- helpers ---------------------------------------------------------------------------------

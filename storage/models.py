@@ -151,7 +151,12 @@ class IndexedStudy(Base):
     """A stored study, by pseudonymous UID; attributes are the de-identified ones."""
 
     __tablename__ = "qido_studies"
-    __table_args__ = (UniqueConstraint("project_id", "study_uid"),)
+    __table_args__ = (
+        UniqueConstraint("project_id", "study_uid"),
+        # the search order (so a page is read in order, not sorted), date ranges, accessions
+        Index("ix_qido_studies_order", "project_id", "study_date", "study_uid"),
+        Index("ix_qido_studies_accession", "project_id", "accession"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True)
@@ -200,6 +205,7 @@ class IndexedInstance(Base):
     __table_args__ = (
         UniqueConstraint("project_id", "sop_uid"),
         Index("ix_qido_instances_series", "project_id", "series_uid", "position"),
+        Index("ix_qido_instances_order", "project_id", "study_uid", "series_uid", "position"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
