@@ -319,11 +319,17 @@ class Catalog:
             )
             return {sop: (position, bool(pixels)) for sop, position, pixels in s.execute(q)}
 
-    def indexed_studies(self, project_id: int) -> list[IndexedStudy]:
-        """Every indexed study of a project, by date."""
+    def indexed_studies(
+        self, project_id: int, limit: int | None = None, offset: int = 0
+    ) -> tuple[list[IndexedStudy], int]:
+        """A page of a project's indexed studies, by date, and how many there are in all."""
         with self.session() as s:
-            q = select(IndexedStudy).where(IndexedStudy.project_id == project_id)
-            return list(s.scalars(q.order_by(IndexedStudy.study_date, IndexedStudy.study_uid)))
+            mine = IndexedStudy.project_id == project_id
+            q = select(IndexedStudy).where(mine)
+            q = q.order_by(IndexedStudy.study_date, IndexedStudy.study_uid)
+            page = list(s.scalars(q.offset(offset or None).limit(limit)))
+            total = s.scalar(select(func.count()).select_from(IndexedStudy).where(mine)) or 0
+            return page, int(total)
 
     # -- users and roles ----------------------------------------------------------------------
 

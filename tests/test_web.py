@@ -24,6 +24,7 @@ from PIL import Image
 from core import users
 from core.settings import S3Options
 from gateway.web import sessions
+from gateway.web.routes import pages
 from harness.leaks import scan_bytes
 from harness.seaweed import SeaweedS3
 from storage.series import SeriesReader, series_key
@@ -340,6 +341,25 @@ def test_access_table_route_by_route(site):
     assert fetch(f"{routes(site)[0]}", t["dave"]).status == 404
     assert fetch(grant, t["alice"], "POST", json={"user": "dave"}).status == 204
     assert fetch(f"{routes(site)[0]}", t["dave"]).status == 200
+
+
+def test_home_shows_a_project_a_page_at_a_time(site, monkeypatch):
+    monkeypatch.setattr(pages, "STUDIES_A_PAGE", 1)  # two studies: two pages
+    tok = site.tokens["alice"]
+    ordered = [
+        h.study_uid for h in site.gw.catalog.indexed_studies(site.gw.catalog.project("web").id)[0]
+    ]
+    first = fetch(f"{site.url}/", tok).body.decode()
+    assert "Studies 1-1 of 2." in first and "next &rsaquo;" in first and "previous" not in first
+    assert ordered[0] in first and ordered[1] not in first
+    second = fetch(f"{site.url}/?project=web&page=2", tok).body.decode()
+    assert "Studies 2-2 of 2." in second and "previous" in second and "next" not in second
+    assert ordered[1] in second and ordered[0] not in second
+    assert (
+        "No studies on this page (2 in all)."
+        in fetch(f"{site.url}/?project=web&page=9", tok).body.decode()
+    )
+    assert ordered[0] in fetch(f"{site.url}/?project=web&page=x", tok).body.decode()  # page 1
 
 
 def test_signin_session_cookie(site):

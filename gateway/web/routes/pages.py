@@ -116,10 +116,14 @@ def home(request: Request, core: Core = Depends(get_core)) -> Response:
         if problem:
             parts.append(f"<p>Not available: {escape(problem)}.</p>")
             continue
-        studies = core.catalog.indexed_studies(project.id)
-        if not studies:
+        page = _page_number(request, project.name)
+        studies, total = core.catalog.indexed_studies(
+            project.id, STUDIES_A_PAGE, (page - 1) * STUDIES_A_PAGE
+        )
+        if not total:
             parts.append("<p>No studies stored yet.</p>")
             continue
+        parts.append(_pager(project.name, page, total))
         rows = []
         for st in studies:
             link = "/viewer/?" + urlencode(
@@ -138,6 +142,38 @@ def home(request: Request, core: Core = Depends(get_core)) -> Response:
             + "</table>"
         )
     return _page("sphere", "".join(parts))
+
+
+STUDIES_A_PAGE = 50  # a 10,000-study project is a page at a time, not 2 MB of table
+
+
+def _page_number(request: Request, project: str) -> int:
+    """The page asked for this project (`/?project=p&page=n`); 1 for the others."""
+    if request.query_params.get("project") != project:
+        return 1
+    try:
+        return max(1, int(request.query_params.get("page", "1")))
+    except ValueError:
+        return 1
+
+
+def _pager(project: str, page: int, total: int) -> str:
+    """ "Studies 51-100 of 10,000", with links to the pages before and after."""
+    first = (page - 1) * STUDIES_A_PAGE + 1
+    last = min(page * STUDIES_A_PAGE, total)
+
+    def link(n: int, text: str) -> str:
+        href = "/?" + urlencode({"project": project, "page": n}) + f"#{project}"
+        return f' <a href="{escape(href)}">{text}</a>'
+
+    out = f'<p id="{escape(project)}">Studies {first:,}-{last:,} of {total:,}.'
+    if first > total:
+        out = f'<p id="{escape(project)}">No studies on this page ({total:,} in all).'
+    if page > 1:
+        out += link(page - 1, "&lsaquo; previous")
+    if last < total:
+        out += link(page + 1, "next &rsaquo;")
+    return out + "</p>"
 
 
 class Grant(BaseModel):
