@@ -224,8 +224,9 @@ def cohort_add(
         typer.Option(help="CSV file with columns accession, patient_id and/or study_uid."),
     ] = None,
 ) -> None:
-    """Add studies to a project's cohort, by accession number, patient ID or study UID. The
-    values are kept in the vault; the catalog holds only keyed digests of them."""
+    """Add studies to a project's cohort, by accession number, patient ID or study UID.
+
+    The values are kept in the vault; the catalog holds only keyed digests of them."""
     given = {
         "accession": accession or [],
         "patient_id": patient_id or [],
@@ -315,8 +316,10 @@ def demo(
         "demo-data"
     ),
 ) -> None:
-    """Run the whole way once: local Orthanc PACS, synthetic CT and spine phantoms, project,
-    approval, pull, bone density, then DICOMweb for a viewer user (until Ctrl-C at a terminal)."""
+    """Run the whole way once, on a local Orthanc PACS with synthetic CT and spine phantoms.
+
+    Project, approval, pull, bone density, then DICOMweb for a viewer user (until Ctrl-C at
+    a terminal)."""
     from harness.demo import run_demo
 
     raise typer.Exit(run_demo(workdir, patients=patients, slices=slices, size=size))

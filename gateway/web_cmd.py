@@ -53,8 +53,9 @@ def project_grant(
 
 
 def project_reindex(ctx: typer.Context, project: str) -> None:
-    """Rebuild a project's search index from its stored series (series stored before the
-    index existed; the pull indexes what it commits)."""
+    """Rebuild a project's search index from its stored series.
+
+    For series stored before the index existed: the pull indexes what it commits."""
     from core.index import reindex
 
     typer.echo(f"{reindex(_core(ctx), project)} series indexed in {project}")

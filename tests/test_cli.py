@@ -31,6 +31,38 @@ def test_help_explains_every_command(tmp_path):
         assert cmd in out
 
 
+def wrapped_summaries(command: Any, path: tuple[str, ...] = ()) -> list[str]:
+    """Commands whose summary (the help's first paragraph) spans lines: `--help` would show
+    the source's line breaks mid-sentence."""
+    out = []
+    for name, sub in (getattr(command, "commands", None) or {}).items():
+        out += wrapped_summaries(sub, (*path, name))
+    if "\n" in (command.help or "").strip().split("\n\n")[0]:
+        out.append(" ".join(path))
+    return out
+
+
+def test_every_summary_is_one_line():
+    import typer
+
+    from gateway.cli import app
+
+    assert wrapped_summaries(typer.main.get_command(app)) == []
+    # Control: a command written as the three offenders were is caught.
+    probe = typer.Typer()
+
+    @probe.command()
+    def first() -> None:
+        """A summary that runs on
+        to a second line."""
+
+    @probe.command()
+    def second() -> None:
+        """One line."""
+
+    assert wrapped_summaries(typer.main.get_command(probe)) == ["first"]
+
+
 def test_project_lifecycle_from_the_command_line(tmp_path):
     sphere("project", "create", "cli-proj", "--title", "CLI test", home=tmp_path)
     (tmp_path / "c.csv").write_text("accession\nA1\nA2\n")
