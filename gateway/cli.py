@@ -268,13 +268,17 @@ def status(
     series: Annotated[
         bool, typer.Option("--series", "-s", help="A line per series, with its notes.")
     ] = False,
+    problems: Annotated[
+        bool, typer.Option("--problems", "-p", help="Only the studies not complete.")
+    ] = False,
 ) -> None:
     """Show a project's studies (pseudonymous): series, instances stored, status."""
     c = core(ctx)
     p = c.project(name)
     approval = f"until {p.expires_on}" if p.status == "approved" else ""
     typer.echo(f"project {p.name}: {p.status} {approval}".rstrip())
-    _echo_lines(views.status_lines(c.catalog.series(p.id), details=series))
+    lines = views.status_lines(c.catalog.series(p.id), details=series, problems=problems)
+    _echo_lines(lines)
 
 
 @app.command()

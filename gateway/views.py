@@ -40,16 +40,25 @@ def report_lines(report: PullReport) -> list[str]:
     return lines
 
 
-def status_lines(series: Iterable[SeriesRecord], *, details: bool = False) -> list[str]:
-    """A line per study (series, instances stored/expected, status); with `details`, a line
-    per series under it, and its error or quarantine note."""
+def status_lines(
+    series: Iterable[SeriesRecord], *, details: bool = False, problems: bool = False
+) -> list[str]:
+    """A count of studies by status, then a line per study (series, instances stored/expected,
+    status); with `details`, a line per series under it, and its error or quarantine note;
+    with `problems`, the studies not complete only (a 10,000-study project's few failures)."""
     by_study: dict[str, list[SeriesRecord]] = defaultdict(list)
     for r in series:
         by_study[r.study_uid].append(r)
     if not by_study:
         return ["no series yet: `sphere pull` fetches the cohort"]
-    lines = [f"{'study (pseudonymous UID)':<44} {'series':>6} {'instances':>11}  status"]
+    worst = Counter(_worst(rows) for rows in by_study.values())
+    counted = ", ".join(f"{worst[s]:,} {s}" for s in _WORST_FIRST[::-1] if worst[s])
+    n = len(by_study)
+    lines = [f"{n:,} {'study' if n == 1 else 'studies'}: {counted}"]
+    lines.append(f"{'study (pseudonymous UID)':<44} {'series':>6} {'instances':>11}  status")
     for study, rows in by_study.items():
+        if problems and _worst(rows) == "complete":
+            continue
         stored = sum(r.stored for r in rows)
         expected = sum(r.expected for r in rows)
         lines.append(f"{study:<44} {len(rows):>6} {f'{stored}/{expected}':>11}  {_state(rows)}")
@@ -68,10 +77,19 @@ def status_lines(series: Iterable[SeriesRecord], *, details: bool = False) -> li
 _WORST_FIRST = ("failed", "quarantined", "pending", "complete")
 
 
+def _worst(rows: list[SeriesRecord]) -> str:
+    return min((r.status for r in rows), key=_rank)
+
+
+def _rank(status: str) -> int:
+    return _WORST_FIRST.index(status) if status in _WORST_FIRST else -1
+
+
 def _state(rows: list[SeriesRecord]) -> str:
-    counts = Counter(r.status for r in rows)
-    worst = min(counts, key=lambda s: _WORST_FIRST.index(s) if s in _WORST_FIRST else -1)
-    return "complete" if worst == "complete" else f"{counts[worst]} {worst}"
+    worst = _worst(rows)
+    if worst == "complete":
+        return worst
+    return f"{sum(r.status == worst for r in rows)} {worst}"
 
 
 def field(name: str, value: str) -> list[str]:

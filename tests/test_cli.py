@@ -273,8 +273,19 @@ def test_status_fits_80_columns_a_line_per_study(tmp_path):
     core.close()
     env_columns = {"COLUMNS": "80"}
     short = sphere("status", "wide", home=tmp_path, **env_columns).stdout.splitlines()
-    assert len(short) == 2 + 3  # project line, header, a line per study
+    assert len(short) == 3 + 3  # project line, counts, header, a line per study
     assert all(len(line) <= 80 for line in short), short
-    assert all(line.endswith(" 1620/2000  1 failed") for line in short[2:])
+    assert short[1] == "3 studies: 3 failed"
+    assert all(line.endswith(" 1620/2000  1 failed") for line in short[3:])
     long = sphere("status", "wide", "--series", home=tmp_path).stdout.splitlines()
-    assert len(long) > 2 + 3 + 12 and all(len(line) <= 80 for line in long), long
+    assert len(long) > 3 + 3 + 12 and all(len(line) <= 80 for line in long), long
+    # One study made whole: counted as complete, and left out of --problems.
+    core = Core(Settings(home=tmp_path))
+    core.catalog.upsert_series(pid, keys.uid("1.2.3.0.0"), stored=500, status="complete",
+                               error=None)  # fmt: skip
+    core.close()
+    now = sphere("status", "wide", home=tmp_path).stdout.splitlines()
+    assert now[1] == "3 studies: 1 complete, 2 failed" and len(now) == 6
+    only = sphere("status", "wide", "--problems", home=tmp_path).stdout.splitlines()
+    assert len(only) == 3 + 2 and keys.uid("1.2.3.0") not in "\n".join(only)
+    assert keys.uid("1.2.3.1") in "\n".join(only)
