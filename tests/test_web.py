@@ -343,6 +343,17 @@ def test_access_table_route_by_route(site):
     assert fetch(f"{routes(site)[0]}", t["dave"]).status == 200
 
 
+def test_results_cut_at_the_maximum_say_so(site, monkeypatch):
+    monkeypatch.setattr(site.gw.core.settings.web, "max_results", 1)  # the project has two
+    tok = site.tokens["alice"]
+    cut = fetch(f"{site.root}/studies", tok)
+    assert len(cut.json()) == 1 and "Additional results can be requested" in cut.headers["Warning"]
+    rest = fetch(f"{site.root}/studies?offset=1", tok)  # the last one: nothing more to say
+    assert len(rest.json()) == 1 and "Warning" not in rest.headers
+    asked = fetch(f"{site.root}/studies?limit=5", tok)  # more than the maximum: both warnings
+    assert len(asked.json()) == 1 and asked.headers["Warning"].count("299 sphere") == 2
+
+
 def test_home_shows_a_project_a_page_at_a_time(site, monkeypatch):
     monkeypatch.setattr(pages, "STUDIES_A_PAGE", 1)  # two studies: two pages
     tok = site.tokens["alice"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from fastapi import APIRouter, Depends, Request
@@ -14,6 +15,11 @@ from gateway.web.deps import Access, audit, dicomweb_root, get_core, project_acc
 
 router = APIRouter()
 RETRIEVE_URL = "00081190"
+# PS3.18's words for results cut at the server's maximum (a 299 Warning)
+TRUNCATED = (
+    "The number of results exceeded the maximum supported by the server. "
+    "Additional results can be requested."
+)
 
 
 def search(
@@ -27,21 +33,26 @@ def search(
     chosen = negotiate_metadata(
         request.headers.get("accept"), accept_query=request.query_params.get("accept")
     )
+    most = core.settings.web.max_results
     query = qido.parse_qido(
         request.query_params.multi_items(),
         level,
         study_uid=study,
         series_uid=series,
-        max_limit=core.settings.web.max_results,
+        max_limit=most,
     )
+    capped = query.limit == most  # one more is asked for, to tell the client there are more
     hits = core.catalog.search(
         str(level),
         access.project.id,
         query.matches,
         recheck=lambda ds: qido.matches(query, ds),
-        limit=query.limit,
+        limit=most + 1 if capped else query.limit,
         offset=query.offset,
     )
+    if capped and len(hits) > most:
+        hits = hits[:most]
+        query = dataclasses.replace(query, warnings=(*query.warnings, TRUNCATED))
     root = dicomweb_root(request, access.project.name)
     results = []
     for hit in hits:
