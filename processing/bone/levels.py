@@ -170,6 +170,9 @@ def assign_levels(
         if segs[i].tall:
             out.reason = "two vertebrae may be merged (disc not seen): level count unsafe"
             return out
+        if segs[i].short:
+            out.reason = "a vertebra may be split (a false disc): level count unsafe"
+            return out
         if segs[i].gap_below_mm > MAX_DISC_MM:
             out.reason = "a vertebra may be missing (gap too long for a disc): level count unsafe"
             return out

@@ -37,6 +37,7 @@ class Segment:
     z_mid: float  # wall-weighted centre slice (float index)
     cut: bool  # touches the field of view's top or bottom
     tall: bool = False  # much taller than its peers: two bodies merged?
+    short: bool = False  # much shorter than its peers: one body split at a false disc?
     gap_below_mm: float = 0.0  # disc space under it (0 for the lowest)
 
 
@@ -175,8 +176,16 @@ def find_column(vol: torch.Tensor, spacing: tuple[float, float, float], bone_hu:
     return Column(tx, ty, y_ant, wall, body_cy, body_cx)
 
 
+DISC_WALL = 0.25  # a disc's slices lose the anterior wall all but entirely
+
+
 def split_bodies(col: Column, spacing: tuple[float, float, float]) -> list[Segment]:
-    """Runs of body slices (wall > 0.5), short gaps closed, slivers dropped; bottom first."""
+    """Runs of body slices (wall > 0.5), short gaps closed, slivers dropped; bottom first.
+
+    A gap is a disc only where the wall all but vanishes (below `DISC_WALL`): a weak wall
+    (coarse pixels, a bright aorta against it) dips under 0.5 mid-body, and splitting there
+    adds a vertebra that can agree with a wrong rib count. Merging errs safe: a body twice as
+    tall as its peers is flagged `tall` and refused."""
     sz = spacing[0]
     on = col.wall > 0.5
     nz = on.size
@@ -191,8 +200,10 @@ def split_bodies(col: Column, spacing: tuple[float, float, float]) -> list[Segme
         else:
             z += 1
     merged: list[list[int]] = []
-    for a, b in runs:  # a gap under 3 mm is not a disc
-        if merged and (a - merged[-1][1]) * sz < 3.0:
+    for a, b in runs:  # a gap under 3 mm, or where the wall stays, is not a disc
+        if merged and (
+            (a - merged[-1][1]) * sz < 3.0 or col.wall[merged[-1][1] : a].min() >= DISC_WALL
+        ):
             merged[-1][1] = b
         else:
             merged.append([a, b])
@@ -213,6 +224,7 @@ def split_bodies(col: Column, spacing: tuple[float, float, float]) -> list[Segme
         typical = float(np.median(full))
         for s in segs:
             s.tall = not s.cut and s.height_mm > 1.6 * typical
+            s.short = not s.cut and s.height_mm < 0.5 * typical
     return segs
 
 
