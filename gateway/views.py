@@ -48,7 +48,8 @@ def status_lines(
     with `problems`, the studies not complete only (a 10,000-study project's few failures)."""
     by_study: dict[str, list[SeriesRecord]] = defaultdict(list)
     for r in series:
-        by_study[r.study_uid].append(r)
+        if r.status != "removed":  # a retired result series (SEG, SR) replaced by a re-run
+            by_study[r.study_uid].append(r)
     if not by_study:
         return ["no series yet: `sphere pull` fetches the cohort"]
     worst = Counter(_worst(rows) for rows in by_study.values())

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ import uuid
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+
+from harness.localpacs import free_port
 
 WEED = Path(sys.executable).with_name("weed")
 if not WEED.exists():
@@ -151,7 +152,7 @@ class SeaweedS3:
         }
         config = data / "identities.json"
         config.write_text(json.dumps(identities))
-        ports = _free_ports(len(_ROLES) * 2)
+        ports = [free_port() for _ in range(len(_ROLES) * 2)]  # distinct, not ephemeral
         self.ports = dict(zip(_ROLES, ports[: len(_ROLES)], strict=True))
         grpc = ports[len(_ROLES) :]
         p = self.ports
@@ -201,17 +202,3 @@ class SeaweedS3:
             except Exception:
                 time.sleep(0.2)
         raise TimeoutError("SeaweedFS S3 did not come up")
-
-
-def _free_ports(n: int) -> list[int]:
-    """`n` distinct ports free on loopback right now."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()

@@ -7,14 +7,15 @@ here instead of writing their own `select`, so a query has one definition and on
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import create_engine, event, func, insert, select, update
+from sqlalchemy import create_engine, event, func, insert, inspect, select, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 from sqlalchemy.schema import CreateIndex
 
@@ -59,15 +60,27 @@ Hit = index.Hit
 WATCHED = (Project, User, Membership, IndexedStudy, IndexedSeries, IndexedInstance)
 _WATCHED_TABLES = frozenset(m.__tablename__ for m in WATCHED)
 _VERSION = "SELECT version FROM access_version WHERE id = 1"
+log = logging.getLogger(__name__)
 
 
 def _add_missing_indexes(engine: Engine) -> None:
-    """Indexes added to the models since this catalog was made: `create_all` makes indexes
-    only with the tables it creates. Idempotent, and safe when several processes open it."""
-    with engine.begin() as conn:
-        for table in Base.metadata.sorted_tables:
-            for ix in table.indexes:
+    """Indexes added to the models since this catalog was made (`create_all` makes indexes
+    only with the tables it creates). Only missing ones are created, so an up-to-date catalog
+    takes no lock and a role that may not create indexes still opens it (searches are slower,
+    and the log says why)."""
+    have = inspect(engine)
+    missing = [
+        ix
+        for table in Base.metadata.sorted_tables
+        for ix in table.indexes
+        if ix.name not in {i["name"] for i in have.get_indexes(table.name)}
+    ]
+    for ix in missing:
+        try:
+            with engine.begin() as conn:
                 conn.execute(CreateIndex(ix, if_not_exists=True))
+        except SQLAlchemyError as e:
+            log.warning("catalog: index %s not created (%s)", ix.name, type(e).__name__)
 
 
 class DuplicateProject(Exception):
@@ -264,12 +277,17 @@ class Catalog:
     def _refresh_statistics(self) -> None:
         """SQLite: the planner's statistics of the QIDO-RS tables, sampled (`analysis_limit`:
         a few ms at any size). Without them it takes the index that gives the search order over
-        the one that finds an accession number. PostgreSQL's autovacuum keeps its own."""
+        the one that finds an accession number. PostgreSQL's autovacuum keeps its own.
+        Best effort: the series is indexed already; a busy or read-only file only slows
+        searches."""
         if self.engine.dialect.name != "sqlite":
             return
-        with self.engine.begin() as conn:
-            for model in (IndexedStudy, IndexedSeries, IndexedInstance):
-                conn.exec_driver_sql(f"ANALYZE {model.__tablename__}")
+        try:
+            with self.engine.begin() as conn:
+                for model in (IndexedStudy, IndexedSeries, IndexedInstance):
+                    conn.exec_driver_sql(f"ANALYZE {model.__tablename__}")
+        except SQLAlchemyError as e:
+            log.warning("catalog: statistics not refreshed (%s)", type(e).__name__)
 
     def search(
         self,
@@ -282,7 +300,19 @@ class Catalog:
     ) -> list[index.Hit]:
         """QIDO-RS search at `level` ('study', 'series', 'instance') within one project."""
         with self.session() as s:
+            self._load_statistics(s)
             return index.search(s, level, project_id, list(matches), recheck, limit, offset)
+
+    def _load_statistics(self, s: Session) -> None:
+        """SQLite: an open connection keeps the statistics it loaded; once the index has
+        changed (the access version says so), reload them before planning a search."""
+        if self.engine.dialect.name != "sqlite":
+            return
+        conn = s.connection()
+        version = conn.exec_driver_sql(_VERSION).scalar()
+        if conn.info.get("statistics_of") != version:
+            conn.exec_driver_sql("ANALYZE sqlite_schema")  # a reload, no analysis
+            conn.info["statistics_of"] = version
 
     def indexed_series(
         self, project_id: int, study_uid: str, series_uid: str | None = None

@@ -42,6 +42,10 @@ _INSTANCE_ALWAYS = frozenset({"00080018", "00200013"})  # SOP Instance UID, Inst
 MODALITIES_IN_STUDY = "00080061"
 ONLINE = {"vr": "CS", "Value": ["ONLINE"]}
 _PIXEL_TAGS = frozenset({"7FE00008", "7FE00009", "7FE00010"})
+# Computed from the index, never taken from a stored header (which could say otherwise):
+# ModalitiesInStudy, the three counts of related series and instances, InstanceAvailability.
+_COMPUTED_TAGS = frozenset({"00080061", "00201206", "00201208", "00201209", "00080056"})
+_NOT_KEPT = _PIXEL_TAGS | _COMPUTED_TAGS
 
 Recheck = Callable[[dict[str, Any]], bool]
 
@@ -108,8 +112,9 @@ def write_series(
     recompute its study's row. Idempotent: a re-commit never doubles a row."""
     if not headers:
         return
-    # Pixel data kept inline in a header (a derived SEG) is served by WADO-RS, not indexed.
-    headers = [{t: e for t, e in h.items() if t not in _PIXEL_TAGS} for h in headers]
+    # Pixel data kept inline (a derived SEG) is served by WADO-RS, not indexed; computed
+    # attributes are the index's own.
+    headers = [{t: e for t, e in h.items() if t not in _NOT_KEPT} for h in headers]
     study_uid = _first(headers[0], "0020000D")
     series_uid = _first(headers[0], "0020000E")
     common = _common(headers)

@@ -276,9 +276,10 @@ def _plans(cat: Catalog, search) -> str:  # noqa: ANN001
         )
 
 
-def test_sqlite_plans_use_the_selective_index(tmp_path):
+def test_sqlite_plans_use_the_selective_index(tmp_path, monkeypatch):
     """Indexing keeps SQLite's statistics fresh, so an accession number is found by its index,
-    not by walking every study in the search order (how it went at 10,000 studies)."""
+    not by walking every study in the search order (how it went at 10,000 studies), also in a
+    server that opened the catalog when it was small and keeps its connections."""
     corpus = generate(tmp_path / "ct", n_patients=6, slices=2, size=8, seed=4)
     url = f"sqlite:///{tmp_path / 'c.db'}"
     cat = Catalog(url)
@@ -288,18 +289,55 @@ def test_sqlite_plans_use_the_selective_index(tmp_path):
     for f in corpus.files:
         ds = pydicom.dcmread(f, stop_before_pixels=True)
         by_series.setdefault(ds.SeriesInstanceUID, []).append(ds)
-    for uid, dss in by_series.items():
-        cat.index_series(pid, f"k/{uid}", [json_model.to_json_dict(d) for d in dss], len(dss))
     query = parse_qido([("AccessionNumber", corpus.studies[0].accession)], Level.STUDY)
 
     def search(c: Catalog):
         return lambda: c.search("study", pid, query.matches, None, query.limit, query.offset)
 
+    server = Catalog(url)
+    stale = Catalog(url)  # control: a server that never reloads its statistics
+    for i, (uid, dss) in enumerate(by_series.items()):
+        cat.index_series(pid, f"k/{uid}", [json_model.to_json_dict(d) for d in dss], len(dss))
+        if i == 0:  # the servers search while the catalog holds one series
+            server.search("study", pid, [])
+            with monkeypatch.context() as m:
+                m.setattr(Catalog, "_load_statistics", lambda self, s: None)
+                stale.search("study", pid, [])
     assert len(search(cat)()) == 1
     assert "ix_qido_studies_accession" in _plans(cat, search(cat))
+    assert "ix_qido_studies_accession" in _plans(server, search(server))
+    with monkeypatch.context() as m:
+        m.setattr(Catalog, "_load_statistics", lambda self, s: None)
+        assert "ix_qido_studies_accession" not in _plans(stale, search(stale))
     # Control: without the statistics, the plan walks the order index (the check can fail).
-    cat.dispose()
+    for c in (cat, server, stale):
+        c.dispose()
     with create_engine(url).begin() as conn:
         conn.exec_driver_sql("DELETE FROM sqlite_stat1")
     blind = Catalog(url)
     assert "ix_qido_studies_accession" not in _plans(blind, search(blind))
+
+
+def test_computed_attributes_come_from_the_index_not_a_stored_header(tmp_path):
+    """A header claiming ModalitiesInStudy MR\\CT on an MR-only study: the index says MR,
+    and the SQL search and the reference matcher agree on it at every level."""
+    cat = Catalog(f"sqlite:///{tmp_path / 'c.db'}")
+    cat.add_project(Project(name="p", title=""))
+    pid = cat.project("p").id
+    header = {
+        "0020000D": {"vr": "UI", "Value": ["2.25.1"]},
+        "0020000E": {"vr": "UI", "Value": ["2.25.2"]},
+        "00080018": {"vr": "UI", "Value": ["2.25.3"]},
+        "00080060": {"vr": "CS", "Value": ["MR"]},
+        "00080061": {"vr": "CS", "Value": ["MR", "CT"]},
+        "00201208": {"vr": "IS", "Value": [99]},
+    }
+    cat.index_series(pid, "k/1", [header], 1)
+    (study,) = cat.search("study", pid, [])
+    assert study.dataset["00080061"]["Value"] == ["MR"]
+    assert study.dataset["00201208"]["Value"] == [1]
+    for level in (Level.STUDY, Level.SERIES, Level.INSTANCE):
+        query = parse_qido([("ModalitiesInStudy", "CT")], level)
+        everything = cat.search(str(level), pid, [])
+        assert [h for h in everything if matches(query, h.dataset)] == []
+        assert cat.search(str(level), pid, query.matches, lambda ds, q=query: matches(q, ds)) == []

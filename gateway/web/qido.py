@@ -195,6 +195,7 @@ class QidoQuery:
     fuzzy: bool = False
     warnings: tuple[str, ...] = ()
     default_tags: tuple[str, ...] = field(default=())
+    capped: bool = False  # `limit` is the server's maximum, not the client's own
 
     @property
     def return_tags(self) -> tuple[str, ...]:
@@ -482,6 +483,7 @@ def parse_qido(
 
     limit = _parse_int("limit", control["limit"], 1) if "limit" in control else None
     offset = _parse_int("offset", control["offset"], 0) if "offset" in control else 0
+    capped = max_limit is not None and (limit is None or limit > max_limit)
     if max_limit is not None:
         if limit is not None and limit > max_limit:
             warnings.append(
@@ -539,6 +541,7 @@ def parse_qido(
         default_tags=default_return_tags(
             level, study_scoped=study_uid is not None, series_scoped=series_uid is not None
         ),
+        capped=capped,
     )
 
 

@@ -151,8 +151,8 @@ def _page_number(request: Request, project: str) -> int:
     """The page asked for this project (`/?project=p&page=n`); 1 for the others."""
     if request.query_params.get("project") != project:
         return 1
-    try:
-        return max(1, int(request.query_params.get("page", "1")))
+    try:  # bounded: an offset past 2**63 is an error in SQL, not an empty page
+        return min(max(1, int(request.query_params.get("page", "1"))), 10**9)
     except ValueError:
         return 1
 

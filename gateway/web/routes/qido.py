@@ -41,16 +41,15 @@ def search(
         series_uid=series,
         max_limit=most,
     )
-    capped = query.limit == most  # one more is asked for, to tell the client there are more
     hits = core.catalog.search(
         str(level),
         access.project.id,
         query.matches,
         recheck=lambda ds: qido.matches(query, ds),
-        limit=most + 1 if capped else query.limit,
+        limit=most + 1 if query.capped else query.limit,  # one more: are there more?
         offset=query.offset,
     )
-    if capped and len(hits) > most:
+    if query.capped and len(hits) > most:
         hits = hits[:most]
         query = dataclasses.replace(query, warnings=(*query.warnings, TRUNCATED))
     root = dicomweb_root(request, access.project.name)

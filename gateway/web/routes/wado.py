@@ -370,7 +370,9 @@ def study_image(
     request: Request,
     access: Access = Depends(project_access),
 ):
-    """A study's representative image (its first series' middle one), rendered or small."""
+    """A study's representative image (the middle one of its first series with images)."""
     rows = _series(request, access, study)
     audit(request, f"wado.{request.url.path.rsplit('/', 1)[1]}", study=study)
-    return _middle_image(request, rows[0])
+    readers = _readers(request)
+    imaged = [se for se in rows if int(readers.get(se).attrs["n_slices"])]
+    return _middle_image(request, imaged[0] if imaged else rows[0])
