@@ -69,6 +69,23 @@ ACCURACY = [  # (options beyond SMALL, slice spacing, noise, trabecular HU, seed
     # scoliotic vertebrae turn too: the ROI and its vein exclusion must follow the body
     (dict(scoliosis_mm=30.0, rotation_deg=25.0), 2.5, 20.0, 140.0, 8, 10.0),
     (dict(scoliosis_mm=-25.0, rotation_deg=-20.0, contrast_hu=300.0), 1.25, 15.0, 100.0, 9, 5.0),
+    # 5 mm slices: the lowest ribs step diagonally from slice to slice and must stay one rib
+    (
+        dict(scoliosis_mm=24.8, rotation_deg=17.6, cortical_hu=750.0, fat_mm=16.0, width_scale=0.9),
+        5.0,
+        18.4,
+        98.7,
+        9,
+        10.0,
+    ),
+    (
+        dict(scoliosis_mm=-8.7, rotation_deg=-13.0, cortical_hu=851.0, contrast_hu=400.0),
+        5.0,
+        23.8,
+        122.4,
+        141,
+        10.0,
+    ),
 ]
 
 

@@ -64,7 +64,8 @@ def find_ribs(
     dist = torch.hypot(
         (yc[None, :, None] - ty[:, None, None]) * sy, (xc[None, None, :] - tx[:, None, None]) * sx
     )
-    lab, n = ndimage.label(small.cpu().numpy())
+    # 26-connected: a rib descending through thick slices steps diagonally from one to the next
+    lab, n = ndimage.label(small.cpu().numpy(), structure=np.ones((3, 3, 3)))
     if n == 0:
         return []
     where = np.nonzero(lab)
