@@ -19,12 +19,13 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
 import time
 from concurrent.futures import Future
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,9 @@ class Browser:
     def __enter__(self) -> Browser:
         if self.binary is None:
             raise BrowserError("chromium is not installed (apt-get install chromium)")
-        self._profile = tempfile.TemporaryDirectory(prefix="sphere-chromium-")
+        self._profile = tempfile.TemporaryDirectory(
+            prefix="sphere-chromium-", ignore_cleanup_errors=True
+        )
         profile = Path(self._profile.name)
         self._proc = subprocess.Popen(
             [
@@ -127,6 +130,7 @@ class Browser:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its helpers (renderer, GPU, zygote): one group, ended as one
         )
         try:
             self._attach(profile)
@@ -140,18 +144,31 @@ class Browser:
 
     def close(self) -> None:
         self._stack.close()
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
+        if self._proc is not None:
+            self._end_group(signal.SIGTERM)
+            with suppress(subprocess.TimeoutExpired):
                 self._proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+            self._end_group(signal.SIGKILL)  # helpers still writing to the profile
+            self._proc.wait()
         if self._reader is not None:
             self._reader.join(5)
         if self._profile is not None:
-            self._profile.cleanup()
+            # a helper that was killed a moment ago may still have a file open: try a while
+            for _ in range(25):
+                try:
+                    shutil.rmtree(self._profile.name)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.2)
+            self._profile.cleanup()  # a leftover temporary folder must not fail a test
             self._profile = None
+
+    def _end_group(self, sig: signal.Signals) -> None:
+        assert self._proc is not None
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, sig)
 
     def _attach(self, profile: Path) -> None:
         """Find the DevTools port Chromium chose, connect to its page, enable what we watch."""
