@@ -150,6 +150,7 @@ class Browser:
                 self._proc.wait(5)
             self._end_group(signal.SIGKILL)  # helpers still writing to the profile
             self._proc.wait()
+            self._proc = None  # reaped: its number is not ours to signal again
         if self._reader is not None:
             self._reader.join(5)
         if self._profile is not None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import create_engine, event, func, insert, inspect, select, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DisconnectionError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 from sqlalchemy.schema import CreateIndex
 
@@ -94,6 +94,7 @@ class Catalog:
         self.engine: Engine = create_engine(url, future=True)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "checkout", _fresh_statistics)
         Base.metadata.create_all(self.engine)
         _add_missing_indexes(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -300,19 +301,7 @@ class Catalog:
     ) -> list[index.Hit]:
         """QIDO-RS search at `level` ('study', 'series', 'instance') within one project."""
         with self.session() as s:
-            self._load_statistics(s)
             return index.search(s, level, project_id, list(matches), recheck, limit, offset)
-
-    def _load_statistics(self, s: Session) -> None:
-        """SQLite: an open connection keeps the statistics it loaded; once the index has
-        changed (the access version says so), reload them before planning a search."""
-        if self.engine.dialect.name != "sqlite":
-            return
-        conn = s.connection()
-        version = conn.exec_driver_sql(_VERSION).scalar()
-        if conn.info.get("statistics_of") != version:
-            conn.exec_driver_sql("ANALYZE sqlite_schema")  # a reload, no analysis
-            conn.info["statistics_of"] = version
 
     def indexed_series(
         self, project_id: int, study_uid: str, series_uid: str | None = None
@@ -558,6 +547,25 @@ def _watch_changes(sessions: sessionmaker[Session]) -> None:
     event.listen(sessions, "do_orm_execute", executing)
     event.listen(sessions, "before_commit", committing)
     event.listen(sessions, "after_soft_rollback", rolled_back)
+
+
+def _fresh_statistics(conn: Any, record: Any, _proxy: Any) -> None:
+    """SQLite: a connection keeps the planner statistics it loaded when it opened. One opened
+    before the index last changed (the access version says so) is replaced by a fresh one,
+    which loads the statistics indexing has refreshed since: a server opened on a small
+    catalog would otherwise keep walking the order index. Reading the version is one row."""
+    cur = conn.cursor()
+    try:
+        cur.execute(_VERSION)
+        row = cur.fetchone()
+    except Exception:  # noqa: BLE001 - a catalog not created yet: nothing to compare
+        return
+    finally:
+        cur.close()
+    version = row[0] if row else None
+    seen = record.info.setdefault("statistics_of", version)
+    if seen != version:
+        raise DisconnectionError("the index changed: a new connection loads its statistics")
 
 
 def _sqlite_pragmas(conn: Any, _record: Any) -> None:

@@ -226,7 +226,7 @@ def test_cross_check_logic():
     segs[4].gap_below_mm = 10.0
     segs[3].tall = True  # a missed disc between sacrum and ribs
     assert "merged" in assign_levels(segs, ribs_on(6), sacrum=0).reason
-    segs[3].tall, segs[2].short = False, True  # a body split at a false disc
+    segs[3].tall, segs[2].split = False, True  # a body split at a false disc
     assert "split" in assign_levels(segs, ribs_on(6), sacrum=0).reason
 
 

@@ -171,7 +171,7 @@ def assign_levels(
         if segs[i].tall:
             out.reason = "two vertebrae may be merged (disc not seen): level count unsafe"
             return out
-        if segs[i].short:
+        if segs[i].split:
             out.reason = "a vertebra may be split (a false disc): level count unsafe"
             return out
         if segs[i].gap_below_mm > MAX_DISC_MM:

@@ -37,7 +37,7 @@ class Segment:
     z_mid: float  # wall-weighted centre slice (float index)
     cut: bool  # touches the field of view's top or bottom
     tall: bool = False  # much taller than its peers: two bodies merged?
-    short: bool = False  # much shorter than its peers: one body split at a false disc?
+    split: bool = False  # short, and with a neighbour it makes about one body: a false disc?
     gap_below_mm: float = 0.0  # disc space under it (0 for the lowest)
 
 
@@ -224,8 +224,23 @@ def split_bodies(col: Column, spacing: tuple[float, float, float]) -> list[Segme
         typical = float(np.median(full))
         for s in segs:
             s.tall = not s.cut and s.height_mm > 1.6 * typical
-            s.short = not s.cut and s.height_mm < 0.5 * typical
+        _mark_splits(segs, typical, sz)
     return segs
+
+
+def _mark_splits(segs: list[Segment], typical: float, sz: float) -> None:
+    """A short segment that, with a neighbour and the gap between them, spans about one body
+    is a body split at a false disc. A collapsed (fractured) body is short too, but with its
+    neighbour and a real disc it spans far more than one body."""
+    for i, s in enumerate(segs):
+        if s.cut or s.height_mm >= 0.65 * typical:
+            continue
+        for j in (i - 1, i + 1):
+            if 0 <= j < len(segs) and not segs[j].cut:
+                lo, hi = (segs[j], s) if j < i else (s, segs[j])
+                gap = (hi.z0 - lo.z1) * sz
+                if s.height_mm + segs[j].height_mm + gap <= 1.35 * typical:
+                    s.split = segs[j].split = True
 
 
 def wall_from_mask(col: Column, mask: np.ndarray, spacing: tuple[float, float, float]) -> str:
