@@ -18,7 +18,8 @@ from processing.bone import (
 )
 from processing.bone.levels import CODES, Rib, assign_levels
 from processing.bone.measure import _header_flags
-from processing.bone.segment import Segment
+from processing.bone.orient import canonical_orientation
+from processing.bone.segment import Segment, find_column, split_bodies
 
 SMALL = dict(shape_yx=(200, 200), pixel_mm=1.6, slice_spacing_mm=2.5)
 
@@ -204,6 +205,38 @@ def test_seeds_never_mislabel(seed):
     assert rep.measurable == truth.l1_measurable, (opts, rep.reason)
     if rep.measurable:
         assert abs(rep.l1_hu - truth.l1_hu) <= 10.0 and rep.bone_class == classify(truth.l1_hu)
+
+
+def _column(**kw):
+    vol, truth = make_phantom(**{**SMALL, **kw})
+    orient, spacing = canonical_orientation(truth.spacing, truth.affine, True)
+    can = torch.as_tensor(np.ascontiguousarray(orient.to_canonical(vol))).float()
+    return find_column(can, spacing, 300.0), spacing
+
+
+@pytest.mark.parametrize("sz", [3.75, 4.0, 5.0])
+def test_every_false_disc_in_a_lumbar_body_is_flagged(sz):
+    """A wall that vanishes for one slice anywhere inside L1-L4 splits the body in two; the
+    extra vertebra must be flagged (then refused), wherever the false disc falls."""
+    col, spacing = _column(slice_spacing_mm=sz, rib_pairs=13)
+    segs = split_bodies(col, spacing)
+    assert not any(s.split for s in segs)  # control: the sound column has no split
+    tried = 0
+    for s in segs[1:5]:
+        for z in range(s.z0 + 1, s.z1 - 1):
+            wall = col.wall.copy()
+            col.wall[z] = 0.1
+            pieces = split_bodies(col, spacing)
+            col.wall = wall
+            if len(pieces) > len(segs):
+                tried += 1
+                assert any(p.split for p in pieces), (sz, z)
+    assert tried >= 4
+
+
+def test_a_collapsed_body_is_not_taken_for_a_split():
+    col, spacing = _column(fracture_l1=True, slice_spacing_mm=2.5)
+    assert not any(s.split for s in split_bodies(col, spacing))
 
 
 def test_cross_check_logic():
