@@ -60,6 +60,7 @@ Hit = index.Hit
 WATCHED = (Project, User, Membership, IndexedStudy, IndexedSeries, IndexedInstance)
 _WATCHED_TABLES = frozenset(m.__tablename__ for m in WATCHED)
 _VERSION = "SELECT version FROM access_version WHERE id = 1"
+_CHECKED_OUT_AT = "version_at_checkout"  # left by `_fresh_statistics` for `access_version`
 log = logging.getLogger(__name__)
 
 
@@ -126,16 +127,16 @@ class Catalog:
     def _read_version(self) -> int:
         conn = self.engine.raw_connection()  # asked on every web request: no Core overhead
         try:
-            cur = conn.cursor()
-            cur.execute(_VERSION)
-            row = cur.fetchone()
-            cur.close()
+            # on SQLite the checkout has just read it (`_fresh_statistics`): not twice
+            version = conn.info.pop(_CHECKED_OUT_AT, None)
+            if version is None:
+                version = _version_of(conn)
         except Exception:
             conn.invalidate()  # not back into the pool
             raise
         finally:
             conn.close()
-        return int(row[0]) if row else 0
+        return int(version or 0)
 
     # -- projects -----------------------------------------------------------------------------
 
@@ -554,18 +555,26 @@ def _fresh_statistics(conn: Any, record: Any, _proxy: Any) -> None:
     before the index last changed (the access version says so) is replaced by a fresh one,
     which loads the statistics indexing has refreshed since: a server opened on a small
     catalog would otherwise keep walking the order index. Reading the version is one row."""
+    record.info.pop(_CHECKED_OUT_AT, None)
+    try:
+        version = _version_of(conn)
+    except Exception:  # noqa: BLE001 - a catalog not created yet: nothing to compare
+        return
+    seen = record.info.setdefault("statistics_of", version)
+    if seen != version:
+        raise DisconnectionError("the index changed: a new connection loads its statistics")
+    record.info[_CHECKED_OUT_AT] = version
+
+
+def _version_of(conn: Any) -> int | None:
+    """The access version, read on a DB-API connection."""
     cur = conn.cursor()
     try:
         cur.execute(_VERSION)
         row = cur.fetchone()
-    except Exception:  # noqa: BLE001 - a catalog not created yet: nothing to compare
-        return
     finally:
         cur.close()
-    version = row[0] if row else None
-    seen = record.info.setdefault("statistics_of", version)
-    if seen != version:
-        raise DisconnectionError("the index changed: a new connection loads its statistics")
+    return row[0] if row else None
 
 
 def _sqlite_pragmas(conn: Any, _record: Any) -> None:

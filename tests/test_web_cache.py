@@ -93,6 +93,9 @@ def test_the_version_read_survives_a_dropped_connection(tmp_path, monkeypatch):
     class Dropped:
         invalidated = closed = False
 
+        def __init__(self):
+            self.info = {}  # a pooled connection's record info, as SQLAlchemy hands it
+
         def cursor(self):
             raise sqlite3.OperationalError("server closed the connection unexpectedly")
 
