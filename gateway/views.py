@@ -52,17 +52,19 @@ def status_lines(
             by_study[r.study_uid].append(r)
     if not by_study:
         return ["no series yet: `sphere pull` fetches the cohort"]
-    worst = Counter(_worst(rows) for rows in by_study.values())
-    counted = ", ".join(f"{worst[s]:,} {s}" for s in _WORST_FIRST[::-1] if worst[s])
+    worst = {study: _worst(rows) for study, rows in by_study.items()}
+    counts = Counter(worst.values())
+    counted = ", ".join(f"{counts[s]:,} {s}" for s in _WORST_FIRST[::-1] if counts[s])
     n = len(by_study)
     lines = [f"{n:,} {'study' if n == 1 else 'studies'}: {counted}"]
     lines.append(f"{'study (pseudonymous UID)':<44} {'series':>6} {'instances':>11}  status")
     for study, rows in by_study.items():
-        if problems and _worst(rows) == "complete":
+        if problems and worst[study] == "complete":
             continue
         stored = sum(r.stored for r in rows)
         expected = sum(r.expected for r in rows)
-        lines.append(f"{study:<44} {len(rows):>6} {f'{stored}/{expected}':>11}  {_state(rows)}")
+        state = _state(rows, worst[study])
+        lines.append(f"{study:<44} {len(rows):>6} {f'{stored}/{expected}':>11}  {state}")
         if details:
             for r in rows:
                 count = f"{r.stored}/{r.expected}"
@@ -86,8 +88,7 @@ def _rank(status: str) -> int:
     return _WORST_FIRST.index(status) if status in _WORST_FIRST else -1
 
 
-def _state(rows: list[SeriesRecord]) -> str:
-    worst = _worst(rows)
+def _state(rows: list[SeriesRecord], worst: str) -> str:
     if worst == "complete":
         return worst
     return f"{sum(r.status == worst for r in rows)} {worst}"

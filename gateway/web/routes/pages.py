@@ -166,9 +166,10 @@ def _pager(project: str, page: int, total: int) -> str:
         href = "/?" + urlencode({"project": project, "page": n}) + f"#{project}"
         return f' <a href="{escape(href)}">{text}</a>'
 
-    out = f'<p id="{escape(project)}">Studies {first:,}-{last:,} of {total:,}.'
     if first > total:
         out = f'<p id="{escape(project)}">No studies on this page ({total:,} in all).'
+    else:
+        out = f'<p id="{escape(project)}">Studies {first:,}-{last:,} of {total:,}.'
     if page > 1:
         out += link(page - 1, "&lsaquo; previous")
     if last < total:

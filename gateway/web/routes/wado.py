@@ -331,12 +331,17 @@ def instance_image(
     access: Access = Depends(project_access),
 ):
     """An instance's image, rendered or as a thumbnail (frame 1: stored instances have one)."""
-    kind = request.url.path.rsplit("/", 1)[1]
+    kind = _image_kind(request)
     se, inst = _pixels(request, access, study, series, sop)
     if request.path_params.get("frame", "1") != "1":
         raise HTTPException(404, "no such frame")
     audit(request, f"wado.{kind}", study=study, series=series, instance=sop)
     return _rendered(request, se, inst.position, kind == "thumbnail")
+
+
+def _image_kind(request: Request) -> str:
+    """ "rendered" or "thumbnail": the routes of both share their functions."""
+    return request.url.path.rsplit("/", 1)[1]
 
 
 def _middle_image(request: Request, se: IndexedSeries) -> Response:
@@ -346,7 +351,7 @@ def _middle_image(request: Request, se: IndexedSeries) -> Response:
     n = int(reader.attrs["n_slices"])
     if not n:
         raise HTTPException(404, "this series has no images")
-    return _rendered(request, se, n // 2, request.url.path.endswith("/thumbnail"))
+    return _rendered(request, se, n // 2, _image_kind(request) == "thumbnail")
 
 
 @router.get("/studies/{study}/series/{series}/rendered")
@@ -359,7 +364,7 @@ def series_image(
 ):
     """A series' middle image, rendered or as a thumbnail."""
     (se,) = _series(request, access, study, series)
-    audit(request, f"wado.{request.url.path.rsplit('/', 1)[1]}", study=study, series=series)
+    audit(request, f"wado.{_image_kind(request)}", study=study, series=series)
     return _middle_image(request, se)
 
 
@@ -372,7 +377,7 @@ def study_image(
 ):
     """A study's representative image (the middle one of its first series with images)."""
     rows = _series(request, access, study)
-    audit(request, f"wado.{request.url.path.rsplit('/', 1)[1]}", study=study)
-    readers = _readers(request)
-    imaged = [se for se in rows if int(readers.get(se).attrs["n_slices"])]
-    return _middle_image(request, imaged[0] if imaged else rows[0])
+    audit(request, f"wado.{_image_kind(request)}", study=study)
+    readers = _readers(request)  # opened one by one, up to the first with images
+    imaged = next((se for se in rows if int(readers.get(se).attrs["n_slices"])), rows[0])
+    return _middle_image(request, imaged)
