@@ -224,23 +224,19 @@ def split_bodies(col: Column, spacing: tuple[float, float, float]) -> list[Segme
         typical = float(np.median(full))
         for s in segs:
             s.tall = not s.cut and s.height_mm > 1.6 * typical
-        _mark_splits(segs, typical, sz)
+        _mark_splits(segs, typical)
     return segs
 
 
-def _mark_splits(segs: list[Segment], typical: float, sz: float) -> None:
-    """A short segment that, with a neighbour and the gap between them, spans about one body
-    is a body split at a false disc. A collapsed (fractured) body is short too, but with its
+def _mark_splits(segs: list[Segment], typical: float) -> None:
+    """Two neighbours, one of them short, that with the gap between them span about one body
+    are a body split at a false disc. A collapsed (fractured) body is short too, but with its
     neighbour and a real disc it spans far more than one body."""
-    for i, s in enumerate(segs):
-        if s.cut or s.height_mm >= 0.65 * typical:
+    for lo, hi in zip(segs, segs[1:], strict=False):
+        if lo.cut or hi.cut or min(lo.height_mm, hi.height_mm) >= 0.65 * typical:
             continue
-        for j in (i - 1, i + 1):
-            if 0 <= j < len(segs) and not segs[j].cut:
-                lo, hi = (segs[j], s) if j < i else (s, segs[j])
-                gap = (hi.z0 - lo.z1) * sz
-                if s.height_mm + segs[j].height_mm + gap <= 1.35 * typical:
-                    s.split = segs[j].split = True
+        if lo.height_mm + hi.height_mm + hi.gap_below_mm <= 1.35 * typical:
+            lo.split = hi.split = True
 
 
 def wall_from_mask(col: Column, mask: np.ndarray, spacing: tuple[float, float, float]) -> str:
