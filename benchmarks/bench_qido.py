@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -43,7 +41,8 @@ from core.core import Core
 from core.projects import approve, create
 from core.settings import Settings
 from dicom.json_model import to_json_dict
-from harness.localpacs import LocalOrthanc, free_port, wait_port
+from harness.localpacs import LocalOrthanc, free_port
+from harness.serve import start_sphere
 from storage.series import series_key
 
 PROJECT = "bench-qido"
@@ -231,16 +230,8 @@ def run(tmp: Path, args: argparse.Namespace, total: int) -> None:
         took = fill_orthanc(pacs, args)
         print(f"Orthanc: stored in {took:.1f} s ({total / took:,.0f} instances/s)")
         port = free_port()
-        env = {"SPHERE_HOME": str(settings.home)}
-        proc = subprocess.Popen(
-            [str(Path(__file__).resolve().parents[1] / ".venv/bin/sphere"), "serve", "--port",
-             str(port)],
-            env={**os.environ, **env},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        proc = start_sphere(settings, port)
         try:
-            wait_port(port, timeout_s=60)
             ours = Client(f"http://127.0.0.1:{port}/projects/{PROJECT}/dicom-web",
                           {"Authorization": f"Bearer {token}"})  # fmt: skip
             theirs = Client(f"{pacs.url}/dicom-web", {})

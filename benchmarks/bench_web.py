@@ -29,7 +29,6 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import textwrap
 import time
@@ -47,6 +46,7 @@ from core.settings import PacsPeer, S3Options, Settings
 from gateway.api import Gateway
 from harness.localpacs import LocalOrthanc, free_port, wait_port
 from harness.seaweed import SeaweedS3
+from harness.serve import start_sphere
 from harness.synthetic import generate
 
 PROJECT = "bench-web"
@@ -125,31 +125,6 @@ def start_nginx(binary: str, work: Path, www: Path, port: int) -> subprocess.Pop
     )
     wait_port(port)
     return proc
-
-
-def start_sphere(settings: Settings, port: int, workers: int) -> subprocess.Popen[bytes]:
-    """`sphere serve` in its own process, on the settings' home and store."""
-    env = {**os.environ, **settings_env(settings)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--workers",
-         str(workers)],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,  # uvicorn's start and stop lines
-    )  # fmt: skip
-    wait_port(port, timeout_s=60)
-    return proc
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    env = {"SPHERE_HOME": str(settings.home)}
-    if settings.storage_url:
-        env["SPHERE_STORAGE_URL"] = settings.storage_url
-        for name, value in settings.s3.model_dump().items():
-            if value is not None:
-                env[f"SPHERE_S3__{name.upper()}"] = str(value)
-    return env
 
 
 def client(server: Server) -> DICOMwebClient:

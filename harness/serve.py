@@ -1,0 +1,40 @@
+"""`sphere serve` in a process of its own, on a given home and store: what the benchmarks
+measure is the server as a user starts it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from core.settings import Settings
+from harness.localpacs import wait_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_sphere(settings: Settings, port: int, workers: int = 1) -> subprocess.Popen[bytes]:
+    """`sphere serve --port --workers` on the settings' home and store; returns once it listens."""
+    env = {**os.environ, **settings_env(settings)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--workers",
+         str(workers)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,  # uvicorn's start and stop lines
+    )  # fmt: skip
+    wait_port(port, timeout_s=60)
+    return proc
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a `sphere` process these settings' home and store."""
+    env = {"SPHERE_HOME": str(settings.home)}
+    if settings.storage_url:
+        env["SPHERE_STORAGE_URL"] = settings.storage_url
+        for name, value in settings.s3.model_dump().items():
+            if value is not None:
+                env[f"SPHERE_S3__{name.upper()}"] = str(value)
+    return env
