@@ -17,13 +17,14 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
+from core import access
 from core.errors import NotSetUp, ProjectError, Unavailable
 from core.settings import Settings
 from deid.engine import Deidentifier
 from deid.keys import ProjectKeys
 from deid.profile import Profile
 from deid.vault import Vault
-from storage.catalog import Catalog, Project
+from storage.catalog import Catalog, Project, User
 from storage.objectstore import open_store
 
 
@@ -45,8 +46,18 @@ class Core:
 
     @property
     def actor(self) -> str:
-        """Who is acting, for the audit trails: given, from settings, or the OS user."""
-        return self._actor or self.settings.actor or getpass.getuser()
+        """Who is acting, for the audit trails: given, else the operator once known (the CLI),
+        else the OS user."""
+        if self._actor:
+            return self._actor
+        if "operator" in self.__dict__:
+            return self.__dict__["operator"].name
+        return self.settings.actor or getpass.getuser()
+
+    @cached_property
+    def operator(self) -> User:
+        """The sphere user the CLI acts as (`core.access.operator`); `NotAllowed` if none."""
+        return access.operator(self)
 
     @cached_property
     def catalog(self) -> Catalog:

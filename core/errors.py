@@ -16,3 +16,7 @@ class Unavailable(SphereError):
 
 class ProjectError(SphereError):
     """A project action that cannot be done (unknown project, bad name, bad dates...)."""
+
+
+class NotAllowed(SphereError):
+    """The acting user's roles do not allow this (`core.access`): CLI exit 2, web 403."""

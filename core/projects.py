@@ -105,6 +105,18 @@ def revoke(core: Core, name: str, *, reason: str = "", actor: str = "") -> None:
     core.catalog.audit(actor or core.actor, "project.revoke", name, reason=reason)
 
 
+def require_active(core: Core, name: str, action: str, *, actor: str = "") -> Project:
+    """The project, when it is approved and in date; else the refusal is audited and a
+    `ProjectError` says why (not approved, revoked, expired, purged). The one lifecycle rule
+    pulls, pipeline runs, exports, grants, the jobs and the web call."""
+    p = core.project(name)
+    problem = p.approval_problem(date.today())
+    if problem:
+        core.catalog.audit(actor or core.actor, action, name, "refused", reason=problem)
+        raise ProjectError(problem)
+    return p
+
+
 def add_cohort(core: Core, name: str, kind: str, values: Iterable[str], *, actor: str = "") -> int:
     """Add cohort items (accession numbers, patient IDs or study UIDs); return how many are new.
     The values go to the vault; the catalog gets their keyed digests."""
@@ -144,7 +156,7 @@ def summary(core: Core, name: str) -> ProjectSummary:
     return ProjectSummary(
         p.name,
         p.title,
-        p.status,
+        p.state(date.today()),
         p.committee_ref,
         p.approved_on,
         p.expires_on,

@@ -95,7 +95,10 @@ class Settings(BaseSettings):
     # before every acknowledgement instead (safe from power loss at once, far slower).
     fsync: bool = True  # off only for throwaway test data
     fsync_each: bool = False
-    actor: str | None = None  # who is acting, for the audit trail; default: the OS user
+    # The CLI's operator: a sphere user's API token; without it, the user the OS account is
+    # mapped to (`core.access.operator`). SPHERE_ACTOR is no identity any more.
+    token: str | None = Field(None, repr=False)
+    actor: str | None = None  # going: the audit trail's name until the CLI uses `token`
     viewer_dist: Path | None = DEFAULT_VIEWER_DIST  # OHIF's dist/, served at /viewer/
 
     def all_sources(self) -> list[Source]:

@@ -29,10 +29,12 @@ from storage.models import (
     IndexedSeries,
     IndexedStudy,
     Membership,
+    OsAccount,
     PipelineResult,
     Project,
     SeriesRecord,
     User,
+    UserRole,
     get_or_add,
     utcnow,
 )
@@ -51,13 +53,23 @@ __all__ = [
     "Project",
     "SeriesRecord",
     "User",
+    "UserRole",
     "utcnow",
 ]
 
 
 Hit = index.Hit
 # Changes to these bump `AccessVersion` in the same transaction.
-WATCHED = (Project, User, Membership, IndexedStudy, IndexedSeries, IndexedInstance)
+WATCHED = (
+    Project,
+    User,
+    UserRole,
+    OsAccount,
+    Membership,
+    IndexedStudy,
+    IndexedSeries,
+    IndexedInstance,
+)
 _WATCHED_TABLES = frozenset(m.__tablename__ for m in WATCHED)
 _VERSION = "SELECT version FROM access_version WHERE id = 1"
 _CHECKED_OUT_AT = "version_at_checkout"  # left by `_fresh_statistics` for `access_version`
@@ -385,6 +397,66 @@ class Catalog:
             for k, v in values.items():
                 setattr(u, k, v)
             return True
+
+    def users(self) -> list[User]:
+        """Every user, by name."""
+        with self.session() as s:
+            return list(s.scalars(select(User).order_by(User.name)))
+
+    def user_roles(self, user_id: int) -> set[str]:
+        """The global roles a user holds (admin, data-manager, trusted-third-party)."""
+        with self.session() as s:
+            return set(s.scalars(select(UserRole.role).where(UserRole.user_id == user_id)))
+
+    def add_user_role(self, user_id: int, role: str, by: str) -> bool:
+        """Give a user a global role; False when it held it already."""
+        with self.session() as s:
+            held = s.scalar(
+                select(UserRole).where(UserRole.user_id == user_id, UserRole.role == role)
+            )
+            if held is None:
+                s.add(UserRole(user_id=user_id, role=role, granted_by=by))
+            return held is None
+
+    def remove_user_role(self, user_id: int, role: str) -> bool:
+        """Take a global role away; False when the user did not hold it."""
+        with self.session() as s:
+            held = s.scalar(
+                select(UserRole).where(UserRole.user_id == user_id, UserRole.role == role)
+            )
+            if held is not None:
+                s.delete(held)
+            return held is not None
+
+    def role_holders(self, role: str) -> list[User]:
+        """The users holding a global role."""
+        with self.session() as s:
+            q = (
+                select(User)
+                .join(UserRole, UserRole.user_id == User.id)
+                .where(UserRole.role == role)
+            )
+            return list(s.scalars(q.order_by(User.name)))
+
+    def user_by_os_account(self, login: str) -> User | None:
+        """The user an OS account is mapped to, or None."""
+        with self.session() as s:
+            q = select(User).join(OsAccount, OsAccount.user_id == User.id)
+            return s.scalar(q.where(OsAccount.login == login))
+
+    def map_os_account(self, login: str, user_id: int) -> None:
+        """Map an OS account to a user (replacing that account's and that user's mapping)."""
+        with self.session() as s:
+            for old in s.scalars(
+                select(OsAccount).where((OsAccount.login == login) | (OsAccount.user_id == user_id))
+            ):
+                s.delete(old)
+            s.flush()
+            s.add(OsAccount(login=login, user_id=user_id))
+
+    def os_account(self, user_id: int) -> str | None:
+        with self.session() as s:
+            return s.scalar(select(OsAccount.login).where(OsAccount.user_id == user_id))
 
     def grant(self, project_id: int, user_id: int, role: str, by: str) -> None:
         """Give a user a role in a project (replacing the one it had)."""

@@ -52,7 +52,8 @@ class Project(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     title: Mapped[str] = mapped_column(String(256), default="")
-    status: Mapped[str] = mapped_column(String(16), default="declared")  # declared|approved|revoked
+    # declared|approved|revoked|purged; "expired" is approved past `expires_on` (`state`)
+    status: Mapped[str] = mapped_column(String(16), default="declared")
     committee_ref: Mapped[str | None] = mapped_column(String(128))
     approved_on: Mapped[date | None] = mapped_column(Date)
     expires_on: Mapped[date | None] = mapped_column(Date)
@@ -63,6 +64,12 @@ class Project(Base):
 
     cohort: Mapped[list[CohortItem]] = relationship(back_populates="project", cascade="all")
     series: Mapped[list[SeriesRecord]] = relationship(back_populates="project", cascade="all")
+
+    def state(self, today: date) -> str:
+        """declared, approved, expired, revoked or purged: what every listing shows."""
+        if self.status == "approved" and self.expires_on and today > self.expires_on:
+            return "expired"
+        return self.status
 
     def approval_problem(self, today: date) -> str | None:
         """Why this project may not be pulled today, or None if it may."""
@@ -238,6 +245,29 @@ class User(Base):
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     created_by: Mapped[str] = mapped_column(String(128), default="")
+
+
+class UserRole(Base):
+    """A global role a user holds: admin, data-manager or trusted-third-party (`core.access`)."""
+
+    __tablename__ = "user_roles"
+    __table_args__ = (UniqueConstraint("user_id", "role"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    role: Mapped[str] = mapped_column(String(32))
+    granted_by: Mapped[str] = mapped_column(String(128), default="")
+    granted_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class OsAccount(Base):
+    """The OS account (login) the CLI maps to a sphere user, when no SPHERE_TOKEN is given.
+    A table of its own, not a column of `users`: catalogs made before it open unchanged."""
+
+    __tablename__ = "os_accounts"
+
+    login: Mapped[str] = mapped_column(String(128), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), unique=True)
 
 
 class Membership(Base):

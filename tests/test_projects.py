@@ -14,7 +14,7 @@ TODAY = date(2026, 11, 22)
 
 @pytest.fixture
 def core(tmp_path):
-    c = Core(Settings(home=tmp_path, actor="dm"), create=True)
+    c = Core(Settings(home=tmp_path), create=True, actor="dm")
     yield c
     c.close()
 

@@ -48,7 +48,7 @@ def test_users_tokens_and_grants(tmp_path):
     for args, says in [
         (("user", "add", "alice"), "already exists"),
         (("project", "grant", "webp", "nobody"), "no user named"),
-        (("project", "grant", "webp", "alice", "--role", "owner"), "role must be"),
+        (("project", "grant", "webp", "alice", "--role", "owner"), "unknown role"),
         (("project", "grant", "nope", "alice"), "no project named"),
     ]:
         out = sphere(*args, home=tmp_path, check=False)

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel
 
-from core import Core, users
+from core import Core, SphereError, users
 from gateway.web import sessions
 from gateway.web.deps import (
     Access,
@@ -189,14 +189,16 @@ def grant(
     access: Access = Depends(project_access),
     core: Core = Depends(get_core),
 ) -> Response:
-    """An investigator grants the viewer role in their project."""
+    """A role in this project, by the role table (`core.users.grant`): an investigator grants
+    the viewer role only, and changes no investigator's role. A name that is no user is
+    answered as a grant made (204), so names cannot be probed; the refusal is audited."""
     audit(request, "grant", role=body.role)
     try:
         users.grant(core, access.project.name, body.user, body.role, by_user=access.user)
     except users.NotAllowed as e:
         raise HTTPException(403, str(e)) from None
-    except users.UserError:
-        raise HTTPException(404, "no such user") from None
+    except SphereError as e:  # an unknown role, a closed project
+        raise HTTPException(400, str(e)) from None
     return Response(status_code=204)
 
 
