@@ -16,6 +16,7 @@ from typing import Any
 
 from core.core import Core
 from core.errors import ProjectError
+from core.retention import retention_end
 from deid.profile import Profile
 from storage.catalog import DuplicateProject, Project
 
@@ -34,6 +35,7 @@ class ProjectSummary:
     cohort: dict[str, int]
     series: dict[str, int]
     deid_profile: dict[str, Any]
+    retention_end: date | None = None  # the last day its data is kept (`core.retention`)
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,7 @@ def summary(core: Core, name: str) -> ProjectSummary:
         core.catalog.cohort_counts(p.id),
         core.catalog.series_counts(p.id),
         dict(p.deid_profile or {}),
+        retention_end(core, p),
     )
 
 
@@ -193,5 +196,6 @@ def read_cohort_csv(path: Path) -> dict[str, list[str]]:
 
 
 def _update(core: Core, name: str, **values: Any) -> None:
-    core.project(name)  # says so when there is none
+    if core.project(name).status == "purged":  # says so too when there is none
+        raise ProjectError(f"project '{name}' is purged: its approval cannot change")
     core.catalog.update_project(name, **values)

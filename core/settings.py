@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     # before every acknowledgement instead (safe from power loss at once, far slower).
     fsync: bool = True  # off only for throwaway test data
     fsync_each: bool = False
+    # A project's data is kept this many days past its approval's expiry, then purged
+    # (`sphere project purge --expired`, daily); `sphere project retain` sets another end.
+    retention_grace_days: int = Field(90, ge=0)
     # The CLI's operator: a sphere user's API token; without it, the user the OS account is
     # mapped to (`core.access.operator`). SPHERE_ACTOR is no identity any more.
     token: str | None = Field(None, repr=False)

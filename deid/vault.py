@@ -230,6 +230,12 @@ class Vault:
             self._audit(c, actor, "gateway", "cohort.read", project, None, "ok", detail=purpose)
         return {(k, d): o for k, d, o in rows}
 
+    def forget_cohort(self, project: str) -> int:
+        """Delete a project's cohort values (its purge); returns how many went."""
+        with self.engine.begin() as c:
+            gone = c.execute(cohort_table.delete().where(cohort_table.c.project == project))
+            return int(gone.rowcount or 0)
+
     # -- the trusted third party ------------------------------------------------------------
 
     def grant(self, actor: str, *, by: str, role: str = TRUSTED_THIRD_PARTY) -> None:

@@ -19,7 +19,7 @@ from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from core import Core, Settings, SphereError, Unavailable, projects
-from gateway import deid_cmd, run_cmd, views, web_cmd
+from gateway import deid_cmd, governance_cmd, run_cmd, views, web_cmd
 
 
 class _Commands(TyperGroup):
@@ -190,6 +190,7 @@ def _project_lines(p: projects.ProjectSummary) -> list[str]:
             ("committee", p.committee_ref or "-"),
             ("approved on", p.approved_on or "-"),
             ("expires on", p.expires_on or "-"),
+            ("kept until", p.retention_end or "-"),
             ("cohort", ", ".join(f"{n} {k}" for k, n in p.cohort.items()) or "empty"),
             ("series", ", ".join(f"{n} {k}" for k, n in p.series.items()) or "none"),
             ("de-identification", ", ".join(p.deid_profile.get("options", [])) or "basic"),
@@ -332,6 +333,7 @@ def demo(
 deid_cmd.register(app)  # `sphere deid`, `sphere vault …`: beside the de-identification code
 web_cmd.register(app, project_app)  # `sphere user …`, `project grant`, `serve`
 run_cmd.register(app)  # `sphere run bone-density …`, `sphere results …`
+governance_cmd.register(app, project_app)  # `project purge|retain|purges`, `optout …`
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 from sqlalchemy.schema import CreateIndex
 
 from storage import index
+from storage.governance import GovernanceQueries
 from storage.models import (
     AccessVersion,
     AuditEvent,
@@ -100,7 +101,7 @@ class DuplicateProject(Exception):
     """A project of that name exists already."""
 
 
-class Catalog:
+class Catalog(GovernanceQueries):
     """Opens the catalog database; its methods are the queries the gateway makes."""
 
     def __init__(self, url: str) -> None:

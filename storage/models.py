@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Date,
     DateTime,
@@ -313,3 +314,48 @@ class PipelineResult(Base):
     seg_series_uid: Mapped[str | None] = mapped_column(String(64))
     report_key: Mapped[str | None] = mapped_column(String(256))  # the PNG report in the store
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+# -- retention and patient opposition -----------------------------------------------------------
+
+
+class Retention(Base):
+    """A project's retention end set by hand (`sphere project retain`); without a row it is the
+    approval's expiry plus the settings' grace period (`core.retention.retention_end`)."""
+
+    __tablename__ = "retention"
+
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), primary_key=True)
+    retain_until: Mapped[date] = mapped_column(Date)
+    set_by: Mapped[str] = mapped_column(String(128), default="")
+    set_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    reason: Mapped[str] = mapped_column(Text, default="")
+
+
+class PurgeRecord(Base):
+    """What a purge removed: a whole project (retention) or one patient's series (opt-out).
+    Counts only; the audit trail has a row for each too."""
+
+    __tablename__ = "purges"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    actor: Mapped[str] = mapped_column(String(128))
+    project: Mapped[str] = mapped_column(String(64), index=True)
+    scope: Mapped[str] = mapped_column(String(16))  # project|optout
+    reason: Mapped[str] = mapped_column(Text, default="")
+    series: Mapped[int] = mapped_column(Integer, default=0)
+    objects: Mapped[int] = mapped_column(Integer, default=0)
+    nbytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    rows: Mapped[int] = mapped_column(Integer, default=0)  # catalog rows deleted
+
+
+class OptOut(Base):
+    """A patient who objects, by a keyed digest of their Patient ID (`core.optout`): the key
+    is in the vault, so this table alone tells nobody who they are."""
+
+    __tablename__ = "optouts"
+
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    added_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    added_by: Mapped[str] = mapped_column(String(128), default="")

@@ -9,7 +9,7 @@ with endpoint and credentials from `s3` (any object with the attributes of
 from __future__ import annotations
 
 import os
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -143,3 +143,64 @@ def _s3_store(
         **config,
     )
     return ObjectStore(inner, read_only=read_only)
+
+
+# -- what a prefix holds, and removing it (retention, opt-out) -------------------------------
+
+
+def usage(store: Store, prefix: str) -> tuple[int, int]:
+    """Objects and bytes under the folder `prefix` ("projects/p" never counts "projects/p2")."""
+    folder = _folder(prefix)
+    with guard("list"):
+        if isinstance(store, ObjectStore):  # one listing gives the sizes: no request per object
+            metas = run(_object_metas(store, folder))
+            return len(metas), sum(int(m["size"]) for m in metas)
+        keys = run(_keys(store, folder))
+        return len(keys), sum(run(store.getsize(k)) for k in keys)
+
+
+def leftovers(store: Store, prefix: str) -> list[str]:
+    """Every key still under the folder `prefix`: empty once it is deleted."""
+    with guard("list"):
+        return sorted(run(_keys(store, _folder(prefix))))
+
+
+def delete_prefix(store: Store, prefix: str) -> tuple[int, int]:
+    """Remove every object under the folder `prefix`; returns the objects and bytes removed.
+    Checked after: a key still there raises `StorageUnavailable` (named by count, not key)."""
+    counted = usage(store, prefix)
+    with guard("delete"):
+        run(store.delete_dir(_folder(prefix)))
+    left = leftovers(store, prefix)
+    if left:
+        raise StorageUnavailable(f"{len(left)} objects still under a deleted prefix")
+    return counted
+
+
+def delete_keys(store: Store, keys: Iterable[str]) -> tuple[int, int]:
+    """Remove these objects (those that exist); returns the objects and bytes removed."""
+    n = nbytes = 0
+    with guard("delete"):
+        for key in keys:
+            if run(store.exists(key)):
+                nbytes += run(store.getsize(key))
+                run(store.delete(key))
+                n += 1
+    return n, nbytes
+
+
+def _folder(prefix: str) -> str:
+    parts = prefix.strip("/").split("/")
+    if not prefix.strip("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError("a prefix must be a relative folder like projects/p")
+    return "/".join(parts) + "/"
+
+
+async def _keys(store: Store, folder: str) -> list[str]:
+    return [k async for k in store.list_prefix(folder) if k.startswith(folder)]
+
+
+async def _object_metas(store: ObjectStore, folder: str) -> list[Any]:
+    import obstore as obs
+
+    return await obs.list(store.store, prefix=folder).collect_async()

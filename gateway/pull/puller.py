@@ -19,6 +19,7 @@ from datetime import date
 
 from core import Core, SphereError, Unavailable
 from core.index import index_stored
+from core.optout import Register
 from core.projects import CohortEntry, cohort
 from deid.keys import ProjectKeys
 from gateway.dimse.scu import RetrieveResult, SeriesHit, StudyHit
@@ -149,6 +150,8 @@ class Puller:
             self.actor, "pull.start", name, sources=[f"{r.name} ({r.protocol})" for r in sources]
         )
         items = cohort(self.core, name, purpose="pull", actor=self.actor)
+        register = Register(self.core)
+        items = self._without_opted_out(register, items)
         with ExitStack() as opened:
             for source in sources:
                 opened.enter_context(source)
@@ -157,6 +160,7 @@ class Puller:
             except SourceError as e:
                 catalog.audit(self.actor, "pull.end", name, "error", reason=str(e))
                 raise Unavailable(f"cannot be queried: {e}") from None
+            planned = self._without_opted_out_studies(register, planned)
             catalog.record_resolution(found)
             report.unresolved = sum(1 for n in found.values() if n == 0)
             report.studies = len({p.study.study_uid for p in planned})
@@ -190,6 +194,32 @@ class Puller:
             seconds=round(report.seconds, 3),
         )
         return report
+
+    def _without_opted_out(self, register: Register, items: list[CohortEntry]) -> list[CohortEntry]:
+        """The cohort less the patient IDs whose patients opted out (audited: a count)."""
+        kept = [i for i in items if not (i.kind == "patient_id" and register.refuses(i.value))]
+        if len(kept) < len(items):
+            self.core.catalog.audit(
+                self.actor, "pull.optout", self.project.name, cohort_items=len(items) - len(kept)
+            )
+        return kept
+
+    def _without_opted_out_studies(
+        self, register: Register, planned: list[Planned]
+    ) -> list[Planned]:
+        """The plan less the studies whose PACS answer names a patient who opted out: never
+        retrieved (audited: counts)."""
+        kept = [p for p in planned if not register.refuses(p.study.patient_id)]
+        if len(kept) < len(planned):
+            dropped = {p.study.study_uid for p in planned} - {p.study.study_uid for p in kept}
+            self.core.catalog.audit(
+                self.actor,
+                "pull.optout",
+                self.project.name,
+                studies=len(dropped),
+                series=len(planned) - len(kept),
+            )
+        return kept
 
     def _retrieve_all(
         self, sources: list[Retriever], jobs: list[SeriesJob], report: PullReport

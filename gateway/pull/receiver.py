@@ -24,6 +24,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from core import Core, Settings
+from core.optout import Register
 from deid.engine import Quarantined
 from dicom.json_model import Part
 from dicom.raw import element_spans, value_span
@@ -91,6 +92,8 @@ class Receiver:
         self._templates: OrderedDict[bytes, _Template] = OrderedDict()
         self._lock = threading.Lock()
         self.refused = 0
+        self.optout = Register(self.core)
+        self.refused_optout = 0  # since the last association's end (audited then)
         self.shortcuts = 0  # instances stored by comparison with the last of their series
 
     def on_receive(self, inst: ReceivedInstance, calling_ae: str) -> int:
@@ -130,6 +133,8 @@ class Receiver:
         study_uid = str(ds.get("StudyInstanceUID") or "")
         if want is None or not study_uid or self.keys.uid(study_uid) != want["study"]:
             self._refuse(calling_ae)
+            return REFUSED_NOT_AUTHORIZED
+        if self._opted_out(ds):
             return REFUSED_NOT_AUTHORIZED
         pseudo_sop = self.keys.uid(str(ds.get("SOPInstanceUID") or ""))
         context = self.deid.context(ds) if received is not None else None
@@ -238,6 +243,7 @@ class Receiver:
         """At the end of an association: hand mappings to the vault, flush the spool, close
         finished series."""
         self.deid.flush()
+        self._optout_refusals()
         with self._lock:
             writers = list(self._writers.values())
         for w in writers:
@@ -249,6 +255,7 @@ class Receiver:
 
     def close(self) -> None:
         self.deid.flush()
+        self._optout_refusals()
         with self._lock:
             for w in self._writers.values():
                 w.close()
@@ -267,6 +274,29 @@ class Receiver:
                 )
                 self._writers[pseudo_series] = w
             return w
+
+    def _opted_out(self, ds: Dataset) -> bool:
+        """Whether the instance's patient opted out (checked on the original Patient ID,
+        before anything is de-identified or spooled); counted, audited per association."""
+        if not self.optout.refuses(str(ds.get("PatientID") or "")):
+            return False
+        with self._lock:
+            self.refused_optout += 1
+        return True
+
+    def _optout_refusals(self) -> None:
+        """Audit the opt-out refusals since the last call (a count, never who), and read the
+        register again: an objection made during a pull holds from the next association."""
+        with self._lock:
+            n, self.refused_optout = self.refused_optout, 0
+        if n:
+            log.warning("refused %d instances of patients who opted out", n)
+            self.core.catalog.audit(
+                self.cfg.actor, "store.refused_optout", self.cfg.project, "refused", instances=n
+            )
+        if self.optout.reload():
+            with self._lock:
+                self._templates.clear()  # their shortcut skips the check above
 
     def _refuse(self, calling_ae: str) -> None:
         with self._lock:

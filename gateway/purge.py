@@ -1,0 +1,178 @@
+"""Purges: a project past its retention end (or revoked), and the series of patients who opted
+out. One piece of code removes a set of series everywhere — store (series, derived series,
+reports), spool, catalog (series, QIDO index, results) — and writes a purge record; a project
+purge then sweeps the project's whole prefixes. The audit trail is kept.
+
+    purge_project(core, "bone-2026")        # past its retention end, or revoked
+    purge_expired(core)                     # every project past its end (the service, daily)
+    opt_out(core, ["PID1"])                 # register, then purge what was stored of them
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+from core import Core, ProjectError, optout
+from core.retention import retention_end
+from gateway.pull.layout import SpoolLayout
+from storage.catalog import Project
+from storage.objectstore import delete_keys, delete_prefix
+from storage.series import series_key
+
+PURGED = "purged"
+
+
+@dataclass
+class Purged:
+    """What one purge removed (counts only)."""
+
+    project: str
+    series: int = 0
+    objects: int = 0
+    nbytes: int = 0
+    rows: int = 0
+    spool_files: int = 0
+
+    def add_store(self, counted: tuple[int, int]) -> None:
+        self.objects += counted[0]
+        self.nbytes += counted[1]
+
+
+def store_prefixes(project: str) -> list[str]:
+    """Every folder of the store a project's data is under: series (pulled and derived), and
+    pipeline reports (`processing.outputs.report_key`)."""
+    return [f"projects/{project}", f"reports/{project}"]
+
+
+def purge_series(core: Core, project: Project, series: dict[str, str]) -> Purged:
+    """Remove these series of a project ({series UID: study UID}, pseudonymous) from the store
+    with their reports, from the spool and from the catalog. Not audited here: the caller
+    records why."""
+    out = Purged(project.name, series=len(series))
+    reports = core.catalog.report_keys(project.id, series)
+    for uid, study in series.items():
+        out.add_store(delete_prefix(core.store, series_key(project.name, study, uid)))
+    out.add_store(delete_keys(core.store, reports))
+    layout = _layout(core, project.name)
+    for uid in series:
+        layout.forget(uid)
+        layout.clear_notes(uid)
+        out.spool_files += _remove_tree(layout.data(uid))
+    out.rows = core.catalog.forget_series(project.id, series)
+    return out
+
+
+def purge_allowed(core: Core, project: Project, today: date) -> str | None:
+    """Why the project may not be purged today without `now`, or None if it may: it is past
+    its retention end, revoked, never approved, or purged already (a re-run finishes one)."""
+    if project.status in ("revoked", "declared", PURGED):
+        return None
+    end = retention_end(core, project)
+    if end is not None and today > end:
+        return None
+    return (
+        f"project '{project.name}' is kept until {end.isoformat() if end else '-'} "
+        "(retention end); give --now with a --reason to purge it earlier"
+    )
+
+
+def purge_project(
+    core: Core,
+    name: str,
+    *,
+    now: bool = False,
+    reason: str = "",
+    actor: str = "",
+    today: date | None = None,
+) -> Purged:
+    """Purge a project: its status becomes "purged" (nothing pulls or reads it again), then
+    its store prefixes, spool, catalog rows (series, index, results, cohort) and the vault's
+    cohort values go; the project row, its audit trail and a purge record stay."""
+    actor = actor or core.actor
+    project = core.project(name)
+    problem = purge_allowed(core, project, today or date.today())
+    if problem and not now:
+        core.catalog.audit(actor, "project.purge", name, "refused", reason=problem)
+        raise ProjectError(problem)
+    if problem and not reason.strip():
+        raise ProjectError("an early purge (--now) needs a --reason, for the audit trail")
+    # First: from here on the project is neither pulled nor served, even if this is cut short
+    # (a re-run of the purge finishes it).
+    core.catalog.update_project(name, status=PURGED)
+    out = purge_series(core, project, _all_series(core, project))
+    for prefix in store_prefixes(name):
+        out.add_store(delete_prefix(core.store, prefix))
+    out.spool_files += _remove_tree(_layout(core, name).root)
+    out.rows += core.catalog.forget_project_data(project.id)
+    out.rows += core.vault.forget_cohort(name)
+    why = reason or f"{project.status}, retention end {retention_end(core, project) or '-'}"
+    _record(core, out, actor, "project", why)
+    return out
+
+
+def purge_expired(core: Core, *, actor: str = "", today: date | None = None) -> list[Purged]:
+    """Purge every project past its retention end (what the service runs daily)."""
+    today = today or date.today()
+    done = []
+    for p in core.catalog.projects():
+        end = retention_end(core, p)
+        if p.status != PURGED and end is not None and today > end:
+            done.append(purge_project(core, p.name, actor=actor, today=today))
+    return done
+
+
+def opt_out(core: Core, patient_ids: Iterable[str], *, actor: str = "") -> list[Purged]:
+    """Register patients' objection, then purge what is stored of them in every project
+    (found by their keyed pseudonym in each: what the vault records for them there)."""
+    actor = actor or core.actor
+    ids, _new = optout.add(core, patient_ids, actor=actor)
+    done = []
+    for p in core.catalog.projects():
+        if p.status == PURGED or not ids:
+            continue
+        keys = core.keys(p.name)
+        studies: set[str] = set()
+        for pid in ids:
+            studies |= core.catalog.patient_studies(p.id, keys.pseudonym(pid))
+        if studies:
+            out = purge_series(core, p, core.catalog.study_series(p.id, studies))
+            _record(core, out, actor, "optout", "patient opposition")
+            done.append(out)
+    return done
+
+
+def _all_series(core: Core, project: Project) -> dict[str, str]:
+    return {r.series_uid: r.study_uid for r in core.catalog.series(project.id)}
+
+
+def _record(core: Core, out: Purged, actor: str, scope: str, reason: str) -> None:
+    counts = {
+        "series": out.series,
+        "objects": out.objects,
+        "nbytes": out.nbytes,
+        "rows": out.rows,
+    }
+    core.catalog.add_purge_record(
+        actor=actor, project=out.project, scope=scope, reason=reason, **counts
+    )
+    action = "project.purge" if scope == "project" else "optout.purge"
+    core.catalog.audit(
+        actor, action, out.project, reason=reason, spool_files=out.spool_files, **counts
+    )
+
+
+def _layout(core: Core, project: str) -> SpoolLayout:
+    return SpoolLayout(core.settings.spool_dir.resolve(), project)
+
+
+def _remove_tree(root: Path) -> int:
+    """Remove a folder of the spool; returns how many files it held."""
+    if not root.exists():
+        return 0
+    n = sum(1 for f in root.rglob("*") if f.is_file())
+    shutil.rmtree(root)
+    return n

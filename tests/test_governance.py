@@ -1,0 +1,152 @@
+"""Retention ends and who may purge when; the opt-out register (digests only); the CLI's
+`project purge|retain|purges` and `optout ...`. Without peers: see test_purge.py for pulls."""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+
+import pytest
+from typer.testing import CliRunner
+from zarr.core.buffer import default_buffer_prototype
+
+from core import Core, ProjectError, Settings, SphereError, optout, projects
+from core.retention import retention_end, set_retention
+from gateway.cli import app
+from gateway.purge import purge_expired, purge_project
+from harness.leaks import scan_database
+from storage.objectstore import delete_prefix, leftovers, open_store, run, usage
+
+TODAY = date(2026, 6, 1)
+
+
+@pytest.fixture
+def core(tmp_path):
+    c = Core(Settings(home=tmp_path / "home", actor="dm", fsync=False), create=True)
+    yield c
+    c.close()
+
+
+def approved(core: Core, name: str, expires_on: date) -> None:
+    projects.create(core, name)
+    projects.approve(
+        core,
+        name,
+        committee_ref="C-1",
+        approved_on=TODAY - timedelta(days=400),
+        expires_on=expires_on,
+    )
+
+
+def put(store, key: str, data: bytes = b"12345") -> None:
+    run(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+
+
+def test_delete_prefix_takes_the_folder_and_nothing_beside_it(tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    for key in ("projects/p/s/zarr.json", "projects/p/s/v/c/0", "projects/p2/x", "reports/p/r"):
+        put(store, key)
+    assert usage(store, "projects/p") == (2, 10)
+    assert delete_prefix(store, "projects/p") == (2, 10)
+    assert leftovers(store, "projects/p") == []
+    assert leftovers(store, "projects/p2") == ["projects/p2/x"]  # a longer name is not below
+    assert leftovers(store, "reports/p") == ["reports/p/r"]
+    with pytest.raises(ValueError):
+        delete_prefix(store, "projects/../p2")
+
+
+def test_retention_end_is_expiry_plus_grace_unless_set(core):
+    approved(core, "rp", TODAY + timedelta(days=30))
+    p = core.project("rp")
+    assert retention_end(core, p) == TODAY + timedelta(days=120)
+    core.settings.retention_grace_days = 0
+    assert retention_end(core, p) == TODAY + timedelta(days=30)
+    set_retention(core, "rp", TODAY + timedelta(days=400), reason="follow-up study")
+    assert retention_end(core, p) == TODAY + timedelta(days=400)
+    assert projects.summary(core, "rp").retention_end == TODAY + timedelta(days=400)
+    assert core.catalog.audit_trail("rp")[0].action == "project.retain"
+
+
+def test_who_is_purged_when(core):
+    approved(core, "live", TODAY + timedelta(days=30))
+    approved(core, "old", TODAY - timedelta(days=100))  # expired, and past 90 days of grace
+    approved(core, "late", TODAY - timedelta(days=5))  # expired, still within grace
+    approved(core, "gone", TODAY + timedelta(days=30))
+    projects.revoke(core, "gone", reason="withdrawn")
+    with pytest.raises(ProjectError, match="retention end"):
+        purge_project(core, "live", today=TODAY)
+    assert core.catalog.audit_trail("live")[0].outcome == "refused"
+    with pytest.raises(ProjectError, match="reason"):
+        purge_project(core, "live", now=True, today=TODAY)
+    purge_project(core, "gone", today=TODAY)  # revoked: at once
+    assert [p.project for p in purge_expired(core, today=TODAY)] == ["old"]
+    status = {p.name: p.status for p in core.catalog.projects()}
+    assert status == {"live": "approved", "old": "purged", "late": "approved", "gone": "purged"}
+    purge_project(core, "live", now=True, reason="committee decision", today=TODAY)
+    assert [r.reason for r in core.catalog.purge_records("live")] == ["committee decision"]
+    with pytest.raises(ProjectError, match="purged"):
+        projects.revoke(core, "live")
+
+
+def test_the_register_keeps_digests_never_ids(core, tmp_path):
+    ids, new = optout.add(core, ["PAT-0001", " PAT-0002 ", "PAT-0001"])
+    assert (ids, new) == (["PAT-0001", "PAT-0002"], 2)
+    register = optout.Register(core)
+    assert register.refuses("PAT-0001") and register.refuses("PAT-0002 ")
+    assert not register.refuses("PAT-0003") and not register.refuses("")
+    assert core.catalog.optout_count() == 2
+    assert scan_database(core.settings.resolved_catalog_url(), ["PAT-0001", "PAT-0002"]) == []
+    # Positive control: the same scan finds an ID where one is kept in clear.
+    projects.create(core, "pc")
+    projects.add_cohort(core, "pc", "patient_id", ["PAT-0001"])
+    assert scan_database(core.settings.resolved_vault_url(), ["PAT-0001"])
+    # The digests are keyed: not a project's pseudonym, nor a plain hash.
+    assert register.digest("PAT-0001") != core.keys("pc").mac("optout", "PAT-0001").hex()
+    assert optout.remove(core, ["PAT-0002"]) == 1
+    register.reload()
+    assert not register.refuses("PAT-0002")
+
+    lines = tmp_path / "ids.txt"
+    lines.write_text("A1\n\nA2\n")
+    assert optout.read_ids(lines) == ["A1", "A2"]
+    table = tmp_path / "ids.csv"
+    table.write_text("Patient ID,name\nB1,x\nB2,y\n")
+    assert optout.read_ids(table) == ["B1", "B2"]
+    table.write_text("accession\nACC1\n")
+    with pytest.raises(SphereError, match="no patient ID column"):
+        optout.read_ids(table)
+
+
+def test_cli(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPHERE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SPHERE_ACTOR", "dm")
+    runner = CliRunner()
+
+    def sphere(*args: str):
+        return runner.invoke(app, list(args))
+
+    assert sphere("project", "create", "cli-p").exit_code == 0
+    r = sphere("project", "approve", "cli-p", "--committee-ref", "C", "--expires-on", "2099-01-01")
+    assert r.exit_code == 0
+    assert "2099-04-01" in sphere("project", "show", "cli-p").output  # kept until: +90 days
+    r = sphere("project", "purge", "cli-p")
+    assert r.exit_code == 2 and "--yes" in r.output  # no terminal to confirm at
+    r = sphere("project", "purge", "cli-p", "--yes")
+    assert r.exit_code == 2 and "retention end" in r.output
+    r = sphere("project", "purge", "--expired", "cli-p")
+    assert r.exit_code == 2
+    r = sphere("project", "retain", "cli-p", "--until", "soon")
+    assert r.exit_code == 2 and "YYYY-MM-DD" in r.output
+    r = sphere("project", "purge", "cli-p", "--yes", "--now", "--reason", "asked")
+    assert r.exit_code == 0 and "0 objects" in r.output
+    assert "asked" in sphere("project", "purges").output
+    assert "purged" in sphere("project", "show", "cli-p").output
+
+    ids = tmp_path / "ids.txt"
+    ids.write_text("PAT-9\nPAT-8\n")
+    r = sphere("optout", "import", str(ids))
+    assert r.exit_code == 0 and "nothing of theirs" in r.output
+    r = sphere("optout", "add", "--patient-id", "PAT-7")
+    assert r.exit_code == 0
+    r = sphere("optout", "list")
+    assert "3 patient(s) opted out" in r.output and "PAT" not in r.output
+    assert sphere("optout", "import", str(tmp_path / "none.txt")).exit_code == 2
