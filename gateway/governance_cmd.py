@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from core import Core, SphereError, optout
+from core import Core, SphereError, access, optout
 from core.retention import set_retention
 from gateway import purge
 
@@ -21,8 +21,13 @@ optout_app = typer.Typer(
 WIDTH = 80
 
 
-def _core(ctx: typer.Context) -> Core:
-    return Core(ctx.find_root().obj["settings"])
+def _acting(ctx: typer.Context, action: str, project: str | None = None) -> Core:
+    """The core, once its operator may do `action` (refusals audited, exit 2)."""
+    core = Core(ctx.find_root().obj["settings"])
+    if project is not None:
+        core.project(project)  # an unknown project says so first
+    access.require(core, action, project)
+    return core
 
 
 def _confirm(question: str, yes: bool) -> None:
@@ -61,7 +66,7 @@ def project_purge(
     purge record stay; it can never be pulled again."""
     if expired == (name is not None):
         raise SphereError("give a project, or --expired (not both)")
-    core = _core(ctx)
+    core = _acting(ctx, "project.purge", name)
     if expired:
         _confirm("purge every project past its retention end?", yes)
         done = purge.purge_expired(core)
@@ -70,7 +75,6 @@ def project_purge(
         typer.echo(f"{len(done)} project(s) purged")
         return
     assert name is not None
-    core.project(name)  # an unknown project says so before asking
     _confirm(f"delete every image, index row and result of {name}? It cannot be undone", yes)
     typer.echo(_purged_line(purge.purge_project(core, name, now=now, reason=reason)))
 
@@ -86,7 +90,7 @@ def project_retain(
         day = date.fromisoformat(until)
     except ValueError:
         raise SphereError("--until must be a date as YYYY-MM-DD") from None
-    set_retention(_core(ctx), name, day, reason=reason)
+    set_retention(_acting(ctx, "project.approve", name), name, day, reason=reason)
     typer.echo(f"{name}: data kept until {day.isoformat()}")
 
 
@@ -95,7 +99,7 @@ def project_purges(
     name: Annotated[str | None, typer.Argument(help="Project (default: all).")] = None,
 ) -> None:
     """Show the purge records: when, by whom, what and how much was removed."""
-    rows = _core(ctx).catalog.purge_records(name)
+    rows = _acting(ctx, "audit.read", name).catalog.purge_records(name)
     if not rows:
         typer.echo("no purges")
     for r in rows:
@@ -115,7 +119,7 @@ def optout_add(
     patient_id: Annotated[list[str], typer.Option(help="Patient ID (repeatable).")],
 ) -> None:
     """Register patients' objection and purge what is stored of them, in every project."""
-    _opt_out(_core(ctx), patient_id)
+    _opt_out(_acting(ctx, "optout.manage"), patient_id)
 
 
 @optout_app.command("import")
@@ -124,11 +128,12 @@ def optout_import(
     file: Annotated[Path, typer.Argument(help="CSV with a patient ID column, or one ID a line.")],
 ) -> None:
     """Register the objection of every patient in a file, and purge what is stored of them."""
+    core = _acting(ctx, "optout.manage")
     try:
         ids = optout.read_ids(file)
     except OSError as e:
         raise SphereError(f"cannot read {file.name}: {e.strerror}") from None
-    _opt_out(_core(ctx), ids)
+    _opt_out(core, ids)
 
 
 @optout_app.command("remove")
@@ -137,14 +142,14 @@ def optout_remove(
     patient_id: Annotated[list[str], typer.Option(help="Patient ID (repeatable).")],
 ) -> None:
     """Withdraw objections: those patients may be pulled again (nothing purged comes back)."""
-    n = optout.remove(_core(ctx), patient_id)
+    n = optout.remove(_acting(ctx, "optout.manage"), patient_id)
     typer.echo(f"{n} patient(s) taken off the register")
 
 
 @optout_app.command("list")
 def optout_list(ctx: typer.Context) -> None:
     """How many patients have opted out (the register holds keyed digests, never IDs)."""
-    rows = _core(ctx).catalog.optouts()
+    rows = _acting(ctx, "optout.manage").catalog.optouts()
     typer.echo(f"{len(rows)} patient(s) opted out")
     if rows:
         first, last = rows[0].added_at.date(), rows[-1].added_at.date()

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 from zarr.core.buffer import default_buffer_prototype
 
-from core import Core, ProjectError, Settings, SphereError, optout, projects
+from core import Core, ProjectError, Settings, SphereError, optout, projects, users
 from core.retention import retention_end, set_retention
 from gateway.cli import app
 from gateway.purge import purge_expired, purge_project
@@ -116,37 +116,48 @@ def test_the_register_keeps_digests_never_ids(core, tmp_path):
         optout.read_ids(table)
 
 
-def test_cli(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPHERE_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("SPHERE_ACTOR", "dm")
+def test_cli_by_role(tmp_path):
+    home = tmp_path / "home"
+    with Core(Settings(home=home, actor="setup"), create=True) as c:
+        tokens = {}
+        for name, role in (("dan", "data-manager"), ("tess", "trusted-third-party")):
+            tokens[name] = users.add(c, name)
+            c.catalog.add_user_role(c.catalog.user(name).id, role, "setup")
+        approved(c, "cli-p", date(2099, 1, 1))
     runner = CliRunner()
 
-    def sphere(*args: str):
-        return runner.invoke(app, list(args))
+    def sphere(who: str, *args: str):
+        env = {"SPHERE_HOME": str(home), "SPHERE_TOKEN": tokens[who], "COLUMNS": "200"}
+        return runner.invoke(app, list(args), env=env)
 
-    assert sphere("project", "create", "cli-p").exit_code == 0
-    r = sphere("project", "approve", "cli-p", "--committee-ref", "C", "--expires-on", "2099-01-01")
-    assert r.exit_code == 0
-    assert "2099-04-01" in sphere("project", "show", "cli-p").output  # kept until: +90 days
-    r = sphere("project", "purge", "cli-p")
+    assert "2099-04-01" in sphere("dan", "project", "show", "cli-p").output  # +90 days
+    r = sphere("dan", "project", "purge", "cli-p")
     assert r.exit_code == 2 and "--yes" in r.output  # no terminal to confirm at
-    r = sphere("project", "purge", "cli-p", "--yes")
+    r = sphere("dan", "project", "purge", "cli-p", "--yes")
     assert r.exit_code == 2 and "retention end" in r.output
-    r = sphere("project", "purge", "--expired", "cli-p")
-    assert r.exit_code == 2
-    r = sphere("project", "retain", "cli-p", "--until", "soon")
+    assert sphere("dan", "project", "purge", "--expired", "cli-p").exit_code == 2
+    r = sphere("dan", "project", "retain", "cli-p", "--until", "soon")
     assert r.exit_code == 2 and "YYYY-MM-DD" in r.output
-    r = sphere("project", "purge", "cli-p", "--yes", "--now", "--reason", "asked")
+    r = sphere("tess", "project", "purge", "cli-p", "--yes", "--now", "--reason", "x")
+    assert r.exit_code == 2 and "tess may not project.purge" in r.output
+    r = sphere("dan", "project", "purge", "cli-p", "--yes", "--now", "--reason", "asked")
     assert r.exit_code == 0 and "0 objects" in r.output
-    assert "asked" in sphere("project", "purges").output
-    assert "purged" in sphere("project", "show", "cli-p").output
+    assert "asked" in sphere("dan", "project", "purges").output
+    assert "purged" in sphere("dan", "project", "show", "cli-p").output
 
     ids = tmp_path / "ids.txt"
     ids.write_text("PAT-9\nPAT-8\n")
-    r = sphere("optout", "import", str(ids))
+    r = sphere("dan", "optout", "import", str(ids))  # the trusted third party's alone
+    assert r.exit_code == 2 and "dan may not optout.manage" in r.output
+    r = sphere("tess", "optout", "import", str(ids))
     assert r.exit_code == 0 and "nothing of theirs" in r.output
-    r = sphere("optout", "add", "--patient-id", "PAT-7")
-    assert r.exit_code == 0
-    r = sphere("optout", "list")
+    assert sphere("tess", "optout", "add", "--patient-id", "PAT-7").exit_code == 0
+    r = sphere("tess", "optout", "list")
     assert "3 patient(s) opted out" in r.output and "PAT" not in r.output
-    assert sphere("optout", "import", str(tmp_path / "none.txt")).exit_code == 2
+    assert sphere("tess", "optout", "import", str(tmp_path / "none.txt")).exit_code == 2
+    with Core(Settings(home=home)) as c:
+        refused = [e for e in c.catalog.audit_trail(limit=1000) if e.outcome == "refused"]
+    assert {(e.actor, e.action) for e in refused} >= {
+        ("tess", "project.purge"),
+        ("dan", "optout.manage"),
+    }
