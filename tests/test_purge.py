@@ -11,6 +11,7 @@ import pydicom
 import pytest
 from zarr.core.buffer import default_buffer_prototype
 
+from core import users
 from core.errors import ProjectError
 from core.retention import retention_end
 from core.settings import S3Options, Settings
@@ -27,6 +28,7 @@ from processing.worker import SeriesTask, process_series
 from storage.objectstore import leftovers, run
 from storage.series import SeriesReader
 from tests.test_pull import TODAY, approved, corpus, make_gateway, pacs, scp_port  # noqa: F401
+from tests.web_server import fetch, serving
 
 pytestmark = pytest.mark.peers
 
@@ -83,6 +85,11 @@ def test_purge_leaves_nothing_of_the_project(tmp_path, pacs, scp_port, corpus, w
     (spool / "left-behind").write_bytes(b"x")
     assert all(leftovers(gw.store, p) for p in store_prefixes("gone"))  # series and reports
     assert index_rows(gw, "gone") > 0
+    token = users.add(gw.core, "vic")
+    users.grant(gw.core, "gone", "vic", "viewer")
+    qido = "/projects/gone/dicom-web/studies"
+    with serving(gw.core) as url:  # positive control: the viewer finds the study before
+        assert len(fetch(url + qido, token).json()) == 1
     before = len(gw.catalog.audit_trail("gone", limit=10_000))
 
     # Approved and in date: refused (and audited), nothing removed.
@@ -109,9 +116,13 @@ def test_purge_leaves_nothing_of_the_project(tmp_path, pacs, scp_port, corpus, w
     assert gw.catalog.cohort(pid) == []
     with gw.vault.engine.connect() as c:
         assert c.execute(cohort_table.select().where(cohort_table.c.project == "gone")).all() == []
+    with serving(gw.core) as url:  # QIDO-RS for the project finds nothing
+        r = fetch(url + qido, token)
+        assert r.status in (403, 404) or r.json() == [], r.status
     trail = gw.catalog.audit_trail("gone", limit=10_000)
-    assert len(trail) == before + 2  # the refusal and the purge: nothing was deleted
-    assert trail[0].action == "project.purge" and trail[0].outcome == "ok"
+    assert {"pull.start", "series.stored", "project.purge"} <= {e.action for e in trail}
+    assert len(trail) >= before + 2  # the refusal and the purge added; nothing deleted
+    assert [e.outcome for e in trail if e.action == "project.purge"] == ["ok", "refused"]
     (record,) = gw.catalog.purge_records("gone")
     assert (record.objects, record.nbytes, record.actor) == (out.objects, out.nbytes, "tester")
     assert gw.core.project("gone").status == "purged"
