@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,15 +21,28 @@ from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from core import Core, Settings, SphereError, Unavailable, projects
-from gateway import deid_cmd, governance_cmd, run_cmd, views, web_cmd
+from gateway import audit_cmd, deid_cmd, governance_cmd, run_cmd, views, web_cmd
 
 
 class _Commands(TyperGroup):
     """Turns errors into one line each, for every command and sub-command."""
 
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        # `sphere status P --verbose` as `sphere --verbose status P`: it is the root's option.
+        cut = args.index("--") if "--" in args else len(args)
+        verbose = [a for a in args[:cut] if a in _VERBOSE]
+        rest = [a for a in args[:cut] if a not in _VERBOSE] + args[cut:]
+        return super().parse_args(ctx, verbose[:1] + rest)
+
     def invoke(self, ctx: Any) -> Any:
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            sys.stdout.flush()  # here, so a reader gone (`| head -1`) is caught below
+            return result
+        except BrokenPipeError:
+            # The reader has all it wanted: stop quietly, and let nothing flush to it again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(0) from None
         except (typer.Exit, typer.Abort, TyperException, KeyboardInterrupt):
             raise
         except SphereError as e:
@@ -39,6 +54,8 @@ class _Commands(TyperGroup):
             _error(f"unexpected {type(e).__name__}; run with --verbose to see where")
             raise typer.Exit(1) from None
 
+
+_VERBOSE = ("--verbose", "-v")
 
 app = typer.Typer(
     cls=_Commands,
@@ -301,18 +318,6 @@ def echo(ctx: typer.Context) -> None:
 
 
 @app.command()
-def audit(
-    ctx: typer.Context,
-    name: Annotated[str | None, typer.Argument(help="Project (default: all).")] = None,
-    limit: Annotated[int, typer.Option(help="Most recent rows.")] = 50,
-) -> None:
-    """Show the audit trail: who did what, when."""
-    for e in core(ctx).catalog.audit_trail(name, limit):
-        when = e.at.isoformat(timespec="seconds")
-        typer.echo(f"{when}  {e.actor}  {e.action}  {e.project or '-'}  {e.outcome}  {e.detail}")
-
-
-@app.command()
 def demo(
     patients: Annotated[int, typer.Option(help="Synthetic patients.")] = 4,
     slices: Annotated[int, typer.Option(help="Slices in the thin series of each study.")] = 120,
@@ -330,6 +335,7 @@ def demo(
     raise typer.Exit(run_demo(workdir, patients=patients, slices=slices, size=size))
 
 
+audit_cmd.register(app, core)  # `sphere audit [P] [filters]`, `sphere audit verify`
 deid_cmd.register(app)  # `sphere deid`, `sphere vault …`: beside the de-identification code
 web_cmd.register(app, project_app)  # `sphere user …`, `project grant`, `serve`
 run_cmd.register(app)  # `sphere run bone-density …`, `sphere results …`

@@ -13,17 +13,19 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import create_engine, event, func, insert, inspect, select, update
+from sqlalchemy import create_engine, event, func, inspect, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DisconnectionError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 from sqlalchemy.schema import CreateIndex
 
+from storage import audit as chain
 from storage import index
 from storage.governance import GovernanceQueries
 from storage.models import (
     AccessVersion,
     AuditEvent,
+    AuditHead,
     Base,
     CohortItem,
     IndexedInstance,
@@ -97,6 +99,26 @@ def _add_missing_indexes(engine: Engine) -> None:
             log.warning("catalog: index %s not created (%s)", ix.name, type(e).__name__)
 
 
+def _add_missing_columns(engine: Engine) -> None:
+    """Nullable columns added to the models since this catalog was made (`create_all` does
+    not alter tables it finds): the audit chain's `seq` and `hash`, for one. Rows already
+    there keep NULL in them."""
+    have = inspect(engine)
+    for table in Base.metadata.sorted_tables:
+        if not have.has_table(table.name):
+            continue
+        present = {c["name"] for c in have.get_columns(table.name)}
+        for col in table.columns:
+            if col.name in present or not col.nullable:
+                continue
+            kind = col.type.compile(dialect=engine.dialect)
+            try:
+                with engine.begin() as conn:
+                    conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {col.name} {kind}"))
+            except SQLAlchemyError as e:  # another process added it first
+                log.warning("catalog: column %s.%s not added (%s)", table.name, col.name, e)
+
+
 class DuplicateProject(Exception):
     """A project of that name exists already."""
 
@@ -110,6 +132,7 @@ class Catalog(GovernanceQueries):
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "checkout", _fresh_statistics)
         Base.metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
         _add_missing_indexes(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         _watch_changes(self._sessions)
@@ -118,6 +141,12 @@ class Catalog(GovernanceQueries):
                 if s.get(AccessVersion, 1) is None:
                     s.add(AccessVersion(id=1, version=0))
         except IntegrityError:  # another process made it first
+            pass
+        try:
+            with self.session() as s:
+                if s.get(AuditHead, 1) is None:  # a new catalog, or one older than the chain
+                    s.add(AuditHead(id=1, seq=0, hash=chain.GENESIS))
+        except IntegrityError:
             pass
 
     @contextmanager
@@ -547,34 +576,67 @@ class Catalog(GovernanceQueries):
         self, actor: str, action: str, project: str | None, outcome: str = "ok", **detail: Any
     ) -> None:
         """Append one audit row in its own transaction, so a failed action is still recorded."""
-        with self.session() as s:
-            s.add(
-                AuditEvent(
-                    actor=actor,
-                    action=action,
-                    project=project,
-                    outcome=outcome,
-                    detail=json.dumps(detail, default=str, sort_keys=True),
-                )
-            )
+        self.audit_many(
+            [
+                {
+                    "actor": actor,
+                    "action": action,
+                    "project": project,
+                    "outcome": outcome,
+                    "detail": detail,
+                }
+            ]
+        )
 
     def audit_many(self, rows: Iterable[dict[str, Any]]) -> None:
-        """Append audit rows (actor, action, project, outcome, detail dict, at) in one go."""
+        """Append audit rows (actor, action, project, outcome, detail dict, at) in one go,
+        chained (`storage.audit`)."""
         values = [
             {**r, "detail": json.dumps(r.get("detail") or {}, default=str, sort_keys=True)}
             for r in rows
         ]
         if values:
             with self.session() as s:
-                s.execute(insert(AuditEvent), values)
+                chain.append(s, values)
 
-    def audit_trail(self, project: str | None = None, limit: int = 100) -> list[AuditEvent]:
-        """The most recent audit rows, newest first (of one project, or all)."""
+    def audit_trail(
+        self,
+        project: str | None = None,
+        limit: int = 100,
+        *,
+        actor: str | None = None,
+        action: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[AuditEvent]:
+        """The most recent audit rows, newest first: of one project (or all), one actor, one
+        action (or, ending in `*`, those starting so), at or after `since`, before `until`."""
         with self.session() as s:
             q = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
             if project is not None:
                 q = q.where(AuditEvent.project == project)
+            if actor is not None:
+                q = q.where(AuditEvent.actor == actor)
+            if action is not None and action.endswith("*"):
+                q = q.where(AuditEvent.action.startswith(action[:-1], autoescape=True))
+            elif action is not None:
+                q = q.where(AuditEvent.action == action)
+            if since is not None:
+                q = q.where(AuditEvent.at >= since)
+            if until is not None:
+                q = q.where(AuditEvent.at < until)
             return list(s.scalars(q))
+
+    def audited_project(self, project: str) -> bool:
+        """Whether any audit row names this project (one that no longer exists, too)."""
+        with self.session() as s:
+            q = select(AuditEvent.id).where(AuditEvent.project == project).limit(1)
+            return s.scalar(q) is not None
+
+    def verify_audit(self) -> chain.ChainCheck:
+        """Walk the audit chain: the first row edited, inserted or deleted, if any."""
+        with self.session() as s:
+            return chain.verify(s)
 
     def refusals_since(self, project: str, since: datetime) -> int:
         """Unsolicited instances refused for a project since `since`."""

@@ -137,6 +137,21 @@ class AuditEvent(Base):
     project: Mapped[str | None] = mapped_column(String(64), index=True)
     outcome: Mapped[str] = mapped_column(String(16), default="ok")  # ok|refused|error
     detail: Mapped[str] = mapped_column(Text, default="{}")
+    # The chain (`storage.audit`): this row's place and the hash of it and the row before.
+    # None on rows written before the catalog had the chain.
+    seq: Mapped[int | None] = mapped_column(Integer)
+    hash: Mapped[str | None] = mapped_column(String(64))
+
+
+class AuditHead(Base):
+    """One row: the chain's last place and hash. Appending locks it first, so rows written by
+    several processes at once still form one chain; a trail cut short no longer reaches it."""
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, default=0)
+    hash: Mapped[str] = mapped_column(String(64), default="")
 
 
 class AccessVersion(Base):

@@ -27,6 +27,7 @@ from gateway.web import sessions
 from gateway.web.routes import pages
 from harness.leaks import scan_bytes
 from harness.seaweed import SeaweedS3
+from storage.catalog import utcnow
 from storage.series import SeriesReader, series_key
 from tests.test_pull import approved, corpus, make_gateway, pacs, scp_port  # noqa: F401
 from tests.web_server import fetch, leaks, serving
@@ -459,6 +460,56 @@ def test_requests_are_audited(site):
         time.sleep(0.2)
     assert study in mine[0].detail and '"bytes": ' in mine[0].detail and mine[0].outcome == "ok"
     assert refused
+
+
+def test_a_viewer_session_leaves_a_few_rows_with_route_and_client_refusals_included(site):
+    """200 frames read leave a row per series (count and bytes), not 200; every row, the
+    refused ones too, names the client's address and the route's template."""
+    import json
+
+    c = site.gw.core
+    tok = users.add(c, "session-viewer")
+    users.grant(c, "web", "session-viewer", "viewer")
+    study, series = site.uids(0)
+    sops = [h["00080018"]["Value"][0] for h in site.reader(0).headers()]
+    accept = {"Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"}
+    sent = 0
+    with serving(c) as url:  # a server of its own: stopping it writes what it rolled up
+        root = f"{url}/projects/web/dicom-web"
+        base = f"{root}/studies/{study}/series/{series}/instances"
+        assert fetch(f"{root}/studies/{study}/metadata", tok).status == 200
+        for i in range(200):
+            f = fetch(f"{base}/{sops[i % len(sops)]}/frames/1", tok, headers=accept)
+            assert f.status == 200
+            sent += len(f.raw)
+        assert fetch(f"{root}/studies").status == 401  # no credential
+        assert fetch(f"{url}/projects/other/dicom-web/studies", tok).status == 404
+        assert fetch(f"{base}/{sops[0]}/frames/1", headers=accept).status == 401
+        assert fetch(f"{url}/no/such/page", tok).status == 404
+    trail = c.catalog.audit_trail(None, limit=5000, since=utcnow() - timedelta(minutes=10))
+    mine = [e for e in trail if e.actor == "session-viewer"]
+    frames = [e for e in mine if e.action == "wado.frames"]
+    assert 1 <= len(frames) <= 2  # one series, one hour (a session across the hour: two)
+    details = [json.loads(e.detail) for e in frames]
+    assert sum(d["count"] for d in details) == sum(d["frames"] for d in details) == 200
+    assert sum(d["bytes"] for d in details) == sent
+    for d in details:
+        assert d["series"] == series and d["clients"] == ["127.0.0.1"]
+        assert d["route"].endswith("/instances/{sop}/frames/{frames}")
+    assert len(mine) == 2 + len(frames)  # metadata, frames rolled up, the 404 (the unknown
+    # page has no user: no route asks for one)
+    refused = [e for e in trail if e.outcome == "refused" and e.at >= frames[0].at]
+    routes = {json.loads(e.detail)["route"] for e in refused}
+    assert {
+        "/projects/{project}/dicom-web/studies",
+        "/projects/{project}/dicom-web/studies/{study}/series/{series}/instances/{sop}"
+        "/frames/{frames}",
+        "(no route)",
+    } <= routes
+    for e in mine + refused:
+        detail = json.loads(e.detail)
+        assert detail.get("client") == "127.0.0.1" or detail.get("clients") == ["127.0.0.1"]
+        assert detail["route"]
 
 
 def test_identifiers_typed_by_a_user_stay_out_of_the_catalog(site):

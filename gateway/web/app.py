@@ -68,7 +68,8 @@ def create_app(core: Core) -> FastAPI:
         (StorageUnavailable, 503),
     ):
         app.add_exception_handler(error, _answer(status))
-    app.add_middleware(AuditMiddleware, buffer=buffer)
+    templates = {r.endpoint: DICOMWEB + r.path for m in (qido, wado) for r in m.router.routes}
+    app.add_middleware(AuditMiddleware, buffer=buffer, templates=templates)
     origins = core.settings.web.cors_origins
     if origins:  # outermost, so refusals carry CORS headers too
         app.add_middleware(
