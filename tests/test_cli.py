@@ -25,6 +25,15 @@ def sphere(
     return out
 
 
+def first_admin(home: Path) -> None:
+    """Make the OS account running the tests the home's admin (commands that check the role
+    table, such as `sphere audit`, act as it)."""
+    from core import Core, Settings, users
+
+    with Core(Settings(home=home), create=True) as c:
+        users.first_admin(c)
+
+
 def test_help_explains_every_command(tmp_path):
     out = sphere("--help", home=tmp_path).stdout
     for cmd in ("project", "cohort", "pull", "status", "audit", "echo", "demo", "deid"):
@@ -65,6 +74,7 @@ def test_every_summary_is_one_line():
 
 def test_project_lifecycle_from_the_command_line(tmp_path):
     sphere("project", "create", "cli-proj", "--title", "CLI test", home=tmp_path)
+    first_admin(tmp_path)
     (tmp_path / "c.csv").write_text("accession\nA1\nA2\n")
     sphere(
         "cohort",
@@ -216,6 +226,7 @@ def test_a_pacs_that_is_down_is_one_clear_line(tmp_path, monkeypatch):
     assert "pacs: no answer to C-ECHO" in down.stdout and "Connection refused" in down.stdout
     assert "pacs did not answer" in one_error_line(down)
     sphere("project", "create", "pp", home=tmp_path)
+    first_admin(tmp_path)
     sphere("project", "approve", "pp", "--committee-ref", "C", "--expires-on", "2099-01-01",
            home=tmp_path)  # fmt: skip
     sphere("cohort", "add", "pp", "--accession", "ACC-1", home=tmp_path)
