@@ -62,8 +62,9 @@ def project_purge(
     reason: Annotated[str, typer.Option(help="Why, for the audit trail.")] = "",
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask (scripts, the service).")] = False,
 ) -> None:
-    """Delete a project's data: store, index, results, reports, spool. Its audit trail and a
-    purge record stay; it can never be pulled again."""
+    """Delete a project's data: store, index, results, reports and spool.
+
+    Its audit trail and a purge record stay; it can never be pulled again."""
     if expired == (name is not None):
         raise SphereError("give a project, or --expired (not both)")
     core = _acting(ctx, "project.purge", name)
