@@ -122,6 +122,7 @@ def test_purge_leaves_nothing_of_the_project(tmp_path, pacs, scp_port, corpus, w
     trail = gw.catalog.audit_trail("gone", limit=10_000)
     assert {"pull.start", "series.stored", "project.purge"} <= {e.action for e in trail}
     assert len(trail) >= before + 2  # the refusal and the purge added; nothing deleted
+    assert gw.catalog.verify_audit().problem is None  # the chain is whole: no row went
     assert [e.outcome for e in trail if e.action == "project.purge"] == ["ok", "refused"]
     (record,) = gw.catalog.purge_records("gone")
     assert (record.objects, record.nbytes, record.actor) == (out.objects, out.nbytes, "tester")
