@@ -5,7 +5,15 @@ and the CLI all import it.
 """
 
 from core.core import Core
-from core.errors import NotSetUp, ProjectError, SphereError, Unavailable
+from core.errors import NotSetUp, ProjectError, SphereError, Unavailable, VaultSealed
 from core.settings import Settings
 
-__all__ = ["Core", "NotSetUp", "ProjectError", "Settings", "SphereError", "Unavailable"]
+__all__ = [
+    "Core",
+    "NotSetUp",
+    "ProjectError",
+    "Settings",
+    "SphereError",
+    "Unavailable",
+    "VaultSealed",
+]

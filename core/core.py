@@ -1,6 +1,7 @@
 """`Core`: the gateway's parts opened once from one `Settings`, for every edge.
 
 core = Core(Settings())          # or Core(settings, create=True) to start a new home
+core = Core(settings, research=True)  # serve, pipelines, workers: the vault stays sealed
 core.catalog, core.vault, core.store
 core.project("bone-2026")        # the catalog row; ProjectError if there is none
 core.keys("bone-2026")           # keyed pseudonyms, UIDs, date shifts (secret from the vault)
@@ -9,7 +10,10 @@ core.deidentifier("bone-2026")   # the project's profile and keys, mappings reco
 
 from __future__ import annotations
 
+import functools
 import getpass
+import os
+import sys
 import threading
 from functools import cached_property, partial
 from pathlib import Path
@@ -17,13 +21,14 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
-from core import access
-from core.errors import NotSetUp, ProjectError, Unavailable
+from core import access, home, vaultkey
+from core.errors import NotSetUp, ProjectError, Unavailable, VaultSealed
 from core.settings import Settings
 from deid.engine import Deidentifier
 from deid.keys import ProjectKeys
 from deid.profile import Profile
-from deid.vault import Vault
+from deid.sealing import Tampered
+from deid.vault import Vault, WrongVaultKey, is_sealed
 from storage.catalog import Catalog, Project, User
 from storage.objectstore import open_store
 
@@ -33,13 +38,21 @@ class Core:
 
     Without `create`, a home whose SQLite catalog or vault does not exist is refused with
     `NotSetUp` instead of being created empty: a mistyped SPHERE_HOME then says so.
+    `research`: the research side (serve, pipelines, workers), which never opens the vault nor
+    reads its key: asking for either raises `VaultSealed`.
     """
 
     def __init__(
-        self, settings: Settings | None = None, *, create: bool = False, actor: str | None = None
+        self,
+        settings: Settings | None = None,
+        *,
+        create: bool = False,
+        actor: str | None = None,
+        research: bool = False,
     ) -> None:
         self.settings = settings or Settings()
         self.create = create
+        self.research = research
         self._actor = actor
         self._keys: dict[str, ProjectKeys] = {}
         self._lock = threading.Lock()
@@ -63,13 +76,34 @@ class Core:
     def catalog(self) -> Catalog:
         url = self.settings.resolved_catalog_url()
         self._require("catalog", url)
-        return _open_database("catalog", "SPHERE_CATALOG_URL", Catalog, url)
+        catalog = _open_database("catalog", "SPHERE_CATALOG_URL", Catalog, url)
+        _tighten(self.settings, url)
+        return catalog
 
     @cached_property
     def vault(self) -> Vault:
+        if self.research:
+            raise VaultSealed(
+                "the re-identification vault is sealed on the research side (serve, pipelines, "
+                f"workers): {_asker()} asked for it"
+            )
         url = self.settings.resolved_vault_url()
         self._require("re-identification vault", url)
-        return _open_database("vault", "SPHERE_VAULT_URL", Vault, url)
+        try:
+            key = vaultkey.load(self.settings, create=self.create)
+        except VaultSealed:
+            if self.settings.vault_key or _open_database(
+                "vault", "SPHERE_VAULT_URL", is_sealed, url
+            ):
+                raise
+            # A vault from before sealing (plaintext): it gets a key now, and is sealed below.
+            key = vaultkey.load(self.settings, create=True)
+        try:
+            vault = _open_database("vault", "SPHERE_VAULT_URL", partial(Vault, key=key), url)
+        except WrongVaultKey as e:
+            raise VaultSealed(f"{e}: check SPHERE_VAULT_KEY_FILE or SPHERE_VAULT_KEY") from None
+        _tighten(self.settings, url)
+        return vault
 
     @cached_property
     def store(self) -> Any:
@@ -95,7 +129,12 @@ class Core:
         with self._lock:
             keys = self._keys.get(name)
         if keys is None:
-            keys = ProjectKeys(self.vault.project_secret(name))
+            try:
+                keys = ProjectKeys(self.vault.project_secret(name))
+            except Tampered:
+                raise VaultSealed(
+                    f"the vault's secret of '{name}' does not open: altered"
+                ) from None
             with self._lock:
                 keys = self._keys.setdefault(name, keys)
         return keys
@@ -136,12 +175,30 @@ class Core:
         if path is None:
             return
         if self.create:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            home.make_dir(path.parent)
+            # Made owner-only before SQLite opens it (its -wal and -shm take the same mode).
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
         elif not path.exists():
             raise NotSetUp(
                 f"no {what} at {path}: is SPHERE_HOME (or --home) right? "
                 "`sphere project create` starts a new one"
             )
+
+
+def _tighten(settings: Settings, url: str) -> None:
+    """A home made before files were owner-only: its folder and this database made so now."""
+    db = _sqlite_file(url)
+    changed = home.tighten([settings.home, *(home.sqlite_files(db) if db else [])])
+    if changed:
+        home.log.warning("made owner-only (0700/0600): %s", ", ".join(p.name for p in changed))
+
+
+def _asker() -> str:
+    """The first caller outside this module: what asked for the vault."""
+    f = sys._getframe(1)
+    while f is not None and f.f_code.co_filename in (__file__, functools.__file__):
+        f = f.f_back
+    return f"{f.f_globals.get('__name__')}.{f.f_code.co_qualname}" if f else "unknown"
 
 
 def _sqlite_file(url: str) -> Path | None:

@@ -20,3 +20,8 @@ class ProjectError(SphereError):
 
 class NotAllowed(SphereError):
     """The acting user's roles do not allow this (`core.access`): CLI exit 2, web 403."""
+
+
+class VaultSealed(SphereError):
+    """The vault cannot be opened here: no vault key (the research side never has one), a wrong
+    key, or a process of the research side asking for it."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Where scripts/setup.sh puts OHIF's prebuilt files: the checkout's .viewer/ (an editable install).
@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     home: Path = Path("var")
     catalog_url: str | None = None  # default: sqlite under home
     vault_url: str | None = None  # re-identification store; default: its own sqlite under home
+    # The vault key (trusted side only; see core.vaultkey): 32 bytes as hex or base64, or a file.
+    vault_key: SecretStr | None = None
+    vault_key_file: Path | None = None  # default: home/secrets/vault.key
     storage_url: str | None = None  # folder path or s3://bucket/prefix; default: home/store
     s3: S3Options = S3Options()
     web: WebOptions = WebOptions()
@@ -122,6 +125,9 @@ class Settings(BaseSettings):
 
     def resolved_vault_url(self) -> str:
         return self.vault_url or f"sqlite:///{(self.home / 'vault.db').resolve()}"
+
+    def resolved_vault_key_file(self) -> Path:
+        return self.vault_key_file or self.home / "secrets" / "vault.key"
 
     def resolved_storage_url(self) -> str:
         return self.storage_url or str((self.home / "store").resolve())

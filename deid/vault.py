@@ -4,10 +4,17 @@ It lives in its own database (SQLAlchemy URL, SQLite or PostgreSQL), apart from 
 from research data. Only an actor granted the `trusted-third-party` role may look a pseudonym up,
 and every lookup, allowed or not, is written to the vault's own audit table. Keep the vault's
 database credentials away from research users: that is the boundary that really holds.
+
+Sealed: project secrets and original values are encrypted with the vault key (`deid.sealing`),
+each bound to its row; rows are found by project, pseudonym or keyed digest, never by an original.
+A copy of the database alone reveals nothing. A vault written before it was sealed (plaintext rows)
+is sealed in place the first time it is opened with a key, and its free pages wiped (SQLite).
 """
 
 from __future__ import annotations
 
+import hmac
+import logging
 import secrets
 import threading
 from collections.abc import Iterable
@@ -28,10 +35,15 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
+    update,
 )
 from sqlalchemy.exc import IntegrityError
 
+from deid.sealing import VaultKey
+
+log = logging.getLogger(__name__)
 TRUSTED_THIRD_PARTY = "trusted-third-party"
 KINDS = frozenset({"patient", "accession", "study", "series", "sop", "frame", "uid"})
 
@@ -69,6 +81,12 @@ grants_table = Table(
     Column("granted_by", String(128), nullable=False),
     Column("granted_at", DateTime, nullable=False),
 )
+meta_table = Table(  # "key-check": a digest that tells which key sealed this vault
+    "vault_meta",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("value", String(128), nullable=False),
+)
 audit_table = Table(
     "vault_audit",
     metadata,
@@ -100,6 +118,10 @@ class VaultDenied(PermissionError):
     """The actor may not read the vault."""
 
 
+class WrongVaultKey(ValueError):
+    """The key given is not the one this vault was sealed with."""
+
+
 def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
@@ -107,11 +129,13 @@ def _now() -> datetime:
 class Vault:
     """The vault's database. Mappings are buffered and written in batches (`flush`)."""
 
-    def __init__(self, url: str, *, batch: int = 1000) -> None:
+    def __init__(self, url: str, key: VaultKey, *, batch: int = 1000) -> None:
         self.engine = create_engine(url)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
+        self.key = key
+        self._recognise_key()
         self._batch = batch
         self._buffer: list[dict[str, Any]] = []
         self._lock = threading.Lock()
@@ -125,12 +149,13 @@ class Vault:
                 select(secrets_table.c.secret).where(secrets_table.c.project == project)
             ).first()
             if row:
-                return bytes(row[0])
+                return self.key.open(row[0], "secret", project)
         try:
             with self.engine.begin() as c:
                 value = secrets.token_bytes(32)
+                sealed = self.key.seal(value, "secret", project)
                 c.execute(
-                    insert(secrets_table).values(project=project, secret=value, created_at=_now())
+                    insert(secrets_table).values(project=project, secret=sealed, created_at=_now())
                 )
                 return value
         except IntegrityError:  # created meanwhile by another process
@@ -156,7 +181,7 @@ class Vault:
                     "project": project,
                     "pseudonym": pseudonym,
                     "kind": kind,
-                    "original": original,
+                    "original": self.key.seal_text(original, "mapping", project, pseudonym, kind),
                     "first_seen": now,
                 }
             )
@@ -201,7 +226,13 @@ class Vault:
     def add_cohort(self, project: str, kind: str, items: Iterable[tuple[str, str]]) -> None:
         """Keep the original values of cohort items, as (digest, original)."""
         rows = [
-            {"project": project, "kind": kind, "digest": d, "original": o, "added_at": _now()}
+            {
+                "project": project,
+                "kind": kind,
+                "digest": d,
+                "original": self.key.seal_text(o, "cohort", project, kind, d),
+                "added_at": _now(),
+            }
             for d, o in items
         ]
         if not rows:
@@ -228,7 +259,7 @@ class Vault:
                 )
             ).all()
             self._audit(c, actor, "gateway", "cohort.read", project, None, "ok", detail=purpose)
-        return {(k, d): o for k, d, o in rows}
+        return {(k, d): self.key.open_text(o, "cohort", project, k, d) for k, d, o in rows}
 
     def forget_cohort(self, project: str) -> int:
         """Delete a project's cohort values (its purge); returns how many went."""
@@ -272,7 +303,7 @@ class Vault:
             else:
                 denied = False
                 row = c.execute(
-                    select(mappings_table.c.original).where(
+                    select(mappings_table.c.original, mappings_table.c.kind).where(
                         mappings_table.c.project == project,
                         mappings_table.c.pseudonym == pseudonym,
                     )
@@ -284,7 +315,7 @@ class Vault:
             raise VaultDenied(f"'{actor}' does not hold the {TRUSTED_THIRD_PARTY} role")
         if row is None:
             raise KeyError(pseudonym)
-        return str(row[0])
+        return self.key.open_text(row[0], "mapping", project, pseudonym, row[1])
 
     def audit_trail(self, project: str | None = None) -> list[AuditEntry]:
         """Who read or granted what, and when (oldest first)."""
@@ -307,6 +338,44 @@ class Vault:
                 .select_from(mappings_table)
                 .where(mappings_table.c.project == project)
             ).scalar_one()
+
+    def digest(self, domain: str, value: str) -> str:
+        """A keyed digest of `value` under the vault key (`VaultKey.digest`): for a register
+        found by value (e.g. opted-out patients) that must not keep the value."""
+        return self.key.digest(domain, value)
+
+    # -- the key ----------------------------------------------------------------------------
+
+    def _recognise_key(self) -> None:
+        """Check the key against the one this vault was sealed with; a new vault takes it, a
+        vault from before sealing (plaintext rows) is sealed with it now."""
+        check = self.key.check()
+        try:
+            with self.engine.begin() as c:
+                # The insert first: a second process opening the vault waits here, then finds
+                # the row, instead of sealing the same rows twice.
+                c.execute(insert(meta_table).values(name="key-check", value=check))
+                sealed = _seal_plaintext(c, self.key)
+        except IntegrityError:
+            with self.engine.connect() as c:
+                have = c.execute(
+                    select(meta_table.c.value).where(meta_table.c.name == "key-check")
+                ).scalar_one()
+            if not hmac_equal(have, check):
+                raise WrongVaultKey(
+                    "the vault key given is not the one this vault was sealed with"
+                ) from None
+            return
+        if any(sealed):
+            log.warning(
+                "vault sealed in place: %d secrets, %d mappings, %d cohort values encrypted; "
+                "copies made before (backups) still hold them in clear",
+                *sealed,
+            )
+            if self.engine.dialect.name == "sqlite":
+                with self.engine.connect() as c:  # the cleartext pages and WAL frames go
+                    c.exec_driver_sql("VACUUM")
+                    c.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self) -> None:
         self.flush()
@@ -341,6 +410,54 @@ class Vault:
                 detail=detail,
             )
         )
+
+
+def is_sealed(url: str) -> bool:
+    """Whether the vault at `url` was sealed with a key (False: new, or written before sealing)."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as c:
+            if not inspect(c).has_table(meta_table.name):
+                return False
+            q = select(meta_table.c.value).where(meta_table.c.name == "key-check")
+            return c.execute(q).first() is not None
+    finally:
+        engine.dispose()
+
+
+def _seal_plaintext(c: Any, key: VaultKey) -> tuple[int, int, int]:
+    """Encrypt the rows of a vault written before sealing, in the open transaction `c`."""
+    t = secrets_table
+    rows = c.execute(select(t.c.project, t.c.secret)).all()
+    for project, secret in rows:
+        c.execute(
+            update(t)
+            .where(t.c.project == project)
+            .values(secret=key.seal(bytes(secret), "secret", project))
+        )
+    n_secrets = len(rows)
+    m = mappings_table
+    rows = c.execute(select(m.c.project, m.c.pseudonym, m.c.kind, m.c.original)).all()
+    for project, pseudonym, kind, original in rows:
+        c.execute(
+            update(m)
+            .where(m.c.project == project, m.c.pseudonym == pseudonym)
+            .values(original=key.seal_text(original, "mapping", project, pseudonym, kind))
+        )
+    n_mappings = len(rows)
+    k = cohort_table
+    rows = c.execute(select(k.c.project, k.c.kind, k.c.digest, k.c.original)).all()
+    for project, kind, digest, original in rows:
+        c.execute(
+            update(k)
+            .where(k.c.project == project, k.c.kind == kind, k.c.digest == digest)
+            .values(original=key.seal_text(original, "cohort", project, kind, digest))
+        )
+    return n_secrets, n_mappings, len(rows)
+
+
+def hmac_equal(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
 
 
 def _sqlite_pragmas(conn: Any, _record: Any) -> None:

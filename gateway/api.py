@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from datetime import date
 from typing import Any
 
-from core import Core, Settings, projects
+from core import Core, Settings, home, projects
 from deid.keys import ProjectKeys
 from deid.profile import Profile
 from deid.vault import Vault
@@ -25,6 +25,7 @@ class Gateway:
     """A gateway home opened from one `Settings` (created if new): projects, cohorts, pulls."""
 
     def __init__(self, settings: Settings | None = None, *, actor: str | None = None) -> None:
+        home.owner_only()  # the home's files and folders: this account's only
         self.core = Core(settings, create=True, actor=actor)
         self.settings = self.core.settings
 

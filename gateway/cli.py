@@ -21,6 +21,8 @@ from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from core import Core, Settings, SphereError, Unavailable, projects
+from core import home as home_files
+from deid.sealing import Tampered
 from gateway import audit_cmd, deid_cmd, governance_cmd, run_cmd, views, web_cmd
 
 
@@ -47,6 +49,9 @@ class _Commands(TyperGroup):
             raise
         except SphereError as e:
             _error(str(e))
+            raise typer.Exit(2) from None
+        except Tampered as e:  # a vault row altered or moved: say so, no traceback
+            _error(f"the vault: {e}")
             raise typer.Exit(2) from None
         except Exception as e:
             if _verbose(ctx):
@@ -83,6 +88,7 @@ def main(
     ] = False,
 ) -> None:
     """Settings come from SPHERE_* environment variables; --home overrides SPHERE_HOME."""
+    home_files.owner_only()  # all this process and its children write: the owner's only
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -71,7 +71,8 @@ def serve(
     import uvicorn
 
     settings = ctx.find_root().obj["settings"]
-    _core(ctx).catalog  # noqa: B018 - a wrong home is one clear line now, not in each worker
+    core = Core(settings, research=True)  # the research side: the vault stays sealed
+    core.catalog  # noqa: B018 - a wrong home is one clear line now, not in each worker
     web = settings.web
     n = workers or web.workers
     if n > 1:  # each worker process imports the app and opens its own core from SPHERE_*
@@ -89,9 +90,7 @@ def serve(
         return
     from gateway.web.app import create_app
 
-    uvicorn.run(
-        create_app(_core(ctx)), host=host or web.host, port=port or web.port, access_log=False
-    )
+    uvicorn.run(create_app(core), host=host or web.host, port=port or web.port, access_log=False)
 
 
 def register(app: typer.Typer, project_app: typer.Typer) -> None:

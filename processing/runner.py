@@ -134,7 +134,7 @@ def _restored_environ(saved: dict[str, str]) -> Iterator[None]:
 def _plan(
     settings: Settings, project: str, pipeline: Pipeline, force: bool, report: RunReport
 ) -> list[SeriesTask]:
-    with Core(settings) as core:
+    with Core(settings, research=True) as core:
         p = core.project(project)
         rows = core.catalog.series(p.id, status="complete")
         derived = core.catalog.derived_series_uids(p.id)
@@ -165,7 +165,8 @@ def _submit_and_collect(
 ) -> None:
     from distributed import as_completed
 
-    settings_json = settings.model_dump_json()
+    # Workers are the research side: the vault key never goes to them.
+    settings_json = settings.model_dump_json(exclude={"vault_key", "vault_key_file"})
     futures = {
         client.submit(
             process_series,
@@ -206,7 +207,7 @@ def _record_lost(
 ) -> SeriesOutcome:
     """A task that never returned (worker lost, store down after the retries): FAILED."""
     reason = f"task failed after retries: {reason_of(exc) if exc else 'unknown'}"
-    with Core(settings) as core:
+    with Core(settings, research=True) as core:
         p = core.project(task.project)
         core.catalog.upsert_result(
             p.id,

@@ -22,6 +22,7 @@ import monai
 import numpy as np
 import torch
 
+from core import home
 from core.core import Core
 from core.errors import SphereError, Unavailable
 from core.settings import Settings
@@ -185,8 +186,9 @@ def _retire_outputs(
 
 @cache
 def _core(settings_json: str) -> Core:
-    """The worker's own Core, opened once per process."""
-    return Core(Settings.model_validate_json(settings_json))
+    """The worker's own Core, opened once per process (the research side: no vault)."""
+    home.owner_only()  # a worker of a scheduler started elsewhere: what it writes is ours only
+    return Core(Settings.model_validate_json(settings_json), research=True)
 
 
 def _device(pipeline: Pipeline, gpu: bool) -> torch.device:

@@ -8,6 +8,7 @@ import pydicom
 import pytest
 from typer.testing import CliRunner
 
+from core import vaultkey
 from core.settings import Settings
 from deid.keys import ProjectKeys
 from deid.vault import Vault
@@ -50,7 +51,7 @@ def test_deid_files_with_a_project_profile_then_reidentify_as_trusted_third_part
 
     # The pseudonyms are the project's: the vault holds the secret and the mapping.
     settings = Settings(home=tmp_path / "home")
-    with Vault(settings.resolved_vault_url()) as vault:
+    with Vault(settings.resolved_vault_url(), vaultkey.load(settings)) as vault:
         keys = ProjectKeys(vault.project_secret("trial"))
     pseudonym = keys.pseudonym(PATIENT["id"])
     assert {pydicom.dcmread(p).PatientID for p in written} == {pseudonym}

@@ -6,21 +6,24 @@ import sqlite3
 
 import pytest
 
+from deid.sealing import VaultKey
 from deid.vault import TRUSTED_THIRD_PARTY, Vault, VaultDenied
+
+KEY = VaultKey(bytes(range(32)))
 
 
 def test_secret_is_created_once_and_kept(tmp_path):
     url = f"sqlite:///{tmp_path / 'vault.db'}"
-    with Vault(url) as v:
+    with Vault(url, KEY) as v:
         first = v.project_secret("a")
         assert len(first) == 32 and v.project_secret("b") != first
-    with Vault(url) as again:  # reopened: same secret, so a re-pull gives the same pseudonyms
+    with Vault(url, KEY) as again:  # reopened: same secret, so a re-pull gives the same pseudonyms
         assert again.project_secret("a") == first
 
 
 def test_mappings_are_buffered_deduplicated_and_kept_apart_from_other_projects(tmp_path):
     path = tmp_path / "vault.db"
-    v = Vault(f"sqlite:///{path}", batch=3)
+    v = Vault(f"sqlite:///{path}", KEY, batch=3)
     v.record("p", "patient", "MRN1", "PAAA")
     v.record("p", "patient", "MRN1", "PAAA")
     assert v.count("p") == 0  # still in the buffer
@@ -33,11 +36,17 @@ def test_mappings_are_buffered_deduplicated_and_kept_apart_from_other_projects(t
         v.record_many("p", [("phone", "x", "y")])
     v.close()
     tables = {r[0] for r in sqlite3.connect(path).execute("select name from sqlite_master")}
-    assert {"vault_secrets", "vault_mappings", "vault_grants", "vault_audit"} <= tables
+    assert {
+        "vault_secrets",
+        "vault_mappings",
+        "vault_grants",
+        "vault_audit",
+        "vault_meta",
+    } <= tables
 
 
 def test_only_a_granted_trusted_third_party_can_look_up_and_every_try_is_audited(tmp_path):
-    with Vault(f"sqlite:///{tmp_path / 'vault.db'}") as v:
+    with Vault(f"sqlite:///{tmp_path / 'vault.db'}", KEY) as v:
         v.record_many("p", [("patient", "MRN42", "PZZZ")])
         with pytest.raises(VaultDenied):
             v.lookup("p", "PZZZ", role=TRUSTED_THIRD_PARTY, actor="eve")

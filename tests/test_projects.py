@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import date, timedelta
 
 import pytest
@@ -84,9 +85,14 @@ def test_the_catalog_holds_cohort_digests_never_values(core, tmp_path):
     core.close()
     catalog_bytes = b"".join(p.read_bytes() for p in tmp_path.glob("catalog.db*"))
     vault_bytes = b"".join(p.read_bytes() for p in tmp_path.glob("vault.db*"))
+    control = tmp_path / "control.db"  # positive control: the scan sees SQLite text
+    with sqlite3.connect(control) as c:
+        c.execute("create table t (v text)")
+        c.executemany("insert into t values (?)", [(v,) for v in planted])
     for value in planted:
         assert value.encode() not in catalog_bytes
-        assert value.encode() in vault_bytes  # positive control: the scan sees SQLite text
+        assert value.encode() not in vault_bytes  # sealed (tests/test_vault_sealed.py)
+        assert value.encode() in control.read_bytes()
     with core.catalog.session() as s:
         digests = {i.digest for i in s.query(CohortItem)}
     keys = core.keys("p5")

@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
-from core import Core
+from core import Core, home
 from gateway.web import sessions
 from gateway.web.accept import NotAcceptable
 from gateway.web.audit import AuditBuffer, AuditMiddleware
@@ -92,5 +92,7 @@ def _answer(status: int) -> Any:
 
 
 def from_environment() -> FastAPI:
-    """The app on a core from SPHERE_* settings (for uvicorn's worker processes)."""
-    return create_app(Core())
+    """The app on a core from SPHERE_* settings (for uvicorn's worker processes): the research
+    side, which never opens the vault."""
+    home.owner_only()
+    return create_app(Core(research=True))
