@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import date, timedelta
 
 import pytest
@@ -96,9 +97,14 @@ def test_the_register_keeps_digests_never_ids(core, tmp_path):
     assert core.catalog.optout_count() == 2
     assert scan_database(core.settings.resolved_catalog_url(), ["PAT-0001", "PAT-0002"]) == []
     # Positive control: the same scan finds an ID where one is kept in clear.
+    control = tmp_path / "control.db"
+    with sqlite3.connect(control) as c:
+        c.execute("create table t (v text)")
+        c.execute("insert into t values ('PAT-0001')")
+    assert scan_database(f"sqlite:///{control}", ["PAT-0001"])
     projects.create(core, "pc")
     projects.add_cohort(core, "pc", "patient_id", ["PAT-0001"])
-    assert scan_database(core.settings.resolved_vault_url(), ["PAT-0001"])
+    assert scan_database(core.settings.resolved_vault_url(), ["PAT-0001"]) == []  # sealed
     # The digests are keyed: not a project's pseudonym, nor a plain hash.
     assert register.digest("PAT-0001") != core.keys("pc").mac("optout", "PAT-0001").hex()
     assert optout.remove(core, ["PAT-0002"]) == 1
