@@ -4,6 +4,7 @@ outputs, then a project purged (local folder and SeaweedFS S3) and a patient opt
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 from datetime import timedelta
 
@@ -15,7 +16,7 @@ from core import users
 from core.errors import ProjectError
 from core.retention import retention_end
 from core.settings import S3Options, Settings
-from deid.vault import cohort_table
+from deid.vault import TRUSTED_THIRD_PARTY, cohort_table
 from gateway.api import Gateway
 from gateway.dimse.scp import StorageSCP
 from gateway.pull import PullRefused
@@ -164,7 +165,12 @@ def test_opt_out_removes_a_patient_everywhere_and_for_good(tmp_path, pacs, scp_p
 
     # Positive controls: the scans find both patients before.
     assert {leak.needle for leak in scan_store(gw.store, needles(out_st))} == set(needles(out_st))
-    assert scan_database(gw.settings.resolved_vault_url(), [out_st.patient_id])
+    # (The vault is sealed: its trusted lookup, not a scan, finds the patient there.)
+    gw.vault.grant("ttp", by="tester")
+    pseudonym = gw.keys("pa").pseudonym(out_st.patient_id)
+    assert gw.vault.lookup("pa", pseudonym, role=TRUSTED_THIRD_PARTY, actor="ttp") == (
+        out_st.patient_id
+    )
     pa = gw.core.project("pa")
     reports_before = {r.series_uid: r.report_key for r in gw.catalog.results(pa.id)}
 
@@ -190,8 +196,13 @@ def test_opt_out_removes_a_patient_everywhere_and_for_good(tmp_path, pacs, scp_p
         gw.keys("pa").pseudonym(other_st.patient_id)
     }
     assert gw.catalog.results(pa.id)
-    # The register holds digests: the catalog has no Patient ID (the vault does, above).
+    # The register holds digests: the catalog has no Patient ID (the vault does, above, sealed).
     assert scan_database(gw.settings.resolved_catalog_url(), [out_st.patient_id]) == []
+    control = tmp_path / "control.db"  # positive control: the scan finds an ID kept in clear
+    with sqlite3.connect(control) as c:
+        c.execute("create table t (v text)")
+        c.execute("insert into t values (?)", (out_st.patient_id,))
+    assert scan_database(f"sqlite:///{control}", [out_st.patient_id])
     audit = [e for e in gw.catalog.audit_trail(limit=10_000) if e.action.startswith("optout")]
     assert {e.action for e in audit} == {"optout.add", "optout.purge"}
     assert all(out_st.patient_id not in e.detail for e in audit)
