@@ -135,7 +135,7 @@ def test_project_lifecycle_from_the_command_line(tmp_path):
 
 
 @pytest.mark.peers
-def test_demo_runs_end_to_end(tmp_path):
+def test_demo_runs_end_to_end(tmp_path, umask_022):
     out = sphere(
         "demo",
         "--patients",
@@ -160,6 +160,10 @@ def test_demo_runs_end_to_end(tmp_path):
     assert any(re.fullmatch(r"viewer: http://127\.0\.0\.1:\d+/ \(sign in .*\)", ln) for ln in lines)
     assert "server check: /healthz ok" in lines
     assert "server check: QIDO-RS found 4 of 4 studies with the token" in lines
+    # After a pull, a pipeline run and the server: nothing in the home for group or others.
+    from core.home import loose
+
+    assert loose(tmp_path / "demo" / "gateway") == []
 
 
 # -- a user's mistakes: one clear line, a non-zero status, no traceback ------------------------

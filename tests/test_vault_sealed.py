@@ -233,7 +233,7 @@ def test_serve_and_a_pipeline_run_without_the_vault_key(trusted, tmp_path):
     assert report.counts() == {"ok": 1}
 
 
-def test_the_home_is_owner_only_and_a_home_made_before_is_tightened(tmp_path):
+def test_the_home_is_owner_only_and_a_home_made_before_is_tightened(tmp_path, umask_022):
     from tests.test_cli import sphere
 
     home = tmp_path / "home"
