@@ -286,6 +286,29 @@ def pull(ctx: typer.Context, name: str) -> None:
 
 
 @app.command()
+def verify(
+    ctx: typer.Context,
+    name: str,
+    deep: Annotated[
+        bool, typer.Option("--deep", help="Also read every chunk of every series (slow).")
+    ] = False,
+) -> None:
+    """Read back every series the catalog calls complete; mark those that do not read back
+    failed (the next pull fetches them again). Exit 1 when one was found."""
+    from gateway.pull.readback import verify_project
+
+    report = verify_project(core(ctx), name, deep=deep)
+    for series, why in report.unreadable.items():
+        typer.echo(f"unreadable  {series}  {why}")
+    typer.echo(
+        f"{report.checked} complete series checked, {len(report.unreadable)} unreadable"
+        + (" (marked failed: `sphere pull` fetches them again)" if report.unreadable else "")
+    )
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
 def status(
     ctx: typer.Context,
     name: str,

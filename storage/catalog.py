@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import create_engine, event, func, inspect, select, text, update
+from sqlalchemy import create_engine, delete, event, func, inspect, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DisconnectionError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
@@ -35,6 +35,7 @@ from storage.models import (
     OsAccount,
     PipelineResult,
     Project,
+    PullLock,
     SeriesRecord,
     User,
     UserRole,
@@ -54,6 +55,7 @@ __all__ = [
     "Membership",
     "PipelineResult",
     "Project",
+    "PullLock",
     "SeriesRecord",
     "User",
     "UserRole",
@@ -302,6 +304,61 @@ class Catalog(GovernanceQueries):
             row = get_or_add(s, SeriesRecord, project_id=project_id, series_uid=series_uid)
             for k, v in values.items():
                 setattr(row, k, v)
+
+    def fail_pending(self, project_id: int, error: str) -> int:
+        """Mark a project's pending series failed (a pull that stopped); returns how many."""
+        with self.session() as s:
+            q = (
+                update(SeriesRecord)
+                .where(SeriesRecord.project_id == project_id, SeriesRecord.status == "pending")
+                .values(status="failed", error=error)
+            )
+            return int(s.execute(q).rowcount or 0)
+
+    # -- pull locks (gateway.pull.lock) ---------------------------------------------------------
+
+    def pull_lock(self, project_id: int) -> PullLock | None:
+        """Who holds the project's pull lock, if anyone."""
+        with self.session() as s:
+            return s.get(PullLock, project_id)
+
+    def take_pull_lock(
+        self, project_id: int, token: str, *, host: str, pid: int, actor: str, replace: str = ""
+    ) -> bool:
+        """Take the project's pull lock: a new row, or (`replace`) the row still held under
+        that token. False when someone else holds it (or took it first)."""
+        now = utcnow()
+        values = {"token": token, "host": host, "pid": pid, "actor": actor}
+        try:
+            with self.session() as s:
+                if not replace:
+                    s.add(PullLock(project_id=project_id, since=now, heartbeat=now, **values))
+                    return True
+                q = (
+                    update(PullLock)
+                    .where(PullLock.project_id == project_id, PullLock.token == replace)
+                    .values(since=now, heartbeat=now, **values)
+                )
+                return bool(s.execute(q).rowcount)
+        except IntegrityError:  # another pull inserted it first
+            return False
+
+    def renew_pull_lock(self, project_id: int, token: str) -> bool:
+        """The holder's heartbeat; False when the lock is no longer its own."""
+        with self.session() as s:
+            q = (
+                update(PullLock)
+                .where(PullLock.project_id == project_id, PullLock.token == token)
+                .values(heartbeat=utcnow())
+            )
+            return bool(s.execute(q).rowcount)
+
+    def release_pull_lock(self, project_id: int, token: str) -> None:
+        """Drop the lock, if it is still the holder's."""
+        with self.session() as s:
+            s.execute(
+                delete(PullLock).where(PullLock.project_id == project_id, PullLock.token == token)
+            )
 
     # -- the QIDO-RS index (storage.index) ----------------------------------------------------
 

@@ -125,6 +125,22 @@ class SeriesRecord(Base):
     project: Mapped[Project] = relationship(back_populates="series")
 
 
+class PullLock(Base):
+    """Who pulls a project now: one row per project, taken in a transaction, kept alive by a
+    heartbeat. A row whose heartbeat is stale (or whose process on this host is gone) may be
+    taken over; `token` makes every change a compare-and-swap on the holder."""
+
+    __tablename__ = "pull_locks"
+
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), primary_key=True)
+    token: Mapped[str] = mapped_column(String(64))
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    actor: Mapped[str] = mapped_column(String(128), default="")
+    since: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    heartbeat: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class AuditEvent(Base):
     """Who did what, when. `detail` never holds identifiers of patients."""
 

@@ -41,7 +41,7 @@ from zarr.storage import LocalStore, MemoryStore
 from dicom import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, json_model
 from dicom.geometry import GeometryError, order_slices
 from storage import pixels, volume
-from storage.objectstore import guard, run
+from storage.objectstore import StorageUnavailable, guard, run
 from storage.spool import Spool, SpoolEntry, SpoolSealed, fsync_path
 
 FORMAT_VERSION = 1
@@ -498,6 +498,46 @@ class SeriesReader:
     def _check_index(self, i: int) -> None:
         if not 0 <= i < len(self):
             raise IndexError("instance index out of range")
+
+
+def unreadable(
+    store: Store, key: str, n_instances: int | None = None, *, deep: bool = False
+) -> str:
+    """Why the committed series at `key` does not read back whole ("" when it does).
+
+    Cheap by default: the commit marker, the headers' and the volume's array metadata, their
+    shapes against the marker's counts (and `n_instances`, what the catalog says is stored).
+    `deep` also checks that every chunk is stored and reads it. StorageUnavailable (the store
+    down) is raised, not reported: it says nothing of the series.
+    """
+    reader = SeriesReader(store, key)
+    if not reader.complete:
+        return "no commit marker (zarr.json)"
+    try:
+        n = len(reader)
+        if n_instances is not None and n != n_instances:
+            return f"the marker says {n} instances, the catalog {n_instances}"
+        arrays = {"headers": reader._header_array()}
+        if arrays["headers"].shape != (n,):
+            return f"headers hold {arrays['headers'].shape[0]} of {n} instances"
+        if reader.attrs["n_slices"]:
+            vol = arrays["volume"] = reader.volume
+            if list(vol.shape) != list(reader.attrs["shape"]):
+                return "the volume's shape differs from the marker's"
+        if deep:
+            for name, arr in arrays.items():
+                with guard("read"):
+                    stored, whole = arr.nchunks_initialized, arr.nchunks
+                    if stored < whole:
+                        return f"{name}: {whole - stored} of {whole} chunks missing"
+                    step = (arr.shards or arr.chunks)[0]
+                    for z0 in range(0, arr.shape[0], step):
+                        arr[z0 : z0 + step]  # decodes every chunk: a damaged one raises
+    except StorageUnavailable:
+        raise
+    except Exception as e:  # a missing or damaged array: zarr's errors vary
+        return f"unreadable ({type(e).__name__})"
+    return ""
 
 
 def series_key(project: str, pseudo_study: str, pseudo_series: str) -> str:

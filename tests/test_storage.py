@@ -30,6 +30,7 @@ from storage.series import (
     SeriesWriter,
     delete_series,
     list_series,
+    unreadable,
 )
 from storage.spool import LOG_NAME, SpoolError
 from tests.samples import pydicom_sample
@@ -528,3 +529,29 @@ def test_a_background_flush_that_fails_is_reported_by_the_next_sync(tmp_path, mo
     monkeypatch.setattr(spool_mod.os, "fdatasync", real)
     assert len(s) == 2  # what was written stays readable
     s.close()
+
+
+def test_unreadable_names_what_a_committed_series_lacks(tmp_path, ct):
+    """A group reads back whole, or `unreadable` says what is missing: each damage the
+    concurrent-pull trial of issue 19 left (a marker without headers, a volume without its
+    zarr.json, a missing chunk) is caught; the intact group passes, cheap and deep."""
+    _, store, info = spool_and_commit(tmp_path, ct)
+    assert unreadable(store, KEY, info.n_instances) == ""
+    assert unreadable(store, KEY, info.n_instances, deep=True) == ""
+    assert "the catalog 17" in unreadable(store, KEY, 17)
+    group = tmp_path / "store" / KEY
+    shard = next(p for p in (group / "volume").rglob("*") if p.is_file() and p.name != "zarr.json")
+    moved = shard.with_name("moved")
+    shard.rename(moved)
+    assert unreadable(store, KEY, info.n_instances) == ""  # cheap: metadata only
+    assert "chunks missing" in unreadable(store, KEY, info.n_instances, deep=True)
+    moved.rename(shard)
+    (group / "volume" / "zarr.json").unlink()
+    assert "unreadable" in unreadable(store, KEY, info.n_instances)
+    delete_headers = group / "headers"
+    import shutil
+
+    shutil.rmtree(delete_headers)
+    assert "unreadable" in unreadable(store, KEY)
+    (group / "zarr.json").unlink()
+    assert unreadable(store, KEY) == "no commit marker (zarr.json)"

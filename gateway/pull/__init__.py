@@ -2,7 +2,8 @@
 (`retrievers`: C-MOVE, C-GET), instances received, de-identified and spooled by a `Receiver`
 (`receiver`), the series a pull waits for announced by markers (`layout`)."""
 
+from gateway.pull.lock import PullBusy
 from gateway.pull.puller import Puller, PullRefused, pull
 from gateway.pull.report import PullReport, SeriesOutcome
 
-__all__ = ["PullRefused", "PullReport", "Puller", "SeriesOutcome", "pull"]
+__all__ = ["PullBusy", "PullRefused", "PullReport", "Puller", "SeriesOutcome", "pull"]

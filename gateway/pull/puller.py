@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import date
 
@@ -24,10 +25,11 @@ from core.projects import CohortEntry, cohort
 from deid.keys import ProjectKeys
 from gateway.dimse.scu import RetrieveResult, SeriesHit, StudyHit
 from gateway.pull.layout import SpoolLayout
+from gateway.pull.lock import ProjectPullLock, PullBusy
 from gateway.pull.report import PullReport, SeriesOutcome
 from gateway.pull.retrievers import Retriever, SourceError, open_retrievers
 from storage.catalog import Project, utcnow
-from storage.series import SeriesError, SeriesWriter, series_key
+from storage.series import SeriesError, SeriesWriter, series_key, unreadable
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,7 @@ class Puller:
         self.keys: ProjectKeys = core.keys(name)
         self.actor = actor or core.actor
         self.layout = SpoolLayout(core.settings.spool_dir.resolve(), name)
+        self.lock: ProjectPullLock | None = None
 
     def check_allowed(self, today: date | None = None) -> None:
         """Raise `PullRefused` (and audit it) unless the project is approved and in date."""
@@ -139,8 +142,30 @@ class Puller:
             raise PullRefused(problem)
 
     def run(self, sources: list[Retriever], today: date | None = None) -> PullReport:
-        """Plan on every source, retrieve each series from the one chosen, verify, commit."""
+        """Plan on every source, retrieve each series from the one chosen, verify, commit.
+        Raises `PullBusy` when another pull of the project runs (on any node)."""
         self.check_allowed(today)
+        with self._exclusive():
+            return self._run(sources)
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[ProjectPullLock]:
+        """The project's pull lock, held for the whole pull; a refusal is audited."""
+        lock = ProjectPullLock(self.core.catalog, self.project, self.actor)
+        try:
+            lock.take()
+        except PullBusy as e:
+            self.core.catalog.audit(self.actor, "pull", self.project.name, "refused", reason=str(e))
+            raise
+        if lock.took_over:
+            self.core.catalog.audit(
+                self.actor, "pull.lock", self.project.name, "ok", took_over=lock.took_over
+            )
+        self.lock = lock
+        with lock.held():
+            yield lock
+
+    def _run(self, sources: list[Retriever]) -> PullReport:
         name = self.project.name
         catalog = self.core.catalog
         t0 = time.perf_counter()
@@ -304,6 +329,8 @@ class Puller:
                 error=note,
                 quarantined=job.n_quarantined,
             )
+        if self.lock is not None and self.lock.lost:
+            return self._fail(job, "another pull took this project's pull lock: not committed")
         try:
             info = job.writer.commit(self.core.store, job.key)
         except SeriesError as e:
@@ -311,6 +338,12 @@ class Puller:
         except Exception as e:  # storage down: the spool is kept, a re-run resumes
             log.error("series %s: storage failed: %s", job.pseudo_series, type(e).__name__)
             return self._fail(job, f"storage failed ({type(e).__name__}): spool kept for resume")
+        try:  # never "complete" unless it reads back whole
+            problem = unreadable(self.core.store, job.key, info.n_instances)
+        except Exception as e:
+            problem = f"storage failed ({type(e).__name__})"
+        if problem:
+            return self._fail(job, f"the stored series does not read back: {problem}")
         try:
             self._index(job)
         except Exception as e:  # stored but not findable: failed, so a re-run pulls it again

@@ -1,0 +1,192 @@
+"""The catalog never says more than the store holds (issue 19): two pulls of one project at
+once, a pull killed and taken over, and `sphere verify` catching a damaged series that the next
+pull then fetches again. Real Orthanc, real `sphere` processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from core.settings import PacsPeer, Settings
+from gateway.api import Gateway
+from harness.localpacs import LocalOrthanc, free_port
+from harness.synthetic import generate
+from storage.catalog import SeriesRecord
+from storage.series import series_key, unreadable
+from tests.test_pull import approved
+
+pytestmark = pytest.mark.peers
+SPHERE = [sys.executable, "-m", "gateway.cli"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("corpus"), n_patients=4, slices=24, size=64, seed=11)
+
+
+@pytest.fixture(scope="module")
+def scp_port():
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory, corpus, scp_port):
+    modalities = {"SPHERE": ("SPHERE", "127.0.0.1", scp_port)}
+    with LocalOrthanc(tmp_path_factory.mktemp("orthanc"), modalities=modalities) as orthanc:
+        assert orthanc.upload(corpus.files) == len(corpus.files)
+        yield orthanc
+
+
+def gateway(home: Path, pacs: LocalOrthanc, port: int) -> Gateway:
+    settings = Settings(
+        home=home,
+        port=port,
+        pacs=PacsPeer(ae_title=pacs.aet, port=pacs.dicom_port),
+        actor="tester",
+        fsync=False,
+        backoff_s=0.1,
+    )
+    return Gateway(settings)
+
+
+def env_for(home: Path, pacs: LocalOrthanc, port: int) -> dict[str, str]:
+    return {
+        **os.environ,
+        "SPHERE_HOME": str(home),
+        "SPHERE_ACTOR": "tester",
+        "SPHERE_PORT": str(port),
+        "SPHERE_PACS__AE_TITLE": pacs.aet,
+        "SPHERE_PACS__PORT": str(pacs.dicom_port),
+        "SPHERE_FSYNC": "false",
+        "SPHERE_BACKOFF_S": "0.1",
+        "SPHERE_MAX_ASSOCIATIONS": "1",  # slower: the second pull surely meets the first
+    }
+
+
+def sphere(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*SPHERE, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def wait_for_lock(gw: Gateway, project: str, proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    pid = gw.core.project(project).id
+    deadline = time.monotonic() + timeout_s
+    while gw.catalog.pull_lock(pid) is None:
+        assert proc.poll() is None, "the first pull ended before it was seen holding the lock"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def unreadable_complete(gw: Gateway, project: str, deep: bool = True) -> dict[str, str]:
+    """Every series the catalog calls complete, read back: those that do not read, and why."""
+    rows = gw.catalog.series(gw.core.project(project).id, status="complete")
+    assert rows
+    bad = {r.series_uid: unreadable(gw.store, r.storage_key, r.stored, deep=deep) for r in rows}
+    return {k: v for k, v in bad.items() if v}
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_concurrent_pulls_leave_every_complete_series_readable(
+    tmp_path, pacs, scp_port, corpus, trial
+):
+    """Issue 19's trial: `SPHERE_PORT=A sphere pull P &`, then `SPHERE_PORT=B sphere pull P`,
+    then `sphere pull P` alone; every series the catalog calls complete reads back whole."""
+    gw = gateway(tmp_path, pacs, scp_port)
+    approved(gw, "twice", [st.accession for st in corpus.studies])
+    env = env_for(tmp_path, pacs, scp_port)
+    first = subprocess.Popen(
+        [*SPHERE, "pull", "twice"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_lock(gw, "twice", first)
+        second = sphere("pull", "twice", env={**env, "SPHERE_PORT": str(free_port())})
+    finally:
+        out, err = first.communicate(timeout=300)
+    assert second.returncode == 2, second.stdout + second.stderr
+    (line,) = second.stderr.strip().splitlines()
+    assert "twice is being pulled on" in line and f"pid {first.pid}" in line
+    assert first.returncode == 0, out + err  # not disturbed by the second
+    third = sphere("pull", "twice", env=env)
+    assert third.returncode == 0, third.stdout + third.stderr
+    n_series = sum(len(st.series) for st in corpus.studies)
+    assert len(gw.catalog.series(gw.core.project("twice").id, status="complete")) == n_series
+    assert unreadable_complete(gw, "twice") == {}
+    refused = [e for e in gw.catalog.audit_trail("twice") if e.outcome == "refused"]
+    assert len(refused) == 1 and "being pulled" in refused[0].detail
+
+
+PULL_SCRIPT = """
+import sys
+from pathlib import Path
+from gateway.api import Gateway
+from core.settings import PacsPeer, Settings
+home, aet, port, scp = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+gw = Gateway(Settings(home=Path(home), port=scp, actor="tester", max_associations=1,
+                      fsync=False, pacs=PacsPeer(ae_title=aet, port=port)))
+gw.pull("killed")
+"""
+
+
+def test_the_lock_of_a_killed_pull_is_taken_over(tmp_path, pacs, scp_port, corpus):
+    gw = gateway(tmp_path, pacs, scp_port)
+    approved(gw, "killed", [st.accession for st in corpus.studies])
+    args = [str(tmp_path), pacs.aet, str(pacs.dicom_port), str(scp_port)]
+    proc = subprocess.Popen([sys.executable, "-c", PULL_SCRIPT, *args], start_new_session=True)
+    try:
+        wait_for_lock(gw, "killed", proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the pull and its SCP workers, at once
+        proc.wait(30)
+    held = gw.catalog.pull_lock(gw.core.project("killed").id)
+    assert held is not None and held.pid == proc.pid  # the dead pull still "holds" it
+
+    report = gw.pull("killed")
+
+    assert report.ok, [s.error for s in report.series if s.error]
+    assert gw.catalog.pull_lock(gw.core.project("killed").id) is None  # released at the end
+    (took,) = [e for e in gw.catalog.audit_trail("killed") if e.action == "pull.lock"]
+    assert "process is gone" in took.detail and str(proc.pid) in took.detail
+    assert unreadable_complete(gw, "killed") == {}
+
+
+def test_verify_marks_a_damaged_series_failed_and_the_next_pull_fetches_it_again(
+    tmp_path, pacs, scp_port, corpus
+):
+    gw = gateway(tmp_path, pacs, scp_port)
+    st = corpus.studies[0]
+    approved(gw, "checked", [st.accession])
+    assert gw.pull("checked").ok
+    env = env_for(tmp_path, pacs, scp_port)
+    intact = sphere("verify", "checked", "--deep", env=env)
+    assert intact.returncode == 0 and "0 unreadable" in intact.stdout, intact.stderr
+
+    keys = gw.keys("checked")
+    damaged = keys.uid(st.series[0].series_uid)
+    key = series_key("checked", keys.uid(st.study_uid), damaged)
+    (tmp_path / "store" / key / "volume" / "zarr.json").unlink()  # the trial's damage
+    found = sphere("verify", "checked", env=env)
+
+    assert found.returncode == 1, found.stdout + found.stderr
+    assert f"unreadable  {damaged}" in found.stdout and "1 unreadable" in found.stdout
+    project = gw.core.project("checked")
+    with gw.catalog.session() as s:
+        row = s.query(SeriesRecord).filter_by(project_id=project.id, series_uid=damaged).one()
+        assert row.status == "failed" and row.error.startswith("verify:")
+    assert gw.catalog.indexed_series(project.id, keys.uid(st.study_uid), damaged) == []
+
+    again = gw.pull("checked")
+
+    assert again.ok
+    assert [s.pseudo_series for s in again.series if s.status == "complete"] == [damaged]
+    assert again.count("skipped") == len(st.series) - 1
+    assert unreadable_complete(gw, "checked") == {}
+    assert gw.catalog.indexed_series(project.id, keys.uid(st.study_uid), damaged) != []
