@@ -293,11 +293,16 @@ def verify(
         bool, typer.Option("--deep", help="Also read every chunk of every series (slow).")
     ] = False,
 ) -> None:
-    """Read back every series the catalog calls complete; mark those that do not read back
-    failed (the next pull fetches them again). Exit 1 when one was found."""
+    """Read back every series the catalog calls complete; mark the unreadable failed.
+
+    The next pull fetches those again. Exit 1 when one was found."""
+    from core import access
     from gateway.pull.readback import verify_project
 
-    report = verify_project(core(ctx), name, deep=deep)
+    c = core(ctx)
+    c.project(name)  # an unknown project says so first
+    operator = access.require(c, "pull", name)
+    report = verify_project(c, name, deep=deep, actor=operator.name)
     for series, why in report.unreadable.items():
         typer.echo(f"unreadable  {series}  {why}")
     typer.echo(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from core import access, users
 from core.settings import PacsPeer, Settings
 from gateway.api import Gateway
 from harness.localpacs import LocalOrthanc, free_port
@@ -55,17 +56,19 @@ def gateway(home: Path, pacs: LocalOrthanc, port: int) -> Gateway:
     return Gateway(settings)
 
 
-def env_for(home: Path, pacs: LocalOrthanc, port: int) -> dict[str, str]:
+def env_for(gw: Gateway, pacs: LocalOrthanc, port: int) -> dict[str, str]:
+    """The `sphere` CLI's settings, acting as a data manager (by token)."""
+    token = users.add(gw.core, "dan")
+    gw.catalog.add_user_role(gw.catalog.user("dan").id, access.DATA_MANAGER, "tester")
     return {
         **os.environ,
-        "SPHERE_HOME": str(home),
-        "SPHERE_ACTOR": "tester",
+        "SPHERE_HOME": str(gw.settings.home),
+        "SPHERE_TOKEN": token,
         "SPHERE_PORT": str(port),
         "SPHERE_PACS__AE_TITLE": pacs.aet,
         "SPHERE_PACS__PORT": str(pacs.dicom_port),
         "SPHERE_FSYNC": "false",
         "SPHERE_BACKOFF_S": "0.1",
-        "SPHERE_MAX_ASSOCIATIONS": "1",  # slower: the second pull surely meets the first
     }
 
 
@@ -98,17 +101,24 @@ def test_concurrent_pulls_leave_every_complete_series_readable(
     then `sphere pull P` alone; every series the catalog calls complete reads back whole."""
     gw = gateway(tmp_path, pacs, scp_port)
     approved(gw, "twice", [st.accession for st in corpus.studies])
-    env = env_for(tmp_path, pacs, scp_port)
+    env = env_for(gw, pacs, scp_port)
     first = subprocess.Popen(
         [*SPHERE, "pull", "twice"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
     try:
         wait_for_lock(gw, "twice", first)
-        second = sphere("pull", "twice", env={**env, "SPHERE_PORT": str(free_port())})
+        # Paused while the second runs, so that it surely meets the first mid-pull however
+        # slowly it starts on a loaded machine.
+        os.killpg(first.pid, signal.SIGSTOP)
+        try:
+            second = sphere("pull", "twice", env={**env, "SPHERE_PORT": str(free_port())})
+        finally:
+            os.killpg(first.pid, signal.SIGCONT)
     finally:
         out, err = first.communicate(timeout=300)
     assert second.returncode == 2, second.stdout + second.stderr
@@ -128,6 +138,7 @@ PULL_SCRIPT = """
 import sys
 from pathlib import Path
 from gateway.api import Gateway
+from core import access, users
 from core.settings import PacsPeer, Settings
 home, aet, port, scp = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 gw = Gateway(Settings(home=Path(home), port=scp, actor="tester", max_associations=1,
@@ -165,7 +176,7 @@ def test_verify_marks_a_damaged_series_failed_and_the_next_pull_fetches_it_again
     st = corpus.studies[0]
     approved(gw, "checked", [st.accession])
     assert gw.pull("checked").ok
-    env = env_for(tmp_path, pacs, scp_port)
+    env = env_for(gw, pacs, scp_port)
     intact = sphere("verify", "checked", "--deep", env=env)
     assert intact.returncode == 0 and "0 unreadable" in intact.stdout, intact.stderr
 
