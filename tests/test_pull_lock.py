@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -11,6 +12,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import update
 
+from core import access, users
 from core.settings import Settings
 from gateway.api import Gateway
 from gateway.pull import lock as pull_lock
@@ -36,6 +38,36 @@ def test_a_second_holder_is_refused_with_who_holds_it(gw):
     with ProjectPullLock(gw.catalog, project, "bob") as again:  # released: free again
         assert again.took_over == ""
     assert gw.catalog.pull_lock(project.id) is None
+
+
+def test_a_second_pull_on_the_cli_is_one_line_and_exit_2(gw, tmp_path):
+    """`sphere pull P` while a live pull (here: this process) holds P: refused before anything
+    is opened or written (no SCP, no series, no spool), one line naming the holder."""
+    from datetime import date
+
+    token = users.add(gw.core, "dan")
+    gw.catalog.add_user_role(gw.catalog.user("dan").id, access.DATA_MANAGER, "tester")
+    gw.approve(
+        "locked",
+        committee_ref="C-1",
+        approved_on=date.today() - timedelta(days=1),
+        expires_on=date.today() + timedelta(days=9),
+    )
+    env = {**os.environ, "SPHERE_HOME": str(tmp_path), "SPHERE_TOKEN": token}
+    env["SPHERE_PACS__PORT"] = "9"  # nothing answers there: the pull must not get that far
+    with ProjectPullLock(gw.catalog, gw.core.project("locked"), "alice"):
+        out = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "pull", "locked"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+    assert out.returncode == 2, out.stdout + out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert f"pid {os.getpid()}, by alice" in line and "locked is being pulled on" in line
+    assert gw.catalog.series(gw.core.project("locked").id) == []
+    assert not (tmp_path / "spool" / "locked").exists()
 
 
 def test_a_dead_process_on_this_host_is_taken_over(gw):
