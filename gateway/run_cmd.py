@@ -84,7 +84,7 @@ def results(
     """Show a project's pipeline results (pseudonymous UIDs); export them as CSV or Parquet."""
     from processing.results import result_rows, write_csv, write_parquet
 
-    with Core(_settings(ctx)) as core:
+    with Core(_settings(ctx), research=True) as core:
         rows = result_rows(core, project, pipeline)
     for line in table_lines(rows):
         typer.echo(line)

@@ -150,7 +150,11 @@ def serve(settings: Settings, *, n_studies: int) -> bool:
         console.print(f"token for {VIEWER}: {token}", highlight=False, soft_wrap=True)
         console.print(f"viewer: {base}/ (sign in with the token)", highlight=False)
         config = uvicorn.Config(
-            create_app(core), host="127.0.0.1", port=port, log_level="warning", access_log=False
+            create_app(Core(settings, research=True)),  # as `sphere serve`: no vault
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            access_log=False,
         )
         server = uvicorn.Server(config)
         if sys.stdin.isatty():

@@ -169,7 +169,7 @@ class LoadSeriesd(MapTransform):
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         if self._store is None:
-            self._store = Core(self.settings).store
+            self._store = Core(self.settings, research=True).store
         d = dict(data)
         d[self.output] = load_series(
             self._store, d[self.key_field], device=self.device, checksum=self.checksum
@@ -193,7 +193,7 @@ class SeriesDataset(MonaiDataset):
         modality: str | None = "CT",
         device: str | None = None,
     ) -> None:
-        with Core(settings) as core:
+        with Core(settings, research=True) as core:
             p = core.project(project)
             rows = core.catalog.series(p.id, status="complete")
         items = [
