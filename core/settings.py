@@ -59,6 +59,16 @@ class WebOptions(BaseModel):
     session_hours: float = 8.0  # a sign-in cookie's lifetime
     max_results: int = 1000  # QIDO-RS results per request at most
     read_ahead_mb: int = 256  # frames read ahead from S3, kept in memory, per worker process
+    # Proxies (addresses or networks, e.g. ["10.0.0.5", "10.1.0.0/16"]) whose `Forwarded` and
+    # `X-Forwarded-*` headers are honoured; from anyone else they are ignored.
+    trusted_proxies: list[str] = []
+    max_body_kb: int = 1024  # a request body's size at most (sign-in, grants)
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this
+    body_timeout_s: float = 30.0  # and its body within this after them
+    max_failures: int = 10  # failed sign-ins or bad credentials a client address may make ...
+    failure_window_s: float = 300.0  # ... in this long before it is answered 429
+    search_max_rows: int = 100_000  # rows a QIDO-RS search may examine in Python at most
+    search_timeout_s: float = 10.0  # and the time it may take
 
 
 class Settings(BaseSettings):

@@ -75,6 +75,9 @@ def serve(
     core.catalog  # noqa: B018 - a wrong home is one clear line now, not in each worker
     web = settings.web
     n = workers or web.workers
+    from gateway.web.server import uvicorn_options
+
+    options = uvicorn_options(web, workers=n)
     if n > 1:  # each worker process imports the app and opens its own core from SPHERE_*
         import os
 
@@ -85,12 +88,12 @@ def serve(
             host=host or web.host,
             port=port or web.port,
             workers=n,
-            access_log=False,  # every request is in the audit trail already
+            **options,
         )
         return
     from gateway.web.app import create_app
 
-    uvicorn.run(create_app(core), host=host or web.host, port=port or web.port, access_log=False)
+    uvicorn.run(create_app(core), host=host or web.host, port=port or web.port, **options)
 
 
 def register(app: typer.Typer, project_app: typer.Typer) -> None:

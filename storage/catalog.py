@@ -39,6 +39,7 @@ from storage.models import (
     SeriesRecord,
     User,
     UserRole,
+    WebSession,
     get_or_add,
     utcnow,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "SeriesRecord",
     "User",
     "UserRole",
+    "WebSession",
     "utcnow",
 ]
 
@@ -74,6 +76,7 @@ WATCHED = (
     IndexedStudy,
     IndexedSeries,
     IndexedInstance,
+    WebSession,  # a sign-out ends a session cached by any worker at once
 )
 _WATCHED_TABLES = frozenset(m.__tablename__ for m in WATCHED)
 _VERSION = "SELECT version FROM access_version WHERE id = 1"
@@ -398,10 +401,15 @@ class Catalog(GovernanceQueries):
         recheck: index.Recheck | None = None,
         limit: int | None = None,
         offset: int = 0,
+        max_rows: int | None = None,
+        deadline: float | None = None,
     ) -> list[index.Hit]:
-        """QIDO-RS search at `level` ('study', 'series', 'instance') within one project."""
+        """QIDO-RS search at `level` ('study', 'series', 'instance') within one project
+        (bounded by `max_rows` and `deadline`: `index.search`)."""
         with self.session() as s:
-            return index.search(s, level, project_id, list(matches), recheck, limit, offset)
+            return index.search(
+                s, level, project_id, list(matches), recheck, limit, offset, max_rows, deadline
+            )
 
     def indexed_series(
         self, project_id: int, study_uid: str, series_uid: str | None = None
@@ -466,6 +474,24 @@ class Catalog(GovernanceQueries):
     def user_by_id(self, user_id: int) -> User | None:
         with self.session() as s:
             return s.get(User, user_id)
+
+    # -- web sessions -------------------------------------------------------------------------
+
+    def add_web_session(self, row: WebSession) -> None:
+        """Keep a new sign-in (and forget the expired ones)."""
+        with self.session() as s:
+            s.execute(delete(WebSession).where(WebSession.expires_at < utcnow()))
+            s.add(row)
+
+    def web_session(self, digest: str) -> WebSession | None:
+        """The unexpired session of that digest, or None."""
+        with self.session() as s:
+            row = s.scalar(select(WebSession).where(WebSession.digest == digest))
+            return row if row is not None and row.expires_at > utcnow() else None
+
+    def end_web_session(self, digest: str) -> None:
+        with self.session() as s:
+            s.execute(delete(WebSession).where(WebSession.digest == digest))
 
     def add_user(self, user: User) -> bool:
         """Insert a new user; False when the name is taken."""

@@ -14,6 +14,7 @@ as `gateway.web.qido.Match` has them): storage does not import the web layer.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -213,6 +214,10 @@ def delete_series(s: Session, project_id: int, series_uid: str) -> None:
 # -- searching -------------------------------------------------------------------------------
 
 
+class SearchTooBroad(Exception):
+    """A search that examined more rows, or took longer, than it may (`search`'s budget)."""
+
+
 def search(
     s: Session,
     level: str,
@@ -221,8 +226,13 @@ def search(
     recheck: Recheck | None = None,
     limit: int | None = None,
     offset: int = 0,
+    max_rows: int | None = None,
+    deadline: float | None = None,
 ) -> list[Hit]:
-    """Studies, series or instances of a project matching `matches`, in a stable order."""
+    """Studies, series or instances of a project matching `matches`, in a stable order.
+    Rows checked in Python (`recheck`) stop at `max_rows` or at `deadline` (a
+    `time.monotonic()` value): SearchTooBroad, rather than a search that holds a worker for
+    as long as the index is large."""
     st, se, inst = IndexedStudy, IndexedSeries, IndexedInstance
     if level == "study":
         q = select(st).where(st.project_id == project_id)
@@ -257,11 +267,18 @@ def search(
         q = q.offset(offset or None).limit(limit)
     hits = []
     parsed: dict[tuple[str, int], dict[str, Any]] = {}  # a study's, a series' JSON, read once
-    for row in s.execute(q):
+    for examined, row in enumerate(s.execute(q), 1):
+        if python_paging and (
+            (max_rows is not None and examined > max_rows)
+            or (deadline is not None and examined % 64 == 0 and time.monotonic() > deadline)
+        ):
+            raise SearchTooBroad(f"{examined - 1} rows examined")
         hit = _hit(level, row, parsed)
         if python_paging and not recheck(hit.dataset):
             continue
         hits.append(hit)
+        if python_paging and limit is not None and len(hits) >= offset + limit:
+            break  # the page is full: the rest need not be read
     if python_paging:
         hits = hits[offset:]
         hits = hits[:limit] if limit is not None else hits

@@ -316,6 +316,21 @@ class Membership(Base):
     granted_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class WebSession(Base):
+    """A browser's sign-in, by a digest of its cookie's random value (the value is never kept).
+    Deleted at sign-out; ended as well when the user's token changes or the user is revoked
+    (`token_fingerprint` no longer matches, or the user is not active)."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    token_fingerprint: Mapped[str] = mapped_column(String(16))
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 # -- pipeline results -------------------------------------------------------------------------
 
 

@@ -85,6 +85,7 @@ def site(tmp_path_factory, pacs, scp_port, corpus):  # noqa: F811
     users.grant(c, "other", "carol", "investigator")
     users.grant(c, "closed", "alice", "investigator")
     users.grant(c, "expired", "alice", "viewer")
+    c.settings.web.max_failures = 10**6  # bad tokens are sent on purpose (test_web_edge: limit)
     with serving(c) as url:
         yield Site(gw, url, tokens, corpus)
 
@@ -217,24 +218,55 @@ def test_metadata_for_ohif(site):
     again = fetch(url, tok, headers={"If-None-Match": r.headers["ETag"]})
     assert again.status == 304 and again.body == b""
     assert fetch(url, tok, headers={"Accept": "image/png"}).status == 406
-    # Behind a proxy, bulk data URIs name the proxy.
-    fwd = fetch(url, tok, headers={"Forwarded": 'for=1.2.3.4;proto=https;host="pacs.example.org"'})
-    assert fwd.json()[0]["7FE00010"]["BulkDataURI"].startswith(
-        "https://pacs.example.org/projects/web/dicom-web/studies/"
+    # Forwarded headers from a client that is not a configured proxy are ignored.
+    proxied = {"Forwarded": 'for=1.2.3.4;proto=https;host="pacs.example.org"'}
+    fwd = fetch(url, tok, headers=proxied)
+    assert fwd.json()[0]["7FE00010"]["BulkDataURI"].startswith(f"{site.url}/projects/web/")
+    assert fwd.headers["ETag"] == r.headers["ETag"]
+
+
+def test_forwarded_headers_only_from_trusted_proxies(site, monkeypatch):
+    """Behind a configured proxy, bulk data URIs name the proxy; the same headers from anyone
+    else (test_metadata_for_ohif) are ignored."""
+    study, series = site.uids(0)
+    tok = site.tokens["alice"]
+    monkeypatch.setattr(site.gw.core.settings.web, "trusted_proxies", ["127.0.0.0/8"])
+    with serving(site.gw.core) as url:
+        meta = f"{url}/projects/web/dicom-web/studies/{study}/series/{series}/metadata"
+        r = fetch(meta, tok)
+        proxied = {"Forwarded": 'for=1.2.3.4;proto=https;host="pacs.example.org"'}
+        fwd = fetch(meta, tok, headers=proxied)
+        assert fwd.json()[0]["7FE00010"]["BulkDataURI"].startswith(
+            "https://pacs.example.org/projects/web/dicom-web/studies/"
+        )
+        assert fwd.headers["ETag"] != r.headers["ETag"]
+        xf = fetch(
+            meta,
+            tok,
+            headers={
+                "X-Forwarded-Proto": "https",
+                "X-Forwarded-Host": "gw.example.org",
+                "X-Forwarded-Prefix": "/sphere",
+            },
+        )
+        assert xf.json()[0]["7FE00010"]["BulkDataURI"].startswith(
+            "https://gw.example.org/sphere/projects/web/dicom-web/"
+        )
+        # The cookie is Secure when the trusted proxy says the client came over https.
+        signed = requests.post(
+            f"{url}/signin",
+            data={"token": tok},
+            headers={"X-Forwarded-Proto": "https"},
+            allow_redirects=False,
+        )
+        assert signed.status_code == 303 and "Secure" in signed.headers["Set-Cookie"]
+    signed = requests.post(
+        f"{site.url}/signin",
+        data={"token": tok},
+        headers={"X-Forwarded-Proto": "https", "Forwarded": "proto=https"},
+        allow_redirects=False,
     )
-    assert fwd.headers["ETag"] != r.headers["ETag"]
-    xf = fetch(
-        url,
-        tok,
-        headers={
-            "X-Forwarded-Proto": "https",
-            "X-Forwarded-Host": "gw.example.org",
-            "X-Forwarded-Prefix": "/sphere",
-        },
-    )
-    assert xf.json()[0]["7FE00010"]["BulkDataURI"].startswith(
-        "https://gw.example.org/sphere/projects/web/dicom-web/"
-    )
+    assert signed.status_code == 303 and "Secure" not in signed.headers["Set-Cookie"]
 
 
 def test_frames_bulkdata_rendered(site):
@@ -391,7 +423,7 @@ def test_signin_session_cookie(site):
     home = s.get(f"{site.url}/")
     study, _ = site.uids(0)
     assert f"/viewer/?StudyInstanceUIDs={study}&amp;project=web" in home.text
-    forged = s.cookies[sessions.COOKIE].replace(".", "x.", 1)
+    forged = s.cookies[sessions.COOKIE][:-2] + "xx"
     assert (
         requests.get(f"{site.root}/studies", cookies={sessions.COOKIE: forged}).status_code == 401
     )

@@ -4,6 +4,7 @@ and `sphere serve` (a subprocess, as a user would run it)."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import time
 
@@ -62,7 +63,12 @@ def test_users_tokens_and_grants(tmp_path):
 def test_serve_answers_health_and_refuses_anonymous(tmp_path):
     sphere("project", "create", "webp", home=tmp_path)
     port = free_port()
-    env = {**os.environ, "SPHERE_HOME": str(tmp_path), "SPHERE_WEB__PORT": str(port)}
+    env = {
+        **os.environ,
+        "SPHERE_HOME": str(tmp_path),
+        "SPHERE_WEB__PORT": str(port),
+        "SPHERE_WEB__HEADER_TIMEOUT_S": "1",
+    }
     proc = subprocess.Popen([*SPHERE, "serve"], env=env, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
@@ -75,10 +81,13 @@ def test_serve_answers_health_and_refuses_anonymous(tmp_path):
                 time.sleep(0.1)
         r = requests.get(f"http://127.0.0.1:{port}/projects/webp/dicom-web/studies")
         assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
+        assert r.headers["X-Content-Type-Options"] == "nosniff"  # the web edge is in place
+        # and so is its protocol: a connection that sends nothing is closed (1 s here).
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as idle:
+            assert idle.recv(10) == b""
     finally:
         proc.terminate()
         proc.wait(20)
-    assert (tmp_path / "web-secret").stat().st_mode & 0o077 == 0  # the session key is private
 
 
 def test_serve_on_a_wrong_home_is_one_line(tmp_path):

@@ -19,6 +19,7 @@ import uvicorn
 from core import Core
 from gateway.web.app import create_app
 from gateway.web.multipart import parse_multipart
+from gateway.web.server import uvicorn_options
 from harness.leaks import Leak, scan_bytes
 from harness.localpacs import free_port
 
@@ -27,7 +28,13 @@ from harness.localpacs import free_port
 def serving(core: Core) -> Iterator[str]:
     """Start the app on 127.0.0.1; yields its base URL; stops it (flushing the audit)."""
     port = free_port()
-    config = uvicorn.Config(create_app(core), host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn.Config(
+        create_app(core),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        **uvicorn_options(core.settings.web),
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -17,14 +17,17 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from core import Core, home
-from gateway.web import sessions
 from gateway.web.accept import NotAcceptable
 from gateway.web.audit import AuditBuffer, AuditMiddleware
 from gateway.web.cache import CatalogCache
+from gateway.web.deps import base_url, current_user, user_from_request
+from gateway.web.edge import Edge, Guard
 from gateway.web.qido import QidoError
 from gateway.web.render import RenderError
 from gateway.web.routes import pages, qido, wado
+from gateway.web.throttle import Failures
 from gateway.web.wado import Readers
+from storage.index import SearchTooBroad
 from storage.objectstore import StorageUnavailable
 from storage.series import SeriesError
 
@@ -47,7 +50,8 @@ def create_app(core: Core) -> FastAPI:
     app.state.cache = CatalogCache(core)
     local_catalog = core.catalog.engine.dialect.name == "sqlite"
     app.state.pixels_on_loop = app.state.readers.local and local_catalog  # see routes.wado
-    app.state.session_secret = sessions.load_secret(core.settings.home)
+    web = core.settings.web
+    app.state.failures = Failures(web.max_failures, web.failure_window_s)
     app.state.audit = buffer
     app.include_router(pages.router)
     app.include_router(qido.router, prefix=DICOMWEB)
@@ -55,7 +59,6 @@ def create_app(core: Core) -> FastAPI:
     app.router.routes[:0] = wado.pixel_routes(DICOMWEB)  # first: matched before the rest
     viewer_dist = getattr(core.settings, "viewer_dist", None)
     if viewer_dist is not None:
-        from gateway.web.deps import user_from_request
         from gateway.web.viewer import mount_viewer
 
         mount_viewer(app, viewer_dist, lambda r: user_from_request(r) is not None)
@@ -66,12 +69,16 @@ def create_app(core: Core) -> FastAPI:
         (RenderError, 400),
         (SeriesError, 404),
         (StorageUnavailable, 503),
+        (SearchTooBroad, 413),
     ):
         app.add_exception_handler(error, _answer(status))
+    app.add_middleware(  # inside the audit: what it refuses is kept
+        Guard, max_body=web.max_body_kb << 10, current_user=current_user, origin=base_url
+    )
     templates = {r.endpoint: DICOMWEB + r.path for m in (qido, wado) for r in m.router.routes}
     app.add_middleware(AuditMiddleware, buffer=buffer, templates=templates)
-    origins = core.settings.web.cors_origins
-    if origins:  # outermost, so refusals carry CORS headers too
+    origins = web.cors_origins
+    if origins:  # outside the audit and the guard, so refusals carry CORS headers too
         app.add_middleware(
             CORSMiddleware,
             allow_origins=origins,
@@ -80,12 +87,19 @@ def create_app(core: Core) -> FastAPI:
             expose_headers=["ETag", "Warning", "Content-Type", "Content-Length"],
             max_age=600,
         )
+    app.add_middleware(Edge, trusted_proxies=web.trusted_proxies)  # outermost
     return app
+
+
+_DETAILS = {
+    503: "the object store is unavailable; try again",
+    413: "this search would examine too many rows; narrow it (a UID, a date range, a patient)",
+}
 
 
 def _answer(status: int) -> Any:
     async def handler(_request: Request, exc: Exception) -> JSONResponse:
-        detail = str(exc) if status != 503 else "the object store is unavailable; try again"
+        detail = _DETAILS.get(status) or str(exc)
         return JSONResponse({"detail": detail}, status_code=status)
 
     return handler

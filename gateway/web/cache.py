@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from core import Core, users
-from storage.catalog import IndexedSeries, Project, User
+from storage.catalog import IndexedSeries, Project, User, WebSession, utcnow
 
 T = TypeVar("T")
 
@@ -68,6 +68,11 @@ class CatalogCache:
 
     def user_by_id(self, user_id: int) -> User | None:
         return self._get(("user", user_id), lambda: self.core.catalog.user_by_id(user_id))
+
+    def session(self, digest: str) -> WebSession | None:
+        """The unexpired sign-in of that cookie digest (`gateway.web.sessions`), or None."""
+        found = self._get(("session", digest), lambda: self.core.catalog.web_session(digest))
+        return found if found is not None and found.expires_at > utcnow() else None
 
     def membership(self, project: str, user_id: int) -> tuple[Project, str] | None:
         """The project of that name and the user's role in it; None unless both exist."""

@@ -19,6 +19,7 @@ from fastapi import HTTPException, Request
 from core import Core
 from gateway.web import sessions
 from gateway.web.cache import CatalogCache
+from gateway.web.edge import trusted_proxy
 from storage.catalog import Project, User
 
 
@@ -49,25 +50,60 @@ def catalog_cache(request: Request) -> CatalogCache:
     return request.app.state.cache
 
 
+def client_address(request: Request) -> str:
+    """The client's address (through a trusted proxy, the one it names: `gateway.web.edge`)."""
+    return request.client.host if request.client else "-"
+
+
 def user_from_request(request: Request) -> User | None:
     """The user a request's bearer token or session cookie names, or None. Refreshes the
-    catalog cache: this runs first in every request that needs a user."""
+    catalog cache: this runs first in every request that needs a user. A bad token counts
+    against the client's address; past the limit its tokens are not tried (429)."""
     cache = catalog_cache(request)
     cache.refresh()
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if header:
-        return cache.user_by_token(token.strip()) if scheme.lower() == "bearer" else None
+        if scheme.lower() != "bearer":
+            return None
+        throttle(request)
+        user = cache.user_by_token(token.strip())
+        if user is None:
+            failed(request, "bad token")
+        return user
     cookie = request.cookies.get(sessions.COOKIE)
-    if not cookie:
+    if not cookie or not sessions.well_formed(cookie):
         return None
-    found = sessions.read(request.app.state.session_secret, cookie)
+    found = cache.session(sessions.digest(cookie))
     if found is None:
         return None
-    user = cache.user_by_id(found[0])
-    if user is None or not user.active or sessions.fingerprint(user.token_hash) != found[1]:
+    user = cache.user_by_id(found.user_id)
+    if (
+        user is None
+        or not user.active
+        or sessions.fingerprint(user.token_hash) != found.token_fingerprint
+    ):
         return None
     return user
+
+
+def throttle(request: Request) -> None:
+    """429 when this client's address has failed too often lately (`gateway.web.throttle`)."""
+    wait = request.app.state.failures.retry_after(client_address(request))
+    if wait:
+        audit(request, refused="too many failures")
+        raise HTTPException(
+            429,
+            "too many failed sign-ins from this address; try again later",
+            {"Retry-After": str(wait)},
+        )
+
+
+def failed(request: Request, why: str) -> None:
+    """Count a failed sign-in or bad token against the client's address, and audit it."""
+    address = client_address(request)
+    request.app.state.failures.failed(address)
+    audit(request, failure=why, client=address)
 
 
 def current_user(request: Request) -> User:
@@ -109,23 +145,12 @@ _PREFIX = re.compile(r"(/[A-Za-z0-9._~\-]+)*")
 
 def base_url(request: Request) -> str:
     """This server's origin as the client sees it, honouring `Forwarded` (RFC 7239) or
-    `X-Forwarded-Proto/Host/Prefix` from the proxy in front; odd values are ignored."""
+    `X-Forwarded-Proto/Host/Prefix` from a trusted proxy in front (`trusted_proxies`: from
+    anyone else they are ignored); odd values are ignored."""
     proto, host = request.url.scheme, request.headers.get("host", request.url.netloc)
     prefix = ""
-    forwarded = request.headers.get("forwarded")
-    if forwarded:
-        first = forwarded.split(",")[0]
-        for pair in first.split(";"):
-            name, _, value = pair.strip().partition("=")
-            value = value.strip().strip('"')
-            if name.lower() == "proto":
-                proto = value
-            elif name.lower() == "host":
-                host = value
-    else:
-        proto = _first(request.headers.get("x-forwarded-proto")) or proto
-        host = _first(request.headers.get("x-forwarded-host")) or host
-        prefix = _first(request.headers.get("x-forwarded-prefix")) or ""
+    if trusted_proxy(request):
+        proto, host, prefix = _forwarded(request, proto, host)
     proto = proto.lower() if proto.lower() in ("http", "https") else request.url.scheme
     if not _HOST.fullmatch(host):
         host = request.url.netloc
@@ -133,6 +158,23 @@ def base_url(request: Request) -> str:
     if not _PREFIX.fullmatch(prefix):
         prefix = ""
     return f"{proto}://{host}{prefix}"
+
+
+def _forwarded(request: Request, proto: str, host: str) -> tuple[str, str, str]:
+    """(proto, host, prefix) as a proxy's `Forwarded` or `X-Forwarded-*` headers give them."""
+    forwarded = request.headers.get("forwarded")
+    if not forwarded:
+        proto = _first(request.headers.get("x-forwarded-proto")) or proto
+        host = _first(request.headers.get("x-forwarded-host")) or host
+        return proto, host, _first(request.headers.get("x-forwarded-prefix")) or ""
+    for pair in forwarded.split(",")[0].split(";"):
+        name, _, value = pair.strip().partition("=")
+        value = value.strip().strip('"')
+        if name.lower() == "proto":
+            proto = value
+        elif name.lower() == "host":
+            host = value
+    return proto, host, ""
 
 
 def dicomweb_root(request: Request, project: str) -> str:

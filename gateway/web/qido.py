@@ -131,6 +131,9 @@ _NO_WILDCARD_VRS = _DATE_TIME_VRS | _NUMERIC_VRS | {"UI", "AS", "AT"}
 # VRs whose values may contain a backslash, so it does not separate values.
 _SINGLE_VALUED_TEXT_VRS = frozenset({"LT", "ST", "UT", "UR"})
 _UNQUERYABLE_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "SQ"})
+# Bounds on what a request may make us say: each unknown name is a Warning header.
+MAX_INCLUDEFIELDS = 256
+MAX_WARNINGS = 20
 _CONTROL_PARAMS = frozenset({"limit", "offset", "fuzzymatching", "includefield", "accept"})
 
 
@@ -267,8 +270,19 @@ def wildcard_to_like(value: str) -> str:
 
 
 def wildcard_to_regex(value: str) -> str:
-    """DICOM wildcards to a regular expression source (for ``fullmatch``)."""
-    return "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in value)
+    """DICOM wildcards to a regular expression source (for ``fullmatch``) that cannot
+    backtrack without end: each part between two ``*`` is taken at its first place (an atomic
+    group), which is where a wildcard match can always put it, so ``*?*?*?...Z`` costs a pass
+    over the value, not one per way of splitting it."""
+    parts = [_literal(p) for p in value.split("*")]
+    if len(parts) == 1:
+        return parts[0]
+    middle = "".join(f"(?>.*?{p})" for p in parts[1:-1] if p)
+    return f"{parts[0]}{middle}.*{parts[-1]}"
+
+
+def _literal(part: str) -> str:
+    return "".join("." if c == "?" else re.escape(c) for c in part)
 
 
 def _flags(case_insensitive: bool) -> int:
@@ -424,6 +438,11 @@ def _parse_match(
     )
 
 
+def _shown(name: str) -> str:
+    """A name a client typed, as a warning quotes it: short."""
+    return repr(name[:64] + ("..." if len(name) > 64 else ""))
+
+
 def _parse_int(name: str, values: list[str], minimum: int) -> int:
     if len(values) > 1:
         raise QidoError(f"{name} may be given only once")
@@ -468,7 +487,7 @@ def parse_qido(
             continue
         resolved = resolve_attribute(key)
         if resolved is None:
-            warnings.append(f"unknown query parameter or attribute {key!r} was ignored")
+            warnings.append(f"unknown query parameter or attribute {_shown(key)} was ignored")
             continue
         path, keyword, vr = resolved
         entry = attributes.setdefault(path, (key, keyword, vr, []))
@@ -494,20 +513,26 @@ def parse_qido(
 
     include_all = False
     include_fields: list[tuple[str, ...]] = []
-    for value in control.get("includefield", []):
-        for item in value.split(","):
-            item = item.strip()
-            if not item:
-                continue
-            if item.lower() == "all":
-                include_all = True
-                continue
-            resolved = resolve_attribute(item)
-            if resolved is None:
-                warnings.append(f"unknown includefield attribute {item!r} was ignored")
-            elif resolved[0] not in include_fields:
-                include_fields.append(resolved[0])
+    items = [i for value in control.get("includefield", []) for i in value.split(",")]
+    if len(items) > MAX_INCLUDEFIELDS:
+        raise QidoError(f"at most {MAX_INCLUDEFIELDS} includefield attributes may be given")
+    for item in items:
+        item = item.strip()
+        if not item:
+            continue
+        if item.lower() == "all":
+            include_all = True
+            continue
+        resolved = resolve_attribute(item)
+        if resolved is None:
+            warnings.append(f"unknown includefield attribute {_shown(item)} was ignored")
+        elif resolved[0] not in include_fields:
+            include_fields.append(resolved[0])
 
+    if len(warnings) > MAX_WARNINGS:  # each would be a response header
+        raise QidoError(
+            f"{len(warnings)} unknown parameters or attributes; at most {MAX_WARNINGS} are ignored"
+        )
     matches: list[Match] = []
     for path, (name, keyword, vr, values) in attributes.items():
         matches.append(
@@ -549,6 +574,7 @@ def warning_headers(query: QidoQuery, agent: str = "sphere") -> list[str]:
     """``Warning`` header values (code 299, RFC 7234 5.5) for the query's warnings."""
     values = []
     for text in query.warnings:
+        text = text.encode("ascii", "backslashreplace").decode()  # a header is latin-1 at most
         quoted = text.replace("\\", "\\\\").replace('"', '\\"')
         values.append(f'299 {agent} "{quoted}"')
     return values

@@ -49,6 +49,9 @@ class Window:
         return self.width >= 1 if self.function is VoiFunction.LINEAR else self.width > 0
 
 
+MAX_VIEWPORT = 2048  # pixels a side: an image is rendered in memory, then encoded
+
+
 @dataclass(frozen=True)
 class Viewport:
     """``viewport=vw,vh[,sx,sy[,sw,sh]]``: output bounds and an optional source region."""
@@ -181,8 +184,8 @@ def parse_viewport(value: str) -> Viewport:
     except ValueError:
         raise RenderError(f"viewport values must be integers; got {value!r}") from None
     vw, vh = numbers[0], numbers[1]
-    if vw is None or vh is None or vw < 1 or vh < 1 or vw > 16384 or vh > 16384:
-        raise RenderError(f"viewport width and height must be 1 to 16384; got {value!r}")
+    if vw is None or vh is None or not (1 <= vw <= MAX_VIEWPORT and 1 <= vh <= MAX_VIEWPORT):
+        raise RenderError(f"viewport width and height must be 1 to {MAX_VIEWPORT}; got {value!r}")
     rest = numbers[2:] + [None] * (6 - len(numbers))
     sx, sy, sw, sh = rest
     if (sx is not None and sx < 0) or (sy is not None and sy < 0) or sw == 0 or sh == 0:

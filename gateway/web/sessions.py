@@ -1,66 +1,44 @@
-"""Sign-in sessions: a cookie signed with a secret kept under SPHERE_HOME, nothing stored.
+"""Sign-in sessions, kept server-side: the cookie holds a random value, the catalog a digest of
+it (`WebSession`) with the user, an expiry and a fingerprint of the user's token digest.
 
-The cookie names the user, an expiry and a fingerprint of the user's current token digest, so
-a new token (`sphere user token`) or a revocation ends every session of that user at once.
-"""
+Sign-out deletes the row, so the cookie is worth nothing after it even if kept; a new token
+(`sphere user token`) or a revocation ends every session of that user at once (the fingerprint
+or the user's state no longer matches)."""
 
 from __future__ import annotations
 
 import hashlib
-import hmac
-import os
 import secrets
-import time
-from pathlib import Path
+from datetime import timedelta
+
+from storage.catalog import Catalog, User, WebSession, utcnow
 
 COOKIE = "sphere_session"
-SECRET_FILE = "web-secret"
-
-
-def load_secret(home: Path) -> bytes:
-    """The signing secret, created on first use (readable by the gateway's user only)."""
-    path = Path(home) / SECRET_FILE
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    # Written aside and linked into place: a worker starting at the same time reads it whole.
-    tmp = path.with_name(f"{SECRET_FILE}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(secrets.token_bytes(32))
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        pass  # another process made it first: use theirs
-    finally:
-        tmp.unlink()
-    return path.read_bytes()
+PREFIX = "ses_"
 
 
 def fingerprint(token_hash: str | None) -> str:
     return (token_hash or "")[:16]
 
 
-def make(secret: bytes, user_id: int, token_hash: str | None, lifetime_s: float) -> str:
-    """A cookie value for this user, valid `lifetime_s` seconds."""
-    body = f"{user_id}.{int(time.time() + lifetime_s)}.{fingerprint(token_hash)}"
-    return f"{body}.{_sign(secret, body)}"
+def digest(value: str) -> str:
+    return hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def read(secret: bytes, value: str) -> tuple[int, str] | None:
-    """(user id, token fingerprint) of a valid, unexpired cookie; None otherwise."""
-    body, _, sig = value.rpartition(".")
-    if not body or not hmac.compare_digest(sig, _sign(secret, body)):
-        return None
-    try:
-        user, expires, fp = body.split(".")
-        if int(expires) < time.time():
-            return None
-        return int(user), fp
-    except ValueError:
-        return None
+def start(catalog: Catalog, user: User, lifetime_s: float) -> str:
+    """A new session for this user, valid `lifetime_s` seconds: the cookie's value."""
+    value = PREFIX + secrets.token_urlsafe(32)
+    catalog.add_web_session(
+        WebSession(
+            digest=digest(value),
+            user_id=user.id,
+            token_fingerprint=fingerprint(user.token_hash),
+            expires_at=utcnow() + timedelta(seconds=lifetime_s),
+        )
+    )
+    return value
 
 
-def _sign(secret: bytes, body: str) -> str:
-    return hmac.new(secret, body.encode(), hashlib.sha256).hexdigest()
+def well_formed(value: str) -> bool:
+    """Whether a cookie could be one of ours (anything else is not looked up)."""
+    return value.startswith(PREFIX) and len(value) < 100 and value.isascii()

@@ -12,6 +12,7 @@ parameters when it navigates.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import json
@@ -46,6 +47,15 @@ _TEXT_REWRITES: dict[str, list[tuple[bytes, bytes]]] = {
     ".css": [(b"url(/", f"url({BASE}/".encode())],
     ".json": [(b'"src": "/', f'"src": "{BASE}/'.encode())],  # manifest.json icons
 }
+# What OHIF needs and no more: its scripts, workers and wasm codecs from here (eval for the
+# codecs and some bundles), images as data:/blob:, and index.html's two inline scripts by hash.
+CSP = (
+    "default-src 'self'; script-src 'self' 'unsafe-eval' 'wasm-unsafe-eval' blob: {hashes}; "
+    "worker-src 'self' blob:; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
+    "font-src 'self' data:; connect-src 'self' data: blob:; media-src 'self' data: blob:; "
+    "object-src 'none'; base-uri 'self'; form-action 'self'; frame-ancestors 'none'"
+)
+_INLINE_SCRIPT = re.compile(rb"<script(?![^>]*\bsrc=)[^>]*>(.*?)</script>", re.S)
 # Not needed for viewing and large (the onnxruntime models of OHIF's AI tools).
 _WITHHELD = ("ort/",)
 
@@ -128,6 +138,20 @@ class ViewerFiles:
         self.dist = Path(dist).resolve() if dist else None
         self._cache: dict[tuple[str, bool], tuple[bytes, str]] = {}
         self._lock = threading.Lock()
+        self._csp: str | None = None
+
+    def csp(self) -> str:
+        """The Content-Security-Policy of the viewer's files (hashes of index.html's inline
+        scripts as served)."""
+        if self._csp is None:
+            html = self._body(self.dist / "index.html", False)[0] if self.installed else b""
+            self._csp = CSP.format(
+                hashes=" ".join(
+                    f"'sha256-{base64.b64encode(hashlib.sha256(script).digest()).decode()}'"
+                    for script in _INLINE_SCRIPT.findall(html)
+                )
+            )
+        return self._csp
 
     @property
     def installed(self) -> bool:
@@ -149,10 +173,11 @@ class ViewerFiles:
         cache = IMMUTABLE if _HASHED.search(file.name) else REVALIDATE
         media = _media_type(file)
         gz = suffix in _COMPRESSIBLE and "gzip" in request.headers.get("accept-encoding", "")
+        policy = {"Content-Security-Policy": self.csp()}  # workers' files are ruled by theirs
         if not gz and suffix not in _TEXT_REWRITES:
-            return FileResponse(file, media_type=media, headers={"Cache-Control": cache})
+            return FileResponse(file, media_type=media, headers={"Cache-Control": cache, **policy})
         body, etag = self._body(file, gz)
-        headers = {"Cache-Control": cache, "ETag": etag, "Vary": "Accept-Encoding"}
+        headers = {"Cache-Control": cache, "ETag": etag, "Vary": "Accept-Encoding", **policy}
         if gz:
             headers["Content-Encoding"] = "gzip"
         if etag in _etags(request.headers.get("if-none-match", "")):

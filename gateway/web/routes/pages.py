@@ -16,8 +16,11 @@ from gateway.web import sessions
 from gateway.web.deps import (
     Access,
     audit,
+    base_url,
+    failed,
     get_core,
     project_access,
+    throttle,
     user_from_request,
 )
 
@@ -60,33 +63,40 @@ def signin(
     next: str = Form("/"),
     core: Core = Depends(get_core),
 ) -> Response:
-    user = users.authenticate(core, token.strip())
     audit(request, "signin")
+    throttle(request)  # past the limit, the token is not even tried
+    user = users.authenticate(core, token.strip())
     if user is None:
+        failed(request, "bad token")
         return _page(
             "Sign in", "<p>That token is not valid. <a href=/signin>Try again</a></p>", 401
         )
     request.state.audit["actor"] = user.name
-    hours = core.settings.web.session_hours
-    value = sessions.make(request.app.state.session_secret, user.id, user.token_hash, hours * 3600)
+    lifetime_s = core.settings.web.session_hours * 3600
+    value = sessions.start(core.catalog, user, lifetime_s)
     response = RedirectResponse(_safe_next(next), status_code=303)
     response.set_cookie(
         sessions.COOKIE,
         value,
-        max_age=int(hours * 3600),
+        max_age=int(lifetime_s),
         httponly=True,
         samesite="lax",
-        secure=request.url.scheme == "https"
-        or request.headers.get("x-forwarded-proto", "").startswith("https")
-        or "proto=https" in request.headers.get("forwarded", "").lower(),
+        secure=base_url(request).startswith("https:"),  # a proxy's word only if trusted
         path="/",
     )
     return response
 
 
 @router.post("/signout")
-def signout(request: Request) -> Response:
+def signout(request: Request, core: Core = Depends(get_core)) -> Response:
+    """Ends the session here, not only in this browser: its cookie is worth nothing after."""
     audit(request, "signout")
+    user = user_from_request(request)
+    if user is not None:
+        request.state.audit["actor"] = user.name
+    cookie = request.cookies.get(sessions.COOKIE)
+    if cookie and sessions.well_formed(cookie):
+        core.catalog.end_web_session(sessions.digest(cookie))
     response = RedirectResponse("/signin", status_code=303)
     response.delete_cookie(sessions.COOKIE, path="/")
     return response

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
@@ -48,6 +49,8 @@ def search(
         recheck=lambda ds: qido.matches(query, ds),
         limit=most + 1 if query.capped else query.limit,  # one more: are there more?
         offset=query.offset,
+        max_rows=core.settings.web.search_max_rows,
+        deadline=time.monotonic() + core.settings.web.search_timeout_s,
     )
     if query.capped and len(hits) > most:
         hits = hits[:most]
