@@ -108,10 +108,13 @@ class Core:
     @cached_property
     def store(self) -> Any:
         s = self.settings
+        url = s.resolved_storage_url()
+        if "://" not in url or url.startswith("file://"):  # a local folder, maybe not in home
+            changed = home.tighten([Path(url.removeprefix("file://"))])
+            if changed:
+                home.log.warning("made owner-only (0700): the store's folder %s", changed[0])
         try:
-            return open_store(
-                s.resolved_storage_url(), s.s3, timeout_s=s.timeout_s, retries=s.retries
-            )
+            return open_store(url, s.s3, timeout_s=s.timeout_s, retries=s.retries)
         except ValueError as e:
             raise NotSetUp(f"SPHERE_STORAGE_URL: {e}") from None
 

@@ -277,7 +277,7 @@ class Spool:
             return
         if self._closed:
             raise SpoolError("spool is closed")
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         lock_fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
         log = self.path / self.segment
         created = not log.exists()

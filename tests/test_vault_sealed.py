@@ -258,6 +258,12 @@ def test_the_home_is_owner_only_and_a_home_made_before_is_tightened(tmp_path, um
     shown = sphere("cohort", "add", "pr", "--accession", "ACC-2", home=home)
     assert "made owner-only" in shown.stderr
     assert [m for m in loose(home) if "exports" not in m] == []
+    # A local store kept outside the home is made owner-only when opened, as the home is.
+    outside = tmp_path / "store"
+    outside.mkdir(mode=0o755)
+    outside.chmod(0o755)
+    Core(Settings(home=home, storage_url=str(outside))).store  # noqa: B018
+    assert loose(outside) == []
 
 
 def test_with_postgresql_the_vault_has_its_own_database_and_role(pg_server, tmp_path):

@@ -35,7 +35,7 @@ class SpoolLayout:
         """Open the door for one series, of one study, of one patient (pseudonyms); written
         atomically, so readers never see half a marker."""
         marker = self._marker(pseudo_series)
-        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = marker.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"study": pseudo_study, "patient": patient}))
         os.replace(tmp, marker)
