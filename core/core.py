@@ -177,10 +177,17 @@ class Core:
         path = _sqlite_file(url)
         if path is None:
             return
+        # the first part of the path that exists must be a folder (SPHERE_HOME a file: say so)
+        there = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
+        if there is not None and not there.is_dir():
+            raise NotSetUp(f"{there} is a file, not a folder: is SPHERE_HOME (or --home) right?")
         if self.create:
-            home.make_dir(path.parent)
-            # Made owner-only before SQLite opens it (its -wal and -shm take the same mode).
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+            try:
+                home.make_dir(path.parent)
+                # Made owner-only before SQLite opens it (its -wal and -shm take the same mode).
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+            except OSError as e:
+                raise NotSetUp(f"cannot make {path}: {e.strerror}") from None
         elif not path.exists():
             raise NotSetUp(
                 f"no {what} at {path}: is SPHERE_HOME (or --home) right? "

@@ -6,7 +6,9 @@ keeps it, and the catalog only a keyed digest of it (`ProjectKeys.cohort_digest`
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -170,29 +172,49 @@ def summary(core: Core, name: str) -> ProjectSummary:
 
 
 def read_cohort_csv(path: Path) -> dict[str, list[str]]:
-    """Read a cohort CSV with a header naming one or more of the cohort kinds as columns."""
+    """Read a cohort CSV with a header naming one or more of the cohort kinds as columns.
+
+    As spreadsheets write them: UTF-8 (with or without a BOM), UTF-16 with a BOM ("Unicode
+    text"), Windows-1252 otherwise; separated by commas, semicolons (where the decimal mark is
+    a comma) or tabs, whichever the header uses. A header with no rows is a mistake, said."""
+    text = _decoded(path.read_bytes())
+    lines = text.splitlines()
+    header = lines[0] if lines else ""
+    delimiter = max(",;\t", key=header.count) if header else ","
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    # Header names are matched loosely: "AccessionNumber", "accession_number", "Patient ID"...
+    cols = {c: re.sub(r"[^a-z]", "", c.lower()) for c in reader.fieldnames or []}
+    aliases = {
+        "accession": "accession",
+        "accessionnumber": "accession",
+        "patientid": "patient_id",
+        "studyuid": "study_uid",
+        "studyinstanceuid": "study_uid",
+    }
+    known = {c: aliases[n] for c, n in cols.items() if n in aliases}
+    if not known:
+        raise ProjectError(f"no column named one of {', '.join(COHORT_KINDS)} in the CSV header")
     out: dict[str, list[str]] = {k: [] for k in COHORT_KINDS}
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        # Header names are matched loosely: "AccessionNumber", "accession_number", "Patient ID"...
-        cols = {c: re.sub(r"[^a-z]", "", c.lower()) for c in reader.fieldnames or []}
-        aliases = {
-            "accession": "accession",
-            "accessionnumber": "accession",
-            "patientid": "patient_id",
-            "studyuid": "study_uid",
-            "studyinstanceuid": "study_uid",
-        }
-        known = {c: aliases[n] for c, n in cols.items() if n in aliases}
-        if not known:
-            raise ProjectError(
-                f"no column named one of {', '.join(COHORT_KINDS)} in the CSV header"
-            )
-        for row in reader:
-            for col, kind in known.items():
-                if row.get(col):
-                    out[kind].append(row[col])
+    for row in reader:
+        for col, kind in known.items():
+            value = (row.get(col) or "").strip()
+            if value:
+                out[kind].append(value)
+    if not any(out.values()):
+        raise ProjectError(f"{path.name} has a header but no values under it: nothing added")
     return {k: v for k, v in out.items() if v}
+
+
+def _decoded(data: bytes) -> str:
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError:
+            raise ProjectError("the CSV starts as UTF-16 but is not: save it again") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return data.decode("cp1252", errors="replace")
 
 
 def _update(core: Core, name: str, **values: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -141,3 +142,29 @@ class Settings(BaseSettings):
 
     def resolved_storage_url(self) -> str:
         return self.storage_url or str((self.home / "store").resolve())
+
+
+def load_settings(home: Path | None = None) -> Settings:
+    """The settings from SPHERE_* variables (and .env), `home` overriding SPHERE_HOME; a value
+    that cannot be read is a `NotSetUp` naming the variable, never the value (a password)."""
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    from core.errors import NotSetUp
+
+    try:
+        return Settings(home=home) if home else Settings()
+    except SettingsError as e:  # not JSON where JSON is needed (SPHERE_SOURCES, SPHERE_WEB...)
+        found = re.search(r'field "(\w+)"', str(e))
+        name = f"SPHERE_{found[1].upper()}" if found else "a SPHERE_* variable"
+        raise NotSetUp(f"{name} is not valid JSON (see README for its shape)") from None
+    except ValidationError as e:
+        wrong = "; ".join(_variable(x["loc"]) + f": {x['msg']}" for x in e.errors())
+        raise NotSetUp(f"settings (SPHERE_* variables or .env): {wrong}") from None
+
+
+def _variable(loc: tuple[int | str, ...]) -> str:
+    """SPHERE_SOURCES (item 0, port), from a validation error's location."""
+    head, rest = str(loc[0]).upper(), [str(x) for x in loc[1:]]
+    inside = f" ({', '.join(f'item {x}' if x.isdigit() else x for x in rest)})" if rest else ""
+    return f"SPHERE_{head}{inside}"

@@ -427,6 +427,8 @@ class Channel:
         """A whole PDU (type, bytes including its header); ProtocolError for one other than
         P-DATA-TF longer than MAX_CONTROL_PDU."""
         header = self.read(6)
+        if header.startswith(b"HTTP/"):  # an address of the PACS's web port, not its DICOM one
+            raise ProtocolError("the peer answered in HTTP: is this its web port?")
         pdu_type, _, length = PDU_HEADER.unpack(header)
         if length > MAX_CONTROL_PDU and pdu_type != P_DATA_TF:
             raise ProtocolError(f"PDU type 0x{pdu_type:02X} of {length} bytes")
