@@ -311,6 +311,11 @@ def test_frames_bulkdata_rendered(site):
         r = fetch(url, tok, headers={"Accept": "image/avif,image/webp,*/*;q=0.8"})
         assert r.status == 200 and r.headers["Content-Type"] == "image/jpeg", url
     assert fetch(f"{base}/rendered?window=bad", tok).status == 400
+    # Output is bounded: a 16384-pixel viewport is refused, the largest allowed is drawn.
+    huge = fetch(f"{base}/rendered?viewport=16384,16384", tok)
+    assert huge.status == 400 and "1 to 2048" in huge.json()["detail"]
+    big = fetch(f"{base}/rendered?viewport=2048,2048", tok, headers={"Accept": "image/png"})
+    assert big.status == 200 and Image.open(BytesIO(big.body)).size[0] == 2048
     # A series or study rendered is one representative image (its middle slice), full size,
     # as dicomweb-client reads it; the thumbnail of the same is smaller.
     middle = site.reader(0)

@@ -218,7 +218,8 @@ def test_failed_sign_ins_and_bad_tokens_are_limited_per_address_and_audited(edge
             break
         time.sleep(0.2)
     assert len(failed) >= 3 and all('"client": "127.0.0.1"' in e.detail for e in failed)
-    assert any(e.action == "signin" and e.outcome == "refused" for e in failed)
+    signins = [e for e in failed if e.action == "signin" and e.outcome == "refused"]
+    assert signins and all('"route": "/signin"' in e.detail for e in signins)
 
 
 # -- bodies and slow clients --------------------------------------------------------------------
@@ -304,3 +305,33 @@ def test_every_answer_carries_the_security_headers(edge):
         assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"], r.status
         assert r.headers["X-Content-Type-Options"] == "nosniff"
         assert r.headers["Referrer-Policy"] == "same-origin"
+
+
+def test_forwarded_headers_count_from_a_trusted_proxy_only(edge, monkeypatch):
+    """The client's address (audit, sign-in limit) and the URLs given out follow a proxy's
+    headers only when the proxy is configured: from anyone else they are ignored."""
+    proxy = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Host": "evil.example"}
+
+    def tried(url: str) -> str:
+        requests.post(f"{url}/signin", data={"token": "sph_guess"}, headers=proxy)
+        found = fetch(f"{url}/projects/edge/dicom-web/studies", edge.token, headers=proxy)
+        return found.json()[0]["00081190"]["Value"][0]
+
+    retrieve = tried(edge.url)
+    assert retrieve.startswith(f"{edge.url}/projects/edge/")  # ignored: not a proxy of ours
+    monkeypatch.setattr(edge.gw.core.settings.web, "trusted_proxies", ["127.0.0.1"])
+    with serving(edge.gw.core) as url:
+        retrieve = tried(url)
+    assert retrieve.startswith("http://evil.example/projects/edge/")  # the control
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        rows = [
+            e.detail
+            for e in edge.gw.catalog.audit_trail(None, limit=500)
+            if e.action == "signin" and '"failure"' in e.detail
+        ]
+        if any("203.0.113.7" in d for d in rows) and any("127.0.0.1" in d for d in rows):
+            break
+        time.sleep(0.2)
+    assert any('"client": "203.0.113.7"' in d for d in rows)
+    assert any('"client": "127.0.0.1"' in d for d in rows)
