@@ -60,3 +60,10 @@ def _write_new(path: Path) -> str:
     finally:
         tmp.unlink()
     return path.read_text()
+
+
+def keep_out_of_environment() -> None:
+    """Drop the vault key's variables from this process's environment, so that the processes
+    it starts (server and pipeline workers: the research side) never inherit them."""
+    for name in ("SPHERE_VAULT_KEY", "SPHERE_VAULT_KEY_FILE"):
+        os.environ.pop(name, None)

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from core import Core, Settings, SphereError
+from core import Core, Settings, SphereError, vaultkey
 
 run_app = typer.Typer(
     help="Run an analysis pipeline over a project's series.", no_args_is_help=True
@@ -56,6 +56,7 @@ def bone_density(
 
         load_bundle(model)  # a missing or corrupt bundle is one line, before any work
         model_path = str(model.resolve())
+    vaultkey.keep_out_of_environment()  # the workers are the research side: no key for them
     report = run_pipeline(
         _settings(ctx),
         project,

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from core import Core, users
+from core import Core, users, vaultkey
 
 user_app = typer.Typer(help="Web users and their API tokens.", no_args_is_help=True)
 
@@ -72,6 +72,7 @@ def serve(
 
     settings = ctx.find_root().obj["settings"]
     core = Core(settings, research=True)  # the research side: the vault stays sealed
+    vaultkey.keep_out_of_environment()  # nor do its worker processes inherit the key
     core.catalog  # noqa: B018 - a wrong home is one clear line now, not in each worker
     web = settings.web
     n = workers or web.workers

@@ -9,6 +9,7 @@ import sqlite3
 from datetime import date, timedelta
 from pathlib import Path
 
+import psutil
 import pydicom
 import pytest
 from sqlalchemy import create_engine, insert
@@ -208,7 +209,7 @@ def trusted(tmp_path, monkeypatch) -> tuple[Settings, Settings]:
     return ttp, research
 
 
-def test_serve_and_a_pipeline_run_without_the_vault_key(trusted, tmp_path):
+def test_serve_and_a_pipeline_run_without_the_vault_key(trusted, tmp_path, monkeypatch):
     from harness.localpacs import free_port
     from harness.serve import start_sphere
     from processing.body_hu import BodyHu
@@ -220,12 +221,18 @@ def test_serve_and_a_pipeline_run_without_the_vault_key(trusted, tmp_path):
         token = users.add(core, "reader")
         users.grant(core, "pr", "reader", "viewer")
     port = free_port()
-    proc = start_sphere(research, port)
+    # Given a key by mistake, `sphere serve` never reads it and its workers don't inherit it.
+    monkeypatch.setenv("SPHERE_VAULT_KEY", base64.b64encode(bytes(32)).decode())
+    proc = start_sphere(research, port, workers=2)
     try:
         base = f"http://127.0.0.1:{port}"
         assert fetch(f"{base}/healthz").status == 200
         studies = fetch(f"{base}/projects/pr/dicom-web/studies", token)
         assert studies.status == 200 and len(studies.json()) == 1
+        server = psutil.Process(proc.pid)
+        assert "SPHERE_VAULT_KEY" in server.environ()  # positive control: it was given
+        workers = server.children(recursive=True)
+        assert workers and not [w for w in workers if "SPHERE_VAULT_KEY" in w.environ()]
     finally:
         proc.terminate()
         proc.wait(30)
