@@ -8,6 +8,7 @@ import socket
 import subprocess
 import time
 
+import pytest
 import requests
 from typer.testing import CliRunner
 
@@ -60,7 +61,8 @@ def test_users_tokens_and_grants(tmp_path):
     core.close()
 
 
-def test_serve_answers_health_and_refuses_anonymous(tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])  # 2: worker processes import the edge by name
+def test_serve_answers_health_and_refuses_anonymous(tmp_path, workers):
     sphere("project", "create", "webp", home=tmp_path)
     port = free_port()
     env = {
@@ -68,6 +70,7 @@ def test_serve_answers_health_and_refuses_anonymous(tmp_path):
         "SPHERE_HOME": str(tmp_path),
         "SPHERE_WEB__PORT": str(port),
         "SPHERE_WEB__HEADER_TIMEOUT_S": "1",
+        "SPHERE_WEB__WORKERS": workers,
     }
     proc = subprocess.Popen([*SPHERE, "serve"], env=env, stderr=subprocess.PIPE, text=True)
     try:
