@@ -267,6 +267,18 @@ class Vault:
             gone = c.execute(cohort_table.delete().where(cohort_table.c.project == project))
             return int(gone.rowcount or 0)
 
+    def forget_cohort_items(self, project: str, kind: str, digests: Iterable[str]) -> int:
+        """Delete the values of some cohort items (`sphere cohort remove`); how many went."""
+        wanted = list(set(digests))
+        if not wanted:
+            return 0
+        t = cohort_table
+        with self.engine.begin() as c:
+            gone = c.execute(
+                t.delete().where(t.c.project == project, t.c.kind == kind, t.c.digest.in_(wanted))
+            )
+            return int(gone.rowcount or 0)
+
     # -- the trusted third party ------------------------------------------------------------
 
     def grant(self, actor: str, *, by: str, role: str = TRUSTED_THIRD_PARTY) -> None:

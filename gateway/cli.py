@@ -23,7 +23,7 @@ from core import Core, SphereError, Unavailable, projects
 from core import home as home_files
 from core.settings import load_settings
 from deid.sealing import Tampered
-from gateway import audit_cmd, deid_cmd, governance_cmd, run_cmd, views, web_cmd
+from gateway import audit_cmd, cohort_cmd, deid_cmd, governance_cmd, run_cmd, views, web_cmd
 
 
 class _Commands(TyperGroup):
@@ -270,10 +270,25 @@ def cohort_add(
 
 
 @app.command()
-def pull(ctx: typer.Context, name: str) -> None:
+def pull(
+    ctx: typer.Context,
+    name: str,
+    plan: Annotated[
+        bool, typer.Option("--plan", help="Say what would be pulled, per source; pull nothing.")
+    ] = False,
+) -> None:
     """Pull a project's cohort from the PACS, de-identify it and store it. Re-run to resume."""
     from gateway.pull import pull as run_pull
 
+    if plan:
+        from core import access
+        from gateway.pull.preview import plan_lines, pull_plan
+
+        c = core(ctx)
+        c.project(name)
+        operator = access.require(c, "pull", name)
+        _echo_lines(plan_lines(pull_plan(c, name, actor=operator.name)))
+        return
     report = run_pull(core(ctx), name)
     _echo_lines(views.report_lines(report))
     if not report.ok:
@@ -316,7 +331,10 @@ def status(
         bool, typer.Option("--series", "-s", help="A line per series, with its notes.")
     ] = False,
     problems: Annotated[
-        bool, typer.Option("--problems", "-p", help="Only the studies not complete.")
+        bool,
+        typer.Option(
+            "--problems", "-p", help="Only the studies not complete, and cohort items not found."
+        ),
     ] = False,
 ) -> None:
     """Show a project's studies (pseudonymous): series, instances stored, status."""
@@ -325,7 +343,7 @@ def status(
     approval = f"until {p.expires_on}" if p.status == "approved" else ""
     typer.echo(f"project {p.name}: {p.status} {approval}".rstrip())
     lines = views.status_lines(c.catalog.series(p.id), details=series, problems=problems)
-    _echo_lines(lines)
+    _echo_lines(lines + (cohort_cmd.unknown_lines(c, p.id) if problems else []))
 
 
 @app.command()
@@ -364,7 +382,10 @@ def demo(
     raise typer.Exit(run_demo(workdir, patients=patients, slices=slices, size=size))
 
 
-audit_cmd.register(app, core)  # `sphere audit [P] [filters]`, `sphere audit verify`
+audit_cmd.register(app, core)
+cohort_cmd.register(
+    cohort_app, core
+)  # `sphere cohort list|remove`  # `sphere audit [P] [filters]`, `sphere audit verify`
 deid_cmd.register(app)  # `sphere deid`, `sphere vault …`: beside the de-identification code
 web_cmd.register(app, project_app)  # `sphere user …`, `project grant`, `serve`
 run_cmd.register(app)  # `sphere run bone-density …`, `sphere results …`

@@ -248,13 +248,26 @@ class Catalog(GovernanceQueries):
             )
             return dict(s.execute(q).all())
 
-    def record_resolution(self, studies_found: dict[int, int]) -> None:
-        """Remember how many studies each cohort item (by id) matched at the last pull."""
+    def record_resolution(self, studies: dict[int, list[str]]) -> None:
+        """Remember the studies (pseudonymous UIDs) each cohort item (by id) matched at the
+        last pull or plan."""
         with self.session() as s:
-            for item_id, n in studies_found.items():
+            for item_id, uids in studies.items():
                 item = s.get(CohortItem, item_id)
                 if item is not None:
-                    item.studies_found = n
+                    item.studies_found, item.studies = len(uids), sorted(uids)
+
+    def remove_cohort_items(self, project_id: int, kind: str, digests: Iterable[str]) -> list[str]:
+        """Remove cohort items by digest; returns the digests that were there."""
+        wanted = set(digests)
+        with self.session() as s:
+            q = select(CohortItem).where(
+                CohortItem.project_id == project_id, CohortItem.kind == kind
+            )
+            gone = [i for i in s.scalars(q) if i.digest in wanted]
+            for item in gone:
+                s.delete(item)
+            return [i.digest for i in gone]
 
     # -- series -------------------------------------------------------------------------------
 

@@ -96,6 +96,8 @@ class CohortItem(Base):
     digest: Mapped[str] = mapped_column(String(64))  # ProjectKeys.cohort_digest(kind, value)
     added_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     studies_found: Mapped[int | None] = mapped_column(Integer)  # after the last resolution
+    # the pseudonymous UIDs of the studies it matched then (what `sphere cohort list` shows)
+    studies: Mapped[list[str] | None] = mapped_column(JSON)
 
     project: Mapped[Project] = relationship(back_populates="cohort")
 

@@ -72,13 +72,13 @@ class Planned:
 
 def plan(
     sources: list[Retriever], items: list[CohortEntry]
-) -> tuple[list[Planned], dict[int, int]]:
+) -> tuple[list[Planned], dict[int, set[str]]]:
     """Resolve cohort items on every source to studies, then series, with instance counts.
 
     A study found on several sources is planned once, from the first that holds it whole (the
     most instances; the earlier source on a tie). Only the cohort's own keys are ever queried,
     so nothing outside the cohort is requested. Returns the planned series and, per cohort item
-    id, how many distinct studies it matched.
+    id, the distinct studies (original UIDs: never stored) it matched.
     """
     studies: dict[str, tuple[StudyHit, Retriever]] = {}
     found: dict[int, set[str]] = {}
@@ -93,7 +93,7 @@ def plan(
     for st, source in studies.values():
         for se in source.find_series(st.study_uid):
             planned.append(Planned(st, se, source))
-    return planned, {item.id: len(found.get(item.id, ())) for item in items}
+    return planned, {item.id: found.get(item.id, set()) for item in items}
 
 
 def verify(job: SeriesJob, result: RetrieveResult) -> str:
@@ -186,8 +186,10 @@ class Puller:
                 catalog.audit(self.actor, "pull.end", name, "error", reason=str(e))
                 raise Unavailable(f"cannot be queried: {e}") from None
             planned = self._without_opted_out_studies(register, planned)
-            catalog.record_resolution(found)
-            report.unresolved = sum(1 for n in found.values() if n == 0)
+            catalog.record_resolution(
+                {i: [self.keys.uid(u) for u in uids] for i, uids in found.items()}
+            )
+            report.unresolved = sum(1 for uids in found.values() if not uids)
             report.studies = len({p.study.study_uid for p in planned})
             done = catalog.complete_series(self.project.id)
             jobs: list[SeriesJob] = []
