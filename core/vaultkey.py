@@ -37,6 +37,8 @@ def load(settings: Settings, *, create: bool = False) -> VaultKey:
         text = _write_new(path)
     except OSError as e:
         raise VaultSealed(f"the vault key file {path} cannot be read ({e.strerror})") from None
+    if path.stat().st_mode & 0o077:
+        log.warning("the vault key file %s is readable by others than its owner: chmod 600", path)
     try:
         return VaultKey.from_text(text)
     except ValueError as e:

@@ -311,3 +311,21 @@ def test_with_postgresql_the_vault_has_its_own_database_and_role(pg_server, tmp_
     with connect("sphere_vault", "sphere_vault") as c:
         rows = c.execute("select original from vault_cohort").fetchall()
     assert rows and COHORT[0] not in str(rows)
+
+
+def test_a_key_file_others_may_read_is_named_and_a_bad_key_is_one_line(tmp_path, caplog):
+    from core import vaultkey
+
+    path = tmp_path / "vault.key"
+    path.write_text(bytes(range(32)).hex())
+    path.chmod(0o600)
+    vaultkey.load(Settings(home=tmp_path, vault_key_file=path))
+    assert "readable by others" not in caplog.text  # positive control below
+    path.chmod(0o644)
+    vaultkey.load(Settings(home=tmp_path, vault_key_file=path))
+    assert "readable by others" in caplog.text
+    path.write_text("not a key")
+    with pytest.raises(VaultSealed, match="32 bytes"):
+        vaultkey.load(Settings(home=tmp_path, vault_key_file=path))
+    with pytest.raises(VaultSealed, match="SPHERE_VAULT_KEY: a vault key is 32 bytes"):
+        vaultkey.load(Settings(home=tmp_path, vault_key="abcd"))
