@@ -335,3 +335,35 @@ def test_forwarded_headers_count_from_a_trusted_proxy_only(edge, monkeypatch):
         time.sleep(0.2)
     assert any('"client": "203.0.113.7"' in d for d in rows)
     assert any('"client": "127.0.0.1"' in d for d in rows)
+
+
+def test_smuggling_is_refused_and_traversal_contained(edge):
+    """What the probe found holding stays held: a request whose length is said two ways (or
+    twice) is 400 and what it hides is never answered; a path out of the viewer's files
+    reaches nothing (the control: /etc/passwd is where the test looks for it)."""
+    hidden = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    for head in (
+        b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n",
+        b"Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n",
+        b"Content-Length: 4\r\nContent-Length: 40\r\n",
+        b"Transfer-Encoding : chunked\r\n",
+    ):
+        answer = raw(
+            edge, b"POST /signin HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n0\r\n\r\n" + hidden
+        )
+        assert answer.startswith(b"HTTP/1.1 400") and answer.count(b"HTTP/1.1 ") == 1, head
+    with open("/etc/passwd", "rb") as f:
+        assert b"root:" in f.read()
+    cookie = signed_in(edge, edge.token)
+    for path in (
+        "/viewer/../../../../../../etc/passwd",
+        "/viewer/..%2F..%2F..%2F..%2F..%2F..%2F..%2Fetc%2Fpasswd",
+        "/viewer/%2e%2e/%2e%2e/%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+        "/viewer/....//....//....//etc/passwd",
+    ):
+        answer = raw(
+            edge,
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            f"Cookie: {sessions.COOKIE}={cookie}\r\n\r\n".encode(),
+        )
+        assert b"root:" not in answer, path
