@@ -58,6 +58,10 @@ def test_plan_list_problems_and_remove(tmp_path, pacs, scp_port, corpus):  # noq
     assert (studies, series) == (2, len(expected))
     assert instances == sum(s.n_instances for s in expected)
     assert "estimate" in plan and "1 no source knows" in plan
+    # sized from the PACS's own answer (64 x 64 x 16 bits an instance), not a typical image
+    size = instances * 64 * 64 * 2
+    assert row.split()[4] == (f"~{size / 1e6:,.0f}" if size >= 1e6 else f"~{size / 1e3:,.0f}")
+    assert "typical" not in plan
     assert "NO-SUCH-ACC" not in plan
     with Core(Settings(home=home)) as c:  # nothing was retrieved
         assert c.catalog.series(c.project("dm").id) == []

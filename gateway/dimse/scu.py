@@ -541,6 +541,28 @@ class Scu:
             for ds in answers
         ]
 
+    def find_image_size(
+        self, peer: Peer, study_uid: str, series_uid: str
+    ) -> tuple[int, int, int, int] | None:
+        """Rows, columns, bits allocated and frames of an instance of a series, as an
+        image-level C-FIND answers them (for a pull's plan); None when it gives none."""
+        q = Dataset()
+        q.QueryRetrieveLevel = "IMAGE"
+        q.StudyInstanceUID = _exact("study_uid", study_uid)
+        q.SeriesInstanceUID = _exact("series_uid", series_uid)
+        q.SOPInstanceUID = ""
+        q.Rows = None
+        q.Columns = None
+        q.BitsAllocated = None
+        q.NumberOfFrames = None
+        with self.connect(peer) as assoc:
+            answers = assoc.find(q)
+        for ds in answers:
+            rows, cols, bits = _int(ds, "Rows"), _int(ds, "Columns"), _int(ds, "BitsAllocated")
+            if rows and cols and bits:
+                return rows, cols, bits, _int(ds, "NumberOfFrames") or 1
+        return None
+
     def move_series(
         self,
         peer: Peer,

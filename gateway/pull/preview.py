@@ -2,10 +2,15 @@
 source) without fetching it. The same plan as the pull (`puller.plan`, opted-out patients
 left out alike); no port is opened, nothing is retrieved; the cohort's resolution is kept
 (so `sphere status P --problems` lists the items no source knows) and the plan is audited.
+
+A PACS's study and series answers give instance counts, not sizes: the size is estimated as
+instances x rows x columns x bits x frames of one instance of each modality on each source,
+as its image-level query answers; a typical image of the modality where it does not say.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from datetime import date
 
@@ -13,10 +18,11 @@ from core import Core, Unavailable
 from core.optout import Register
 from core.projects import cohort
 from gateway.pull.puller import Planned, Puller, plan
-from gateway.pull.retrievers import SourceError, open_retrievers
+from gateway.pull.retrievers import Retriever, SourceError, open_retrievers
 
-# Rows, columns and bits of a typical image of a modality: a PACS's C-FIND and QIDO answers
-# give instance counts but no sizes, so bytes are estimated from these (and said to be).
+log = logging.getLogger(__name__)
+
+# Rows, columns and bits of a typical image of a modality, where the source does not say.
 TYPICAL = {
     "CT": (512, 512, 16),
     "MR": (256, 256, 16),
@@ -40,6 +46,7 @@ class SourcePlan:
     instances: int = 0
     unknown_counts: int = 0  # series whose instance count the source did not give
     nbytes: int = 0  # estimated
+    typical: int = 0  # series whose size is a typical image's (the source gave none)
     stored: int = 0  # series already complete: a pull skips them
 
 
@@ -51,9 +58,30 @@ class PullPlan:
     sources: list[SourcePlan]
 
 
-def estimated_bytes(p: Planned) -> int:
-    rows, cols, bits = TYPICAL.get((p.series.modality or "").upper(), DEFAULT)
-    return (p.series.n_instances or 0) * rows * cols * bits // 8
+class Sizes:
+    """Bytes per instance by (source, modality): asked once of each source per modality."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[str, str], int | None] = {}
+
+    def per_instance(self, source: Retriever, p: Planned) -> int | None:
+        """Bytes of one instance as the source describes one; None where it does not."""
+        modality = (p.series.modality or "").upper()
+        key = (source.name, modality)
+        if key not in self._known:
+            try:
+                size = source.image_size(p.study.study_uid, p.series.series_uid)
+            except (SourceError, ValueError) as e:  # a PACS without image-level queries
+                log.info("plan: %s gave no image size (%s)", source.name, e)
+                size = None
+            rows, cols, bits, frames = size or (0, 0, 0, 0)
+            self._known[key] = rows * cols * bits * frames // 8 or None
+        return self._known[key]
+
+
+def typical_bytes(modality: str) -> int:
+    rows, cols, bits = TYPICAL.get(modality.upper(), DEFAULT)
+    return rows * cols * bits // 8
 
 
 def pull_plan(
@@ -77,6 +105,7 @@ def pull_plan(
     )
     done = core.catalog.complete_series(puller.project.id)
     by_source = {s.name: SourcePlan(s.name) for s in sources}
+    sizes = Sizes()
     for p in planned:
         sp = by_source[p.source.name]
         if puller.keys.uid(p.series.series_uid) in done:
@@ -86,7 +115,11 @@ def pull_plan(
         sp.series += 1
         sp.instances += p.series.n_instances or 0
         sp.unknown_counts += p.series.n_instances is None
-        sp.nbytes += estimated_bytes(p)
+        each = sizes.per_instance(p.source, p)
+        if each is None:
+            each = typical_bytes(p.series.modality or "")
+            sp.typical += 1
+        sp.nbytes += (p.series.n_instances or 0) * each
     result = PullPlan(
         name, len(items), sum(1 for u in found.values() if not u), list(by_source.values())
     )
@@ -117,10 +150,13 @@ def plan_lines(p: PullPlan) -> list[str]:
         total.nbytes += s.nbytes
         total.stored += s.stored
         total.unknown_counts += s.unknown_counts
+        total.typical += s.typical
     if len(p.sources) > 1:
         lines.append(_line(total))
-    lines.append("size: an estimate, instances x rows x columns x bits of a typical image of")
-    lines.append("the modality (a PACS's answers give counts, not sizes)")
+    lines.append("size: an estimate, instances x rows x columns x bits of one instance of each")
+    lines.append("modality, as the source describes it")
+    if total.typical:
+        lines.append(f"{total.typical} series sized as a typical image (the source did not say)")
     if total.unknown_counts:
         lines.append(f"{total.unknown_counts} series without an instance count from the PACS")
     if total.stored:

@@ -57,6 +57,10 @@ class Retriever(Protocol):
     def find_series(self, study_uid: str) -> list[SeriesHit]:
         """The series of one study, with the source's instance counts."""
 
+    def image_size(self, study_uid: str, series_uid: str) -> tuple[int, int, int, int] | None:
+        """Rows, columns, bits allocated, frames of an instance of the series (a plan's size
+        estimate), or None when the source does not say."""
+
     def retrieve(self, study_uid: str, series_uid: str) -> RetrieveResult:
         """Bring every instance of one series to the receivers; thread-safe."""
 
@@ -116,6 +120,10 @@ class DimseRetriever(_Source):
 
     def find_series(self, study_uid: str) -> list[SeriesHit]:
         return self._call(self.scu.find_series, self.peer, study_uid)
+
+    def image_size(self, study_uid: str, series_uid: str) -> tuple[int, int, int, int] | None:
+        """Rows, columns, bits, frames of one of the series' instances, if the PACS says."""
+        return self._call(self.scu.find_image_size, self.peer, study_uid, series_uid)
 
     def __str__(self) -> str:
         return f"PACS {self.peer.ae_title} at {self.peer.host}:{self.peer.port}"
@@ -250,6 +258,16 @@ class DicomwebRetriever(_ReceivesHere):
         params = {"includefield": "00201209"}  # NumberOfSeriesRelatedInstances
         found = self._call(self.client.search, f"studies/{study_uid}/series", params)
         return [_series_hit(study_uid, d) for d in found]
+
+    def image_size(self, study_uid: str, series_uid: str) -> tuple[int, int, int, int] | None:
+        """Rows, columns, bits, frames of one of the series' instances, if the server says."""
+        path = f"studies/{study_uid}/series/{series_uid}/instances"
+        params = {"limit": "1", "includefield": "00280010,00280011,00280100,00280008"}
+        for d in self._call(self.client.search, path, params):
+            rows, cols, bits = _int(d, "00280010"), _int(d, "00280011"), _int(d, "00280100")
+            if rows and cols and bits:
+                return rows, cols, bits, _int(d, "00280008") or 1
+        return None
 
     def retrieve(self, study_uid: str, series_uid: str) -> RetrieveResult:
         receiver = self.receiver
