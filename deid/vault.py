@@ -384,10 +384,15 @@ class Vault:
                 "copies made before (backups) still hold them in clear",
                 *sealed,
             )
-            if self.engine.dialect.name == "sqlite":
-                with self.engine.connect() as c:  # the cleartext pages and WAL frames go
+            # The cleartext rows' old versions go too: SQLite's free pages and WAL frames,
+            # PostgreSQL's dead tuples (its own WAL archive, if kept, still has them).
+            auto = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+            with auto.connect() as c:
+                if self.engine.dialect.name == "sqlite":
                     c.exec_driver_sql("VACUUM")
                     c.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+                elif self.engine.dialect.name == "postgresql":
+                    c.exec_driver_sql("VACUUM FULL vault_secrets, vault_mappings, vault_cohort")
 
     def close(self) -> None:
         self.flush()

@@ -329,3 +329,31 @@ def test_a_key_file_others_may_read_is_named_and_a_bad_key_is_one_line(tmp_path,
         vaultkey.load(Settings(home=tmp_path, vault_key_file=path))
     with pytest.raises(VaultSealed, match="SPHERE_VAULT_KEY: a vault key is 32 bytes"):
         vaultkey.load(Settings(home=tmp_path, vault_key="abcd"))
+
+
+def test_a_postgresql_vault_from_before_is_sealed_and_its_old_rows_go(pg_server):
+    url = pg_server.create_database("legacyvault")
+    engine = create_engine(url)
+    old = [t for t in metadata.sorted_tables if t.name != "vault_meta"]
+    metadata.create_all(engine, tables=old)
+    with engine.begin() as c:
+        c.execute(
+            insert(cohort_table).values(
+                project="pr", kind="patient_id", digest="d1", original=PATIENT["id"],
+                added_at=date.today(),
+            )
+        )  # fmt: skip
+
+    def heap() -> bytes:  # the table's file on disk, as PostgreSQL wrote it
+        with pg_server.connect() as c:
+            c.execute("CHECKPOINT")
+            root = c.execute("SHOW data_directory").fetchone()[0]
+        with engine.connect() as c:
+            path = c.exec_driver_sql("SELECT pg_relation_filepath('vault_cohort')").scalar()
+        return (Path(root) / path).read_bytes()
+
+    assert PATIENT["id"].encode() in heap()  # positive control: the plaintext is on disk
+    with Vault(url, KEY) as vault:
+        assert vault.cohort("pr", actor="dm", purpose="t") == {("patient_id", "d1"): PATIENT["id"]}
+    assert PATIENT["id"].encode() not in heap()
+    engine.dispose()
