@@ -362,21 +362,19 @@ class Vault:
         """Check the key against the one this vault was sealed with; a new vault takes it, a
         vault from before sealing (plaintext rows) is sealed with it now."""
         check = self.key.check()
-        try:
-            with self.engine.begin() as c:
-                # The insert first: a second process opening the vault waits here, then finds
-                # the row, instead of sealing the same rows twice.
-                c.execute(insert(meta_table).values(name="key-check", value=check))
-                sealed = _seal_plaintext(c, self.key)
-        except IntegrityError:
-            with self.engine.connect() as c:
-                have = c.execute(
-                    select(meta_table.c.value).where(meta_table.c.name == "key-check")
-                ).scalar_one()
-            if not hmac_equal(have, check):
-                raise WrongVaultKey(
-                    "the vault key given is not the one this vault was sealed with"
-                ) from None
+        have = self._key_check()
+        if have is None:
+            try:
+                with self.engine.begin() as c:
+                    # The insert first: a second process opening the vault waits here, then
+                    # finds the row, instead of sealing the same rows twice.
+                    c.execute(insert(meta_table).values(name="key-check", value=check))
+                    sealed = _seal_plaintext(c, self.key)
+            except IntegrityError:
+                have = self._key_check()
+        if have is not None:
+            if not hmac.compare_digest(have.encode(), check.encode()):
+                raise WrongVaultKey("the vault key given is not the one this vault was sealed with")
             return
         if any(sealed):
             log.warning(
@@ -393,6 +391,11 @@ class Vault:
                     c.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
                 elif self.engine.dialect.name == "postgresql":
                     c.exec_driver_sql("VACUUM FULL vault_secrets, vault_mappings, vault_cohort")
+
+    def _key_check(self) -> str | None:
+        with self.engine.connect() as c:
+            q = select(meta_table.c.value).where(meta_table.c.name == "key-check")
+            return c.execute(q).scalar()
 
     def close(self) -> None:
         self.flush()
@@ -471,10 +474,6 @@ def _seal_plaintext(c: Any, key: VaultKey) -> tuple[int, int, int]:
             .values(original=key.seal_text(original, "cohort", project, kind, digest))
         )
     return n_secrets, n_mappings, len(rows)
-
-
-def hmac_equal(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
 
 
 def _sqlite_pragmas(conn: Any, _record: Any) -> None:
