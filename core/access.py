@@ -104,7 +104,8 @@ def require(
     name = project if isinstance(project, str) or project is None else project.name
     core.catalog.audit(who.name, action, name, "refused", **detail)
     where = f" on project '{name}'" if name else ""
-    raise NotAllowed(f"{who.name} may not {action}{where} (see `sphere user show {who.name}`)")
+    roles = ", ".join(r for r in ROLES if r in ACTIONS[action]) or "none"
+    raise NotAllowed(f"{who.name} may not {action}{where} (roles that may: {roles})")
 
 
 def token_hash(token: str) -> str:

@@ -65,7 +65,7 @@ class Core:
             return self._actor
         if "operator" in self.__dict__:
             return self.__dict__["operator"].name
-        return self.settings.actor or getpass.getuser()
+        return getpass.getuser()
 
     @cached_property
     def operator(self) -> User:
@@ -191,7 +191,7 @@ class Core:
         elif not path.exists():
             raise NotSetUp(
                 f"no {what} at {path}: is SPHERE_HOME (or --home) right? "
-                "`sphere project create` starts a new one"
+                "`sphere init` starts a new one"
             )
 
 

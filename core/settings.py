@@ -115,7 +115,6 @@ class Settings(BaseSettings):
     # The CLI's operator: a sphere user's API token; without it, the user the OS account is
     # mapped to (`core.access.operator`). SPHERE_ACTOR is no identity any more.
     token: str | None = Field(None, repr=False)
-    actor: str | None = None  # going: the audit trail's name until the CLI uses `token`
     viewer_dist: Path | None = DEFAULT_VIEWER_DIST  # OHIF's dist/, served at /viewer/
 
     def all_sources(self) -> list[Source]:

@@ -107,6 +107,11 @@ def first_admin(core: Core) -> tuple[str, str] | None:
     return name, token
 
 
+def check_global_role(role: str) -> None:
+    """`UserError` unless `role` is a global role (admin, data-manager, trusted-third-party)."""
+    _known_role(role, access.GLOBAL_ROLES)
+
+
 def set_role(core: Core, name: str, role: str, *, by_user: User, remove: bool = False) -> None:
     """Give (or take away) a global role: an admin's act, never on oneself (audited)."""
     _known_role(role, access.GLOBAL_ROLES)
@@ -219,6 +224,7 @@ __all__ = [
     "UserError",
     "add",
     "authenticate",
+    "check_global_role",
     "enable",
     "first_admin",
     "grant",

@@ -1,8 +1,9 @@
 """The re-identification vault: per-project secrets and the original <-> pseudonym mapping.
 
 It lives in its own database (SQLAlchemy URL, SQLite or PostgreSQL), apart from the catalog and
-from research data. Only an actor granted the `trusted-third-party` role may look a pseudonym up,
-and every lookup, allowed or not, is written to the vault's own audit table. Keep the vault's
+from research data. Only a user the catalog gives the `trusted-third-party` role may look a
+pseudonym up (the caller checks, `core.access`), and every lookup, allowed or not, is written to
+the vault's own audit table. Keep the vault's
 database credentials away from research users: that is the boundary that really holds.
 
 Sealed: project secrets and original values are encrypted with the vault key (`deid.sealing`),
@@ -73,6 +74,7 @@ cohort_table = Table(
     Column("original", Text, nullable=False),
     Column("added_at", DateTime, nullable=False),
 )
+# Kept for vaults made before roles moved to the catalog: no longer read or written.
 grants_table = Table(
     "vault_grants",
     metadata,
@@ -281,39 +283,21 @@ class Vault:
 
     # -- the trusted third party ------------------------------------------------------------
 
-    def grant(self, actor: str, *, by: str, role: str = TRUSTED_THIRD_PARTY) -> None:
-        """Give `actor` a vault role (audited)."""
-        with self.engine.begin() as c:
-            exists = c.execute(
-                select(grants_table.c.actor).where(
-                    grants_table.c.actor == actor, grants_table.c.role == role
-                )
-            ).first()
-            if not exists:
-                c.execute(
-                    insert(grants_table).values(
-                        actor=actor, role=role, granted_by=by, granted_at=_now()
-                    )
-                )
-            self._audit(c, by, role, "grant", None, None, "granted", detail=actor)
+    def lookup(
+        self, project: str, pseudonym: str, *, actor: str, role: str = TRUSTED_THIRD_PARTY
+    ) -> str:
+        """The original behind `pseudonym`; audited. Who may ask is not the vault's to say: the
+        caller has checked the catalog's roles (`core.access`, action vault.lookup) first.
 
-    def lookup(self, project: str, pseudonym: str, *, role: str, actor: str) -> str:
-        """The original behind `pseudonym`, for a granted trusted third party only; audited.
-
-        Raises `VaultDenied` for anyone else and `KeyError` for an unknown pseudonym.
+        Raises `VaultDenied` when not asked as the trusted third party, `KeyError` for an
+        unknown pseudonym.
         """
         self.flush()
         with self.engine.begin() as c:
-            granted = c.execute(
-                select(grants_table.c.actor).where(
-                    grants_table.c.actor == actor, grants_table.c.role == role
-                )
-            ).first()
-            if role != TRUSTED_THIRD_PARTY or not granted:
+            if role != TRUSTED_THIRD_PARTY:
                 self._audit(c, actor, role, "lookup", project, pseudonym, "denied")
-                denied = True
+                row = None
             else:
-                denied = False
                 row = c.execute(
                     select(mappings_table.c.original, mappings_table.c.kind).where(
                         mappings_table.c.project == project,
@@ -323,11 +307,16 @@ class Vault:
                 self._audit(
                     c, actor, role, "lookup", project, pseudonym, "found" if row else "not found"
                 )
-        if denied:
-            raise VaultDenied(f"'{actor}' does not hold the {TRUSTED_THIRD_PARTY} role")
+        if role != TRUSTED_THIRD_PARTY:
+            raise VaultDenied(f"a lookup is made as the {TRUSTED_THIRD_PARTY} only")
         if row is None:
             raise KeyError(pseudonym)
         return self.key.open_text(row[0], "mapping", project, pseudonym, row[1])
+
+    def audit_denied(self, project: str, pseudonym: str, *, actor: str) -> None:
+        """Record a lookup the catalog's roles refused, in the vault's own trail too."""
+        with self.engine.begin() as c:
+            self._audit(c, actor, "none", "lookup", project, pseudonym, "denied")
 
     def audit_trail(self, project: str | None = None) -> list[AuditEntry]:
         """Who read or granted what, and when (oldest first)."""

@@ -19,11 +19,12 @@ import typer
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
-from core import Core, SphereError, Unavailable, projects
+from core import Core, SphereError, Unavailable, access, projects, users
 from core import home as home_files
 from core.settings import load_settings
 from deid.sealing import Tampered
 from gateway import audit_cmd, cohort_cmd, deid_cmd, governance_cmd, run_cmd, views, web_cmd
+from gateway.operator import acting, core
 
 
 class _Commands(TyperGroup):
@@ -97,9 +98,13 @@ def main(
     ctx.obj = {"settings": settings, "verbose": verbose}
 
 
-def core(ctx: typer.Context, *, create: bool = False) -> Core:
-    """The core for this command; `create` only for commands that may start a new home."""
-    return Core(ctx.obj["settings"], create=create)
+def _first_admin(c: Core) -> None:
+    made = users.first_admin(c)
+    if made is not None:
+        name, token = made
+        typer.echo(f"this home's first admin is {name} (your OS account); its API token,")
+        typer.echo("shown once (keep it secret):")
+        typer.echo(token)
 
 
 def _verbose(ctx: Any) -> bool:
@@ -117,6 +122,16 @@ def _echo_lines(lines: list[str]) -> None:
 
 
 # -- projects ---------------------------------------------------------------------------------
+
+
+@app.command()
+def init(ctx: typer.Context) -> None:
+    """Start a new home: its catalog and vault, and your OS account as its first admin."""
+    c = core(ctx, create=True)
+    if c.catalog.role_holders(access.ADMIN):
+        typer.echo(f"{ctx.obj['settings'].home} has an admin already: nothing to do")
+        return
+    _first_admin(c)
 
 
 @project_app.command("create")
@@ -147,7 +162,11 @@ def project_create(
         chosen = Profile.from_json(data)
     except (ValueError, OSError) as e:
         raise SphereError(f"profile: {e}") from None
-    projects.create(core(ctx, create=True), name, title=title, profile=chosen)
+    c = core(ctx, create=True)
+    if not c.catalog.users():  # a new home, as `sphere init` makes it
+        _first_admin(c)
+    access.require(c, "project.create", name)
+    projects.create(c, name, title=title, profile=chosen)
     typer.echo(f"project {name} declared; approve it before pulling")
 
 
@@ -162,7 +181,7 @@ def project_approve(
     """Record the committee's approval, with its reference and validity period."""
     until = _date(expires_on, "--expires-on")
     projects.approve(
-        core(ctx),
+        acting(ctx, "project.approve", name),
         name,
         committee_ref=committee_ref,
         expires_on=until,
@@ -178,24 +197,28 @@ def project_revoke(
     reason: Annotated[str, typer.Option(help="Why, for the audit trail.")] = "",
 ) -> None:
     """Withdraw a project's approval: no further pulls."""
-    projects.revoke(core(ctx), name, reason=reason)
+    projects.revoke(acting(ctx, "project.revoke", name), name, reason=reason)
     typer.echo(f"project {name} revoked")
 
 
 @project_app.command("show")
 def project_show(ctx: typer.Context, name: str) -> None:
     """Show a project: approval, cohort size, series by status, de-identification profile."""
-    _echo_lines(_project_lines(projects.summary(core(ctx), name)))
+    _echo_lines(_project_lines(projects.summary(acting(ctx, "project.read", name), name)))
 
 
 @project_app.command("list")
 def project_list(ctx: typer.Context) -> None:
-    """List projects: name, status, expiry, title."""
-    rows = core(ctx).catalog.projects()
+    """List the projects you may read: name, state (expired included), expiry, title."""
+    c = core(ctx)
+    me = c.operator
+    rows = [p for p in c.catalog.projects() if access.may(c, me, "project.read", p)]
     if not rows:
-        typer.echo("no projects yet: `sphere project create` declares one")
+        typer.echo("no projects yet (that you may read): `sphere project create` declares one")
+    today = date.today()
     for p in rows:
-        typer.echo(f"{p.name:<24} {p.status:<9} {str(p.expires_on or '-'):<10}  {p.title}"[:80])
+        state, until = p.state(today), str(p.expires_on or "-")
+        typer.echo(f"{p.name:<24} {state:<9} {until:<10}  {p.title}"[:80])
 
 
 def _project_lines(p: projects.ProjectSummary) -> list[str]:
@@ -259,7 +282,7 @@ def cohort_add(
             raise SphereError(f"cannot read {csv}: {e.strerror}") from None
     if not any(given.values()):
         raise SphereError("nothing to add: give --accession, --patient-id, --study-uid or --csv")
-    c = core(ctx)
+    c = acting(ctx, "cohort.add", name)
     for kind, values in given.items():
         if values:
             n = projects.add_cohort(c, name, kind, values)
@@ -281,7 +304,6 @@ def pull(
     from gateway.pull import pull as run_pull
 
     if plan:
-        from core import access
         from gateway.pull.preview import plan_lines, pull_plan
 
         c = core(ctx)
@@ -289,7 +311,9 @@ def pull(
         operator = access.require(c, "pull", name)
         _echo_lines(plan_lines(pull_plan(c, name, actor=operator.name)))
         return
-    report = run_pull(core(ctx), name)
+    c = acting(ctx, "pull", name)
+    projects.require_active(c, name, "pull")
+    report = run_pull(c, name)
     _echo_lines(views.report_lines(report))
     if not report.ok:
         raise typer.Exit(1)
@@ -338,10 +362,13 @@ def status(
     ] = False,
 ) -> None:
     """Show a project's studies (pseudonymous): series, instances stored, status."""
-    c = core(ctx)
+    c = acting(ctx, "project.read", name)
     p = c.project(name)
-    approval = f"until {p.expires_on}" if p.status == "approved" else ""
-    typer.echo(f"project {p.name}: {p.status} {approval}".rstrip())
+    state = p.state(date.today())
+    approval = f"until {p.expires_on}" if state == "approved" else ""
+    if state == "expired":
+        approval = f"on {p.expires_on}"
+    typer.echo(f"project {p.name}: {state} {approval}".rstrip())
     lines = views.status_lines(c.catalog.series(p.id), details=series, problems=problems)
     _echo_lines(lines + (cohort_cmd.unknown_lines(c, p.id) if problems else []))
 
@@ -352,7 +379,7 @@ def echo(ctx: typer.Context) -> None:
     from gateway.pull.retrievers import SourceError, open_retrievers
 
     silent = []
-    for source in open_retrievers(core(ctx), ""):
+    for source in open_retrievers(acting(ctx, "pacs.echo"), ""):
         how = "a QIDO query" if source.protocol == "dicomweb" else "C-ECHO"
         try:
             source.echo()

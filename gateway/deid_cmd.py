@@ -1,5 +1,6 @@
 """`sphere deid` (de-identify local files with a project's profile) and `sphere vault ...` (the
-trusted third party's audited re-identification lookup). Mounted on the CLI by `register(app)`."""
+trusted third party's audited re-identification lookup; who holds that role is the catalog's
+say, `core.access`). Mounted on the CLI by `register(app)`."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from pydicom.datadict import dictionary_description
 from rich.console import Console
 from rich.table import Table
 
-from core import Core, SphereError
+from core import SphereError, access, users
 from deid import table as deid_table
 from deid.engine import Deidentifier, Quarantined
 from deid.profile import Profile
-from deid.vault import TRUSTED_THIRD_PARTY, VaultDenied
+from deid.vault import TRUSTED_THIRD_PARTY
+from gateway.operator import acting
+from gateway.operator import core as core_of
 
 console = Console()
 REPORT_NAME = "deid-report.json"
@@ -85,10 +88,6 @@ def rule_counts(stats: Counter) -> list[tuple[str, str, str, int]]:
     return sorted(rows)
 
 
-def _core(ctx: typer.Context) -> Core:
-    return Core(ctx.find_root().obj["settings"])
-
-
 def deid_command(
     ctx: typer.Context,
     files: Annotated[list[Path], typer.Argument(help="DICOM files to de-identify.")],
@@ -106,7 +105,7 @@ def deid_command(
             profile = Profile.from_json(profile_file.read_text())
         except (OSError, ValueError) as e:
             raise SphereError(f"profile: {e}") from None
-    with _core(ctx) as core:
+    with acting(ctx, "deid.files", project) as core:
         deid = core.deidentifier(project, profile=profile, report=True)
         run = deidentify_files(files, out, deid)
     (out / REPORT_NAME).write_text(json.dumps(run.to_json(), indent=1))
@@ -135,13 +134,17 @@ def vault_lookup_command(
     project: Annotated[str, typer.Option(help="The project it belongs to.")],
 ) -> None:
     """Print the original identifier behind a pseudonym (trusted third party; audited)."""
-    with _core(ctx) as core:
+    with core_of(ctx) as core:
+        try:
+            access.require(core, "vault.lookup", project)
+        except access.NotAllowed:
+            # the vault's own trail keeps the try too, as before the catalog decided
+            core.vault.audit_denied(project, pseudonym, actor=core.actor)
+            raise
         try:
             original = core.vault.lookup(
                 project, pseudonym, role=TRUSTED_THIRD_PARTY, actor=core.actor
             )
-        except VaultDenied as e:
-            raise SphereError(f"denied: {e}") from None
         except KeyError:
             typer.echo("error: not found in this project's vault", err=True)
             raise typer.Exit(1) from None
@@ -151,12 +154,12 @@ def vault_lookup_command(
 @vault_app.command("grant")
 def vault_grant_command(
     ctx: typer.Context,
-    actor: Annotated[str, typer.Argument(help="Who becomes a trusted third party.")],
+    user: Annotated[str, typer.Argument(help="The sphere user who becomes one.")],
 ) -> None:
-    """Give someone the trusted-third-party role (audited)."""
-    with _core(ctx) as core:
-        core.vault.grant(actor, by=core.actor)
-    console.print(f"{actor} is now a {TRUSTED_THIRD_PARTY}")
+    """Make a sphere user a trusted third party (admin; `sphere user role USER ...`)."""
+    with core_of(ctx) as core:
+        users.set_role(core, user, TRUSTED_THIRD_PARTY, by_user=core.operator)
+    console.print(f"{user} is now a {TRUSTED_THIRD_PARTY}")
 
 
 @vault_app.command("audit")
@@ -165,7 +168,7 @@ def vault_audit_command(
     project: Annotated[str | None, typer.Option(help="Only this project.")] = None,
 ) -> None:
     """Show who looked up or granted what, and when."""
-    with _core(ctx) as core:
+    with acting(ctx, "vault.audit", project) as core:
         entries = core.vault.audit_trail(project)
     t = Table("when (UTC)", "actor", "action", "project", "pseudonym", "outcome", "detail")
     for e in entries:

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from core import Core, Settings, SphereError, vaultkey
+from core import Core, Settings, SphereError, access, projects, vaultkey
 
 run_app = typer.Typer(
     help="Run an analysis pipeline over a project's series.", no_args_is_help=True
@@ -50,6 +50,9 @@ def bone_density(
 
     if workers is not None and workers < 1:
         raise SphereError("--workers must be at least 1")
+    with Core(_settings(ctx), research=True) as c:  # the research side: no vault
+        access.require(c, "pipeline.run", project)
+        projects.require_active(c, project, "pipeline.run")
     model_path = None
     if model is not None:
         from processing.bone.learned import load_bundle
@@ -86,6 +89,10 @@ def results(
     from processing.results import result_rows, write_csv, write_parquet
 
     with Core(_settings(ctx), research=True) as core:
+        access.require(core, "results.read", project)
+        if csv is not None or parquet is not None:
+            access.require(core, "export", project)
+            projects.require_active(core, project, "export")
         rows = result_rows(core, project, pipeline)
     for line in table_lines(rows):
         typer.echo(line)

@@ -8,13 +8,10 @@ from typing import Annotated
 
 import typer
 
-from core import Core, users, vaultkey
+from core import Core, access, users, vaultkey
+from gateway.operator import acting, core
 
-user_app = typer.Typer(help="Web users and their API tokens.", no_args_is_help=True)
-
-
-def _core(ctx: typer.Context) -> Core:
-    return Core(ctx.find_root().obj["settings"])
+user_app = typer.Typer(help="Sphere users, their roles and API tokens.", no_args_is_help=True)
 
 
 def _show_token(name: str, token: str) -> None:
@@ -23,22 +20,77 @@ def _show_token(name: str, token: str) -> None:
 
 
 @user_app.command("add")
-def user_add(ctx: typer.Context, name: str) -> None:
-    """Create a web user and print its API token (shown once, stored hashed)."""
-    _show_token(name, users.add(_core(ctx), name))
+def user_add(
+    ctx: typer.Context,
+    name: str,
+    role: Annotated[
+        list[str] | None,
+        typer.Option(help="A global role (repeatable): " + ", ".join(access.GLOBAL_ROLES)),
+    ] = None,
+    os_account: Annotated[
+        str | None, typer.Option(help="The OS account whose CLI acts as this user.")
+    ] = None,
+) -> None:
+    """Create a sphere user and print its API token (shown once, stored hashed)."""
+    c = acting(ctx, "user.add", target=name)
+    for r in role or []:  # checked before the user is made: a wrong role creates nothing
+        users.check_global_role(r)
+    token = users.add(c, name, os_account=os_account)
+    for r in role or []:
+        users.set_role(c, name, r, by_user=c.operator)
+    _show_token(name, token)
+
+
+@user_app.command("list")
+def user_list(ctx: typer.Context) -> None:
+    """List users: name, state, global roles, OS account, projects."""
+    c = acting(ctx, "user.read")
+    for u in c.catalog.users():
+        roles = ",".join(sorted(c.catalog.user_roles(u.id))) or "-"
+        member = ",".join(f"{p.name}:{r}" for p, r in c.catalog.user_projects(u.id)) or "-"
+        state = "active" if u.active else "revoked"
+        typer.echo(
+            f"{u.name:<20} {state:<8} {roles:<20} {c.catalog.os_account(u.id) or '-':<12} {member}"
+        )
+
+
+@user_app.command("role")
+def user_role(
+    ctx: typer.Context,
+    name: str,
+    role: Annotated[str, typer.Argument(help=", ".join(access.GLOBAL_ROLES))],
+    remove: Annotated[bool, typer.Option("--remove", help="Take the role away.")] = False,
+) -> None:
+    """Give a user a global role, or take it away (admin; never to oneself)."""
+    c = core(ctx)
+    users.set_role(c, name, role, by_user=c.operator, remove=remove)
+    typer.echo(f"{name} {'no longer holds' if remove else 'holds'} the {role} role")
+
+
+@user_app.command("map")
+def user_map(ctx: typer.Context, name: str, login: str) -> None:
+    """Map an OS account to a user: the CLI run from that account acts as the user."""
+    users.map_account(acting(ctx, "user.map", target=name), name, login)
+    typer.echo(f"OS account {login} acts as {name}")
 
 
 @user_app.command("token")
 def user_token(ctx: typer.Context, name: str) -> None:
     """Give a user a new token: the old one and its sign-in sessions stop working."""
-    _show_token(name, users.reissue(_core(ctx), name))
+    _show_token(name, users.reissue(acting(ctx, "user.token", target=name), name))
 
 
 @user_app.command("revoke")
 def user_revoke(ctx: typer.Context, name: str) -> None:
     """Disable a user: its token and sessions stop working at once."""
-    users.revoke(_core(ctx), name)
+    users.revoke(acting(ctx, "user.revoke", target=name), name)
     typer.echo(f"user {name} revoked")
+
+
+@user_app.command("enable")
+def user_enable(ctx: typer.Context, name: str) -> None:
+    """Bring a revoked user back, with a new token."""
+    _show_token(name, users.enable(acting(ctx, "user.enable", target=name), name))
 
 
 def project_grant(
@@ -47,9 +99,12 @@ def project_grant(
     user: str,
     role: Annotated[str, typer.Option(help="investigator or viewer.")] = "viewer",
 ) -> None:
-    """Give a web user a role in a project (as the data manager; audited)."""
-    users.grant(_core(ctx), project, user, role)
-    typer.echo(f"{user} is {role} of {project}")
+    """Give a user a role in a project, by the role table (audited)."""
+    c = core(ctx)
+    if users.grant(c, project, user, role, by_user=c.operator):
+        typer.echo(f"{user} is {role} of {project}")
+    else:  # no such user: told only to who may manage users, as for a grant made
+        typer.echo(f"{user} is {role} of {project} (if {user} is a sphere user)")
 
 
 def project_reindex(ctx: typer.Context, project: str) -> None:
@@ -58,7 +113,8 @@ def project_reindex(ctx: typer.Context, project: str) -> None:
     For series stored before the index existed: the pull indexes what it commits."""
     from core.index import reindex
 
-    typer.echo(f"{reindex(_core(ctx), project)} series indexed in {project}")
+    c = acting(ctx, "project.reindex", project)
+    typer.echo(f"{reindex(c, project)} series indexed in {project}")
 
 
 def serve(
@@ -71,9 +127,9 @@ def serve(
     import uvicorn
 
     settings = ctx.find_root().obj["settings"]
-    core = Core(settings, research=True)  # the research side: the vault stays sealed
+    c = Core(settings, research=True)  # the research side: the vault stays sealed
     vaultkey.keep_out_of_environment()  # nor do its worker processes inherit the key
-    core.catalog  # noqa: B018 - a wrong home is one clear line now, not in each worker
+    access.require(c, "serve")  # and a wrong home is one clear line now, not in each worker
     web = settings.web
     n = workers or web.workers
     from gateway.web.server import uvicorn_options
@@ -94,7 +150,7 @@ def serve(
         return
     from gateway.web.app import create_app
 
-    uvicorn.run(create_app(core), host=host or web.host, port=port or web.port, **options)
+    uvicorn.run(create_app(c), host=host or web.host, port=port or web.port, **options)
 
 
 def register(app: typer.Typer, project_app: typer.Typer) -> None:

@@ -56,9 +56,11 @@ def run_demo(workdir: Path, *, patients: int = 4, slices: int = 120, size: int =
             ae_title="SPHERE",
             port=port,
             pacs=PacsPeer(ae_title=pacs.aet, host="127.0.0.1", port=pacs.dicom_port),
-            actor="demo",
         )
-        gw = Gateway(settings)
+        gw = Gateway(settings, actor="demo")
+        made = users.first_admin(gw.core)  # as `sphere init` does: the CLI then knows you
+        if made is not None:
+            console.print(f"first admin of the demo's home: {made[0]} (your OS account)")
         gw.create_project(PROJECT, title="Opportunistic bone density from abdominal CT")
         gw.approve(
             PROJECT,

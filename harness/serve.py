@@ -8,15 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+from core import Core, access, users
 from core.settings import Settings
 from harness.localpacs import wait_port
 
 ROOT = Path(__file__).resolve().parents[1]
+SERVER = "server"  # the sphere user the server process acts as
 
 
 def start_sphere(settings: Settings, port: int, workers: int = 1) -> subprocess.Popen[bytes]:
     """`sphere serve --port --workers` on the settings' home and store; returns once it listens."""
-    env = {**os.environ, **settings_env(settings)}
+    env = {**os.environ, **settings_env(settings), "SPHERE_TOKEN": server_token(settings)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--workers",
          str(workers)],
@@ -27,6 +29,20 @@ def start_sphere(settings: Settings, port: int, workers: int = 1) -> subprocess.
     )  # fmt: skip
     wait_port(port, timeout_s=60)
     return proc
+
+
+def server_token(settings: Settings) -> str:
+    """A token of a data manager for the server: `sphere serve` acts as a known operator, as a
+    deployment's service account does (mapped to a user, or given its token)."""
+    with Core(settings) as core:
+        if core.catalog.user(SERVER) is None:
+            token = users.add(core, SERVER, actor="harness")
+        else:
+            token = users.enable(core, SERVER, actor="harness")
+        user = core.catalog.user(SERVER)
+        assert user is not None
+        core.catalog.add_user_role(user.id, access.DATA_MANAGER, "harness")
+    return token
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

@@ -17,7 +17,7 @@ SPHERE = [sys.executable, "-m", "gateway.cli"]
 def sphere(
     *args: str, home: Path, check: bool = True, **extra_env: str
 ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "SPHERE_HOME": str(home), "SPHERE_ACTOR": "tester", "COLUMNS": "200"}
+    env = {**os.environ, "SPHERE_HOME": str(home), "COLUMNS": "200"}
     env.update(extra_env)
     out = subprocess.run([*SPHERE, *args], capture_output=True, text=True, env=env, timeout=300)
     if check:
@@ -226,6 +226,7 @@ def test_a_pacs_that_is_down_is_one_clear_line(tmp_path, monkeypatch):
 
     monkeypatch.setenv("SPHERE_PACS__PORT", str(free_port()))  # nobody listens there
     monkeypatch.setenv("SPHERE_TIMEOUT_S", "3")
+    sphere("init", home=tmp_path)  # a home, whose admin (this OS account) may ask
     down = sphere("echo", home=tmp_path, check=False)
     assert "pacs: no answer to C-ECHO" in down.stdout and "Connection refused" in down.stdout
     assert "pacs did not answer" in one_error_line(down)

@@ -19,7 +19,8 @@ from tests.adversarial import PATIENT, make_study, secondary_capture
 
 @pytest.fixture()
 def env(tmp_path):
-    return {"SPHERE_HOME": str(tmp_path / "home"), "SPHERE_ACTOR": "dm", "COLUMNS": "200"}
+    # The OS account that makes the home (by `project create`) is its first admin.
+    return {"SPHERE_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
 
 
 def sphere(env: dict[str, str], *args: str, code: int = 0) -> str:
@@ -60,17 +61,21 @@ def test_deid_files_with_a_project_profile_then_reidentify_as_trusted_third_part
     assert {m.ImplementationClassUID for m in metas} == {IMPLEMENTATION_CLASS_UID}
     assert {m.ImplementationVersionName for m in metas} == {IMPLEMENTATION_VERSION_NAME}
 
+    # The admin is no trusted third party: refused, and the try is in both trails.
     denied = sphere(env, "vault", "lookup", pseudonym, "--project", "trial", code=2)
-    assert "denied" in denied and PATIENT["id"] not in denied
-    sphere(env, "vault", "grant", "ttp")
-    ttp = {**env, "SPHERE_ACTOR": "ttp"}
+    assert "may not vault.lookup" in denied and PATIENT["id"] not in denied
+    token = sphere(env, "user", "add", "ttp").strip().splitlines()[-1]
+    ttp = {**env, "SPHERE_TOKEN": token}
+    assert "may not" in sphere(ttp, "vault", "lookup", pseudonym, "--project", "trial", code=2)
+    assert "may not" in sphere(ttp, "vault", "grant", "ttp", code=2)  # nobody grants themselves
+    sphere(env, "vault", "grant", "ttp")  # the admin does
     assert sphere(ttp, "vault", "lookup", pseudonym, "--project", "trial").strip() == PATIENT["id"]
     sop = pydicom.dcmread(written[0]).SOPInstanceUID
     original = sphere(ttp, "vault", "lookup", sop, "--project", "trial").strip()
     assert original in {str(pydicom.dcmread(f).SOPInstanceUID) for f in study.files}
     sphere(ttp, "vault", "lookup", "PNOSUCHPSEUDONYM", "--project", "trial", code=1)
 
-    trail = sphere(env, "vault", "audit", "--project", "trial")
+    trail = sphere(ttp, "vault", "audit", "--project", "trial")
     assert "denied" in trail and "found" in trail and "not found" in trail
     assert PATIENT["id"] not in trail
 

@@ -49,7 +49,6 @@ def make_gateway(home: Path, pacs: LocalOrthanc, port: int, **kw) -> Gateway:
         home=home,
         port=port,
         pacs=PacsPeer(ae_title=pacs.aet, port=pacs.dicom_port, retrieve=kw.pop("retrieve", "move")),
-        actor="tester",
         fsync=False,
         backoff_s=0.1,
         **kw,
@@ -224,7 +223,7 @@ def test_unsolicited_push_is_refused_and_audited(tmp_path, corpus):
     from gateway.dimse.scp import StorageSCP
     from gateway.pull.receiver import Receiver, ReceiverConfig
 
-    gw = Gateway(Settings(home=tmp_path, actor="tester"))
+    gw = Gateway(Settings(home=tmp_path))
     gw.create_project("quiet")
     receiver = Receiver(ReceiverConfig.of(gw.core, "quiet"))
     with StorageSCP(ae_title="SPHERE", host="127.0.0.1", port=0, on_store=receiver.on_store) as scp:
@@ -259,7 +258,7 @@ from pathlib import Path
 from gateway.api import Gateway
 from core.settings import PacsPeer, Settings
 home, aet, port, scp = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-gw = Gateway(Settings(home=Path(home), port=scp, actor="tester", max_associations=1,
+gw = Gateway(Settings(home=Path(home), port=scp, max_associations=1,
                       pacs=PacsPeer(ae_title=aet, port=port)))
 gw.pull("crash")
 """
@@ -329,9 +328,8 @@ def test_pull_with_catalog_and_vault_on_postgresql(
     with gw.catalog.session() as s:
         rows = s.scalars(select(SeriesRecord)).all()
     assert {r.status for r in rows} == {"complete"} and len(rows) == len(st.series)
-    # The vault (its own database) maps the pseudonym back, for a granted trusted third party.
+    # The vault (its own database) maps the pseudonym back, for the trusted third party.
     pseudonym = gw.keys("pgproj").pseudonym(st.patient_id)
-    gw.vault.grant("ttp", by="dpo")
     assert gw.vault.lookup("pgproj", pseudonym, role="trusted-third-party", actor="ttp") == (
         st.patient_id
     )

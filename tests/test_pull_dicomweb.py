@@ -79,7 +79,6 @@ def gateway(tmp_path, scp_port, *sources: Source) -> Gateway:
         home=tmp_path,
         port=scp_port,
         sources=list(sources),
-        actor="tester",
         fsync=False,
         backoff_s=0.05,
         timeout_s=10,

@@ -17,7 +17,7 @@ from storage.series import SeriesWriter
 @pytest.fixture
 def setup(tmp_path):
     corpus = generate(tmp_path / "corpus", n_patients=2, slices=4, size=32, seed=3)
-    gw = Gateway(Settings(home=tmp_path / "gw", actor="tester"))
+    gw = Gateway(Settings(home=tmp_path / "gw"))
     gw.create_project("recv")
     receiver = Receiver(ReceiverConfig.of(gw.core, "recv"))
     return corpus, gw, receiver

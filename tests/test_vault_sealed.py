@@ -83,7 +83,6 @@ def test_a_copy_of_the_vault_alone_reveals_nothing(tmp_path):
     again = Core(Settings(home=home))
     items = {(i.kind, i.value) for i in projects.cohort(again, "pr", purpose="test")}
     assert items == {("accession", COHORT[0]), ("patient_id", COHORT[1])}
-    again.vault.grant("ttp", by="admin")
     for pseudonym, original in pairs.items():
         assert (
             again.vault.lookup("pr", pseudonym, role=TRUSTED_THIRD_PARTY, actor="ttp") == original
@@ -128,7 +127,6 @@ def test_a_vault_from_before_is_sealed_in_place_and_the_scan_sees_plaintext(tmp_
     assert (home / "secrets" / "vault.key").stat().st_mode & 0o777 == 0o600
     assert vault.project_secret("pr") == secret
     assert vault.cohort("pr", actor="dm", purpose="t") == {("accession", "d1"): ACCESSION}
-    vault.grant("ttp", by="admin")
     assert vault.lookup("pr", "PSEUDO1", role=TRUSTED_THIRD_PARTY, actor="ttp") == PATIENT["id"]
     core.close()
     with pytest.raises(WrongVaultKey):  # sealed with the key made, no other
@@ -139,7 +137,6 @@ def test_a_wrong_key_or_a_moved_row_does_not_open(tmp_path):
     url = f"sqlite:///{tmp_path / 'vault.db'}"
     with Vault(url, KEY) as v:
         v.record_many("pr", [("patient", "MRN-A", "PA"), ("patient", "MRN-B", "PB")])
-        v.grant("ttp", by="admin")
     with pytest.raises(WrongVaultKey):
         Vault(url, VaultKey.generate())
     # Swap the two sealed originals: each row's seal names its pseudonym, so neither opens.
@@ -247,6 +244,9 @@ def test_the_home_is_owner_only_and_a_home_made_before_is_tightened(tmp_path, um
     study = make_study(tmp_path / "in", n=2)
     sphere("project", "create", "pr", home=home)
     sphere("cohort", "add", "pr", "--accession", ACCESSION, home=home)
+    # an export is of an approved project only (projects.require_active)
+    sphere("project", "approve", "pr", "--committee-ref", "C1", "--expires-on", "2099-01-01",
+           home=home)  # fmt: skip
     out = home / "exports" / "deid"
     sphere("deid", *map(str, study.files), "--project", "pr", "--out", str(out), home=home)
     sphere("results", "pr", "--csv", str(home / "results.csv"), home=home)

@@ -20,7 +20,7 @@ from tests.test_cli import SPHERE
 
 
 def sphere(*args: str, home, check: bool = True):
-    env = {"SPHERE_HOME": str(home), "SPHERE_ACTOR": "tester", "COLUMNS": "200"}
+    env = {"SPHERE_HOME": str(home), "COLUMNS": "200"}
     out = CliRunner().invoke(app, list(args), env=env)
     if check:
         assert out.exit_code == 0, out.output

@@ -61,7 +61,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             home=tmp / "home",
             port=scp_port,
             pacs=PacsPeer(ae_title=pacs.aet, port=pacs.dicom_port),
-            actor="tester",
             fsync=False,
             backoff_s=0.1,
         )

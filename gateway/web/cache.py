@@ -79,6 +79,14 @@ class CatalogCache:
         key = ("member", project, user_id)
         return self._get(key, lambda: self.core.catalog.membership(project, user_id))
 
+    def global_roles(self, user_id: int) -> frozenset[str]:
+        """The user's global roles (admin, data-manager, trusted-third-party)."""
+        key = ("roles", user_id)
+        return self._get(key, lambda: frozenset(self.core.catalog.user_roles(user_id)))
+
+    def project(self, name: str) -> Project | None:
+        return self._get(("project-row", name), lambda: self.core.catalog.project(name))
+
     def project_exists(self, project: str) -> bool:
         key = ("project", project)
         return self._get(key, lambda: self.core.catalog.project(project) is not None)

@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi import HTTPException, Request
 
-from core import Core
+from core import Core, access
 from gateway.web import sessions
 from gateway.web.cache import CatalogCache
 from gateway.web.edge import trusted_proxy
@@ -29,7 +29,7 @@ class Access:
 
     project: Project
     user: User
-    role: str
+    role: str  # "" for a user acting by a global role (a data manager granting)
 
 
 async def get_core(request: Request) -> Core:
@@ -120,23 +120,52 @@ def current_user(request: Request) -> User:
 
 
 def project_access(project: str, request: Request) -> Access:
-    """The caller's access to `project` (calls `current_user` itself: one thread hop, not two,
-    for each request)."""
+    """The caller's access to `project` to read its studies (QIDO-RS, WADO-RS): `study.read`.
+    Calls `current_user` itself: one thread hop, not two, for each request."""
+    return member_access(project, request, "study.read")
+
+
+def grant_access(project: str, request: Request) -> Access:
+    """The caller's access to `project` to give roles in it: `project.grant`."""
+    return member_access(project, request, "project.grant")
+
+
+def member_access(project: str, request: Request, action: str) -> Access:
+    """A user's access to `project` for `action`, by `core.access`'s table (global roles and
+    the role in the project). Neither a member nor holding a global role that allows it (or no
+    such project): 404; a member whose role the table refuses, or a project not approved,
+    revoked, expired: 403. A refusal is audited with its action (the audit middleware writes
+    the row, outcome refused)."""
     user = current_user(request)
     cache = catalog_cache(request)
     record = getattr(request.state, "audit", None)
+    held = set(cache.global_roles(user.id))
     found = cache.membership(project, user.id)
+    if found is None and access.allows(action, held):  # a data manager granting, say
+        p = cache.project(project)
+        found = (p, "") if p is not None else None
     if found is None:  # no such project, or not a member: the same answer
         if record is not None and cache.project_exists(project):
             record["project"] = project  # a name typed that is no project is not kept
+        _refused(record, action)
         raise HTTPException(404, "not found")
     p, role = found
     if record is not None:
         record["project"] = p.name
+    if not access.allows(action, held | {role}):
+        _refused(record, action)
+        raise HTTPException(403, f"your role in this project may not {action}")
     problem = p.approval_problem(date.today())
     if problem:  # told to members only: revoked, expired, not yet approved
+        _refused(record, action)
         raise HTTPException(403, problem)
     return Access(p, user, role)
+
+
+def _refused(record: dict[str, Any] | None, action: str) -> None:
+    if record is not None:
+        record["action"] = action
+        record["detail"]["refused"] = action
 
 
 _HOST = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel
 
-from core import Core, SphereError, users
+from core import Core, SphereError, access, users
 from gateway.web import sessions
 from gateway.web.deps import (
     Access,
@@ -19,7 +19,7 @@ from gateway.web.deps import (
     base_url,
     failed,
     get_core,
-    project_access,
+    grant_access,
     throttle,
     user_from_request,
 )
@@ -115,7 +115,11 @@ def home(request: Request, core: Core = Depends(get_core)) -> Response:
         "<form method=post action=/signout style=display:inline><button>Sign out</button>"
         "</form></p>"
     ]
-    memberships = core.catalog.user_projects(user.id)
+    memberships = [
+        (p, role)
+        for p, role in core.catalog.user_projects(user.id)
+        if access.allows("project.read", {role})
+    ]
     if not memberships:
         parts.append("<p>You are not a member of any project yet.</p>")
     for project, role in memberships:
@@ -124,7 +128,8 @@ def home(request: Request, core: Core = Depends(get_core)) -> Response:
             parts.append(f"<p>{escape(project.title)}</p>")
         problem = project.approval_problem(today)
         if problem:
-            parts.append(f"<p>Not available: {escape(problem)}.</p>")
+            state = project.state(today)
+            parts.append(f"<p>Not available ({escape(state)}): {escape(problem)}.</p>")
             continue
         page = _page_number(request, project.name)
         studies, total = core.catalog.indexed_studies(
@@ -196,7 +201,7 @@ class Grant(BaseModel):
 def grant(
     body: Grant,
     request: Request,
-    access: Access = Depends(project_access),
+    member: Access = Depends(grant_access),
     core: Core = Depends(get_core),
 ) -> Response:
     """A role in this project, by the role table (`core.users.grant`): an investigator grants
@@ -204,7 +209,7 @@ def grant(
     answered as a grant made (204), so names cannot be probed; the refusal is audited."""
     audit(request, "grant", role=body.role)
     try:
-        users.grant(core, access.project.name, body.user, body.role, by_user=access.user)
+        users.grant(core, member.project.name, body.user, body.role, by_user=member.user)
     except users.NotAllowed as e:
         raise HTTPException(403, str(e)) from None
     except SphereError as e:  # an unknown role, a closed project
