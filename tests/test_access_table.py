@@ -93,6 +93,8 @@ CLI_CASES: dict[str, list[Case]] = {
     "optout remove": [Case(("--patient-id", "X1"), ("optout.manage",))],
     "optout list": [Case((), ("optout.manage",))],
     "verify": [Case(("pp",), ("pull",))],
+    "cohort list": [Case(("pp",), ("cohort.read",))],  # values only to cohort.values
+    "cohort remove": [Case(("pp", "--accession", "A9"), ("cohort.remove",))],
 }
 
 
