@@ -212,3 +212,30 @@ def test_a_cut_wado_stream_is_resumed_and_wrong_credentials_are_one_clear_error(
     with pytest.raises(Unavailable, match="refused our credentials") as e:
         wrong.pull("denied")
     assert "nope" not in str(e.value) and corpus.studies[0].accession not in str(e.value)
+
+
+def test_a_plan_across_two_pacs_counts_and_sizes_each(tmp_path, corpus, pacs_web, pacs_dimse,
+                                                       scp_port):  # fmt: skip
+    """`sphere pull --plan`'s counts per source: a study on both is planned from the one that
+    holds it whole; sizes as each source describes an instance (QIDO and C-FIND)."""
+    from gateway.pull.preview import pull_plan
+
+    dimse = Source(name="site-b", protocol="move", ae_title=pacs_dimse.aet,
+                   port=pacs_dimse.dicom_port)  # fmt: skip
+    gw = gateway(tmp_path, scp_port, web_source(pacs_web), dimse)
+    approve(gw, "planned", [st.accession for st in corpus.studies] + ["UNKNOWN-9"])
+    plan = pull_plan(gw.core, "planned", actor="tester")
+    got = {s.name: (len(s.studies), s.series, s.instances, s.nbytes, s.typical)
+           for s in plan.sources}  # fmt: skip
+
+    def counted(studies):
+        series = [se for st in studies for se in st.series]
+        n = sum(se.n_instances for se in series)
+        return len(studies), len(series), n, n * 32 * 32 * 2, 0
+
+    assert got == {
+        "site-a": counted(corpus.studies[:1]),
+        "site-b": counted(corpus.studies[1:]),  # study 1 is whole on site-b only
+    }
+    assert (plan.items, plan.unresolved) == (len(corpus.studies) + 1, 1)
+    assert gw.catalog.series(gw.catalog.project("planned").id) == []  # nothing retrieved
