@@ -6,11 +6,11 @@ address and the route (its template, never the path typed) once the response is 
 `AuditBuffer` writes the records in one transaction a second (or every `batch` records) from
 a thread of its own, and whatever is left when the app stops.
 
-Frame and bulk data reads are rolled up: one row per user, series, hour and action, with how
-many reads and bytes, written once the series has gone unread for `idle_s` (or has been open
-`max_age_s`, or its hour is over, or the app stops). A viewer reads hundreds of frames a
-study; a row each drowned the trail. Rows are only ever appended (they are chained, see
-storage.audit), so a series read again later gets a row of its own.
+Frame, bulk data and rendered image reads are rolled up: one row per user, series, hour and
+action, with how many reads and bytes, written once the series has gone unread for `idle_s` (or
+has been open `max_age_s`, or its hour is over, or the app stops). A viewer reads hundreds of
+frames a study; a row each drowned the trail. Rows are only ever appended (they are chained,
+see storage.audit), so a series read again later gets a row of its own.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from storage.catalog import Catalog, utcnow
 
 log = logging.getLogger(__name__)
 UNAUDITED = ("/healthz",)
-ROLLED_UP = ("wado.frames", "wado.bulkdata")  # successful ones only: a refusal keeps its row
+# Pixel reads a viewer makes by the hundred; successful ones only (a refusal keeps its row).
+# Whole instances (DICOM with its header) and metadata keep a row each.
+ROLLED_UP = ("wado.frames", "wado.bulkdata", "wado.rendered", "wado.thumbnail")
 
 
 class AuditBuffer:
