@@ -108,6 +108,7 @@ class Settings(BaseSettings):
     # flushed to stable storage (fdatasync) when each association ends; fsync_each flushes
     # before every acknowledgement instead (safe from power loss at once, far slower).
     fsync: bool = True  # off only for throwaway test data
+    spool_min_free_mb: float = 16.0  # a pull stops (cleanly) when the spool's disk has less free
     fsync_each: bool = False
     # A project's data is kept this many days past its approval's expiry, then purged
     # (`sphere project purge --expired`, daily); `sphere project retain` sets another end.

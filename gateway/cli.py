@@ -302,6 +302,7 @@ def pull(
 ) -> None:
     """Pull a project's cohort from the PACS, de-identify it and store it. Re-run to resume."""
     from gateway.pull import pull as run_pull
+    from gateway.pull.stops import PullStopped
 
     if plan:
         from gateway.pull.preview import plan_lines, pull_plan
@@ -313,7 +314,11 @@ def pull(
         return
     c = acting(ctx, "pull", name)
     projects.require_active(c, name, "pull")
-    report = run_pull(c, name)
+    try:
+        report = run_pull(c, name)
+    except PullStopped as e:  # the summary of what was done, then the one line
+        _echo_lines(views.report_lines(e.report))
+        raise
     _echo_lines(views.report_lines(report))
     if not report.ok:
         raise typer.Exit(1)

@@ -8,6 +8,7 @@ Used by the listener (`scp.StorageSCP`, one thread per association) and by the w
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import socket
 import threading
@@ -33,6 +34,7 @@ from gateway.dimse.common import (
     CANNOT_UNDERSTAND,
     DATASET_MISMATCH,
     DECODE_FAILED,
+    OUT_OF_RESOURCES,
     STORAGE_TRANSFER_SYNTAXES,
     UNCOMPRESSED,
     is_failure,
@@ -47,18 +49,28 @@ _ANSWERS = 8  # association requests remembered per service
 
 
 def call_on_store(callback: Callable[[Any, str], int], item: Any, calling_ae: str) -> int:
-    """Run a storage callback; any exception becomes 0xC000 and a log line without PHI."""
+    """Run a storage callback; any exception becomes 0xC000 (a full disk 0xA700) and a log
+    line without PHI."""
     try:
         return int(callback(item, calling_ae))
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return _failed(calling_ae, exc, CANNOT_UNDERSTAND)
+        # A full disk: "out of resources", so the peer knows it may try again later.
+        return _failed(calling_ae, exc, OUT_OF_RESOURCES)
     except Exception as exc:
-        # The exception text may quote dataset values: log its type only.
-        log.error(
-            "storage callback failed on an instance from %s (%s): answered 0x%04X",
-            calling_ae,
-            type(exc).__name__,
-            CANNOT_UNDERSTAND,
-        )
-        return CANNOT_UNDERSTAND
+        return _failed(calling_ae, exc, CANNOT_UNDERSTAND)
+
+
+def _failed(calling_ae: str, exc: BaseException, status: int) -> int:
+    # The exception text may quote dataset values: log its type only.
+    log.error(
+        "storage callback failed on an instance from %s (%s): answered 0x%04X",
+        calling_ae,
+        type(exc).__name__,
+        status,
+    )
+    return status
 
 
 def _ui(tag: int, value: str) -> RawDataElement:

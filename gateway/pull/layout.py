@@ -37,8 +37,12 @@ class SpoolLayout:
         marker = self._marker(pseudo_series)
         marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = marker.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"study": pseudo_study, "patient": patient}))
-        os.replace(tmp, marker)
+        try:
+            tmp.write_text(json.dumps({"study": pseudo_study, "patient": patient}))
+            os.replace(tmp, marker)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no half marker behind
+            raise
 
     def expected(self, pseudo_series: str) -> dict[str, str] | None:
         """{"study", "patient"} the series belongs to, or None if nobody waits for it."""
@@ -83,6 +87,11 @@ class SpoolLayout:
         for reason in by_sop.values():
             counts[reason] = counts.get(reason, 0) + 1
         return counts
+
+    def remove_tmp(self) -> None:
+        """Remove markers half written by a pull that stopped (`*.tmp`)."""
+        for tmp in (self.root / "expected").glob("*.tmp"):
+            tmp.unlink(missing_ok=True)
 
     def clear_notes(self, pseudo_series: str) -> None:
         self._notes(pseudo_series).unlink(missing_ok=True)

@@ -16,7 +16,10 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime
+from typing import NoReturn
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from core import Core, SphereError, Unavailable
 from core.index import index_stored
@@ -28,8 +31,10 @@ from gateway.pull.layout import SpoolLayout
 from gateway.pull.lock import ProjectPullLock, PullBusy
 from gateway.pull.report import PullReport, SeriesOutcome
 from gateway.pull.retrievers import Retriever, SourceError, open_retrievers
+from gateway.pull.stops import PullStopped, check_spool, probe_store, why_stopped
 from storage.catalog import Project, utcnow
 from storage.series import SeriesError, SeriesWriter, series_key, unreadable
+from storage.spool import SpoolError
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +136,8 @@ class Puller:
         self.actor = actor or core.actor
         self.layout = SpoolLayout(core.settings.spool_dir.resolve(), name)
         self.lock: ProjectPullLock | None = None
+        self._jobs: list[SeriesJob] = []  # the series this pull set out to retrieve
+        self._stopping = False
 
     def check_allowed(self, today: date | None = None) -> None:
         """Raise `PullRefused` (and audit it) unless the project is approved and in date."""
@@ -154,6 +161,8 @@ class Puller:
         lock = ProjectPullLock(self.core.catalog, self.project, self.actor)
         try:
             lock.take()
+        except SQLAlchemyError as e:  # a catalog that cannot be written (full, down)
+            raise Unavailable(why_stopped(e, self.layout.root)) from None
         except PullBusy as e:
             self.core.catalog.audit(self.actor, "pull", self.project.name, "refused", reason=str(e))
             raise
@@ -171,19 +180,33 @@ class Puller:
         t0 = time.perf_counter()
         started = utcnow()
         report = PullReport(project=name, storage=self.core.settings.resolved_storage_url())
-        catalog.audit(
-            self.actor, "pull.start", name, sources=[f"{r.name} ({r.protocol})" for r in sources]
-        )
+        try:
+            catalog.audit(
+                self.actor,
+                "pull.start",
+                name,
+                sources=[f"{r.name} ({r.protocol})" for r in sources],
+            )
+            self._pull(sources, report, started)
+        except BaseException as e:
+            self._stopped(report, e, t0)
+        report.seconds = time.perf_counter() - t0
+        self._audit_end(report)
+        return report
+
+    def _pull(self, sources: list[Retriever], report: PullReport, started: datetime) -> None:
+        name = self.project.name
+        catalog = self.core.catalog
         items = cohort(self.core, name, purpose="pull", actor=self.actor)
         register = Register(self.core)
         items = self._without_opted_out(register, items)
         with ExitStack() as opened:
             for source in sources:
-                opened.enter_context(source)
+                opened.enter_context(source)  # our Storage SCP listens: its port is free
+            self._check_writable()  # before anything is asked of the PACS
             try:
                 planned, found = plan(sources, items)
             except SourceError as e:
-                catalog.audit(self.actor, "pull.end", name, "error", reason=str(e))
                 raise Unavailable(f"cannot be queried: {e}") from None
             planned = self._without_opted_out_studies(register, planned)
             catalog.record_resolution(
@@ -202,12 +225,49 @@ class Puller:
                     jobs.append(self._job(p))
             self._retrieve_all(sources, jobs, report)
         report.refused_unsolicited = catalog.refusals_since(name, started)
+
+    # -- ending --------------------------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        """The store takes a write and the spool's disk has room: found before the PACS is
+        asked for anything, not after everything was fetched."""
+        probe_store(self.core.store, f"projects/{self.project.name}")
+        check_spool(self.layout.root, self.core.settings.spool_min_free_mb)
+
+    def _stopped(self, report: PullReport, exc: BaseException, t0: float) -> NoReturn:
+        """End a pull that failed as any other (series not done marked failed, no `.tmp` left,
+        the `pull.end` row), then raise: `PullStopped` (one line, with the report) for a
+        failure of the disk, the catalog or the store; the error itself otherwise."""
+        line = str(exc) if isinstance(exc, SphereError) else why_stopped(exc, self.layout.root)
+        reason = line or f"unexpected {type(exc).__name__}"
+        self._stopping = True
+        done = {s.pseudo_series for s in report.series}
+        for job in self._jobs:
+            if job.pseudo_series not in done:
+                report.series.append(
+                    SeriesOutcome(job.pseudo_series, "failed", job.expected, 0, error=reason)
+                )
+        self.layout.remove_tmp()
         report.seconds = time.perf_counter() - t0
-        catalog.audit(
+        try:
+            left = self.core.catalog.fail_pending(self.project.id, f"the pull stopped: {reason}")
+            self._audit_end(report, reason=reason)
+        except Exception as e:  # the catalog itself failed: the line says so
+            log.error("pull %s: the catalog could not record the end (%s)", report.project, e)
+            left = -1
+        if left < 0 and not line.startswith("the catalog"):
+            line = f"{line or reason}; the catalog could not record it (series left pending)"
+        if isinstance(exc, SphereError) or not line:
+            raise exc
+        raise PullStopped(line, report) from exc
+
+    def _audit_end(self, report: PullReport, reason: str = "") -> None:
+        extra = {"reason": reason} if reason else {}
+        self.core.catalog.audit(
             self.actor,
             "pull.end",
-            name,
-            "ok" if report.ok else "error",
+            report.project,
+            "ok" if report.ok and not reason else "error",
             studies=report.studies,
             complete=report.count("complete"),
             skipped=report.count("skipped"),
@@ -219,8 +279,8 @@ class Puller:
             unresolved_items=report.unresolved,
             refused_unsolicited=report.refused_unsolicited,
             seconds=round(report.seconds, 3),
+            **extra,
         )
-        return report
 
     def _without_opted_out(self, register: Register, items: list[CohortEntry]) -> list[CohortEntry]:
         """The cohort less the patient IDs whose patients opted out (audited: a count)."""
@@ -263,9 +323,15 @@ class Puller:
             commits: list[Future[SeriesOutcome]] = []
 
             def retrieve_then_commit(job: SeriesJob) -> None:
-                outcome = self._retrieve(job)
+                if self._stopping:  # left to _stopped
+                    return
+                try:
+                    outcome = self._retrieve(job)
+                except BaseException:
+                    self._stopping = True  # the series still queued are not started
+                    raise
                 if outcome is None:
-                    commits.append(committer.submit(self._commit, job))
+                    commits.append(committer.submit(self._commit_or_stop, job))
                 else:
                     report.series.append(outcome)
 
@@ -290,6 +356,7 @@ class Puller:
             source=p.source,
         )
         self._upsert(job, status="pending")
+        self._jobs.append(job)
         return job
 
     def _retrieve(self, job: SeriesJob) -> SeriesOutcome | None:
@@ -313,6 +380,7 @@ class Puller:
                 error = verify(job, result)
                 if not error:
                     return None
+                check_spool(self.layout.root, s.spool_min_free_mb)
                 log.warning("series %s attempt %d: %s", job.pseudo_series, attempt + 1, error)
         finally:
             self.layout.forget(job.pseudo_series)
@@ -348,6 +416,8 @@ class Puller:
             return self._fail(job, f"the stored series does not read back: {problem}")
         try:
             self._index(job)
+        except SQLAlchemyError:  # the catalog itself fails (full, down): the pull stops
+            raise
         except Exception as e:  # stored but not findable: failed, so a re-run pulls it again
             log.error("series %s: indexing failed: %s", job.pseudo_series, type(e).__name__)
             return self._fail(job, f"indexing failed ({type(e).__name__})")
@@ -383,6 +453,14 @@ class Puller:
         """The QIDO-RS index rows of a committed series, before it is marked complete."""
         index_stored(self.core, self.project.id, job.key)
 
+    def _commit_or_stop(self, job: SeriesJob) -> SeriesOutcome:
+        """`_commit`; an error it does not handle stops the pull (no more series started)."""
+        try:
+            return self._commit(job)
+        except BaseException:
+            self._stopping = True
+            raise
+
     def _fail(self, job: SeriesJob, error: str) -> SeriesOutcome:
         self._upsert(job, status="failed", error=error)
         self.core.catalog.audit(
@@ -393,9 +471,11 @@ class Puller:
             series=job.pseudo_series,
             reason=error,
         )
-        return SeriesOutcome(
-            job.pseudo_series, "failed", job.expected, job.writer.count, error=error
-        )
+        try:
+            spooled = job.writer.count
+        except SpoolError:  # committed (the spool removed) before a later step failed
+            spooled = 0
+        return SeriesOutcome(job.pseudo_series, "failed", job.expected, spooled, error=error)
 
     def _upsert(self, job: SeriesJob, **values: object) -> None:
         self.core.catalog.upsert_series(

@@ -9,6 +9,8 @@ with the same methods.
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 from collections.abc import Callable
 from functools import partial
@@ -18,7 +20,7 @@ from typing import Any, Protocol, TypeVar
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 
-from core import Core, NotSetUp
+from core import Core, NotSetUp, SphereError
 from core.settings import Source
 from gateway.dimse.scp import StorageSCP
 from gateway.dimse.scu import DimseError, Mover, Peer, RetrieveResult, Scu, SeriesHit, StudyHit
@@ -33,6 +35,10 @@ T = TypeVar("T")
 
 class SourceError(Exception):
     """A source could not be reached or answered wrongly (the message names it, holds no PHI)."""
+
+
+class PortInUse(SphereError):
+    """Our Storage SCP's port is taken or not ours to use (the message names it)."""
 
 
 class Retriever(Protocol):
@@ -142,20 +148,34 @@ class _SharedSCP:
 
     def enter(self, ae_title: str) -> None:
         with self._lock:
-            self.users += 1
             if self._scp is None:
-                self._scp = StorageSCP(
-                    ae_title=ae_title,
-                    host=self.host,
-                    port=self.port,
-                    workers=self.workers,
-                    handler_factory=partial(Receiver, self.cfg),
-                    # Room for more than the pull opens: a PACS may hold one open after a C-MOVE.
-                    max_associations=max(8, 4 * self.limit),
-                    timeout_s=self.cfg.settings.timeout_s,
-                    preload=WORKER_MODULES if self.workers else None,
-                    allowed_callers=self.cfg.settings.allowed_callers,
-                ).start()
+                self._scp = self._start(ae_title)
+            self.users += 1
+
+    def _start(self, ae_title: str) -> StorageSCP:
+        """Our Storage SCP, listening; `PortInUse` when its port is taken (another pull on
+        this host, another program)."""
+        try:
+            return StorageSCP(
+                ae_title=ae_title,
+                host=self.host,
+                port=self.port,
+                workers=self.workers,
+                handler_factory=partial(Receiver, self.cfg),
+                # Room for more than the pull opens: a PACS may hold one open after a C-MOVE.
+                max_associations=max(8, 4 * self.limit),
+                timeout_s=self.cfg.settings.timeout_s,
+                preload=WORKER_MODULES if self.workers else None,
+                allowed_callers=self.cfg.settings.allowed_callers,
+            ).start()
+        except OSError as e:
+            if e.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+                raise
+            raise PortInUse(
+                f"the Storage SCP cannot listen on {self.host}:{self.port} "
+                f"({os.strerror(e.errno)}): another pull on this host, or another program? "
+                "Set SPHERE_PORT (and SPHERE_HOST) to a port the PACS knows for this node"
+            ) from None
 
     def leave(self) -> None:
         with self._lock:

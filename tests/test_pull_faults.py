@@ -1,22 +1,26 @@
-"""The catalog never says more than the store holds (issue 19): two pulls of one project at
-once, a pull killed and taken over, and `sphere verify` catching a damaged series that the next
-pull then fetches again. Real Orthanc, real `sphere` processes."""
+"""A pull's faults (issue 19): the catalog never says more than the store holds — two pulls of
+one project at once, a pull killed and taken over, `sphere verify` catching a damaged series that
+the next pull fetches again — and every failure path ends cleanly: the Storage SCP's port in use,
+the store down, the spool's disk full. Real Orthanc, real `sphere` processes."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event
 
-from core import access, users
+from core import Unavailable, access, users
 from core.settings import PacsPeer, Settings
 from gateway.api import Gateway
 from gateway.pull import PullBusy
+from gateway.pull.stops import PullStopped
 from harness.localpacs import LocalOrthanc, free_port
 from harness.synthetic import generate
 from storage.catalog import SeriesRecord
@@ -135,7 +139,8 @@ import sys
 from pathlib import Path
 from gateway.api import Gateway
 from gateway.pull import PullBusy
-from core import access, users
+from gateway.pull.stops import PullStopped
+from core import Unavailable, access, users
 from core.settings import PacsPeer, Settings
 home, aet, port, scp = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 gw = Gateway(Settings(home=Path(home), port=scp, actor="tester", max_associations=1,
@@ -198,3 +203,135 @@ def test_verify_marks_a_damaged_series_failed_and_the_next_pull_fetches_it_again
     assert again.count("skipped") == len(st.series) - 1
     assert unreadable_complete(gw, "checked") == {}
     assert gw.catalog.indexed_series(project.id, keys.uid(st.study_uid), damaged) != []
+
+
+def test_the_storage_scps_port_in_use_is_one_line_and_nothing_is_created(
+    tmp_path, pacs, scp_port, corpus
+):
+    gw = gateway(tmp_path, pacs, scp_port)
+    approved(gw, "busyport", [corpus.studies[0].accession])
+    env = env_for(gw, pacs, scp_port)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    with taken:
+        out = sphere("pull", "busyport", env={**env, "SPHERE_PORT": str(port)})
+    assert out.returncode == 2, out.stdout + out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert f"127.0.0.1:{port}" in line and "SPHERE_PORT" in line and "unexpected" not in line
+    assert gw.catalog.series(gw.core.project("busyport").id) == []
+    assert not (tmp_path / "spool" / "busyport").exists()
+    assert not (tmp_path / "store" / "projects" / "busyport").exists()
+    (end,) = [e for e in gw.catalog.audit_trail("busyport") if e.action == "pull.end"]
+    assert end.outcome == "error" and str(port) in end.detail
+    assert gw.catalog.pull_lock(gw.core.project("busyport").id) is None
+
+
+def test_the_store_down_is_found_before_the_pacs_is_asked(tmp_path, pacs, corpus):
+    """A store that takes no write: the pull says so before any C-FIND (the PACS port given
+    answers nothing, so reaching it would end in another error)."""
+    (tmp_path / "not-a-folder").write_text("")
+    gw = Gateway(
+        Settings(
+            home=tmp_path,
+            port=free_port(),
+            pacs=PacsPeer(ae_title=pacs.aet, port=free_port()),
+            storage_url=str(tmp_path / "not-a-folder" / "store"),
+            actor="tester",
+            fsync=False,
+        )
+    )
+    approved(gw, "nostore", [corpus.studies[0].accession])
+    with pytest.raises(Unavailable, match="storage folder unavailable during probe"):
+        gw.pull("nostore")
+    assert gw.catalog.series(gw.core.project("nostore").id) == []
+    (end,) = [e for e in gw.catalog.audit_trail("nostore") if e.action == "pull.end"]
+    assert end.outcome == "error" and "probe" in end.detail
+
+
+FULL_SPOOL = """
+set -e
+mount -t tmpfs -o size=200k tmpfs "$SPOOL"
+set +e
+"$PYTHON" -m gateway.cli pull full
+rc=$?
+echo "tmp left: $(find "$SPOOL" -name '*.tmp' | wc -l)"
+exit $rc
+"""
+
+
+def test_a_full_spool_disk_ends_the_pull_cleanly(tmp_path, pacs, scp_port, corpus):
+    """The spool on a 200 KB tmpfs (its own mount namespace): the receivers answer 0xA700, the
+    pull stops with the summary, one line and exit 2, the `pull.end` row, no series pending and
+    no `.tmp` left; with room again, the re-run completes."""
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no mount namespaces here (unshare -rm)")
+    gw = gateway(tmp_path, pacs, scp_port)
+    approved(gw, "full", [st.accession for st in corpus.studies[:2]])
+    env = env_for(gw, pacs, scp_port)
+    spool = tmp_path / "spool"
+    spool.mkdir(exist_ok=True)
+    env.update(SPOOL=str(spool), PYTHON=sys.executable, SPHERE_SPOOL_MIN_FREE_MB="0.05")
+    out = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", FULL_SPOOL],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "tmp left: 0" in out.stdout
+    assert "series" in out.stdout  # the summary
+    lines = [ln for ln in out.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "no space left" in lines[0] and "unexpected" not in out.stderr
+    project = gw.core.project("full")
+    statuses = {r.status for r in gw.catalog.series(project.id)}
+    assert "pending" not in statuses and "failed" in statuses
+    (end,) = [e for e in gw.catalog.audit_trail("full") if e.action == "pull.end"]
+    assert end.outcome == "error" and "no space left" in end.detail
+    assert gw.catalog.pull_lock(project.id) is None
+
+    again = sphere("pull", "full", env=env_for_again(env))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert unreadable_complete(gw, "full") == {}
+
+
+def env_for_again(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k not in ("SPOOL", "PYTHON")}
+
+
+def test_a_full_catalog_ends_the_pull_cleanly(tmp_path, pacs, scp_port, corpus):
+    """SQLite's own limit (max_page_count) makes the catalog full mid-pull: a real
+    SQLITE_FULL ("database or disk is full"), as a full disk gives. The pull stops with one
+    line naming the catalog, not "unexpected OperationalError"; the next pull completes."""
+    gw = gateway(tmp_path, pacs, scp_port)
+    approved(gw, "fullcat", [st.accession for st in corpus.studies[:2]])
+    engine = gw.catalog.engine
+    with engine.connect() as c:
+        pages = c.exec_driver_sql("PRAGMA page_count").scalar()
+
+    def limit(dbapi_conn, _record) -> None:
+        dbapi_conn.execute(f"PRAGMA max_page_count = {pages + 6}")
+
+    engine.dispose()
+    event.listen(engine, "connect", limit)
+    try:
+        with pytest.raises(PullStopped) as stopped:
+            gw.pull("fullcat")
+    finally:
+        event.remove(engine, "connect", limit)
+        engine.dispose()
+    line = str(stopped.value)
+    assert "the catalog database failed (database or disk is full)" in line, line
+    assert "\n" not in line and stopped.value.report.count("complete") < 4
+    project = gw.core.project("fullcat")
+    assert gw.catalog.pull_lock(project.id) is None
+    pending = [r for r in gw.catalog.series(project.id) if r.status == "pending"]
+    if "left pending" not in line:  # said, when not even that could be written
+        assert pending == []
+        (end,) = [e for e in gw.catalog.audit_trail("fullcat") if e.action == "pull.end"]
+        assert end.outcome == "error" and "database or disk is full" in end.detail
+    again = gw.pull("fullcat")
+    assert again.ok, [s.error for s in again.series if s.error]
+    assert unreadable_complete(gw, "fullcat") == {}
