@@ -38,7 +38,7 @@ def tighten(paths: Iterable[Path]) -> list[Path]:
             if mode & 0o077:
                 p.chmod(mode & 0o700)
                 changed.append(p)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # not made yet (or cannot be)
             continue
         except PermissionError:  # not ours (a shared folder given as home): leave it, say so
             log.warning("cannot make %s owner-only: not this account's", p)
