@@ -335,13 +335,9 @@ def verify(
     """Read back every series the catalog calls complete; mark the unreadable failed.
 
     The next pull fetches those again. Exit 1 when one was found."""
-    from core import access
     from gateway.pull.readback import verify_project
 
-    c = core(ctx)
-    c.project(name)  # an unknown project says so first
-    operator = access.require(c, "pull", name)
-    report = verify_project(c, name, deep=deep, actor=operator.name)
+    report = verify_project(acting(ctx, "pull", name), name, deep=deep)
     for series, why in report.unreadable.items():
         typer.echo(f"unreadable  {series}  {why}")
     typer.echo(
