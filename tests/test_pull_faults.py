@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import event
 
 from core import Unavailable, access, users
-from core.settings import PacsPeer, Settings
+from core.settings import PacsPeer, S3Options, Settings
 from gateway.api import Gateway
 from gateway.pull import PullBusy
 from gateway.pull.stops import PullStopped
@@ -141,7 +141,7 @@ from gateway.api import Gateway
 from gateway.pull import PullBusy
 from gateway.pull.stops import PullStopped
 from core import Unavailable, access, users
-from core.settings import PacsPeer, Settings
+from core.settings import PacsPeer, S3Options, Settings
 home, aet, port, scp = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 gw = Gateway(Settings(home=Path(home), port=scp, actor="tester", max_associations=1,
                       fsync=False, pacs=PacsPeer(ae_title=aet, port=port)))
@@ -228,22 +228,31 @@ def test_the_storage_scps_port_in_use_is_one_line_and_nothing_is_created(
     assert gw.catalog.pull_lock(gw.core.project("busyport").id) is None
 
 
-def test_the_store_down_is_found_before_the_pacs_is_asked(tmp_path, pacs, corpus):
-    """A store that takes no write: the pull says so before any C-FIND (the PACS port given
-    answers nothing, so reaching it would end in another error)."""
+@pytest.mark.parametrize("where", ["folder", "s3"])
+def test_the_store_down_is_found_before_the_pacs_is_asked(tmp_path, pacs, corpus, where):
+    """A store that takes no write (a folder under a file; an S3 endpoint nobody answers at):
+    the pull says so before any C-FIND (the PACS port given answers nothing, so reaching it
+    would end in another error)."""
     (tmp_path / "not-a-folder").write_text("")
+    store: dict = {"storage_url": str(tmp_path / "not-a-folder" / "store")}
+    if where == "s3":
+        endpoint = f"http://127.0.0.1:{free_port()}"
+        store = {
+            "storage_url": "s3://bucket/research",
+            "s3": S3Options(endpoint=endpoint, access_key="a", secret_key="b"),
+        }
     gw = Gateway(
         Settings(
             home=tmp_path,
             port=free_port(),
             pacs=PacsPeer(ae_title=pacs.aet, port=free_port()),
-            storage_url=str(tmp_path / "not-a-folder" / "store"),
             actor="tester",
             fsync=False,
+            **store,
         )
     )
     approved(gw, "nostore", [corpus.studies[0].accession])
-    with pytest.raises(Unavailable, match="storage folder unavailable during probe"):
+    with pytest.raises(Unavailable, match="unavailable during probe.*nothing was pulled"):
         gw.pull("nostore")
     assert gw.catalog.series(gw.core.project("nostore").id) == []
     (end,) = [e for e in gw.catalog.audit_trail("nostore") if e.action == "pull.end"]
