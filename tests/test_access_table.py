@@ -360,3 +360,25 @@ def test_a_route_without_its_check_is_caught(home, monkeypatch):
 def test_unknown_routes_fail_the_walk():
     with pytest.raises(AssertionError, match="not in the table"):
         web_action("GET", "/admin/secrets")
+
+
+def test_init_makes_the_first_admin_once_and_strangers_get_one_line(tmp_path, monkeypatch):
+    env = {"SPHERE_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
+    first = CliRunner().invoke(cli_app, ["init"], env=env)
+    assert first.exit_code == 0 and "first admin" in first.output
+    token = first.output.strip().splitlines()[-1]
+    again = CliRunner().invoke(cli_app, ["init"], env=env)
+    assert again.exit_code == 0 and "has an admin already" in again.output
+    # The token works from anywhere (no OS account needed) ...
+    with_token = {**env, "SPHERE_TOKEN": token}
+    assert CliRunner().invoke(cli_app, ["user", "list"], env=with_token).exit_code == 0
+    # ... and an OS account mapped to nobody is told so, in one line, exit 2.
+    import getpass
+
+    monkeypatch.setattr(getpass, "getuser", lambda: "stranger")
+    out = CliRunner().invoke(cli_app, ["project", "list"], env=env)
+    assert out.exit_code == 2 and "you are not a sphere user" in out.output
+    assert len(out.output.strip().splitlines()) == 1
+    # A token that is no user's is refused the same way.
+    bad = CliRunner().invoke(cli_app, ["project", "list"], env={**env, "SPHERE_TOKEN": "sph_x"})
+    assert bad.exit_code == 2 and "SPHERE_TOKEN" in bad.output
