@@ -19,6 +19,7 @@ from pathlib import Path
 from core import Core, ProjectError, optout
 from core.retention import retention_end
 from gateway.pull.layout import SpoolLayout
+from gateway.pull.lock import ProjectPullLock, PullBusy
 from storage.catalog import Project
 from storage.objectstore import delete_keys, delete_prefix
 from storage.series import series_key
@@ -100,15 +101,16 @@ def purge_project(
         raise ProjectError(problem)
     if problem and not reason.strip():
         raise ProjectError("an early purge (--now) needs a --reason, for the audit trail")
-    # First: from here on the project is neither pulled nor served, even if this is cut short
-    # (a re-run of the purge finishes it).
-    core.catalog.update_project(name, status=PURGED)
-    out = purge_series(core, project, _all_series(core, project))
-    for prefix in store_prefixes(name):
-        out.add_store(delete_prefix(core.store, prefix))
-    out.spool_files += _remove_tree(_layout(core, name).root)
-    out.rows += core.catalog.forget_project_data(project.id)
-    out.rows += core.vault.forget_cohort(name)
+    with ProjectPullLock(core.catalog, project, actor):  # PullBusy while a pull runs
+        # First: from here on the project is neither pulled nor served, even if this is cut
+        # short (a re-run of the purge finishes it).
+        core.catalog.update_project(name, status=PURGED)
+        out = purge_series(core, project, _all_series(core, project))
+        for prefix in store_prefixes(name):
+            out.add_store(delete_prefix(core.store, prefix))
+        out.spool_files += _remove_tree(_layout(core, name).root)
+        out.rows += core.catalog.forget_project_data(project.id)
+        out.rows += core.vault.forget_cohort(name)
     why = reason or f"{project.status}, retention end {retention_end(core, project) or '-'}"
     _record(core, out, actor, "project", why)
     return out
@@ -130,7 +132,7 @@ def opt_out(core: Core, patient_ids: Iterable[str], *, actor: str = "") -> list[
     (found by their keyed pseudonym in each: what the vault records for them there)."""
     actor = actor or core.actor
     ids, _new = optout.add(core, patient_ids, actor=actor)
-    done = []
+    done, busy = [], []
     for p in core.catalog.projects():
         if p.status == PURGED or not ids:
             continue
@@ -138,10 +140,24 @@ def opt_out(core: Core, patient_ids: Iterable[str], *, actor: str = "") -> list[
         studies: set[str] = set()
         for pid in ids:
             studies |= core.catalog.patient_studies(p.id, keys.pseudonym(pid))
-        if studies:
-            out = purge_series(core, p, core.catalog.study_series(p.id, studies))
-            _record(core, out, actor, "optout", "patient opposition")
-            done.append(out)
+        if not studies:
+            continue
+        try:
+            with ProjectPullLock(core.catalog, p, actor):  # no pull commits theirs meanwhile
+                out = purge_series(core, p, core.catalog.study_series(p.id, studies))
+        except PullBusy:
+            busy.append(p.name)
+            continue
+        _record(core, out, actor, "optout", "patient opposition")
+        done.append(out)
+    if busy:
+        # The register holds already: those pulls' receivers refuse them from their next
+        # association. What they stored before waits for the pull to end.
+        core.catalog.audit(actor, "optout.purge", None, "error", busy_projects=len(busy))
+        raise PullBusy(
+            f"registered, but {', '.join(busy)} is being pulled: give the same command again "
+            "when the pull ends, to purge what is stored of them there"
+        )
     return done
 
 

@@ -13,7 +13,8 @@ from zarr.core.buffer import default_buffer_prototype
 from core import Core, ProjectError, Settings, SphereError, optout, projects, users
 from core.retention import retention_end, set_retention
 from gateway.cli import app
-from gateway.purge import purge_expired, purge_project
+from gateway.pull.lock import ProjectPullLock, PullBusy
+from gateway.purge import opt_out, purge_expired, purge_project
 from harness.leaks import scan_database
 from storage.objectstore import delete_prefix, leftovers, open_store, run, usage
 
@@ -167,3 +168,23 @@ def test_cli_by_role(tmp_path):
         ("tess", "project.purge"),
         ("dan", "optout.manage"),
     }
+
+
+def test_no_purge_while_a_pull_runs(core):
+    approved(core, "busy", TODAY + timedelta(days=30))
+    p = core.project("busy")
+    pseudonym = core.keys("busy").pseudonym("PAT-X")
+    core.catalog.upsert_series(
+        p.id, "2.25.1", study_uid="2.25.9", patient_pseudonym=pseudonym, status="pending"
+    )
+    with ProjectPullLock(core.catalog, p, "a pull"):  # as a running pull holds it
+        with pytest.raises(PullBusy):
+            purge_project(core, "busy", now=True, reason="x", today=TODAY)
+        with pytest.raises(PullBusy, match="busy is being pulled"):
+            opt_out(core, ["PAT-X"])
+    assert core.project("busy").status == "approved"
+    assert optout.Register(core).refuses("PAT-X")  # registered at once all the same
+    assert [s.series_uid for s in core.catalog.series(p.id)] == ["2.25.1"]
+    (done,) = opt_out(core, ["PAT-X"])  # again, once the pull has ended
+    assert (done.project, done.series) == ("busy", 1)
+    assert core.catalog.series(p.id) == []

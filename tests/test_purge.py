@@ -21,6 +21,7 @@ from gateway.api import Gateway
 from gateway.dimse.scp import StorageSCP
 from gateway.pull import PullRefused
 from gateway.pull.layout import SpoolLayout
+from gateway.pull.preview import pull_plan
 from gateway.pull.receiver import Receiver, ReceiverConfig
 from gateway.purge import opt_out, purge_project, store_prefixes
 from harness.leaks import scan_database, scan_store
@@ -210,6 +211,8 @@ def test_opt_out_removes_a_patient_everywhere_and_for_good(tmp_path, pacs, scp_p
 
     # Never again: a new pull naming them (accession and patient ID) plans nothing of theirs.
     gw.add_cohort("pa", "patient_id", [out_st.patient_id])
+    (source,) = pull_plan(gw.core, "pa").sources  # `sphere pull --plan` leaves them out too
+    assert (len(source.studies), source.series, source.stored) == (0, 0, len(other_st.series))
     report = gw.pull("pa")
     assert report.ok and report.studies == 1 and report.instances == 0  # the other, complete
     left = {r.study_uid for r in gw.catalog.series(pa.id)}

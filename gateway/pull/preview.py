@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from datetime import date
 
 from core import Core, Unavailable
-from core.optout import Register
-from core.projects import cohort
-from gateway.pull.puller import Planned, Puller, plan
+from gateway.pull.puller import Planned, Puller
 from gateway.pull.retrievers import Retriever, SourceError, open_retrievers
 
 log = logging.getLogger(__name__)
@@ -91,15 +89,11 @@ def pull_plan(
     puller = Puller(core, name, actor=actor)
     puller.check_allowed(today)
     sources = open_retrievers(core, name, actor=puller.actor)
-    items = cohort(core, name, purpose="pull plan", actor=puller.actor)
-    register = Register(core)
-    kept = puller._without_opted_out(register, items)
     try:
-        planned, found = plan(sources, kept)
+        items, planned, found = puller.resolve(sources, purpose="pull plan")
     except SourceError as e:
         core.catalog.audit(puller.actor, "pull.plan", name, "error", reason=str(e))
         raise Unavailable(f"cannot be queried: {e}") from None
-    planned = puller._without_opted_out_studies(register, planned)
     core.catalog.record_resolution(
         {i: [puller.keys.uid(u) for u in uids] for i, uids in found.items()}
     )

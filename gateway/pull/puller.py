@@ -197,18 +197,14 @@ class Puller:
     def _pull(self, sources: list[Retriever], report: PullReport, started: datetime) -> None:
         name = self.project.name
         catalog = self.core.catalog
-        items = cohort(self.core, name, purpose="pull", actor=self.actor)
-        register = Register(self.core)
-        items = self._without_opted_out(register, items)
         with ExitStack() as opened:
             for source in sources:
                 opened.enter_context(source)  # our Storage SCP listens: its port is free
             self._check_writable()  # before anything is asked of the PACS
             try:
-                planned, found = plan(sources, items)
+                _items, planned, found = self.resolve(sources, purpose="pull")
             except SourceError as e:
                 raise Unavailable(f"cannot be queried: {e}") from None
-            planned = self._without_opted_out_studies(register, planned)
             catalog.record_resolution(
                 {i: [self.keys.uid(u) for u in uids] for i, uids in found.items()}
             )
@@ -281,6 +277,16 @@ class Puller:
             seconds=round(report.seconds, 3),
             **extra,
         )
+
+    def resolve(
+        self, sources: list[Retriever], *, purpose: str
+    ) -> tuple[list[CohortEntry], list[Planned], dict[int, set[str]]]:
+        """The cohort (read from the vault for `purpose`) and what a pull of it fetches: the
+        plan on every source, opted-out patients left out (`plan` raises `SourceError`)."""
+        items = cohort(self.core, self.project.name, purpose=purpose, actor=self.actor)
+        register = Register(self.core)
+        planned, found = plan(sources, self._without_opted_out(register, items))
+        return items, self._without_opted_out_studies(register, planned), found
 
     def _without_opted_out(self, register: Register, items: list[CohortEntry]) -> list[CohortEntry]:
         """The cohort less the patient IDs whose patients opted out (audited: a count)."""
