@@ -10,24 +10,16 @@ from typing import Annotated
 
 import typer
 
-from core import Core, SphereError, access, optout
+from core import Core, SphereError, optout
 from core.retention import set_retention
 from gateway import purge
+from gateway.operator import acting
 
 optout_app = typer.Typer(
     help="Patients who object: never pulled again, and what is stored of them purged.",
     no_args_is_help=True,
 )
 WIDTH = 80
-
-
-def _acting(ctx: typer.Context, action: str, project: str | None = None) -> Core:
-    """The core, once its operator may do `action` (refusals audited, exit 2)."""
-    core = Core(ctx.find_root().obj["settings"])
-    if project is not None:
-        core.project(project)  # an unknown project says so first
-    access.require(core, action, project)
-    return core
 
 
 def _confirm(question: str, yes: bool) -> None:
@@ -67,7 +59,7 @@ def project_purge(
     Its audit trail and a purge record stay; it can never be pulled again."""
     if expired == (name is not None):
         raise SphereError("give a project, or --expired (not both)")
-    core = _acting(ctx, "project.purge", name)
+    core = acting(ctx, "project.purge", name)
     if expired:
         _confirm("purge every project past its retention end?", yes)
         done = purge.purge_expired(core)
@@ -76,6 +68,7 @@ def project_purge(
         typer.echo(f"{len(done)} project(s) purged")
         return
     assert name is not None
+    core.project(name)  # an unknown project says so before anything is asked
     _confirm(f"delete every image, index row and result of {name}? It cannot be undone", yes)
     typer.echo(_purged_line(purge.purge_project(core, name, now=now, reason=reason)))
 
@@ -91,7 +84,7 @@ def project_retain(
         day = date.fromisoformat(until)
     except ValueError:
         raise SphereError("--until must be a date as YYYY-MM-DD") from None
-    set_retention(_acting(ctx, "project.approve", name), name, day, reason=reason)
+    set_retention(acting(ctx, "project.approve", name), name, day, reason=reason)
     typer.echo(f"{name}: data kept until {day.isoformat()}")
 
 
@@ -100,7 +93,7 @@ def project_purges(
     name: Annotated[str | None, typer.Argument(help="Project (default: all).")] = None,
 ) -> None:
     """Show the purge records: when, by whom, what and how much was removed."""
-    rows = _acting(ctx, "audit.read", name).catalog.purge_records(name)
+    rows = acting(ctx, "audit.read", name).catalog.purge_records(name)
     if not rows:
         typer.echo("no purges")
     for r in rows:
@@ -120,7 +113,7 @@ def optout_add(
     patient_id: Annotated[list[str], typer.Option(help="Patient ID (repeatable).")],
 ) -> None:
     """Register patients' objection and purge what is stored of them, in every project."""
-    _opt_out(_acting(ctx, "optout.manage"), patient_id)
+    _opt_out(acting(ctx, "optout.manage"), patient_id)
 
 
 @optout_app.command("import")
@@ -129,7 +122,7 @@ def optout_import(
     file: Annotated[Path, typer.Argument(help="CSV with a patient ID column, or one ID a line.")],
 ) -> None:
     """Register the objection of every patient in a file, and purge what is stored of them."""
-    core = _acting(ctx, "optout.manage")
+    core = acting(ctx, "optout.manage")
     try:
         ids = optout.read_ids(file)
     except OSError as e:
@@ -143,14 +136,14 @@ def optout_remove(
     patient_id: Annotated[list[str], typer.Option(help="Patient ID (repeatable).")],
 ) -> None:
     """Withdraw objections: those patients may be pulled again (nothing purged comes back)."""
-    n = optout.remove(_acting(ctx, "optout.manage"), patient_id)
+    n = optout.remove(acting(ctx, "optout.manage"), patient_id)
     typer.echo(f"{n} patient(s) taken off the register")
 
 
 @optout_app.command("list")
 def optout_list(ctx: typer.Context) -> None:
     """How many patients have opted out (the register holds keyed digests, never IDs)."""
-    rows = _acting(ctx, "optout.manage").catalog.optouts()
+    rows = acting(ctx, "optout.manage").catalog.optouts()
     typer.echo(f"{len(rows)} patient(s) opted out")
     if rows:
         first, last = rows[0].added_at.date(), rows[-1].added_at.date()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
-from core import Core, ProjectError, optout
+from core import Core, ProjectError, cohorts, optout
 from core.retention import retention_end
 from gateway.pull.layout import SpoolLayout
 from gateway.pull.lock import ProjectPullLock, PullBusy
@@ -137,6 +137,7 @@ def opt_out(core: Core, patient_ids: Iterable[str], *, actor: str = "") -> list[
         if p.status == PURGED or not ids:
             continue
         keys = core.keys(p.name)
+        _drop_from_cohort(core, p, ids, actor)
         studies: set[str] = set()
         for pid in ids:
             studies |= core.catalog.patient_studies(p.id, keys.pseudonym(pid))
@@ -159,6 +160,15 @@ def opt_out(core: Core, patient_ids: Iterable[str], *, actor: str = "") -> list[
             "when the pull ends, to purge what is stored of them there"
         )
     return done
+
+
+def _drop_from_cohort(core: Core, project: Project, ids: list[str], actor: str) -> None:
+    """Take the patients' IDs out of the project's cohort (catalog and vault), where it names
+    them by Patient ID (accession numbers and study UIDs stay: the plan drops those studies)."""
+    keys = core.keys(project.name)
+    theirs = {keys.cohort_digest("patient_id", pid) for pid in ids}
+    if any(i.kind == "patient_id" and i.digest in theirs for i in core.catalog.cohort(project.id)):
+        cohorts.remove(core, project.name, "patient_id", ids, actor=actor)
 
 
 def _all_series(core: Core, project: Project) -> dict[str, str]:

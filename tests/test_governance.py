@@ -185,6 +185,10 @@ def test_no_purge_while_a_pull_runs(core):
     assert core.project("busy").status == "approved"
     assert optout.Register(core).refuses("PAT-X")  # registered at once all the same
     assert [s.series_uid for s in core.catalog.series(p.id)] == ["2.25.1"]
+    projects.add_cohort(core, "busy", "patient_id", ["PAT-X", "PAT-Y"])
     (done,) = opt_out(core, ["PAT-X"])  # again, once the pull has ended
     assert (done.project, done.series) == ("busy", 1)
     assert core.catalog.series(p.id) == []
+    # Out of the cohort too (catalog and vault); the other patient stays.
+    assert len(core.catalog.cohort(p.id)) == 1
+    assert [e.value for e in projects.cohort(core, "busy", purpose="test")] == ["PAT-Y"]

@@ -127,7 +127,7 @@ def test_purge_leaves_nothing_of_the_project(tmp_path, pacs, scp_port, corpus, w
     assert gw.catalog.verify_audit().problem is None  # the chain is whole: no row went
     assert [e.outcome for e in trail if e.action == "project.purge"] == ["ok", "refused"]
     (record,) = gw.catalog.purge_records("gone")
-    assert (record.objects, record.nbytes, record.actor) == (out.objects, out.nbytes, "tester")
+    assert (record.objects, record.nbytes, record.actor) == (out.objects, out.nbytes, gw.core.actor)
     assert gw.core.project("gone").status == "purged"
     with pytest.raises(PullRefused, match="purged"):
         gw.pull("gone")
@@ -167,7 +167,6 @@ def test_opt_out_removes_a_patient_everywhere_and_for_good(tmp_path, pacs, scp_p
     # Positive controls: the scans find both patients before.
     assert {leak.needle for leak in scan_store(gw.store, needles(out_st))} == set(needles(out_st))
     # (The vault is sealed: its trusted lookup, not a scan, finds the patient there.)
-    gw.vault.grant("ttp", by="tester")
     pseudonym = gw.keys("pa").pseudonym(out_st.patient_id)
     assert gw.vault.lookup("pa", pseudonym, role=TRUSTED_THIRD_PARTY, actor="ttp") == (
         out_st.patient_id
