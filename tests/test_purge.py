@@ -228,7 +228,7 @@ def eval_detail(event) -> dict:
 def test_receiver_refuses_an_opted_out_patient_while_the_pull_waits(tmp_path, corpus):  # noqa: F811
     """An instance of a patient who opted out, sent straight to the Storage SCP for a series
     the pull waits for, is refused before de-identification; another patient's is taken."""
-    gw = Gateway(Settings(home=tmp_path, actor="tester", fsync=False))
+    gw = Gateway(Settings(home=tmp_path, fsync=False))
     gw.create_project("wait")
     keys = gw.keys("wait")
     out_st, other_st = corpus.studies[0], corpus.studies[1]
