@@ -23,7 +23,7 @@ TODAY = date(2026, 6, 1)
 
 @pytest.fixture
 def core(tmp_path):
-    c = Core(Settings(home=tmp_path / "home", actor="dm", fsync=False), create=True)
+    c = Core(Settings(home=tmp_path / "home", fsync=False), create=True, actor="dm")
     yield c
     c.close()
 
@@ -125,7 +125,7 @@ def test_the_register_keeps_digests_never_ids(core, tmp_path):
 
 def test_cli_by_role(tmp_path):
     home = tmp_path / "home"
-    with Core(Settings(home=home, actor="setup"), create=True) as c:
+    with Core(Settings(home=home), create=True, actor="setup") as c:
         tokens = {}
         for name, role in (("dan", "data-manager"), ("tess", "trusted-third-party")):
             tokens[name] = users.add(c, name)
