@@ -72,6 +72,15 @@ class WebOptions(BaseModel):
     search_timeout_s: float = 10.0  # and the time it may take
 
 
+class JobOptions(BaseModel):
+    """The job queue (`sphere worker`, `sphere serve`): leases, heartbeats, polling."""
+
+    lease_s: float = 60.0  # a node silent this long loses its job to another node
+    beat_s: float = 10.0  # heartbeat (and progress) interval; a cancel is noticed then
+    poll_s: float = 2.0  # an idle node looks for work this often
+    wait_s: float = 30.0  # a job that cannot run yet (its project pulled elsewhere) waits this
+
+
 class Settings(BaseSettings):
     """Everything the gateway needs to run. Paths default under `home`."""
 
@@ -88,7 +97,10 @@ class Settings(BaseSettings):
     storage_url: str | None = None  # folder path or s3://bucket/prefix; default: home/store
     s3: S3Options = S3Options()
     web: WebOptions = WebOptions()
+    jobs: JobOptions = JobOptions()
 
+    # This node's Storage SCP (C-MOVE destination): each node its own AE title and port, each
+    # known to the PACS.
     ae_title: str = "SPHERE"
     host: str = "127.0.0.1"
     port: int = 11112

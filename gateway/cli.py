@@ -23,7 +23,16 @@ from core import Core, SphereError, Unavailable, access, projects, users
 from core import home as home_files
 from core.settings import load_settings
 from deid.sealing import Tampered
-from gateway import audit_cmd, cohort_cmd, deid_cmd, governance_cmd, run_cmd, views, web_cmd
+from gateway import (
+    audit_cmd,
+    cohort_cmd,
+    deid_cmd,
+    governance_cmd,
+    jobs_cmd,
+    run_cmd,
+    views,
+    web_cmd,
+)
 from gateway.operator import acting, core
 
 
@@ -315,13 +324,39 @@ def pull(
     c = acting(ctx, "pull", name)
     projects.require_active(c, name, "pull")
     try:
-        report = run_pull(c, name)
+        report = run_pull(c, name, on_start=_progress_bar if sys.stderr.isatty() else None)
     except PullStopped as e:  # the summary of what was done, then the one line
         _echo_lines(views.report_lines(e.report))
         raise
     _echo_lines(views.report_lines(report))
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _progress_bar(puller: Any) -> None:
+    """A live bar on stderr while the pull runs (a terminal only), through the progress hook
+    a job's heartbeat uses; drawn once the pull has its plan (a refusal draws nothing)."""
+    import threading
+
+    from gateway.progress import Display
+
+    bar: list[Display] = []
+    done = threading.Event()
+
+    def shown(progress: Any) -> None:
+        if not bar:
+            bar.append(Display(f"pull {puller.project.name}", live=True))
+            threading.Thread(target=poll, daemon=True).start()
+        bar[0].update(progress.as_dict())
+        if progress.phase == "done":
+            done.set()
+            bar[0].close()
+
+    def poll() -> None:  # the instances spooled between series, twice a second
+        while not done.wait(0.5):
+            bar[0].update(puller.progress().as_dict())
+
+    puller.on_progress = shown
 
 
 @app.command()
@@ -418,6 +453,7 @@ deid_cmd.register(app)  # `sphere deid`, `sphere vault …`: beside the de-ident
 web_cmd.register(app, project_app)  # `sphere user …`, `project grant`, `serve`
 run_cmd.register(app)  # `sphere run bone-density …`, `sphere results …`
 governance_cmd.register(app, project_app)  # `project purge|retain|purges`, `optout …`
+jobs_cmd.register(app, core)  # `sphere jobs …`, `sphere worker`
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ server). Mounted on the CLI by `register(app, project_app)`."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import os
+import subprocess
+import sys
+from typing import Annotated, Any
 
 import typer
 
@@ -122,22 +125,44 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Default: SPHERE_WEB__HOST.")] = None,
     port: Annotated[int | None, typer.Option(help="Default: SPHERE_WEB__PORT.")] = None,
     workers: Annotated[int | None, typer.Option(help="Default: SPHERE_WEB__WORKERS.")] = None,
+    no_jobs: Annotated[
+        bool, typer.Option("--no-jobs", help="Serve only: run no jobs on this node.")
+    ] = False,
 ) -> None:
-    """Serve the projects' de-identified series over DICOMweb (QIDO-RS, WADO-RS), per user."""
-    import uvicorn
+    """Serve the projects' de-identified series over DICOMweb (QIDO-RS, WADO-RS), per user.
 
+    Also runs jobs (unless --no-jobs), in a `sphere worker` process of its own: the trusted
+    side, which the web's processes are not."""
     settings = ctx.find_root().obj["settings"]
     c = Core(settings, research=True)  # the research side: the vault stays sealed
-    vaultkey.keep_out_of_environment()  # nor do its worker processes inherit the key
     access.require(c, "serve")  # and a wrong home is one clear line now, not in each worker
+    node = None if no_jobs else _start_node(settings)
+    vaultkey.keep_out_of_environment()  # nor do its worker processes inherit the key
+    try:
+        _serve(c, settings, host, port, workers)
+    finally:
+        if node is not None:
+            node.terminate()  # the job in hand is queued again for any node
+            node.wait(60)
+
+
+def _start_node(settings: Any) -> subprocess.Popen[bytes]:
+    """`sphere worker` beside the server, with this process's environment (the vault key);
+    it ends when the server does (`--parent`), however the server ends."""
+    env = {**os.environ, "SPHERE_HOME": str(settings.home)}
+    cmd = [sys.executable, "-m", "gateway.cli", "worker", "--parent", str(os.getpid())]
+    return subprocess.Popen(cmd, env=env)
+
+
+def _serve(c: Core, settings: Any, host: str | None, port: int | None, workers: int | None) -> None:
+    import uvicorn
+
     web = settings.web
     n = workers or web.workers
     from gateway.web.server import uvicorn_options
 
     options = uvicorn_options(web, workers=n)
     if n > 1:  # each worker process imports the app and opens its own core from SPHERE_*
-        import os
-
         os.environ["SPHERE_HOME"] = str(settings.home)
         uvicorn.run(
             "gateway.web.app:from_environment",

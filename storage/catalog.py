@@ -22,6 +22,7 @@ from sqlalchemy.schema import CreateIndex
 from storage import audit as chain
 from storage import index
 from storage.governance import GovernanceQueries
+from storage.jobs import JobQueries
 from storage.models import (
     AccessVersion,
     AuditEvent,
@@ -31,6 +32,7 @@ from storage.models import (
     IndexedInstance,
     IndexedSeries,
     IndexedStudy,
+    Job,
     Membership,
     OsAccount,
     PipelineResult,
@@ -53,6 +55,7 @@ __all__ = [
     "IndexedInstance",
     "IndexedSeries",
     "IndexedStudy",
+    "Job",
     "Membership",
     "PipelineResult",
     "Project",
@@ -128,7 +131,7 @@ class DuplicateProject(Exception):
     """A project of that name exists already."""
 
 
-class Catalog(GovernanceQueries):
+class Catalog(GovernanceQueries, JobQueries):
     """Opens the catalog database; its methods are the queries the gateway makes."""
 
     def __init__(self, url: str) -> None:

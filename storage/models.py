@@ -143,6 +143,37 @@ class PullLock(Base):
     heartbeat: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class Job(Base):
+    """A unit of work a node runs (`storage.jobs`, `gateway.jobs`): a pull, a pipeline run.
+
+    A node leases it (`token`, `lease_expires`) and renews the lease with each heartbeat; a job
+    whose lease ran out is taken up by any node. `progress` holds counts only (instances,
+    bytes, series, rate): no identifier of a patient."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_state", "state", "not_before"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # pull|run
+    project: Mapped[str] = mapped_column(String(64), index=True)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # queued|running|waiting|done|failed|cancelled
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    node: Mapped[str | None] = mapped_column(String(255))
+    submitted_by: Mapped[str] = mapped_column(String(128), default="")
+    submitted_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    outcome: Mapped[str | None] = mapped_column(Text)  # one line: what it did, or why it waits
+    token: Mapped[str | None] = mapped_column(String(64))  # the lease holder's
+    lease_expires: Mapped[datetime | None] = mapped_column(DateTime)
+    heartbeat: Mapped[datetime | None] = mapped_column(DateTime)
+    not_before: Mapped[datetime | None] = mapped_column(DateTime)  # a waiting job's next try
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # leases taken
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
 class AuditEvent(Base):
     """Who did what, when. `detail` never holds identifiers of patients."""
 

@@ -99,6 +99,11 @@ CLI_CASES: dict[str, list[Case]] = {
     "verify": [Case(("pp",), ("pull",))],
     "cohort list": [Case(("pp",), ("cohort.read",))],  # values only to cohort.values
     "cohort remove": [Case(("pp", "--accession", "A9"), ("cohort.remove",))],
+    # job 1 (queued) and 2 (done) are pp's (the fixture); cancel, then watch, then a node
+    "jobs submit": [Case(("pull", "pp"), ("jobs.submit",))],
+    "jobs cancel": [Case(("1",), ("jobs.cancel",))],
+    "jobs watch": [Case(("2",), ("jobs.read",))],
+    "worker": [Case(("--once",), ("serve",))],  # who runs a node: as who serves
 }
 
 
@@ -140,6 +145,12 @@ def home(tmp_path_factory) -> Home:
             users.grant(c, project, "ivy", access.INVESTIGATOR)
             users.grant(c, project, "val", access.VIEWER)
         users.revoke(c, "gone")
+        c.catalog.submit_job("pull", "pp", {}, "setup")
+        c.catalog.submit_job("run", "pp", {"pipeline": "bone-density"}, "setup")
+        c.catalog.lease_job("setup", "t", 60)  # job 1: running, then queued again
+        c.catalog.end_job(1, "t", "queued", "requeued")
+        c.catalog.lease_job("setup", "t2", 60, kinds=("run",))
+        c.catalog.end_job(2, "t2", "done", "nothing to do")
     return Home(settings, tokens, tmp)
 
 
@@ -260,7 +271,11 @@ WEB_PUBLIC = {"/healthz", "/signin", "/signout"}  # no user needed
 # Any signed-in user, whose own projects only are listed; the viewer's static files.
 WEB_SIGNED_IN = {"/", "/viewer", "/viewer/app-config.js", "/viewer/{path:path}"}
 DICOMWEB = "/projects/{project}/dicom-web"
-WEB_ACTIONS = {("POST", "/projects/{project}/members"): "project.grant"}  # else study.read
+WEB_ACTIONS = {  # else study.read
+    ("POST", "/projects/{project}/members"): "project.grant",
+    ("POST", "/api/projects/{project}/jobs"): "jobs.submit",
+    ("GET", "/api/projects/{project}/jobs"): "jobs.read",
+}
 
 
 def web_routes(routes: list[Any], prefix: str = "") -> list[tuple[str, str]]:

@@ -4,6 +4,14 @@
 
 from gateway.pull.lock import PullBusy
 from gateway.pull.puller import Puller, PullRefused, pull
-from gateway.pull.report import PullReport, SeriesOutcome
+from gateway.pull.report import PullProgress, PullReport, SeriesOutcome
 
-__all__ = ["PullBusy", "PullRefused", "PullReport", "Puller", "SeriesOutcome", "pull"]
+__all__ = [
+    "PullBusy",
+    "PullProgress",
+    "PullRefused",
+    "PullReport",
+    "Puller",
+    "SeriesOutcome",
+    "pull",
+]

@@ -11,10 +11,11 @@ their spool.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import NoReturn
@@ -29,7 +30,7 @@ from deid.keys import ProjectKeys
 from gateway.dimse.scu import RetrieveResult, SeriesHit, StudyHit
 from gateway.pull.layout import SpoolLayout
 from gateway.pull.lock import ProjectPullLock, PullBusy
-from gateway.pull.report import PullReport, SeriesOutcome
+from gateway.pull.report import PullProgress, PullReport, SeriesOutcome
 from gateway.pull.retrievers import Retriever, SourceError, open_retrievers
 from gateway.pull.stops import PullStopped, check_spool, probe_store, why_stopped
 from storage.catalog import Project, utcnow
@@ -116,11 +117,19 @@ def verify(job: SeriesJob, result: RetrieveResult) -> str:
 
 
 def pull(
-    core: Core, name: str, *, actor: str | None = None, today: date | None = None
+    core: Core,
+    name: str,
+    *,
+    actor: str | None = None,
+    today: date | None = None,
+    on_start: Callable[[Puller], None] | None = None,
 ) -> PullReport:
     """Pull a project's cohort from the sources the settings name. Raises `PullRefused` when
-    the project may not be pulled, `Unavailable` when a source cannot be queried."""
+    the project may not be pulled, `Unavailable` when a source cannot be queried.
+    `on_start` gets the `Puller` before it runs (a progress bar, a job's heartbeat)."""
     puller = Puller(core, name, actor=actor)
+    if on_start is not None:
+        on_start(puller)
     puller.check_allowed(today)  # before any port is opened
     return puller.run(open_retrievers(core, name, actor=puller.actor), today)
 
@@ -138,6 +147,15 @@ class Puller:
         self.lock: ProjectPullLock | None = None
         self._jobs: list[SeriesJob] = []  # the series this pull set out to retrieve
         self._stopping = False
+        self.holder = ""  # who holds the pull lock, in the refusals others get (a job's name)
+        # Progress: `on_progress` is called once planned and after each series; `progress()`
+        # also counts the instances spooled so far (read from the spool: call it sparingly).
+        self.on_progress: Callable[[PullProgress], None] | None = None
+        self.cancelled = threading.Event()  # set: series not yet started are left for later
+        self._progress = PullProgress()
+        self._inflight: dict[str, SeriesJob] = {}
+        self._t0 = time.monotonic()
+        self._before = 0  # instances stored before this pull (skipped series)
 
     def check_allowed(self, today: date | None = None) -> None:
         """Raise `PullRefused` (and audit it) unless the project is approved and in date."""
@@ -158,7 +176,7 @@ class Puller:
     @contextmanager
     def _exclusive(self) -> Iterator[ProjectPullLock]:
         """The project's pull lock, held for the whole pull; a refusal is audited."""
-        lock = ProjectPullLock(self.core.catalog, self.project, self.actor)
+        lock = ProjectPullLock(self.core.catalog, self.project, self.holder or self.actor)
         try:
             lock.take()
         except SQLAlchemyError as e:  # a catalog that cannot be written (full, down)
@@ -191,6 +209,8 @@ class Puller:
         except BaseException as e:
             self._stopped(report, e, t0)
         report.seconds = time.perf_counter() - t0
+        self._progress.phase = "done"
+        self._tell()
         self._audit_end(report)
         return report
 
@@ -219,6 +239,7 @@ class Puller:
                     report.series.append(outcome)
                 else:
                     jobs.append(self._job(p))
+            self._planned(report, jobs)
             self._retrieve_all(sources, jobs, report)
         report.refused_unsolicited = catalog.refusals_since(name, started)
 
@@ -331,19 +352,76 @@ class Puller:
             def retrieve_then_commit(job: SeriesJob) -> None:
                 if self._stopping:  # left to _stopped
                     return
+                if self.cancelled.is_set():  # left pending: the next pull resumes it
+                    report.series.append(
+                        SeriesOutcome(job.pseudo_series, "cancelled", job.expected, 0)
+                    )
+                    return
+                self._inflight[job.pseudo_series] = job
                 try:
                     outcome = self._retrieve(job)
                 except BaseException:
                     self._stopping = True  # the series still queued are not started
                     raise
                 if outcome is None:
-                    commits.append(committer.submit(self._commit_or_stop, job))
+                    commits.append(committer.submit(self._commit_counted, job))
                 else:
+                    self._inflight.pop(job.pseudo_series, None)
+                    self._series_done(outcome)
                     report.series.append(outcome)
 
             for f in [pool[id(j.source)].submit(retrieve_then_commit, j) for j in jobs]:
                 f.result()
             report.series.extend(c.result() for c in commits)
+
+    # -- progress ----------------------------------------------------------------------------
+
+    def progress(self) -> PullProgress:
+        """Where the pull is now, spooled instances of the series in flight included."""
+        p = self._progress
+        spooled = 0
+        for job in list(self._inflight.values()):
+            with suppress(Exception):  # committed or discarded meanwhile
+                spooled += job.writer.count
+        now = PullProgress(**{**p.__dict__})
+        now.instances = p.instances + spooled
+        seconds = time.monotonic() - self._t0
+        now.rate = (now.instances - self._before) / seconds if seconds > 0 else 0.0
+        return now
+
+    def _planned(self, report: PullReport, jobs: list[SeriesJob]) -> None:
+        skipped = [s for s in report.series if s.status == "skipped"]
+        p = self._progress
+        p.series_total = len(skipped) + len(jobs)
+        p.series_done = len(skipped)
+        p.instances_total = sum(s.expected for s in skipped) + sum(j.expected for j in jobs)
+        p.instances = self._before = sum(s.stored for s in skipped)
+        p.phase = "retrieving"
+        self._t0 = time.monotonic()
+        self._tell()
+
+    def _series_done(self, outcome: SeriesOutcome) -> None:
+        p = self._progress
+        p.series_done += 1
+        if outcome.status == "complete":
+            p.instances += outcome.stored
+            p.nbytes += outcome.nbytes
+        self._tell()
+
+    def _tell(self) -> None:
+        if self.on_progress is not None:
+            try:
+                self.on_progress(self.progress())
+            except Exception as e:  # a progress display never stops a pull
+                log.warning("progress hook failed (%s)", type(e).__name__)
+
+    def _commit_counted(self, job: SeriesJob) -> SeriesOutcome:
+        try:
+            outcome = self._commit_or_stop(job)
+        finally:
+            self._inflight.pop(job.pseudo_series, None)
+        self._series_done(outcome)
+        return outcome
 
     # -- steps -------------------------------------------------------------------------------
 

@@ -45,3 +45,27 @@ class PullReport:
     @property
     def ok(self) -> bool:
         return all(s.status in ("complete", "skipped") for s in self.series)
+
+
+@dataclass
+class PullProgress:
+    """Where a running pull is: counts only (what a job shows, a progress bar draws)."""
+
+    series_total: int = 0
+    series_done: int = 0  # complete, skipped, failed or quarantined
+    instances_total: int = 0  # the PACS's counts, over the plan
+    instances: int = 0  # in the store or spooled, skipped series included
+    nbytes: int = 0  # stored by this pull
+    rate: float = 0.0  # instances a second received by this pull
+    phase: str = "planning"  # planning|retrieving|done
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "phase": self.phase,
+            "series": self.series_done,
+            "series_total": self.series_total,
+            "instances": self.instances,
+            "total": self.instances_total,
+            "bytes": self.nbytes,
+            "rate": round(self.rate, 1),
+        }

@@ -24,7 +24,7 @@ from gateway.web.deps import base_url, current_user, user_from_request
 from gateway.web.edge import Edge, Guard
 from gateway.web.qido import QidoError
 from gateway.web.render import RenderError
-from gateway.web.routes import pages, qido, wado
+from gateway.web.routes import jobs, pages, qido, wado
 from gateway.web.throttle import Failures
 from gateway.web.wado import Readers
 from storage.index import SearchTooBroad
@@ -54,6 +54,7 @@ def create_app(core: Core) -> FastAPI:
     app.state.failures = Failures(web.max_failures, web.failure_window_s)
     app.state.audit = buffer
     app.include_router(pages.router)
+    app.include_router(jobs.router)
     app.include_router(qido.router, prefix=DICOMWEB)
     app.include_router(wado.router, prefix=DICOMWEB)
     app.router.routes[:0] = wado.pixel_routes(DICOMWEB)  # first: matched before the rest

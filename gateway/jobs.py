@@ -1,0 +1,272 @@
+"""Jobs: pulls and pipeline runs queued in the catalog and run by nodes (`sphere worker`,
+`sphere serve`).
+
+A job is a row (`storage.models.Job`) and the function the CLI runs: `gateway.pull.pull` for a
+pull, `processing.runner.run_pipeline` for a run. A node leases one job at a time and renews the
+lease with each heartbeat, writing the job's progress; a node that dies loses the lease when it
+runs out and any node takes the job up again. A pull taken up again resumes: complete series are
+skipped, instances spooled on this node are kept (the lease is per job, the resume per series).
+A cancel is seen at the next heartbeat: series not yet started are left, what was stored stays.
+One pull per project at a time, cluster-wide: refused at submit while one is queued or running,
+and held by the project's pull lock (`gateway.pull.lock`) while it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import cached_property
+from typing import Any
+
+from core import Core, SphereError, Unavailable, access, projects
+from core.settings import Settings
+from gateway.pull import PullBusy, Puller, pull
+from storage.catalog import Job, utcnow
+
+log = logging.getLogger(__name__)
+
+KINDS = ("pull", "run")
+PIPELINES = ("bone-density",)
+
+
+class JobRefused(SphereError):
+    """A job that may not be queued (a pull of the project is queued or running already)."""
+
+
+def node_name(settings: Settings) -> str:
+    """This node, in listings: its Storage SCP's AE title, host and process."""
+    return f"{settings.ae_title}@{socket.gethostname()}:{os.getpid()}"
+
+
+def submit(
+    core: Core, kind: str, project: str, *, pipeline: str | None = None, user: Any = None
+) -> Job:
+    """Queue a job as `user` (default: the CLI's operator): jobs.submit on the project, the
+    project approved and in date. A second pull of a project is refused, naming the first."""
+    if kind not in KINDS:
+        raise SphereError(f"a job is one of: {', '.join(KINDS)} (not '{kind}')")
+    core.project(project)  # an unknown project says so first
+    who = access.require(core, "jobs.submit", project, user=user, kind=kind)
+    projects.require_active(core, project, "jobs.submit", actor=who.name)
+    params: dict[str, Any] = {}
+    if kind == "run":
+        if pipeline not in PIPELINES:
+            raise SphereError(f"--pipeline is one of: {', '.join(PIPELINES)}")
+        params["pipeline"] = pipeline
+    if kind == "pull":
+        held = core.catalog.pull_lock(core.project(project).id)
+        if held is not None:
+            from gateway.pull.lock import gone, holder_text
+
+            if not gone(held, socket.gethostname()):
+                refuse(core, who.name, project, f"is being pulled on {holder_text(held)}")
+    job, busy = core.catalog.submit_job(kind, project, params, who.name)
+    if busy is not None:
+        where = f" on {busy.node}" if busy.node and busy.state == "running" else ""
+        refuse(core, who.name, project, f"has pull job {busy.id} {busy.state}{where}")
+    core.catalog.audit(who.name, "jobs.submit", project, job=job.id, kind=kind, **params)
+    return job
+
+
+def refuse(core: Core, actor: str, project: str, why: str) -> None:
+    core.catalog.audit(actor, "jobs.submit", project, "refused", reason=why)
+    raise JobRefused(f"project {project} {why}: one pull per project at a time")
+
+
+def cancel(core: Core, job_id: int, *, user: Any = None) -> str:
+    """Cancel a job (jobs.cancel on its project); returns what happens, in words."""
+    job = core.catalog.job(job_id)
+    if job is None:
+        raise SphereError(f"no job {job_id} (see `sphere jobs`)")
+    who = access.require(core, "jobs.cancel", job.project, user=user, job=job_id)
+    was = core.catalog.cancel_job(job_id, who.name)
+    core.catalog.audit(who.name, "jobs.cancel", job.project, job=job_id, state=was)
+    if was in ("queued", "waiting"):
+        return f"job {job_id} cancelled"
+    if was == "running":
+        return f"job {job_id} stops at its next heartbeat (what it stored stays)"
+    return f"job {job_id} had already ended ({was})"
+
+
+@dataclass
+class Running:
+    """A job this node holds: its heartbeat's view."""
+
+    job: Job
+    token: str
+    progress: Callable[[], dict[str, Any]] = dict
+    stop: threading.Event = field(default_factory=threading.Event)  # cancel, lost, or node stops
+    why: str = ""  # cancelled|lost|stopping
+    on_stop: Callable[[], None] = lambda: None
+
+
+class Node:
+    """Leases and runs jobs, one at a time, until `stop` is set. Opens a trusted-side `Core`
+    per job (a pull needs the vault); a run's workers are the research side."""
+
+    def __init__(
+        self, settings: Settings, *, name: str | None = None, parent: int | None = None
+    ) -> None:
+        self.settings = settings
+        self.parent = parent  # a `sphere serve` whose end ends this node
+        self.name = name or node_name(settings)
+        self.stopping = threading.Event()
+        self.ran: list[int] = []
+        self.current: Running | None = None
+
+    def run(self, *, once: bool = False) -> None:
+        """Take jobs until stopped (`once`: until none is left)."""
+        opts = self.settings.jobs
+        try:
+            while not self.stopping.is_set():
+                if self.parent is not None and os.getppid() != self.parent:
+                    return  # the server that started this node is gone
+                job = self.take()
+                if job is None:
+                    if once:
+                        return
+                    self.stopping.wait(opts.poll_s)
+                    continue
+                self.execute(job)
+        finally:
+            self.core.close()
+
+    @cached_property
+    def core(self) -> Core:
+        """The node's own core: leases, heartbeats, ends (trusted side: a pull needs it)."""
+        return Core(self.settings)
+
+    def stop(self) -> None:
+        """Stop after the job in hand (a pull stops starting series; the job is queued again
+        for any node)."""
+        self.stopping.set()
+        current = self.current
+        if current is not None:
+            current.why = current.why or "stopping"
+            current.on_stop()
+
+    def take(self) -> Running | None:
+        """Lease the next job, if any."""
+        token = uuid.uuid4().hex
+        try:
+            job = self.core.catalog.lease_job(self.name, token, self.settings.jobs.lease_s)
+        except Exception as e:  # the catalog is away: try again at the next poll
+            log.warning("no job leased (%s)", type(e).__name__)
+            return None
+        if job is None:
+            return None
+        if job.attempts > 1:
+            log.warning("job %d taken up again (attempt %d)", job.id, job.attempts)
+        return Running(job, token)
+
+    def execute(self, run: Running) -> None:
+        """Run one leased job under a heartbeat; leave it done, failed, waiting or cancelled."""
+        job = run.job
+        self.ran.append(job.id)
+        self.current = run
+        beat = threading.Thread(target=self._heartbeat, args=(run,), daemon=True)
+        beat.start()
+        try:
+            state, outcome = self._do(run)
+        except PullBusy as e:
+            state, outcome = "waiting", f"waiting: {e}"
+        except Unavailable as e:
+            state, outcome = "waiting", f"waiting: a source is unavailable: {e}"
+        except SphereError as e:
+            state, outcome = "failed", str(e)
+        except Exception as e:  # noqa: BLE001 - a job's failure never ends the node
+            log.exception("job %d", job.id)
+            state, outcome = "failed", f"unexpected {type(e).__name__}"
+        finally:
+            run.stop.set()  # the heartbeat ends (a cancel seen by it has set `why`)
+            beat.join()
+        self.current = None
+        if run.why == "lost":
+            log.error("job %d: its lease was taken by another node; nothing more done", job.id)
+            return
+        if run.why == "cancelled":
+            state = "cancelled"
+            outcome = f"cancelled: {outcome}; what was stored is kept"
+        elif run.why == "stopping":
+            state, outcome = "queued", f"requeued: node {self.name} stopped ({outcome})"
+        later = utcnow() + timedelta(seconds=self.settings.jobs.wait_s)
+        try:
+            self.core.catalog.end_job(
+                job.id, run.token, state, outcome, progress=_safe(run.progress), not_before=later
+            )
+        except Exception as e:  # the lease runs out and another node takes the job again
+            log.error("job %d not ended in the catalog (%s)", job.id, type(e).__name__)
+
+    def _do(self, run: Running) -> tuple[str, str]:
+        job = run.job
+        if job.kind == "pull":
+            return self._pull(run)
+        if job.kind == "run":
+            return self._run(run)
+        return "failed", f"unknown kind of job: {job.kind}"
+
+    def _pull(self, run: Running) -> tuple[str, str]:
+        job = run.job
+
+        def started(puller: Puller) -> None:
+            puller.holder = f"{job.submitted_by}, job {job.id}"
+            run.progress = lambda: puller.progress().as_dict()
+            run.on_stop = puller.cancelled.set
+            if run.why:  # cancelled or stopping before the pull began
+                puller.cancelled.set()
+
+        with Core(self.settings, actor=job.submitted_by) as core:
+            report = pull(core, job.project, actor=job.submitted_by, on_start=started)
+        mb = report.nbytes / 1e6
+        outcome = (
+            f"{report.count('complete')} series stored, {report.count('skipped')} already "
+            f"complete, {report.count('failed')} failed; {report.instances} instances, "
+            f"{mb:.1f} MB in {report.seconds:.0f} s"
+        )
+        return ("done" if report.ok else "failed"), outcome
+
+    def _run(self, run: Running) -> tuple[str, str]:
+        from core import vaultkey
+        from processing.bone_density import BoneDensity
+        from processing.runner import run_pipeline
+
+        job = run.job
+        vaultkey.keep_out_of_environment()  # the pipeline's workers: the research side
+        report = run_pipeline(self.settings, job.project, BoneDensity(), progress=False)
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(report.counts().items()))
+        run.progress = lambda: {"series": len(report.outcomes), **report.counts()}
+        failed = report.counts().get("failed", 0)
+        text = f"{report.pipeline} {report.version}: {counts or 'nothing to do'}"
+        return ("failed" if failed else "done"), f"{text}; {report.already_done} already done"
+
+    def _heartbeat(self, run: Running) -> None:
+        opts = self.settings.jobs
+        catalog = self.core.catalog
+        while not run.stop.wait(opts.beat_s):
+            try:
+                progress = _safe(run.progress)
+                asked = catalog.renew_job(run.job.id, run.token, opts.lease_s, progress)
+            except Exception as e:  # noqa: BLE001 - the catalog is away for a beat
+                log.warning("job %d heartbeat failed (%s)", run.job.id, type(e).__name__)
+                continue
+            why = "lost" if asked is None else "cancelled" if asked else ""
+            if not why and self.stopping.is_set():
+                why = "stopping"
+            if why and not run.why:  # stop starting series; keep the lease while it stops
+                run.why = why
+                run.on_stop()
+            if asked is None:
+                return
+
+
+def _safe(progress: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+    try:
+        return progress()
+    except Exception:  # noqa: BLE001 - a progress read never fails a job
+        return None

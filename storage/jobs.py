@@ -1,0 +1,158 @@
+"""The catalog's queries for jobs (`storage.models.Job`): submit, lease, heartbeat, finish, cancel.
+
+A lease is a compare-and-swap on the job's `token`: on PostgreSQL the candidates are read
+`FOR UPDATE SKIP LOCKED` (nodes never wait on each other's rows), on SQLite (one node) the
+conditional update alone decides. Mixed into `Catalog`, so callers ask `core.catalog`.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from storage.models import Job, utcnow
+
+ACTIVE = ("queued", "running", "waiting")
+TERMINAL = ("done", "failed", "cancelled")
+
+
+class JobQueries:
+    """Jobs (needs `session()` from `Catalog`)."""
+
+    def session(self) -> AbstractContextManager[Session]:  # pragma: no cover - Catalog's
+        raise NotImplementedError
+
+    def submit_job(
+        self, kind: str, project: str, params: dict[str, Any], by: str
+    ) -> tuple[Job, Job | None]:
+        """Queue a job; for a pull, unless the project has one queued or running already.
+        Returns (the new job, None), or (the job in the way, the same) when refused."""
+        with self.session() as s:
+            if kind == "pull":
+                busy = s.scalar(
+                    select(Job)
+                    .where(Job.kind == "pull", Job.project == project, Job.state.in_(ACTIVE))
+                    .order_by(Job.id)
+                    .limit(1)
+                )
+                if busy is not None:
+                    return busy, busy
+            job = Job(kind=kind, project=project, params=params, submitted_by=by, state="queued")
+            s.add(job)
+            s.flush()
+            return job, None
+
+    def job(self, job_id: int) -> Job | None:
+        with self.session() as s:
+            return s.get(Job, job_id)
+
+    def jobs(self, project: str | None = None, *, limit: int = 50) -> list[Job]:
+        """The latest jobs first (of one project, or all)."""
+        q = select(Job).order_by(Job.id.desc()).limit(limit)
+        if project is not None:
+            q = q.where(Job.project == project)
+        with self.session() as s:
+            return list(s.scalars(q))
+
+    def job_counts(self) -> dict[tuple[str, str], int]:
+        """How many jobs of each (kind, state): for /metrics."""
+        with self.session() as s:
+            rows = s.execute(
+                select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state)
+            )
+            return {(k, st): int(n) for k, st, n in rows}
+
+    def lease_job(
+        self, node: str, token: str, lease_s: float, kinds: tuple[str, ...] = ("pull", "run")
+    ) -> Job | None:
+        """Take the oldest job that is queued, waiting past its time, or running under a lease
+        that ran out (its node is gone); None when there is none."""
+        now = utcnow()
+        leasable = or_(
+            Job.state == "queued",
+            and_(Job.state == "running", Job.lease_expires < now),
+            and_(Job.state == "waiting", or_(Job.not_before.is_(None), Job.not_before <= now)),
+        )
+        q = select(Job).where(leasable, Job.kind.in_(kinds)).order_by(Job.id).limit(5)
+        with self.session() as s:
+            if s.get_bind().dialect.name == "postgresql":
+                q = q.with_for_update(skip_locked=True)
+            for cand in s.scalars(q).all():
+                same = Job.token.is_(None) if cand.token is None else Job.token == cand.token
+                took = s.execute(
+                    update(Job)
+                    .where(Job.id == cand.id, Job.state == cand.state, same)
+                    .values(
+                        state="running",
+                        token=token,
+                        node=node,
+                        heartbeat=now,
+                        lease_expires=now + timedelta(seconds=lease_s),
+                        started_at=cand.started_at or now,
+                        not_before=None,
+                        attempts=Job.attempts + 1,
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+                if took.rowcount:
+                    return s.get(Job, cand.id, populate_existing=True)
+        return None
+
+    def renew_job(
+        self, job_id: int, token: str, lease_s: float, progress: dict[str, Any] | None = None
+    ) -> bool | None:
+        """The holder's heartbeat (and progress). None when the job is no longer its own,
+        else whether a cancel was asked for."""
+        now = utcnow()
+        values: dict[str, Any] = {"heartbeat": now}
+        values["lease_expires"] = now + timedelta(seconds=lease_s)
+        if progress is not None:
+            values["progress"] = progress
+        with self.session() as s:
+            q = update(Job).where(Job.id == job_id, Job.token == token, Job.state == "running")
+            if not s.execute(q.values(**values)).rowcount:
+                return None
+            return bool(s.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+    def end_job(
+        self,
+        job_id: int,
+        token: str,
+        state: str,
+        outcome: str,
+        *,
+        progress: dict[str, Any] | None = None,
+        not_before: datetime | None = None,
+    ) -> bool:
+        """Leave the job: done, failed, cancelled, or waiting (until `not_before`, queued
+        again then). False when it was no longer the holder's."""
+        values: dict[str, Any] = {"state": state, "outcome": outcome[:500], "token": None}
+        values["lease_expires"] = None
+        if state in TERMINAL:
+            values["finished_at"] = utcnow()
+        if state == "waiting":
+            values["not_before"] = not_before
+        if progress is not None:
+            values["progress"] = progress
+        with self.session() as s:
+            q = update(Job).where(Job.id == job_id, Job.token == token)
+            return bool(s.execute(q.values(**values)).rowcount)
+
+    def cancel_job(self, job_id: int, by: str) -> str:
+        """Cancel a job: at once when it waits, at its next heartbeat when it runs. Returns
+        the state it was in."""
+        with self.session() as s:
+            job = s.get(Job, job_id, with_for_update=True)
+            if job is None:
+                return ""
+            was = job.state
+            if was in ("queued", "waiting"):
+                job.state, job.finished_at = "cancelled", utcnow()
+                job.outcome, job.token = f"cancelled by {by} before it ran", None
+            elif was == "running":
+                job.cancel_requested = True
+            return was
