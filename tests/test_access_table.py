@@ -49,6 +49,7 @@ CLI_EXEMPT = {
 class Case:
     args: tuple[str, ...]  # after the command's own words; {role} is the role's name
     actions: tuple[str, ...]  # allowed only when every one of these is
+    project: str | None = None  # the project it acts on, when no argument names it (a job's)
 
 
 # command -> what each try runs and which actions it needs ("pp": a declared project, so a
@@ -101,8 +102,8 @@ CLI_CASES: dict[str, list[Case]] = {
     "cohort remove": [Case(("pp", "--accession", "A9"), ("cohort.remove",))],
     # job 1 (queued) and 2 (done) are pp's (the fixture); cancel, then watch, then a node
     "jobs submit": [Case(("pull", "pp"), ("jobs.submit",))],
-    "jobs cancel": [Case(("1",), ("jobs.cancel",))],
-    "jobs watch": [Case(("2",), ("jobs.read",))],
+    "jobs cancel": [Case(("1",), ("jobs.cancel",), "pp")],
+    "jobs watch": [Case(("2",), ("jobs.read",), "pp")],
     "worker": [Case(("--once",), ("serve",))],  # who runs a node: as who serves
 }
 
@@ -196,7 +197,7 @@ def walk_cli(home: Home, cases: dict[str, list[Case]], monkeypatch) -> list[str]
             for role, name in ROLE_USERS.items():
                 args = [a.format(role=role.replace("-", ""), tmp=home.tmp) for a in case.args]
                 words = [*command.split(), *args]
-                project = "pp" if "pp" in args else None
+                project = case.project or ("pp" if "pp" in args else None)
                 since = last_audit_id(home)
                 out = run_cli(home, role, words, monkeypatch)
                 refused = out.exit_code == 2 and (
