@@ -344,3 +344,41 @@ def test_a_full_catalog_ends_the_pull_cleanly(tmp_path, pacs, scp_port, corpus):
     again = gw.pull("fullcat")
     assert again.ok, [s.error for s in again.series if s.error]
     assert unreadable_complete(gw, "fullcat") == {}
+
+
+def test_a_commit_that_does_not_read_back_is_never_marked_complete(
+    tmp_path, pacs, scp_port, corpus, monkeypatch
+):
+    """Positive control of the read-back before "complete": a commit whose headers vanish
+    right after it (as a second writer's delete did in issue 19) leaves the series failed,
+    with the reason, out of the QIDO-RS index; the next pull stores it whole."""
+    import shutil
+
+    from storage.series import SeriesWriter
+
+    gw = gateway(tmp_path, pacs, scp_port)
+    st = corpus.studies[0]
+    approved(gw, "readback", [st.accession])
+    commit = SeriesWriter.commit
+
+    def commit_then_lose_headers(self, store, key):
+        info = commit(self, store, key)
+        shutil.rmtree(tmp_path / "store" / key / "headers")
+        return info
+
+    monkeypatch.setattr(SeriesWriter, "commit", commit_then_lose_headers)
+    report = gw.pull("readback")
+    monkeypatch.undo()
+
+    assert not report.ok and report.count("complete") == 0
+    assert all("does not read back" in s.error for s in report.series)
+    project = gw.core.project("readback")
+    assert gw.catalog.series(project.id, status="complete") == []
+    keys = gw.keys("readback")
+    assert gw.catalog.indexed_series(project.id, keys.uid(st.study_uid)) == []
+    for se in st.series:  # the broken groups are not left looking whole to a store listing
+        key = series_key("readback", keys.uid(st.study_uid), keys.uid(se.series_uid))
+        assert not (tmp_path / "store" / key / "zarr.json").exists()
+    again = gw.pull("readback")
+    assert again.ok and again.count("complete") == len(st.series)
+    assert unreadable_complete(gw, "readback") == {}

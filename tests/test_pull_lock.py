@@ -146,3 +146,23 @@ def race(nodes: list[Catalog], project_id: int, n: int, prefix: str) -> list[str
     for t in threads:
         t.join()
     return won
+
+
+def test_a_heartbeat_that_cannot_reach_the_catalog_for_a_lease_counts_as_lost(gw, monkeypatch):
+    """Past a lease without a heartbeat, another pull may take the lock over: the holder
+    stops committing (lost) until a heartbeat gets through with its token still there."""
+    monkeypatch.setattr(pull_lock, "BEAT_S", 0.02)
+    monkeypatch.setattr(pull_lock, "LEASE_S", 0.1)
+    project = gw.core.project("locked")
+    renew = gw.catalog.renew_pull_lock
+
+    def down(*_args: object) -> bool:
+        raise ConnectionError("catalog down")
+
+    with ProjectPullLock(gw.catalog, project, "alice") as held:
+        monkeypatch.setattr(gw.catalog, "renew_pull_lock", down)
+        threading.Event().wait(0.4)
+        assert held.lost
+        monkeypatch.setattr(gw.catalog, "renew_pull_lock", renew)
+        threading.Event().wait(0.3)
+        assert not held.lost  # nobody took it meanwhile: held again

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,7 +52,8 @@ def gone(held: PullLock, host: str) -> str:
 class ProjectPullLock:
     """Held while a pull of `project` runs: `with ProjectPullLock(...) as lock:`. Raises
     `PullBusy` on entry when another live pull holds it. `took_over` says whose stale lock was
-    taken; `lost` turns true if another pull took this one (the pull then commits nothing)."""
+    taken; `lost` turns true if another pull took this one, or while the heartbeat has not
+    reached the catalog for a lease (the pull then commits nothing)."""
 
     def __init__(self, catalog: Catalog, project: Project, actor: str) -> None:
         self.catalog, self.project, self.actor = catalog, project, actor
@@ -116,14 +118,18 @@ class ProjectPullLock:
         raise PullBusy(f"project {self.project.name}: the pull lock keeps changing hands; retry")
 
     def _heartbeat(self) -> None:
+        renewed = time.monotonic()
         while not self._stop.wait(BEAT_S):
             try:
                 if not self.catalog.renew_pull_lock(self.project.id, self.token):
                     self.lost = True
                     log.error("the pull lock of %s was taken by another pull", self.project.name)
                     return
+                renewed, self.lost = time.monotonic(), False
             except Exception as e:  # the catalog is down for a while: try again at the next beat
                 log.warning("pull lock heartbeat failed (%s)", type(e).__name__)
+                if time.monotonic() - renewed > LEASE_S:  # another pull may take it over now
+                    self.lost = True
 
 
 def _alive(pid: int) -> bool:

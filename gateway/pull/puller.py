@@ -10,6 +10,7 @@ their spool.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -34,7 +35,7 @@ from gateway.pull.report import PullProgress, PullReport, SeriesOutcome
 from gateway.pull.retrievers import Retriever, SourceError, open_retrievers
 from gateway.pull.stops import PullStopped, check_spool, probe_store, why_stopped
 from storage.catalog import Project, utcnow
-from storage.series import SeriesError, SeriesWriter, series_key, unreadable
+from storage.series import SeriesError, SeriesWriter, delete_series, series_key, unreadable
 from storage.spool import SpoolError
 
 log = logging.getLogger(__name__)
@@ -497,6 +498,8 @@ class Puller:
         except Exception as e:
             problem = f"storage failed ({type(e).__name__})"
         if problem:
+            with contextlib.suppress(Exception):  # not left looking whole to a store listing
+                delete_series(self.core.store, job.key)
             return self._fail(job, f"the stored series does not read back: {problem}")
         try:
             self._index(job)
