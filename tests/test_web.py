@@ -381,6 +381,31 @@ def test_access_table_route_by_route(site):
     assert fetch(f"{routes(site)[0]}", t["dave"]).status == 200
 
 
+def test_role_changes_follow_the_role_table(site):
+    """An investigator grants the viewer role only: never demotes a co-investigator nor itself;
+    an unknown role is named; a name that is no user answers as a grant made (no probing)."""
+    c, t = site.gw.core, site.tokens
+    for name in ("ines", "vera"):
+        users.add(c, name)
+    users.grant(c, "web", "ines", "investigator")
+    grant = f"{site.url}/projects/web/members"
+    demote = fetch(grant, t["alice"], "POST", json={"user": "ines", "role": "viewer"})
+    assert demote.status == 403 and "investigator's role" in demote.body.decode()
+    assert fetch(grant, t["alice"], "POST", json={"user": "alice", "role": "viewer"}).status == 403
+    assert c.catalog.role(c.project("web").id, c.catalog.user("ines").id) == "investigator"
+    wrong = fetch(grant, t["alice"], "POST", json={"user": "vera", "role": "owner"})
+    assert wrong.status == 400 and "unknown role 'owner'" in wrong.body.decode()
+    assert "viewer" in wrong.body.decode() and "no such user" not in wrong.body.decode()
+    known = fetch(grant, t["alice"], "POST", json={"user": "vera", "role": "viewer"})
+    unknown = fetch(grant, t["alice"], "POST", json={"user": "no-such-one", "role": "viewer"})
+    assert (known.status, known.body) == (unknown.status, unknown.body) == (204, b"")
+    # Control: the grant to the user that exists was made; the refusals are in the trail.
+    assert c.catalog.role(c.project("web").id, c.catalog.user("vera").id) == "viewer"
+    refused = [e for e in c.catalog.audit_trail("web", 200) if e.outcome == "refused"]
+    assert {"investigator's role" in e.detail for e in refused if e.actor == "alice"} >= {True}
+    assert any("no such user" in e.detail for e in refused if e.actor == "alice")
+
+
 def test_results_cut_at_the_maximum_say_so(site, monkeypatch):
     monkeypatch.setattr(site.gw.core.settings.web, "max_results", 1)  # the project has two
     tok = site.tokens["alice"]
