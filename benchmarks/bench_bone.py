@@ -110,7 +110,7 @@ def main() -> None:
 
     logging.getLogger("distributed").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(home=Path(tmp), fsync=False, actor="bench")
+        settings = Settings(home=Path(tmp), fsync=False)
         with Core(settings, create=True) as core:
             create(core, PROJECT, title="bench")
         t = time.perf_counter()

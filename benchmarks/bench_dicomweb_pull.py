@@ -34,7 +34,7 @@ from harness.synthetic import generate
 def sphere_round(source: Source, port: int, accessions: list[str], home: Path) -> tuple[float, int]:
     """The whole pull of the cohort from one source; seconds and instances."""
     shutil.rmtree(home, ignore_errors=True)
-    gw = Gateway(Settings(home=home, port=port, actor="bench", sources=[source]))
+    gw = Gateway(Settings(home=home, port=port, sources=[source]), actor="bench")
     today = date.today()
     gw.create_project("bench")
     gw.approve("bench", committee_ref="B", approved_on=today, expires_on=today + timedelta(1))

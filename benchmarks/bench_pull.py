@@ -81,7 +81,6 @@ def sphere_round(
         Settings(
             home=home,
             port=port,
-            actor="bench",
             max_associations=assoc,
             fsync=os.environ.get("BENCH_FSYNC", "1") == "1",
             fsync_each=fsync_each,

@@ -125,7 +125,7 @@ def fill_orthanc(pacs: LocalOrthanc, args: argparse.Namespace) -> float:
 
 def fill_sphere(home: Path, args: argparse.Namespace) -> tuple[Settings, str, float]:
     """A project with every series indexed as a commit indexes it; a viewer's token."""
-    settings = Settings(home=home, actor="bench", fsync=False)
+    settings = Settings(home=home, fsync=False)
     core = Core(settings, create=True)
     create(core, PROJECT, title="QIDO benchmark")
     today = date.today()

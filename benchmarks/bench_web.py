@@ -236,7 +236,6 @@ def pull(
         home=home,
         port=scp_port,
         pacs=PacsPeer(ae_title=pacs.aet, port=pacs.dicom_port),
-        actor="bench",
         fsync=False,
     )
     if s3 is not None:
