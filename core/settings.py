@@ -70,6 +70,13 @@ class WebOptions(BaseModel):
     failure_window_s: float = 300.0  # ... in this long before it is answered 429
     search_max_rows: int = 100_000  # rows a QIDO-RS search may examine in Python at most
     search_timeout_s: float = 10.0  # and the time it may take
+    # Who may read /metrics: a scraper sending this bearer token, or a client at one of these
+    # addresses (networks) that came straight, not through a proxy. Nobody else.
+    metrics_token: SecretStr | None = None
+    metrics_from: list[str] = ["127.0.0.1", "::1"]
+    # /readyz on a node that pulls (its spool folder exists): ready while the spool's disk has
+    # this much free space (0: not checked).
+    ready_spool_free_mb: int = 1024
 
 
 class JobOptions(BaseModel):
@@ -129,6 +136,7 @@ class Settings(BaseSettings):
     # mapped to (`core.access.operator`). SPHERE_ACTOR is no identity any more.
     token: str | None = Field(None, repr=False)
     viewer_dist: Path | None = DEFAULT_VIEWER_DIST  # OHIF's dist/, served at /viewer/
+    log_format: Literal["text", "json"] = "text"  # json: one object per line (--log-format)
 
     def all_sources(self) -> list[Source]:
         """The PACS to pull from, the default first: `sources`, or the one `pacs`."""

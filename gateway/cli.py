@@ -19,7 +19,7 @@ import typer
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
-from core import Core, SphereError, Unavailable, access, projects, users
+from core import Core, SphereError, Unavailable, access, metrics, projects, users
 from core import home as home_files
 from core.settings import load_settings
 from deid.sealing import Tampered
@@ -105,6 +105,8 @@ def main(
     )
     settings = load_settings(home)  # one line naming a variable that cannot be read
     ctx.obj = {"settings": settings, "verbose": verbose}
+    # This process and those it starts (SCP workers, web workers) count in the home's folder.
+    ctx.call_on_close(metrics.share(settings.home))
 
 
 def _first_admin(c: Core) -> None:

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from core import Core, access, users, vaultkey
+from core import Core, access, metrics, users, vaultkey
 from gateway.operator import acting, core
 
 user_app = typer.Typer(help="Sphere users, their roles and API tokens.", no_args_is_help=True)
@@ -136,6 +136,7 @@ def serve(
     settings = ctx.find_root().obj["settings"]
     c = Core(settings, research=True)  # the research side: the vault stays sealed
     access.require(c, "serve")  # and a wrong home is one clear line now, not in each worker
+    metrics.clear_ended()  # counts start afresh with the server
     node = None if no_jobs else _start_node(settings)
     vaultkey.keep_out_of_environment()  # nor do its worker processes inherit the key
     try:

@@ -372,6 +372,17 @@ class Catalog(GovernanceQueries, JobQueries):
             )
             return bool(s.execute(q).rowcount)
 
+    def ping(self) -> None:
+        """One trivial query: raises when the database does not answer."""
+        with self.engine.connect() as c:
+            c.execute(text("SELECT 1"))
+
+    def held_pull_locks(self) -> list[str]:
+        """The names of the projects whose pull lock is held now (for the metrics)."""
+        with self.session() as s:
+            q = select(Project.name).join(PullLock, PullLock.project_id == Project.id)
+            return [str(n) for n in s.scalars(q)]
+
     def release_pull_lock(self, project_id: int, token: str) -> None:
         """Drop the lock, if it is still the holder's."""
         with self.session() as s:

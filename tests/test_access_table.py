@@ -268,7 +268,9 @@ def test_project_list_is_filtered(home, monkeypatch):
 
 # -- the web ----------------------------------------------------------------------------------
 
-WEB_PUBLIC = {"/healthz", "/signin", "/signout"}  # no user needed
+WEB_PUBLIC = {"/healthz", "/readyz", "/signin", "/signout"}  # no user needed
+# Its own rule, no role's: the metrics token or an allowed address (tests/test_metrics.py).
+WEB_SCRAPER = {"/metrics"}
 # Any signed-in user, whose own projects only are listed; the viewer's static files.
 WEB_SIGNED_IN = {"/", "/viewer", "/viewer/app-config.js", "/viewer/{path:path}"}
 DICOMWEB = "/projects/{project}/dicom-web"
@@ -295,7 +297,7 @@ def web_routes(routes: list[Any], prefix: str = "") -> list[tuple[str, str]]:
 
 def web_action(method: str, path: str) -> str | None:
     """The action a route needs; None for the public and signed-in-only ones."""
-    if path in WEB_PUBLIC or path in WEB_SIGNED_IN:
+    if path in WEB_PUBLIC or path in WEB_SIGNED_IN or path in WEB_SCRAPER:
         return None
     if (method, path) in WEB_ACTIONS:
         return WEB_ACTIONS[(method, path)]

@@ -23,7 +23,7 @@ from typing import NoReturn
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from core import Core, SphereError, Unavailable
+from core import Core, SphereError, Unavailable, metrics
 from core.index import index_stored
 from core.optout import Register
 from core.projects import CohortEntry, cohort
@@ -186,6 +186,7 @@ class Puller:
             self.core.catalog.audit(self.actor, "pull", self.project.name, "refused", reason=str(e))
             raise
         if lock.took_over:
+            metrics.get().lease_expiries.labels("pull_lock").inc()
             self.core.catalog.audit(
                 self.actor, "pull.lock", self.project.name, "ok", took_over=lock.took_over
             )
@@ -476,6 +477,7 @@ class Puller:
         if job.writer.count == 0:
             job.writer.discard()
             self._upsert(job, status="quarantined", error=note)
+            metrics.get().series.labels(job.project, job.source.name, "quarantined").inc()
             return SeriesOutcome(
                 job.pseudo_series,
                 "quarantined",
@@ -518,6 +520,10 @@ class Puller:
             shape=list(info.shape),
             error=note or None,
         )
+        m = metrics.get()
+        m.series.labels(job.project, job.source.name, "complete").inc()
+        m.stored.labels(job.project, job.source.name).inc(info.n_instances)
+        m.stored_bytes.labels(job.project, job.source.name).inc(info.nbytes)
         self.core.catalog.audit(
             self.actor,
             "series.stored",
@@ -550,6 +556,9 @@ class Puller:
 
     def _fail(self, job: SeriesJob, error: str) -> SeriesOutcome:
         self._upsert(job, status="failed", error=error)
+        m = metrics.get()
+        m.series.labels(job.project, job.source.name, "failed").inc()
+        m.failed.labels(job.project, job.source.name).inc(job.expected)
         self.core.catalog.audit(
             self.actor,
             "series.failed",

@@ -23,7 +23,7 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from core import Core, Settings
+from core import Core, Settings, metrics
 from core.optout import Register
 from deid.engine import Quarantined
 from dicom.json_model import Part
@@ -95,6 +95,11 @@ class Receiver:
         self.optout = Register(self.core)
         self.refused_optout = 0  # since the last association's end (audited then)
         self.shortcuts = 0  # instances stored by comparison with the last of their series
+        self.metrics = metrics.get()
+        # Metrics name a source by its settings' name, never by what a caller calls itself.
+        sources = cfg.settings.all_sources()
+        self._sources = {s.ae_title: s.name for s in sources if s.protocol != "dicomweb"}
+        self._sources |= {f"dicomweb:{s.name}": s.name for s in sources if s.protocol == "dicomweb"}
 
     def on_receive(self, inst: ReceivedInstance, calling_ae: str) -> int:
         """`on_store` for an instance still encoded, as the Storage SCP hands it over.
@@ -104,6 +109,9 @@ class Receiver:
         elements that changed (UIDs, position, times...) are decoded and de-identified, when
         they are of a kind that cannot affect any other (see Deidentifier.apply_changes).
         """
+        source = self.source(calling_ae)
+        self.metrics.received.labels(self.cfg.project, source).inc()
+        self.metrics.received_bytes.labels(self.cfg.project, source).inc(len(inst.data))
         syntax = inst.transfer_syntax
         spans = None
         if syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
@@ -122,7 +130,12 @@ class Receiver:
 
     def on_store(self, ds: Dataset, calling_ae: str) -> int:
         """The C-STORE status for one instance: success only once it is spooled (or quarantined)."""
+        self.metrics.received.labels(self.cfg.project, self.source(calling_ae)).inc()
         return self._store(ds, calling_ae, None)
+
+    def source(self, calling_ae: str) -> str:
+        """The name of the source a caller is ("other" for a caller no source is)."""
+        return self._sources.get(calling_ae.strip(), "other")
 
     def _store(
         self, ds: Dataset, calling_ae: str, received: tuple[ReceivedInstance, dict] | None
@@ -134,7 +147,7 @@ class Receiver:
         if want is None or not study_uid or self.keys.uid(study_uid) != want["study"]:
             self._refuse(calling_ae)
             return REFUSED_NOT_AUTHORIZED
-        if self._opted_out(ds):
+        if self._opted_out(ds, calling_ae):
             return REFUSED_NOT_AUTHORIZED
         pseudo_sop = self.keys.uid(str(ds.get("SOPInstanceUID") or ""))
         context = self.deid.context(ds) if received is not None else None
@@ -145,6 +158,7 @@ class Receiver:
                 raise Quarantined("Patient ID differs from the study's: two patients in one study")
         except Quarantined as q:
             self.layout.note_quarantine(pseudo_series, pseudo_sop, q.reason)
+            self.metrics.quarantined.labels(self.cfg.project, self.source(calling_ae)).inc()
             log.warning("quarantined an instance of series %s: %s", pseudo_series, q.reason)
             return SUCCESS  # taken in charge: reported, never stored
         parts = self._writer(pseudo_series).add(ds)
@@ -275,13 +289,14 @@ class Receiver:
                 self._writers[pseudo_series] = w
             return w
 
-    def _opted_out(self, ds: Dataset) -> bool:
+    def _opted_out(self, ds: Dataset, calling_ae: str) -> bool:
         """Whether the instance's patient opted out (checked on the original Patient ID,
         before anything is de-identified or spooled); counted, audited per association."""
         if not self.optout.refuses(str(ds.get("PatientID") or "")):
             return False
         with self._lock:
             self.refused_optout += 1
+        self.metrics.refused.labels(self.cfg.project, self.source(calling_ae), "opted_out").inc()
         return True
 
     def _optout_refusals(self) -> None:
@@ -301,6 +316,7 @@ class Receiver:
     def _refuse(self, calling_ae: str) -> None:
         with self._lock:
             self.refused += 1
+        self.metrics.refused.labels(self.cfg.project, self.source(calling_ae), "unsolicited").inc()
         log.warning("refused an unsolicited instance from AE %r", calling_ae)
         self.core.catalog.audit(
             self.cfg.actor, "store.refused", self.cfg.project, "refused", calling_ae=calling_ae

@@ -20,7 +20,7 @@ from typing import Any, Protocol, TypeVar
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 
-from core import Core, NotSetUp, SphereError
+from core import Core, NotSetUp, SphereError, metrics
 from core.settings import Source
 from gateway.dimse.scp import StorageSCP
 from gateway.dimse.scu import DimseError, Mover, Peer, RetrieveResult, Scu, SeriesHit, StudyHit
@@ -75,12 +75,18 @@ class _Source:
     """What every retriever shares: its protocol's errors become `SourceError`, named by it."""
 
     errors: type[Exception] = Exception
+    name: str
 
     def _call(self, fn: Callable[..., T], *args: Any) -> T:
         try:
-            return fn(*args)
+            with self.in_use():
+                return fn(*args)
         except self.errors as e:
             raise SourceError(f"{self}: {e}") from None
+
+    def in_use(self) -> Any:
+        """Counts an association (or HTTP exchange) with the source while it is open."""
+        return metrics.get().connections.labels(self.name).track_inprogress()
 
 
 class _ReceivesHere(_Source):
@@ -294,15 +300,16 @@ class DicomwebRetriever(_ReceivesHere):
         ok = bad = 0
         caller = f"dicomweb:{self.name}"
         try:
-            for data in self.client.series_instances(study_uid, series_uid):
-                try:
-                    status = receiver.on_receive(_part10(data), caller)
-                except ValueError:  # not a DICOM file: counted as failed, the rest goes on
-                    status = 0xC000
-                if status == 0:
-                    ok += 1
-                else:
-                    bad += 1
+            with self.in_use():
+                for data in self.client.series_instances(study_uid, series_uid):
+                    try:
+                        status = receiver.on_receive(_part10(data), caller)
+                    except ValueError:  # not a DICOM file: counted as failed, the rest goes on
+                        status = 0xC000
+                    if status == 0:
+                        ok += 1
+                    else:
+                        bad += 1
         except DicomwebError as e:
             raise SourceError(f"{self}: {e}") from None
         finally:

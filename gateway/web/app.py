@@ -1,10 +1,12 @@
 """The DICOMweb server: `create_app(core)` gives the FastAPI app `sphere serve` runs.
 
     /healthz, /signin, /signout, /                   pages (gateway.web.routes.pages)
+    /metrics                                         Prometheus (gateway.web.metrics)
     /projects/{project}/dicom-web/...                QIDO-RS and WADO-RS, per project
     /viewer/...                                      OHIF (gateway.web.viewer), when installed
 
-Every route but /healthz, /signin and the viewer's files needs a user (gateway.web.deps).
+Every route but /healthz, /signin, the viewer's files and /metrics (its own rule) needs a
+user (gateway.web.deps).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from core import Core, home
+from gateway.web import metrics
 from gateway.web.accept import NotAcceptable
 from gateway.web.audit import AuditBuffer, AuditMiddleware
 from gateway.web.cache import CatalogCache
@@ -55,6 +58,7 @@ def create_app(core: Core) -> FastAPI:
     app.state.audit = buffer
     app.include_router(pages.router)
     app.include_router(jobs.router)
+    app.include_router(metrics.router)
     app.include_router(qido.router, prefix=DICOMWEB)
     app.include_router(wado.router, prefix=DICOMWEB)
     app.router.routes[:0] = wado.pixel_routes(DICOMWEB)  # first: matched before the rest
@@ -78,6 +82,7 @@ def create_app(core: Core) -> FastAPI:
     )
     templates = {r.endpoint: DICOMWEB + r.path for m in (qido, wado) for r in m.router.routes}
     app.add_middleware(AuditMiddleware, buffer=buffer, templates=templates)
+    app.add_middleware(metrics.HttpMetrics, templates=templates)  # refusals counted too
     origins = web.cors_origins
     if origins:  # outside the audit and the guard, so refusals carry CORS headers too
         app.add_middleware(

@@ -173,10 +173,7 @@ class AuditMiddleware:
     ) -> None:
         self.app = app
         self.buffer = buffer
-        # Route templates by endpoint: those of routers included under a prefix, given (their
-        # route knows its own part only); the app's plain routes, found on first use.
-        self.templates = dict(templates or {})
-        self._plain: dict[Any, str] | None = None
+        self._route = RouteNames(templates)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope.get("path") in UNAUDITED:
@@ -221,9 +218,18 @@ class AuditMiddleware:
             }
         )
 
-    def _route(self, scope: dict[str, Any]) -> str:
-        """The template of the route that answered (never the path typed, which may hold
-        anything), or "(no route)"."""
+
+class RouteNames:
+    """The template of the route that answered a request (never the path typed, which may
+    hold anything), or "(no route)": for the audit trail and the metrics."""
+
+    def __init__(self, templates: dict[Any, str] | None = None) -> None:
+        # Route templates by endpoint: those of routers included under a prefix, given (their
+        # route knows its own part only); the app's plain routes, found on first use.
+        self.templates = dict(templates or {})
+        self._plain: dict[Any, str] | None = None
+
+    def __call__(self, scope: dict[str, Any]) -> str:
         endpoint = scope.get("endpoint")
         if endpoint is None:
             return "(no route)"
