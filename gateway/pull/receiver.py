@@ -23,7 +23,7 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from core import Core, Settings, metrics
+from core import Core, Settings, SphereError, metrics
 from core.optout import Register
 from deid.engine import Quarantined
 from dicom.json_model import Part
@@ -86,8 +86,12 @@ class Receiver:
         self.cfg = cfg
         self.core = Core(cfg.settings, actor=cfg.actor)
         self.layout = SpoolLayout(cfg.spool_root, cfg.project)
-        self.keys = self.core.keys(cfg.project)
-        self.deid = self.core.deidentifier(cfg.project)
+        try:
+            self.keys = self.core.keys(cfg.project)
+            self.deid = self.core.deidentifier(cfg.project)
+        except SphereError as e:  # said in a worker's log, which the pull's error points to
+            log.error("the receiver for %s cannot start: %s", cfg.project, e)
+            raise
         self._writers: dict[str, SeriesWriter] = {}
         self._templates: OrderedDict[bytes, _Template] = OrderedDict()
         self._lock = threading.Lock()
