@@ -1,7 +1,8 @@
 """Dataset <-> DICOM JSON model (PS3.18 Annex F) without pixel data.
 
 `to_json_dict` gives the same result as pydicom's `Dataset.to_json_dict` for the elements it
-keeps, many times faster. It leaves out pixel data, file meta (group 0002), group lengths and
+keeps, many times faster, except that an empty value among several is `null` (PS3.18 F.2.5,
+where pydicom writes `""`); `from_json` reads `null` back as an empty value. It leaves out pixel data, file meta (group 0002), group lengths and
 binary values larger than `bulk_threshold` bytes (bulk data): a header store needs the
 attributes, the pixels live elsewhere.
 
@@ -236,7 +237,8 @@ def _raw_element(tag: int, raw: RawDataElement, bulk_threshold: int) -> Any:
                 return {"vr": vr}
             if b"=" in value:
                 return _SLOW
-            return {"vr": vr, "Value": [{"Alphabetic": v} for v in values]}
+            names = [{"Alphabetic": v} if v or len(values) == 1 else None for v in values]
+            return {"vr": vr, "Value": names}
         elif vr == "UR":
             values = [value.decode("ascii").rstrip()]
         else:
@@ -258,9 +260,14 @@ def _raw_element(tag: int, raw: RawDataElement, bulk_threshold: int) -> Any:
         return {"vr": vr, "Value": numbers}
     else:
         return _SLOW
-    if len(values) == 1 and not values[0]:
-        return {"vr": vr}
-    return {"vr": vr, "Value": values}
+    if len(values) == 1:
+        return {"vr": vr} if not values[0] else {"vr": vr, "Value": values}
+    return {"vr": vr, "Value": _nulls(values)}
+
+
+def _nulls(values: list[Any]) -> list[Any]:
+    """An empty value among several is null in DICOM JSON (PS3.18 F.2.5), not ""."""
+    return [None if v == "" else v for v in values]
 
 
 def _implicit_vr(tag: int) -> str | None:
@@ -304,8 +311,9 @@ def _element(elem: DataElement, bulk_threshold: int, ancestors: list[Dataset]) -
             return None
         return {"vr": vr, "InlineBinary": base64.b64encode(value).decode("ascii")}
     if vr == "PN":
-        names = value if kind is MultiValue else (value,)
-        return {"vr": vr, "Value": [_person_name(v) for v in names]}
+        if kind is not MultiValue:
+            return {"vr": vr, "Value": [_person_name(value)]}
+        return {"vr": vr, "Value": [_person_name(v) if str(v) else None for v in value]}
     if vr == "AT":
         tags = value if kind is MultiValue else (value,)
         return {"vr": vr, "Value": [f"{int(t):08X}" for t in tags]}
@@ -320,6 +328,8 @@ def _plain(vr: str, value: Any) -> dict:
         values = [_number(v, float) for v in values]
     else:
         values = [v if isinstance(v, str) or v is None else str(v) for v in values]
+        if len(values) > 1:
+            values = _nulls(values)
     return {"vr": vr, "Value": values}
 
 

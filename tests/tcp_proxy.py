@@ -1,0 +1,66 @@
+"""A TCP proxy on loopback for the tests: counts the connections open at once through it (the
+most ever seen), and can drop everything (connections refused... accepted then closed) until
+told to pass again."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+
+
+class CountingProxy:
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.open = self.most = self.total = 0
+        self.dropping = False
+        self._lock = threading.Lock()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            if self.dropping:  # a source that stops answering: closed at once
+                client.close()
+                continue
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            up = socket.create_connection(("127.0.0.1", self.upstream))
+        except OSError:
+            client.close()
+            return
+        with self._lock:
+            self.open += 1
+            self.total += 1
+            self.most = max(self.most, self.open)
+        done = threading.Event()
+
+        def pump(src: socket.socket, dst: socket.socket) -> None:
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+            done.set()
+
+        other = threading.Thread(target=pump, args=(up, client), daemon=True)
+        other.start()
+        pump(client, up)
+        other.join()
+        for s in (client, up):
+            s.close()
+        with self._lock:
+            self.open -= 1
+
+    def close(self) -> None:
+        self.sock.close()

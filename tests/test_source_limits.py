@@ -1,0 +1,205 @@
+"""The PACS protected, cluster-wide (issue 19, point 3): time windows (a job outside waits, a
+foreground pull is refused saying when it opens) and at most N associations across every node
+(slots in the catalog): two `sphere worker` processes pulling through a counting proxy with a
+limit of 1 never have more than one association open to Orthanc."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from datetime import datetime, timedelta
+
+import pytest
+from sqlalchemy import update
+
+from core import access, users
+from core.settings import JobOptions, PacsPeer, Settings, Source
+from core.windows import is_open, next_open, parse
+from gateway import jobs
+from gateway.api import Gateway
+from harness.localpacs import LocalOrthanc, free_port
+from harness.synthetic import generate
+from storage.catalog import utcnow
+from storage.models import SourceSlot
+from tests.tcp_proxy import CountingProxy
+from tests.test_jobs_nodes import every_instance_once, wait_for, worker
+from tests.test_pull import approved
+
+SPHERE = [sys.executable, "-m", "gateway.cli"]
+
+
+# -- windows ------------------------------------------------------------------------------------
+
+
+def test_windows_parse_and_open():
+    nights = ["mon-fri 20:00-07:00", "sat-sun"]
+    monday = datetime(2026, 12, 7)  # a Monday
+    assert not is_open(nights, monday.replace(hour=12))
+    assert is_open(nights, monday.replace(hour=21))
+    assert is_open(nights, monday.replace(hour=6, minute=59) + timedelta(days=1))  # Tue morning
+    assert not is_open(nights, monday.replace(hour=7) + timedelta(days=1))
+    assert is_open(nights, monday - timedelta(days=1))  # Sunday
+    assert is_open(["fri 22:00-06:00"], monday.replace(hour=3) + timedelta(days=5))  # Sat 03:00
+    assert next_open(nights, monday.replace(hour=12)) == monday.replace(hour=20)
+    assert is_open([], monday)  # no window: always
+    for bad in ("funday", "mon-fri 25:00-07:00", "20:00"):
+        with pytest.raises(ValueError, match="window"):
+            parse(bad)
+    with pytest.raises(ValueError, match="window"):  # the settings refuse it too
+        Source(windows=["someday"])
+
+
+def closed_window(now: datetime) -> str:
+    """A one-minute window two hours away: now is outside it."""
+    start = now + timedelta(hours=2)
+    end = start + timedelta(minutes=1)
+    return f"{start:%H:%M}-{end:%H:%M}"
+
+
+def test_a_job_outside_its_window_waits_and_a_foreground_pull_is_refused(tmp_path):
+    now = datetime.now()
+    pacs = PacsPeer(port=free_port(), windows=[closed_window(now)])
+    settings = Settings(home=tmp_path, pacs=pacs, fsync=False, jobs=JobOptions(beat_s=0.2))
+    gw = Gateway(settings)
+    approved(gw, "night", ["A1"])
+    token = users.add(gw.core, "dan")
+    gw.catalog.add_user_role(gw.catalog.user("dan").id, access.DATA_MANAGER, "t")
+    job = jobs.submit(gw.core, "pull", "night", user=gw.catalog.user("dan"))
+    jobs.Node(settings, name="n").run(once=True)
+    row = gw.catalog.job(job.id)
+    assert row.state == "waiting" and "outside the source's time window" in row.outcome
+    assert row.not_before > utcnow() + timedelta(minutes=100)  # until it opens
+    assert not [e for e in gw.catalog.audit_trail("night") if e.action == "pull.start"]
+    env = {
+        **os.environ,
+        "SPHERE_HOME": str(tmp_path),
+        "SPHERE_TOKEN": token,
+        "SPHERE_PACS__PORT": str(pacs.port),
+        "SPHERE_PACS__WINDOWS": json.dumps(pacs.windows),
+    }
+    listed = subprocess.run([*SPHERE, "jobs"], capture_output=True, text=True, env=env)
+    assert " waiting " in listed.stdout
+    fg = subprocess.run([*SPHERE, "pull", "night"], capture_output=True, text=True, env=env)
+    assert fg.returncode == 2
+    (line,) = fg.stderr.strip().splitlines()
+    assert "outside the source's time window" in line and "it opens at" in line
+    # Control: a window open now lets the job through (to the PACS, which is not there).
+    with gw.catalog.session() as s:
+        from storage.catalog import Job
+
+        s.execute(update(Job).values(not_before=utcnow()))
+    opened = settings.model_copy(update={"pacs": pacs.model_copy(update={"windows": []})})
+    jobs.Node(opened, name="n").run(once=True)
+    row = gw.catalog.job(job.id)
+    assert row.state == "waiting" and "unavailable" in row.outcome, row.outcome
+
+
+# -- slots --------------------------------------------------------------------------------------
+
+
+def test_source_slots_are_limited_and_a_dead_holders_expire(tmp_path):
+    gw = Gateway(Settings(home=tmp_path))
+    cat = gw.catalog
+    assert cat.take_source_slot("pacs", 2, "a", "node-a", 30) == 0
+    assert cat.take_source_slot("pacs", 2, "b", "node-b", 30) == 1
+    assert cat.take_source_slot("pacs", 2, "c", "node-c", 30) is None  # all held
+    assert cat.source_slots_held("pacs") == 2
+    cat.release_source_slot("pacs", 1, "b")
+    assert cat.take_source_slot("pacs", 2, "c", "node-c", 30) == 1
+    with cat.session() as s:  # node a died: its slot's lease runs out
+        s.execute(
+            update(SourceSlot)
+            .where(SourceSlot.token == "a")
+            .values(expires=utcnow() - timedelta(seconds=1))
+        )
+    assert cat.take_source_slot("pacs", 2, "d", "node-d", 30) == 0
+    cat.release_source_slot("pacs", 0, "a")  # a, back, releases nothing of d's
+    assert cat.source_slots_held("pacs") == 2
+
+
+def test_the_proxy_counts_concurrent_connections():
+    """Control for the test below: two connections at once through the proxy count 2."""
+    upstream = socket.create_server(("127.0.0.1", 0))
+    proxy = CountingProxy(upstream.getsockname()[1])
+    try:
+        a = socket.create_connection(("127.0.0.1", proxy.port))
+        b = socket.create_connection(("127.0.0.1", proxy.port))
+        wait_for(lambda: proxy.most == 2, "two connections", 10)
+        a.close()
+        b.close()
+    finally:
+        proxy.close()
+        upstream.close()
+
+
+NODES = ("NODEA", "NODEB")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("corpus"), n_patients=3, slices=12, size=64, seed=9)
+
+
+@pytest.fixture(scope="module")
+def ports():
+    return {ae: free_port() for ae in NODES}
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory, corpus, ports):
+    modalities = {ae: (ae, "127.0.0.1", port) for ae, port in ports.items()}
+    with LocalOrthanc(tmp_path_factory.mktemp("orthanc"), modalities=modalities) as orthanc:
+        assert orthanc.upload(corpus.files) == len(corpus.files)
+        yield orthanc
+
+
+@pytest.mark.peers
+def test_two_nodes_hold_the_source_to_one_association(tmp_path, pg_server, pacs, ports, corpus):
+    proxy = CountingProxy(pacs.dicom_port)
+    url = pg_server.create_database("limited")
+    source = {
+        "name": "pacs",
+        "protocol": "move",
+        "ae_title": pacs.aet,
+        "host": "127.0.0.1",
+        "port": proxy.port,
+        "cluster_limit": 1,
+    }
+    settings = Settings(home=tmp_path, catalog_url=url, sources=[Source(**source)], fsync=False)
+    gw = Gateway(settings)
+    token = users.add(gw.core, "dan")
+    gw.catalog.add_user_role(gw.catalog.user("dan").id, access.DATA_MANAGER, "t")
+    ids = []
+    for name in ("one", "two"):
+        approved(gw, name, [st.accession for st in corpus.studies])
+        ids.append(jobs.submit(gw.core, "pull", name, user=gw.catalog.user("dan")).id)
+    env = {
+        **os.environ,
+        "SPHERE_HOME": str(tmp_path),
+        "SPHERE_CATALOG_URL": url,
+        "SPHERE_TOKEN": token,
+        "SPHERE_SOURCES": json.dumps([source]),
+        "SPHERE_MAX_ASSOCIATIONS": "2",  # each node would open two: the cluster's limit is 1
+        "SPHERE_FSYNC": "false",
+        "SPHERE_JOBS__POLL_S": "0.2",
+        "SPHERE_JOBS__BEAT_S": "0.5",
+    }
+    try:
+        with worker(env, "NODEA", ports["NODEA"]), worker(env, "NODEB", ports["NODEB"]):
+            wait_for(
+                lambda: all(gw.catalog.job(i).state in ("done", "failed") for i in ids),
+                "the jobs",
+                timeout_s=400,
+            )
+    finally:
+        proxy.close()
+    rows = [gw.catalog.job(i) for i in ids]
+    assert [r.state for r in rows] == ["done", "done"], [r.outcome for r in rows]
+    assert proxy.total > 2  # C-FINDs and C-MOVEs went through it...
+    assert proxy.most == 1  # ...never more than one at once, across both nodes
+    for name in ("one", "two"):
+        every_instance_once(gw, name, corpus)
+    assert gw.catalog.source_slots_held("pacs") == 0  # all given back
