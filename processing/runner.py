@@ -23,6 +23,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from core import vaultkey
 from core.core import Core
 from core.errors import Unavailable
 from core.settings import Settings
@@ -112,6 +113,7 @@ def local_cluster(workers: int | None = None, gpus: int = 0) -> Any:
         _restored_environ(saved),
     ):
         get_mp_context().set_forkserver_preload(["distributed", __name__])
+        vaultkey.keep_out_of_environment()  # the workers are the research side (put back after)
         return LocalCluster(
             n_workers=gpus if gpus > 0 else (workers or 2),
             threads_per_worker=1,

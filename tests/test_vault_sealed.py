@@ -5,6 +5,7 @@ key and fails closed when something there asks for it, and a vault from before i
 from __future__ import annotations
 
 import base64
+import os
 import sqlite3
 from datetime import date, timedelta
 from pathlib import Path
@@ -207,10 +208,12 @@ def trusted(tmp_path, monkeypatch) -> tuple[Settings, Settings]:
 
 
 def test_serve_and_a_pipeline_run_without_the_vault_key(trusted, tmp_path, monkeypatch):
+    from distributed import Client
+
     from harness.localpacs import free_port
     from harness.serve import start_sphere
     from processing.body_hu import BodyHu
-    from processing.runner import run_pipeline
+    from processing.runner import local_cluster, run_pipeline
     from tests.web_server import fetch
 
     ttp, research = trusted
@@ -239,6 +242,15 @@ def test_serve_and_a_pipeline_run_without_the_vault_key(trusted, tmp_path, monke
         proc.wait(30)
     report = run_pipeline(research, "pr", BodyHu(), workers=1, progress=False)
     assert report.counts() == {"ok": 1}
+    # The pipeline's own workers never see the key this process was given (still given after).
+    cluster = local_cluster(workers=1)
+    try:
+        with Client(cluster) as client:
+            # (A lambda: os.environ.get would be pickled with this process's environment.)
+            seen = client.run(lambda: os.environ.get("SPHERE_VAULT_KEY"))
+    finally:
+        cluster.close()
+    assert list(seen.values()) == [None] and "SPHERE_VAULT_KEY" in os.environ
 
 
 def test_the_home_is_owner_only_and_a_home_made_before_is_tightened(tmp_path, umask_022):
