@@ -2,9 +2,10 @@
 
 `to_json_dict` gives the same result as pydicom's `Dataset.to_json_dict` for the elements it
 keeps, many times faster, except that an empty value among several is `null` (PS3.18 F.2.5,
-where pydicom writes `""`); `from_json` reads `null` back as an empty value. It leaves out pixel data, file meta (group 0002), group lengths and
-binary values larger than `bulk_threshold` bytes (bulk data): a header store needs the
-attributes, the pixels live elsewhere.
+where pydicom writes `""`); `from_json` reads `null` back as an empty value. It leaves out
+pixel data, file meta (group 0002), group lengths and binary values larger than
+`bulk_threshold` bytes (bulk data): a header store needs the attributes, the pixels live
+elsewhere.
 
 Elements pydicom has not decoded yet (raw elements, as read from a file or the network) are
 encoded straight from their bytes for the common VRs, giving what pydicom's decoding would;

@@ -31,15 +31,26 @@ SAMPLES = [
 
 
 def _reference(ds: Dataset) -> dict:
-    """pydicom's own JSON model, minus what ours leaves out on purpose."""
+    """pydicom's own JSON model, minus what ours leaves out on purpose, with an empty value
+    among several as null (PS3.18 F.2.5: pydicom writes "")."""
     ref = ds.to_json_dict()
     return {
-        k: v
+        k: _f25(v)
         for k, v in ref.items()
         if k not in ("7FE00010", "7FE00008", "7FE00009")
         and not k.startswith("0002")
         and not k.endswith("0000")
     }
+
+
+def _f25(entry: dict) -> dict:
+    values = entry.get("Value")
+    if entry["vr"] == "SQ":
+        return {**entry, "Value": [{k: _f25(v) for k, v in item.items()} for item in values]}
+    if not values or len(values) < 2:
+        return entry
+    empty = ("", {"Alphabetic": ""})
+    return {**entry, "Value": [None if v in empty else v for v in values]}
 
 
 @pytest.mark.parametrize("name", SAMPLES)
@@ -87,6 +98,30 @@ def test_empty_and_multi_valued_elements():
     assert out["00280030"] == {"vr": "DS", "Value": [0.5, 0.25]}
     assert out["00081199"] == {"vr": "SQ", "Value": []}
     assert json_model.to_json_dict(json_model.from_json(out)) == out
+
+
+def test_an_empty_value_among_several_is_null_both_ways():
+    """PS3.18 F.2.5: ImageType ORIGINAL\\PRIMARY\\\\AXIAL is ["ORIGINAL","PRIMARY",null,"AXIAL"],
+    from a decoded dataset and from raw bytes alike, and null reads back as an empty value."""
+    ds = Dataset()
+    ds.ImageType = "ORIGINAL\\PRIMARY\\\\AXIAL"
+    ds.PatientName = "Doe^John\\"
+    ds.add_new(0x00204000, "LT", "")  # a single empty value stays valueless
+    want = ["ORIGINAL", "PRIMARY", None, "AXIAL"]
+    out = json_model.to_json_dict(ds)
+    assert out["00080008"] == {"vr": "CS", "Value": want}
+    assert out["00100010"] == {"vr": "PN", "Value": [{"Alphabetic": "Doe^John"}, None]}
+    assert out["00204000"] == {"vr": "LT"}
+    raw = _explicit_le([(0x00080008, "CS", b"ORIGINAL\\PRIMARY\\\\AXIAL")])
+    assert json_model.to_json_dict(read_dataset(BytesIO(raw), False, True))["00080008"] == {
+        "vr": "CS",
+        "Value": want,
+    }
+    assert '"Value":["ORIGINAL","PRIMARY",null,"AXIAL"]' in json_model.dumps(ds)
+    back = json_model.from_json(json_model.dumps(ds))
+    assert list(back.ImageType) == ["ORIGINAL", "PRIMARY", "", "AXIAL"]
+    assert [str(n) for n in back.PatientName] == ["Doe^John", ""]
+    assert json_model.to_json_dict(back) == out
 
 
 def _explicit_le(elements: list[tuple[int, str, bytes]]) -> bytes:
