@@ -88,6 +88,22 @@ DEFLATED = "1.2.840.10008.1.2.1.99"
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 ENCAPSULATED_DOC_PREFIX = "1.2.840.10008.5.1.4.1.1.104."
 _KIND = {STUDY_UID: "study", SERIES_UID: "series", SOP_UID: "sop", FRAME_UID: "frame"}
+# UIDs that say what an object is, not whose: a private SOP class or transfer syntax is a
+# vendor's, kept as is (PS3.15 keeps SOP Class UID; rewriting it changes what the object is).
+CLASS_UIDS = frozenset(
+    {
+        0x00020002,  # Media Storage SOP Class UID
+        0x00020010,  # Transfer Syntax UID
+        0x00041510,  # Referenced SOP Class UID in File
+        0x00041512,  # Referenced Transfer Syntax UID in File
+        0x0004151A,  # Referenced Related General SOP Class UID in File
+        0x00080016,  # SOP Class UID
+        0x0008001A,  # Related General SOP Class UID
+        0x0008001B,  # Original Specialized SOP Class UID
+        0x00080062,  # SOP Classes in Study
+        0x00081150,  # Referenced SOP Class UID
+    }
+)
 _META_DROP = (0x00020016, 0x00020017, 0x00020018, 0x00020100, 0x00020102)
 
 _ID_NAME = re.compile(
@@ -563,7 +579,7 @@ class Deidentifier:
         for v in values:
             if v and (len(v) > 64 or not _UID.match(v)):
                 raise Quarantined(f"a UI value that is not a UID at {_tag(tag)}")
-        if keep:
+        if keep or int(tag) in CLASS_UIDS:
             return "K"
         if all(not v or v in UID_dictionary or v.startswith("1.2.840.10008.") for v in values):
             return "K"

@@ -284,3 +284,22 @@ def test_conditional_actions_follow_the_iod_else_the_stronger(study):
     unknown.SOPClassUID = "1.2.826.0.1.3680043.99.1"  # an IOD we know nothing of
     ds = Deidentifier(basic, ProjectKeys(SECRET)).apply(unknown)
     assert ds.ContentDate == "" and "DeviceSerialNumber" not in ds  # Z/D -> Z, X/Z/D -> X
+
+
+def test_private_sop_class_uids_are_kept(study):
+    """A vendor's SOP class says what the object is, not whose (PS3.15 keeps SOP Class UID):
+    kept in the dataset, the file meta and references; instance UIDs beside them still go."""
+    private_class = "1.3.12.2.1107.5.9.1"  # a vendor's private storage class
+    ds = pydicom.dcmread(study.ct[0])
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = private_class
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = private_class
+    ref.ReferencedSOPInstanceUID = "1.2.250.1.59.4242.77.1"
+    ds.ReferencedInstanceSequence = [ref]  # not listed by the table: kept, walked
+    out = Deidentifier(Profile(), ProjectKeys(SECRET)).apply(ds)
+    assert out.SOPClassUID == private_class
+    assert out.file_meta.MediaStorageSOPClassUID == private_class
+    assert out.ReferencedInstanceSequence[0].ReferencedSOPClassUID == private_class
+    # The control: a non-DICOM UID in the same item is an identifier, and is replaced.
+    assert out.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID.startswith("2.25.")
+    assert out.SOPInstanceUID.startswith("2.25.")
