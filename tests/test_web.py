@@ -328,6 +328,36 @@ def test_frames_bulkdata_rendered(site):
     assert whole.headers["Content-Type"] == "image/png" and Image.open(BytesIO(whole.body)).size
 
 
+def test_every_multipart_part_names_its_url(site, monkeypatch):
+    """Content-Location on each part: a frame's .../frames/N, bulk data its BulkDataURI, an
+    instance its WADO-RS URL; behind a trusted proxy, the proxy's URL."""
+    study, series = site.uids(0)
+    reader = site.reader(0)
+    sop = reader.header(2)["00080018"]["Value"][0]
+    tok = site.tokens["alice"]
+    inst = f"{site.root}/studies/{study}/series/{series}/instances/{sop}"
+    frames = fetch(f"{inst}/frames/1,1", tok)
+    assert frames.locations == [f"{inst}/frames/1"] * 2
+    meta = fetch(f"{inst}/metadata", tok).json()[0]
+    bulk = fetch(meta["7FE00010"]["BulkDataURI"], tok)
+    assert bulk.locations == [meta["7FE00010"]["BulkDataURI"]] == [f"{inst}/bulkdata/7FE00010"]
+    whole = fetch(f"{site.root}/studies/{study}", tok)
+    assert len(whole.locations) == site.corpus.studies[0].n_instances
+    for (_, content), where in zip(whole.parts, whole.locations, strict=True):
+        ds = pydicom.dcmread(BytesIO(content), stop_before_pixels=True)
+        assert where == (
+            f"{site.root}/studies/{study}/series/{ds.SeriesInstanceUID}"
+            f"/instances/{ds.SOPInstanceUID}"
+        )
+    assert fetch(inst, tok).locations == [inst]
+    monkeypatch.setattr(site.gw.core.settings.web, "trusted_proxies", ["127.0.0.0/8"])
+    with serving(site.gw.core) as url:
+        path = f"/projects/web/dicom-web/studies/{study}/series/{series}/instances/{sop}"
+        proxied = {"Forwarded": 'for=1.2.3.4;proto=https;host="pacs.example.org"'}
+        r = fetch(f"{url}{path}/frames/1", tok, headers=proxied)
+        assert r.locations == [f"https://pacs.example.org{path}/frames/1"]
+
+
 # -- access -----------------------------------------------------------------------------------
 
 

@@ -56,6 +56,7 @@ class Fetched:
     raw: bytes  # as sent (compressed, if it was)
     body: bytes  # gunzipped
     parts: list[tuple[str, bytes]] = field(default_factory=list)  # (content type, content)
+    locations: list[str | None] = field(default_factory=list)  # each part's Content-Location
 
     def json(self):
         return json.loads(self.body)
@@ -69,13 +70,13 @@ def fetch(url: str, token: str | None = None, method: str = "GET", **kw) -> Fetc
     r = requests.request(method, url, headers=headers, stream=True, timeout=30, **kw)
     raw = r.raw.read(decode_content=False)
     body = gzip.decompress(raw) if r.headers.get("content-encoding") == "gzip" else raw
-    parts = []
+    parsed = []
     ctype = r.headers.get("content-type", "")
     if ctype.startswith("multipart/"):
-        parts = [
-            (p.content_type or "", p.content) for p in parse_multipart(body, content_type=ctype)
-        ]
-    return Fetched(r.status_code, r.headers, raw, body, parts)
+        parsed = parse_multipart(body, content_type=ctype)
+    parts = [(p.content_type or "", p.content) for p in parsed]
+    locations = [p.content_location for p in parsed]
+    return Fetched(r.status_code, r.headers, raw, body, parts, locations)
 
 
 def leaks(where: str, f: Fetched, needles: list[str]) -> list[Leak]:

@@ -127,15 +127,18 @@ def encode(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def instances(reader: SeriesReader, positions: Iterable[int] | None = None) -> Iterator[bytes]:
-    """Part 10 bytes of the series' instances (all, or those at the stored positions given),
-    one at a time."""
+def instances(
+    reader: SeriesReader, positions: Iterable[int] | None = None
+) -> Iterator[tuple[str, bytes]]:
+    """(SOP Instance UID, Part 10 bytes) of the series' instances (all, or those at the stored
+    positions given), one at a time."""
     if positions is None:
         for ds in reader.iter_instances():
-            yield encode(ds)
+            yield str(ds.SOPInstanceUID), encode(ds)
         return
     for position in positions:
-        yield encode(reader.instance(position))
+        ds = reader.instance(position)
+        yield str(ds.SOPInstanceUID), encode(ds)
 
 
 def inline_pixels(header: dict[str, Any]) -> bytes | None:

@@ -59,14 +59,33 @@ def _readers(request: Request) -> wado.Readers:
 # -- instances ---------------------------------------------------------------------------------
 
 
-def _dicom_response(request: Request, parts: Iterator[bytes]) -> StreamingResponse:
+def _dicom_response(
+    request: Request, access: Access, parts: Iterator[tuple[IndexedSeries, str, bytes]]
+) -> StreamingResponse:
+    """Each instance one part, its Content-Location its WADO-RS URL (PS3.18 8.6.1.2)."""
     chosen = negotiate_dicom(
         request.headers.get("accept"), accept_query=request.query_params.get("accept")
     )
+    root = dicomweb_root(request, access.project.name)
     writer = MultipartWriter(
-        ((chosen.part_content_type, body) for body in parts), part_type=chosen.media_type
+        (
+            (chosen.part_content_type, body, {"Content-Location": _instance_url(root, se, sop)})
+            for se, sop, body in parts
+        ),
+        part_type=chosen.media_type,
     )
     return StreamingResponse(iter(writer), media_type=writer.content_type)
+
+
+def _instance_url(root: str, se: IndexedSeries, sop: str) -> str:
+    return f"{root}/studies/{se.study_uid}/series/{se.series_uid}/instances/{sop}"
+
+
+def _with_series(
+    se: IndexedSeries, parts: Iterator[tuple[str, bytes]]
+) -> Iterator[tuple[IndexedSeries, str, bytes]]:
+    for sop, body in parts:
+        yield se, sop, body
 
 
 @router.get("/studies/{study}")
@@ -79,11 +98,11 @@ def retrieve_study(
     readers = [_readers(request).get(se) for se in rows]
     audit(request, "wado.study", study=study)
 
-    def parts() -> Iterator[bytes]:
-        for reader in readers:
-            yield from wado.instances(reader)
+    def parts() -> Iterator[tuple[IndexedSeries, str, bytes]]:
+        for se, reader in zip(rows, readers, strict=True):
+            yield from _with_series(se, wado.instances(reader))
 
-    return _dicom_response(request, parts())
+    return _dicom_response(request, access, parts())
 
 
 @router.get("/studies/{study}/series/{series}")
@@ -96,7 +115,7 @@ def retrieve_series(
     (se,) = _series(request, access, study, series)
     reader = _readers(request).get(se)
     audit(request, "wado.series", study=study, series=series)
-    return _dicom_response(request, wado.instances(reader))
+    return _dicom_response(request, access, _with_series(se, wado.instances(reader)))
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}")
@@ -110,7 +129,9 @@ def retrieve_instance(
     se, inst = _instance(request, access, study, series, sop)
     reader = _readers(request).get(se)
     audit(request, "wado.instance", study=study, series=series, instance=sop)
-    return _dicom_response(request, wado.instances(reader, [inst.position]))
+    return _dicom_response(
+        request, access, _with_series(se, wado.instances(reader, [inst.position]))
+    )
 
 
 # -- metadata ----------------------------------------------------------------------------------
@@ -209,7 +230,9 @@ def _frame_numbers(text: str) -> list[int]:
     return numbers
 
 
-def _bulk_response(request: Request, frames: list[bytes]) -> Response:
+def _bulk_response(request: Request, frames: list[bytes], urls: list[str]) -> Response:
+    """Frames or bulk data; in a multipart answer each part's Content-Location is its URL
+    (`urls`, one per part: .../frames/N, or the BulkDataURI)."""
     chosen = negotiate_bulkdata(
         request.headers.get("accept"), accept_query=request.query_params.get("accept")
     )
@@ -218,7 +241,11 @@ def _bulk_response(request: Request, frames: list[bytes]) -> Response:
             raise HTTPException(406, "several frames need multipart/related")
         return Response(frames[0], media_type=chosen.part_content_type)
     writer = MultipartWriter(
-        ((chosen.part_content_type, f) for f in frames), part_type=chosen.media_type
+        (
+            (chosen.part_content_type, f, {"Content-Location": url})
+            for f, url in zip(frames, urls, strict=True)
+        ),
+        part_type=chosen.media_type,
     )
     # Frames are few and small: one write answers faster than a stream (one hop, one packet).
     return Response(b"".join(writer), media_type=writer.content_type)
@@ -266,7 +293,8 @@ def _frames(request: Request) -> Response:
         raise HTTPException(404, "no such frame")
     audit(request, "wado.frames", **_uids(p), frames=len(numbers))
     data = _readers(request).frames(se).raw(inst.position)
-    return _bulk_response(request, [data] * len(numbers))
+    base = _instance_url(dicomweb_root(request, access.project.name), se, p["sop"])
+    return _bulk_response(request, [data] * len(numbers), [f"{base}/frames/{n}" for n in numbers])
 
 
 def _bulkdata(request: Request) -> Response:
@@ -276,12 +304,14 @@ def _bulkdata(request: Request) -> Response:
         raise HTTPException(404, "not found")
     se, inst = _instance(request, access, p["study"], p["series"], p["sop"])
     audit(request, "wado.bulkdata", **_uids(p))
+    root = dicomweb_root(request, access.project.name)
+    url = [f"{_instance_url(root, se, p['sop'])}/bulkdata/{wado.PIXEL_DATA}"]  # its BulkDataURI
     if inst.has_pixels:
-        return _bulk_response(request, [_readers(request).frames(se).raw(inst.position)])
+        return _bulk_response(request, [_readers(request).frames(se).raw(inst.position)], url)
     inline = wado.inline_pixels(_readers(request).get(se).header(inst.position))
     if inline is None:
         raise HTTPException(404, "this instance has no pixel data")
-    return _bulk_response(request, [inline])
+    return _bulk_response(request, [inline], url)
 
 
 def pixel_routes(prefix: str) -> list[Route]:
