@@ -6,11 +6,19 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Where scripts/setup.sh puts OHIF's prebuilt files: the checkout's .viewer/ (an editable install).
 DEFAULT_VIEWER_DIST = Path(__file__).resolve().parents[1] / ".viewer" / "dist"
+
+
+def _check_windows(value: list[str]) -> list[str]:
+    from core.windows import parse
+
+    for w in value:
+        parse(w)  # a ValueError says what is wrong
+    return value
 
 
 class PacsPeer(BaseModel):
@@ -20,6 +28,10 @@ class PacsPeer(BaseModel):
     host: str = "127.0.0.1"
     port: int = 4242
     retrieve: Literal["move", "get"] = "move"  # C-MOVE back to us, or C-GET
+    cluster_limit: int | None = Field(None, ge=1)  # as Source's
+    windows: list[str] = []  # as Source's
+
+    _windows = field_validator("windows")(classmethod(lambda cls, v: _check_windows(v)))
 
 
 class Source(BaseModel):
@@ -38,6 +50,13 @@ class Source(BaseModel):
     ca_bundle: Path | None = None  # DICOMweb over https: the CAs to trust (default: the system's)
     # Associations or requests at once; default: max_associations.
     max_concurrent: int | None = None
+    # At most this many associations (or requests) at once across every node and job (held in
+    # the catalog); None: no limit beyond each node's max_concurrent.
+    cluster_limit: int | None = Field(None, ge=1)
+    # When it may be pulled from, local time: ["mon-fri 20:00-07:00", "sat-sun"]; [] always.
+    windows: list[str] = []
+
+    _windows = field_validator("windows")(classmethod(lambda cls, v: _check_windows(v)))
 
 
 class S3Options(BaseModel):
@@ -144,7 +163,15 @@ class Settings(BaseSettings):
             return list(self.sources)
         p = self.pacs
         return [
-            Source(name="pacs", protocol=p.retrieve, ae_title=p.ae_title, host=p.host, port=p.port)
+            Source(
+                name="pacs",
+                protocol=p.retrieve,
+                ae_title=p.ae_title,
+                host=p.host,
+                port=p.port,
+                cluster_limit=p.cluster_limit,
+                windows=p.windows,
+            )
         ]
 
     @property

@@ -27,6 +27,7 @@ from typing import Any
 from core import Core, SphereError, Unavailable, access, projects
 from core.settings import Settings
 from gateway.pull import PullBusy, Puller, pull
+from gateway.pull.guard import OutsideWindow, check_windows
 from storage.catalog import Job, utcnow
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ class Running:
     token: str
     progress: Callable[[], dict[str, Any]] = dict
     stop: threading.Event = field(default_factory=threading.Event)  # cancel, lost, or node stops
-    why: str = ""  # cancelled|lost|stopping
+    why: str = ""  # cancelled|lost|stopping|window
     on_stop: Callable[[], None] = lambda: None
 
 
@@ -172,8 +173,11 @@ class Node:
         self.current = run
         beat = threading.Thread(target=self._heartbeat, args=(run,), daemon=True)
         beat.start()
+        later = utcnow() + timedelta(seconds=self.settings.jobs.wait_s)
         try:
             state, outcome = self._do(run)
+        except OutsideWindow as e:
+            state, outcome, later = "waiting", f"waiting: {e}", e.until
         except PullBusy as e:
             state, outcome = "waiting", f"waiting: {e}"
         except Unavailable as e:
@@ -190,12 +194,17 @@ class Node:
         if run.why == "lost":
             log.error("job %d: its lease was taken by another node; nothing more done", job.id)
             return
-        if run.why == "cancelled":
+        if run.why == "window":  # its window closed mid-pull: what is done stays
+            try:
+                check_windows(self.settings.all_sources())
+                state, outcome = "queued", f"requeued: {outcome}"
+            except OutsideWindow as e:
+                state, outcome, later = "waiting", f"waiting: {e}", e.until
+        elif run.why == "cancelled":
             state = "cancelled"
             outcome = f"cancelled: {outcome}; what was stored is kept"
         elif run.why == "stopping":
             state, outcome = "queued", f"requeued: node {self.name} stopped ({outcome})"
-        later = utcnow() + timedelta(seconds=self.settings.jobs.wait_s)
         try:
             self.core.catalog.end_job(
                 job.id, run.token, state, outcome, progress=_safe(run.progress), not_before=later
@@ -245,6 +254,13 @@ class Node:
         text = f"{report.pipeline} {report.version}: {counts or 'nothing to do'}"
         return ("failed" if failed else "done"), f"{text}; {report.already_done} already done"
 
+    def _in_window(self) -> bool:
+        try:
+            check_windows(self.settings.all_sources())
+        except OutsideWindow:
+            return False
+        return True
+
     def _heartbeat(self, run: Running) -> None:
         opts = self.settings.jobs
         catalog = self.core.catalog
@@ -258,6 +274,8 @@ class Node:
             why = "lost" if asked is None else "cancelled" if asked else ""
             if not why and self.stopping.is_set():
                 why = "stopping"
+            if not why and run.job.kind == "pull" and not self._in_window():
+                why = "window"
             if why and not run.why:  # stop starting series; keep the lease while it stops
                 run.why = why
                 run.on_stop()

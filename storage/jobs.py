@@ -11,10 +11,11 @@ from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from storage.models import Job, utcnow
+from storage.models import Job, SourceSlot, utcnow
 
 ACTIVE = ("queued", "running", "waiting")
 TERMINAL = ("done", "failed", "cancelled")
@@ -156,3 +157,68 @@ class JobQueries:
             elif was == "running":
                 job.cancel_requested = True
             return was
+
+    # -- source slots (gateway.pull.guard) --------------------------------------------------
+
+    def take_source_slot(
+        self, source: str, limit: int, token: str, holder: str, lease_s: float
+    ) -> int | None:
+        """One of the source's `limit` slots: a free one, or one whose holder stopped renewing
+        it. None when all are held."""
+        now = utcnow()
+        expires = now + timedelta(seconds=lease_s)
+        for slot in range(limit):
+            try:
+                with self.session() as s:
+                    q = (
+                        update(SourceSlot)
+                        .where(
+                            SourceSlot.source == source,
+                            SourceSlot.slot == slot,
+                            SourceSlot.expires < now,
+                        )
+                        .values(token=token, holder=holder, expires=expires)
+                    )
+                    if s.execute(q).rowcount:
+                        return slot
+                    if s.get(SourceSlot, (source, slot)) is None:
+                        s.add(
+                            SourceSlot(
+                                source=source,
+                                slot=slot,
+                                token=token,
+                                holder=holder,
+                                expires=expires,
+                            )
+                        )
+                        s.flush()
+                        return slot
+            except IntegrityError:  # another holder inserted it first
+                continue
+        return None
+
+    def renew_source_slots(self, source: str, token: str, lease_s: float) -> int:
+        """Renew every slot of `source` held under `token`; how many."""
+        with self.session() as s:
+            q = (
+                update(SourceSlot)
+                .where(SourceSlot.source == source, SourceSlot.token == token)
+                .values(expires=utcnow() + timedelta(seconds=lease_s))
+            )
+            return int(s.execute(q).rowcount or 0)
+
+    def release_source_slot(self, source: str, slot: int, token: str) -> None:
+        with self.session() as s:
+            s.execute(
+                delete(SourceSlot).where(
+                    SourceSlot.source == source, SourceSlot.slot == slot, SourceSlot.token == token
+                )
+            )
+
+    def source_slots_held(self, source: str) -> int:
+        """Slots of the source held now (for /metrics: associations in use)."""
+        with self.session() as s:
+            q = select(func.count()).where(
+                SourceSlot.source == source, SourceSlot.expires >= utcnow()
+            )
+            return int(s.scalar(q) or 0)

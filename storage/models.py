@@ -174,6 +174,20 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
+class SourceSlot(Base):
+    """One of a source's `cluster_limit` slots, held by whoever has an association (or request)
+    to it open, on any node: leased with an expiry the holder renews, so a dead holder's slot
+    frees itself. `token` makes every change a compare-and-swap."""
+
+    __tablename__ = "source_slots"
+
+    source: Mapped[str] = mapped_column(String(64), primary_key=True)
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    token: Mapped[str] = mapped_column(String(64))
+    holder: Mapped[str] = mapped_column(String(255), default="")
+    expires: Mapped[datetime] = mapped_column(DateTime)
+
+
 class AuditEvent(Base):
     """Who did what, when. `detail` never holds identifiers of patients."""
 

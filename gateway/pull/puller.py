@@ -29,6 +29,7 @@ from core.optout import Register
 from core.projects import CohortEntry, cohort
 from deid.keys import ProjectKeys
 from gateway.dimse.scu import RetrieveResult, SeriesHit, StudyHit
+from gateway.pull.guard import check_windows
 from gateway.pull.layout import SpoolLayout
 from gateway.pull.lock import ProjectPullLock, PullBusy
 from gateway.pull.report import PullProgress, PullReport, SeriesOutcome
@@ -128,6 +129,7 @@ def pull(
     """Pull a project's cohort from the sources the settings name. Raises `PullRefused` when
     the project may not be pulled, `Unavailable` when a source cannot be queried.
     `on_start` gets the `Puller` before it runs (a progress bar, a job's heartbeat)."""
+    check_windows(core.settings.all_sources())  # before any port is opened
     puller = Puller(core, name, actor=actor)
     if on_start is not None:
         on_start(puller)

@@ -204,6 +204,7 @@ class MoveRetriever(DimseRetriever):
         self.scp = scp
         scp.limit += self.max_concurrent
         self._movers: dict[int, Mover] = {}  # by pulling thread
+        self.keep_open = True  # each thread's association kept from one series to the next
         self._lock = threading.Lock()
 
     def __enter__(self) -> MoveRetriever:
@@ -218,6 +219,12 @@ class MoveRetriever(DimseRetriever):
         self.scp.leave()
 
     def retrieve(self, study_uid: str, series_uid: str) -> RetrieveResult:
+        if not self.keep_open:  # an association only while it moves (a cluster-wide limit)
+            mover = Mover(self.scu, self.peer)
+            try:
+                return self._call(mover.move_series, study_uid, series_uid, self.scu.calling_ae)
+            finally:
+                mover.close()
         with self._lock:
             mover = self._movers.get(threading.get_ident())
             if mover is None:
@@ -382,7 +389,9 @@ def open_retrievers(core: Core, project: str, *, actor: str | None = None) -> li
     names = [src.name for src in s.all_sources()]
     if len(set(names)) != len(names):
         raise NotSetUp("SPHERE_SOURCES: each source needs a name of its own")
-    return [_retriever(core, src, cfg, scp) for src in s.all_sources()]
+    from gateway.pull.guard import guarded
+
+    return [guarded(core, src, _retriever(core, src, cfg, scp)) for src in s.all_sources()]
 
 
 def _retriever(core: Core, src: Source, cfg: ReceiverConfig, scp: _SharedSCP) -> Any:
