@@ -7,6 +7,8 @@ import textwrap
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 
+from pydicom.uid import UID
+
 from gateway.pull import PullReport
 from storage.catalog import SeriesRecord
 
@@ -71,9 +73,17 @@ def status_lines(
                 lines.append(f"  {r.series_uid:<44} {r.modality:<5} {count:>11}  {r.status}")
                 if r.source:
                     lines.append(f"    from {r.source}")
+                if r.transfer_syntax:
+                    lines += _wrapped(f"came as {_syntax_names(r.transfer_syntax)}", indent="    ")
                 if r.error:
                     lines += _wrapped(r.error, indent="    ")
     return lines
+
+
+def _syntax_names(uids: str) -> str:
+    """ "Explicit VR Little Endian (1.2.840.10008.1.2.1)" for each UID pydicom knows."""
+    uids_ = [UID(u) for u in uids.split()]
+    return ", ".join(f"{u.name} ({u})" if u.is_transfer_syntax else str(u) for u in uids_)
 
 
 # The study's line shows its worst series status, counted; `--series` shows them all.

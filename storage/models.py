@@ -122,6 +122,8 @@ class SeriesRecord(Base):
     nbytes: Mapped[int] = mapped_column(Integer, default=0)
     shape: Mapped[list[int] | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
+    # The transfer syntax UIDs the instances came in (DICOMweb), space-separated.
+    transfer_syntax: Mapped[str | None] = mapped_column(String(256))
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 
     project: Mapped[Project] = relationship(back_populates="series")

@@ -5,10 +5,12 @@ stream is resumed; wrong credentials are one clear error."""
 from __future__ import annotations
 
 import contextlib
+import http.client
 import logging
 import socket
 import threading
 from datetime import date, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pydicom
@@ -239,3 +241,115 @@ def test_a_plan_across_two_pacs_counts_and_sizes_each(tmp_path, corpus, pacs_web
     }
     assert (plan.items, plan.unresolved) == (len(corpus.studies) + 1, 1)
     assert gw.catalog.series(gw.catalog.project("planned").id) == []  # nothing retrieved
+
+
+# -- transfer syntaxes: `*` first, Explicit VR Little Endian when a source refuses it ----------
+
+IMPLICIT, EXPLICIT = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
+
+
+class RefusingProxy(ThreadingHTTPServer):
+    """A real HTTP proxy to Orthanc. It records the Accept header of each WADO-RS retrieval and,
+    when `refuse`, answers 406 to one asking for `transfer-syntax=*` (as some PACS do); every
+    other request is forwarded as it came."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream: int, refuse: bool) -> None:
+        super().__init__(("127.0.0.1", 0), _Forward)
+        self.upstream, self.refuse = upstream, refuse
+        self.asked: list[str] = []
+        self.refused = 0
+        self.port = self.server_address[1]
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class _Forward(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+        proxy: RefusingProxy = self.server  # type: ignore[assignment]
+        accept = self.headers.get("Accept", "")
+        if 'type="application/dicom"' in accept:
+            proxy.asked.append(accept)
+            if proxy.refuse and "transfer-syntax=*" in accept:
+                proxy.refused += 1
+                self.send_response(406)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+        up = http.client.HTTPConnection("127.0.0.1", proxy.upstream, timeout=30)
+        headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+        up.request("GET", self.path, headers=headers)
+        resp = up.getresponse()
+        body = resp.read()
+        self.send_response(resp.status)
+        self.send_header("Content-Type", resp.getheader("Content-Type") or "")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        up.close()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def pacs_implicit(tmp_path_factory, corpus):
+    """A PACS holding study 0 as Implicit VR Little Endian: sent so for `*`, transcoded to
+    Explicit VR Little Endian when asked for that."""
+    folder = tmp_path_factory.mktemp("implicit")
+    files = []
+    for f in files_of(corpus, corpus.studies[0]):
+        ds = pydicom.dcmread(f)
+        ds.file_meta.TransferSyntaxUID = IMPLICIT
+        files.append(folder / f.name)
+        ds.save_as(files[-1], enforce_file_format=True)
+    with LocalOrthanc(tmp_path_factory.mktemp("site-c")) as orthanc:
+        orthanc.upload(files)
+        yield orthanc
+
+
+@pytest.mark.parametrize("refuse", [False, True], ids=["accepts-any", "refuses-any"])
+def test_any_syntax_first_explicit_le_when_refused_and_what_came_is_recorded(
+    tmp_path, corpus, pacs_implicit, scp_port, refuse
+):
+    proxy = RefusingProxy(pacs_implicit.http_port, refuse)
+    source = Source(
+        name="site-c",
+        protocol="dicomweb",
+        url=f"http://127.0.0.1:{proxy.port}/dicom-web",
+        max_concurrent=1,  # one series at a time: the refusal is remembered for the next
+    )
+    try:
+        gw = gateway(tmp_path, scp_port, source)
+        approve(gw, "syntax", [corpus.studies[0].accession])
+        report = gw.pull("syntax")
+    finally:
+        proxy.close()
+    study = corpus.studies[0]
+    assert report.ok and report.instances == study.n_instances
+    any_ = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+    explicit = f'multipart/related; type="application/dicom"; transfer-syntax={EXPLICIT}'
+    n = len(study.series)
+    if refuse:  # refused once, then asked for Explicit VR LE only, series after series
+        assert proxy.refused == 1 and proxy.asked == [any_] + [explicit] * n
+    else:
+        assert proxy.refused == 0 and proxy.asked == [any_] * n
+    came = EXPLICIT if refuse else IMPLICIT  # the original, unless the source refused `*`
+    rows = gw.catalog.series(gw.core.project("syntax").id)
+    assert len(rows) == n and all(r.transfer_syntax == came for r in rows)
+    keys = gw.keys("syntax")
+    for se in study.series:  # stored the same either way
+        row = next(r for r in rows if r.series_uid == keys.uid(se.series_uid))
+        reader = SeriesReader(gw.store, series_key("syntax", row.study_uid, row.series_uid))
+        np.testing.assert_array_equal(reader.volume[:], source_volume(corpus, se.series_uid))
+    from gateway.views import status_lines
+
+    text = "\n".join(status_lines(rows, details=True))
+    name = "Explicit VR Little Endian" if refuse else "Implicit VR Little Endian"
+    assert f"came as {name} ({came})" in text

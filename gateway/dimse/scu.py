@@ -100,6 +100,7 @@ class RetrieveResult:
     warning: int = 0
     remaining: int = 0
     received: int = 0  # C-GET only: datasets handed to on_store
+    syntaxes: tuple[str, ...] = ()  # DICOMweb only: the transfer syntaxes the instances came in
 
     @property
     def ok(self) -> bool:

@@ -467,6 +467,8 @@ class Puller:
                 job.quarantined = self.layout.quarantined(job.pseudo_series)
                 error = verify(job, result)
                 if not error:
+                    if result.syntaxes:  # what the source sent, for `sphere status --series`
+                        self._upsert(job, transfer_syntax=" ".join(result.syntaxes))
                     return None
                 check_spool(self.layout.root, s.spool_min_free_mb)
                 log.warning("series %s attempt %d: %s", job.pseudo_series, attempt + 1, error)

@@ -306,11 +306,14 @@ class DicomwebRetriever(_ReceivesHere):
         receiver = self.receiver
         ok = bad = 0
         caller = f"dicomweb:{self.name}"
+        syntaxes: dict[str, None] = {}  # in the order they came
         try:
             with self.in_use():
                 for data in self.client.series_instances(study_uid, series_uid):
                     try:
-                        status = receiver.on_receive(_part10(data), caller)
+                        inst = _part10(data)
+                        syntaxes[str(inst.transfer_syntax)] = None
+                        status = receiver.on_receive(inst, caller)
                     except ValueError:  # not a DICOM file: counted as failed, the rest goes on
                         status = 0xC000
                     if status == 0:
@@ -321,7 +324,7 @@ class DicomwebRetriever(_ReceivesHere):
             raise SourceError(f"{self}: {e}") from None
         finally:
             receiver.on_release()  # what came whole is flushed and kept for the next attempt
-        return RetrieveResult(status=0, completed=ok, failed=bad)
+        return RetrieveResult(status=0, completed=ok, failed=bad, syntaxes=tuple(syntaxes))
 
     def __str__(self) -> str:
         return f"DICOMweb source {self.name} at {self.client.where}"

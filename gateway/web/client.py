@@ -10,7 +10,9 @@ sits whole in memory. Failures raise `DicomwebError` with a status and a path, n
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -19,7 +21,23 @@ import urllib3
 
 from gateway.web.multipart import iter_parts
 
-DICOM_PARTS = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+# What to ask a source for, best first: the instances as it holds them (`*`: no transcoding,
+# nothing lost; the receiver decodes what it can), else Explicit VR Little Endian, which any
+# DICOMweb server must send and the gateway always reads. One syntax a request: given a q-list
+# with `*` first, Orthanc sends Explicit VR LE (seen with Implicit VR LE originals) rather than
+# the original, so the next is asked only when a server refuses one (400 or 406).
+PREFERRED_SYNTAXES = ("*", EXPLICIT_VR_LITTLE_ENDIAN)
+_REFUSED = (400, 406)
+
+
+def dicom_accept(syntax: str) -> str:
+    """The Accept header of a WADO-RS retrieval in one transfer syntax (`*`: as stored)."""
+    return f'multipart/related; type="application/dicom"; transfer-syntax={syntax}'
+
+
+DICOM_PARTS = dicom_accept(PREFERRED_SYNTAXES[0])
+log = logging.getLogger("gateway.web.client")
 _CHUNK = 256 << 10
 _MAX_INSTANCE = 1 << 30
 
@@ -65,6 +83,9 @@ class DicomwebClient:
             allowed_methods=("GET",),
             raise_on_status=False,
         )
+        # The transfer syntaxes asked for, best first; one the server refuses is dropped for
+        # good (remembered for this source, not asked again per series).
+        self.syntaxes = list(PREFERRED_SYNTAXES)
         self._http = urllib3.PoolManager(
             num_pools=2,
             maxsize=max_connections,
@@ -94,7 +115,16 @@ class DicomwebClient:
         """Each instance of a series as DICOM Part 10 bytes, parsed from the stream as it
         arrives. A broken or truncated stream raises `DicomwebError` after what came whole."""
         path = f"studies/{quote(study_uid)}/series/{quote(series_uid)}"
-        resp = self._get(path, "", {"Accept": DICOM_PARTS}, stream=True)
+        resp = None
+        while resp is None:
+            syntax = self.syntaxes[0]
+            last = len(self.syntaxes) == 1
+            accept = {"Accept": dicom_accept(syntax)}
+            resp = self._get(path, "", accept, stream=True, refused=() if last else _REFUSED)
+            if resp is None:
+                with contextlib.suppress(ValueError):  # another thread dropped it first
+                    self.syntaxes.remove(syntax)
+                log.info("%s refuses transfer-syntax=%s: asking for the next", self.where, syntax)
         try:
             ctype = resp.headers.get("Content-Type", "")
             if not ctype.lower().startswith("multipart/related"):
@@ -112,7 +142,16 @@ class DicomwebClient:
     def close(self) -> None:
         self._http.clear()
 
-    def _get(self, path: str, query: str, headers: dict[str, str], *, stream: bool) -> Any:
+    def _get(
+        self,
+        path: str,
+        query: str,
+        headers: dict[str, str],
+        *,
+        stream: bool,
+        refused: tuple[int, ...] = (),
+    ) -> Any:
+        """The response; None when its status is one of `refused` (the caller asks again)."""
         what = path.split("/")[0]
         try:
             resp = self._http.request(
@@ -127,6 +166,10 @@ class DicomwebClient:
         if resp.status in (401, 403):
             resp.release_conn()
             raise DicomwebError(f"{self.where} refused our credentials (HTTP {resp.status})")
+        if resp.status in refused:
+            resp.drain_conn()
+            resp.release_conn()
+            return None
         if resp.status >= 400:
             resp.release_conn()
             raise DicomwebError(f"{self.where}: {what} answered HTTP {resp.status}")
