@@ -69,7 +69,7 @@ class BoneDensity(Pipeline):
             vol.cpu().numpy(),
             (sz, sy, sx),
             affine=affine,
-            facts=ScanFacts(facts.slice_thickness, facts.kvp, facts.contrast),
+            facts=ScanFacts(facts.slice_thickness, facts.kvp, facts.contrast, facts.lossy),
             thresholds=Thresholds(self.osteoporosis_hu, self.osteopenia_hu),
             device=device,
             bone_hu=self.bone_hu,

@@ -28,6 +28,10 @@ OK, UNMEASURABLE, INELIGIBLE, FAILED = "ok", "unmeasurable", "ineligible", "fail
 DONE = frozenset({OK, UNMEASURABLE, INELIGIBLE})  # a re-run of the same version skips these
 
 
+# How a stored header (compact DICOM JSON; storage/lossy.py) says its original was lossy.
+_LOSSY = '"00282110":{"vr":"CS","Value":["01"]}'
+
+
 @dataclass(frozen=True)
 class SeriesFacts:
     """What qualification looks at, from the stored attributes and the first image header."""
@@ -42,6 +46,7 @@ class SeriesFacts:
     image_type: tuple[str, ...]
     kvp: float | None
     contrast: bool | None  # ContrastBolusAgent present (None when the header does not say)
+    lossy: bool = False  # an instance was lossy compressed (Lossy Image Compression "01")
 
     @classmethod
     def from_reader(cls, reader: SeriesReader) -> SeriesFacts:
@@ -61,6 +66,7 @@ class SeriesFacts:
             image_type=tuple(str(v).upper() for v in _values(header, "00080008")),
             kvp=_float(_value(header, "00180060")),
             contrast=bool(agent.get("Value")) if agent is not None else None,
+            lossy=n > 0 and any(_LOSSY in t for t in reader.header_texts()),
         )
 
 

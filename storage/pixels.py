@@ -1,8 +1,9 @@
 """Raw pixel bytes of one single-frame instance, in the form a volume stores them.
 
 Native (uncompressed) little-endian pixels are passed through without a copy; big-endian ones
-are byte-swapped, planar colour is interleaved, and compressed ones are decoded with pydicom.
-What changes in the header because of that (e.g. YBR decoded to RGB) is returned as patches.
+are byte-swapped, planar colour is interleaved, and compressed ones are decoded with pydicom
+and its plugins (every syntax the Storage SCP accepts; see README). What changes in the header
+because of that (e.g. YBR decoded to RGB, a lossy original marked) is returned as patches.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from storage import decoders, lossy
+
+decoders.register()
 _DTYPES = {
     (8, 0): "uint8",
     (8, 1): "int8",
@@ -99,7 +103,9 @@ def extract(
     ts = _transfer_syntax(ds)
     encapsulated = bytes(raw[:4]) == _ITEM_TAG and len(raw) != layout.nbytes
     if encapsulated or (ts is not None and ts.is_compressed and len(raw) < layout.nbytes):
-        return _decoded(ds, layout, photometric, ts)
+        layout, data, patches = _decoded(ds, layout, photometric, ts)
+        patches.update(lossy.patches(ts, raw, layout.nbytes, get))
+        return layout, data, patches
     if samples == 3 and photometric == "YBR_FULL_422":
         return _decoded(ds, layout, photometric, ts)
     if len(raw) < layout.nbytes:
@@ -161,6 +167,8 @@ _TAGS = {
     "SamplesPerPixel": "00280002",
     "PhotometricInterpretation": "00280004",
     "PlanarConfiguration": "00280006",
+    "LossyImageCompression": lossy.LOSSY,
+    "LossyImageCompressionMethod": lossy.METHOD,
 }
 
 

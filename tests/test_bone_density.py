@@ -315,6 +315,9 @@ def test_header_flags():
     assert rep.measurable and rep.labels is None
     assert _header_flags(ScanFacts(2.5, 120.0, False), 2.5) == []
     assert _header_flags(None, 2.5) == [] and "thickness" in _header_flags(None, 5.0)[0]
+    assert _header_flags(ScanFacts(2.5, 120.0, False, lossy=True), 2.5) == [
+        "lossy-compressed input"
+    ]
 
 
 # --- orientation and storage -----------------------------------------------------------------

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from pydicom.uid import (
+    HTJ2K,
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
+    JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
@@ -19,19 +23,23 @@ from pydicom.uid import (
 from pynetdicom import sop_class as sc
 
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-# What a storage SCP usually accepts: uncompressed first, then the common encapsulated syntaxes,
-# received as-is (never transcoded here).
+# What the storage SCP accepts: uncompressed first, then every encapsulated syntax the installed
+# decoders read (storage/pixels.py), received as-is (never transcoded here).
 STORAGE_TRANSFER_SYNTAXES = [
     *UNCOMPRESSED,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     JPEGLosslessSV1,
+    JPEGLossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
     JPEGLSLossless,
     JPEGLSNearLossless,
     JPEG2000Lossless,
     JPEG2000,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    HTJ2K,
     RLELossless,
 ]
 

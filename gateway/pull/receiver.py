@@ -21,7 +21,11 @@ from pydicom import Dataset
 from pydicom.dataelem import RawDataElement
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from core import Core, Settings, SphereError, metrics
 from core.optout import Register
@@ -126,6 +130,9 @@ class Receiver:
                     return status
 
         def store(ds: Dataset, ae: str) -> int:
+            if syntax == DeflatedExplicitVRLittleEndian:
+                # Inflated on receipt: what is de-identified and stored is Explicit VR LE.
+                ds.file_meta = file_meta(ExplicitVRLittleEndian, inst.sop_class, inst.sop_instance)
             return self._store(ds, ae, (inst, spans) if spans is not None else None)
 
         return store_received(

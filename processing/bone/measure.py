@@ -26,6 +26,7 @@ class ScanFacts:
     slice_thickness_mm: float | None = None
     kvp: float | None = None
     iv_contrast: bool | None = None
+    lossy: bool = False  # lossy compressed originals: HU may differ by a few units
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ def _header_flags(facts: ScanFacts | None, sz: float) -> list[str]:
         flags.append(f"kVp {facts.kvp:g} (thresholds assume 120 kVp)")
     if facts.iv_contrast:
         flags.append("IV contrast: trabecular HU reads higher than unenhanced")
+    if facts.lossy:
+        flags.append("lossy-compressed input")
     return flags
 
 
