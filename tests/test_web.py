@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import xml.etree.ElementTree as ET
 from datetime import date, timedelta
 from io import BytesIO
 from pathlib import Path
@@ -23,7 +24,9 @@ from PIL import Image
 
 from core import users
 from core.settings import S3Options
+from dicom import xml_model
 from gateway.web import sessions
+from gateway.web.multipart import parse_multipart
 from gateway.web.routes import pages
 from harness.leaks import scan_bytes
 from harness.seaweed import SeaweedS3
@@ -356,6 +359,87 @@ def test_every_multipart_part_names_its_url(site, monkeypatch):
         proxied = {"Forwarded": 'for=1.2.3.4;proto=https;host="pacs.example.org"'}
         r = fetch(f"{url}{path}/frames/1", tok, headers=proxied)
         assert r.locations == [f"https://pacs.example.org{path}/frames/1"]
+
+
+XML_PARTS = 'multipart/related; type="application/dicom+xml"'
+NS = {"n": xml_model.NAMESPACE}
+# Attributes de-identification keeps as they are: Orthanc's XML and ours must agree on them.
+KEPT = ["00080008", "00080016", "00080060", "00180050", "00200032", "00200037", "00280010",
+        "00280011", "00280030", "00280100", "00281052", "00281053"]  # fmt: skip
+
+
+def xml_parts(f) -> list[dict]:
+    assert f.status == 200, f.status
+    assert f.headers["Content-Type"].startswith(f"{XML_PARTS}; boundary=")
+    assert all(ctype == "application/dicom+xml" for ctype, _ in f.parts)
+    return [xml_model.from_xml(content) for _, content in f.parts]
+
+
+def test_metadata_and_searches_as_dicom_xml(site, pacs):  # noqa: F811
+    """PS3.19 XML, one multipart part a dataset, saying what the JSON says (the same model),
+    each part named by its URL; the kept attributes as Orthanc's DICOMweb plugin writes them."""
+    study, series = site.uids(0)
+    tok = site.tokens["alice"]
+    url = f"{site.root}/studies/{study}/series/{series}/metadata"
+    as_json = fetch(url, tok).json()
+    for accept in (
+        XML_PARTS,
+        "application/dicom+xml",
+        "multipart/related; type=application/dicom+xml",
+    ):
+        got = fetch(url, tok, headers={"Accept": accept})
+        assert xml_parts(got) == as_json, accept
+    sops = [m["00080018"]["Value"][0] for m in as_json]
+    inst = f"{site.root}/studies/{study}/series/{series}/instances"
+    assert got.locations == [f"{inst}/{sop}/metadata" for sop in sops]
+    one = fetch(f"{inst}/{sops[0]}/metadata", tok, headers={"Accept": XML_PARTS})
+    assert xml_parts(one) == as_json[:1]
+    assert xml_parts(fetch(f"{site.root}/studies/{study}/metadata", tok,
+                           headers={"Accept": XML_PARTS})) == fetch(
+        f"{site.root}/studies/{study}/metadata", tok).json()  # fmt: skip
+    root = ET.fromstring(got.parts[0][1])
+    bulk = root.find("n:DicomAttribute[@tag='7FE00010']/n:BulkData", NS)
+    assert bulk.get("uri") == as_json[0]["7FE00010"]["BulkDataURI"]
+    # Searches: the same results, a part each, named by its RetrieveURL.
+    for path in (
+        "studies",
+        f"studies/{study}/series",
+        f"studies/{study}/series/{series}/instances",
+    ):
+        results = fetch(f"{site.root}/{path}", tok).json()
+        found = fetch(f"{site.root}/{path}", tok, headers={"Accept": XML_PARTS})
+        assert xml_parts(found) == results and results
+        assert found.locations == [r["00081190"]["Value"][0] for r in results]
+    assert fetch(f"{site.root}/studies?PatientID=nobody", tok,
+                 headers={"Accept": XML_PARTS}).parts == []  # fmt: skip
+    # Orthanc's answer for the same instances (its originals): the kept attributes agree, as
+    # the attributes' VR and keyword do wherever both name the same tag.
+    original = site.corpus.studies[0]
+    theirs = requests.get(
+        f"{pacs.url}/dicom-web/studies/{original.study_uid}/series/"
+        f"{original.series[0].series_uid}/metadata",
+        headers={"Accept": XML_PARTS},
+        timeout=30,
+    )
+    assert theirs.status_code == 200
+    their_parts = parse_multipart(theirs.content, content_type=theirs.headers["Content-Type"])
+    ours_by_sop = dict(zip(sops, got.parts, strict=True))
+    assert len(their_parts) == len(ours_by_sop)
+    for part in their_parts:
+        their_model = xml_model.from_xml(part.content)
+        mine = ours_by_sop[site.keys.uid(their_model["00080018"]["Value"][0])][1]
+        my_model = xml_model.from_xml(mine)
+        for tag in KEPT:
+            assert my_model[tag] == their_model[tag], tag
+
+        def named(doc):
+            return {a.get("tag"): (a.get("vr"), a.get("keyword"))
+                    for a in ET.fromstring(doc).findall("n:DicomAttribute", NS)}  # fmt: skip
+
+        mine_named, their_named = named(mine), named(part.content)
+        shared = mine_named.keys() & their_named.keys()
+        assert len(shared) > 20
+        assert {t: mine_named[t] for t in shared} == {t: their_named[t] for t in shared}
 
 
 # -- access -----------------------------------------------------------------------------------

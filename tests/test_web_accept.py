@@ -111,10 +111,29 @@ def test_metadata_plain_json_when_asked_or_when_dicom_json_excluded():
 
 def test_metadata_406_lists_what_can_be_produced():
     with pytest.raises(NotAcceptable) as info:
-        negotiate_metadata("multipart/related; type=application/dicom+xml")
+        negotiate_metadata("application/xml")  # plain XML is not the DICOM model
     message = str(info.value)
-    assert "application/dicom+json" in message and "dicom+xml" in message
-    assert info.value.available == ("application/dicom+json", "application/json")
+    assert "application/dicom+json" in message and "application/xml" in message
+    assert info.value.available == (
+        "application/dicom+json",
+        "application/json",
+        'multipart/related; type="application/dicom+xml"',
+    )
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        'multipart/related; type="application/dicom+xml"',
+        "multipart/related; type=application/dicom+xml",
+        "application/dicom+xml",  # bare: XML datasets come as multipart parts all the same
+        "application/dicom+json;q=0.5, application/dicom+xml",
+    ],
+)
+def test_metadata_as_dicom_xml_is_multipart(header):
+    chosen = negotiate_metadata(header)
+    assert (chosen.media_type, chosen.multipart) == ("application/dicom+xml", True)
+    assert chosen.content_type("b") == 'multipart/related; type="application/dicom+xml"; boundary=b'
 
 
 # -------------------------------------------------------------- DICOM resources

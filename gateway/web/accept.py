@@ -26,6 +26,7 @@ IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 DEFAULT_TRANSFER_SYNTAX = EXPLICIT_VR_LITTLE_ENDIAN
 
 DICOM_JSON = "application/dicom+json"
+DICOM_XML = "application/dicom+xml"  # PS3.19 Native DICOM Model, one multipart part a dataset
 JSON = "application/json"
 DICOM = "application/dicom"
 OCTET_STREAM = "application/octet-stream"
@@ -244,6 +245,8 @@ def _type_specificity(range_main: str, range_sub: str, media_type: str) -> int |
 
 def _specificity(r: MediaRange, offer: _Offer, default_ts: str) -> int | None:
     """How specifically ``r`` matches ``offer`` (higher is more specific), or None."""
+    if offer.media_type == DICOM_XML and r.media_type == DICOM_XML:
+        return 20  # a bare application/dicom+xml: XML datasets come only as multipart parts
     if offer.multipart:
         base = _type_specificity(r.type, r.subtype, MULTIPART_RELATED)
         if base is None:
@@ -288,7 +291,11 @@ def _offers(
     syntaxes = [stored_ts] if stored_ts in supported_ts else []
     syntaxes += [ts for ts in supported_ts if ts not in syntaxes]
     if kind is Resource.METADATA:
-        return [_Offer(DICOM_JSON, None, False), _Offer(JSON, None, False)]
+        return [
+            _Offer(DICOM_JSON, None, False),
+            _Offer(JSON, None, False),
+            _Offer(DICOM_XML, None, True),
+        ]
     if kind is Resource.RENDERED:
         return [_Offer(JPEG, None, False), _Offer(PNG, None, False)]
     part = DICOM if kind is Resource.DICOM else OCTET_STREAM
@@ -363,7 +370,8 @@ def _negotiate(
 def negotiate_metadata(
     accept: str | Iterable[str] | None, *, accept_query: str | None = None
 ) -> Negotiated:
-    """QIDO-RS results and WADO-RS metadata: application/dicom+json (or application/json)."""
+    """QIDO-RS results and WADO-RS metadata: application/dicom+json (or application/json), or
+    multipart/related; type="application/dicom+xml" (also for a bare application/dicom+xml)."""
     return negotiate(accept, Resource.METADATA, accept_query=accept_query)
 
 

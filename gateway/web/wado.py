@@ -20,6 +20,9 @@ import numpy as np
 from pydicom import Dataset
 from zarr.storage import LocalStore
 
+from dicom import xml_model
+from gateway.web.accept import DICOM_XML
+from gateway.web.multipart import MultipartWriter
 from storage.catalog import IndexedSeries
 from storage.frames import FrameReader, ReadAhead
 from storage.series import SeriesError, SeriesReader
@@ -118,6 +121,18 @@ def series_metadata(reader: SeriesReader, root: str, study: str, series: str) ->
         else:
             out.append(text)
     return out
+
+
+def xml_multipart(datasets: Iterable[tuple[dict[str, Any], str | None]]) -> MultipartWriter:
+    """multipart/related; type="application/dicom+xml": each (DICOM JSON model, URL) one part,
+    the model as a PS3.19 Native DICOM Model document and the URL its Content-Location."""
+    return MultipartWriter(
+        (
+            (DICOM_XML, xml_model.to_xml(model).encode(), {"Content-Location": url} if url else {})
+            for model, url in datasets
+        ),
+        part_type=DICOM_XML,
+    )
 
 
 def encode(ds: Dataset) -> bytes:

@@ -10,8 +10,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from core import Core
-from gateway.web import qido
-from gateway.web.accept import negotiate_metadata
+from gateway.web import qido, wado
+from gateway.web.accept import DICOM_XML, negotiate_metadata
 from gateway.web.deps import Access, audit, dicomweb_root, get_core, project_access
 
 router = APIRouter()
@@ -75,6 +75,10 @@ def search(
         results=len(results),
     )
     headers = {"Warning": ", ".join(qido.warning_headers(query))} if query.warnings else {}
+    if chosen.media_type == DICOM_XML:  # one part a result, named by its RetrieveURL
+        urls = [r.get(RETRIEVE_URL, {}).get("Value", [None])[0] for r in results]
+        writer = wado.xml_multipart(zip(results, urls, strict=True))
+        return Response(b"".join(writer), media_type=writer.content_type, headers=headers)
     return Response(
         json.dumps(results, separators=(",", ":")),
         media_type=chosen.content_type(),

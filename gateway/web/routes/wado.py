@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 from collections.abc import Callable, Iterator
 
 from fastapi import APIRouter, Depends, HTTPException, Request
@@ -18,6 +19,7 @@ from starlette.routing import Route
 
 from gateway.web import wado
 from gateway.web.accept import (
+    DICOM_XML,
     negotiate_bulkdata,
     negotiate_dicom,
     negotiate_metadata,
@@ -137,9 +139,12 @@ def retrieve_instance(
 # -- metadata ----------------------------------------------------------------------------------
 
 
-def _json(request: Request, version: list[str], build: Callable[[], list[str]]) -> Response:
-    """A JSON array of the texts `build` gives, with an ETag (304 when the client has it) and
-    gzip when accepted (level 1: most of the gain for a fraction of the time)."""
+def _json(
+    request: Request, version: list[str], build: Callable[[], list[str]], root: str
+) -> Response:
+    """A JSON array of the texts `build` gives (or, for application/dicom+xml, a multipart of
+    their XML, one part an instance), with an ETag (304 when the client has it) and gzip when
+    accepted (level 1: most of the gain for a fraction of the time)."""
     chosen = negotiate_metadata(
         request.headers.get("accept"), accept_query=request.query_params.get("accept")
     )
@@ -149,11 +154,27 @@ def _json(request: Request, version: list[str], build: Callable[[], list[str]]) 
     sent = request.headers.get("if-none-match", "")
     if etag in {t.strip().removeprefix("W/") for t in sent.split(",")} or sent.strip() == "*":
         return Response(status_code=304, headers=headers)
-    body = ("[" + ",".join(build()) + "]").encode()
+    media_type = chosen.content_type()
+    if chosen.media_type == DICOM_XML:
+        models = [json.loads(text) for text in build()]
+        writer = wado.xml_multipart((m, _metadata_url(root, m)) for m in models)
+        body, media_type = b"".join(writer), writer.content_type
+    else:
+        body = ("[" + ",".join(build()) + "]").encode()
     if "gzip" in request.headers.get("accept-encoding", "").lower() and len(body) >= GZIP_MIN:
         body = gzip.compress(body, 1)
         headers["Content-Encoding"] = "gzip"
-    return Response(body, media_type=chosen.content_type(), headers=headers)
+    return Response(body, media_type=media_type, headers=headers)
+
+
+def _metadata_url(root: str, model: dict) -> str | None:
+    uids = [((model.get(t) or {}).get("Value") or [None])[0] for t in _UID_TAGS]
+    if not all(isinstance(u, str) for u in uids):
+        return None
+    return f"{root}/studies/{uids[0]}/series/{uids[1]}/instances/{uids[2]}/metadata"
+
+
+_UID_TAGS = ("0020000D", "0020000E", "00080018")  # study, series, SOP instance
 
 
 def _version(root: str, rows: list[IndexedSeries], *uids: str) -> list[str]:
@@ -178,6 +199,7 @@ def study_metadata(
         request,
         _version(root, rows, study),
         lambda: [m for se in rows for m in _series_metadata(request, root, se)],
+        root,
     )
 
 
@@ -195,6 +217,7 @@ def series_metadata(
         request,
         _version(root, rows, study, series),
         lambda: _series_metadata(request, root, rows[0]),
+        root,
     )
 
 
@@ -214,7 +237,7 @@ def instance_metadata(
         reader = _readers(request).get(se)
         return [wado.instance_metadata(reader, root, study, series, inst.position)]
 
-    return _json(request, _version(root, [se], study, series, sop), build)
+    return _json(request, _version(root, [se], study, series, sop), build, root)
 
 
 # -- frames and bulk data ----------------------------------------------------------------------
