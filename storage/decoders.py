@@ -32,6 +32,12 @@ def decode_frame(src: bytes, runner: Any) -> bytes:
     return arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
+def plugin_for(ts: UID | None, bits_stored: int) -> str:
+    """The plugin to ask first for `ts` ("" for pydicom's order): pydicom would log an error
+    for each of its plugins that refuses 12-bit JPEG before reaching this one."""
+    return LABEL if ts == JPEGExtended12Bit and bits_stored > 8 else ""
+
+
 def register() -> None:
     """Add the plugin after pydicom's own (GDCM and Pillow still decode 8-bit frames)."""
     decoder = get_decoder(JPEGExtended12Bit)

@@ -129,6 +129,9 @@ def _decoded(
     ds: Dataset, layout: PixelLayout, photometric: str, ts: Any
 ) -> tuple[PixelLayout, bytes, dict[str, Any]]:
     try:
+        plugin = decoders.plugin_for(ts, int(ds.get("BitsStored") or 0))
+        if plugin:
+            ds.pixel_array_options(decoding_plugin=plugin)
         arr = ds.pixel_array
     except Exception as exc:  # decoder missing or data broken; pydicom raises many types
         name = str(ts) if ts is not None else "unknown"

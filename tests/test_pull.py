@@ -413,3 +413,63 @@ def test_a_pull_completes_while_hostile_peers_hit_the_gateways_scp(
     assert ul.ASSOCIATE_RJ in answers, errors  # the unknown AE titles were turned away...
     refused = [e for e in gw.catalog.audit_trail("besieged") if e.action == "store.refused"]
     assert refused == []  # ...and garbage never got as far as a C-STORE
+
+
+def test_every_transfer_syntax_pulled_over_cmove(tmp_path, pacs, scp_port, monkeypatch, logs):
+    """One series per syntax, made from the same CT slices by real encoders, held by Orthanc as
+    received and sent over C-MOVE as held: each stored decoded and read back equal to its
+    uncompressed reference (lossless), or close and marked lossy."""
+    from storage import pixels
+    from tests.compressed import SYNTAXES, reference
+
+    src = generate(tmp_path / "src", n_patients=1, series_per_study=1, slices=2, size=64, seed=11)
+    study = src.studies[0]
+    refs: dict[str, list[Path]] = {}
+    sent: list[Path] = []
+    # Debian's Orthanc (DCMTK 3.6.7) predates HTJ2K: it cannot send it over DIMSE at all.
+    syntaxes = [s for s in SYNTAXES if not s.name.startswith("htj2k")]
+    for k, syntax in enumerate(syntaxes):
+        for f in src.files:
+            ds = pydicom.dcmread(f)
+            ds.SeriesInstanceUID = f"{ds.SeriesInstanceUID}.{k}"
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{ds.SOPInstanceUID}.{k}"
+            ds.SeriesNumber = k + 1
+            ref, enc = reference(ds, syntax, tmp_path / "files" / syntax.name)
+            refs.setdefault(ds.SeriesInstanceUID, []).append(ref)
+            sent.append(enc)
+    assert pacs.upload(sent) == len(sent)
+    held = {
+        pacs.get(f"/instances/{i}/header?simplify")["TransferSyntaxUID"]
+        for i in pacs.get("/instances")
+    }
+    assert {s.uid for s in syntaxes} <= held  # Orthanc keeps each as received
+
+    decoded: list[str] = []  # the syntaxes our decoders saw: what came over the wire
+    real = pixels._decoded
+    monkeypatch.setattr(
+        pixels, "_decoded", lambda ds, *a: decoded.append(str(a[-1])) or real(ds, *a)
+    )
+    gw = make_gateway(tmp_path / "home", pacs, scp_port, receive_workers=0)
+    approved(gw, "syntaxes", [study.accession])
+    report = gw.pull("syntaxes")
+    assert report.ok, [s.error for s in report.series]
+    assert report.instances == len(sent)
+    compressed = {s.uid for s in syntaxes if s.uid.startswith("1.2.840.10008.1.2.4.")}
+    compressed.add("1.2.840.10008.1.2.5")
+    assert set(decoded) == compressed  # sent as held, never transcoded to uncompressed
+
+    keys = gw.keys("syntaxes")
+    for k, syntax in enumerate(syntaxes):
+        series_uid = f"{study.series[0].series_uid}.{k}"
+        key = series_key("syntaxes", keys.uid(study.study_uid), keys.uid(series_uid))
+        reader = SeriesReader(gw.store, key)
+        want = source_volume(refs[series_uid], series_uid)
+        got = reader.volume[:]
+        marks = {str(h.get("00282110", {}).get("Value")) for h in reader.headers()}
+        if syntax.lossy:
+            assert marks == {"['01']"}, syntax.name
+            assert got.shape == want.shape and not np.array_equal(got, want)
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=syntax.name)
+            assert marks == {"None"}, syntax.name
+    assert_no_leaks(gw, src.phi, logs())
