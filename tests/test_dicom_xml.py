@@ -12,7 +12,13 @@ from dicom import json_model, xml_model
 from tests.samples import pydicom_sample
 
 NS = {"n": xml_model.NAMESPACE}
-SAMPLES = ["CT_small.dcm", "MR_small.dcm", "reportsi.dcm", "waveform_ecg.dcm"]
+SAMPLES = [
+    "CT_small.dcm",
+    "MR_small.dcm",
+    "reportsi.dcm",
+    "waveform_ecg.dcm",
+    "examples_overlay.dcm",
+]
 
 
 def _dataset() -> Dataset:
