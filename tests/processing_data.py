@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -14,7 +15,7 @@ from monai.data import MetaTensor
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from core import projects
+from core import projects, users
 from core.core import Core
 from core.settings import Settings
 from processing.body_hu import BodyHu
@@ -82,7 +83,12 @@ def ct_series(
 def new_project(settings: Settings, name: str) -> None:
     """Create project `name` in a fresh home."""
     with Core(settings, create=True) as core:
+        users.first_admin(core)  # the OS account running the tests, as `sphere init` makes it
         projects.create(core, name, title="processing test")
+        today = date.today()  # pipelines run on approved, in-date projects only
+        projects.approve(
+            core, name, committee_ref="T-1", approved_on=today, expires_on=today + timedelta(365)
+        )
 
 
 def store_series(settings: Settings, project: str, datasets: list[Dataset], spool: Path) -> str:
