@@ -55,6 +55,12 @@ class Source(BaseModel):
     cluster_limit: int | None = Field(None, ge=1)
     # When it may be pulled from, local time: ["mon-fri 20:00-07:00", "sat-sun"]; [] always.
     windows: list[str] = []
+    # The breaker: after this many calls in a row that get no answer, the source's work pauses;
+    # one probe (C-ECHO, a QIDO query) every probe_s; resumes when it answers; gives up (the
+    # calls waiting fail) after give_up_s.
+    breaker_after: int = Field(2, ge=1)
+    probe_s: float = Field(10.0, gt=0)
+    give_up_s: float = Field(600.0, gt=0)
 
     _windows = field_validator("windows")(classmethod(lambda cls, v: _check_windows(v)))
 

@@ -1,6 +1,6 @@
 """A TCP proxy on loopback for the tests: counts the connections open at once through it (the
-most ever seen), and can drop everything (connections refused... accepted then closed) until
-told to pass again."""
+most ever seen), and can stop answering (`drop`: open connections cut, new ones closed at once,
+counted) until told to pass again."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import threading
 class CountingProxy:
     def __init__(self, upstream: int) -> None:
         self.upstream = upstream
-        self.open = self.most = self.total = 0
+        self.open = self.most = self.total = self.dropped = 0
         self.dropping = False
+        self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
@@ -26,6 +27,8 @@ class CountingProxy:
             except OSError:
                 return
             if self.dropping:  # a source that stops answering: closed at once
+                with self._lock:
+                    self.dropped += 1
                 client.close()
                 continue
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
@@ -40,6 +43,7 @@ class CountingProxy:
             self.open += 1
             self.total += 1
             self.most = max(self.most, self.open)
+            self._conns.update((client, up))
         done = threading.Event()
 
         def pump(src: socket.socket, dst: socket.socket) -> None:
@@ -61,6 +65,19 @@ class CountingProxy:
             s.close()
         with self._lock:
             self.open -= 1
+            self._conns.difference_update((client, up))
+
+    def drop(self) -> None:
+        """Stop answering: cut what is open, close every new connection at once."""
+        self.dropping = True
+        with self._lock:
+            conns = list(self._conns)
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def pass_again(self) -> None:
+        self.dropping = False
 
     def close(self) -> None:
         self.sock.close()

@@ -203,3 +203,97 @@ def test_two_nodes_hold_the_source_to_one_association(tmp_path, pg_server, pacs,
     for name in ("one", "two"):
         every_instance_once(gw, name, corpus)
     assert gw.catalog.source_slots_held("pacs") == 0  # all given back
+
+
+# -- the breaker --------------------------------------------------------------------------------
+
+
+def pull_through_an_outage(home, pacs, port, corpus, breaker_after: int):
+    """Pull while the proxy drops everything for a while, mid-pull: (report or error, proxy,
+    the breaker's audit rows by state)."""
+    import threading
+
+    proxy = CountingProxy(pacs.dicom_port)
+    source = Source(
+        name="pacs",
+        protocol="move",
+        ae_title=pacs.aet,
+        host="127.0.0.1",
+        port=proxy.port,
+        breaker_after=breaker_after,
+        probe_s=0.3,
+    )
+    settings = Settings(
+        home=home,
+        sources=[source],
+        ae_title="NODEA",
+        port=port,
+        max_associations=1,
+        fsync=False,
+        backoff_s=0.1,
+        timeout_s=5,
+    )
+    gw = Gateway(settings)
+    approved(gw, "flaky", [st.accession for st in corpus.studies])
+    pid = gw.core.project("flaky").id
+    result: dict[str, object] = {}
+
+    def breaker(state: str) -> list:
+        trail = gw.catalog.audit_trail("flaky")
+        return [
+            e for e in trail if e.action == "source.breaker" and f'"state": "{state}"' in e.detail
+        ]
+
+    def pulling() -> None:
+        try:
+            result["report"] = gw.pull("flaky")
+        except Exception as e:  # noqa: BLE001 - the test says what it was
+            result["error"] = e
+
+    t = threading.Thread(target=pulling)
+    t.start()
+    try:
+        wait_for(lambda: len(gw.catalog.series(pid, status="complete")) >= 1, "a first series")
+        proxy.drop()
+        # until the breaker has opened and probed a few times, or the pull gave up on its own
+        wait_for(lambda: proxy.dropped >= 4 or not t.is_alive(), "a few probes", 120)
+        proxy.pass_again()
+        t.join(300)
+    finally:
+        proxy.pass_again()
+        proxy.close()
+    return gw, result, proxy, breaker
+
+
+@pytest.mark.peers
+def test_a_source_that_stops_answering_trips_the_breaker_and_the_pull_resumes(
+    tmp_path, pacs, ports, corpus
+):
+    """Mid-pull the proxy drops everything: the breaker opens after `breaker_after` calls
+    without an answer, then only its probes reach for the source (no series fails on its own
+    retries); when the proxy passes again the pull goes on and completes."""
+    gw, result, proxy, breaker = pull_through_an_outage(
+        tmp_path, pacs, ports["NODEA"], corpus, breaker_after=2
+    )
+    assert "error" not in result, result
+    report = result["report"]
+    assert report.ok and report.count("failed") == 0, [s.error for s in report.series]
+    every_instance_once(gw, "flaky", corpus)
+    assert len(breaker("open")) == 1
+    (closed,) = breaker("closed")
+    probes = json.loads(closed.detail)["probes"]
+    assert probes >= 3
+    # every connection tried while it dropped was a probe or one of the calls that tripped it
+    assert proxy.dropped <= 2 + probes
+
+
+@pytest.mark.peers
+def test_without_the_breaker_the_series_fail_on_their_own_retries(tmp_path, pacs, ports, corpus):
+    """Control: a breaker that never trips (1000 misses) leaves each series to its retries,
+    which the same outage exhausts: series fail."""
+    gw, result, proxy, breaker = pull_through_an_outage(
+        tmp_path, pacs, ports["NODEA"], corpus, breaker_after=1000
+    )
+    report = result.get("report") or result["error"].report
+    assert report.count("failed") > 0
+    assert breaker("open") == []

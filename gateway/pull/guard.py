@@ -6,7 +6,10 @@ holder renews from a heartbeat thread: a node that dies frees its slots when the
 out. A retriever wrapped by `guarded` takes a slot for each call that talks to the source (a
 C-FIND, a C-MOVE of a series, a QIDO or WADO request) and gives it back after; its C-MOVE
 association is opened per series then (not kept from one series to the next), so an idle
-association never holds the PACS. Without `cluster_limit` a retriever is returned as it is.
+association never holds the PACS.
+
+Each retrieve also goes through the source's `Breaker` (per process): a source that stops
+answering pauses the series being retrieved, one probe per interval, until it answers.
 
 `check_windows`: a source outside its time windows (`core.windows`) is not pulled from; a job
 waits for the window (`gateway.jobs`), a pull in the foreground is refused, saying when it opens.
@@ -18,6 +21,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,6 +36,15 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 LEASE_S = 30.0  # a slot's holder silent this long has let it go
 WAIT_S = 0.2  # between tries for a slot when all are held
+
+
+class SourceError(Exception):
+    """A source could not be reached or answered wrongly (the message names it, holds no PHI).
+    `answered`: the source answered (with a failure), as opposed to not answering at all."""
+
+    def __init__(self, message: str, *, answered: bool = True) -> None:
+        super().__init__(message)
+        self.answered = answered
 
 
 class SourceSlots:
@@ -85,15 +98,107 @@ class SourceSlots:
         self._stop.set()
 
 
-class Guarded:
-    """A retriever whose every call to the source holds one of the source's cluster slots."""
+class Breaker:
+    """Trips when the source stops answering (`after` calls in a row without an answer): the
+    calls wait instead of failing each on its own timeouts, one of them probes the source every
+    `probe_s`, and all go on once it answers. Past `give_up_s` open, the waiting calls fail.
+    `on_change(state, detail)` is told when it opens and closes."""
 
-    def __init__(self, inner: Any, slots: SourceSlots) -> None:
-        self.inner, self.slots = inner, slots
+    def __init__(
+        self,
+        source: Source,
+        probe: Callable[[], None],
+        on_change: Callable[[str, dict[str, Any]], None] = lambda state, detail: None,
+    ) -> None:
+        self.name, self.probe, self.on_change = source.name, probe, on_change
+        self.after, self.probe_s, self.give_up_s = (
+            source.breaker_after,
+            source.probe_s,
+            source.give_up_s,
+        )
+        self.misses = 0
+        self.opened_at: float | None = None
+        self.probes = 0
+        self._probing = False
+        self._cond = threading.Condition()
+
+    @property
+    def open(self) -> bool:
+        return self.opened_at is not None
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        while True:
+            self._wait_closed()
+            try:
+                result = fn(*args)
+            except SourceError as e:
+                if e.answered or not self._missed():
+                    raise
+                continue  # it tripped: wait for the source, then try again
+            with self._cond:
+                self.misses = 0
+            return result
+
+    def _missed(self) -> bool:
+        """Count a call without an answer; True when the breaker is (now) open."""
+        with self._cond:
+            self.misses += 1
+            if self.opened_at is None and self.misses >= self.after:
+                self.opened_at = time.monotonic()
+                self.probes = 0
+                log.warning("source %s does not answer: its work pauses", self.name)
+                self.on_change("open", {"misses": self.misses})
+            return self.opened_at is not None
+
+    def _wait_closed(self) -> None:
+        with self._cond:
+            while self.opened_at is not None:
+                if time.monotonic() - self.opened_at > self.give_up_s:
+                    raise SourceError(
+                        f"source {self.name} has not answered for {self.give_up_s:.0f} s",
+                        answered=False,
+                    )
+                if self._probing:
+                    self._cond.wait(self.probe_s)
+                    continue
+                self._probing = True
+                self._cond.release()
+                try:
+                    time.sleep(self.probe_s)  # one probe per interval, whoever waits
+                    answered = self._probe()
+                finally:
+                    self._cond.acquire()
+                    self._probing = False
+                if answered:
+                    seconds = time.monotonic() - self.opened_at
+                    self.opened_at, self.misses = None, 0
+                    log.warning("source %s answers again: its work resumes", self.name)
+                    self.on_change("closed", {"probes": self.probes, "seconds": round(seconds, 1)})
+                self._cond.notify_all()
+
+    def _probe(self) -> bool:
+        self.probes += 1
+        try:
+            self.probe()
+        except SourceError:
+            return False
+        except Exception as e:  # noqa: BLE001 - a probe that breaks is a source not answering
+            log.warning("probe of %s failed (%s)", self.name, type(e).__name__)
+            return False
+        return True
+
+
+class Guarded:
+    """A retriever behind its source's breaker and, with a cluster limit, its cluster slots."""
+
+    def __init__(self, inner: Any, breaker: Breaker, slots: SourceSlots | None) -> None:
+        self.inner, self.breaker, self.slots = inner, breaker, slots
         self.name, self.protocol = inner.name, inner.protocol
-        self.max_concurrent = min(inner.max_concurrent, slots.limit)
-        if hasattr(inner, "keep_open"):
-            inner.keep_open = False
+        self.max_concurrent = inner.max_concurrent
+        if slots is not None:
+            self.max_concurrent = min(inner.max_concurrent, slots.limit)
+            if hasattr(inner, "keep_open"):
+                inner.keep_open = False
 
     def __enter__(self) -> Guarded:
         self.inner.__enter__()
@@ -103,12 +208,20 @@ class Guarded:
         try:
             self.inner.__exit__(*exc)
         finally:
-            self.slots.close()
+            if self.slots is not None:
+                self.slots.close()
 
     def _slotted(self, fn: Callable[..., T], *args: Any) -> T:
+        if self.slots is None:
+            return fn(*args)
         with self.slots.held():
             return fn(*args)
 
+    def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
+        return self.breaker.call(self._slotted, fn, *args)
+
+    # Planning is not behind the breaker: a source silent at the start is said at once (a job
+    # waits and tries again); the breaker is for a source that stops answering mid-pull.
     def echo(self) -> None:
         self._slotted(self.inner.echo)
 
@@ -122,7 +235,7 @@ class Guarded:
         return self._slotted(self.inner.image_size, study_uid, series_uid)
 
     def retrieve(self, study_uid: str, series_uid: str) -> Any:
-        return self._slotted(self.inner.retrieve, study_uid, series_uid)
+        return self._guarded(self.inner.retrieve, study_uid, series_uid)
 
     def __getattr__(self, name: str) -> Any:  # anything else the pull asks of it
         return getattr(self.inner, name)
@@ -154,8 +267,25 @@ def check_windows(sources: list[Source], now: datetime | None = None) -> None:
     )
 
 
-def guarded(core: Core, src: Source, retriever: Any) -> Any:
-    """`retriever` under the source's cluster-wide limit, when it has one."""
-    if not src.cluster_limit:
-        return retriever
-    return Guarded(retriever, SourceSlots(core.catalog, src.name, src.cluster_limit))
+def guarded(core: Core, src: Source, retriever: Any, project: str = "", actor: str = "") -> Any:
+    """`retriever` behind the source's breaker and, when it has one, its cluster-wide limit.
+    The breaker opening and closing are audited (the source's name, counts)."""
+
+    def told(state: str, detail: dict[str, Any]) -> None:
+        outcome = "error" if state == "open" else "ok"
+        try:
+            core.catalog.audit(
+                actor,
+                "source.breaker",
+                project or None,
+                outcome,
+                source=src.name,
+                state=state,
+                **detail,
+            )
+        except Exception as e:  # noqa: BLE001 - the audit row is not worth stopping for
+            log.warning("breaker of %s not audited (%s)", src.name, type(e).__name__)
+
+    breaker = Breaker(src, retriever.echo, told)
+    slots = SourceSlots(core.catalog, src.name, src.cluster_limit) if src.cluster_limit else None
+    return Guarded(retriever, breaker, slots)

@@ -25,16 +25,13 @@ from core.settings import Source
 from gateway.dimse.scp import StorageSCP
 from gateway.dimse.scu import DimseError, Mover, Peer, RetrieveResult, Scu, SeriesHit, StudyHit
 from gateway.dimse.service import ReceivedInstance
+from gateway.pull.guard import SourceError, guarded
 from gateway.pull.receiver import Receiver, ReceiverConfig
 from gateway.web.client import DicomwebClient, DicomwebError
 
 # What the Storage SCP's worker processes import, once, in the fork server they are forked from.
 WORKER_MODULES = ["gateway.pull.receiver"]
 T = TypeVar("T")
-
-
-class SourceError(Exception):
-    """A source could not be reached or answered wrongly (the message names it, holds no PHI)."""
 
 
 class PortInUse(SphereError):
@@ -82,11 +79,18 @@ class _Source:
             with self.in_use():
                 return fn(*args)
         except self.errors as e:
-            raise SourceError(f"{self}: {e}") from None
+            raise SourceError(f"{self}: {e}", answered=_answered(e)) from None
 
     def in_use(self) -> Any:
         """Counts an association (or HTTP exchange) with the source while it is open."""
         return metrics.get().connections.labels(self.name).track_inprogress()
+
+
+def _answered(e: Exception) -> bool:
+    """Whether the source answered at all: a DIMSE status, or an HTTP answer."""
+    if isinstance(e, DimseError):
+        return e.status is not None
+    return "cannot be reached" not in str(e)
 
 
 class _ReceivesHere(_Source):
@@ -392,9 +396,10 @@ def open_retrievers(core: Core, project: str, *, actor: str | None = None) -> li
     names = [src.name for src in s.all_sources()]
     if len(set(names)) != len(names):
         raise NotSetUp("SPHERE_SOURCES: each source needs a name of its own")
-    from gateway.pull.guard import guarded
-
-    return [guarded(core, src, _retriever(core, src, cfg, scp)) for src in s.all_sources()]
+    who = actor or core.actor
+    return [
+        guarded(core, src, _retriever(core, src, cfg, scp), project, who) for src in s.all_sources()
+    ]
 
 
 def _retriever(core: Core, src: Source, cfg: ReceiverConfig, scp: _SharedSCP) -> Any:
