@@ -11,7 +11,7 @@ import importlib.util
 from typing import Any
 
 from pydicom.pixels import get_decoder
-from pydicom.uid import UID, JPEGExtended12Bit
+from pydicom.uid import UID, JPEGExtended12Bit, RLELossless
 
 LABEL = "sphere-imagecodecs"
 DECODER_DEPENDENCIES = {JPEGExtended12Bit: ("imagecodecs>=2024.1",)}
@@ -34,8 +34,13 @@ def decode_frame(src: bytes, runner: Any) -> bytes:
 
 def plugin_for(ts: UID | None, bits_stored: int) -> str:
     """The plugin to ask first for `ts` ("" for pydicom's order): pydicom would log an error
-    for each of its plugins that refuses 12-bit JPEG before reaching this one."""
-    return LABEL if ts == JPEGExtended12Bit and bits_stored > 8 else ""
+    for each of its plugins that refuses 12-bit JPEG before reaching this one, and tries its
+    own RLE decoder (pure Python) before pylibjpeg-rle."""
+    if ts == JPEGExtended12Bit and bits_stored > 8:
+        return LABEL
+    if ts == RLELossless and "pylibjpeg" in get_decoder(RLELossless).available_plugins:
+        return "pylibjpeg"
+    return ""
 
 
 def register() -> None:
