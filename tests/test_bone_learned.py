@@ -189,8 +189,12 @@ def test_cli_train_and_missing_model(tmp_path):
     again = CliRunner().invoke(app, [*args, "--size", "32"], env=env)
     assert again.exit_code == 2 and "--force" in again.output
 
+    from core.settings import Settings
+    from tests.processing_data import new_project
+
+    new_project(Settings(home=tmp_path / "home"), "pp")  # access is checked before the model
     missing = CliRunner().invoke(
-        app, ["run", "bone-density", "p", "--model", str(tmp_path / "nope")], env=env
+        app, ["run", "bone-density", "pp", "--model", str(tmp_path / "nope")], env=env
     )
     assert missing.exit_code == 2
     lines = [ln for ln in missing.output.splitlines() if ln.strip()]
