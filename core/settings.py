@@ -55,6 +55,9 @@ class Source(BaseModel):
     cluster_limit: int | None = Field(None, ge=1)
     # When it may be pulled from, local time: ["mon-fri 20:00-07:00", "sat-sun"]; [] always.
     windows: list[str] = []
+    # At most this many instances a second from it, all nodes together (a bucket in the
+    # catalog, taken a series at a time; up to a second's worth at once); None: no cap.
+    max_rate: float | None = Field(None, gt=0)
     # The breaker: after this many calls in a row that get no answer, the source's work pauses;
     # one probe (C-ECHO, a QIDO query) every probe_s; resumes when it answers; gives up (the
     # calls waiting fail) after give_up_s.

@@ -15,7 +15,7 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from storage.models import Job, SourceSlot, utcnow
+from storage.models import Job, SourceBucket, SourceSlot, utcnow
 
 ACTIVE = ("queued", "running", "waiting")
 TERMINAL = ("done", "failed", "cancelled")
@@ -222,3 +222,39 @@ class JobQueries:
                 SourceSlot.source == source, SourceSlot.expires >= utcnow()
             )
             return int(s.scalar(q) or 0)
+
+    # -- source rate caps (gateway.pull.guard) ----------------------------------------------
+
+    def take_source_tokens(
+        self, source: str, n: int, rate: float, burst: float, now: datetime | None = None
+    ) -> float:
+        """Take `n` instances' worth from the source's bucket (refilled at `rate` a second, up
+        to `burst`); the seconds to wait before using them (0: at once). One transaction for a
+        whole batch, the row locked meanwhile so that nodes take in turn."""
+        now = now or utcnow()
+        for _ in range(3):  # two nodes making the row at once: the loser reads it again
+            try:
+                with self.session() as s:
+                    # a no-op write first: SQLite takes its write lock here, before the read
+                    s.execute(
+                        update(SourceBucket)
+                        .where(SourceBucket.source == source)
+                        .values(taken=SourceBucket.taken)
+                    )
+                    row = s.get(SourceBucket, source, with_for_update=True, populate_existing=True)
+                    if row is None:
+                        row = SourceBucket(source=source, tokens=burst, updated=now, taken=0)
+                        s.add(row)
+                        s.flush()
+                    elapsed = max(0.0, (now - row.updated).total_seconds())
+                    row.tokens = min(burst, row.tokens + elapsed * rate) - n
+                    row.updated = max(row.updated, now)
+                    row.taken += n
+                    return max(0.0, -row.tokens / rate)
+            except IntegrityError:
+                continue
+        return 0.0
+
+    def source_bucket(self, source: str) -> SourceBucket | None:
+        with self.session() as s:
+            return s.get(SourceBucket, source)

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Boolean,
     Date,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -188,6 +189,18 @@ class SourceSlot(Base):
     token: Mapped[str] = mapped_column(String(64))
     holder: Mapped[str] = mapped_column(String(255), default="")
     expires: Mapped[datetime] = mapped_column(DateTime)
+
+
+class SourceBucket(Base):
+    """A source's instance-rate cap, shared by every node: a token bucket refilled by time.
+    `tokens` may go below zero (taken ahead: the taker waits for them); `taken` counts all."""
+
+    __tablename__ = "source_buckets"
+
+    source: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tokens: Mapped[float] = mapped_column(Float, default=0.0)
+    updated: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    taken: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class AuditEvent(Base):

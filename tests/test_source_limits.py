@@ -297,3 +297,68 @@ def test_without_the_breaker_the_series_fail_on_their_own_retries(tmp_path, pacs
     report = result.get("report") or result["error"].report
     assert report.count("failed") > 0
     assert breaker("open") == []
+
+
+# -- the rate cap -------------------------------------------------------------------------------
+
+
+def test_the_rate_bucket_refills_by_time_and_makes_takers_wait(tmp_path):
+    cat = Gateway(Settings(home=tmp_path)).catalog
+    t0 = utcnow()
+    assert cat.take_source_tokens("pacs", 10, rate=10, burst=10, now=t0) == 0  # the burst
+    assert cat.take_source_tokens("pacs", 10, rate=10, burst=10, now=t0) == pytest.approx(1.0)
+    # a second on, the 10 taken ahead are paid for: the next 5 wait half a second
+    later = t0 + timedelta(seconds=1)
+    assert cat.take_source_tokens("pacs", 5, rate=10, burst=10, now=later) == pytest.approx(0.5)
+    # long idle: refilled to the burst, no more
+    idle = later + timedelta(hours=1)
+    assert cat.take_source_tokens("pacs", 10, rate=10, burst=10, now=idle) == 0
+    assert cat.take_source_tokens("pacs", 1, rate=10, burst=10, now=idle) == pytest.approx(0.1)
+    assert cat.source_bucket("pacs").taken == 36
+
+
+@pytest.mark.peers
+def test_a_pull_under_a_rate_cap_takes_every_instance_from_the_bucket(
+    tmp_path, pacs, ports, corpus
+):
+    source = Source(
+        name="pacs", ae_title=pacs.aet, host="127.0.0.1", port=pacs.dicom_port, max_rate=5000
+    )
+    settings = Settings(
+        home=tmp_path, sources=[source], ae_title="NODEA", port=ports["NODEA"], fsync=False
+    )
+    gw = Gateway(settings)
+    approved(gw, "paced", [st.accession for st in corpus.studies])
+    report = gw.pull("paced")
+    assert report.ok
+    assert gw.catalog.source_bucket("pacs").taken == len(corpus.files)  # a series at a time
+    every_instance_once(gw, "paced", corpus)
+
+
+@pytest.mark.peers
+def test_nodes_taking_from_one_bucket_on_postgresql_lose_no_take(pg_server):
+    """Eight threads over two catalogs take 20 each at the same instant: the bucket has paid
+    for all 160 (no update lost between nodes)."""
+    import threading
+
+    from storage.catalog import Catalog
+
+    url = pg_server.create_database("buckets")
+    nodes = [Catalog(url), Catalog(url)]
+    now = utcnow()
+    start = threading.Barrier(8)
+
+    def take(i: int) -> None:
+        start.wait()
+        for _ in range(20):
+            nodes[i % 2].take_source_tokens("pacs", 1, rate=10, burst=10, now=now)
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    row = nodes[0].source_bucket("pacs")
+    assert row.taken == 160 and row.tokens == pytest.approx(10 - 160)
+    for c in nodes:
+        c.dispose()

@@ -8,6 +8,9 @@ C-FIND, a C-MOVE of a series, a QIDO or WADO request) and gives it back after; i
 association is opened per series then (not kept from one series to the next), so an idle
 association never holds the PACS.
 
+`max_rate` caps the instances a second from the source, all nodes together: a token bucket in
+the catalog, taken a series at a time before it is retrieved (`Guarded.pace`).
+
 Each retrieve also goes through the source's `Breaker` (per process): a source that stops
 answering pauses the series being retrieved, one probe per interval, until it answers.
 
@@ -191,8 +194,16 @@ class Breaker:
 class Guarded:
     """A retriever behind its source's breaker and, with a cluster limit, its cluster slots."""
 
-    def __init__(self, inner: Any, breaker: Breaker, slots: SourceSlots | None) -> None:
+    def __init__(
+        self,
+        inner: Any,
+        breaker: Breaker,
+        slots: SourceSlots | None,
+        catalog: Catalog | None = None,
+        max_rate: float | None = None,
+    ) -> None:
         self.inner, self.breaker, self.slots = inner, breaker, slots
+        self.catalog, self.max_rate = catalog, max_rate
         self.name, self.protocol = inner.name, inner.protocol
         self.max_concurrent = inner.max_concurrent
         if slots is not None:
@@ -236,6 +247,17 @@ class Guarded:
 
     def retrieve(self, study_uid: str, series_uid: str) -> Any:
         return self._guarded(self.inner.retrieve, study_uid, series_uid)
+
+    def pace(self, instances: int) -> float:
+        """Before retrieving `instances`: wait for them under the source's rate cap (one
+        catalog round trip a series). Returns the seconds waited."""
+        rate = self.max_rate
+        if not rate or instances <= 0:
+            return 0.0
+        wait = self.catalog.take_source_tokens(self.name, instances, rate, max(rate, 1.0))
+        if wait > 0:
+            time.sleep(wait)
+        return wait
 
     def __getattr__(self, name: str) -> Any:  # anything else the pull asks of it
         return getattr(self.inner, name)
@@ -288,4 +310,4 @@ def guarded(core: Core, src: Source, retriever: Any, project: str = "", actor: s
 
     breaker = Breaker(src, retriever.echo, told)
     slots = SourceSlots(core.catalog, src.name, src.cluster_limit) if src.cluster_limit else None
-    return Guarded(retriever, breaker, slots)
+    return Guarded(retriever, breaker, slots, core.catalog, src.max_rate)

@@ -453,6 +453,9 @@ class Puller:
             return self._fail(job, "the PACS reports no instances for this series")
         s = self.core.settings
         error = ""
+        pace = getattr(job.source, "pace", None)  # the source's rate cap, if it has one
+        if pace is not None:
+            pace(job.expected)
         self.layout.expect(job.pseudo_series, job.pseudo_study, job.patient_pseudonym)
         try:
             for attempt in range(s.retries + 1):
