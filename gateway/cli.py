@@ -8,10 +8,10 @@ traceback only under `--verbose`.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from datetime import date
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,11 +29,17 @@ from gateway import (
     deid_cmd,
     governance_cmd,
     jobs_cmd,
+    logs,
     run_cmd,
     views,
     web_cmd,
 )
 from gateway.operator import acting, core
+
+
+class LogFormat(StrEnum):
+    text = "text"
+    json = "json"
 
 
 class _Commands(TyperGroup):
@@ -96,14 +102,17 @@ def main(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log progress; tracebacks on errors.")
     ] = False,
+    log_format: Annotated[
+        LogFormat | None,
+        typer.Option(help="Log lines as text or one JSON object each. Default: SPHERE_LOG_FORMAT."),
+    ] = None,
 ) -> None:
     """Settings come from SPHERE_* environment variables; --home overrides SPHERE_HOME."""
     home_files.owner_only()  # all this process and its children write: the owner's only
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     settings = load_settings(home)  # one line naming a variable that cannot be read
+    if log_format is not None:
+        settings.log_format = log_format.value  # and so for the SCP's worker processes
+    ctx.call_on_close(logs.setup(verbose, settings.log_format))
     ctx.obj = {"settings": settings, "verbose": verbose}
     # This process and those it starts (SCP workers, web workers) count in the home's folder.
     ctx.call_on_close(metrics.share(settings.home))

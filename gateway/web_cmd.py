@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from core import Core, access, metrics, users, vaultkey
+from gateway import logs
 from gateway.operator import acting, core
 
 user_app = typer.Typer(help="Sphere users, their roles and API tokens.", no_args_is_help=True)
@@ -137,6 +138,10 @@ def serve(
     c = Core(settings, research=True)  # the research side: the vault stays sealed
     access.require(c, "serve")  # and a wrong home is one clear line now, not in each worker
     metrics.clear_ended()  # counts start afresh with the server
+    # The job node and the web worker processes log as this process does.
+    os.environ["SPHERE_LOG_FORMAT"] = settings.log_format
+    if ctx.find_root().obj["verbose"]:
+        os.environ[logs.VERBOSE] = "1"
     node = None if no_jobs else _start_node(settings)
     vaultkey.keep_out_of_environment()  # nor do its worker processes inherit the key
     try:
@@ -152,6 +157,8 @@ def _start_node(settings: Any) -> subprocess.Popen[bytes]:
     it ends when the server does (`--parent`), however the server ends."""
     env = {**os.environ, "SPHERE_HOME": str(settings.home)}
     cmd = [sys.executable, "-m", "gateway.cli", "worker", "--parent", str(os.getpid())]
+    if os.environ.get(logs.VERBOSE) == "1":
+        cmd.insert(3, "-v")
     return subprocess.Popen(cmd, env=env)
 
 

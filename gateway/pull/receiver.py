@@ -32,6 +32,7 @@ from core.optout import Register
 from deid.engine import Quarantined
 from dicom.json_model import Part
 from dicom.raw import element_spans, value_span
+from gateway import logs
 from gateway.dimse.common import REFUSED_NOT_AUTHORIZED, SUCCESS
 from gateway.dimse.service import ReceivedInstance, file_meta, store_received
 from gateway.pull.layout import SpoolLayout
@@ -332,6 +333,13 @@ class Receiver:
         self.core.catalog.audit(
             self.cfg.actor, "store.refused", self.cfg.project, "refused", calling_ae=calling_ae
         )
+
+
+def in_worker(cfg: ReceiverConfig) -> Receiver:
+    """The receiver of a Storage SCP worker process, which logs in the pull's format."""
+    logs.in_worker(cfg.settings.log_format)
+    log.info("receiving for project %s", cfg.project)
+    return Receiver(cfg)
 
 
 def _pixel_element(data: bytes, span: tuple[int, int], implicit: bool) -> RawDataElement | None:

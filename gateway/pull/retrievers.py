@@ -26,7 +26,7 @@ from gateway.dimse.scp import StorageSCP
 from gateway.dimse.scu import DimseError, Mover, Peer, RetrieveResult, Scu, SeriesHit, StudyHit
 from gateway.dimse.service import ReceivedInstance
 from gateway.pull.guard import SourceError, guarded
-from gateway.pull.receiver import Receiver, ReceiverConfig
+from gateway.pull.receiver import Receiver, ReceiverConfig, in_worker
 from gateway.web.client import DicomwebClient, DicomwebError
 
 # What the Storage SCP's worker processes import, once, in the fork server they are forked from.
@@ -171,7 +171,7 @@ class _SharedSCP:
                 host=self.host,
                 port=self.port,
                 workers=self.workers,
-                handler_factory=partial(Receiver, self.cfg),
+                handler_factory=partial(in_worker, self.cfg),
                 # Room for more than the pull opens: a PACS may hold one open after a C-MOVE.
                 max_associations=max(8, 4 * self.limit),
                 timeout_s=self.cfg.settings.timeout_s,

@@ -11,6 +11,7 @@ user (gateway.web.deps).
 
 from __future__ import annotations
 
+import os
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,7 +19,8 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
-from core import Core, home
+from core import Core, Settings, home
+from gateway import logs
 from gateway.web import metrics
 from gateway.web.accept import NotAcceptable
 from gateway.web.audit import AuditBuffer, AuditMiddleware
@@ -115,4 +117,6 @@ def from_environment() -> FastAPI:
     """The app on a core from SPHERE_* settings (for uvicorn's worker processes): the research
     side, which never opens the vault."""
     home.owner_only()
-    return create_app(Core(research=True))
+    settings = Settings()
+    logs.setup(os.environ.get(logs.VERBOSE) == "1", settings.log_format)
+    return create_app(Core(settings, research=True))

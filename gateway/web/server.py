@@ -71,6 +71,7 @@ def uvicorn_options(web: WebOptions, *, workers: int = 1) -> dict[str, Any]:
         "proxy_headers": False,
         "timeout_keep_alive": 5,
         "access_log": False,  # every request is in the audit trail already
+        "log_config": None,  # its lines go to ours (gateway.logs): one format, one level
     }
 
 
