@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import update
 
-from core import access, users
+from core import access, metrics, users
 from core.settings import JobOptions, PacsPeer, Settings, Source
 from core.windows import is_open, next_open, parse
 from gateway import jobs
@@ -208,6 +208,11 @@ def test_two_nodes_hold_the_source_to_one_association(tmp_path, pg_server, pacs,
 # -- the breaker --------------------------------------------------------------------------------
 
 
+def breaker_gauge() -> float | None:
+    """sphere_source_breaker_open of the source "pacs" in this process (the pull runs here)."""
+    return metrics.get().registry.get_sample_value("sphere_source_breaker_open", {"source": "pacs"})
+
+
 def pull_through_an_outage(home, pacs, port, corpus, breaker_after: int):
     """Pull while the proxy drops everything for a while, mid-pull: (report or error, proxy,
     the breaker's audit rows by state)."""
@@ -257,6 +262,7 @@ def pull_through_an_outage(home, pacs, port, corpus, breaker_after: int):
         proxy.drop()
         # until the breaker has opened and probed a few times, or the pull gave up on its own
         wait_for(lambda: proxy.dropped >= 4 or not t.is_alive(), "a few probes", 120)
+        result["gauge"] = breaker_gauge()  # /metrics' word while it is out
         proxy.pass_again()
         t.join(300)
     finally:
@@ -280,6 +286,7 @@ def test_a_source_that_stops_answering_trips_the_breaker_and_the_pull_resumes(
     assert report.ok and report.count("failed") == 0, [s.error for s in report.series]
     every_instance_once(gw, "flaky", corpus)
     assert len(breaker("open")) == 1
+    assert result["gauge"] == 1 and breaker_gauge() == 0  # open while out, closed after
     (closed,) = breaker("closed")
     probes = json.loads(closed.detail)["probes"]
     assert probes >= 3
@@ -297,6 +304,7 @@ def test_without_the_breaker_the_series_fail_on_their_own_retries(tmp_path, pacs
     report = result.get("report") or result["error"].report
     assert report.count("failed") > 0
     assert breaker("open") == []
+    assert result["gauge"] != 1
 
 
 # -- the rate cap -------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, TypeVar
 
-from core import Core, SphereError, windows
+from core import Core, SphereError, metrics, windows
 from core.settings import Source
 from storage.catalog import Catalog, utcnow
 
@@ -294,6 +294,7 @@ def guarded(core: Core, src: Source, retriever: Any, project: str = "", actor: s
     The breaker opening and closing are audited (the source's name, counts)."""
 
     def told(state: str, detail: dict[str, Any]) -> None:
+        metrics.get().breaker_open.labels(src.name).set(1 if state == "open" else 0)
         outcome = "error" if state == "open" else "ok"
         try:
             core.catalog.audit(
