@@ -2,17 +2,22 @@
 
 Pixel data is never decoded for clean images. An image that has, or may have, burned-in text is
 quarantined by default; with the 'blank' policy, configured rectangles are set to black in the
-(uncompressed) pixel data and the image goes on.
+uncompressed pixel data (compressed ones are decoded first, to Explicit VR Little Endian, a lossy
+original marked as such) and the image goes on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
 
 from deid.profile import Region
+from dicom import decoders, lossy
+
+decoders.register()
 
 # SOP classes whose images often carry text: secondary captures, ultrasound, screenshots.
 SUSPECT_CLASS_PREFIXES = (
@@ -54,12 +59,12 @@ def blank_regions(ds: Dataset, regions: tuple[Region, ...]) -> str | None:
     """Blank the regions fitting this image's size in place; returns why not when it cannot."""
     meta = getattr(ds, "file_meta", None)
     ts = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
-    if ts is not None and ts.is_compressed:
-        return "burned-in annotation: compressed pixel data cannot be blanked"
     rows, cols = int(ds.Rows), int(ds.Columns)
     fitting = [r for r in regions if r.fits(rows, cols)]
     if not fitting:
         return "burned-in annotation: no blanking region for this image size"
+    if ts is not None and ts.is_compressed and not _decompress(ds, ts):
+        return "burned-in annotation: compressed pixel data could not be decoded"
     bits = int(ds.BitsAllocated)
     if bits not in (8, 16, 32) or "PixelData" not in ds:
         return "burned-in annotation: pixel data layout cannot be blanked"
@@ -90,3 +95,21 @@ def blank_regions(ds: Dataset, regions: tuple[Region, ...]) -> str | None:
     ds.PixelData = bytes(buf)
     ds.BurnedInAnnotation = "NO"
     return None
+
+
+def _decompress(ds: Dataset, ts: Any) -> bool:
+    """Decode compressed pixel data in place (Explicit VR Little Endian, YBR as RGB), marking a
+    lossy original (see dicom/lossy.py); False when it cannot be decoded."""
+    try:
+        data = ds.PixelData
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        size = frames * int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
+        size *= int(ds.BitsAllocated) // 8
+        marks = lossy.patches(ts, data, size, lambda kw, default=None: ds.get(kw, default))
+        plugin = decoders.plugin_for(ts, int(ds.get("BitsStored") or 0))
+        ds.decompress(decoding_plugin=plugin, generate_instance_uid=False)
+    except Exception:  # no decoder, broken data: pydicom raises many types
+        return False
+    for tag, entry in marks.items():
+        ds.add_new(int(tag, 16), entry["vr"], entry["Value"][0])
+    return True

@@ -28,7 +28,7 @@ OK, UNMEASURABLE, INELIGIBLE, FAILED = "ok", "unmeasurable", "ineligible", "fail
 DONE = frozenset({OK, UNMEASURABLE, INELIGIBLE})  # a re-run of the same version skips these
 
 
-# How a stored header (compact DICOM JSON; storage/lossy.py) says its original was lossy.
+# How a stored header (compact DICOM JSON; dicom/lossy.py) says its original was lossy.
 _LOSSY = '"00282110":{"vr":"CS","Value":["01"]}'
 
 

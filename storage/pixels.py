@@ -16,7 +16,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from storage import decoders, lossy
+from dicom import decoders, lossy
 
 decoders.register()
 _DTYPES = {

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import io
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from deid.engine import Deidentifier, Quarantined
 from deid.keys import ProjectKeys
@@ -62,6 +64,33 @@ def test_blank_policy_blanks_configured_regions(tmp_path):
     assert "113101" in {i.CodeValue for i in ds.DeidentificationMethodCodeSequence}
     other_size = pydicom.dcmread(secondary_capture(tmp_path / "big.dcm", burned_in="YES", size=64))
     assert "no blanking region" in quarantined(other_size, profile)
+
+
+@pytest.mark.parametrize("encoder", [("dcmcjpeg", "+eb", "+sr"), ("dcmcrle",)])
+def test_compressed_images_are_decoded_to_be_blanked(tmp_path, encoder):
+    """A JPEG (lossy) or RLE secondary capture: decoded to Explicit VR LE, blanked, and a lossy
+    original marked; one that cannot be decoded is quarantined."""
+    profile = Profile(burned_in="blank", regions=(Region(0, 0, 32, 6, rows=32, columns=32),))
+    src = secondary_capture(tmp_path / "sc.dcm", burned_in=None)
+    plain = pydicom.dcmread(src)
+    want = np.tile(np.arange(100, 132, dtype=np.uint8), (32, 1))
+    plain.PixelData = want.tobytes()
+    plain.save_as(src)
+    packed = tmp_path / "packed.dcm"
+    subprocess.run([*encoder, str(src), str(packed)], check=True, capture_output=True)
+    ds = pydicom.dcmread(packed)
+    assert ds.file_meta.TransferSyntaxUID.is_compressed
+    Deidentifier(profile, KEYS).apply(ds)
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    img = np.frombuffer(ds.PixelData, dtype=np.uint8).reshape(32, 32)
+    lossy = encoder[0] == "dcmcjpeg"
+    assert (img[:6] == 0).all()
+    assert np.abs(img[6:].astype(int) - want[6:]).max() <= (4 if lossy else 0)
+    assert ds.BurnedInAnnotation == "NO"
+    assert ds.get("LossyImageCompression") == ("01" if lossy else None)
+    broken = pydicom.dcmread(packed)
+    broken.PixelData = encapsulate([b"\xff\xd8 not an image \xff\xd9"])
+    assert "could not be decoded" in quarantined(broken, profile)
 
 
 def test_invalid_vr_is_quarantined(study):

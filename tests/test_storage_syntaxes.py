@@ -9,11 +9,12 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
+from dicom import lossy
 from gateway.dimse.common import STORAGE_TRANSFER_SYNTAXES
 from gateway.dimse.scp import StorageSCP
 from harness.synthetic import generate
 from processing.pipeline import SeriesFacts
-from storage import lossy, pixels
+from storage import pixels
 from storage.objectstore import open_store
 from storage.series import SeriesReader, SeriesWriter
 from tests.compressed import SYNTAXES, reference
