@@ -24,7 +24,7 @@ from datetime import timedelta
 from functools import cached_property
 from typing import Any
 
-from core import Core, SphereError, Unavailable, access, projects
+from core import Core, SphereError, Unavailable, access, metrics, projects
 from core.settings import Settings
 from gateway.pull import PullBusy, Puller, pull
 from gateway.pull.guard import OutsideWindow, check_windows
@@ -162,8 +162,18 @@ class Node:
             return None
         if job is None:
             return None
-        if job.attempts > 1:
-            log.warning("job %d taken up again (attempt %d)", job.id, job.attempts)
+        gone = getattr(job, "taken_from", "")
+        if gone:  # its node stopped renewing the lease: taken over, counted and audited
+            log.warning("job %d taken over from %s (attempt %d)", job.id, gone, job.attempts)
+            metrics.get().lease_expiries.labels("job").inc()
+            self.core.catalog.audit(
+                job.submitted_by,
+                "jobs.lease",
+                job.project,
+                job=job.id,
+                node=self.name,
+                took_over=gone,
+            )
         return Running(job, token)
 
     def execute(self, run: Running) -> None:

@@ -83,6 +83,7 @@ class JobQueries:
             if s.get_bind().dialect.name == "postgresql":
                 q = q.with_for_update(skip_locked=True)
             for cand in s.scalars(q).all():
+                was = cand.node if cand.state == "running" else ""  # before the update below
                 same = Job.token.is_(None) if cand.token is None else Job.token == cand.token
                 took = s.execute(
                     update(Job)
@@ -100,7 +101,10 @@ class JobQueries:
                     .execution_options(synchronize_session=False)
                 )
                 if took.rowcount:
-                    return s.get(Job, cand.id, populate_existing=True)
+                    job = s.get(Job, cand.id, populate_existing=True)
+                    # the node whose lease ran out, when it was one (not stored: for the taker)
+                    job.taken_from = was  # type: ignore[attr-defined]
+                    return job
         return None
 
     def renew_job(

@@ -57,8 +57,10 @@ def test_a_lease_is_taken_once_renewed_and_taken_up_again_only_after_it_runs_out
     assert cat.renew_job(job.id, "tb", 60) is None  # not b's
     with cat.session() as s:  # node a went silent: its lease ran out
         s.execute(update(Job).values(lease_expires=utcnow() - timedelta(seconds=1)))
+    assert leased.taken_from == ""  # a queued job: nobody's
     again = cat.lease_job("node-b", "tb", lease_s=60)
     assert again.id == job.id and again.node == "node-b" and again.attempts == 2
+    assert again.taken_from == "node-a"  # whose lease ran out
     assert cat.renew_job(job.id, "ta", 60) is None  # a, were it alive, knows it lost it
     assert not cat.end_job(job.id, "ta", "done", "x")
     assert cat.end_job(job.id, "tb", "done", "all there")

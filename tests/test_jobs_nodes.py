@@ -5,6 +5,7 @@ every instance stored once. Real Orthanc, real PostgreSQL, real processes."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -171,6 +172,9 @@ def test_a_node_killed_mid_pull_loses_its_job_to_the_other(
     every_instance_once(gw, "taken", corpus)
     took = [e for e in gw.catalog.audit_trail("taken") if e.action == "pull.lock"]
     assert len(took) == 1 and "process is gone" in took[0].detail
+    leases = [e for e in gw.catalog.audit_trail("taken") if e.action == "jobs.lease"]
+    (lease,) = leases
+    assert "NODEA" in json.loads(lease.detail)["took_over"]
 
 
 def test_nodes_racing_for_jobs_on_postgresql_lease_each_once(tmp_path, pg_server):

@@ -296,6 +296,7 @@ def guarded(core: Core, src: Source, retriever: Any, project: str = "", actor: s
     def told(state: str, detail: dict[str, Any]) -> None:
         metrics.get().breaker_open.labels(src.name).set(1 if state == "open" else 0)
         outcome = "error" if state == "open" else "ok"
+        metrics.get().breaker_open.labels(src.name).set(1 if state == "open" else 0)
         try:
             core.catalog.audit(
                 actor,
