@@ -18,6 +18,7 @@ from storage import pixels
 from storage.objectstore import open_store
 from storage.series import SeriesReader, SeriesWriter
 from tests.compressed import SYNTAXES, reference
+from tests.samples import pydicom_sample
 
 KEY = "projects/demo/2.25.1/2.25.2"
 
@@ -101,3 +102,21 @@ def test_each_syntax_is_stored_decoded(tmp_path, slices, syntax):
     sent = {str(d.get("LossyImageCompressionRatio")) for d in encoded}
     if syntax.lossy and sent != {"None"}:  # what the sender wrote is kept
         assert {str(h[lossy.RATIO]["Value"][0]) for h in headers} == sent
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "MR_small_jp2klossless.dcm",  # GDCM's JPEG 2000
+        "MR_small_RLE.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_expb.dcm",
+        "MR_small_implicit.dcm",
+    ],
+)
+def test_other_encoders_samples_equal_their_uncompressed_original(name):
+    """pydicom's shipped samples, made by other encoders from one signed 16-bit MR image."""
+    layout, raw, _ = pixels.extract(pydicom_sample(name))
+    got = np.frombuffer(bytes(raw), dtype=layout.dtype).reshape(layout.shape)
+    assert np.array_equal(got, pydicom_sample("MR_small.dcm").pixel_array)
