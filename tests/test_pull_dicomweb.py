@@ -353,3 +353,73 @@ def test_any_syntax_first_explicit_le_when_refused_and_what_came_is_recorded(
     text = "\n".join(status_lines(rows, details=True))
     name = "Explicit VR Little Endian" if refuse else "Implicit VR Little Endian"
     assert f"came as {name} ({came})" in text
+
+
+class BusyProxy(CuttingProxy):
+    """A proxy to Orthanc that answers the first WADO-RS series request `status` with a
+    Retry-After, then passes everything."""
+
+    def __init__(self, upstream: int, status: int = 429, after: int = 2) -> None:
+        self.status, self.after, self.busy = status, after, 0
+        super().__init__(upstream, cut=0)
+
+    def _serve(self, client: socket.socket) -> None:
+        first = client.recv(65536)
+        line = first.split(b"\r\n")[0]
+        with self._lock:
+            busy = b"/series/" in line and b"metadata" not in line and self.busy == 0
+            if busy:
+                self.busy += 1
+        if not busy:
+            return self._pass(client, first)
+        client.sendall(
+            f"HTTP/1.1 {self.status} Busy\r\nRetry-After: {self.after}\r\n"
+            "Content-Length: 0\r\nConnection: close\r\n\r\n".encode()
+        )
+        client.close()
+
+    def _pass(self, client: socket.socket, first: bytes) -> None:
+        up = socket.create_connection(("127.0.0.1", self.upstream))
+        up.sendall(first)
+
+        def pump(src: socket.socket, dst: socket.socket) -> None:
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+        threading.Thread(target=pump, args=(client, up), daemon=True).start()
+        pump(up, client)
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_busy_source_is_asked_again_after_its_retry_after(
+    tmp_path, corpus, pacs_web, scp_port, monkeypatch, status
+):
+    """HTTP 429 or 503 with Retry-After: the client waits what the source asked (seen here by
+    what urllib3 was told to sleep, not by a clock) and asks again; the pull completes."""
+    from urllib3.util.retry import Retry
+
+    slept: list[float | None] = []
+    real = Retry.sleep_for_retry
+
+    def sleep_for_retry(self, response=None):  # noqa: ANN001, ANN202 - urllib3's signature
+        slept.append(self.get_retry_after(response) if response is not None else None)
+        return real(self, response)
+
+    monkeypatch.setattr(Retry, "sleep_for_retry", sleep_for_retry)
+    proxy = BusyProxy(pacs_web.http_port, status=status, after=2)
+    try:
+        url = f"http://127.0.0.1:{proxy.port}/dicom-web"
+        gw = gateway(tmp_path, scp_port, web_source(pacs_web, url=url))
+        approve(gw, "busy", [corpus.studies[0].accession])
+        report = gw.pull("busy")
+    finally:
+        proxy.close()
+    assert proxy.busy == 1
+    assert 2 in slept  # Retry-After honoured
+    assert report.ok and report.instances == corpus.studies[0].n_instances

@@ -79,7 +79,7 @@ class DicomwebClient:
             read=retries,
             status=retries,
             backoff_factor=backoff_s,
-            status_forcelist=(500, 502, 503, 504),
+            status_forcelist=(429, 500, 502, 503, 504),  # 429 and 503: after Retry-After
             allowed_methods=("GET",),
             raise_on_status=False,
         )
