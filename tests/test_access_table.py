@@ -278,6 +278,7 @@ WEB_ACTIONS = {  # else study.read
     ("POST", "/projects/{project}/members"): "project.grant",
     ("POST", "/api/projects/{project}/jobs"): "jobs.submit",
     ("GET", "/api/projects/{project}/jobs"): "jobs.read",
+    ("GET", "/projects/{project}/jobs"): "jobs.read",  # the page of the same list
 }
 
 

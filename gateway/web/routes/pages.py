@@ -123,7 +123,11 @@ def home(request: Request, core: Core = Depends(get_core)) -> Response:
     if not memberships:
         parts.append("<p>You are not a member of any project yet.</p>")
     for project, role in memberships:
-        parts.append(f"<h2>{escape(project.name)} <small>({escape(role)})</small></h2>")
+        jobs = f"/projects/{quote(project.name)}/jobs"
+        parts.append(
+            f"<h2>{escape(project.name)} <small>({escape(role)}) "
+            f'<a href="{escape(jobs)}">jobs</a></small></h2>'
+        )
         if project.title:
             parts.append(f"<p>{escape(project.title)}</p>")
         problem = project.approval_problem(today)
