@@ -250,3 +250,45 @@ def test_a_running_pull_is_cancelled_at_its_next_heartbeat(tmp_path, pacs, scp_p
     node.run(once=True)
     complete = gw.catalog.series(gw.core.project("stopped").id, status="complete")
     assert len(complete) == n_series
+
+
+@pytest.mark.peers
+def test_a_foreground_pull_at_a_terminal_draws_its_progress(tmp_path, pacs, scp_port, corpus):
+    """`sphere pull P` with a terminal on stderr: the bar of the job's progress hook (instances
+    of the total, series), then the summary as without a terminal."""
+    import pty
+
+    gw = pulling_gateway(tmp_path, pacs, scp_port)
+    approved(gw, "shown", [st.accession for st in corpus.studies])
+    env = {
+        **os.environ,
+        "SPHERE_HOME": str(tmp_path),
+        "SPHERE_TOKEN": data_manager(gw),
+        "SPHERE_PORT": str(scp_port),
+        "SPHERE_PACS__AE_TITLE": pacs.aet,
+        "SPHERE_PACS__PORT": str(pacs.dicom_port),
+        "SPHERE_FSYNC": "false",
+        "COLUMNS": "120",
+    }
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [*SPHERE, "pull", "shown"], env=env, stdout=subprocess.PIPE, stderr=slave
+    )
+    os.close(slave)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the pull ended: the terminal is closed
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    out, _ = proc.communicate(timeout=300)
+    os.close(master)
+    assert proc.returncode == 0, drawn.decode(errors="replace")
+    n = len(corpus.files)
+    n_series = sum(len(st.series) for st in corpus.studies)
+    text = drawn.decode(errors="replace")
+    assert "pull shown" in text and f"{n}/{n}" in text and f"{n_series}/{n_series} series" in text
+    assert b"instances" in out  # the summary, on stdout as ever
