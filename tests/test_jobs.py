@@ -292,3 +292,16 @@ def test_a_foreground_pull_at_a_terminal_draws_its_progress(tmp_path, pacs, scp_
     text = drawn.decode(errors="replace")
     assert "pull shown" in text and f"{n}/{n}" in text and f"{n_series}/{n_series} series" in text
     assert b"instances" in out  # the summary, on stdout as ever
+
+
+def test_a_run_job_runs_the_pipeline_runner(gw):
+    """A pipeline run as a job: the runner the CLI uses (here with nothing to do: no series)."""
+    data_manager(gw)
+    job = jobs.submit(
+        gw.core, "run", "queued", pipeline="bone-density", user=gw.catalog.user("dan")
+    )
+    node = jobs.Node(gw.settings, name="n")
+    node.run(once=True)
+    row = gw.catalog.job(job.id)
+    assert row.state == "done", row.outcome
+    assert row.outcome.startswith("bone-density ") and "nothing to do" in row.outcome
