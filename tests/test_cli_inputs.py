@@ -104,11 +104,11 @@ class HttpServer:
 def test_a_pacs_address_that_answers_http(tmp_path):
     http = HttpServer()
     env = {"SPHERE_PACS__PORT": str(http.port), "SPHERE_TIMEOUT_S": "20"}
+    sphere("project", "create", "web-port", home=tmp_path)  # echo acts as a known operator
+    first_admin(tmp_path)
     echo = sphere("echo", home=tmp_path, check=False, **env)
     assert "the peer answered in HTTP: is this its web port?" in echo.stdout
     assert "pacs did not answer" in one_error_line(echo)
-    sphere("project", "create", "web-port", home=tmp_path)
-    first_admin(tmp_path)
     sphere("project", "approve", "web-port", "--committee-ref", "C", "--expires-on",
            "2099-01-01", home=tmp_path)  # fmt: skip
     sphere("cohort", "add", "web-port", "--accession", "ACC-1", home=tmp_path)
