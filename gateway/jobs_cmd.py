@@ -95,6 +95,7 @@ def register(app: typer.Typer, core: Any) -> None:
         interval: Annotated[float, typer.Option(help="Seconds between looks.")] = 1.0,
     ) -> None:
         """Follow a job until it ends: a live bar at a terminal, else a line on each change.
+
         Exit 1 when it failed or was cancelled."""
         c: Core = core(ctx)
         job = _job(c, job_id)
@@ -131,8 +132,10 @@ def register(app: typer.Typer, core: Any) -> None:
             int | None, typer.Option(hidden=True, help="End when this process ends (serve).")
         ] = None,
     ) -> None:
-        """Run jobs (no web): this node's Storage SCP is SPHERE_AE_TITLE at SPHERE_PORT, which
-        the PACS must know as a C-MOVE destination. SIGTERM: the job in hand is queued again."""
+        """Run jobs on this node, without the web server.
+
+        This node's Storage SCP is SPHERE_AE_TITLE at SPHERE_PORT, which the PACS must know as
+        a C-MOVE destination. SIGTERM: the job in hand is queued again."""
         c: Core = core(ctx)
         access.require(c, "serve")  # a node runs what was submitted: who may serve
         node = jobs.Node(c.settings, parent=parent)
