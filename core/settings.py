@@ -58,6 +58,10 @@ class Source(BaseModel):
     # At most this many instances a second from it, all nodes together (a bucket in the
     # catalog, taken a series at a time; up to a second's worth at once); None: no cap.
     max_rate: float | None = Field(None, gt=0)
+    # A C-MOVE/C-GET answered 0xA7xx ("out of resources"): asked again after busy_backoff_s,
+    # doubling, at most busy_retries times, before the series counts it as a failed attempt.
+    busy_backoff_s: float = Field(30.0, ge=0)
+    busy_retries: int = Field(3, ge=0)
     # The breaker: after this many calls in a row that get no answer, the source's work pauses;
     # one probe (C-ECHO, a QIDO query) every probe_s; resumes when it answers; gives up (the
     # calls waiting fail) after give_up_s.

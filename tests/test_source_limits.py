@@ -370,3 +370,43 @@ def test_nodes_taking_from_one_bucket_on_postgresql_lose_no_take(pg_server):
     assert row.taken == 160 and row.tokens == pytest.approx(10 - 160)
     for c in nodes:
         c.dispose()
+
+
+# -- out of resources ---------------------------------------------------------------------------
+
+
+def test_a_source_out_of_resources_is_asked_again_after_a_longer_wait(monkeypatch):
+    """A C-MOVE answered 0xA702 is asked again after busy_backoff_s, doubling; other answers
+    are handed to the pull as they are. (Orthanc does not answer 0xA702 on demand: a stand-in
+    retriever answers here; the waits are what the guard was told to sleep, not a clock.)"""
+    from gateway.dimse.scu import RetrieveResult
+    from gateway.pull import guard
+
+    class Busy:
+        name, protocol, max_concurrent = "pacs", "move", 1
+
+        def __init__(self, answers: list[int]) -> None:
+            self.answers, self.calls = answers, 0
+
+        def retrieve(self, study_uid: str, series_uid: str) -> RetrieveResult:
+            self.calls += 1
+            return RetrieveResult(status=self.answers.pop(0), completed=1)
+
+        def echo(self) -> None:
+            pass
+
+    slept: list[float] = []
+    monkeypatch.setattr(guard.time, "sleep", slept.append)
+    src = Source(busy_backoff_s=5, busy_retries=3)
+    inner = Busy([0xA702, 0xA700, 0x0000])
+    result = guard.Guarded(inner, guard.Breaker(src, inner.echo), None).retrieve("1", "2")
+    assert result.status == 0 and inner.calls == 3 and slept == [5, 10]
+    # at most busy_retries more: then the pull sees the failure (and counts an attempt)
+    inner = Busy([0xA702] * 5)
+    result = guard.Guarded(inner, guard.Breaker(src, inner.echo), None).retrieve("1", "2")
+    assert result.status == 0xA702 and inner.calls == 4
+    # control: another failure is not waited for
+    slept.clear()
+    inner = Busy([0xC000])
+    result = guard.Guarded(inner, guard.Breaker(src, inner.echo), None).retrieve("1", "2")
+    assert result.status == 0xC000 and inner.calls == 1 and slept == []

@@ -113,7 +113,7 @@ class Breaker:
         probe: Callable[[], None],
         on_change: Callable[[str, dict[str, Any]], None] = lambda state, detail: None,
     ) -> None:
-        self.name, self.probe, self.on_change = source.name, probe, on_change
+        self.source, self.name, self.probe, self.on_change = source, source.name, probe, on_change
         self.after, self.probe_s, self.give_up_s = (
             source.breaker_after,
             source.probe_s,
@@ -203,6 +203,7 @@ class Guarded:
         max_rate: float | None = None,
     ) -> None:
         self.inner, self.breaker, self.slots = inner, breaker, slots
+        self.source = breaker.source
         self.catalog, self.max_rate = catalog, max_rate
         self.name, self.protocol = inner.name, inner.protocol
         self.max_concurrent = inner.max_concurrent
@@ -246,7 +247,24 @@ class Guarded:
         return self._slotted(self.inner.image_size, study_uid, series_uid)
 
     def retrieve(self, study_uid: str, series_uid: str) -> Any:
-        return self._guarded(self.inner.retrieve, study_uid, series_uid)
+        """The series, asked again after a longer wait while the source says it is out of
+        resources (0xA700-0xA7FF), instead of spending the series' own retries at once."""
+        for attempt in range(self.source.busy_retries + 1):
+            result = self._guarded(self.inner.retrieve, study_uid, series_uid)
+            status = getattr(result, "status", None)
+            if status is None or not 0xA700 <= status <= 0xA7FF:
+                return result
+            if attempt == self.source.busy_retries:
+                break
+            wait = self.source.busy_backoff_s * 2**attempt
+            log.warning(
+                "source %s is out of resources (0x%04X): asked again in %.0f s",
+                self.name,
+                status,
+                wait,
+            )
+            time.sleep(wait)
+        return result
 
     def pace(self, instances: int) -> float:
         """Before retrieving `instances`: wait for them under the source's rate cap (one
