@@ -120,6 +120,7 @@ def write_series(
     series_uid = _first(headers[0], "0020000E")
     common = _common(headers)
     series_ds = {t: e for t, e in common.items() if not _is_study_tag(t)}
+    study_ds = {t: e for t, e in common.items() if _is_study_tag(t)}
     for tag in _INSTANCE_ALWAYS:
         series_ds.pop(tag, None)
     merged = {**common}
@@ -141,6 +142,7 @@ def write_series(
             storage_key=storage_key,
             n_instances=len(headers),
             dataset=_dumps(series_ds),
+            study_dataset=_dumps(study_ds),
             **_columns(merged, SERIES_COLUMNS, skip=frozenset({"series_uid"})),
         )
     )
@@ -161,19 +163,26 @@ def write_series(
         )
     s.execute(insert(IndexedInstance), rows)
     s.flush()
-    _write_study(s, project_id, study_uid, common)
+    _write_study(s, project_id, study_uid)
 
 
-def _write_study(s: Session, project_id: int, study_uid: str, latest: dict[str, Any]) -> None:
-    series = list(
+def _write_study(s: Session, project_id: int, study_uid: str) -> None:
+    """Recompute a study's row from all its series: each attribute its first non-empty
+    value, series taken by number then UID, so a reindex in any order gives the same row
+    and an SR without a StudyDescription does not blank the study's."""
+    series = sorted(
         s.scalars(
             select(IndexedSeries).where(
                 IndexedSeries.project_id == project_id, IndexedSeries.study_uid == study_uid
             )
-        )
+        ),
+        key=lambda x: (x.series_number is None, x.series_number or 0, x.series_uid),
     )
-    study_ds = {t: e for t, e in latest.items() if _is_study_tag(t)}
     row = get_or_add(s, IndexedStudy, project_id=project_id, study_uid=study_uid)
+    sources = [json.loads(x.study_dataset) for x in series if x.study_dataset is not None]
+    if len(sources) < len(series) and row.dataset:
+        sources.append(json.loads(row.dataset))  # series indexed before study_dataset existed
+    study_ds = _merge_first(sources)
     for k, v in _columns(study_ds, STUDY_COLUMNS, skip=frozenset({"study_uid"})).items():
         setattr(row, k, v)
     row.dataset = _dumps(study_ds)
@@ -209,6 +218,8 @@ def delete_series(s: Session, project_id: int, series_uid: str) -> None:
                 IndexedStudy.project_id == project_id, IndexedStudy.study_uid == row.study_uid
             )
         )
+    else:
+        _write_study(s, project_id, row.study_uid)  # its counts, and attributes it gave
 
 
 # -- searching -------------------------------------------------------------------------------
@@ -404,6 +415,21 @@ def _common(headers: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for h in headers[1:]:
         keep = {t for t in keep if h.get(t) == first[t]}
     return {t: first[t] for t in sorted(keep)}
+
+
+def _merge_first(sources: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Each tag's first element with a value across `sources` (an empty one only when
+    none has a value), as Orthanc keeps a study's first non-empty attributes."""
+    out: dict[str, Any] = {}
+    for ds in sources:
+        for tag, element in ds.items():
+            if tag not in out or (not _has_value(out[tag]) and _has_value(element)):
+                out[tag] = element
+    return dict(sorted(out.items()))
+
+
+def _has_value(element: dict[str, Any]) -> bool:
+    return bool(element.get("Value") or element.get("InlineBinary") or element.get("BulkDataURI"))
 
 
 def _columns(

@@ -297,6 +297,9 @@ class IndexedSeries(Base):
     n_instances: Mapped[int] = mapped_column(Integer, default=0)
     committed_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     dataset: Mapped[str] = mapped_column(Text, default="{}")
+    # The patient and study attributes this series' headers share, merged into its study's
+    # row (NULL on a series indexed before they were kept: its study row stands for it).
+    study_dataset: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class IndexedInstance(Base):

@@ -345,3 +345,68 @@ def test_computed_attributes_come_from_the_index_not_a_stored_header(tmp_path):
         everything = cat.search(str(level), pid, [])
         assert [h for h in everything if matches(query, h.dataset)] == []
         assert cat.search(str(level), pid, query.matches, lambda ds, q=query: matches(q, ds)) == []
+
+
+def _header(series_uid: str, number: int, modality: str, **study: str) -> dict[str, Any]:
+    tags = {"StudyDescription": "00081030", "StudyTime": "00080030"}
+    vrs = {"00081030": "LO", "00080030": "TM", "00080090": "PN"}
+    h = {
+        "0020000D": {"vr": "UI", "Value": ["2.25.10"]},
+        "0020000E": {"vr": "UI", "Value": [series_uid]},
+        "00080018": {"vr": "UI", "Value": [series_uid + ".1"]},
+        "00080060": {"vr": "CS", "Value": [modality]},
+        "00200011": {"vr": "IS", "Value": [number]},
+        "00080090": {"vr": "PN"},  # present, empty, as an SR made elsewhere has it
+    }
+    for name, value in study.items():
+        tag = tags.get(name, "00080090")
+        h[tag] = {"vr": vrs[tag], "Value": [{"Alphabetic": value} if tag == "00080090" else value]}
+    return h
+
+
+def test_a_study_keeps_attributes_its_last_series_lacks(tmp_path):
+    """A CT series carries StudyDescription, StudyTime and ReferringPhysicianName; an SR
+    indexed after it carries none (or empty ones). The study is still found by each, its
+    answer carries them, and indexing in the other order gives the same row."""
+    ct = _header("2.25.11", 1, "CT", StudyDescription="CT chest", StudyTime="101500", Ref="Doe^J")
+    sr = _header("2.25.12", 2, "SR")
+    rows = []
+    for name, order in (("a", [ct, sr]), ("b", [sr, ct])):
+        cat = Catalog(f"sqlite:///{tmp_path / name}.db")
+        cat.add_project(Project(name="p", title=""))
+        pid = cat.project("p").id
+        for h in order:
+            cat.index_series(pid, "k/" + h["0020000E"]["Value"][0], [h], 1)
+        for params in (
+            [("StudyDescription", "CT*")],
+            [("StudyTime", "100000-110000")],
+            [("ReferringPhysicianName", "Doe*")],
+        ):
+            query = parse_qido(params, Level.STUDY)
+            (hit,) = cat.search("study", pid, query.matches, lambda ds, q=query: matches(q, ds))
+            assert matches(query, hit.dataset)  # the answer says what the search matched
+        assert hit.dataset["00081030"]["Value"] == ["CT chest"]
+        assert hit.dataset["00201206"]["Value"] == [2]
+        with cat.session() as s:
+            (st,) = s.query(IndexedStudy).filter(IndexedStudy.project_id == pid)
+            rows.append((st.dataset, st.study_description, st.study_time, st.referring_physician))
+    assert rows[0] == rows[1]
+    # Forgetting the CT series leaves the SR's (empty) attributes, and the counts follow.
+    cat.unindex_series(pid, "2.25.11")
+    (hit,) = cat.search("study", pid, [])
+    assert "Value" not in hit.dataset.get("00081030", {})
+    assert hit.dataset["00201206"]["Value"] == [1]
+
+
+def test_a_series_indexed_before_study_attributes_were_kept_leaves_them(tmp_path):
+    """A catalog from before: the CT series has no study_dataset. Indexing an SR after it
+    keeps the study row's attributes (a reindex then rebuilds them from the series)."""
+    cat = Catalog(f"sqlite:///{tmp_path / 'c.db'}")
+    cat.add_project(Project(name="p", title=""))
+    pid = cat.project("p").id
+    cat.index_series(pid, "k/1", [_header("2.25.11", 1, "CT", StudyDescription="CT chest")], 1)
+    with cat.session() as s:
+        s.query(IndexedSeries).update({IndexedSeries.study_dataset: None})
+    cat.index_series(pid, "k/2", [_header("2.25.12", 2, "SR")], 1)
+    query = parse_qido([("StudyDescription", "CT*")], Level.STUDY)
+    assert len(cat.search("study", pid, query.matches)) == 1
