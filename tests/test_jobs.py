@@ -305,3 +305,40 @@ def test_a_run_job_runs_the_pipeline_runner(gw):
     row = gw.catalog.job(job.id)
     assert row.state == "done", row.outcome
     assert row.outcome.startswith("bone-density ") and "nothing to do" in row.outcome
+
+
+@pytest.mark.peers
+def test_a_window_closing_mid_pull_sends_the_job_back_waiting(
+    tmp_path, pacs, scp_port, corpus, monkeypatch
+):
+    """The heartbeat finds the source's window closed (made so here for the node only: the
+    pull itself started inside it): no series started after, the job waits for the window,
+    and a later lease completes it."""
+    from gateway.pull.guard import OutsideWindow
+
+    gw = pulling_gateway(tmp_path, pacs, scp_port)
+    gw.settings.max_associations = 1  # one series at a time: the stop lands between them
+    approved(gw, "evening", [st.accession for st in corpus.studies])
+    data_manager(gw)
+    job = jobs.submit(gw.core, "pull", "evening", user=gw.catalog.user("dan"))
+
+    def closed(sources) -> None:  # noqa: ANN001
+        raise OutsideWindow(
+            "outside the source's time window: pacs (test)", utcnow() + timedelta(hours=1)
+        )
+
+    monkeypatch.setattr(jobs, "check_windows", closed)
+    jobs.Node(gw.settings, name="n").run(once=True)
+    row = gw.catalog.job(job.id)
+    assert row.state == "waiting" and "outside the source's time window" in row.outcome
+    assert row.not_before > utcnow() + timedelta(minutes=50)
+    pid = gw.core.project("evening").id
+    n_series = sum(len(st.series) for st in corpus.studies)
+    assert len(gw.catalog.series(pid, status="complete")) < n_series
+    assert gw.catalog.pull_lock(pid) is None
+    monkeypatch.undo()  # the window opens
+    with gw.catalog.session() as s:
+        s.execute(update(Job).values(not_before=utcnow()))
+    jobs.Node(gw.settings, name="n").run(once=True)
+    assert gw.catalog.job(job.id).state == "done"
+    assert len(gw.catalog.series(pid, status="complete")) == n_series
