@@ -20,7 +20,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import date, timedelta
 from functools import cached_property
 from typing import Any
 
@@ -120,6 +120,7 @@ class Node:
         self.stopping = threading.Event()
         self.ran: list[int] = []
         self.current: Running | None = None
+        self._swept: date | None = None  # the day this node last swept or saw it claimed
 
     def run(self, *, once: bool = False) -> None:
         """Take jobs until stopped (`once`: until none is left)."""
@@ -130,6 +131,7 @@ class Node:
                     return  # the server that started this node is gone
                 job = self.take()
                 if job is None:
+                    self.sweep()
                     if once:
                         return
                     self.stopping.wait(opts.poll_s)
@@ -142,6 +144,34 @@ class Node:
     def core(self) -> Core:
         """The node's own core: leases, heartbeats, ends (trusted side: a pull needs it)."""
         return Core(self.settings)
+
+    def sweep(self, today: date | None = None) -> bool:
+        """The daily retention sweep, when idle: the first node to claim the day purges every
+        project past its retention end (audited as this node). Whether it ran here."""
+        today = today or date.today()
+        if self._swept == today:
+            return False
+        try:
+            if not self.core.catalog.claim_day("retention", today, self.name):
+                self._swept = today
+                return False
+        except Exception as e:  # the catalog is away: the next idle poll tries again
+            log.warning("retention sweep not claimed (%s)", type(e).__name__)
+            return False
+        self._swept = today
+        from gateway.purge import purge_expired
+
+        def failed(project: str, e: SphereError) -> None:
+            log.warning("retention: %s not purged today: %s", project, e)
+
+        try:
+            done = purge_expired(self.core, actor=f"node:{self.name}", today=today, on_error=failed)
+        except Exception as e:  # the store or catalog failed mid-way: a re-run finishes it
+            log.error("retention sweep stopped (%s); `sphere project purge --expired` ends it", type(e).__name__)
+            return True
+        if done:
+            log.warning("retention: %d project(s) past their end purged", len(done))
+        return True
 
     def stop(self) -> None:
         """Stop after the job in hand (a pull stops starting series; the job is queued again

@@ -11,12 +11,12 @@ purge then sweeps the project's whole prefixes. The audit trail is kept.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
-from core import Core, ProjectError, cohorts, optout
+from core import Core, ProjectError, SphereError, cohorts, optout
 from core.retention import retention_end
 from gateway.pull.layout import SpoolLayout
 from gateway.pull.lock import ProjectPullLock, PullBusy
@@ -116,14 +116,27 @@ def purge_project(
     return out
 
 
-def purge_expired(core: Core, *, actor: str = "", today: date | None = None) -> list[Purged]:
-    """Purge every project past its retention end (what the service runs daily)."""
+def purge_expired(
+    core: Core,
+    *,
+    actor: str = "",
+    today: date | None = None,
+    on_error: Callable[[str, SphereError], None] | None = None,
+) -> list[Purged]:
+    """Purge every project past its retention end (what the job nodes run daily). A project
+    that cannot be purged now (a pull holds it) raises, or with `on_error` is reported there
+    and the others go on."""
     today = today or date.today()
     done = []
     for p in core.catalog.projects():
         end = retention_end(core, p)
         if p.status != PURGED and end is not None and today > end:
-            done.append(purge_project(core, p.name, actor=actor, today=today))
+            try:
+                done.append(purge_project(core, p.name, actor=actor, today=today))
+            except SphereError as e:
+                if on_error is None:
+                    raise
+                on_error(p.name, e)
     return done
 
 

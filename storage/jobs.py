@@ -8,14 +8,14 @@ conditional update alone decides. Mixed into `Catalog`, so callers ask `core.cat
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from storage.models import Job, SourceBucket, SourceSlot, utcnow
+from storage.models import DailyTask, Job, SourceBucket, SourceSlot, utcnow
 
 ACTIVE = ("queued", "running", "waiting")
 TERMINAL = ("done", "failed", "cancelled")
@@ -262,3 +262,12 @@ class JobQueries:
     def source_bucket(self, source: str) -> SourceBucket | None:
         with self.session() as s:
             return s.get(SourceBucket, source)
+
+    def claim_day(self, task: str, day: date, node: str) -> bool:
+        """Whether this node is the one to do `task` on `day` (the first to ask, cluster-wide)."""
+        try:
+            with self.session() as s:
+                s.add(DailyTask(task=task, day=day, node=node))
+            return True
+        except IntegrityError:  # another node claimed it
+            return False

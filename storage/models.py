@@ -177,6 +177,20 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
+class DailyTask(Base):
+    """A cluster-wide task done once a day by whichever node claims the day first (the
+    retention sweep): the unique (task, day) row is the claim."""
+
+    __tablename__ = "daily_tasks"
+    __table_args__ = (UniqueConstraint("task", "day"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    task: Mapped[str] = mapped_column(String(32))
+    day: Mapped[date] = mapped_column(Date)
+    node: Mapped[str] = mapped_column(String(255), default="")
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class SourceSlot(Base):
     """One of a source's `cluster_limit` slots, held by whoever has an association (or request)
     to it open, on any node: leased with an expiry the holder renews, so a dead holder's slot

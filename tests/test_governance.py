@@ -192,3 +192,26 @@ def test_no_purge_while_a_pull_runs(core):
     # Out of the cohort too (catalog and vault); the other patient stays.
     assert len(core.catalog.cohort(p.id)) == 1
     assert [e.value for e in projects.cohort(core, "busy", purpose="test")] == ["PAT-Y"]
+
+
+def test_job_nodes_sweep_retention_once_a_day(core):
+    """The service's daily purge: the first idle node to claim the day purges every project
+    past its end; another node that day does nothing; a project a pull holds is left for the
+    next day while the others are purged."""
+    from gateway.jobs import Node
+
+    approved(core, "old", TODAY - timedelta(days=100))
+    approved(core, "held", TODAY - timedelta(days=100))
+    approved(core, "live", TODAY + timedelta(days=30))
+    a, b = Node(core.settings, name="node-a"), Node(core.settings, name="node-b")
+    try:
+        with ProjectPullLock(core.catalog, core.project("held"), "dm"):
+            assert a.sweep(TODAY) and not b.sweep(TODAY) and not a.sweep(TODAY)
+        status = {p.name: p.status for p in core.catalog.projects()}
+        assert status == {"old": "purged", "held": "approved", "live": "approved"}
+        assert core.catalog.purge_records("old")[0].actor == "node:node-a"
+        assert b.sweep(TODAY + timedelta(days=1))  # the next day: the held one goes
+        assert core.project("held").status == "purged" and core.project("live").status != "purged"
+    finally:
+        a.core.close()
+        b.core.close()
