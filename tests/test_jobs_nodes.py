@@ -153,6 +153,11 @@ def test_a_node_killed_mid_pull_loses_its_job_to_the_other(
     from gateway import jobs
 
     job = jobs.submit(gw.core, "pull", "taken", user=gw.catalog.user("dan"))
+    # Held to 10 instances a second (the source's cap, in the catalog), so that node A is
+    # surely mid-pull when it is killed: unthrottled, an idle machine pulled it all before the
+    # first progress arrived.
+    pacs_source = {"name": "pacs", "ae_title": pacs.aet, "port": pacs.dicom_port, "max_rate": 10}
+    env = {**env, "SPHERE_SOURCES": json.dumps([pacs_source])}
     with worker(env, "NODEA", ports["NODEA"]) as a:
         # mid-pull: some instances received, not all
         wait_for(
