@@ -167,7 +167,10 @@ class Node:
         try:
             done = purge_expired(self.core, actor=f"node:{self.name}", today=today, on_error=failed)
         except Exception as e:  # the store or catalog failed mid-way: a re-run finishes it
-            log.error("retention sweep stopped (%s); `sphere project purge --expired` ends it", type(e).__name__)
+            log.error(
+                "retention sweep stopped (%s); `sphere project purge --expired` ends it",
+                type(e).__name__,
+            )
             return True
         if done:
             log.warning("retention: %d project(s) past their end purged", len(done))
