@@ -7,7 +7,8 @@ Listed in tests/conftest.py via `pytest_plugins`.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,16 @@ GATEWAY_AE = "SPHERE"
 def _need(binary: str) -> None:
     if shutil.which(binary) is None and not Path(binary).exists():
         pytest.skip(f"{binary} not installed")
+
+
+@contextmanager
+def seeded_orthanc(folder: Path, files: Sequence[Path], scp_port: int) -> Iterator[LocalOrthanc]:
+    """An Orthanc holding `files` that knows the gateway's Storage SCP (GATEWAY_AE at
+    `scp_port`) as a C-MOVE destination: the PACS of a pull test."""
+    modalities = {GATEWAY_AE: (GATEWAY_AE, "127.0.0.1", scp_port)}
+    with LocalOrthanc(folder, modalities=modalities) as orthanc:
+        assert orthanc.upload(list(files)) == len(files)
+        yield orthanc
 
 
 @dataclass

@@ -11,12 +11,13 @@ import pytest
 from core.core import Core
 from deid.vault import TRUSTED_THIRD_PARTY
 from harness.leaks import scan_database, scan_store
-from harness.localpacs import LocalOrthanc, free_port
+from harness.localpacs import free_port
 from harness.phantom_dicom import PhantomStudy, write_phantom_study
 from harness.phantoms import make_phantom
 from processing.bone import classify
 from processing.bone_density import BoneDensity
 from processing.runner import run_pipeline
+from tests.orthanc_fixture import seeded_orthanc
 from tests.test_pull import approved, make_gateway
 
 pytestmark = pytest.mark.peers
@@ -51,10 +52,8 @@ def scp_port():
 
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory, phantoms, scp_port):
-    modalities = {"SPHERE": ("SPHERE", "127.0.0.1", scp_port)}
-    with LocalOrthanc(tmp_path_factory.mktemp("orthanc"), modalities=modalities) as orthanc:
-        files = [f for st, _ in phantoms for f in st.files]
-        assert orthanc.upload(files) == len(files)
+    files = [f for st, _ in phantoms for f in st.files]
+    with seeded_orthanc(tmp_path_factory.mktemp("orthanc"), files, scp_port) as orthanc:
         yield orthanc
 
 

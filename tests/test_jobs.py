@@ -17,9 +17,10 @@ from core import access, users
 from core.settings import JobOptions, PacsPeer, Settings
 from gateway import jobs
 from gateway.api import Gateway
-from harness.localpacs import LocalOrthanc, free_port
+from harness.localpacs import free_port
 from harness.synthetic import generate
 from storage.catalog import Job, utcnow
+from tests.orthanc_fixture import seeded_orthanc
 from tests.test_pull import approved
 
 SPHERE = [sys.executable, "-m", "gateway.cli"]
@@ -170,9 +171,7 @@ def scp_port():
 
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory, corpus, scp_port):
-    modalities = {"SPHERE": ("SPHERE", "127.0.0.1", scp_port)}
-    with LocalOrthanc(tmp_path_factory.mktemp("orthanc"), modalities=modalities) as orthanc:
-        assert orthanc.upload(corpus.files) == len(corpus.files)
+    with seeded_orthanc(tmp_path_factory.mktemp("orthanc"), corpus.files, scp_port) as orthanc:
         yield orthanc
 
 

@@ -21,6 +21,7 @@ from harness.localpacs import LocalOrthanc, free_port
 from harness.synthetic import generate
 from storage.catalog import SeriesRecord
 from storage.series import SeriesReader, series_key
+from tests.orthanc_fixture import seeded_orthanc
 
 pytestmark = pytest.mark.peers
 TODAY = date.today()
@@ -38,9 +39,7 @@ def scp_port():
 
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory, corpus, scp_port):
-    modalities = {"SPHERE": ("SPHERE", "127.0.0.1", scp_port)}
-    with LocalOrthanc(tmp_path_factory.mktemp("orthanc"), modalities=modalities) as orthanc:
-        assert orthanc.upload(corpus.files) == len(corpus.files)
+    with seeded_orthanc(tmp_path_factory.mktemp("orthanc"), corpus.files, scp_port) as orthanc:
         yield orthanc
 
 

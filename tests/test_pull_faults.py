@@ -25,6 +25,7 @@ from harness.localpacs import LocalOrthanc, free_port
 from harness.synthetic import generate
 from storage.catalog import SeriesRecord
 from storage.series import series_key, unreadable
+from tests.orthanc_fixture import seeded_orthanc
 from tests.test_pull import approved
 
 pytestmark = pytest.mark.peers
@@ -43,9 +44,7 @@ def scp_port():
 
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory, corpus, scp_port):
-    modalities = {"SPHERE": ("SPHERE", "127.0.0.1", scp_port)}
-    with LocalOrthanc(tmp_path_factory.mktemp("orthanc"), modalities=modalities) as orthanc:
-        assert orthanc.upload(corpus.files) == len(corpus.files)
+    with seeded_orthanc(tmp_path_factory.mktemp("orthanc"), corpus.files, scp_port) as orthanc:
         yield orthanc
 
 
