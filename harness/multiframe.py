@@ -1,0 +1,544 @@
+"""Multi-frame and colour DICOM samples with planted identifiers, as modalities write them.
+
+From one phantom volume (harness.phantoms) `write_samples` writes the classic CT series
+(harness.phantom_dicom) and, in the same study, the same volume as one Enhanced CT instance
+(per-frame functional groups: plane positions, frame content; shared: orientation, pixel
+measures, rescale, or rescale per frame), so the two can be compared voxel for voxel. In other
+series of that study: a colour ultrasound cine (YBR_FULL_422 in JPEG Baseline, as scanners send
+it), an RGB ultrasound cine (native), a native YBR_FULL ultrasound image, a palette-colour
+ultrasound image, a monochrome XA cine and a DX radiograph (MONOCHROME1, 12 bits in 16).
+
+Identifiers are planted inside the functional groups too (frame comments, frame date-times,
+a private block, referenced SOP Instance UIDs); every one is listed in `MultiFrameStudy.phi`.
+`MultiFrameSample.pixels` is what a reader of the file gets: (frames, rows, cols[, 3]), RGB for
+colour (the JPEG decoded as pydicom decodes it, the palette applied), stored values otherwise.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.pixels import apply_color_lut, convert_color_space
+from pydicom.sequence import Sequence
+from pydicom.uid import (
+    CTImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    EnhancedCTImageStorage,
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    UltrasoundImageStorage,
+    UltrasoundMultiFrameImageStorage,
+    XRayAngiographicImageStorage,
+)
+
+from harness.phantom_dicom import PhantomStudy, _header, _identity, _uid, write_phantom_study
+from harness.phantoms import PhantomTruth
+from harness.synthetic import HOSPITAL_ROOT
+
+FRAME_TIME_MS = 33.3  # ~30 frames a second, as ultrasound and cardiac XA cines run
+_FRAME_TIME_TAG = 0x00181063  # FrameIncrementPointer's target
+
+
+@dataclass
+class MultiFrameSample:
+    """One instance written: where, what, and the pixels a reader must get back."""
+
+    name: str
+    path: Path
+    sop_class: str
+    sop_uid: str
+    series_uid: str
+    photometric: str  # as written
+    pixels: np.ndarray  # (frames, rows, cols[, 3]); RGB for colour
+    transfer_syntax: str = ExplicitVRLittleEndian
+    frame_time_ms: float | None = None
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.pixels.shape[0])
+
+
+@dataclass
+class MultiFrameStudy:
+    """The classic CT series, and the multi-frame and colour samples of the same study."""
+
+    classic: PhantomStudy
+    samples: dict[str, MultiFrameSample] = field(default_factory=dict)
+    phi: list[str] = field(default_factory=list)
+
+    @property
+    def files(self) -> list[Path]:
+        return [*self.classic.files, *(s.path for s in self.samples.values())]
+
+    @property
+    def accession(self) -> str:
+        return self.classic.accession
+
+    @property
+    def study_uid(self) -> str:
+        return self.classic.study_uid
+
+
+def write_samples(
+    volume: np.ndarray,
+    truth: PhantomTruth,
+    out_dir: Path,
+    *,
+    index: int = 0,
+    seed: int = 0,
+    intercept: float = -1024.0,
+    per_frame_rescale: bool = False,
+    reverse_frames: bool = False,
+    cine_frames: int = 6,
+    cine_shape: tuple[int, int] = (48, 64),
+    burned_in_text: bool = False,
+    only: tuple[str, ...] | None = None,
+) -> MultiFrameStudy:
+    """Write the classic CT of `volume` and the multi-frame and colour samples of its study.
+
+    `per_frame_rescale` gives every other Enhanced CT frame another intercept (in the
+    per-frame groups); `reverse_frames` writes its frames from head to feet. With
+    `burned_in_text` the ultrasound and XA images carry the patient's name in their top rows
+    and BurnedInAnnotation YES (for the blanking policy); otherwise they say NO. `only` limits
+    the samples written (names of `MultiFrameStudy.samples`).
+    """
+    out_dir = Path(out_dir)
+    classic = write_phantom_study(
+        volume, truth, out_dir / "classic", index=index, seed=seed, intercept=intercept
+    )
+    who = _identity(random.Random(f"phantom {seed} {index}"), index)  # the classic's identity
+    rng = random.Random(f"multiframe {seed} {index}")
+    study = MultiFrameStudy(classic)
+    phi: list[str] = list(classic.phi)
+    writers = {
+        "enhanced_ct": lambda d: _enhanced_ct(
+            volume, truth, d, who, rng, classic, intercept, per_frame_rescale, reverse_frames
+        ),
+        "us_cine_ybr422": lambda d: _us_cine(d, who, rng, cine_frames, cine_shape, "jpeg"),
+        "us_cine_rgb": lambda d: _us_cine(d, who, rng, cine_frames, cine_shape, "rgb"),
+        "us_ybr_full": lambda d: _us_cine(d, who, rng, 1, cine_shape, "ybr_full"),
+        "us_palette": lambda d: _us_palette(d, who, rng, cine_shape),
+        "xa_cine": lambda d: _xa_cine(d, who, rng, cine_frames, cine_shape),
+        "dx": lambda d: _dx(d, who, rng),
+    }
+    for number, (name, write) in enumerate(writers.items(), start=2):
+        if only is not None and name not in only:
+            continue
+        ds, expected = write(out_dir / name)
+        ds.SeriesNumber = number
+        ds.InstanceNumber = 1
+        if burned_in_text and name != "enhanced_ct" and name != "dx":
+            expected = _burn_in(ds, expected, who["name"])
+        sample = _save(name, ds, expected, out_dir / name)
+        study.samples[name] = sample
+        phi += _hospital_uids(ds)
+    for k in ("id", "surname", "given", "birth_date", "address", "phone", "accession"):
+        phi.append(who[k])
+    study.phi = sorted(set(phi), key=len, reverse=True)
+    return study
+
+
+def _hospital_uids(ds: Dataset) -> list[str]:
+    """Every UID of the hospital's in `ds`, sequences included (all are identifiers)."""
+    found: list[str] = []
+
+    def visit(d: Dataset, elem: object) -> None:
+        if elem.VR == "UI" and elem.value:
+            values = elem.value if elem.VM > 1 else [elem.value]
+            found.extend(str(v) for v in values if str(v).startswith(HOSPITAL_ROOT))
+
+    ds.walk(visit)
+    return found
+
+
+def _base(who: dict[str, str], rng: random.Random, sop_class: str, modality: str) -> Dataset:
+    """The phantom's header (identifiers planted) made into `modality`'s, new series and SOP."""
+    sop = _uid(rng)
+    ds = _header(who, sop, 0)
+    for kw in ("RescaleIntercept", "RescaleSlope", "RescaleType", "WindowCenter", "WindowWidth"):
+        if kw in ds:
+            delattr(ds, kw)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.Modality = modality
+    ds.SeriesInstanceUID = _uid(rng)
+    ds.ContentTime = "101700"
+    return ds
+
+
+def _enhanced_ct(
+    volume: np.ndarray,
+    truth: PhantomTruth,
+    out: Path,
+    who: dict[str, str],
+    rng: random.Random,
+    classic: PhantomStudy,
+    intercept: float,
+    per_frame_rescale: bool,
+    reverse: bool,
+) -> tuple[Dataset, np.ndarray]:
+    """The volume as one Enhanced CT Image (PS3.3 A.38), frames in the classic's order."""
+    ds = _base(who, rng, EnhancedCTImageStorage, "CT")
+    for kw in ("SliceLocation", "PatientPosition"):
+        if kw in ds:
+            delattr(ds, kw)
+    ds.PatientPosition = "FFS"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    ds.PixelPresentation = "MONOCHROME"
+    ds.VolumetricProperties = "VOLUME"
+    ds.VolumeBasedCalculationTechnique = "NONE"
+    ds.AcquisitionNumber = 1
+    ds.AcquisitionDateTime = who["date"] + "101600"
+    ds.AcquisitionDuration = 4.2
+    ds.ContentQualification = "PRODUCT"
+    ds.LossyImageCompression = "00"
+    ds.SeriesDescription = "ENHANCED CT " + who["surname"]
+    ds.DeviceSerialNumber = "SN" + who["id"][-5:]
+    ds.SoftwareVersions = "1.0"
+    ds.KVP = 120.0
+    a = np.asarray(truth.affine, dtype=float)
+    sz, sy, sx = (float(v) for v in np.linalg.norm(a[:3, :3], axis=0))
+    row_dir, col_dir = a[:3, 2] / sx, a[:3, 1] / sy
+    nz, ny, nx = volume.shape
+    ds.Rows, ds.Columns = ny, nx
+    ds.PixelRepresentation = 1
+    ds.NumberOfFrames = nz
+    ds.FrameOfReferenceUID = who["frame_uid"]
+
+    shared = Dataset()
+    measures = Dataset()
+    measures.PixelSpacing = [round(sy, 6), round(sx, 6)]
+    measures.SliceThickness = round(sz, 4)
+    measures.SpacingBetweenSlices = round(sz, 4)
+    shared.PixelMeasuresSequence = Sequence([measures])
+    orient = Dataset()
+    orient.ImageOrientationPatient = [round(float(v), 6) for v in (*row_dir, *col_dir)]
+    shared.PlaneOrientationSequence = Sequence([orient])
+    frame_type = Dataset()
+    frame_type.FrameType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    frame_type.PixelPresentation = "MONOCHROME"
+    frame_type.VolumetricProperties = "VOLUME"
+    frame_type.VolumeBasedCalculationTechnique = "NONE"
+    shared.CTImageFrameTypeSequence = Sequence([frame_type])
+    voi = Dataset()
+    voi.WindowCenter, voi.WindowWidth = 40, 400
+    shared.FrameVOILUTSequence = Sequence([voi])
+    # A UID of the hospital's inside the shared groups, which must be replaced like the others.
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = CTImageStorage
+    ref.ReferencedSOPInstanceUID = _uid(rng)
+    ref.ReferencedFrameNumber = 1
+    shared.ReferencedImageSequence = Sequence([ref])
+    if not per_frame_rescale:
+        shared.PixelValueTransformationSequence = Sequence([_rescale(intercept)])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+
+    order = list(range(nz))[::-1] if reverse else list(range(nz))
+    frames = []
+    per_frame = []
+    classic_sops = [dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in classic.files]
+    for n, k in enumerate(order):
+        icpt = intercept + (24.0 if per_frame_rescale and n % 2 else 0.0)
+        stored = volume[k].astype(np.int32) - int(round(icpt))
+        frames.append(stored.astype(np.int16))
+        item = Dataset()
+        content = Dataset()
+        content.FrameAcquisitionDateTime = f"{who['date']}1016{k % 60:02d}"
+        content.FrameReferenceDateTime = content.FrameAcquisitionDateTime
+        content.FrameAcquisitionDuration = 50.0
+        content.StackID = "1"
+        content.InStackPositionNumber = k + 1
+        content.DimensionIndexValues = [1, k + 1]
+        content.FrameComments = f"Slice {k + 1} for {who['surname']}"
+        item.FrameContentSequence = Sequence([content])
+        position = Dataset()
+        ipp = a @ np.array([k, 0.0, 0.0, 1.0])
+        position.ImagePositionPatient = [round(float(v), 4) for v in ipp[:3]]
+        item.PlanePositionSequence = Sequence([position])
+        if per_frame_rescale:
+            item.PixelValueTransformationSequence = Sequence([_rescale(icpt)])
+        derivation = Dataset()
+        source = Dataset()
+        source.ReferencedSOPClassUID = CTImageStorage
+        source.ReferencedSOPInstanceUID = classic_sops[k]  # the classic is written in slice order
+        derivation.SourceImageSequence = Sequence([source])
+        item.DerivationImageSequence = Sequence([derivation])
+        block = item.private_block(0x0029, "ACME CT 1.0", create=True)
+        block.add_new(0x11, "SH", who["id"])
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    dim_uid = _uid(rng)
+    org = Dataset()
+    org.DimensionOrganizationUID = dim_uid
+    ds.DimensionOrganizationSequence = Sequence([org])
+    ds.DimensionIndexSequence = Sequence(
+        [
+            _dimension(dim_uid, 0x00209056, 0x00209111, "Stack ID"),
+            _dimension(dim_uid, 0x00209057, 0x00209111, "In-Stack Position Number"),
+        ]
+    )
+    ds.DimensionOrganizationType = "3D"
+    stack = np.stack(frames)
+    ds.PixelData = stack.tobytes()
+    for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+        if kw in ds:
+            delattr(ds, kw)
+    return ds, stack
+
+
+def _rescale(intercept: float) -> Dataset:
+    item = Dataset()
+    item.RescaleIntercept = intercept
+    item.RescaleSlope = 1
+    item.RescaleType = "HU"
+    return item
+
+
+def _dimension(org_uid: str, pointer: int, group: int, label: str) -> Dataset:
+    item = Dataset()
+    item.DimensionOrganizationUID = org_uid
+    item.DimensionIndexPointer = pointer
+    item.FunctionalGroupPointer = group
+    item.DimensionDescriptionLabel = label
+    return item
+
+
+def _cine_rgb(n: int, shape: tuple[int, int], seed: int) -> np.ndarray:
+    """A B-mode-like grey fan with a red/blue Doppler blob moving across it, uint8 RGB."""
+    rows, cols = shape
+    y, x = np.mgrid[0:rows, 0:cols]
+    rng = np.random.default_rng(seed)
+    grey = (60 + 80 * np.exp(-(((x - cols / 2) / (cols / 3)) ** 2)) * (y / rows)).astype(float)
+    out = np.empty((n, rows, cols, 3), dtype=np.uint8)
+    for f in range(n):
+        img = np.repeat((grey + rng.normal(0, 6, grey.shape))[..., None], 3, axis=2)
+        cx, cy = cols * (0.3 + 0.4 * f / max(n - 1, 1)), rows * 0.55
+        blob = ((x - cx) ** 2 + (y - cy) ** 2) <= (min(rows, cols) / 6) ** 2
+        img[blob] = (200, 40, 30) if f % 2 == 0 else (30, 60, 210)
+        out[f] = np.clip(img, 0, 255).astype(np.uint8)
+    return out
+
+
+def _multiframe(ds: Dataset, n: int) -> None:
+    ds.NumberOfFrames = n
+    ds.FrameTime = FRAME_TIME_MS
+    ds.FrameIncrementPointer = _FRAME_TIME_TAG
+    ds.CineRate = round(1000 / FRAME_TIME_MS)
+    ds.RecommendedDisplayFrameRate = ds.CineRate
+
+
+def _us_cine(
+    out: Path, who: dict[str, str], rng: random.Random, n: int, shape: tuple[int, int], kind: str
+) -> tuple[Dataset, np.ndarray]:
+    """An ultrasound cine (or single image when n == 1) in colour: JPEG YBR_FULL_422, native
+    RGB or native YBR_FULL."""
+    sop_class = UltrasoundMultiFrameImageStorage if n > 1 else UltrasoundImageStorage
+    ds = _base(who, rng, sop_class, "US")
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "ABDOMINAL", "0001"]
+    ds.SeriesDescription = f"US CINE {kind.upper()}"
+    ds.Rows, ds.Columns = shape
+    ds.SamplesPerPixel = 3
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PlanarConfiguration = 0
+    ds.LossyImageCompression = "00"
+    if n > 1:
+        _multiframe(ds, n)
+    rgb = _cine_rgb(n, shape, rng.randrange(2**31))
+    if kind == "jpeg":
+        ds.PhotometricInterpretation = "YBR_FULL_422"
+        ds.LossyImageCompression = "01"
+        ds.LossyImageCompressionMethod = "ISO_10918_1"
+        ds.LossyImageCompressionRatio = 10
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+        ds.PixelData = encapsulate([_jpeg(f) for f in rgb])
+        ds["PixelData"].VR = "OB"
+        return ds, rgb  # replaced by the decoded pixels in _save
+    if kind == "ybr_full":
+        ds.PhotometricInterpretation = "YBR_FULL"
+        ybr = convert_color_space(rgb, "RGB", "YBR_FULL")
+        ds.PixelData = np.ascontiguousarray(ybr).tobytes()
+        return ds, rgb
+    ds.PhotometricInterpretation = "RGB"
+    ds.PixelData = rgb.tobytes()
+    return ds, rgb
+
+
+def _jpeg(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    # subsampling 1 is 4:2:2 (two luminance samples per chrominance pair): YBR_FULL_422
+    Image.fromarray(rgb, "RGB").save(buf, "JPEG", quality=92, subsampling=1)
+    return buf.getvalue()
+
+
+def _us_palette(
+    out: Path, who: dict[str, str], rng: random.Random, shape: tuple[int, int]
+) -> tuple[Dataset, np.ndarray]:
+    """A palette-colour ultrasound image: 8-bit indices, 16-bit LUT entries (value * 257)."""
+    ds = _base(who, rng, UltrasoundImageStorage, "US")
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "ABDOMINAL", "0002"]
+    ds.SeriesDescription = "US PALETTE"
+    ds.Rows, ds.Columns = shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.LossyImageCompression = "00"
+    i = np.arange(256)
+    lut = np.stack([i, (255 - i) // 2, (i * 7) % 256]).astype(np.uint16)  # r, g, b
+    for colour, values in zip(("Red", "Green", "Blue"), lut, strict=True):
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 16])
+        ds.add_new(
+            {"Red": 0x00281201, "Green": 0x00281202, "Blue": 0x00281203}[colour],
+            "OW",
+            (values * 257).astype("<u2").tobytes(),
+        )
+    y, x = np.mgrid[0 : shape[0], 0 : shape[1]]
+    index = ((x * 255) // max(shape[1] - 1, 1)).astype(np.uint8)
+    index[y < 4] = 7
+    ds.PixelData = index.tobytes()
+    rgb = lut.T[index].astype(np.uint8)
+    return ds, rgb[None]
+
+
+def _xa_cine(
+    out: Path, who: dict[str, str], rng: random.Random, n: int, shape: tuple[int, int]
+) -> tuple[Dataset, np.ndarray]:
+    """A monochrome XA cine: a contrast-filled vessel filling frame by frame, 8 bits."""
+    ds = _base(who, rng, XRayAngiographicImageStorage, "XA")
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "SINGLE PLANE"]
+    ds.SeriesDescription = "XA CORONARY"
+    ds.Rows, ds.Columns = shape
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelIntensityRelationship = "LIN"
+    ds.PositionerPrimaryAngle = 30.0
+    ds.PositionerSecondaryAngle = 20.0
+    ds.DistanceSourceToDetector = 1100.0
+    ds.RadiationSetting = "GR"
+    ds.KVP = 80.0
+    ds.LossyImageCompression = "00"
+    _multiframe(ds, n)
+    rows, cols = shape
+    y, x = np.mgrid[0:rows, 0:cols]
+    g = np.random.default_rng(rng.randrange(2**31))
+    frames = np.empty((n, rows, cols), dtype=np.uint8)
+    for f in range(n):
+        img = 170 + g.normal(0, 5, shape)
+        vessel = (np.abs(y - rows / 2 - 6 * np.sin(x / 9)) < 3) & (x < cols * (f + 1) / n)
+        img[vessel] = 60
+        frames[f] = np.clip(img, 0, 255).astype(np.uint8)
+    ds.PixelData = frames.tobytes()
+    return ds, frames
+
+
+def _dx(out: Path, who: dict[str, str], rng: random.Random) -> tuple[Dataset, np.ndarray]:
+    """A DX chest radiograph, for presentation: MONOCHROME1, 12 bits stored in 16."""
+    ds = _base(who, rng, DigitalXRayImageStorageForPresentation, "DX")
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.SeriesDescription = "CHEST PA"
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    rows, cols = 96, 80
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelRepresentation = 0
+    ds.ImagerPixelSpacing = [0.4, 0.4]
+    ds.PixelSpacing = [0.4, 0.4]
+    ds.ViewPosition = "PA"
+    ds.BodyPartExamined = "CHEST"
+    ds.PatientOrientation = ["L", "F"]
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "US"
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    ds.LossyImageCompression = "00"
+    for kw in ("ImageOrientationPatient", "ImagePositionPatient", "FrameOfReferenceUID"):
+        if kw in ds:
+            delattr(ds, kw)
+    y, x = np.mgrid[0:rows, 0:cols]
+    lungs = ((x - cols * 0.3) / (cols * 0.18)) ** 2 + ((y - rows * 0.5) / (rows * 0.35)) ** 2 < 1
+    lungs |= ((x - cols * 0.7) / (cols * 0.18)) ** 2 + ((y - rows * 0.5) / (rows * 0.35)) ** 2 < 1
+    img = np.full((rows, cols), 3000, dtype=np.uint16)  # MONOCHROME1: bright is low attenuation
+    img[lungs] = 900
+    img[:, cols // 2 - 3 : cols // 2 + 3] = 3900  # the spine
+    ds.PixelData = img.tobytes()
+    return ds, img[None]
+
+
+def _burn_in(ds: Dataset, expected: np.ndarray, text: str) -> np.ndarray:
+    """Draw `text` in white in the top 12 rows of every frame; BurnedInAnnotation YES."""
+    ds.BurnedInAnnotation = "YES"
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        frames = expected.copy()
+        for f in frames:
+            _draw(f, text)
+        ds.PixelData = encapsulate([_jpeg(f) for f in frames])
+        ds["PixelData"].VR = "OB"
+        return frames
+    photometric = ds.PhotometricInterpretation
+    frames = expected.copy()
+    for f in frames:
+        _draw(f, text)
+    if photometric == "PALETTE COLOR":  # the text in index 255, the palette applied again
+        index = np.frombuffer(ds.PixelData, np.uint8).reshape(frames.shape[1:3]).copy()
+        mask = np.zeros_like(index)
+        _draw(mask, text)
+        index[mask > 0] = 255
+        ds.PixelData = index.tobytes()
+        return (apply_color_lut(index, ds) >> 8).astype(np.uint8)[None]
+    if photometric == "YBR_FULL":
+        ds.PixelData = np.ascontiguousarray(
+            convert_color_space(frames, "RGB", "YBR_FULL")
+        ).tobytes()
+    else:
+        ds.PixelData = frames.tobytes()
+    return frames
+
+
+def _draw(frame: np.ndarray, text: str) -> None:
+    img = Image.fromarray(frame)
+    ImageDraw.Draw(img).text((2, 1), text, fill=(255, 255, 255) if frame.ndim == 3 else 255)
+    frame[...] = np.asarray(img)
+
+
+def _save(name: str, ds: Dataset, expected: np.ndarray, out: Path) -> MultiFrameSample:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    ts = ds.file_meta.TransferSyntaxUID
+    if ts.is_compressed or ds.PhotometricInterpretation == "YBR_FULL":
+        read = dcmread(path)
+        expected = read.pixel_array  # what a reader decodes (RGB), lossy or not
+        if int(read.get("NumberOfFrames", 1) or 1) == 1:
+            expected = expected[None]
+    return MultiFrameSample(
+        name=name,
+        path=path,
+        sop_class=str(ds.SOPClassUID),
+        sop_uid=str(ds.SOPInstanceUID),
+        series_uid=str(ds.SeriesInstanceUID),
+        photometric=str(ds.PhotometricInterpretation),
+        pixels=expected,
+        transfer_syntax=str(ts),
+        frame_time_ms=float(ds.FrameTime) if "FrameTime" in ds else None,
+    )
+
+
+def stack_pixels(path: Path) -> np.ndarray:
+    """The decoded pixels of a file, always with a frame axis."""
+    ds = dcmread(path)
+    arr = ds.pixel_array
+    return arr[None] if int(ds.get("NumberOfFrames", 1) or 1) == 1 else arr
+
+
+__all__ = ["FRAME_TIME_MS", "MultiFrameSample", "MultiFrameStudy", "write_samples"]

@@ -1,0 +1,68 @@
+"""Multi-frame and colour samples (harness.multiframe): what they hold, read back with pydicom."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.pixels import apply_color_lut
+
+from harness.multiframe import MultiFrameStudy, write_samples
+from harness.phantoms import make_phantom
+
+TINY = dict(shape_yx=(64, 64), pixel_mm=5.0, slice_spacing_mm=5.0)
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory) -> MultiFrameStudy:
+    vol, truth = make_phantom(**TINY)
+    return write_samples(vol, truth, tmp_path_factory.mktemp("mf"), per_frame_rescale=True)
+
+
+def _hu(ds) -> np.ndarray:
+    return ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+
+
+def test_samples_decode_to_the_pixels_they_promise(samples):
+    for name, s in samples.samples.items():
+        ds = dcmread(s.path)
+        arr = ds.pixel_array
+        arr = arr if int(ds.get("NumberOfFrames", 1) or 1) > 1 else arr[None]
+        if s.photometric == "PALETTE COLOR":
+            arr = (apply_color_lut(arr, ds) >> 8).astype(np.uint8)
+        assert np.array_equal(arr, s.pixels), name
+        assert ds.SOPClassUID == s.sop_class and ds.StudyInstanceUID == samples.study_uid
+    assert samples.samples["us_cine_ybr422"].transfer_syntax == "1.2.840.10008.1.2.4.50"
+    assert samples.samples["us_cine_rgb"].frame_time_ms == pytest.approx(33.3)
+
+
+def test_enhanced_ct_holds_the_classic_series_voxels_and_geometry(samples):
+    enhanced = dcmread(samples.samples["enhanced_ct"].path)
+    classic = [dcmread(f) for f in samples.classic.files]
+    assert int(enhanced.NumberOfFrames) == len(classic)
+    shared = enhanced.SharedFunctionalGroupsSequence[0]
+    iop = shared.PlaneOrientationSequence[0].ImageOrientationPatient
+    assert [float(v) for v in iop] == [float(v) for v in classic[0].ImageOrientationPatient]
+    frames = enhanced.pixel_array
+    for k, (item, ds) in enumerate(
+        zip(enhanced.PerFrameFunctionalGroupsSequence, classic, strict=True)
+    ):
+        pos = item.PlanePositionSequence[0].ImagePositionPatient
+        assert [float(v) for v in pos] == [float(v) for v in ds.ImagePositionPatient]
+        rescale = item.PixelValueTransformationSequence[0]
+        hu = frames[k] * float(rescale.RescaleSlope) + float(rescale.RescaleIntercept)
+        assert np.array_equal(hu, _hu(ds))
+    intercepts = {
+        float(i.PixelValueTransformationSequence[0].RescaleIntercept)
+        for i in enhanced.PerFrameFunctionalGroupsSequence
+    }
+    assert len(intercepts) == 2  # rescale differs frame to frame
+
+
+def test_identifiers_are_planted_inside_the_functional_groups(samples):
+    raw = samples.samples["enhanced_ct"].path.read_bytes()
+    item = raw[raw.index(b"\x00\x52\x30\x92") :]  # PerFrameFunctionalGroupsSequence onwards
+    surname = samples.classic.patient_name.split("^")[0]
+    assert surname.encode() in item and samples.classic.patient_id.encode() in item
+    assert samples.classic.study_date.encode() in item
+    assert set(samples.phi) >= {s.sop_uid for s in samples.samples.values()}
