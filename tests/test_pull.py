@@ -414,20 +414,23 @@ def test_a_pull_completes_while_hostile_peers_hit_the_gateways_scp(
     assert refused == []  # ...and garbage never got as far as a C-STORE
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_every_transfer_syntax_pulled_over_cmove(
-    tmp_path, pacs, scp_port, monkeypatch, logs, workers
+@pytest.mark.parametrize(
+    ("retrieve", "workers", "seed"),
+    [("move", 0, 11), ("move", 2, 13), ("get", 0, 17)],
+    ids=["move", "move-workers", "get"],
+)
+def test_every_transfer_syntax_pulled_over_dimse(
+    tmp_path, pacs, scp_port, monkeypatch, logs, retrieve, workers, seed
 ):
     """One series per syntax, made from the same CT slices by real encoders, held by Orthanc as
-    received and sent over C-MOVE as held: each stored decoded and read back equal to its
-    uncompressed reference (lossless), or close and marked lossy. In the pull's process (0),
-    where what reaches the decoders is seen, and in SCP worker processes (2)."""
+    received and sent over C-MOVE or C-GET as held: each stored decoded and read back equal to
+    its uncompressed reference (lossless), or close and marked lossy, and the syntax it came in
+    recorded for its series. In the pull's process (C-MOVE with 0 workers, C-GET), where what
+    reaches the decoders is seen, and in SCP worker processes (2)."""
     from storage import pixels
     from tests.compressed import SYNTAXES, reference
 
-    src = generate(
-        tmp_path / "src", n_patients=1, series_per_study=1, slices=2, size=64, seed=11 + workers
-    )
+    src = generate(tmp_path / "src", n_patients=1, series_per_study=1, slices=2, size=64, seed=seed)
     study = src.studies[0]
     refs: dict[str, list[Path]] = {}
     sent: list[Path] = []
@@ -454,7 +457,7 @@ def test_every_transfer_syntax_pulled_over_cmove(
     monkeypatch.setattr(
         pixels, "_decoded", lambda ds, *a: decoded.append(str(a[-1])) or real(ds, *a)
     )
-    gw = make_gateway(tmp_path / "home", pacs, scp_port, receive_workers=workers)
+    gw = make_gateway(tmp_path / "home", pacs, scp_port, receive_workers=workers, retrieve=retrieve)
     approved(gw, "syntaxes", [study.accession])
     report = gw.pull("syntaxes")
     assert report.ok, [s.error for s in report.series]
@@ -468,8 +471,12 @@ def test_every_transfer_syntax_pulled_over_cmove(
         )
 
     keys = gw.keys("syntaxes")
+    came = {
+        r.series_uid: r.transfer_syntax for r in gw.catalog.series(gw.core.project("syntaxes").id)
+    }
     for k, syntax in enumerate(syntaxes):
         series_uid = f"{study.series[0].series_uid}.{k}"
+        assert came[keys.uid(series_uid)] == syntax.uid, syntax.name  # as held, not transcoded
         key = series_key("syntaxes", keys.uid(study.study_uid), keys.uid(series_uid))
         reader = SeriesReader(gw.store, key)
         want = source_volume(refs[series_uid], series_uid)
@@ -482,3 +489,47 @@ def test_every_transfer_syntax_pulled_over_cmove(
             np.testing.assert_array_equal(got, want, err_msg=syntax.name)
             assert marks == {"None"}, syntax.name
     assert_no_leaks(gw, src.phi, logs())
+
+
+def test_cget_offers_the_studys_classes_in_every_syntax(tmp_path, pacs):
+    """C-GET gets a JPEG-LS series as Orthanc holds it only because the study's SOP classes
+    (asked with C-FIND) are offered in every syntax, one context each; offered for other
+    classes only (the control), Orthanc transcodes it to Explicit VR Little Endian."""
+    from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
+    from pynetdicom.sop_class import BasicTextSRStorage, CTImageStorage
+
+    from gateway.dimse.scu import Peer, Scu, get_contexts
+    from tests.compressed import BY_NAME, reference
+
+    contexts = get_contexts()
+    assert len(contexts) <= 128
+    assert (CTImageStorage, [JPEGLSLossless]) in contexts  # when the PACS does not say
+    assert not any(
+        c == BasicTextSRStorage and s != [ExplicitVRLittleEndian, "1.2.840.10008.1.2"]
+        for c, s in get_contexts([BasicTextSRStorage])
+    )
+
+    src = generate(tmp_path / "src", n_patients=1, series_per_study=1, slices=2, size=64, seed=23)
+    files = [
+        reference(pydicom.dcmread(f), BY_NAME["jpeg-ls"], tmp_path / "enc")[1] for f in src.files
+    ]
+    assert pacs.upload(files) == len(files)
+    study = src.studies[0]
+    scu, peer = Scu("SPHERE", 10), Peer(pacs.aet, "127.0.0.1", pacs.dicom_port)
+    classes = scu.find_sop_classes(peer, study.study_uid)
+    assert classes == [CTImageStorage]
+
+    def came(sop_classes: list[str]) -> set[str]:
+        got: set[str] = set()
+        result = scu.get_series(
+            peer,
+            study.study_uid,
+            study.series[0].series_uid,
+            on_receive=lambda inst, ae: got.add(str(inst.transfer_syntax)) or 0,
+            sop_classes=sop_classes,
+        )
+        assert result.ok and result.completed == len(files)
+        return got
+
+    assert came(classes) == {JPEGLSLossless}
+    assert came([BasicTextSRStorage]) == {ExplicitVRLittleEndian}  # control: transcoded

@@ -87,6 +87,33 @@ GET_STORAGE_CLASSES = [
     sc.RTPlanStorage,
 ]
 
+# Classes of the list above without pixel data: a C-GET offers them uncompressed only.
+NO_PIXELS = {
+    sc.MRSpectroscopyStorage,
+    sc.BasicTextSRStorage,
+    sc.EnhancedSRStorage,
+    sc.ComprehensiveSRStorage,
+    sc.Comprehensive3DSRStorage,
+    sc.XRayRadiationDoseSRStorage,
+    sc.KeyObjectSelectionDocumentStorage,
+    sc.GrayscaleSoftcopyPresentationStateStorage,
+    sc.ColorSoftcopyPresentationStateStorage,
+    sc.SpatialRegistrationStorage,
+    sc.RawDataStorage,
+    sc.EncapsulatedPDFStorage,
+    sc.RTStructureSetStorage,
+    sc.RTPlanStorage,
+}
+# What a C-GET offers compressed when the PACS does not say which classes a study holds.
+OFTEN_COMPRESSED = [
+    sc.CTImageStorage,
+    sc.MRImageStorage,
+    sc.EnhancedCTImageStorage,
+    sc.EnhancedMRImageStorage,
+    sc.DigitalXRayImageStorageForPresentation,
+    sc.UltrasoundMultiFrameImageStorage,
+]
+
 # DIMSE statuses the storage callback and the retrieve results use.
 SUCCESS = 0x0000
 REFUSED_NOT_AUTHORIZED = 0x0124

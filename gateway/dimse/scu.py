@@ -29,6 +29,9 @@ from pynetdicom.sop_class import (
 from gateway.dimse import ul
 from gateway.dimse.common import (
     GET_STORAGE_CLASSES,
+    NO_PIXELS,
+    OFTEN_COMPRESSED,
+    STORAGE_TRANSFER_SYNTAXES,
     UNCOMPRESSED,
     AssociationAborted,
     AssociationRejected,
@@ -55,6 +58,9 @@ __all__ = [
 ]
 
 _WILDCARDS = ("*", "?", "\\")
+_MAX_CONTEXTS = 128  # a requestor may propose at most 128 presentation contexts
+# A C-GET's syntaxes besides the first one of UNCOMPRESSED, which every class has anyway.
+_AS_HELD = [uid for uid in STORAGE_TRANSFER_SYNTAXES if uid != UNCOMPRESSED[0]]
 
 
 @dataclass(frozen=True)
@@ -100,7 +106,6 @@ class RetrieveResult:
     warning: int = 0
     remaining: int = 0
     received: int = 0  # C-GET only: datasets handed to on_store
-    syntaxes: tuple[str, ...] = ()  # DICOMweb only: the transfer syntaxes the instances came in
 
     @property
     def ok(self) -> bool:
@@ -392,10 +397,6 @@ class Scu:
                 StudyRootQueryRetrieveInformationModelMove,
             )
         ]
-        # One context per storage class, uncompressed only: the PACS transcodes what it holds
-        # compressed, and an acceptor picks one syntax per context anyway.
-        self.get_contexts = [(StudyRootQueryRetrieveInformationModelGet, UNCOMPRESSED)]
-        self.get_contexts += [(uid, UNCOMPRESSED) for uid in GET_STORAGE_CLASSES]
 
     @contextmanager
     def connect(
@@ -585,6 +586,22 @@ class Scu:
         finally:
             mover.close()
 
+    def find_sop_classes(self, peer: Peer, study_uid: str) -> list[str]:
+        """The SOP classes of a study's instances (SOP Classes in Study, a study-level C-FIND);
+        [] when the PACS does not say."""
+        q = Dataset()
+        q.QueryRetrieveLevel = "STUDY"
+        q.StudyInstanceUID = _exact("study_uid", study_uid)
+        q.SOPClassesInStudy = ""
+        with self.connect(peer) as assoc:
+            answers = assoc.find(q)
+        found: dict[str, None] = {}
+        for ds in answers:
+            uids = ds.get("SOPClassesInStudy") or []
+            for uid in [uids] if isinstance(uids, str) else uids:
+                found[str(uid)] = None
+        return [uid for uid in found if uid]
+
     def get_series(
         self,
         peer: Peer,
@@ -594,13 +611,16 @@ class Scu:
         *,
         on_receive: OnReceive | None = None,
         on_progress: Callable[[RetrieveResult], None] | None = None,
+        sop_classes: list[str] | None = None,
     ) -> RetrieveResult:
         """C-GET one series over its own association; each dataset goes to `on_store(ds, peer_ae)`
         (or, still encoded, to `on_receive`), whose return value is the C-STORE status sent
-        back. Same result and errors as move_series."""
+        back. `sop_classes` (those of the study, see `find_sop_classes`) are offered in every
+        syntax the Storage SCP takes, so the PACS sends what it holds as it holds it. Same
+        result and errors as move_series."""
         q = _series_query(study_uid, series_uid)
         handler = store_handler(on_store, on_receive)
-        with self.connect(peer, self.get_contexts, GET_STORAGE_CLASSES) as assoc:
+        with self.connect(peer, get_contexts(sop_classes), GET_STORAGE_CLASSES) as assoc:
             return assoc.retrieve("C-GET", q, handler=handler, on_progress=on_progress)
 
 
@@ -663,6 +683,24 @@ def _unanswered(result: object) -> bool:
         and result.status is None
         and not (result.completed or result.failed or result.warning or result.remaining)
     )
+
+
+def get_contexts(sop_classes: list[str] | None = None) -> list[tuple[str, list[str]]]:
+    """A C-GET association's contexts: every storage class uncompressed, then one context per
+    other syntax the Storage SCP takes for the image classes among `sop_classes`
+    (OFTEN_COMPRESSED when the PACS did not say) while they fit in 128. A PACS answers one
+    syntax per context and sends an instance as it holds it only where that syntax was accepted
+    (else it transcodes), so each syntax needs a context of its own."""
+    contexts = [(StudyRootQueryRetrieveInformationModelGet, UNCOMPRESSED)]
+    contexts += [(uid, UNCOMPRESSED) for uid in GET_STORAGE_CLASSES]
+    wanted = sop_classes or OFTEN_COMPRESSED
+    for uid in dict.fromkeys(wanted):
+        if uid not in GET_STORAGE_CLASSES or uid in NO_PIXELS:
+            continue
+        if len(contexts) + len(_AS_HELD) > _MAX_CONTEXTS:
+            break  # the rest come uncompressed: the PACS transcodes them
+        contexts += [(uid, [syntax]) for syntax in _AS_HELD]
+    return contexts
 
 
 def _series_query(study_uid: str, series_uid: str) -> Dataset:

@@ -2,7 +2,8 @@
 
 A pull announces each series it waits for with a marker file, named by pseudonymous UID, holding
 the pseudonymous study and patient it must belong to; a receiver refuses anything without one.
-Quarantine notes (why an instance was held back) sit beside the markers.
+Quarantine notes (why an instance was held back) and the transfer syntaxes each series came in
+sit beside the markers: receivers in several processes append to them, the pull reads them.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ class SpoolLayout:
 
     def _notes(self, pseudo_series: str) -> Path:
         return self.root / "expected" / f"{pseudo_series}.quarantine"
+
+    def _syntaxes(self, pseudo_series: str) -> Path:
+        return self.root / "expected" / f"{pseudo_series}.syntaxes"
 
     def expect(self, pseudo_series: str, pseudo_study: str, patient: str = "") -> None:
         """Open the door for one series, of one study, of one patient (pseudonyms); written
@@ -88,6 +92,20 @@ class SpoolLayout:
             counts[reason] = counts.get(reason, 0) + 1
         return counts
 
+    def note_syntax(self, pseudo_series: str, uid: str) -> None:
+        """Say that an instance of the series came in transfer syntax `uid` (a receiver says it
+        once per series and syntax)."""
+        with open(self._syntaxes(pseudo_series), "a", encoding="ascii") as f:
+            f.write(f"{uid}\n")  # one short append: atomic between processes
+
+    def syntaxes(self, pseudo_series: str) -> tuple[str, ...]:
+        """The transfer syntax UIDs the series' instances came in, in the order first seen."""
+        try:
+            with open(self._syntaxes(pseudo_series), encoding="ascii") as f:
+                return tuple(dict.fromkeys(line.strip() for line in f if line.strip()))
+        except FileNotFoundError:
+            return ()
+
     def remove_tmp(self) -> None:
         """Remove markers half written by a pull that stopped (`*.tmp`)."""
         for tmp in (self.root / "expected").glob("*.tmp"):
@@ -95,3 +113,4 @@ class SpoolLayout:
 
     def clear_notes(self, pseudo_series: str) -> None:
         self._notes(pseudo_series).unlink(missing_ok=True)
+        self._syntaxes(pseudo_series).unlink(missing_ok=True)

@@ -470,8 +470,10 @@ class Puller:
                 job.quarantined = self.layout.quarantined(job.pseudo_series)
                 error = verify(job, result)
                 if not error:
-                    if result.syntaxes:  # what the source sent, for `sphere status --series`
-                        self._upsert(job, transfer_syntax=" ".join(result.syntaxes))
+                    # What the source sent (every protocol), for `sphere status --series`.
+                    syntaxes = self.layout.syntaxes(job.pseudo_series)
+                    if syntaxes:
+                        self._upsert(job, transfer_syntax=" ".join(syntaxes))
                     return None
                 check_spool(self.layout.root, s.spool_min_free_mb)
                 log.warning("series %s attempt %d: %s", job.pseudo_series, attempt + 1, error)

@@ -99,6 +99,7 @@ class Receiver:
             raise
         self._writers: dict[str, SeriesWriter] = {}
         self._templates: OrderedDict[bytes, _Template] = OrderedDict()
+        self._noted: set[tuple[str, str]] = set()  # (series, transfer syntax) told to the pull
         self._lock = threading.Lock()
         self.refused = 0
         self.optout = Register(self.core)
@@ -134,7 +135,7 @@ class Receiver:
             if syntax == DeflatedExplicitVRLittleEndian:
                 # Inflated on receipt: what is de-identified and stored is Explicit VR LE.
                 ds.file_meta = file_meta(ExplicitVRLittleEndian, inst.sop_class, inst.sop_instance)
-            return self._store(ds, ae, (inst, spans) if spans is not None else None)
+            return self._store(ds, ae, (inst, spans) if spans is not None else None, syntax)
 
         return store_received(
             store, inst.data, syntax, inst.sop_class, inst.sop_instance, calling_ae
@@ -143,14 +144,20 @@ class Receiver:
     def on_store(self, ds: Dataset, calling_ae: str) -> int:
         """The C-STORE status for one instance: success only once it is spooled (or quarantined)."""
         self.metrics.received.labels(self.cfg.project, self.source(calling_ae)).inc()
-        return self._store(ds, calling_ae, None)
+        meta = getattr(ds, "file_meta", None)
+        syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+        return self._store(ds, calling_ae, None, str(syntax or ""))
 
     def source(self, calling_ae: str) -> str:
         """The name of the source a caller is ("other" for a caller no source is)."""
         return self._sources.get(calling_ae.strip(), "other")
 
     def _store(
-        self, ds: Dataset, calling_ae: str, received: tuple[ReceivedInstance, dict] | None
+        self,
+        ds: Dataset,
+        calling_ae: str,
+        received: tuple[ReceivedInstance, dict] | None,
+        syntax: str = "",
     ) -> int:
         series_uid = str(ds.get("SeriesInstanceUID") or "")
         pseudo_series = self.keys.uid(series_uid) if series_uid else ""
@@ -174,9 +181,21 @@ class Receiver:
             log.warning("quarantined an instance of series %s: %s", pseudo_series, q.reason)
             return SUCCESS  # taken in charge: reported, never stored
         parts = self._writer(pseudo_series).add(ds)
+        self._note_syntax(pseudo_series, syntax)
         if received is not None and context is not None and self.deid.stats is None:
             self._remember(received[0], received[1], context, pseudo_series, ds, parts)
         return SUCCESS
+
+    def _note_syntax(self, pseudo_series: str, syntax: str) -> None:
+        """Tell the pull, once per series and syntax, which transfer syntax came (the shortcut
+        below only takes instances of a syntax already seen here)."""
+        if not syntax:
+            return
+        with self._lock:
+            if (pseudo_series, syntax) in self._noted:
+                return
+            self._noted.add((pseudo_series, syntax))
+        self.layout.note_syntax(pseudo_series, syntax)
 
     def _remember(
         self,

@@ -242,12 +242,29 @@ class GetRetriever(DimseRetriever, _ReceivesHere):
 
     protocol = "get"
 
+    def __init__(self, name: str, scu: Scu, peer: Peer, cfg: ReceiverConfig, limit: int) -> None:
+        super().__init__(name, scu, peer, cfg, limit)
+        self._classes: dict[str, list[str]] = {}  # SOP classes by study, as the PACS says
+        self._lock = threading.Lock()
+
     def retrieve(self, study_uid: str, series_uid: str) -> RetrieveResult:
         receiver = self.receiver
-        get = self.scu.get_series
-        result = self._call(get, self.peer, study_uid, series_uid, receiver.on_store)
+        get = partial(
+            self.scu.get_series, on_receive=receiver.on_receive, sop_classes=self._of(study_uid)
+        )
+        result = self._call(get, self.peer, study_uid, series_uid)
         receiver.on_release()
         return result
+
+    def _of(self, study_uid: str) -> list[str]:
+        """The study's SOP classes (asked once per study): offered compressed as well."""
+        with self._lock:
+            known = self._classes.get(study_uid)
+        if known is None:
+            known = self._call(self.scu.find_sop_classes, self.peer, study_uid)
+            with self._lock:
+                self._classes[study_uid] = known
+        return known
 
 
 # -- DICOMweb ---------------------------------------------------------------------------------
@@ -310,13 +327,11 @@ class DicomwebRetriever(_ReceivesHere):
         receiver = self.receiver
         ok = bad = 0
         caller = f"dicomweb:{self.name}"
-        syntaxes: dict[str, None] = {}  # in the order they came
         try:
             with self.in_use():
                 for data in self.client.series_instances(study_uid, series_uid):
                     try:
                         inst = _part10(data)
-                        syntaxes[str(inst.transfer_syntax)] = None
                         status = receiver.on_receive(inst, caller)
                     except ValueError:  # not a DICOM file: counted as failed, the rest goes on
                         status = 0xC000
@@ -328,7 +343,7 @@ class DicomwebRetriever(_ReceivesHere):
             raise SourceError(f"{self}: {e}") from None
         finally:
             receiver.on_release()  # what came whole is flushed and kept for the next attempt
-        return RetrieveResult(status=0, completed=ok, failed=bad, syntaxes=tuple(syntaxes))
+        return RetrieveResult(status=0, completed=ok, failed=bad)
 
     def __str__(self) -> str:
         return f"DICOMweb source {self.name} at {self.client.where}"
