@@ -15,7 +15,7 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from storage.models import DailyTask, Job, SourceBucket, SourceSlot, utcnow
+from storage.models import DailyTask, Job, SourceBreaker, SourceBucket, SourceSlot, utcnow
 
 ACTIVE = ("queued", "running", "waiting")
 TERMINAL = ("done", "failed", "cancelled")
@@ -262,6 +262,97 @@ class JobQueries:
     def source_bucket(self, source: str) -> SourceBucket | None:
         with self.session() as s:
             return s.get(SourceBucket, source)
+
+    # -- source breakers (gateway.pull.guard) -----------------------------------------------
+
+    def source_breaker(self, source: str) -> SourceBreaker | None:
+        with self.session() as s:
+            return s.get(SourceBreaker, source)
+
+    def breaker_missed(
+        self, source: str, after: int, probe_s: float, now: datetime | None = None
+    ) -> bool | None:
+        """Count a call to `source` that got no answer, on any node. True when this one opened
+        the breaker (`after` in a row: its caller tells the audit trail), False when it was
+        open already, None while it stays closed."""
+        now = now or utcnow()
+        for _ in range(3):  # two nodes making the row at once: the loser reads it again
+            try:
+                with self.session() as s:
+                    # a no-op write first: SQLite takes its write lock here, before the read
+                    s.execute(
+                        update(SourceBreaker)
+                        .where(SourceBreaker.source == source)
+                        .values(misses=SourceBreaker.misses)
+                    )
+                    row = s.get(SourceBreaker, source, with_for_update=True, populate_existing=True)
+                    if row is None:
+                        row = SourceBreaker(source=source, misses=0, probes=0, opening=0)
+                        s.add(row)
+                        s.flush()
+                    if row.opened_at is not None:
+                        return False
+                    row.misses += 1
+                    if row.misses < after:
+                        return None
+                    row.opened_at, row.next_probe = now, now + timedelta(seconds=probe_s)
+                    row.probes, row.opening = 0, row.opening + 1
+                    return True
+            except IntegrityError:
+                continue
+        return None
+
+    def breaker_answered(self, source: str) -> None:
+        """A call to `source` got an answer: the misses in a row start again from none."""
+        with self.session() as s:
+            s.execute(
+                update(SourceBreaker)
+                .where(
+                    SourceBreaker.source == source,
+                    SourceBreaker.misses > 0,
+                    SourceBreaker.opened_at.is_(None),
+                )
+                .values(misses=0)
+            )
+
+    def breaker_probe_turn(self, source: str, probe_s: float, now: datetime | None = None) -> bool:
+        """Whether the caller is the one to probe the open breaker's source now (its probe
+        time has come and no other node took this turn); the next turn is `probe_s` on."""
+        now = now or utcnow()
+        with self.session() as s:
+            q = (
+                update(SourceBreaker)
+                .where(
+                    SourceBreaker.source == source,
+                    SourceBreaker.opened_at.is_not(None),
+                    SourceBreaker.next_probe <= now,
+                )
+                .values(
+                    next_probe=now + timedelta(seconds=probe_s), probes=SourceBreaker.probes + 1
+                )
+            )
+            return bool(s.execute(q).rowcount)
+
+    def breaker_close(self, source: str, opening: int) -> SourceBreaker | None:
+        """Close the breaker's `opening` (a probe was answered); the row as it was when open,
+        or None when another node closed it first."""
+        with self.session() as s:
+            row = s.get(SourceBreaker, source)
+            if row is None or row.opened_at is None or row.opening != opening:
+                return None
+            was = SourceBreaker(
+                source=source, opened_at=row.opened_at, probes=row.probes, opening=opening
+            )
+            q = (
+                update(SourceBreaker)
+                .where(
+                    SourceBreaker.source == source,
+                    SourceBreaker.opening == opening,
+                    SourceBreaker.opened_at.is_not(None),
+                )
+                .values(opened_at=None, next_probe=None, misses=0)
+            )
+            return was if s.execute(q).rowcount else None
 
     def claim_day(self, task: str, day: date, node: str) -> bool:
         """Whether this node is the one to do `task` on `day` (the first to ask, cluster-wide)."""

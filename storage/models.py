@@ -217,6 +217,22 @@ class SourceBucket(Base):
     taken: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
+class SourceBreaker(Base):
+    """A source's breaker, shared by every node: `misses` counts calls in a row that got no
+    answer (any node's); past the source's `breaker_after` it opens (`opened_at`, `opening`
+    counts the openings and makes closing a compare-and-swap). While open, whoever moves
+    `next_probe` on is the one node that probes the source this interval."""
+
+    __tablename__ = "source_breakers"
+
+    source: Mapped[str] = mapped_column(String(64), primary_key=True)
+    misses: Mapped[int] = mapped_column(Integer, default=0)
+    opened_at: Mapped[datetime | None] = mapped_column(DateTime)
+    next_probe: Mapped[datetime | None] = mapped_column(DateTime)
+    probes: Mapped[int] = mapped_column(Integer, default=0)
+    opening: Mapped[int] = mapped_column(Integer, default=0)
+
+
 class AuditEvent(Base):
     """Who did what, when. `detail` never holds identifiers of patients."""
 

@@ -1,10 +1,13 @@
 """The PACS protected, cluster-wide (issue 19, point 3): time windows (a job outside waits, a
-foreground pull is refused saying when it opens) and at most N associations across every node
+foreground pull is refused saying when it opens); at most N associations across every node
 (slots in the catalog): two `sphere worker` processes pulling through a counting proxy with a
-limit of 1 never have more than one association open to Orthanc."""
+limit of 1 never have more than one association open to Orthanc; one breaker for the cluster
+(a catalog row): a source that stops answering opens it once, one node probes per interval,
+every node's pull resumes when it answers; the instance-rate cap counts every node's instances."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -307,6 +310,181 @@ def test_without_the_breaker_the_series_fail_on_their_own_retries(tmp_path, pacs
     assert result["gauge"] != 1
 
 
+class Outage:
+    """A stand-in source for the breaker's own tests: a call gets no answer while `down`;
+    each probe (C-ECHO) is timed."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.down = False
+        self.probes: list[float] = []
+        self._lock = threading.Lock()
+
+    def fetch(self) -> str:
+        if self.down:
+            from gateway.pull.guard import SourceError
+
+            raise SourceError("no answer", answered=False)
+        return "ok"
+
+    def echo(self) -> None:
+        import time
+
+        with self._lock:
+            self.probes.append(time.monotonic())
+        self.fetch()
+
+
+def nodes_through_an_outage(catalogs, probe_s: float = 0.2):
+    """Three callers on each node (a catalog each) keep calling through their node's breaker
+    while the source is out, then back: (the outage, the openings and closings each node's
+    breaker told)."""
+    import threading
+    import time
+
+    from gateway.pull.guard import Breaker
+
+    src = Source(name="pacs", breaker_after=2, probe_s=probe_s, give_up_s=60)
+    out = Outage()
+    told: list[str] = []
+    breakers = [
+        Breaker(src, out.echo, c, lambda state, detail: told.append(state)) for c in catalogs
+    ]
+    ok: list[str] = []
+    stop = threading.Event()
+
+    def caller(b: Breaker) -> None:
+        while not stop.is_set():
+            try:
+                ok.append(b.call(out.fetch))
+            except Exception:  # noqa: BLE001 - a miss before the breaker opened: call again
+                time.sleep(0.01)
+
+    threads = [threading.Thread(target=caller, args=(b,)) for b in breakers for _ in range(3)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(ok) > 20, "calls answered")
+    out.down = True
+    wait_for(lambda: len(out.probes) >= 6, "probes of the source", 60)
+    out.down = False
+    n = len(ok)
+    wait_for(lambda: len(ok) > n + 20, "calls answered again", 60)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    return out, told
+
+
+@pytest.mark.peers
+def test_every_node_sees_one_breaker_and_one_probe_per_interval(pg_server):
+    """Two nodes (two catalogs on one PostgreSQL), three callers each: the source going out
+    opens one breaker, audited once; one probe per interval across both nodes; once a probe is
+    answered every caller goes on, and the closing is told once."""
+    from storage.catalog import Catalog
+
+    url = pg_server.create_database("breakers")
+    nodes = [Catalog(url), Catalog(url)]
+    out, told = nodes_through_an_outage(nodes, probe_s=0.2)
+    assert told == ["open", "closed"]
+    gaps = [b - a for a, b in itertools.pairwise(out.probes)]
+    assert min(gaps) > 0.1, gaps  # never two probes in one interval, whichever node
+    row = nodes[0].source_breaker("pacs")
+    assert row.opened_at is None and row.opening == 1 and row.probes == len(out.probes)
+    for c in nodes:
+        c.dispose()
+
+
+def test_a_breaker_per_node_is_caught(tmp_path):
+    """Control: nodes that do not share the breaker's row (a catalog each, as a breaker kept in
+    each process) open it once each and probe on their own: the test above would fail."""
+    from storage.catalog import Catalog
+
+    nodes = [Catalog(f"sqlite:///{tmp_path}/a.db"), Catalog(f"sqlite:///{tmp_path}/b.db")]
+    out, told = nodes_through_an_outage(nodes, probe_s=0.2)
+    assert told.count("open") == 2 and told.count("closed") == 2
+    for c in nodes:
+        c.dispose()
+
+
+@pytest.mark.peers
+def test_two_nodes_pause_on_one_breaker_and_resume(tmp_path, pg_server, pacs, ports, corpus):
+    """Two `sphere worker` nodes on one PostgreSQL catalog, each pulling a project through the
+    proxy, which stops answering mid-pull: one opening audited (not one per node), only probes
+    reach for the source meanwhile, and when it answers again both pulls complete."""
+    proxy = CountingProxy(pacs.dicom_port)
+    url = pg_server.create_database("breaker_nodes")
+    source = {
+        "name": "pacs",
+        "protocol": "move",
+        "ae_title": pacs.aet,
+        "host": "127.0.0.1",
+        "port": proxy.port,
+        "max_rate": 8,  # both nodes still mid-pull when the source goes out
+        "breaker_after": 2,
+        "probe_s": 0.5,
+    }
+    settings = Settings(home=tmp_path, catalog_url=url, sources=[Source(**source)], fsync=False)
+    gw = Gateway(settings)
+    token = users.add(gw.core, "dan")
+    gw.catalog.add_user_role(gw.catalog.user("dan").id, access.DATA_MANAGER, "t")
+    ids = []
+    for name in ("left", "right"):
+        approved(gw, name, [st.accession for st in corpus.studies])
+        ids.append(jobs.submit(gw.core, "pull", name, user=gw.catalog.user("dan")).id)
+    env = {
+        **os.environ,
+        "SPHERE_HOME": str(tmp_path),
+        "SPHERE_CATALOG_URL": url,
+        "SPHERE_TOKEN": token,
+        "SPHERE_SOURCES": json.dumps([source]),
+        "SPHERE_MAX_ASSOCIATIONS": "1",
+        "SPHERE_FSYNC": "false",
+        "SPHERE_BACKOFF_S": "0.1",
+        "SPHERE_TIMEOUT_S": "5",
+        "SPHERE_JOBS__POLL_S": "0.2",
+        "SPHERE_JOBS__BEAT_S": "0.5",
+    }
+
+    def mid_pull(name: str) -> bool:
+        return len(gw.catalog.series(gw.core.project(name).id, status="complete")) >= 1
+
+    def breaker_rows() -> list:
+        return sorted(gw.catalog.audit_trail(action="source.breaker"), key=lambda e: e.id)
+
+    try:
+        with worker(env, "NODEA", ports["NODEA"]), worker(env, "NODEB", ports["NODEB"]):
+            wait_for(lambda: mid_pull("left") and mid_pull("right"), "both pulls under way")
+            proxy.drop()
+            # both still pulling (else the outage would test nothing)
+            assert [gw.catalog.job(i).state for i in ids] == ["running", "running"]
+            wait_for(lambda: getattr(gw.catalog.source_breaker("pacs"), "probes", 0) >= 4, "probes")
+            row = gw.catalog.source_breaker("pacs")
+            assert row.opened_at is not None
+            proxy.pass_again()
+            wait_for(
+                lambda: all(gw.catalog.job(i).state in ("done", "failed") for i in ids),
+                "the jobs",
+                timeout_s=300,
+            )
+    finally:
+        proxy.pass_again()
+        proxy.close()
+    rows = [gw.catalog.job(i) for i in ids]
+    assert [r.state for r in rows] == ["done", "done"], [r.outcome for r in rows]
+    for name in ("left", "right"):
+        every_instance_once(gw, name, corpus)
+    # the rate cap counted every instance of both nodes, once (a series' worth at a time)
+    assert gw.catalog.source_bucket("pacs").taken == 2 * len(corpus.files)
+    states = [json.loads(e.detail)["state"] for e in breaker_rows()]
+    assert states == ["open", "closed"], states  # once for the cluster, not once per node
+    probes = json.loads(breaker_rows()[1].detail)["probes"]
+    # what reached for the source while out: the probes, and at most the calls in flight on
+    # each node (one association each) plus each one's retry before the breaker opened
+    assert proxy.dropped <= probes + 4, (proxy.dropped, probes)
+    assert gw.catalog.source_breaker("pacs").opened_at is None
+
+
 # -- the rate cap -------------------------------------------------------------------------------
 
 
@@ -375,7 +553,7 @@ def test_nodes_taking_from_one_bucket_on_postgresql_lose_no_take(pg_server):
 # -- out of resources ---------------------------------------------------------------------------
 
 
-def test_a_source_out_of_resources_is_asked_again_after_a_longer_wait(monkeypatch):
+def test_a_source_out_of_resources_is_asked_again_after_a_longer_wait(monkeypatch, tmp_path):
     """A C-MOVE answered 0xA702 is asked again after busy_backoff_s, doubling; other answers
     are handed to the pull as they are. (Orthanc does not answer 0xA702 on demand: a stand-in
     retriever answers here; the waits are what the guard was told to sleep, not a clock.)"""
@@ -395,18 +573,19 @@ def test_a_source_out_of_resources_is_asked_again_after_a_longer_wait(monkeypatc
         def echo(self) -> None:
             pass
 
+    catalog = Gateway(Settings(home=tmp_path)).catalog
     slept: list[float] = []
     monkeypatch.setattr(guard.time, "sleep", slept.append)
     src = Source(busy_backoff_s=5, busy_retries=3)
     inner = Busy([0xA702, 0xA700, 0x0000])
-    result = guard.Guarded(inner, guard.Breaker(src, inner.echo), None).retrieve("1", "2")
+    result = guard.Guarded(inner, guard.Breaker(src, inner.echo, catalog), None).retrieve("1", "2")
     assert result.status == 0 and inner.calls == 3 and slept == [5, 10]
     # at most busy_retries more: then the pull sees the failure (and counts an attempt)
     inner = Busy([0xA702] * 5)
-    result = guard.Guarded(inner, guard.Breaker(src, inner.echo), None).retrieve("1", "2")
+    result = guard.Guarded(inner, guard.Breaker(src, inner.echo, catalog), None).retrieve("1", "2")
     assert result.status == 0xA702 and inner.calls == 4
     # control: another failure is not waited for
     slept.clear()
     inner = Busy([0xC000])
-    result = guard.Guarded(inner, guard.Breaker(src, inner.echo), None).retrieve("1", "2")
+    result = guard.Guarded(inner, guard.Breaker(src, inner.echo, catalog), None).retrieve("1", "2")
     assert result.status == 0xC000 and inner.calls == 1 and slept == []

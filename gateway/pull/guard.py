@@ -11,8 +11,9 @@ association never holds the PACS.
 `max_rate` caps the instances a second from the source, all nodes together: a token bucket in
 the catalog, taken a series at a time before it is retrieved (`Guarded.pace`).
 
-Each retrieve also goes through the source's `Breaker` (per process): a source that stops
-answering pauses the series being retrieved, one probe per interval, until it answers.
+Each retrieve also goes through the source's `Breaker`, also held in the catalog
+(`source_breakers`): a source that stops answering pauses the series being retrieved on every
+node, one probe per interval across the cluster, until it answers.
 
 `check_windows`: a source outside its time windows (`core.windows`) is not pulled from; a job
 waits for the window (`gateway.jobs`), a pull in the foreground is refused, saying when it opens.
@@ -102,32 +103,30 @@ class SourceSlots:
 
 
 class Breaker:
-    """Trips when the source stops answering (`after` calls in a row without an answer): the
-    calls wait instead of failing each on its own timeouts, one of them probes the source every
-    `probe_s`, and all go on once it answers. Past `give_up_s` open, the waiting calls fail.
-    `on_change(state, detail)` is told when it opens and closes."""
+    """Trips when the source stops answering (`after` calls in a row without an answer, on any
+    node): the calls wait instead of failing each on its own timeouts, one of them (in the
+    whole cluster) probes the source every `probe_s`, and all go on once it answers. Past
+    `give_up_s` open, the waiting calls fail. The state is the source's `source_breakers` row
+    in the catalog, so every node and job sharing it sees one breaker. `on_change(state,
+    detail)` is told when it opens and closes, by the one caller that did it."""
 
     def __init__(
         self,
         source: Source,
         probe: Callable[[], None],
+        catalog: Catalog,
         on_change: Callable[[str, dict[str, Any]], None] = lambda state, detail: None,
     ) -> None:
         self.source, self.name, self.probe, self.on_change = source, source.name, probe, on_change
+        self.catalog = catalog
         self.after, self.probe_s, self.give_up_s = (
             source.breaker_after,
             source.probe_s,
             source.give_up_s,
         )
-        self.misses = 0
-        self.opened_at: float | None = None
-        self.probes = 0
-        self._probing = False
-        self._cond = threading.Condition()
-
-    @property
-    def open(self) -> bool:
-        return self.opened_at is not None
+        self.poll_s = min(self.probe_s, 1.0)  # how often a waiting call looks at the row
+        self._seen_open = False
+        self._gauge = metrics.get().breaker_open.labels(self.name)
 
     def call(self, fn: Callable[..., T], *args: Any) -> T:
         while True:
@@ -138,49 +137,63 @@ class Breaker:
                 if e.answered or not self._missed():
                     raise
                 continue  # it tripped: wait for the source, then try again
-            with self._cond:
-                self.misses = 0
+            self._shared(self.catalog.breaker_answered, self.name)
             return result
+
+    def _shared(self, fn: Callable[..., T], *args: Any) -> T | None:
+        """A call to the catalog's breaker row; None when the catalog does not answer (the
+        breaker then stays out of the way: the pull meets the catalog's failure itself)."""
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - a breaker is no reason to stop the pull
+            log.warning("breaker of %s not shared (%s)", self.name, type(e).__name__)
+            return None
+
+    def _row(self) -> Any:
+        return self._shared(self.catalog.source_breaker, self.name)
 
     def _missed(self) -> bool:
         """Count a call without an answer; True when the breaker is (now) open."""
-        with self._cond:
-            self.misses += 1
-            if self.opened_at is None and self.misses >= self.after:
-                self.opened_at = time.monotonic()
-                self.probes = 0
-                log.warning("source %s does not answer: its work pauses", self.name)
-                self.on_change("open", {"misses": self.misses})
-            return self.opened_at is not None
+        opened = self._shared(self.catalog.breaker_missed, self.name, self.after, self.probe_s)
+        if opened:
+            log.warning("source %s does not answer: its work pauses", self.name)
+            self._observe(True)
+            self.on_change("open", {"after": self.after})
+        return opened is not None
+
+    def _observe(self, is_open: bool) -> None:
+        if is_open != self._seen_open:
+            self._seen_open = is_open
+            self._gauge.set(1 if is_open else 0)
 
     def _wait_closed(self) -> None:
-        with self._cond:
-            while self.opened_at is not None:
-                if time.monotonic() - self.opened_at > self.give_up_s:
-                    raise SourceError(
-                        f"source {self.name} has not answered for {self.give_up_s:.0f} s",
-                        answered=False,
-                    )
-                if self._probing:
-                    self._cond.wait(self.probe_s)
-                    continue
-                self._probing = True
-                self._cond.release()
-                try:
-                    time.sleep(self.probe_s)  # one probe per interval, whoever waits
-                    answered = self._probe()
-                finally:
-                    self._cond.acquire()
-                    self._probing = False
-                if answered:
-                    seconds = time.monotonic() - self.opened_at
-                    self.opened_at, self.misses = None, 0
-                    log.warning("source %s answers again: its work resumes", self.name)
-                    self.on_change("closed", {"probes": self.probes, "seconds": round(seconds, 1)})
-                self._cond.notify_all()
+        since = time.monotonic()  # this call's own wait (a row left open long ago is probed)
+        while True:
+            row = self._row()
+            if row is None or row.opened_at is None:
+                self._observe(False)
+                return
+            self._observe(True)
+            now = utcnow()
+            if time.monotonic() - since > self.give_up_s:
+                raise SourceError(
+                    f"source {self.name} has not answered for {self.give_up_s:.0f} s",
+                    answered=False,
+                )
+            due = (row.next_probe - now).total_seconds() if row.next_probe else 0.0
+            if due <= 0 and self._shared(self.catalog.breaker_probe_turn, self.name, self.probe_s):
+                if self._probe():  # one probe per interval, whoever in the cluster waits
+                    was = self._shared(self.catalog.breaker_close, self.name, row.opening)
+                    if was is not None:
+                        seconds = (utcnow() - was.opened_at).total_seconds()
+                        log.warning("source %s answers again: its work resumes", self.name)
+                        self.on_change(
+                            "closed", {"probes": was.probes, "seconds": round(seconds, 1)}
+                        )
+                continue
+            time.sleep(min(self.poll_s, max(due, 0.05)))
 
     def _probe(self) -> bool:
-        self.probes += 1
         try:
             self.probe()
         except SourceError:
@@ -312,9 +325,7 @@ def guarded(core: Core, src: Source, retriever: Any, project: str = "", actor: s
     The breaker opening and closing are audited (the source's name, counts)."""
 
     def told(state: str, detail: dict[str, Any]) -> None:
-        metrics.get().breaker_open.labels(src.name).set(1 if state == "open" else 0)
         outcome = "error" if state == "open" else "ok"
-        metrics.get().breaker_open.labels(src.name).set(1 if state == "open" else 0)
         try:
             core.catalog.audit(
                 actor,
@@ -328,6 +339,6 @@ def guarded(core: Core, src: Source, retriever: Any, project: str = "", actor: s
         except Exception as e:  # noqa: BLE001 - the audit row is not worth stopping for
             log.warning("breaker of %s not audited (%s)", src.name, type(e).__name__)
 
-    breaker = Breaker(src, retriever.echo, told)
+    breaker = Breaker(src, retriever.echo, core.catalog, told)
     slots = SourceSlots(core.catalog, src.name, src.cluster_limit) if src.cluster_limit else None
     return Guarded(retriever, breaker, slots, core.catalog, src.max_rate)
