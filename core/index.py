@@ -11,7 +11,7 @@ def index_stored(core: Core, project_id: int, key: str) -> None:
     """Index one committed series from its stored headers (what the web serves); a series
     indexed before is replaced."""
     reader = SeriesReader(core.store, key)
-    core.catalog.index_series(project_id, key, reader.headers(), int(reader.attrs["n_slices"]))
+    core.catalog.index_series(project_id, key, reader.headers(), reader.n_images)
 
 
 def reindex(core: Core, name: str, *, actor: str = "") -> int:

@@ -69,10 +69,23 @@ def source_images(reader: SeriesReader) -> list[Dataset]:
     return out
 
 
+def frame_order(reader: SeriesReader) -> list[int] | None:
+    """For a series of one multi-frame image (an Enhanced CT), the volume index z of each of its
+    frames in frame-number order: a SEG of it has one frame per source frame, in that order."""
+    if reader.n_images == 1 and reader.attrs.get("frames"):
+        return reader.frame_slices(0)
+    return None
+
+
 def build_seg(
-    sources: list[Dataset], finding: Finding, pipeline: Pipeline, source_series_uid: str
+    sources: list[Dataset],
+    finding: Finding,
+    pipeline: Pipeline,
+    source_series_uid: str,
+    order: list[int] | None = None,
 ) -> hd.seg.Segmentation:
-    """A binary SEG with one segment per ROI of `finding` (segment numbers from 1, in order)."""
+    """A binary SEG with one segment per ROI of `finding` (segment numbers from 1, in order);
+    `order` (see `frame_order`) puts the masks' slices in the source's frame order."""
     algorithm = _algorithm(pipeline)
     descriptions = [
         hd.seg.SegmentDescription(
@@ -88,6 +101,8 @@ def build_seg(
         for i, s in enumerate(finding.segments, start=1)
     ]
     masks = np.stack([s.mask for s in finding.segments], axis=-1)  # (z, y, x, segments)
+    if order is not None:
+        masks = masks[order]
     return hd.seg.Segmentation(
         source_images=sources,
         pixel_array=masks,

@@ -147,7 +147,8 @@ def _write_outputs(
         sources = outputs.source_images(reader)
         seg = None
         if "seg" in pipeline.outputs:
-            seg = outputs.build_seg(sources, finding, pipeline, task.series_uid)
+            order = outputs.frame_order(reader)
+            seg = outputs.build_seg(sources, finding, pipeline, task.series_uid, order)
             d = outputs.store_derived(
                 core, task.project, task.study_uid, task.patient, [seg], spool
             )

@@ -1,9 +1,11 @@
-"""Raw pixel bytes of one single-frame instance, in the form a volume stores them.
+"""Raw pixel bytes of one instance's frames, in the form a volume stores them.
 
 Native (uncompressed) little-endian pixels are passed through without a copy; big-endian ones
 are byte-swapped, planar colour is interleaved, and compressed ones are decoded with pydicom
-and its plugins (every syntax the Storage SCP accepts; see README). What changes in the header
-because of that (e.g. YBR decoded to RGB, a lossy original marked) is returned as patches.
+and its plugins (every syntax the Storage SCP accepts; see README). Colour is stored as RGB:
+YBR_FULL and YBR_FULL_422 are converted, a palette is applied (8 bits a sample). What changes
+in the header because of that (e.g. YBR decoded to RGB, a lossy original marked) is returned
+as patches; an entry patched to None is removed (the palette's tables).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import numpy as np
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.pixels import apply_color_lut
 from pydicom.uid import UID
 
 from dicom import decoders, lossy
@@ -45,6 +48,7 @@ class PixelLayout:
     cols: int
     samples: int
     dtype: str  # numpy name, stored little-endian
+    frames: int = 1
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -52,7 +56,13 @@ class PixelLayout:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of one frame."""
         return self.rows * self.cols * self.samples * np.dtype(self.dtype).itemsize
+
+    @property
+    def total(self) -> int:
+        """Bytes of all frames."""
+        return self.nbytes * self.frames
 
 
 def has_pixels(ds: Dataset) -> bool:
@@ -63,7 +73,8 @@ def has_pixels(ds: Dataset) -> bool:
 def extract(
     ds: Dataset, header: dict[str, Any] | None = None
 ) -> tuple[PixelLayout, bytes | memoryview, dict[str, Any]]:
-    """Layout, little-endian frame bytes and header patches {tag: DICOM JSON entry}.
+    """Layout, little-endian bytes of the frames one after the other and header patches
+    {tag: DICOM JSON entry}.
 
     `header`, the DICOM JSON model of `ds` when the caller has it, saves decoding the image
     attributes a second time.
@@ -76,8 +87,8 @@ def extract(
         n_frames = int(frames) if frames not in (None, "") else 1
     except (TypeError, ValueError) as exc:
         raise PixelError("invalid NumberOfFrames") from exc
-    if n_frames != 1:
-        raise PixelError("multi-frame instances are not supported")
+    if n_frames < 1:
+        raise PixelError("invalid NumberOfFrames")
     try:
         rows, cols = int(get("Rows")), int(get("Columns"))
         bits = int(get("BitsAllocated"))
@@ -90,7 +101,10 @@ def extract(
         raise PixelError(f"BitsAllocated {bits} is not supported")
     if samples not in (1, 3) or rows <= 0 or cols <= 0:
         raise PixelError("only 1 or 3 samples per pixel and non-empty frames are supported")
-    layout = PixelLayout(rows, cols, samples, dtype)
+    photometric = str(get("PhotometricInterpretation", "") or "")
+    if photometric == "PALETTE COLOR":
+        return _palette(ds, PixelLayout(rows, cols, samples, dtype, n_frames))
+    layout = PixelLayout(rows, cols, samples, dtype, n_frames)
     elem = ds._dict[0x7FE00010]
     # Read the bytes of a raw element directly: pydicom's conversion would only copy them.
     # (A receiver may hand over a view of the bytes it received.)
@@ -99,28 +113,27 @@ def extract(
         raw = elem.value
     if raw is None:
         raw = ds.PixelData
-    photometric = str(get("PhotometricInterpretation", "") or "")
     ts = _transfer_syntax(ds)
-    encapsulated = bytes(raw[:4]) == _ITEM_TAG and len(raw) != layout.nbytes
-    if encapsulated or (ts is not None and ts.is_compressed and len(raw) < layout.nbytes):
+    encapsulated = bytes(raw[:4]) == _ITEM_TAG and len(raw) != layout.total
+    if encapsulated or (ts is not None and ts.is_compressed and len(raw) < layout.total):
         layout, data, patches = _decoded(ds, layout, photometric, ts)
-        patches.update(lossy.patches(ts, raw, layout.nbytes, get))
+        patches.update(lossy.patches(ts, raw, layout.total, get))
         return layout, data, patches
-    if samples == 3 and photometric == "YBR_FULL_422":
+    if samples == 3 and photometric in ("YBR_FULL_422", "YBR_FULL"):
         return _decoded(ds, layout, photometric, ts)
-    if len(raw) < layout.nbytes:
-        raise PixelError("pixel data shorter than Rows x Columns x SamplesPerPixel")
+    if len(raw) < layout.total:
+        raise PixelError("pixel data shorter than Rows x Columns x SamplesPerPixel x frames")
     patches: dict[str, Any] = {}
     little = ts.is_little_endian if ts is not None else ds.original_encoding[1] is not False
     planar = samples == 3 and int(get("PlanarConfiguration", 0) or 0) == 1
     if little and not planar:
-        return layout, memoryview(raw)[: layout.nbytes], patches
+        return layout, memoryview(raw)[: layout.total], patches
     item = np.dtype(dtype)
     arr = np.frombuffer(
-        raw, dtype=item if little else item.newbyteorder(">"), count=layout.nbytes // item.itemsize
+        raw, dtype=item if little else item.newbyteorder(">"), count=layout.total // item.itemsize
     )
-    if planar:
-        arr = arr.reshape(samples, rows, cols).transpose(1, 2, 0)
+    if planar:  # colour-by-plane within each frame
+        arr = arr.reshape(n_frames, samples, rows, cols).transpose(0, 2, 3, 1)
         patches.update(_INTERLEAVED)
     return layout, np.ascontiguousarray(arr, dtype=item.newbyteorder("<")).tobytes(), patches
 
@@ -137,7 +150,7 @@ def _decoded(
         name = str(ts) if ts is not None else "unknown"
         raise PixelError(f"cannot decode pixel data (transfer syntax {name})") from exc
     arr = np.ascontiguousarray(arr, dtype=np.dtype(layout.dtype).newbyteorder("<"))
-    if arr.shape != layout.shape:
+    if arr.shape != ((layout.frames, *layout.shape) if layout.frames > 1 else layout.shape):
         raise PixelError("decoded pixel data does not match Rows x Columns x SamplesPerPixel")
     patches: dict[str, Any] = {}
     if layout.samples == 3:
@@ -146,6 +159,52 @@ def _decoded(
         if photometric != "RGB":
             patches.update(_RGB)
     return layout, arr.tobytes(), patches
+
+
+def _palette(ds: Dataset, layout: PixelLayout) -> tuple[PixelLayout, bytes, dict[str, Any]]:
+    """A palette-colour image as 8-bit RGB (16-bit table entries keep their high byte)."""
+    ts = _transfer_syntax(ds)
+    try:
+        plugin = decoders.plugin_for(ts, int(ds.get("BitsStored") or 0)) if ts else None
+        if plugin:
+            ds.pixel_array_options(decoding_plugin=plugin)
+        rgb = apply_color_lut(ds.pixel_array, ds)
+    except Exception as exc:  # a missing or broken table, undecodable data
+        raise PixelError("cannot apply the palette colour lookup table") from exc
+    if rgb.dtype.itemsize > 1:
+        rgb = rgb >> 8
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    out = PixelLayout(layout.rows, layout.cols, 3, "uint8", layout.frames)
+    if rgb.size != out.total:
+        raise PixelError("palette colour pixel data does not match its description")
+    patches: dict[str, Any] = {
+        **_RGB,
+        **_INTERLEAVED,
+        "00280002": {"vr": "US", "Value": [3]},  # SamplesPerPixel
+        "00280100": {"vr": "US", "Value": [8]},  # BitsAllocated
+        "00280101": {"vr": "US", "Value": [8]},  # BitsStored
+        "00280102": {"vr": "US", "Value": [7]},  # HighBit
+        "00280103": {"vr": "US", "Value": [0]},  # PixelRepresentation
+    }
+    patches.update({tag: None for tag in _PALETTE_TAGS})
+    if ts is not None and ts.is_compressed:
+        patches.update(lossy.patches(ts, ds.PixelData, layout.total, ds.get))
+    return out, rgb.tobytes(), patches
+
+
+# The palette's descriptors, tables (normal and segmented) and UID: gone once applied.
+_PALETTE_TAGS = (
+    "00281101",
+    "00281102",
+    "00281103",
+    "00281199",
+    "00281201",
+    "00281202",
+    "00281203",
+    "00281221",
+    "00281222",
+    "00281223",
+)
 
 
 def _json_getter(header: dict[str, Any]) -> Any:

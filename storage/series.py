@@ -3,13 +3,19 @@
 A series group at `key` (given by the caller; pseudonymous) holds:
 
     key/volume/     array (z, y, x) or (z, y, x, 3) in the stored pixel type, z in stack order
-                    (ascending along the slice normal); one chunk per slice, in shards of
-                    ~32 MiB of pixels in object stores; in a local folder one shard holding
-                    the whole series, which is the spool file itself (see _link_volume)
+                    (ascending along the slice normal); one chunk per slice (a frame), in
+                    shards of ~32 MiB of pixels in object stores; in a local folder one shard
+                    holding the whole series, which is the spool file itself (see _link_volume)
     key/headers/    string array (n_instances,): the DICOM JSON model of each instance without
-                    pixel data; headers[i] belongs to volume[i] for i < n_slices, then come
-                    instances without pixels (SR, ...)
+                    pixel data; the first `n_images` have pixels, then come instances without
+                    (SR, ...); headers[i] belongs to volume[i] unless attribute `frames` says
+                    where each image's frames are
     key/zarr.json   group metadata and attributes, written last: the commit marker
+
+A multi-frame instance's frames are slices of the same volume: an Enhanced CT or MR's frames
+ordered by their functional groups' positions like a classic series' slices, cine frames
+(ultrasound, XA) in frame order, instance after instance; `frames[i]` lists the z of instance
+i's frames in frame-number order, so the instance is served back as it came.
 
 Readers treat a group without its `zarr.json` (or without our attributes) as incomplete, so a
 commit that dies half way never looks finished; committing again replaces it whole.
@@ -25,7 +31,7 @@ import threading
 from collections import Counter, deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +44,12 @@ from zarr.codecs import ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import LocalStore, MemoryStore
 
-from dicom import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, json_model
+from dicom import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    functional_groups,
+    json_model,
+)
 from dicom.geometry import GeometryError, order_slices
 from storage import pixels, volume
 from storage.objectstore import StorageUnavailable, guard, run
@@ -129,8 +140,8 @@ class SeriesWriter:
 
         Returns the encoded header's parts, element by element; `reuse` takes such parts of
         an earlier `add` for elements known to be the same objects (see json_model.encode).
-        Raises SeriesError for an instance that cannot be stored (multi-frame, unsupported
-        pixel type); the rest of the series is unaffected. With `inline_pixels` the instance's
+        Raises SeriesError for an instance that cannot be stored (unsupported pixel type); the
+        rest of the series is unaffected. With `inline_pixels` the instance's
         native pixel data stays in its header (InlineBinary) instead of the volume: for
         derived multi-frame objects (a SEG) made by pipelines, never for what a PACS sends.
         """
@@ -152,11 +163,15 @@ class SeriesWriter:
                 layout, raw, patches = pixels.extract(ds, header)
             except pixels.PixelError as exc:
                 raise SeriesError(str(exc)) from None
+            photometric = _first_value(header, "00280004")
             if patches:
-                header = dict(sorted({**header, **patches}.items()))
+                merged = {**header, **patches}
+                header = {t: e for t, e in sorted(merged.items()) if e is not None}
                 text = json.dumps(header, separators=(",", ":"))
             meta.update(_image_meta(header, layout))
-            frame = volume.compress_frame(raw, np.dtype(layout.dtype).itemsize)
+            if photometric != meta["photo"]:
+                meta["src_photo"] = photometric  # the colour model it came in (YBR, palette)
+            frame = _compress_frames(raw, layout, header, meta)
         with self._cond:
             if self._state != _OPEN:
                 raise SeriesError("series writer is no longer accepting instances")
@@ -248,15 +263,18 @@ class SeriesWriter:
         }
         shape: tuple[int, ...] = ()
         dtype = None
+        slices: list[SpoolEntry] = []
         if images:
-            images, image_attrs = _plan_volume(images)
+            slices, images, image_attrs = _plan_volume(images)
             attrs.update(image_attrs)
             shape, dtype = tuple(image_attrs["shape"]), image_attrs["dtype"]
+            attrs["n_slices"] = len(slices)
+        attrs["n_images"] = len(images)
         local_root = store.root / key if isinstance(store, LocalStore) else None
         with guard("commit"):
             delete_series(store, key)
         if images:
-            self._write_volume(store, key, images, shape, dtype)
+            self._write_volume(store, key, slices, shape, dtype)
         self._write_headers(store, key, images + others)
         with guard("commit"):
             if local_root is not None and self.fsync:
@@ -440,6 +458,29 @@ class SeriesReader:
     def __len__(self) -> int:
         return int(self.attrs["n_instances"])
 
+    @property
+    def n_images(self) -> int:
+        """Instances with pixels: the first `n_images` headers."""
+        return int(self.attrs.get("n_images", self.attrs["n_slices"]))
+
+    def frame_slices(self, i: int) -> list[int]:
+        """Where the frames of image instance `i` are in the volume, in frame-number order."""
+        if not 0 <= i < self.n_images:
+            raise IndexError("instance has no pixels")
+        frames = self.attrs.get("frames")
+        return [int(z) for z in frames[i]] if frames else [i]
+
+    def frames_of(self, i: int) -> np.ndarray:
+        """The pixels of image instance `i`: (rows, cols[, 3]) for one frame, else with the
+        frames first."""
+        zs = self.frame_slices(i)
+        with guard("read"):
+            if len(zs) == 1:
+                return self.volume[zs[0]]
+            if zs == list(range(zs[0], zs[0] + len(zs))):
+                return self.volume[zs[0] : zs[0] + len(zs)]
+            return self.volume.get_orthogonal_selection((zs,))
+
     def headers(self) -> list[dict[str, Any]]:
         """DICOM JSON model of every instance, in stored order."""
         with guard("read"):
@@ -460,14 +501,15 @@ class SeriesReader:
     def instance(self, i: int) -> Dataset:
         """Rebuild instance `i` as a Dataset (Explicit VR Little Endian, native pixels)."""
         header = self.header(i)
-        frame = None
-        if i < self.attrs["n_slices"]:
-            with guard("read"):
-                frame = self.volume[i]
+        frame = self.frames_of(i) if i < self.n_images else None
         return _rebuild(header, frame)
 
     def iter_instances(self) -> Iterator[Dataset]:
         """Rebuild every instance in stored order, reading each volume chunk once."""
+        if self.attrs.get("frames"):  # multi-frame: instance by instance
+            for i in range(len(self)):
+                yield self.instance(i)
+            return
         n, n_slices = len(self), self.attrs["n_slices"]
         headers = self._header_array()
         vol = self.volume
@@ -573,8 +615,14 @@ def delete_series(store: Store, key: str) -> None:
         run(store.delete_dir(key))
 
 
-def _plan_volume(images: list[SpoolEntry]) -> tuple[list[SpoolEntry], dict[str, Any]]:
-    """Check the slices agree, order them and derive the volume attributes."""
+def _plan_volume(
+    images: list[SpoolEntry],
+) -> tuple[list[SpoolEntry], list[SpoolEntry], dict[str, Any]]:
+    """Check the frames agree, order them and derive the volume attributes.
+
+    Returns the frames in volume order (one entry each, pointing at its compressed bytes),
+    the image instances in the order of their first frame, and the attributes.
+    """
     first = images[0].meta
     for e in images:
         m = e.meta
@@ -582,17 +630,25 @@ def _plan_volume(images: list[SpoolEntry]) -> tuple[list[SpoolEntry], dict[str, 
             raise SeriesError("instances differ in Rows/Columns")
         if (m["spp"], m["dtype"]) != (first["spp"], first["dtype"]):
             raise SeriesError("instances differ in pixel type or samples per pixel")
+    if any("fl" in e.meta for e in images):  # cines: instance after instance, frames in order
+        images = sorted(images, key=lambda e: (e.meta.get("n") or 0, e.meta["sop"]))
+    frames = [f for e in images for f in _frames(e)]
     try:
         geom = order_slices(
-            [e.meta.get("ipp") for e in images],
-            [e.meta.get("iop") for e in images],
-            [e.meta.get("n") for e in images],
-            pixel_spacing=first.get("ps"),
-            slice_thickness=first.get("st"),
+            [e.meta.get("ipp") for e in frames],
+            [e.meta.get("iop") for e in frames],
+            [e.meta.get("n") for e in frames],
+            pixel_spacing=first.get("ps") or frames[0].meta.get("ps"),
+            slice_thickness=first.get("st") or frames[0].meta.get("st"),
         )
     except GeometryError as exc:
         raise SeriesError(str(exc)) from None
-    ordered = [images[i] for i in geom.order]
+    ordered = [frames[i] for i in geom.order]
+    where: dict[str, list[tuple[int, int]]] = {}
+    for z, f in enumerate(ordered):
+        where.setdefault(f.meta["sop"], []).append((f.meta.get("k", 0), z))
+    by_sop = {e.meta["sop"]: e for e in images}
+    instances = [by_sop[sop] for sop in where]  # in the order of their first frame
     samples = [first["spp"]] if first["spp"] > 1 else []
     shape = [len(ordered), first["rows"], first["cols"], *samples]
     slopes = [e.meta.get("slope", 1.0) for e in ordered]
@@ -606,7 +662,51 @@ def _plan_volume(images: list[SpoolEntry]) -> tuple[list[SpoolEntry], dict[str, 
         "rescale_slope": slopes[0] if len(set(slopes)) == 1 else slopes,
         "rescale_intercept": intercepts[0] if len(set(intercepts)) == 1 else intercepts,
     }
-    return ordered, attrs
+    if len(ordered) != len(instances):
+        attrs["frames"] = [[z for _, z in sorted(where[e.meta["sop"]])] for e in instances]
+    sources = {e.meta.get("src_photo") for e in images} - {None}
+    if sources:
+        attrs["source_photometric"] = sorted(sources)
+    times = {e.meta.get("ft") for e in images} - {None}
+    if len(times) == 1:
+        attrs["frame_time_ms"] = times.pop()
+    return ordered, instances, attrs
+
+
+def _frames(entry: SpoolEntry) -> list[SpoolEntry]:
+    """One entry a frame of a spooled instance: its compressed bytes and its own facts."""
+    lengths = entry.meta.get("fl")
+    if not lengths:
+        return [entry]
+    facts = entry.meta.get("ff") or [{}] * len(lengths)
+    base = {k: v for k, v in entry.meta.items() if k not in ("fl", "ff")}
+    out, offset = [], entry.pixel_offset
+    for k, (n, own) in enumerate(zip(lengths, facts, strict=True)):
+        meta = {**base, "ipp": None, "iop": None, **own, "k": k}
+        out.append(replace(entry, meta=meta, pixel_offset=offset, pixel_len=n))
+        offset += n
+    return out
+
+
+def _compress_frames(
+    raw: bytes | memoryview, layout: pixels.PixelLayout, header: dict[str, Any], meta: dict
+) -> bytes:
+    """The frames compressed one by one (one volume chunk each), end to end; for several,
+    their lengths and (enhanced objects) their functional groups' facts go in `meta`."""
+    itemsize = np.dtype(layout.dtype).itemsize
+    if layout.frames == 1:
+        return volume.compress_frame(raw, itemsize)
+    view, n = memoryview(raw).cast("B"), layout.nbytes
+    parts = [
+        volume.compress_frame(view[k * n : (k + 1) * n], itemsize) for k in range(layout.frames)
+    ]
+    meta["fl"] = [len(p) for p in parts]
+    if functional_groups.has_functional_groups(header):
+        meta["ff"] = functional_groups.frame_facts(header, layout.frames)
+    else:  # a cine: frames share the instance's position, if any: no stack geometry
+        meta["ipp"] = meta["iop"] = None
+    meta["ft"] = _float(_first_value(header, "00181063"))  # FrameTime, ms
+    return b"".join(parts)
 
 
 def _most_images(entries: list[SpoolEntry]) -> str:

@@ -73,6 +73,29 @@ class Readers:
         return reader, None
 
 
+def frame_slices(reader: SeriesReader, position: int, numbers: Iterable[int]) -> list[int]:
+    """The volume z of frames `numbers` (from 1) of the image at `position`; IndexError names
+    none (a frame it does not have)."""
+    zs = reader.frame_slices(position)
+    out = []
+    for n in numbers:
+        if not 1 <= n <= len(zs):
+            raise IndexError("no such frame")
+        out.append(zs[n - 1])
+    return out
+
+
+def image_at_slice(reader: SeriesReader, z: int) -> tuple[int, int]:
+    """(position of the image, frame index from 0) whose frame is volume slice `z`."""
+    frames = reader.attrs.get("frames")
+    if not frames:
+        return z, 0
+    for position, zs in enumerate(frames):
+        if z in zs:
+            return position, zs.index(z)
+    raise IndexError("no image holds this slice")
+
+
 def metadata(
     header: dict[str, Any], root: str, study: str, series: str, has_pixels: bool, frame_bits: int
 ) -> dict[str, Any]:
@@ -95,7 +118,7 @@ def instance_metadata(
 ) -> str:
     """The /metadata JSON text of one instance."""
     bits = 8 * np.dtype(reader.attrs.get("dtype") or "<i2").itemsize
-    has_pixels = position < int(reader.attrs["n_slices"])
+    has_pixels = position < reader.n_images
     return _dumps(metadata(reader.header(position), root, study, series, has_pixels, bits))
 
 
@@ -103,7 +126,7 @@ def series_metadata(reader: SeriesReader, root: str, study: str, series: str) ->
     """The /metadata JSON text of each instance of a series, from the stored header texts:
     the Pixel Data element is appended as text (it sorts last), with no parse and re-encode;
     a header it could not be appended to safely goes through `metadata`."""
-    n_slices = int(reader.attrs["n_slices"])
+    n_slices = reader.n_images
     vr = "OB" if np.dtype(reader.attrs.get("dtype") or "<i2").itemsize == 1 else "OW"
     bits = 8 if vr == "OB" else 16
     out = []

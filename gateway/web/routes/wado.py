@@ -312,12 +312,15 @@ def _frames(request: Request) -> Response:
     numbers = _frame_numbers(p["frames"])
     access = project_access(p["project"], request)
     se, inst = _pixels(request, access, p["study"], p["series"], p["sop"])
-    if any(n != 1 for n in numbers):  # stored instances are single-frame
-        raise HTTPException(404, "no such frame")
+    try:
+        zs = wado.frame_slices(_readers(request).get(se), inst.position, numbers)
+    except IndexError:
+        raise HTTPException(404, "no such frame") from None
     audit(request, "wado.frames", **_uids(p), frames=len(numbers))
-    data = _readers(request).frames(se).raw(inst.position)
+    frames = _readers(request).frames(se)
+    data = [frames.raw(z) for z in zs]
     base = _instance_url(dicomweb_root(request, access.project.name), se, p["sop"])
-    return _bulk_response(request, [data] * len(numbers), [f"{base}/frames/{n}" for n in numbers])
+    return _bulk_response(request, data, [f"{base}/frames/{n}" for n in numbers])
 
 
 def _bulkdata(request: Request) -> Response:
@@ -329,8 +332,10 @@ def _bulkdata(request: Request) -> Response:
     audit(request, "wado.bulkdata", **_uids(p))
     root = dicomweb_root(request, access.project.name)
     url = [f"{_instance_url(root, se, p['sop'])}/bulkdata/{wado.PIXEL_DATA}"]  # its BulkDataURI
-    if inst.has_pixels:
-        return _bulk_response(request, [_readers(request).frames(se).raw(inst.position)], url)
+    if inst.has_pixels:  # every frame, end to end: the Pixel Data value
+        frames = _readers(request).frames(se)
+        zs = _readers(request).get(se).frame_slices(inst.position)
+        return _bulk_response(request, [b"".join(frames.raw(z) for z in zs)], url)
     inline = wado.inline_pixels(_readers(request).get(se).header(inst.position))
     if inline is None:
         raise HTTPException(404, "this instance has no pixel data")
@@ -353,14 +358,22 @@ def _uids(path: dict[str, str]) -> dict[str, str]:
 # -- rendered ----------------------------------------------------------------------------------
 
 
-def _rendered(request: Request, se: IndexedSeries, position: int, thumbnail: bool) -> Response:
+def _rendered(
+    request: Request, se: IndexedSeries, position: int, frame: int, thumbnail: bool
+) -> Response:
+    """Frame `frame` (from 0) of the image at `position`, rendered."""
     chosen = negotiate_rendered(
         request.headers.get("accept"), accept_query=request.query_params.get("accept")
     )
     options = parse_render_params(request.query_params.multi_items())
-    attrs = PixelAttributes.from_dataset_json(_readers(request).get(se).header(position))
+    reader = _readers(request).get(se)
+    try:
+        (z,) = wado.frame_slices(reader, position, [frame + 1])
+    except IndexError:
+        raise HTTPException(404, "no such frame") from None
+    attrs = PixelAttributes.from_dataset_json(reader.header(position), frame)
     body = render_frame(
-        _readers(request).frames(se).frame(position),
+        _readers(request).frames(se).frame(z),
         attrs,
         media_type=chosen.media_type,
         options=options,
@@ -383,13 +396,16 @@ def instance_image(
     request: Request,
     access: Access = Depends(project_access),
 ):
-    """An instance's image, rendered or as a thumbnail (frame 1: stored instances have one)."""
+    """An instance's image, rendered or as a thumbnail: the frame asked for, else the first
+    (a cine's first frame)."""
     kind = _image_kind(request)
     se, inst = _pixels(request, access, study, series, sop)
-    if request.path_params.get("frame", "1") != "1":
-        raise HTTPException(404, "no such frame")
+    try:
+        frame = int(request.path_params.get("frame", "1")) - 1
+    except ValueError:
+        raise HTTPException(400, "a frame number is an integer") from None
     audit(request, f"wado.{kind}", study=study, series=series, instance=sop)
-    return _rendered(request, se, inst.position, kind == "thumbnail")
+    return _rendered(request, se, inst.position, frame, kind == "thumbnail")
 
 
 def _image_kind(request: Request) -> str:
@@ -404,7 +420,8 @@ def _middle_image(request: Request, se: IndexedSeries) -> Response:
     n = int(reader.attrs["n_slices"])
     if not n:
         raise HTTPException(404, "this series has no images")
-    return _rendered(request, se, n // 2, _image_kind(request) == "thumbnail")
+    position, frame = wado.image_at_slice(reader, n // 2)
+    return _rendered(request, se, position, frame, _image_kind(request) == "thumbnail")
 
 
 @router.get("/studies/{study}/series/{series}/rendered")

@@ -1,0 +1,220 @@
+"""Multi-frame and colour instances pulled from a real Orthanc by the real pull (C-MOVE): an
+Enhanced CT, US cines (JPEG YBR_FULL_422, RGB), YBR_FULL and palette US images, an XA cine and
+a DX, all in the study of a classic CT of the same phantom. Each is stored de-identified with the
+pixels a reader of the original gets (colour as RGB), frame times and colour models kept; the
+loader gives the Enhanced CT exactly as the classic series (HU, affine) and bone density gives
+both the same answer; no planted identifier, nested in functional groups or not, reaches the
+store or the catalog."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+from PIL import Image
+from pydicom import dcmread
+from zarr.storage import MemoryStore
+
+from core import users
+from core.core import Core
+from deid.vault import TRUSTED_THIRD_PARTY
+from harness.leaks import scan_database, scan_store
+from harness.localpacs import free_port
+from harness.multiframe import MultiFrameStudy, write_samples
+from harness.phantoms import make_phantom
+from harness.serve import start_sphere
+from processing.bone_density import BoneDensity
+from processing.loader import load_series
+from processing.runner import run_pipeline
+from storage.series import SeriesReader, SeriesWriter
+from tests.orthanc_fixture import seeded_orthanc
+from tests.test_pull import approved, make_gateway
+
+pytestmark = pytest.mark.peers
+PHANTOM = dict(shape_yx=(160, 160), pixel_mm=2.0, slice_spacing_mm=2.5, seed=1)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> MultiFrameStudy:
+    vol, truth = make_phantom(**PHANTOM)
+    out = tmp_path_factory.mktemp("multiframe")
+    return write_samples(vol, truth, out, per_frame_rescale=True, reverse_frames=True)
+
+
+@pytest.fixture(scope="module")
+def pulled(tmp_path_factory, study):
+    """The study pulled into a gateway: (gateway, stored series by original series UID)."""
+    port = free_port()
+    with seeded_orthanc(tmp_path_factory.mktemp("orthanc"), study.files, port) as pacs:
+        gw = make_gateway(tmp_path_factory.mktemp("gw"), pacs, port)
+        approved(gw, "mf", [study.accession])
+        report = gw.pull("mf")
+    assert report.ok, report
+    assert report.instances == len(study.files)
+    with Core(gw.settings) as core:
+        p = core.project("mf")
+        rows = core.catalog.series(p.id, status="complete")
+        by_original = {
+            core.vault.lookup("mf", r.series_uid, role=TRUSTED_THIRD_PARTY, actor="t"): r
+            for r in rows
+        }
+    return gw, by_original
+
+
+def _reader(gw, row) -> SeriesReader:
+    with Core(gw.settings) as core:
+        return SeriesReader(core.store, row.storage_key)
+
+
+def test_every_sample_is_stored_with_the_pixels_a_reader_gets(pulled, study):
+    gw, rows = pulled
+    assert len(rows) == 1 + len(study.samples)
+    for name, s in study.samples.items():
+        reader = _reader(gw, rows[s.series_uid])
+        assert reader.n_images == 1 and reader.attrs["n_slices"] == s.n_frames, name
+        ds = reader.instance(0)
+        assert ds.SOPClassUID == s.sop_class and ds.SOPInstanceUID != s.sop_uid
+        got = ds.pixel_array if s.n_frames > 1 else ds.pixel_array[None]
+        assert np.array_equal(got, s.pixels), name
+        if s.pixels.ndim == 4:  # colour: RGB, the model it came in kept
+            assert ds.PhotometricInterpretation == "RGB" and ds.SamplesPerPixel == 3
+            if s.photometric != "RGB":
+                assert reader.attrs["source_photometric"] == [s.photometric]
+        if s.frame_time_ms:
+            assert float(ds.FrameTime) == s.frame_time_ms
+            assert reader.attrs["frame_time_ms"] == s.frame_time_ms
+    jpeg = _reader(gw, rows[study.samples["us_cine_ybr422"].series_uid]).instance(0)
+    assert jpeg.LossyImageCompression == "01"  # a lossy original stays marked
+
+
+def test_enhanced_ct_loads_as_the_classic_series_and_is_measured_alike(pulled, study):
+    gw, rows = pulled
+    with Core(gw.settings) as core:
+        classic = load_series(core.store, rows[study.classic.series_uid].storage_key)
+        enhanced_key = rows[study.samples["enhanced_ct"].series_uid].storage_key
+        enhanced = load_series(core.store, enhanced_key)
+    assert torch_equal(enhanced, classic)
+    assert np.allclose(enhanced.affine.numpy(), classic.affine.numpy())
+    assert np.allclose(enhanced.meta["spacing"], classic.meta["spacing"])
+
+    report = run_pipeline(gw.settings, "mf", BoneDensity(), workers=1, progress=False)
+    with Core(gw.settings) as core:
+        results = core.catalog.results(core.project("mf").id, "bone-density")
+    by_series = {r.series_uid: r for r in results}
+    e = by_series[rows[study.samples["enhanced_ct"].series_uid].series_uid]
+    c = by_series[rows[study.classic.series_uid].series_uid]
+    assert e.status == c.status == "ok", report.outcomes
+    assert e.values == c.values
+    # The SEG of the Enhanced CT (frames written head to feet) marks the same places.
+    assert _seg_frames(gw, e.seg_series_uid) == _seg_frames(gw, c.seg_series_uid)
+
+
+def _seg_frames(gw, seg_series_uid: str) -> set[tuple[float, int, int]]:
+    """(z of the frame, segment number, voxels marked) of each frame of a stored SEG."""
+    with Core(gw.settings) as core:
+        p = core.project("mf")
+        row = next(r for r in core.catalog.series(p.id) if r.series_uid == seg_series_uid)
+        seg = SeriesReader(core.store, row.storage_key).instance(0)
+    masks = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+    out = set()
+    for item, mask in zip(seg.PerFrameFunctionalGroupsSequence, masks, strict=True):
+        z = float(item.PlanePositionSequence[0].ImagePositionPatient[2])
+        number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        out.add((round(z, 2), number, int(mask.sum())))
+    return out
+
+
+def torch_equal(a, b) -> bool:
+    return a.shape == b.shape and bool((a.as_tensor() == b.as_tensor()).all())
+
+
+def test_no_identifier_reaches_the_store_or_catalog(pulled, study, tmp_path):
+    gw, _rows = pulled
+    with Core(gw.settings) as core:
+        leaks = scan_store(core.store, study.phi)
+    leaks += scan_database(gw.settings.resolved_catalog_url(), study.phi)
+    assert leaks == [], leaks[:5]
+    # Positive control: the Enhanced CT stored without de-identification is caught, inside
+    # its per-frame groups (frame comments, a private block) as in its top-level attributes.
+    store = MemoryStore()
+    w = SeriesWriter(tmp_path / "spool", fsync=False)
+    w.add(dcmread(study.samples["enhanced_ct"].path))
+    w.commit(store, "raw/series")
+    found = {leak.needle for leak in scan_store(store, study.phi)}
+    assert study.classic.patient_id in found and study.classic.patient_name.split("^")[0] in found
+
+
+# -- served by `sphere serve`, read with dicomweb-client ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(pulled):
+    """`sphere serve` (a process of its own) on the gateway's home; a client of an investigator."""
+    gw, rows = pulled
+    token = users.add(gw.core, "ivy")
+    users.grant(gw.core, "mf", "ivy", "investigator")
+    port = free_port()
+    proc = start_sphere(gw.settings, port)
+    try:
+        url = f"http://127.0.0.1:{port}/projects/mf/dicom-web"
+        yield DICOMwebClient(url, headers={"Authorization": f"Bearer {token}"}), gw.keys("mf")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _uids(keys, study: MultiFrameStudy, name: str) -> tuple[str, str, str]:
+    s = study.samples[name]
+    return keys.uid(study.study_uid), keys.uid(s.series_uid), keys.uid(s.sop_uid)
+
+
+def test_frames_of_multi_frame_and_colour_instances_are_served(served, study):
+    client, keys = served
+    enhanced = study.samples["enhanced_ct"]
+    uids = _uids(keys, study, "enhanced_ct")
+    frames = client.retrieve_instance_frames(*uids, frame_numbers=[1, 5, 9])
+    assert frames == [enhanced.pixels[n - 1].tobytes() for n in (1, 5, 9)]  # frame-number order
+    explicit = (("application/octet-stream", "1.2.840.10008.1.2.1"),)
+    (last,) = client.retrieve_instance_frames(
+        *uids, frame_numbers=[enhanced.n_frames], media_types=explicit
+    )
+    assert last == enhanced.pixels[-1].tobytes()
+    with pytest.raises(requests.HTTPError) as e:
+        client.retrieve_instance_frames(*uids, frame_numbers=[enhanced.n_frames + 1])
+    assert e.value.response.status_code == 404
+    ds = client.retrieve_instance(*uids)
+    assert int(ds.NumberOfFrames) == enhanced.n_frames
+    assert np.array_equal(ds.pixel_array, enhanced.pixels)
+    assert len(ds.PerFrameFunctionalGroupsSequence) == enhanced.n_frames
+
+    cine = study.samples["us_cine_ybr422"]  # stored as RGB: frames are interleaved RGB
+    (second,) = client.retrieve_instance_frames(*_uids(keys, study, "us_cine_ybr422"), [2])
+    assert second == cine.pixels[1].tobytes()
+    metadata = client.retrieve_instance_metadata(*_uids(keys, study, "us_cine_ybr422"))
+    assert metadata["00280004"]["Value"] == ["RGB"] and metadata["00280008"]["Value"] == [6]
+
+
+def _png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def test_colour_and_cine_are_rendered_frame_by_frame(served, study):
+    client, keys = served
+    png = ("image/png",)
+    rgb = study.samples["us_cine_rgb"]
+    uids = _uids(keys, study, "us_cine_rgb")
+    first = _png(client.retrieve_instance_rendered(*uids, media_types=png))
+    assert np.array_equal(first, rgb.pixels[0])  # a cine renders as its first frame
+    third = _png(client.retrieve_instance_frames_rendered(*uids, [3], media_types=png))
+    assert np.array_equal(third, rgb.pixels[2])
+    palette = study.samples["us_palette"]
+    shown = _png(client.retrieve_instance_rendered(*_uids(keys, study, "us_palette"), png))
+    assert np.array_equal(shown, palette.pixels[0])
+    xa = study.samples["xa_cine"]
+    frame = _png(client.retrieve_instance_frames_rendered(*_uids(keys, study, "xa_cine"), [6], png))
+    assert frame.shape == xa.pixels.shape[1:] and frame.std() > 0
+    series_png = client.retrieve_series_rendered(*_uids(keys, study, "enhanced_ct")[:2], png)
+    assert _png(series_png).shape == study.samples["enhanced_ct"].pixels.shape[1:]
