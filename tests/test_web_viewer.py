@@ -1,31 +1,45 @@
-"""OHIF in a real browser shows a de-identified CT pulled from a real PACS.
+"""OHIF in a real browser shows de-identified images pulled from a real PACS, with the right
+pixels on screen.
 
-Orthanc (the stand-in PACS) → `sphere pull` → the gateway's web app on loopback, as
-`sphere serve` runs it → headless Chromium signs in with a viewer's token on the sign-in form,
-follows the home page's link into /viewer/ and must get every DICOMweb request answered and the
-CT drawn in the viewport. The same check on a study that does not exist must fail: that is what
-makes "the CT is drawn" mean something.
+Orthanc (the stand-in PACS) holds a CT, a JPEG-Lossless CT and a JPEG 2000 DX, compressed as
+received → `sphere pull` → the gateway's web app on loopback, as `sphere serve` runs it →
+headless Chromium signs in with a viewer's token on the sign-in form, follows the home page's
+link into /viewer/ and must get every DICOMweb request answered and the image drawn. For each
+kind of object the image the viewer decoded (cornerstone's cache) must equal the source's pixels,
+and the screen at each pixel's centre must show that pixel through the viewer's window (and
+inversion, for MONOCHROME1). The same checks on a study that does not exist, on a study whose
+frames are withheld, against another slice and against the wrong inversion must fail: that is
+what makes "the image is drawn" mean something. One Orthanc, one server and one browser serve
+every case.
 """
 
 from __future__ import annotations
 
 import io
+import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
+from pydicom.pixels import apply_modality_lut
+from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1
 
 from core import users
 from core.settings import DEFAULT_VIEWER_DIST, PacsPeer, Settings
 from gateway.api import Gateway
 from harness.browser import Browser, Request, chromium_path
 from harness.localpacs import LocalOrthanc, free_port
+from harness.multiframe import write_samples
+from harness.phantoms import make_phantom
 from harness.synthetic import generate
+from tests.compressed import BY_NAME, reference, transcode
 from tests.web_server import serving
 
 pytestmark = pytest.mark.peers
@@ -42,21 +56,72 @@ if chromium_path() is None:
 
 
 @dataclass
+class Case:
+    """One kind of object in a study of its own, held by the PACS in `syntax`; `frames`: the
+    source's modality values (colour: RGB) by original SOP Instance UID, (frames, rows,
+    cols[, 3])."""
+
+    name: str
+    accession: str
+    study_uid: str
+    syntax: str
+    frames: dict[str, np.ndarray] = field(default_factory=dict)
+    monochrome1: bool = False
+
+
+@dataclass
 class Served:
     url: str
     token: str
-    study_uid: str  # pseudonymous
+    study_uid: str  # the CT of the sign-in test, pseudonymous
+    cases: dict[str, Case]
+    studies: dict[str, str]  # case name -> pseudonymous study UID
+    frames: dict[str, np.ndarray]  # pseudonymous SOP UID -> the source's values
+    sops: dict[str, list[str]]  # case name -> its pseudonymous SOP UIDs
+    syntaxes: dict[str, str]  # case name -> the transfer syntax its series came in
+
+
+def _cases(tmp: Path) -> list[tuple[Case, list[Path]]]:
+    """The objects the viewer must show, each as the PACS holds it: (case, files to upload)."""
+    out = []
+    jls = generate(tmp / "jls", n_patients=1, series_per_study=1, slices=6, size=128, seed=21)
+    case = Case(
+        "ct-jpeg-lossless", jls.studies[0].accession, jls.studies[0].study_uid, JPEGLosslessSV1
+    )
+    files = []
+    for f in jls.files:
+        ref, enc = reference(pydicom.dcmread(f), BY_NAME["jpeg-lossless-sv1"], tmp / "jls-enc")
+        ds = pydicom.dcmread(ref)
+        case.frames[str(ds.SOPInstanceUID)] = apply_modality_lut(ds.pixel_array, ds)[None]
+        files.append(enc)
+    out.append((case, files))
+    volume, truth = make_phantom(shape_yx=(64, 64), pixel_mm=5.0, slice_spacing_mm=5.0)
+    mf = write_samples(volume, truth, tmp / "mf", index=1, only=("dx",))
+    dx = mf.samples["dx"]
+    enc = transcode(dx.path, tmp / "dx-j2k.dcm", BY_NAME["j2k-lossless"])
+    values = apply_modality_lut(dx.pixels, pydicom.dcmread(dx.path, stop_before_pixels=True))
+    case = Case("dx", mf.accession, mf.study_uid, JPEG2000Lossless, {dx.sop_uid: values}, True)
+    out.append((case, [enc]))
+    return out
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """One study (two CT series) pulled into a fresh home and served; a viewer's token."""
+    """A CT study (two series) and one study per case pulled into a fresh home and served; a
+    viewer's token."""
     tmp = tmp_path_factory.mktemp("viewer")
     corpus = generate(tmp / "corpus", n_patients=1, slices=16, size=256, seed=11)
+    cases = _cases(tmp)
     scp_port = free_port()
     modalities = {"SPHERE": ("SPHERE", "127.0.0.1", scp_port)}
     with LocalOrthanc(tmp / "orthanc", modalities=modalities) as pacs:
-        assert pacs.upload(corpus.files) == len(corpus.files)
+        files = [*corpus.files, *(f for _, fs in cases for f in fs)]
+        assert pacs.upload(files) == len(files)
+        held = {
+            pacs.get(f"/instances/{i}/header?simplify")["TransferSyntaxUID"]
+            for i in pacs.get("/instances")
+        }
+        assert {c.syntax for c, _ in cases} <= held  # the PACS holds them compressed
         settings = Settings(
             home=tmp / "home",
             port=scp_port,
@@ -72,15 +137,125 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             approved_on=date.today() - timedelta(days=1),
             expires_on=date.today() + timedelta(days=30),
         )
-        gw.add_cohort(PROJECT, "accession", [corpus.studies[0].accession])
-        gw.pull(PROJECT)
+        accessions = [corpus.studies[0].accession, *(c.accession for c, _ in cases)]
+        gw.add_cohort(PROJECT, "accession", accessions)
+        report = gw.pull(PROJECT)
+        assert report.ok, [s.error for s in report.series if s.error]
     core = gw.core
-    (study_uid,) = {s.study_uid for s in core.catalog.series(core.project(PROJECT).id)}
+    keys = gw.keys(PROJECT)
+    rows = core.catalog.series(core.project(PROJECT).id)
+    by_study = {r.study_uid: r for r in rows}
+    studies = {c.name: keys.uid(c.study_uid) for c, _ in cases}
     token = users.add(core, "reader")
     users.grant(core, PROJECT, "reader", "viewer")
     with serving(core) as url:
-        yield Served(url, token, study_uid)
+        yield Served(
+            url,
+            token,
+            keys.uid(corpus.studies[0].study_uid),
+            {c.name: c for c, _ in cases},
+            studies,
+            {keys.uid(sop): px for c, _ in cases for sop, px in c.frames.items()},
+            {c.name: [keys.uid(sop) for sop in c.frames] for c, _ in cases},
+            {name: by_study[uid].transfer_syntax or "" for name, uid in studies.items()},
+        )
     core.close()
+
+
+@pytest.fixture(scope="module")
+def page() -> Iterator[Browser]:
+    """One browser for every case (a returning user: OHIF's first-visit tour dims the viewport
+    at a moment of its own)."""
+    with Browser(timeout_s=40) as browser:
+        yield browser
+
+
+def signed_in(page: Browser, served: Served) -> None:
+    """Sign in with the viewer's token unless this browser already holds a session."""
+    if any(c["name"] == "sphere_session" for c in page.cookies()):
+        return
+    page.goto(f"{served.url}/signin")
+    page.evaluate("localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']))")
+    page.fill("input[name=token]", served.token)
+    page.submit("form[action='/signin']")
+
+
+# What the viewport shows: its image as the viewer decoded it (cornerstone's cache, exposed by
+# OHIF as window.cornerstone), its window and inversion, and where pixels (0,0), (cols-1,0) and
+# (0,rows-1) land on the page. null when no image is displayed.
+SHOWN_JS = """(() => {
+  const e = window.cornerstone && cornerstone.getEnabledElements()[0];
+  const vp = e && e.viewport;
+  const id = vp && vp.getCurrentImageId && vp.getCurrentImageId();
+  const img = id && cornerstone.cache.getImage(id);
+  if (!img) return null;
+  const d = vp.getImageData();
+  const at = (i, j) => vp.worldToCanvas(d.imageData.indexToWorld([i, j, 0]));
+  const r = vp.canvas.getBoundingClientRect();
+  const p = vp.getProperties();
+  return {
+    imageId: id, rows: img.rows, columns: img.columns,
+    components: img.numberOfComponents || (img.color ? 3 : 1),
+    scaled: !!(img.preScale && img.preScale.scaled), slope: img.slope, intercept: img.intercept,
+    pixels: Array.from(img.getPixelData()), voi: p.voiRange || null,
+    origin: [r.left, r.top], c00: at(0, 0), c10: at(img.columns - 1, 0),
+    c01: at(0, img.rows - 1),
+  };
+})()"""
+_FRAME_URL = re.compile(r"/instances/([0-9.]+)/frames/(\d+)")
+
+
+def displayed(page: Browser) -> dict[str, Any] | None:
+    """The viewport's image as SHOWN_JS describes it, pixels as an array; None without one."""
+    shown = page.evaluate(SHOWN_JS)
+    if not shown:
+        return None
+    rows, cols, k = shown["rows"], shown["columns"], shown["components"]
+    px = np.asarray(shown["pixels"], dtype=np.float64).reshape((rows, cols, k)[: 3 if k > 1 else 2])
+    if k == 1 and not shown["scaled"]:  # the viewer rescales CT itself: compare modality values
+        px = px * float(shown["slope"] or 1) + float(shown["intercept"] or 0)
+    shown["pixels"] = px[..., :3] if k > 1 else px
+    return shown
+
+
+def decoded_right(shown: dict[str, Any], frames: dict[str, np.ndarray]) -> tuple[bool, str]:
+    """Whether the viewer's decoded image equals the source frame its URL names."""
+    m = _FRAME_URL.search(shown["imageId"])
+    if m is None or m.group(1) not in frames:
+        return False, f"an image of no known instance: {shown['imageId']}"
+    want = frames[m.group(1)][int(m.group(2)) - 1]
+    got = shown["pixels"]
+    if got.shape != want.shape:
+        return False, f"shape {got.shape}, the source's {want.shape}"
+    diff = int(np.count_nonzero(got != want))
+    return diff == 0, f"{diff} of {want.size} values differ from the source's frame"
+
+
+def on_screen(shown: dict[str, Any], png: bytes, invert: bool) -> tuple[bool, str]:
+    """Whether the screen, at each pixel's centre, shows that pixel: grey through the viewer's
+    window (inverted for MONOCHROME1), colour as is; 90 % within 16 levels (overlay text and
+    edges between pixels take the rest)."""
+    shot = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float64)
+    px = shown["pixels"]
+    rows, cols = px.shape[:2]
+    o = np.add(shown["origin"], shown["c00"])
+    u = np.subtract(shown["c10"], shown["c00"]) / max(cols - 1, 1)
+    v = np.subtract(shown["c01"], shown["c00"]) / max(rows - 1, 1)
+    j, i = np.mgrid[0:rows, 0:cols]
+    x = np.round(o[0] + i * u[0] + j * v[0]).astype(int)
+    y = np.round(o[1] + i * u[1] + j * v[1]).astype(int)
+    inside = (x >= 0) & (y >= 0) & (x < shot.shape[1]) & (y < shot.shape[0])
+    if inside.mean() < 0.9:
+        return False, f"only {inside.mean():.0%} of the image is on the page"
+    seen = shot[y.clip(0, shot.shape[0] - 1), x.clip(0, shot.shape[1] - 1)]
+    if px.ndim == 3:
+        close = (np.abs(seen - px) <= 16).all(axis=2)
+    else:
+        lo, hi = shown["voi"]["lower"], shown["voi"]["upper"]
+        want = np.clip((px - lo) / max(hi - lo, 1e-9), 0, 1) * 255
+        close = np.abs(seen.mean(axis=2) - (255 - want if invert else want)) <= 16
+    share = float(close[inside].mean())
+    return share >= 0.9, f"{share:.1%} of {rows}x{cols} pixel centres show their value"
 
 
 def dicomweb(requests: list[Request]) -> list[Request]:
@@ -130,68 +305,109 @@ def open_study(page: Browser, url: str, settle_s: float = 8.0) -> tuple[bool, st
             return ok, why, png
 
 
-def test_ohif_shows_the_pulled_ct(served: Served) -> None:
+def test_ohif_shows_the_pulled_ct(served: Served, page: Browser) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
-    with Browser(timeout_s=40) as page:
-        # A shared viewer link, not signed in: the sign-in form, the token, back to the viewer.
-        shared = f"{served.url}/viewer/?StudyInstanceUIDs={served.study_uid}&project={PROJECT}"
-        page.goto(shared)
-        assert page.evaluate("location.pathname") == "/signin"
-        # A returning user: OHIF's first-visit tour dims the viewport at a moment of its own.
-        page.evaluate("localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']))")
-        page.fill("input[name=token]", served.token)
-        page.submit("form[action='/signin']")
-        assert any(c["name"] == "sphere_session" for c in page.cookies())
-        assert page.evaluate("location.pathname + location.search") == (
-            f"/viewer/viewer?StudyInstanceUIDs={served.study_uid}&project={PROJECT}"
-        )
-        # The home page lists the study with its link into the viewer.
-        page.goto(f"{served.url}/")
-        link = page.evaluate(
-            f"""[...document.querySelectorAll('a')].map(a => a.href)
-                  .find(h => h.includes('/viewer/') && h.includes({served.study_uid!r}))"""
-        )
-        assert link, "the home page has no viewer link for the pulled study"
-        assert f"project={PROJECT}" in link
+    page.send("Network.clearBrowserCookies")  # whatever ran before: signed out
+    # A shared viewer link, not signed in: the sign-in form, the token, back to the viewer.
+    shared = f"{served.url}/viewer/?StudyInstanceUIDs={served.study_uid}&project={PROJECT}"
+    page.goto(shared)
+    assert page.evaluate("location.pathname") == "/signin"
+    # A returning user: OHIF's first-visit tour dims the viewport at a moment of its own.
+    page.evaluate("localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']))")
+    page.fill("input[name=token]", served.token)
+    page.submit("form[action='/signin']")
+    assert any(c["name"] == "sphere_session" for c in page.cookies())
+    assert page.evaluate("location.pathname + location.search") == (
+        f"/viewer/viewer?StudyInstanceUIDs={served.study_uid}&project={PROJECT}"
+    )
+    # The home page lists the study with its link into the viewer.
+    page.goto(f"{served.url}/")
+    link = page.evaluate(
+        f"""[...document.querySelectorAll('a')].map(a => a.href)
+              .find(h => h.includes('/viewer/') && h.includes({served.study_uid!r}))"""
+    )
+    assert link, "the home page has no viewer link for the pulled study"
+    assert f"project={PROJECT}" in link
 
-        page.forget_requests()  # from here on, the viewer's requests only
-        shown, why, png = open_study(page, link)
-        (SHOTS / "viewer.png").write_bytes(png)
-        requests = list(page.requests)
-        calls = dicomweb(requests)
-        failed = [(r.status, r.error, r.url) for r in calls if not _succeeded(r)]
-        assert not failed, f"DICOMweb requests failed: {failed[:5]}"
-        paths = " ".join(r.url for r in calls)
-        for needed in ("/studies?", "/series", "/metadata", "/frames/1"):
-            assert needed in paths, f"the viewer never asked for {needed}"
-        foreign = [r.url for r in requests if not r.url.startswith((served.url, "data:", "blob:"))]
-        assert not foreign, f"the viewer reached outside the gateway: {foreign[:5]}"
-        broken = [(r.status, r.url) for r in requests if (r.status or 0) >= 400]
-        assert not broken, f"viewer requests failed: {broken[:5]}"
-        assert shown, f"no CT in the viewport ({why}); see {SHOTS / 'viewer.png'}"
+    page.forget_requests()  # from here on, the viewer's requests only
+    shown, why, png = open_study(page, link)
+    (SHOTS / "viewer.png").write_bytes(png)
+    requests = list(page.requests)
+    calls = dicomweb(requests)
+    failed = [(r.status, r.error, r.url) for r in calls if not _succeeded(r)]
+    assert not failed, f"DICOMweb requests failed: {failed[:5]}"
+    paths = " ".join(r.url for r in calls)
+    for needed in ("/studies?", "/series", "/metadata", "/frames/1"):
+        assert needed in paths, f"the viewer never asked for {needed}"
+    foreign = [r.url for r in requests if not r.url.startswith((served.url, "data:", "blob:"))]
+    assert not foreign, f"the viewer reached outside the gateway: {foreign[:5]}"
+    broken = [(r.status, r.url) for r in requests if (r.status or 0) >= 400]
+    assert not broken, f"viewer requests failed: {broken[:5]}"
+    assert shown, f"no CT in the viewport ({why}); see {SHOTS / 'viewer.png'}"
 
-        # Controls: the same check must fail on a study that does not exist (OHIF's error
-        # page) and on the study with its frames withheld (a blank viewport, overlays drawn).
-        missing = link.replace(served.study_uid, "2.25.1234567890123456789")
-        shown, why, png = open_study(page, missing)
-        (SHOTS / "viewer-missing-study.png").write_bytes(png)
-        assert not shown, f"the image check passes on a study that does not exist ({why})"
-        page.block("*/frames/*")
-        page.forget_requests()
-        shown, why, png = open_study(page, link)
-        (SHOTS / "viewer-no-frames.png").write_bytes(png)
-        assert any("/frames/" in r.url and r.error for r in page.requests)
-        assert not shown, f"the image check passes on a viewport without frames ({why})"
+    # Controls: the same check must fail on a study that does not exist (OHIF's error
+    # page) and on the study with its frames withheld (a blank viewport, overlays drawn).
+    missing = link.replace(served.study_uid, "2.25.1234567890123456789")
+    shown, why, png = open_study(page, missing)
+    (SHOTS / "viewer-missing-study.png").write_bytes(png)
+    assert not shown, f"the image check passes on a study that does not exist ({why})"
+    page.block("*/frames/*")
+    page.forget_requests()
+    shown, why, png = open_study(page, link)
+    (SHOTS / "viewer-no-frames.png").write_bytes(png)
+    assert any("/frames/" in r.url and r.error for r in page.requests)
+    assert not shown, f"the image check passes on a viewport without frames ({why})"
+    assert displayed(page) is None  # nor is any image decoded
 
-        # OHIF's own navigation drops ?project=; the tab remembers it (its study list).
-        page.block()
-        page.forget_requests()
-        page.goto(f"{served.url}/viewer/")
-        page.wait_idle(quiet_s=1.0)
-        listed = [r for r in dicomweb(page.requests) if "/studies?" in r.url]
-        assert listed and all(_succeeded(r) for r in listed)
-        assert page.evaluate("document.body.innerText.includes('CT')")
+    # OHIF's own navigation drops ?project=; the tab remembers it (its study list).
+    page.block()
+    page.forget_requests()
+    page.goto(f"{served.url}/viewer/")
+    page.wait_idle(quiet_s=1.0)
+    listed = [r for r in dicomweb(page.requests) if "/studies?" in r.url]
+    assert listed and all(_succeeded(r) for r in listed)
+    assert page.evaluate("document.body.innerText.includes('CT')")
 
 
 def _succeeded(r: Request) -> bool:
     return r.error is None and r.status is not None and (200 <= r.status < 300 or r.status == 304)
+
+
+@pytest.mark.parametrize("name", ["ct-jpeg-lossless", "dx"])
+def test_ohif_shows_each_kind_with_its_pixels(served: Served, page: Browser, name: str) -> None:
+    """Each kind of object, pulled as the PACS holds it (compressed), opens in the viewer: the
+    image it decoded is the source's, and the screen shows it pixel for pixel. Controls: the
+    same checks fail against another frame of the source and with the inversion wrong."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    case = served.cases[name]
+    assert served.syntaxes[name] == case.syntax  # came as the PACS holds it
+    signed_in(page, served)
+    page.forget_requests()
+    study = served.studies[name]
+    link = f"{served.url}/viewer/viewer?StudyInstanceUIDs={study}&project={PROJECT}"
+    drawn, why, png = open_study(page, link)
+    deadline = time.monotonic() + 8  # the image check passed; the pixel checks may lag a frame
+    while True:
+        shown = displayed(page)
+        png = page.screenshot()
+        ok = shown is not None and on_screen(shown, png, case.monochrome1)[0]
+        if ok or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    (SHOTS / f"viewer-{name}.png").write_bytes(png)
+    failed = [(r.status, r.error, r.url) for r in dicomweb(page.requests) if not _succeeded(r)]
+    assert not failed, f"DICOMweb requests failed: {failed[:5]}"
+    assert drawn, f"no image in the viewport ({why}); see {SHOTS / f'viewer-{name}.png'}"
+    assert shown is not None, "the viewer displays no image"
+    right, why = decoded_right(shown, served.frames)
+    assert right, f"{name}: the viewer's image is not the source's ({why})"
+    right, why = on_screen(shown, png, case.monochrome1)
+    assert right, f"{name}: the screen does not show the image ({why})"
+
+    # Controls: another frame of the source (a neighbouring slice, else the image shifted by
+    # a row), and the inversion wrong, fail the same checks.
+    sop = _FRAME_URL.search(shown["imageId"]).group(1)
+    neighbours = [s for s in served.sops[name] if s != sop]
+    frame = served.frames[neighbours[0]] if neighbours else np.roll(served.frames[sop], 1, 1)
+    assert not decoded_right(shown, {**served.frames, sop: frame})[0]
+    assert not on_screen(shown, png, not case.monochrome1)[0]
