@@ -15,7 +15,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from deid.profile import Region
-from dicom import decoders, lossy
+from dicom import colour, decoders, lossy
 
 decoders.register()
 
@@ -65,6 +65,13 @@ def blank_regions(ds: Dataset, regions: tuple[Region, ...]) -> str | None:
         return "burned-in annotation: no blanking region for this image size"
     if ts is not None and ts.is_compressed and not _decompress(ds, ts):
         return "burned-in annotation: compressed pixel data could not be decoded"
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    if photometric == "PALETTE COLOR" or photometric.startswith("YBR"):
+        # Black is no palette index nor YBR (0, 0, 0): blank in RGB, as storage keeps colour.
+        try:
+            colour.to_rgb_in_place(ds)
+        except Exception:  # a broken table or pixel data; pydicom raises many types
+            return "burned-in annotation: colour pixel data could not be converted to RGB"
     bits = int(ds.BitsAllocated)
     if bits not in (8, 16, 32) or "PixelData" not in ds:
         return "burned-in annotation: pixel data layout cannot be blanked"

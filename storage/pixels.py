@@ -16,10 +16,9 @@ from typing import Any
 import numpy as np
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_color_lut
 from pydicom.uid import UID
 
-from dicom import decoders, lossy
+from dicom import colour, decoders, lossy
 
 decoders.register()
 _DTYPES = {
@@ -168,43 +167,17 @@ def _palette(ds: Dataset, layout: PixelLayout) -> tuple[PixelLayout, bytes, dict
         plugin = decoders.plugin_for(ts, int(ds.get("BitsStored") or 0)) if ts else None
         if plugin:
             ds.pixel_array_options(decoding_plugin=plugin)
-        rgb = apply_color_lut(ds.pixel_array, ds)
+        rgb = colour.palette_rgb(ds)
     except Exception as exc:  # a missing or broken table, undecodable data
         raise PixelError("cannot apply the palette colour lookup table") from exc
-    if rgb.dtype.itemsize > 1:
-        rgb = rgb >> 8
-    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
     out = PixelLayout(layout.rows, layout.cols, 3, "uint8", layout.frames)
     if rgb.size != out.total:
         raise PixelError("palette colour pixel data does not match its description")
-    patches: dict[str, Any] = {
-        **_RGB,
-        **_INTERLEAVED,
-        "00280002": {"vr": "US", "Value": [3]},  # SamplesPerPixel
-        "00280100": {"vr": "US", "Value": [8]},  # BitsAllocated
-        "00280101": {"vr": "US", "Value": [8]},  # BitsStored
-        "00280102": {"vr": "US", "Value": [7]},  # HighBit
-        "00280103": {"vr": "US", "Value": [0]},  # PixelRepresentation
-    }
-    patches.update({tag: None for tag in _PALETTE_TAGS})
+    patches: dict[str, Any] = {**colour.RGB_HEADER}
+    patches.update({tag: None for tag in colour.PALETTE_TAGS})
     if ts is not None and ts.is_compressed:
         patches.update(lossy.patches(ts, ds.PixelData, layout.total, ds.get))
     return out, rgb.tobytes(), patches
-
-
-# The palette's descriptors, tables (normal and segmented) and UID: gone once applied.
-_PALETTE_TAGS = (
-    "00281101",
-    "00281102",
-    "00281103",
-    "00281199",
-    "00281201",
-    "00281202",
-    "00281203",
-    "00281221",
-    "00281222",
-    "00281223",
-)
 
 
 def _json_getter(header: dict[str, Any]) -> Any:

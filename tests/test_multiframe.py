@@ -1,4 +1,5 @@
-"""Multi-frame and colour samples (harness.multiframe): what they hold, read back with pydicom."""
+"""Multi-frame and colour samples (harness.multiframe): what they hold, read back with pydicom;
+burned-in text in colour and cine images quarantined, or blanked in every frame and stored."""
 
 from __future__ import annotations
 
@@ -6,9 +7,14 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.pixels import apply_color_lut
+from zarr.storage import MemoryStore
 
+from deid.engine import Deidentifier, Quarantined
+from deid.keys import ProjectKeys
+from deid.profile import Profile, Region
 from harness.multiframe import MultiFrameStudy, write_samples
 from harness.phantoms import make_phantom
+from storage.series import SeriesReader, SeriesWriter
 
 TINY = dict(shape_yx=(64, 64), pixel_mm=5.0, slice_spacing_mm=5.0)
 
@@ -66,3 +72,37 @@ def test_identifiers_are_planted_inside_the_functional_groups(samples):
     assert surname.encode() in item and samples.classic.patient_id.encode() in item
     assert samples.classic.study_date.encode() in item
     assert set(samples.phi) >= {s.sop_uid for s in samples.samples.values()}
+
+
+CINE = ("us_cine_ybr422", "us_cine_rgb", "us_ybr_full", "us_palette", "xa_cine")
+
+
+@pytest.fixture(scope="module")
+def burned(tmp_path_factory) -> MultiFrameStudy:
+    vol, truth = make_phantom(**TINY)
+    out = tmp_path_factory.mktemp("burned")
+    return write_samples(vol, truth, out, burned_in_text=True, only=CINE)
+
+
+def test_burned_in_text_in_colour_and_cine_is_quarantined_or_blanked(burned, tmp_path):
+    keys = ProjectKeys(b"multiframe-test-secret-0123456789ab")
+    blank = Profile(burned_in="blank", regions=(Region(0, 0, 64, 12, rows=48, columns=64),))
+    for name in CINE:
+        s = burned.samples[name]
+        text = s.pixels[:, :12]
+        assert (text >= 200).any(), name  # the (anti-aliased) text is there
+        with pytest.raises(Quarantined, match="BurnedInAnnotation is YES"):
+            Deidentifier(Profile(), keys).apply(dcmread(s.path))
+        ds = Deidentifier(blank, keys).apply(dcmread(s.path))
+        assert ds.BurnedInAnnotation == "NO"
+        store = MemoryStore()
+        writer = SeriesWriter(tmp_path / name, fsync=False)
+        writer.add(ds)
+        writer.commit(store, f"p/{name}")
+        stored = np.asarray(SeriesReader(store, f"p/{name}").volume[:])
+        assert stored.shape[0] == s.n_frames
+        top = stored[:, :12].reshape(s.n_frames, -1, *stored.shape[3:])
+        # every frame's band is black (in RGB: a palette's entry 0 or YBR 0 are not), the
+        # rest as it was
+        assert (top == 0).all(), name
+        assert np.array_equal(stored[:, 12:], s.pixels[:, 12:]), name

@@ -86,6 +86,14 @@ def test_every_sample_is_stored_with_the_pixels_a_reader_gets(pulled, study):
         if s.frame_time_ms:
             assert float(ds.FrameTime) == s.frame_time_ms
             assert reader.attrs["frame_time_ms"] == s.frame_time_ms
+    # The per-frame groups are kept (positions, rescale), what identifies in them is not:
+    # a source image reference is removed (PS3.15 X/Z/U*), frame comments are cleaned.
+    stored = _reader(gw, rows[study.samples["enhanced_ct"].series_uid]).instance(0)
+    groups = stored.PerFrameFunctionalGroupsSequence
+    assert len(groups) == study.samples["enhanced_ct"].n_frames
+    assert all(
+        "SourceImageSequence" not in g.get("DerivationImageSequence", [{}])[0] for g in groups
+    )
     jpeg = _reader(gw, rows[study.samples["us_cine_ybr422"].series_uid]).instance(0)
     assert jpeg.LossyImageCompression == "01"  # a lossy original stays marked
 
