@@ -1,5 +1,5 @@
 # sphere: `make demo` runs the main job, `make test` runs the tests. Both install what they need.
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench chaos clean
 
 .venv/.installed: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -18,6 +18,12 @@ test: setup lint
 
 bench: setup
 	.venv/bin/python benchmarks/bench_pull.py
+
+# Every fault of issue 19 against real peers (not part of `make test`, which runs shorter
+# versions in tests/test_chaos.py): a table of instances expected / stored / duplicated and
+# the time to recover. `make chaos ARGS=node-killed` runs one.
+chaos: setup
+	.venv/bin/python -m harness.chaos $(ARGS)
 
 clean:
 	rm -rf demo-data var .pytest_cache

@@ -117,7 +117,7 @@ class JobOptions(BaseModel):
     lease_s: float = 60.0  # a node silent this long loses its job to another node
     beat_s: float = 10.0  # heartbeat (and progress) interval; a cancel is noticed then
     poll_s: float = 2.0  # an idle node looks for work this often
-    wait_s: float = 30.0  # a job that cannot run yet (its project pulled elsewhere) waits this
+    wait_s: float = 30.0  # a job that cannot run yet (pulled elsewhere, a peer away) waits this
 
 
 class Settings(BaseSettings):
@@ -160,6 +160,9 @@ class Settings(BaseSettings):
     # before every acknowledgement instead (safe from power loss at once, far slower).
     fsync: bool = True  # off only for throwaway test data
     spool_min_free_mb: float = 16.0  # a pull stops (cleanly) when the spool's disk has less free
+    # A series' commit (or its read-back, its indexing) that the object store refuses is tried
+    # again, the instances kept in the spool, for this long before the series fails.
+    store_wait_s: float = Field(600.0, ge=0)
     fsync_each: bool = False
     # A project's data is kept this many days past its approval's expiry, then purged
     # (`sphere project purge --expired`, daily); `sphere project retain` sets another end.

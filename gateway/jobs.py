@@ -28,6 +28,7 @@ from core import Core, SphereError, Unavailable, access, metrics, projects
 from core.settings import Settings
 from gateway.pull import PullBusy, Puller, pull
 from gateway.pull.guard import OutsideWindow, check_windows
+from gateway.pull.stops import PullStopped
 from storage.catalog import Job, utcnow
 
 log = logging.getLogger(__name__)
@@ -225,6 +226,8 @@ class Node:
             state, outcome = "waiting", f"waiting: {e}"
         except Unavailable as e:
             state, outcome = "waiting", f"waiting: a source is unavailable: {e}"
+        except PullStopped as e:  # the catalog, the store or a disk failed: tried again later
+            state, outcome = "waiting", f"waiting: {e}"
         except SphereError as e:
             state, outcome = "failed", str(e)
         except Exception as e:  # noqa: BLE001 - a job's failure never ends the node

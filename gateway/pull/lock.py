@@ -39,10 +39,17 @@ def holder_text(held: PullLock) -> str:
     return f"{held.host} (pid {held.pid}{who}) since {held.since:%Y-%m-%d %H:%M:%S} UTC"
 
 
+# The tokens of the locks this process holds now: a lock of this process that is not among
+# them was left by one of its pulls that ended without releasing it (the catalog was down).
+_HELD: set[str] = set()
+
+
 def gone(held: PullLock, host: str) -> str:
     """Why a lock's holder is gone ("" when it may still be pulling)."""
     if held.host == host and not _alive(held.pid):
         return "its process is gone"
+    if held.host == host and held.pid == os.getpid() and held.token not in _HELD:
+        return "its pull in this process ended"
     silent = (utcnow() - held.heartbeat).total_seconds()
     if silent > LEASE_S:
         return f"no heartbeat for {silent:.0f} s"
@@ -88,6 +95,7 @@ class ProjectPullLock:
         self._beat.start()
 
     def _release(self) -> None:
+        _HELD.discard(self.token)
         self._stop.set()
         if self._beat is not None:
             self._beat.join()
@@ -99,6 +107,14 @@ class ProjectPullLock:
     def take(self) -> None:
         """Take the lock, or take over a dead holder's; `PullBusy` when a live pull has it."""
         mine = {"host": self.host, "pid": os.getpid(), "actor": self.actor}
+        _HELD.add(self.token)  # before it is in the catalog: no one here takes it for stale
+        try:
+            self._take(mine)
+        except BaseException:
+            _HELD.discard(self.token)
+            raise
+
+    def _take(self, mine: dict[str, object]) -> None:
         for _ in range(3):  # a holder may release or die between our reads
             if self.catalog.take_pull_lock(self.project.id, self.token, **mine):
                 return

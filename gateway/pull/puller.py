@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -34,12 +34,20 @@ from gateway.pull.layout import SpoolLayout
 from gateway.pull.lock import ProjectPullLock, PullBusy
 from gateway.pull.report import PullProgress, PullReport, SeriesOutcome
 from gateway.pull.retrievers import Retriever, SourceError, open_retrievers
-from gateway.pull.stops import PullStopped, check_spool, probe_store, why_stopped
+from gateway.pull.stops import (
+    PullStopped,
+    check_spool,
+    probe_store,
+    while_store_down,
+    why_stopped,
+)
 from storage.catalog import Project, utcnow
+from storage.objectstore import guard
 from storage.series import SeriesError, SeriesWriter, delete_series, series_key, unreadable
 from storage.spool import SpoolError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class PullRefused(SphereError):
@@ -497,23 +505,26 @@ class Puller:
             )
         if self.lock is not None and self.lock.lost:
             return self._fail(job, "another pull took this project's pull lock: not committed")
-        try:
-            info = job.writer.commit(self.core.store, job.key)
+        store = self.core.store
+        try:  # the store down for a while holds the commit up, the spool kept
+            info = self._store_retried(lambda: job.writer.commit(store, job.key), "commit")
         except SeriesError as e:
             return self._fail(job, f"could not assemble the series: {e}")
-        except Exception as e:  # storage down: the spool is kept, a re-run resumes
+        except Exception as e:  # storage down too long: the spool is kept, a re-run resumes
             log.error("series %s: storage failed: %s", job.pseudo_series, type(e).__name__)
             return self._fail(job, f"storage failed ({type(e).__name__}): spool kept for resume")
         try:  # never "complete" unless it reads back whole
-            problem = unreadable(self.core.store, job.key, info.n_instances)
+            problem = self._store_retried(
+                lambda: unreadable(store, job.key, info.n_instances), "read-back"
+            )
         except Exception as e:
             problem = f"storage failed ({type(e).__name__})"
         if problem:
             with contextlib.suppress(Exception):  # not left looking whole to a store listing
-                delete_series(self.core.store, job.key)
+                delete_series(store, job.key)
             return self._fail(job, f"the stored series does not read back: {problem}")
         try:
-            self._index(job)
+            self._store_retried(lambda: self._index(job), "indexing")
         except SQLAlchemyError:  # the catalog itself fails (full, down): the pull stops
             raise
         except Exception as e:  # stored but not findable: failed, so a re-run pulls it again
@@ -553,7 +564,20 @@ class Puller:
 
     def _index(self, job: SeriesJob) -> None:
         """The QIDO-RS index rows of a committed series, before it is marked complete."""
-        index_stored(self.core, self.project.id, job.key)
+        with guard("indexing"):  # the headers are read from the store
+            index_stored(self.core, self.project.id, job.key)
+
+    def _store_retried(self, fn: Callable[[], T], what: str) -> T:
+        """`fn()` while the object store is down, up to `store_wait_s` (not once the pull is
+        stopping: the spool keeps the series for the next)."""
+        s = self.core.settings
+        return while_store_down(
+            fn,
+            what,
+            wait_s=s.store_wait_s,
+            backoff_s=s.backoff_s,
+            stop=lambda: self._stopping or self.cancelled.is_set(),
+        )
 
     def _commit_or_stop(self, job: SeriesJob) -> SeriesOutcome:
         """`_commit`; an error it does not handle stops the pull (no more series started)."""

@@ -6,10 +6,14 @@ pending, no `.tmp` left) with one line saying what failed and what to do, never 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 from zarr.abc.store import Store
@@ -19,7 +23,10 @@ from core import SphereError, Unavailable
 from gateway.pull.report import PullReport
 from storage.objectstore import StorageUnavailable, guard, run
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 _FULL = (errno.ENOSPC, errno.EDQUOT)
+MAX_BACKOFF_S = 10.0
 
 
 class PullStopped(SphereError):
@@ -74,3 +81,26 @@ def probe_store(store: Store, prefix: str) -> None:
     except (StorageUnavailable, FileNotFoundError) as e:
         why = str(e) if isinstance(e, StorageUnavailable) else "storage folder missing"
         raise Unavailable(f"{why}: nothing was pulled; re-run when the store is back") from None
+
+
+def while_store_down(
+    fn: Callable[[], T], what: str, *, wait_s: float, backoff_s: float, stop: Callable[[], bool]
+) -> T:
+    """`fn()`, called again while the object store is unavailable (backing off, at most
+    `wait_s` in all, or until `stop()`): a store down for a while holds a series' commit up,
+    its instances kept in the spool, instead of failing it. The last `StorageUnavailable`
+    is raised when it is not back in time."""
+    deadline = time.monotonic() + wait_s
+    wait = max(backoff_s, 0.05)
+    told = False
+    while True:
+        try:
+            return fn()
+        except StorageUnavailable as e:
+            if stop() or time.monotonic() + wait > deadline:
+                raise
+            if not told:
+                log.warning("%s; the %s is tried again until it answers", e, what)
+                told = True
+        time.sleep(wait)
+        wait = min(wait * 2, MAX_BACKOFF_S)

@@ -1,0 +1,111 @@
+"""A TCP proxy on loopback between sphere and a peer (Orthanc, S3), for the fault tests and
+`make chaos`: counts the connections open at once through it (the most ever seen), and plays
+the faults of a network: `drop` (stop answering: open connections cut, new ones closed at once,
+counted) until `pass_again`; `cut` (abort what is open, keep accepting); `throttle` (at most so
+many bytes a second each way, a slow peer)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+
+CHUNK = 65536
+
+
+class CountingProxy:
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.open = self.most = self.total = self.dropped = self.cuts = 0
+        self.dropping = False
+        self.rate: float | None = None  # bytes a second each way, per connection; None: free
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            if self.dropping:  # a source that stops answering: closed at once
+                with self._lock:
+                    self.dropped += 1
+                client.close()
+                continue
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            up = socket.create_connection(("127.0.0.1", self.upstream))
+        except OSError:
+            client.close()
+            return
+        with self._lock:
+            self.open += 1
+            self.total += 1
+            self.most = max(self.most, self.open)
+            self._conns.update((client, up))
+        other = threading.Thread(target=self._pump, args=(up, client), daemon=True)
+        other.start()
+        self._pump(client, up)
+        other.join()
+        for s in (client, up):
+            s.close()
+        with self._lock:
+            self.open -= 1
+            self._conns.difference_update((client, up))
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(CHUNK if self.rate is None else 4096):
+                if self.rate is not None:  # a slow peer: each chunk paid for in time
+                    time.sleep(len(data) / self.rate)
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def _cut_open(self) -> int:
+        with self._lock:
+            conns = list(self._conns)
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        return len(conns) // 2
+
+    def drop(self) -> None:
+        """Stop answering: cut what is open, close every new connection at once."""
+        self.dropping = True
+        self._cut_open()
+
+    def pass_again(self) -> None:
+        self.dropping = False
+
+    def cut(self) -> int:
+        """Abort the connections open now (an association aborted mid-way); new ones pass.
+        Returns how many were cut."""
+        n = self._cut_open()
+        with self._lock:
+            self.cuts += n
+        return n
+
+    def throttle(self, bytes_per_s: float | None) -> None:
+        """At most `bytes_per_s` each way on each connection (None: at full speed again)."""
+        self.rate = bytes_per_s
+
+    def close(self) -> None:
+        self.sock.close()
+        self._cut_open()
+
+    def __enter__(self) -> CountingProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
