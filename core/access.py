@@ -34,7 +34,7 @@ ROLES = GLOBAL_ROLES + PROJECT_ROLES
 _VIEWER = {"project.read", "study.read", "results.read", "jobs.read"}
 _INVESTIGATOR = _VIEWER | {"pipeline.run", "export", "project.grant", "jobs.submit", "jobs.cancel"}
 _TRUSTED = {"project.read", "cohort.read", "cohort.values", "vault.lookup", "vault.audit"}
-_TRUSTED |= {"optout.manage"}
+_TRUSTED |= {"optout.manage", "omop.export"}  # results to the warehouse: re-identifies
 _DATA_MANAGER = {
     "project.create", "project.approve", "project.revoke", "project.read", "project.grant",
     "project.purge", "project.reindex", "cohort.add", "cohort.remove", "cohort.read", "pull",

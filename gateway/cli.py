@@ -30,6 +30,7 @@ from gateway import (
     governance_cmd,
     jobs_cmd,
     logs,
+    omop_cmd,
     run_cmd,
     views,
     web_cmd,
@@ -285,10 +286,44 @@ def cohort_add(
         Path | None,
         typer.Option(help="CSV file with columns accession, patient_id and/or study_uid."),
     ] = None,
+    omop: Annotated[
+        str | None, typer.Option(help="An OMOP CDM warehouse (PostgreSQL URL) to read from.")
+    ] = None,
+    cohort_definition: Annotated[
+        int | None, typer.Option(help="With --omop: the cohort table's cohort_definition_id.")
+    ] = None,
+    omop_sql: Annotated[
+        Path | None,
+        typer.Option(help="With --omop: a query returning study UIDs or accession numbers."),
+    ] = None,
+    omop_schema: Annotated[
+        str, typer.Option(envvar=omop_cmd.SCHEMA_ENV, help="With --omop: the CDM schema.")
+    ] = "public",
+    omop_accession_column: Annotated[
+        str | None,
+        typer.Option(help="With --omop: the column holding the accession number."),
+    ] = None,
+    omop_procedure_concept: Annotated[
+        list[int] | None,
+        typer.Option(help="With --omop, no image_occurrence: procedure concepts (repeatable)."),
+    ] = None,
 ) -> None:
-    """Add studies to a project's cohort, by accession number, patient ID or study UID.
+    """Add studies to a project's cohort, by accession number, patient ID or study UID, or
+    from an OMOP warehouse's cohort (--omop URL --cohort-definition N, or --omop-sql FILE).
 
     The values are kept in the vault; the catalog holds only keyed digests of them."""
+    if omop:
+        omop_cmd.cohort_add(
+            ctx,
+            name,
+            omop,
+            definition=cohort_definition,
+            sql_file=omop_sql,
+            schema=omop_schema,
+            accession_column=omop_accession_column,
+            procedure_concepts=omop_procedure_concept or [],
+        )
+        return
     given = {
         "accession": accession or [],
         "patient_id": patient_id or [],
@@ -465,6 +500,7 @@ web_cmd.register(app, project_app)  # `sphere user …`, `project grant`, `serve
 run_cmd.register(app)  # `sphere run bone-density …`, `sphere results …`
 governance_cmd.register(app, project_app)  # `project purge|retain|purges`, `optout …`
 jobs_cmd.register(app, core)  # `sphere jobs …`, `sphere worker`
+omop_cmd.register(app)  # `sphere omop export`
 
 
 if __name__ == "__main__":

@@ -64,7 +64,14 @@ CLI_CASES: dict[str, list[Case]] = {
     "project list": [],  # lists what the operator may read: see test_project_list_is_filtered
     "project grant": [Case(("pp", "zed", "--role", "viewer"), ("project.grant",))],
     "project reindex": [Case(("pp",), ("project.reindex",))],
-    "cohort add": [Case(("pp", "--accession", "A1"), ("cohort.add",))],
+    "cohort add": [
+        Case(("pp", "--accession", "A1"), ("cohort.add",)),
+        Case(
+            ("pp", "--omop", "postgresql://127.0.0.1:9/none", "--cohort-definition", "1"),
+            ("cohort.add",),
+        ),
+    ],
+    "omop export": [Case(("pp", "--to", "postgresql://127.0.0.1:9/none"), ("omop.export",))],
     "pull": [Case(("pp",), ("pull",)), Case(("pp", "--plan"), ("pull",))],
     "status": [Case(("pp",), ("project.read",))],
     "echo": [Case((), ("pacs.echo",))],
