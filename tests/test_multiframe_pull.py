@@ -20,7 +20,9 @@ from zarr.storage import MemoryStore
 
 from core import users
 from core.core import Core
+from core.settings import Settings, Source
 from deid.vault import TRUSTED_THIRD_PARTY
+from gateway.api import Gateway
 from harness.leaks import scan_database, scan_store
 from harness.localpacs import free_port
 from harness.multiframe import MultiFrameStudy, write_samples
@@ -45,23 +47,36 @@ def study(tmp_path_factory) -> MultiFrameStudy:
 
 
 @pytest.fixture(scope="module")
-def pulled(tmp_path_factory, study):
-    """The study pulled into a gateway: (gateway, stored series by original series UID)."""
-    port = free_port()
-    with seeded_orthanc(tmp_path_factory.mktemp("orthanc"), study.files, port) as pacs:
-        gw = make_gateway(tmp_path_factory.mktemp("gw"), pacs, port)
-        approved(gw, "mf", [study.accession])
-        report = gw.pull("mf")
+def scp_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory, study, scp_port):
+    with seeded_orthanc(tmp_path_factory.mktemp("orthanc"), study.files, scp_port) as orthanc:
+        yield orthanc
+
+
+def pull(gw: Gateway, study: MultiFrameStudy) -> dict:
+    """Pull the study into `gw`'s project "mf": its stored series by original series UID."""
+    approved(gw, "mf", [study.accession])
+    report = gw.pull("mf")
     assert report.ok, report
     assert report.instances == len(study.files)
     with Core(gw.settings) as core:
         p = core.project("mf")
         rows = core.catalog.series(p.id, status="complete")
-        by_original = {
+        return {
             core.vault.lookup("mf", r.series_uid, role=TRUSTED_THIRD_PARTY, actor="t"): r
             for r in rows
         }
-    return gw, by_original
+
+
+@pytest.fixture(scope="module")
+def pulled(tmp_path_factory, study, pacs, scp_port):
+    """The study pulled into a gateway by C-MOVE: (gateway, stored series by original UID)."""
+    gw = make_gateway(tmp_path_factory.mktemp("gw"), pacs, scp_port)
+    return gw, pull(gw, study)
 
 
 def _reader(gw, row) -> SeriesReader:
@@ -69,8 +84,7 @@ def _reader(gw, row) -> SeriesReader:
         return SeriesReader(core.store, row.storage_key)
 
 
-def test_every_sample_is_stored_with_the_pixels_a_reader_gets(pulled, study):
-    gw, rows = pulled
+def _check_samples(gw: Gateway, rows: dict, study: MultiFrameStudy) -> None:
     assert len(rows) == 1 + len(study.samples)
     for name, s in study.samples.items():
         reader = _reader(gw, rows[s.series_uid])
@@ -86,6 +100,11 @@ def test_every_sample_is_stored_with_the_pixels_a_reader_gets(pulled, study):
         if s.frame_time_ms:
             assert float(ds.FrameTime) == s.frame_time_ms
             assert reader.attrs["frame_time_ms"] == s.frame_time_ms
+
+
+def test_every_sample_is_stored_with_the_pixels_a_reader_gets(pulled, study):
+    gw, rows = pulled
+    _check_samples(gw, rows, study)
     # The per-frame groups are kept (positions, rescale), what identifies in them is not:
     # a source image reference is removed (PS3.15 X/Z/U*), frame comments are cleaned.
     stored = _reader(gw, rows[study.samples["enhanced_ct"].series_uid]).instance(0)
@@ -96,6 +115,16 @@ def test_every_sample_is_stored_with_the_pixels_a_reader_gets(pulled, study):
     )
     jpeg = _reader(gw, rows[study.samples["us_cine_ybr422"].series_uid]).instance(0)
     assert jpeg.LossyImageCompression == "01"  # a lossy original stays marked
+
+
+@pytest.mark.parametrize("protocol", ["get", "dicomweb"])
+def test_c_get_and_dicomweb_pulls_store_the_same(tmp_path, study, pacs, scp_port, protocol):
+    if protocol == "get":
+        gw = make_gateway(tmp_path, pacs, scp_port, retrieve="get")
+    else:
+        source = Source(name="web", protocol="dicomweb", url=f"{pacs.url}/dicom-web")
+        gw = Gateway(Settings(home=tmp_path, port=scp_port, sources=[source], fsync=False))
+    _check_samples(gw, pull(gw, study), study)
 
 
 def test_enhanced_ct_loads_as_the_classic_series_and_is_measured_alike(pulled, study):
@@ -193,6 +222,13 @@ def test_frames_of_multi_frame_and_colour_instances_are_served(served, study):
     with pytest.raises(requests.HTTPError) as e:
         client.retrieve_instance_frames(*uids, frame_numbers=[enhanced.n_frames + 1])
     assert e.value.response.status_code == 404
+    # Frames are stored decoded: a compressed syntax is not offered (406), never mislabelled.
+    jpeg = (("image/jpeg", "1.2.840.10008.1.2.4.50"),)
+    with pytest.raises(requests.HTTPError) as e:
+        client.retrieve_instance_frames(*uids, frame_numbers=[1], media_types=jpeg)
+    assert e.value.response.status_code == 406
+    (found,) = client.search_for_instances(*uids[:2])
+    assert found["00280008"]["Value"] == [enhanced.n_frames]  # QIDO's NumberOfFrames
     ds = client.retrieve_instance(*uids)
     assert int(ds.NumberOfFrames) == enhanced.n_frames
     assert np.array_equal(ds.pixel_array, enhanced.pixels)
