@@ -5,6 +5,7 @@ server). Mounted on the CLI by `register(app, project_app)`."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from typing import Annotated, Any
@@ -144,12 +145,27 @@ def serve(
         os.environ[logs.VERBOSE] = "1"
     node = None if no_jobs else _start_node(settings)
     vaultkey.keep_out_of_environment()  # nor do its worker processes inherit the key
+    # uvicorn, stopped by SIGTERM, raises it again once it has shut down: end through the
+    # `finally` below (the node stopped), not by the signal's default (this process killed).
+    signal.signal(signal.SIGTERM, _stopped)
     try:
         _serve(c, settings, host, port, workers)
     finally:
         if node is not None:
-            node.terminate()  # the job in hand is queued again for any node
-            node.wait(60)
+            _stop_node(node, settings.jobs.lease_s)
+
+
+def _stopped(signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
+def _stop_node(node: subprocess.Popen[bytes], wait_s: float) -> None:
+    """SIGTERM: the node ends the series in hand and queues its job again for any node."""
+    node.terminate()
+    try:
+        node.wait(max(wait_s, 60))
+    except subprocess.TimeoutExpired:  # it still ends, queuing its job, once its series ends
+        typer.echo(f"the job node (pid {node.pid}) is still stopping", err=True)
 
 
 def _start_node(settings: Any) -> subprocess.Popen[bytes]:

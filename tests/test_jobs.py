@@ -341,3 +341,77 @@ def test_a_window_closing_mid_pull_sends_the_job_back_waiting(
     jobs.Node(gw.settings, name="n").run(once=True)
     assert gw.catalog.job(job.id).state == "done"
     assert len(gw.catalog.series(pid, status="complete")) == n_series
+
+
+@pytest.mark.peers
+def test_serve_stopped_mid_pull_gives_its_job_back_to_the_queue(tmp_path, pacs, scp_port, corpus):
+    """SIGTERM to `sphere serve` while its worker child runs a pull: the job is queued again at
+    once (its lease released, not waited out: 10 minutes here), the pull lock released, and a
+    node then completes it, every instance once."""
+    import json
+    import signal
+
+    from tests.test_jobs_nodes import every_instance_once
+
+    gw = pulling_gateway(tmp_path, pacs, scp_port, lease_s=600)
+    approved(gw, "served", [st.accession for st in corpus.studies])
+    token = data_manager(gw)  # who may serve
+    job = jobs.submit(gw.core, "pull", "served", user=gw.catalog.user("dan"))
+    web_port = free_port()
+    # held to 10 instances a second, so that the pull is surely under way when serve stops
+    source = {"name": "pacs", "ae_title": pacs.aet, "port": pacs.dicom_port, "max_rate": 10}
+    env = {
+        **os.environ,
+        "SPHERE_HOME": str(tmp_path),
+        "SPHERE_TOKEN": token,
+        "SPHERE_WEB__PORT": str(web_port),
+        "SPHERE_PORT": str(scp_port),
+        "SPHERE_SOURCES": json.dumps([source]),
+        "SPHERE_MAX_ASSOCIATIONS": "1",
+        "SPHERE_FSYNC": "false",
+        "SPHERE_JOBS__LEASE_S": "600",
+        "SPHERE_JOBS__BEAT_S": "0.2",
+        "SPHERE_JOBS__POLL_S": "0.2",
+    }
+    serve = subprocess.Popen([*SPHERE, "serve"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_serve(serve, web_port)
+        deadline = time.monotonic() + 120
+        while (gw.catalog.job(job.id).progress or {}).get("instances", 0) == 0:
+            assert serve.poll() is None and time.monotonic() < deadline, "no pull under way"
+            time.sleep(0.05)
+        serve.send_signal(signal.SIGTERM)
+        _, err = serve.communicate(timeout=120)
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait(10)
+    assert serve.returncode == 0, err
+    assert "Traceback" not in err and "unexpected" not in err
+    row = gw.catalog.job(job.id)
+    assert row.state == "queued", (row.state, row.outcome)
+    assert row.outcome.startswith("requeued: node") and "stopped" in row.outcome
+    assert row.token is None and row.lease_expires is None  # the lease is given back
+    assert row.progress["instances"] < len(corpus.files)  # it was stopped mid-pull
+    assert gw.catalog.pull_lock(gw.core.project("served").id) is None
+    node = jobs.Node(gw.settings, name="node-2")  # leases it at once: no lease to run out
+    node.run(once=True)
+    assert node.ran == [job.id]
+    row = gw.catalog.job(job.id)
+    assert row.state == "done" and row.attempts == 2, row.outcome
+    every_instance_once(gw, "served", corpus)
+
+
+def wait_for_serve(serve: subprocess.Popen[str], port: int, timeout_s: float = 60) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if serve.poll() is not None:
+            pytest.fail(f"sphere serve ended: {serve.stderr.read()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, "sphere serve does not listen"
+            time.sleep(0.1)
