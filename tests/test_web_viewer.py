@@ -29,7 +29,7 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.pixels import apply_modality_lut
-from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1
+from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLosslessSV1
 
 from core import users
 from core.settings import DEFAULT_VIEWER_DIST, PacsPeer, Settings
@@ -102,6 +102,30 @@ def _cases(tmp: Path) -> list[tuple[Case, list[Path]]]:
     values = apply_modality_lut(dx.pixels, pydicom.dcmread(dx.path, stop_before_pixels=True))
     case = Case("dx", mf.accession, mf.study_uid, JPEG2000Lossless, {dx.sop_uid: values}, True)
     out.append((case, [enc]))
+    mf = write_samples(volume, truth, tmp / "ect", index=2, only=("enhanced_ct",))
+    ect = mf.samples["enhanced_ct"]
+    values = _per_frame_values(pydicom.dcmread(ect.path, stop_before_pixels=True), ect.pixels)
+    case = Case(
+        "enhanced-ct", mf.accession, mf.study_uid, ect.transfer_syntax, {ect.sop_uid: values}
+    )
+    out.append((case, [ect.path]))
+    mf = write_samples(volume, truth, tmp / "us", index=3, only=("us_cine_ybr422",))
+    us = mf.samples["us_cine_ybr422"]  # YBR_FULL_422 in JPEG Baseline, as scanners send it
+    case = Case(
+        "us-cine-colour", mf.accession, mf.study_uid, JPEGBaseline8Bit, {us.sop_uid: us.pixels}
+    )
+    out.append((case, [us.path]))
+    return out
+
+
+def _per_frame_values(ds: pydicom.Dataset, frames: np.ndarray) -> np.ndarray:
+    """HU of an Enhanced CT's frames: each by its rescale (per-frame group, else shared)."""
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    out = np.empty(frames.shape, dtype=np.float64)
+    for k, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        group = item if "PixelValueTransformationSequence" in item else shared
+        rescale = group.PixelValueTransformationSequence[0]
+        out[k] = frames[k] * float(rescale.RescaleSlope) + float(rescale.RescaleIntercept)
     return out
 
 
@@ -373,7 +397,7 @@ def _succeeded(r: Request) -> bool:
     return r.error is None and r.status is not None and (200 <= r.status < 300 or r.status == 304)
 
 
-@pytest.mark.parametrize("name", ["ct-jpeg-lossless", "dx"])
+@pytest.mark.parametrize("name", ["ct-jpeg-lossless", "dx", "enhanced-ct", "us-cine-colour"])
 def test_ohif_shows_each_kind_with_its_pixels(served: Served, page: Browser, name: str) -> None:
     """Each kind of object, pulled as the PACS holds it (compressed), opens in the viewer: the
     image it decoded is the source's, and the screen shows it pixel for pixel. Controls: the
@@ -385,15 +409,19 @@ def test_ohif_shows_each_kind_with_its_pixels(served: Served, page: Browser, nam
     page.forget_requests()
     study = served.studies[name]
     link = f"{served.url}/viewer/viewer?StudyInstanceUIDs={study}&project={PROJECT}"
-    drawn, why, png = open_study(page, link)
-    deadline = time.monotonic() + 8  # the image check passed; the pixel checks may lag a frame
+    page.goto(link)
+    page.wait_for("document.querySelector('canvas') || document.body.innerText.length > 50")
+    deadline = time.monotonic() + 30  # until the image is on screen, or given up
     while True:
         shown = displayed(page)
         png = page.screenshot()
-        ok = shown is not None and on_screen(shown, png, case.monochrome1)[0]
-        if ok or time.monotonic() > deadline:
+        if shown is not None and on_screen(shown, png, case.monochrome1)[0]:
             break
-        time.sleep(0.5)
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    page.wait_idle(quiet_s=0.5, timeout_s=40)  # every request answered, for the check below
+    drawn, why = shows_an_image(png, viewport_region(page))
     (SHOTS / f"viewer-{name}.png").write_bytes(png)
     failed = [(r.status, r.error, r.url) for r in dicomweb(page.requests) if not _succeeded(r)]
     assert not failed, f"DICOMweb requests failed: {failed[:5]}"
@@ -404,10 +432,23 @@ def test_ohif_shows_each_kind_with_its_pixels(served: Served, page: Browser, nam
     right, why = on_screen(shown, png, case.monochrome1)
     assert right, f"{name}: the screen does not show the image ({why})"
 
-    # Controls: another frame of the source (a neighbouring slice, else the image shifted by
-    # a row), and the inversion wrong, fail the same checks.
-    sop = _FRAME_URL.search(shown["imageId"]).group(1)
+    # Controls: another frame of the source (the instance's next frame, else a neighbouring
+    # slice, else the image shifted by a row), and the inversion wrong (grey) or the image
+    # moved (colour), fail the same checks.
+    m = _FRAME_URL.search(shown["imageId"])
+    sop, k = m.group(1), int(m.group(2)) - 1
+    frames = served.frames[sop]
     neighbours = [s for s in served.sops[name] if s != sop]
-    frame = served.frames[neighbours[0]] if neighbours else np.roll(served.frames[sop], 1, 1)
-    assert not decoded_right(shown, {**served.frames, sop: frame})[0]
-    assert not on_screen(shown, png, not case.monochrome1)[0]
+    if len(frames) > 1:
+        frame = np.roll(frames, -1, axis=0)
+    elif neighbours:
+        frame = served.frames[neighbours[0]]
+    else:
+        frame = np.roll(frames, 1, axis=1)
+    assert not decoded_right(shown, {**served.frames, sop: frame})[0], k
+    if shown["pixels"].ndim == 3:  # colour has no window to get wrong: moved by 2 columns
+        assert not on_screen({**shown, "pixels": np.roll(shown["pixels"], 2, axis=1)}, png, False)[
+            0
+        ]
+    else:
+        assert not on_screen(shown, png, not case.monochrome1)[0]
