@@ -22,6 +22,7 @@ DETECTOR_ID, DETECTOR_CAL_DATE, DETECTOR_CAL_TIME = 0x0018700A, 0x0018700C, 0x00
 CONTENT_CREATOR = 0x00700084
 REQUESTED_PROCEDURE_DESCRIPTION = 0x00321060
 OBSERVATION_DATETIME = 0x0040A032
+ACQ_CONTEXT = 0x00400555
 
 # General Study/Series/Equipment/Image, Contrast/Bolus, Patient modules, as in CT, MR, CR, DX,
 # US, SC, PET, NM images.
@@ -58,6 +59,7 @@ _ENHANCED = _IMAGE | {
     CONTENT_TIME: "1",
     ACQ_DATETIME: "1C",
     DEVICE_SERIAL: "1",
+    ACQ_CONTEXT: "2",  # the Acquisition Context module is mandatory in enhanced IODs
 }
 # Type 3 in both the SR Document General and Presentation State Identification modules (and the
 # General Equipment / Series attributes they carry).
@@ -91,8 +93,11 @@ _PR = _DOCUMENT_OPTIONAL | {
     PATIENT_ID: "2",
     REF_PPS: "3",
 }
+# Digital X-ray, mammography and intra-oral images, whose Acquisition Context module is mandatory.
+_PROJECTION = _IMAGE | {ACQ_CONTEXT: "2"}
 TOP_LEVEL: dict[str, dict[int, str]] = {
     "image": _IMAGE,
+    "projection": _PROJECTION,
     "enhanced": _ENHANCED,
     "sr": _SR,
     "dose_sr": _DOSE_SR,
@@ -119,6 +124,14 @@ _ENHANCED_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.130",  # Enhanced PET
     "1.2.840.10008.5.1.4.1.1.128.1",  # Legacy Converted Enhanced PET
 }
+_PROJECTION_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray, for presentation
+    "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray, for processing
+    "1.2.840.10008.5.1.4.1.1.1.2",  # Digital Mammography, for presentation
+    "1.2.840.10008.5.1.4.1.1.1.2.1",  # Digital Mammography, for processing
+    "1.2.840.10008.5.1.4.1.1.1.3",  # Digital Intra-Oral X-Ray, for presentation
+    "1.2.840.10008.5.1.4.1.1.1.3.1",  # Digital Intra-Oral X-Ray, for processing
+}
 _DOSE_SR_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.88.67",  # X-Ray Radiation Dose SR
     "1.2.840.10008.5.1.4.1.1.88.68",  # Radiopharmaceutical Radiation Dose SR
@@ -136,6 +149,8 @@ def family(sop_class_uid: str, has_pixels: bool) -> str | None:
         return "pr"
     if sop_class_uid in _ENHANCED_CLASSES:
         return "enhanced"
+    if sop_class_uid in _PROJECTION_CLASSES:
+        return "projection"
     if has_pixels and sop_class_uid.startswith("1.2.840.10008.5.1.4.1.1."):
         return "image"
     return None

@@ -29,11 +29,11 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_color_lut, convert_color_space
 from pydicom.sequence import Sequence
 from pydicom.uid import (
-    CTImageStorage,
     DigitalXRayImageStorageForPresentation,
     EnhancedCTImageStorage,
     ExplicitVRLittleEndian,
     JPEGBaseline8Bit,
+    SecondaryCaptureImageStorage,
     UltrasoundImageStorage,
     UltrasoundMultiFrameImageStorage,
     XRayAngiographicImageStorage,
@@ -124,7 +124,7 @@ def write_samples(
         ),
         "us_cine_ybr422": lambda d: _us_cine(d, who, rng, cine_frames, cine_shape, "jpeg"),
         "us_cine_rgb": lambda d: _us_cine(d, who, rng, cine_frames, cine_shape, "rgb"),
-        "us_ybr_full": lambda d: _us_cine(d, who, rng, 1, cine_shape, "ybr_full"),
+        "sc_ybr_full": lambda d: _us_cine(d, who, rng, 1, cine_shape, "ybr_full"),
         "us_palette": lambda d: _us_palette(d, who, rng, cine_shape),
         "xa_cine": lambda d: _xa_cine(d, who, rng, cine_frames, cine_shape),
         "dx": lambda d: _dx(d, who, rng),
@@ -170,6 +170,10 @@ def _base(who: dict[str, str], rng: random.Random, sop_class: str, modality: str
     ds.Modality = modality
     ds.SeriesInstanceUID = _uid(rng)
     ds.ContentTime = "101700"
+    if modality not in ("CT", "DX"):  # which say laterality per frame or image instead
+        ds.Laterality = ""  # Type 2C: the abdomen and chest are not paired
+    if modality != "CT":
+        ds.PatientOrientation = ""  # Type 2C: no patient-frame geometry
     return ds
 
 
@@ -199,6 +203,8 @@ def _enhanced_ct(
     ds.AcquisitionDuration = 4.2
     ds.ContentQualification = "PRODUCT"
     ds.LossyImageCompression = "00"
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.AcquisitionContextSequence = Sequence([])
     ds.SeriesDescription = "ENHANCED CT " + who["surname"]
     ds.DeviceSerialNumber = "SN" + who["id"][-5:]
     ds.SoftwareVersions = "1.0"
@@ -230,12 +236,7 @@ def _enhanced_ct(
     voi = Dataset()
     voi.WindowCenter, voi.WindowWidth = 40, 400
     shared.FrameVOILUTSequence = Sequence([voi])
-    # A UID of the hospital's inside the shared groups, which must be replaced like the others.
-    ref = Dataset()
-    ref.ReferencedSOPClassUID = CTImageStorage
-    ref.ReferencedSOPInstanceUID = _uid(rng)
-    ref.ReferencedFrameNumber = 1
-    shared.ReferencedImageSequence = Sequence([ref])
+    _ct_acquisition(shared, rng, sy, sx)
     if not per_frame_rescale:
         shared.PixelValueTransformationSequence = Sequence([_rescale(intercept)])
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
@@ -243,7 +244,6 @@ def _enhanced_ct(
     order = list(range(nz))[::-1] if reverse else list(range(nz))
     frames = []
     per_frame = []
-    classic_sops = [dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in classic.files]
     for n, k in enumerate(order):
         icpt = intercept + (24.0 if per_frame_rescale and n % 2 else 0.0)
         stored = volume[k].astype(np.int32) - int(round(icpt))
@@ -264,12 +264,11 @@ def _enhanced_ct(
         item.PlanePositionSequence = Sequence([position])
         if per_frame_rescale:
             item.PixelValueTransformationSequence = Sequence([_rescale(icpt)])
-        derivation = Dataset()
-        source = Dataset()
-        source.ReferencedSOPClassUID = CTImageStorage
-        source.ReferencedSOPInstanceUID = classic_sops[k]  # the classic is written in slice order
-        derivation.SourceImageSequence = Sequence([source])
-        item.DerivationImageSequence = Sequence([derivation])
+        table = Dataset()  # CT Position: where the table and the reconstruction were
+        table.TablePosition = round(float(ipp[2]), 4)
+        table.ReconstructionTargetCenterPatient = [0.0, 0.0, round(float(ipp[2]), 4)]
+        table.DataCollectionCenterPatient = [0.0, 0.0, round(float(ipp[2]), 4)]
+        item.CTPositionSequence = Sequence([table])
         block = item.private_block(0x0029, "ACME CT 1.0", create=True)
         block.add_new(0x11, "SH", who["id"])
         per_frame.append(item)
@@ -291,6 +290,80 @@ def _enhanced_ct(
         if kw in ds:
             delattr(ds, kw)
     return ds, stack
+
+
+def _item(**values: object) -> Dataset:
+    item = Dataset()
+    for keyword, value in values.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    return _item(CodeValue=value, CodingSchemeDesignator=scheme, CodeMeaning=meaning)
+
+
+def _ct_acquisition(shared: Dataset, rng: random.Random, sy: float, sx: float) -> None:
+    """The Enhanced CT macros a scanner fills once for the whole acquisition (PS3.3 C.8.15.3),
+    with the irradiation event's UID: a hospital UID inside the shared groups."""
+    shared.CTAcquisitionTypeSequence = Sequence(
+        [_item(AcquisitionType="SPIRAL", ConstantVolumeFlag="NO", FluoroscopyFlag="NO")]
+    )
+    shared.CTAcquisitionDetailsSequence = Sequence(
+        [
+            _item(
+                DataCollectionDiameter=500.0,
+                GantryDetectorTilt=0.0,
+                TableHeight=150.0,
+                RotationDirection="CW",
+                RevolutionTime=0.5,
+                SingleCollimationWidth=0.625,
+                TotalCollimationWidth=40.0,
+            )
+        ]
+    )
+    shared.CTTableDynamicsSequence = Sequence(
+        [_item(TableSpeed=80.0, TableFeedPerRotation=40.0, SpiralPitchFactor=1.0)]
+    )
+    shared.CTGeometrySequence = Sequence(
+        [_item(DistanceSourceToDetector=1085.6, DistanceSourceToDataCollectionCenter=595.0)]
+    )
+    shared.CTReconstructionSequence = Sequence(
+        [
+            _item(
+                ReconstructionAlgorithm="FILTER_BACK_PROJ",
+                ConvolutionKernel="B30F",
+                ConvolutionKernelGroup="SOFT_TISSUE",
+                ReconstructionDiameter=500.0,
+                ReconstructionPixelSpacing=[round(sy, 6), round(sx, 6)],
+                ReconstructionAngle=360.0,
+                ImageFilter="NONE",
+            )
+        ]
+    )
+    shared.CTExposureSequence = Sequence(
+        [
+            _item(
+                ExposureTimeInms=500.0,
+                XRayTubeCurrentInmA=200.0,
+                ExposureInmAs=100.0,
+                ExposureModulationType="NONE",
+                CTDIvol=10.0,
+            )
+        ]
+    )
+    shared.CTXRayDetailsSequence = Sequence(
+        [_item(KVP=120.0, FocalSpots=[1.2], FilterType="FLAT", FilterMaterial="ALUMINUM")]
+    )
+    shared.FrameAnatomySequence = Sequence(
+        [
+            _item(
+                AnatomicRegionSequence=Sequence([_code("818981001", "SCT", "Abdomen")]),
+                FrameLaterality="U",
+            )
+        ]
+    )
+    shared.IrradiationEventIdentificationSequence = Sequence([_item(IrradiationEventUID=_uid(rng))])
 
 
 def _rescale(intercept: float) -> Dataset:
@@ -337,10 +410,15 @@ def _multiframe(ds: Dataset, n: int) -> None:
 def _us_cine(
     out: Path, who: dict[str, str], rng: random.Random, n: int, shape: tuple[int, int], kind: str
 ) -> tuple[Dataset, np.ndarray]:
-    """An ultrasound cine (or single image when n == 1) in colour: JPEG YBR_FULL_422, native
-    RGB or native YBR_FULL."""
-    sop_class = UltrasoundMultiFrameImageStorage if n > 1 else UltrasoundImageStorage
-    ds = _base(who, rng, sop_class, "US")
+    """An ultrasound cine (or single image when n == 1) in colour: JPEG YBR_FULL_422 or native
+    RGB; or a secondary capture of the same in native YBR_FULL, colour by plane (the US image
+    module no longer allows YBR_FULL)."""
+    if kind == "ybr_full":
+        ds = _base(who, rng, SecondaryCaptureImageStorage, "OT")
+        ds.ConversionType = "WSD"
+    else:
+        sop_class = UltrasoundMultiFrameImageStorage if n > 1 else UltrasoundImageStorage
+        ds = _base(who, rng, sop_class, "US")
     ds.ImageType = ["ORIGINAL", "PRIMARY", "ABDOMINAL", "0001"]
     ds.SeriesDescription = f"US CINE {kind.upper()}"
     ds.Rows, ds.Columns = shape
@@ -364,12 +442,18 @@ def _us_cine(
         return ds, rgb  # replaced by the decoded pixels in _save
     if kind == "ybr_full":
         ds.PhotometricInterpretation = "YBR_FULL"
-        ybr = convert_color_space(rgb, "RGB", "YBR_FULL")
-        ds.PixelData = np.ascontiguousarray(ybr).tobytes()
+        ds.PlanarConfiguration = 1
+        ds.PixelData = _ybr_planar(rgb)
         return ds, rgb
     ds.PhotometricInterpretation = "RGB"
     ds.PixelData = rgb.tobytes()
     return ds, rgb
+
+
+def _ybr_planar(rgb: np.ndarray) -> bytes:
+    """RGB frames as YBR_FULL, colour by plane (Y, then Cb, then Cr, frame after frame)."""
+    ybr = convert_color_space(rgb, "RGB", "YBR_FULL")
+    return np.ascontiguousarray(np.moveaxis(ybr, -1, -3)).tobytes()
 
 
 def _jpeg(rgb: np.ndarray) -> bytes:
@@ -394,7 +478,7 @@ def _us_palette(
     ds.PixelRepresentation = 0
     ds.LossyImageCompression = "00"
     i = np.arange(256)
-    lut = np.stack([i, (255 - i) // 2, (i * 7) % 256]).astype(np.uint16)  # r, g, b
+    lut = np.stack([i, 255 - i, (i * 7) % 256]).astype(np.uint16)  # r, g, b
     for colour, values in zip(("Red", "Green", "Blue"), lut, strict=True):
         setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 16])
         ds.add_new(
@@ -428,6 +512,10 @@ def _xa_cine(
     ds.DistanceSourceToDetector = 1100.0
     ds.RadiationSetting = "GR"
     ds.KVP = 80.0
+    ds.XRayTubeCurrent = 500
+    ds.ExposureTime = 6
+    ds.Exposure = 3
+    ds.PositionerMotion = "STATIC"
     ds.LossyImageCompression = "00"
     _multiframe(ds, n)
     rows, cols = shape
@@ -462,7 +550,20 @@ def _dx(out: Path, who: dict[str, str], rng: random.Random) -> tuple[Dataset, np
     ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "US"
     ds.WindowCenter, ds.WindowWidth = 2048, 4096
     ds.LossyImageCompression = "00"
-    for kw in ("ImageOrientationPatient", "ImagePositionPatient", "FrameOfReferenceUID"):
+    ds.ImageLaterality = "U"
+    ds.AnatomicRegionSequence = Sequence([_code("51185008", "SCT", "Chest")])
+    ds.PixelIntensityRelationship = "LOG"
+    ds.PixelIntensityRelationshipSign = -1
+    ds.PresentationLUTShape = "INVERSE"  # MONOCHROME1
+    ds.DetectorType = "SCINTILLATOR"
+    ds.PositionerType = "NONE"
+    ds.AcquisitionContextSequence = Sequence([])
+    for kw in (
+        "ImageOrientationPatient",
+        "ImagePositionPatient",
+        "FrameOfReferenceUID",
+        "PositionReferenceIndicator",
+    ):
         if kw in ds:
             delattr(ds, kw)
     y, x = np.mgrid[0:rows, 0:cols]
