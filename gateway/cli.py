@@ -312,6 +312,8 @@ def cohort_add(
     from an OMOP warehouse's cohort (--omop URL --cohort-definition N, or --omop-sql FILE).
 
     The values are kept in the vault; the catalog holds only keyed digests of them."""
+    if (cohort_definition is not None or omop_sql) and not omop:
+        raise SphereError("--cohort-definition and --omop-sql read an OMOP warehouse: give --omop")
     if omop:
         omop_cmd.cohort_add(
             ctx,

@@ -72,6 +72,12 @@ def source_prefix(project: str, pipeline: str) -> str:
     return prefix
 
 
+def image_marker(project: str) -> str:
+    """The local_path of the image_occurrence rows an export adds (the warehouse had none for
+    that series): how a re-export knows them."""
+    return f"sphere:{project}"
+
+
 def export(
     core: Core,
     name: str,
@@ -102,7 +108,7 @@ def export(
         counts = wh.replace(
             source_prefix=prefix,
             alg_prefix=prefix,
-            image_marker=f"sphere:{name}",
+            image_marker=image_marker(name),
             concepts=_local_concepts(),
             vocabulary=_vocabulary_row(),
             written=written,
@@ -164,6 +170,8 @@ def _link(
     by_series, by_study, by_accession = {}, {}, {}
     if "image_occurrence" in wh.tables:
         for row in wh.image_occurrences([m[3] for m in mapped if m[3]]):
+            if row.local_path == image_marker(name):
+                continue  # written by an earlier export, which this one replaces
             by_series[(row.image_study_uid, row.image_series_uid)] = row
             by_study.setdefault(row.image_study_uid, row)
     if accession_column and "procedure_occurrence" in wh.tables:

@@ -210,7 +210,7 @@ class Warehouse:
         """The image_occurrence rows of these studies."""
         cols = (
             "image_occurrence_id, person_id, procedure_occurrence_id, visit_occurrence_id, "
-            "image_occurrence_date, image_study_uid, image_series_uid"
+            "image_occurrence_date, image_study_uid, image_series_uid, local_path"
         )
         sql = f"SELECT {cols} FROM {self._t('image_occurrence')} WHERE image_study_uid"
         return self._in(sql, sorted(set(study_uids)))

@@ -247,6 +247,13 @@ def test_omop_cohort_to_measurements_on_the_right_persons(
             ),
             {"p": first.person_id},
         )
+        # The second study's series is not the one the warehouse lists: the export adds an
+        # image occurrence of its own for it (same procedure and visit), marked as sphere's.
+        second = pop.person(studies[1].patient_id)
+        c.execute(
+            text("UPDATE image_occurrence SET image_series_uid = '1.2.3.4' WHERE person_id = :p"),
+            {"p": second.person_id},
+        )
 
     # Only the trusted third party exports.
     out = cli(gw.settings.home, dan, "omop", "export", "bones", "--to", url)
@@ -257,7 +264,11 @@ def test_omop_cohort_to_measurements_on_the_right_persons(
         outputs.append(out.output)
         assert "4 measurement rows written" in out.output
         assert f"({4 if attempt == 2 else 0} of an earlier export replaced)" in out.output
-        assert "2 image_feature and 0 image_occurrence rows written" in out.output
+        assert "2 image_feature and 1 image_occurrence rows written" in out.output
+        ours = rows(url, "SELECT * FROM image_occurrence WHERE local_path = 'sphere:bones'")
+        assert [(o.person_id, o.procedure_occurrence_id, o.image_series_uid) for o in ours] == [
+            (second.person_id, second.procedure_id, studies[1].series_uid)
+        ]
         assert "1 series not measured" in out.output
         got = rows(url, SPHERE_ROWS)
         assert len(got) == 4
@@ -286,7 +297,8 @@ def test_omop_cohort_to_measurements_on_the_right_persons(
         features = rows(url, f"SELECT * FROM image_feature WHERE person_id = {person.person_id}")
         assert len(features) == 1
         f = features[0]
-        assert f.image_occurrence_id == person.image_occurrence_id
+        mine = person.image_occurrence_id if person is not second else ours[0].image_occurrence_id
+        assert f.image_occurrence_id == mine
         assert f.image_feature_event_id == hu.measurement_id
         assert f.alg_system.startswith("sphere bones bone-density ")
     concepts = rows(url, "SELECT concept_id FROM concept WHERE vocabulary_id = 'sphere'")
