@@ -16,6 +16,7 @@ colour (the JPEG decoded as pydicom decodes it, the palette applied), stored val
 
 from __future__ import annotations
 
+import copy
 import io
 import random
 from dataclasses import dataclass, field
@@ -100,6 +101,7 @@ def write_samples(
     cine_frames: int = 6,
     cine_shape: tuple[int, int] = (48, 64),
     burned_in_text: bool = False,
+    enhanced_parts: int = 1,
     only: tuple[str, ...] | None = None,
 ) -> MultiFrameStudy:
     """Write the classic CT of `volume` and the multi-frame and colour samples of its study.
@@ -107,7 +109,9 @@ def write_samples(
     `per_frame_rescale` gives every other Enhanced CT frame another intercept (in the
     per-frame groups); `reverse_frames` writes its frames from head to feet. With
     `burned_in_text` the ultrasound and XA images carry the patient's name in their top rows
-    and BurnedInAnnotation YES (for the blanking policy); otherwise they say NO. `only` limits
+    and BurnedInAnnotation YES (for the blanking policy); otherwise they say NO.
+    `enhanced_parts` > 1 splits the Enhanced CT into that many instances of one series, frames
+    dealt out in turn (samples "enhanced_ct", "enhanced_ct_2", ...). `only` limits
     the samples written (names of `MultiFrameStudy.samples`).
     """
     out_dir = Path(out_dir)
@@ -137,9 +141,13 @@ def write_samples(
         ds.InstanceNumber = 1
         if burned_in_text and name != "enhanced_ct" and name != "dx":
             expected = _burn_in(ds, expected, who["name"])
-        sample = _save(name, ds, expected, out_dir / name)
-        study.samples[name] = sample
-        phi += _hospital_uids(ds)
+        parts = [(ds, expected)]
+        if name == "enhanced_ct" and enhanced_parts > 1:
+            parts = _split(ds, expected, enhanced_parts, rng)
+        for i, (part, pixels) in enumerate(parts, start=1):
+            key = name if i == 1 else f"{name}_{i}"
+            study.samples[key] = _save(key, part, pixels, out_dir / name)
+            phi += _hospital_uids(part)
     for k in ("id", "surname", "given", "birth_date", "address", "phone", "accession"):
         phi.append(who[k])
     study.phi = sorted(set(phi), key=len, reverse=True)
@@ -290,6 +298,23 @@ def _enhanced_ct(
         if kw in ds:
             delattr(ds, kw)
     return ds, stack
+
+
+def _split(
+    ds: Dataset, frames: np.ndarray, parts: int, rng: random.Random
+) -> list[tuple[Dataset, np.ndarray]]:
+    """One enhanced instance as `parts` instances of its series, frames dealt out in turn."""
+    out = []
+    groups = list(ds.PerFrameFunctionalGroupsSequence)
+    for j in range(parts):
+        part = copy.deepcopy(ds)
+        part.SOPInstanceUID = part.file_meta.MediaStorageSOPInstanceUID = _uid(rng)
+        part.InstanceNumber = j + 1
+        part.PerFrameFunctionalGroupsSequence = Sequence(groups[j::parts])
+        part.NumberOfFrames = len(part.PerFrameFunctionalGroupsSequence)
+        part.PixelData = np.ascontiguousarray(frames[j::parts]).tobytes()
+        out.append((part, frames[j::parts]))
+    return out
 
 
 def _item(**values: object) -> Dataset:

@@ -77,6 +77,12 @@ def frame_order(reader: SeriesReader) -> list[int] | None:
     return None
 
 
+def segmentable(reader: SeriesReader) -> bool:
+    """Whether a SEG can reference the series' images: single-frame images, or one multi-frame
+    image (a SEG's source is never several multi-frame instances)."""
+    return reader.n_images == 1 or not reader.attrs.get("frames")
+
+
 def build_seg(
     sources: list[Dataset],
     finding: Finding,

@@ -146,7 +146,7 @@ def _write_outputs(
     if finding.segments and ({"seg", "sr"} & pipeline.outputs):
         sources = outputs.source_images(reader)
         seg = None
-        if "seg" in pipeline.outputs:
+        if "seg" in pipeline.outputs and outputs.segmentable(reader):  # else the SR alone
             order = outputs.frame_order(reader)
             seg = outputs.build_seg(sources, finding, pipeline, task.series_uid, order)
             d = outputs.store_derived(

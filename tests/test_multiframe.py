@@ -20,6 +20,8 @@ from deid.keys import ProjectKeys
 from deid.profile import Profile, Region
 from harness.multiframe import MultiFrameStudy, write_samples
 from harness.phantoms import make_phantom
+from processing.loader import load_series
+from processing.outputs import segmentable
 from storage.series import SeriesReader, SeriesWriter
 
 DCIODVFY = shutil.which("dciodvfy") or str(Path(sys.executable).parent / "dciodvfy")
@@ -137,3 +139,36 @@ def test_samples_are_valid_iods_and_stay_valid_stored_and_rebuilt(samples, tmp_p
         rebuilt = tmp_path / f"{name}.dcm"
         SeriesReader(store, f"p/{name}").instance(0).save_as(rebuilt, enforce_file_format=True)
         assert _iod_errors(rebuilt) == set(), name
+
+
+def test_an_enhanced_ct_split_in_instances_loads_as_the_classic_series(tmp_path):
+    """Two Enhanced CT instances of one series, frames dealt out in turn: one volume, in the
+    classic series' order and HU; each instance rebuilt with its own frames; no SEG over them."""
+    vol, truth = make_phantom(**TINY)
+    study = write_samples(
+        vol,
+        truth,
+        tmp_path / "src",
+        per_frame_rescale=True,
+        enhanced_parts=2,
+        only=("enhanced_ct",),
+    )
+    store = MemoryStore()
+    for key, files in {
+        "classic": study.classic.files,
+        "split": [study.samples["enhanced_ct"].path, study.samples["enhanced_ct_2"].path],
+    }.items():
+        writer = SeriesWriter(tmp_path / key, fsync=False)
+        for f in files[::-1]:
+            writer.add(dcmread(f))
+        writer.commit(store, f"p/{key}")
+    classic, split = load_series(store, "p/classic"), load_series(store, "p/split")
+    assert bool((classic.as_tensor() == split.as_tensor()).all())
+    assert np.allclose(classic.affine.numpy(), split.affine.numpy())
+    reader = SeriesReader(store, "p/split")
+    assert reader.n_images == 2 and reader.frame_slices(1)[:2] == [1, 3]
+    for i, name in enumerate(("enhanced_ct", "enhanced_ct_2")):
+        ds = reader.instance(i)
+        assert ds.SOPInstanceUID == study.samples[name].sop_uid
+        assert np.array_equal(ds.pixel_array, study.samples[name].pixels)
+    assert not segmentable(reader) and segmentable(SeriesReader(store, "p/classic"))
