@@ -153,6 +153,9 @@ def test_a_warehouse_that_is_not_one_is_one_line(pg_server):
     url = pg_server.create_database("not_omop")
     with pytest.raises(SphereError, match="no OMOP person table"):
         omop_cohort.open_warehouse(url, "public")
+    dsn = f"host=127.0.0.1 port={pg_server.port} user=postgres dbname=not_omop"
+    with pytest.raises(SphereError, match="no OMOP person table"):  # a libpq DSN reaches it
+        omop_cohort.open_warehouse(dsn)
     with pytest.raises(SphereError, match="plain SQL name"):
         omop_cohort.open_warehouse(url, "public; drop")
     with pytest.raises(SphereError, match="cannot be reached"):
@@ -307,16 +310,28 @@ def test_omop_cohort_to_measurements_on_the_right_persons(
     # A warehouse without the imaging extension: linked through the procedure's accession.
     synth.create_warehouse(url, "plain", imaging=False)
     plain = synth.populate(url, "plain", studies, imaging=False, seed=18)
+    # Two persons with the second study's Patient ID: which one is not guessed.
+    twin = plain.person(studies[1].patient_id)
+    with create_engine(url).begin() as c:
+        c.execute(
+            text(
+                "INSERT INTO plain.person (person_id, gender_concept_id, year_of_birth,"
+                " race_concept_id, ethnicity_concept_id, person_source_value)"
+                " VALUES (5, 0, 1950, 0, 0, :v)"
+            ),
+            {"v": studies[1].patient_id},
+        )
     out = cli(gw.settings.home, tess, "omop", "export", "bones", "--to", url, "--schema", "plain",
               "--accession-column", "procedure_source_value")  # fmt: skip
     assert out.exit_code == 0, out.output
     outputs.append(out.output)
-    assert "4 measurement rows written" in out.output and "image_feature" not in out.output
+    assert "2 measurement rows written" in out.output and "image_feature" not in out.output
+    assert "1 series not linked to the warehouse: no single person with that" in out.output
     linked = rows(url, SPHERE_ROWS.replace("FROM measurement", "FROM plain.measurement"))
     expect = {
         (p.person_id, p.visit_id, p.procedure_id, p.study.day)
         for p, (_, measurable) in zip(plain.persons, phantoms, strict=False)
-        if measurable
+        if measurable and p is not twin
     }
     assert {
         (r.person_id, r.visit_occurrence_id, r.measurement_event_id, r.measurement_date)
@@ -326,7 +341,8 @@ def test_omop_cohort_to_measurements_on_the_right_persons(
     with Core(gw.settings) as c:
         audits = [r for r in c.catalog.audit_trail("bones", 200) if r.action.startswith("omop")]
         done = [json.loads(r.detail) for r in audits if r.outcome == "ok"]
-        assert len(done) == 3 and all(d["written"]["measurement"] == 4 for d in done)
+        assert [d["written"]["measurement"] for d in done] == [2, 4, 4]  # newest first
+        assert [d["unlinked"] for d in done] == [1, 0, 0]
         assert any(r.outcome == "refused" and r.actor == "dan" for r in audits)
         cohort = [r for r in c.catalog.audit_trail("bones", 200) if r.action == "cohort.omop"]
         assert json.loads(cohort[0].detail)["rows"] == 3
