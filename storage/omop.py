@@ -183,13 +183,8 @@ class Warehouse:
 
     def query(self, sql: str, params: dict[str, Any] | None = None) -> tuple[list[str], list[Any]]:
         """A query of one's own, read-only: (column names, rows)."""
-        try:
-            with self.engine.connect() as c:
-                c.exec_driver_sql("SET TRANSACTION READ ONLY")
-                result = c.execute(text(sql), params or {})
-                return list(result.keys()), list(result)
-        except SQLAlchemyError as e:
-            raise OmopError(f"the OMOP query failed: {_why(e)}") from None
+        rows = self._read(sql, params or {})
+        return (list(rows[0]._fields) if rows else []), rows
 
     # -- the way back -------------------------------------------------------------------------
 

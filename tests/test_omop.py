@@ -97,6 +97,23 @@ def test_cohort_from_image_occurrence_procedures_or_a_query(tmp_path, pg_server,
         detail["definition"] == 1 and detail["rows"] == 3 and detail["source"] == "image_occurrence"
     )
 
+    # A warehouse that keeps the accession number beside the study UID: both are read.
+    with create_engine(url).begin() as e:
+        e.exec_driver_sql("ALTER TABLE image_occurrence ADD COLUMN accession_number varchar(50)")
+        for st in plain_studies:
+            e.execute(
+                text(
+                    "UPDATE image_occurrence SET accession_number = :a WHERE image_study_uid = :s"
+                ),
+                {"a": st.accession, "s": st.study_uid},
+            )
+    with omop_cohort.open_warehouse(url) as wh:
+        both = omop_cohort.read(wh, definition=1, accession_column="accession_number")
+        alone = omop_cohort.read(wh, definition=1, accession_column="no_such_column")
+    assert set(both.values["accession"]) == {s.accession for s in plain_studies}
+    assert set(both.values["study_uid"]) == pop.cohort_studies()
+    assert alone.values["accession"] == []  # a column it lacks: the study UIDs alone
+
     # Without it: procedure_occurrence, by the column holding the accession number.
     with omop_cohort.open_warehouse(url, "plain") as wh:
         assert not wh.has_imaging
