@@ -232,6 +232,8 @@ def test_frames_of_multi_frame_and_colour_instances_are_served(served, study):
     assert e.value.response.status_code == 406
     (found,) = client.search_for_instances(*uids[:2])
     assert found["00280008"]["Value"] == [enhanced.n_frames]  # QIDO's NumberOfFrames
+    (whole,) = client.retrieve_series(*uids[:2])  # a series of one multi-frame instance
+    assert np.array_equal(whole.pixel_array, enhanced.pixels)
     ds = client.retrieve_instance(*uids)
     assert int(ds.NumberOfFrames) == enhanced.n_frames
     assert np.array_equal(ds.pixel_array, enhanced.pixels)
@@ -265,3 +267,26 @@ def test_colour_and_cine_are_rendered_frame_by_frame(served, study):
     assert frame.shape == xa.pixels.shape[1:] and frame.std() > 0
     series_png = client.retrieve_series_rendered(*_uids(keys, study, "enhanced_ct")[:2], png)
     assert _png(series_png).shape == study.samples["enhanced_ct"].pixels.shape[1:]
+
+
+def test_an_enhanced_ct_in_two_instances_is_pulled_whole_and_clean(tmp_path):
+    """Two instances of one Enhanced CT series (the second like the first but for its frames)
+    take the whole de-identification way, not the receiver's shortcut for look-alikes."""
+    vol, truth = make_phantom(shape_yx=(64, 64), pixel_mm=5.0, slice_spacing_mm=5.0)
+    study = write_samples(vol, truth, tmp_path / "src", enhanced_parts=2, only=("enhanced_ct",))
+    files = [study.samples["enhanced_ct"].path, study.samples["enhanced_ct_2"].path]
+    port = free_port()
+    with seeded_orthanc(tmp_path / "orthanc", files, port) as orthanc:
+        gw = make_gateway(tmp_path / "gw", orthanc, port)
+        approved(gw, "mf", [study.accession])
+        assert gw.pull("mf").ok
+    keys = gw.keys("mf")
+    with Core(gw.settings) as core:
+        (row,) = core.catalog.series(core.project("mf").id, status="complete")
+        reader = SeriesReader(core.store, row.storage_key)
+        for i in range(2):
+            ds = reader.instance(i)
+            name = {keys.uid(s.sop_uid): n for n, s in study.samples.items()}[ds.SOPInstanceUID]
+            assert np.array_equal(ds.pixel_array, study.samples[name].pixels)
+        leaks = scan_store(core.store, study.phi)
+    assert leaks == [] and scan_database(gw.settings.resolved_catalog_url(), study.phi) == []
