@@ -29,14 +29,20 @@ from harness.synthetic import generate
 
 
 def storescp_round(
-    pacs: LocalOrthanc, port: int, series: list[tuple[str, str]], assoc: int, out: Path
+    pacs: LocalOrthanc,
+    port: int,
+    series: list[tuple[str, str]],
+    assoc: int,
+    out: Path,
+    options: tuple[str, ...] = (),
 ) -> tuple[float, int]:
-    """C-MOVE every series to a fresh dcmtk storescp (forking, to disk); seconds and files."""
+    """C-MOVE every series to a fresh dcmtk storescp (forking, to disk, with `options`);
+    seconds and files."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     env = {**os.environ, "TCP_NODELAY": "1"}
     proc = subprocess.Popen(
-        ["storescp", "--fork", "-aet", "STORESCP", "-od", str(out), str(port)],
+        ["storescp", "--fork", *options, "-aet", "STORESCP", "-od", str(out), str(port)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
