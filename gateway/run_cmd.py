@@ -74,6 +74,21 @@ def bone_density(
     for o in report.outcomes:
         if o.status == "failed":
             typer.echo(f"  failed {o.series_uid[-20:]}: {o.reason}"[:WIDTH])
+    for line in where_outputs_are(_settings(ctx), project, report.pipeline):
+        typer.echo(line)
+
+
+def where_outputs_are(settings: Settings, project: str, pipeline: str) -> list[str]:
+    """Where a run's outputs are: the table's command, the web page, the store's keys."""
+    web = settings.web
+    return [
+        "outputs:",
+        f"  table  sphere results {project} (--csv, --parquet)",
+        f"  web    http://{web.host}:{web.port}/projects/{project}/results (sphere serve)",
+        f"  store  reports/{project}/{pipeline}/<series>.png: the PNG reports",
+        f"         projects/{project}/<study>/<series>: SR and SEG, beside the images",
+        f"         in {settings.resolved_storage_url()}",
+    ]
 
 
 def results(
@@ -105,17 +120,21 @@ def results(
 
 
 def table_lines(rows: list[dict]) -> list[str]:
-    """Series (UID tail), pipeline, status, main value, reason: lines of at most 80 columns."""
-    head = f"{'series':<14} {'pipeline':<13} {'status':<12} {'value':>9}  reason"
+    """Patient (pseudonym), shifted study date, series (UID tail), pipeline, status, main
+    value and class; a reason on a line of its own: lines of at most 80 columns."""
+    head = f"{'patient':<17} {'date':<10} {'series':<10} {'pipeline':<12} {'status':<12} value"
     lines = [head]
     for r in rows:
         value = r.get("l1_hu", r.get("body_mean_hu"))
-        shown = f"{value:9.1f}" if isinstance(value, int | float) else f"{'-':>9}"
+        shown = f"{value:6.1f}" if isinstance(value, int | float) else f"{'-':>6}"
         line = (
-            f"…{r['series_uid'][-13:]:<13} {r['pipeline'][:13]:<13} {r['status'][:12]:<12} "
-            f"{shown}  {r.get('class') or r['reason'] or ''}"
+            f"{(r['patient'] or '-')[:17]:<17} {(r['study_date'] or '-'):<10} "
+            f"…{r['series_uid'][-9:]:<9} {r['pipeline'][:12]:<12} {r['status'][:12]:<12} "
+            f"{shown} {r.get('class') or ''}"
         )
-        lines.append(line[:WIDTH])
+        lines.append(line.rstrip()[:WIDTH])
+        if r["reason"]:
+            lines.append(f"  {r['reason']}"[:WIDTH])
     if not rows:
         lines.append("no results yet: `sphere run bone-density PROJECT`")
     return lines

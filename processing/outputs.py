@@ -287,6 +287,13 @@ def put_bytes(store: Any, key: str, data: bytes) -> None:
         run(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
 
 
+def get_bytes(store: Any, key: str) -> bytes | None:
+    """One object of the store; None when there is none."""
+    with guard("read"):
+        buf = run(store.get(key, default_buffer_prototype()))
+    return None if buf is None else buf.to_bytes()
+
+
 def _algorithm(pipeline: Pipeline) -> hd.AlgorithmIdentificationSequence:
     return hd.AlgorithmIdentificationSequence(
         name=pipeline.name,

@@ -1,7 +1,8 @@
 """The results table of a project: one row per (series, pipeline), flattened for export.
 
 Values become columns of their own (`l1_hu`, `class`, ...), so a CSV opens as a table; Parquet
-keeps their types. Only pseudonymous UIDs appear.
+keeps their types. Only pseudonymous values appear: the patient pseudonym, the shifted study
+date (as the de-identified headers hold it), pseudonymous UIDs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,16 @@ from typing import Any
 from core.core import Core
 from core.errors import SphereError
 
-FIXED = ("study_uid", "series_uid", "pipeline", "version", "status", "reason")
+FIXED = (
+    "patient",
+    "study_date",
+    "study_uid",
+    "series_uid",
+    "pipeline",
+    "version",
+    "status",
+    "reason",
+)
 TRAILING = (
     "device",
     "seconds",
@@ -30,10 +40,14 @@ TRAILING = (
 def result_rows(core: Core, project: str, pipeline: str | None = None) -> list[dict[str, Any]]:
     """The project's results as flat dicts (fixed columns, then values, then provenance)."""
     p = core.project(project)
+    patients = {s.series_uid: s.patient_pseudonym for s in core.catalog.series(p.id)}
+    dates = core.catalog.study_dates(p.id)
     rows = []
     for r in core.catalog.results(p.id, pipeline):
         prov = r.provenance or {}
         row: dict[str, Any] = {
+            "patient": patients.get(r.series_uid, ""),
+            "study_date": _iso(dates.get(r.study_uid)),
             "study_uid": r.study_uid,
             "series_uid": r.series_uid,
             "pipeline": r.pipeline,
@@ -94,6 +108,13 @@ def write_parquet(rows: list[dict[str, Any]], path: Path) -> None:
     except (pa.ArrowInvalid, pa.ArrowTypeError):  # a column of mixed types: as text
         table = pa.table({c: [None if v is None else str(v) for v in vs] for c, vs in data.items()})
     pq.write_table(table, path)
+
+
+def _iso(da: str | None) -> str:
+    """A DICOM date (YYYYMMDD) as YYYY-MM-DD; "" when there is none."""
+    if not da or len(da) != 8 or not da.isdigit():
+        return da or ""
+    return f"{da[:4]}-{da[4:6]}-{da[6:]}"
 
 
 def _cell(v: Any) -> Any:

@@ -485,6 +485,12 @@ class Catalog(GovernanceQueries, JobQueries):
             total = s.scalar(select(func.count()).select_from(IndexedStudy).where(mine)) or 0
             return page, int(total)
 
+    def study_dates(self, project_id: int) -> dict[str, str | None]:
+        """{study UID: study date (shifted, YYYYMMDD)} of a project's indexed studies."""
+        with self.session() as s:
+            q = select(IndexedStudy.study_uid, IndexedStudy.study_date)
+            return dict(s.execute(q.where(IndexedStudy.project_id == project_id)).all())
+
     # -- users and roles ----------------------------------------------------------------------
 
     def user(self, name: str) -> User | None:

@@ -286,6 +286,9 @@ WEB_ACTIONS = {  # else study.read
     ("POST", "/api/projects/{project}/jobs"): "jobs.submit",
     ("GET", "/api/projects/{project}/jobs"): "jobs.read",
     ("GET", "/projects/{project}/jobs"): "jobs.read",  # the page of the same list
+    ("GET", "/projects/{project}/results"): "results.read",
+    ("GET", "/projects/{project}/results/{series}/{pipeline}.png"): "results.read",
+    ("GET", "/api/projects/{project}/results.{fmt}"): "export",  # as `sphere results --csv`
 }
 
 
@@ -323,6 +326,8 @@ def concrete(path: str) -> str:
         "{frame}": "1",
         "{frames}": "1",
         "{tag}": "7FE00010",
+        "{pipeline}": "bone-density",
+        "{fmt}": "csv",
     }.items():
         path = path.replace(name, value)
     return path

@@ -252,7 +252,11 @@ def test_results_table_prints_in_80_columns_and_exports(home, tmp_path):
     assert max(len(ln) for ln in lines) <= 80
     assert sum(" ok " in ln for ln in lines) == 2
     header = csv_path.read_text().splitlines()[0].split(",")
-    assert header[:6] == ["study_uid", "series_uid", "pipeline", "version", "status", "reason"]
+    assert header[:8] == [
+        "patient", "study_date", "study_uid", "series_uid", "pipeline", "version", "status",
+        "reason",
+    ]  # fmt: skip
+    assert "PSEUDO1" in csv_path.read_text()  # the patient's pseudonym, as stored
     assert "body_mean_hu" in header and "input_checksum" in header
     import pyarrow.parquet as pq
 

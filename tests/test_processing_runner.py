@@ -137,6 +137,9 @@ def test_the_command_line_runs_bone_density_on_a_scheduler(cluster, project):
     # no pixels), and the MR series.
     assert "bone-density 0.1: 5 ineligible; 0 already done" in res.output
     assert max(len(ln) for ln in res.output.splitlines()) <= 80
+    # It ends by saying where the outputs are: the web page and the store's keys.
+    assert "/projects/batch/results" in res.output
+    assert "reports/batch/bone-density/" in res.output and str(project.home) in res.output
     res = runner.invoke(app, ["results", "batch", "--pipeline", "bone-density"])
     assert res.exit_code == 0 and "fewer than 20" in res.output
 

@@ -124,9 +124,11 @@ def home(request: Request, core: Core = Depends(get_core)) -> Response:
         parts.append("<p>You are not a member of any project yet.</p>")
     for project, role in memberships:
         jobs = f"/projects/{quote(project.name)}/jobs"
+        results = f"/projects/{quote(project.name)}/results"
         parts.append(
             f"<h2>{escape(project.name)} <small>({escape(role)}) "
-            f'<a href="{escape(jobs)}">jobs</a></small></h2>'
+            f'<a href="{escape(jobs)}">jobs</a> <a href="{escape(results)}">results</a>'
+            "</small></h2>"
         )
         if project.title:
             parts.append(f"<p>{escape(project.title)}</p>")

@@ -1,0 +1,89 @@
+"""What a researcher reaches through the server: the results page (table, PNG reports, CSV and
+Parquet), by role, against a real `sphere serve` app on a loopback port."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+
+import pytest
+from PIL import Image
+
+from core import Core, Settings, access, users
+from core.index import index_stored
+from processing.body_hu import BodyHu
+from processing.worker import SeriesTask, process_series
+from tests.processing_data import body_volume, ct_series, new_project, store_series
+from tests.web_server import fetch, serving
+
+PROJECT = "study"
+
+
+@dataclass
+class Served:
+    settings: Settings
+    url: str
+    tokens: dict[str, str]  # role -> token
+    keys: list[str]  # storage keys of the CT series
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("researchers")
+    settings = Settings(home=tmp / "home", fsync=False)
+    new_project(settings, PROJECT)
+    keys = []
+    for seed in (1, 2):
+        dss = ct_series(body_volume(seed=seed), seed=seed)
+        keys.append(store_series(settings, PROJECT, dss, tmp / "spool"))
+    with Core(settings) as c:
+        p = c.project(PROJECT)
+        for key in keys:
+            index_stored(c, p.id, key)
+        tokens = {}
+        for role, name in (("investigator", "ivy"), ("viewer", "val"), ("none", "nobody")):
+            tokens[role] = users.add(c, name)
+            if role != "none":
+                users.grant(c, PROJECT, name, role)
+        rows = {r.storage_key: r for r in c.catalog.series(p.id)}
+    for key in keys:
+        r = rows[key]
+        task = SeriesTask(PROJECT, r.series_uid, r.study_uid, r.patient_pseudonym, key)
+        assert process_series(settings.model_dump_json(), task, BodyHu(), False).status == "ok"
+    with Core(settings) as core, serving(core) as url:
+        yield Served(settings, url, tokens, keys)
+
+
+def test_results_page_lists_pseudonyms_shifted_dates_and_reports(served):
+    base = f"{served.url}/projects/{PROJECT}/results"
+    page = fetch(base, served.tokens["viewer"])
+    assert page.status == 200
+    html = page.body.decode()
+    assert html.count("PSEUDO1") >= 1 and "PSEUDO2" in html and "2020-01-01" in html
+    assert "body-hu" in html and " HU" in html
+    pngs = [s.split('"')[0] for s in html.split('<img src="')[1:]]
+    assert len(pngs) == 2
+    img = fetch(served.url + pngs[0].replace("&amp;", "&"), served.tokens["viewer"])
+    assert img.status == 200 and Image.open(io.BytesIO(img.body)).format == "PNG"
+    # Control: a series with no report is 404, and who is no member sees nothing.
+    assert fetch(f"{base}/1.2.3/body-hu.png", served.tokens["viewer"]).status == 404
+    assert fetch(base, served.tokens["none"]).status == 404
+    assert fetch(base).status == 401
+
+
+def test_results_table_downloads_as_csv_and_parquet_for_who_may_export(served):
+    api = f"{served.url}/api/projects/{PROJECT}/results"
+    got = fetch(api + ".csv", served.tokens["investigator"])
+    assert got.status == 200 and got.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(got.body.decode())))
+    assert {r["patient"] for r in rows} == {"PSEUDO1", "PSEUDO2"}
+    assert {r["study_date"] for r in rows} == {"2020-01-01"}
+    import pyarrow.parquet as pq
+
+    pq_got = fetch(api + ".parquet", served.tokens["investigator"])
+    table = pq.read_table(io.BytesIO(pq_got.body))
+    assert table.num_rows == 2 and "body_mean_hu" in table.column_names
+    # A viewer reads the page but may not take the table away (export), as on the CLI.
+    assert not access.allows("export", {"viewer"})
+    assert fetch(api + ".csv", served.tokens["viewer"]).status == 403
