@@ -13,6 +13,7 @@ and their `concept` rows written. README "Results back to OMOP" lists them.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
@@ -43,7 +44,7 @@ class ExportReport:
     written: dict[str, int] = field(default_factory=dict)
     removed: dict[str, int] = field(default_factory=dict)
     not_measured: int = 0  # refused, ineligible or failed: no value to write
-    unlinked: dict[str, int] = field(default_factory=dict)  # reason -> results
+    unlinked: Counter[str] = field(default_factory=Counter)  # reason -> results
 
     def lines(self) -> list[str]:
         w, r = self.written, self.removed
@@ -131,6 +132,56 @@ def export(
     return report
 
 
+@dataclass
+class _Original:
+    """A measured series' originals, from the vault (None where the vault has none)."""
+
+    result: Any
+    patient_id: str
+    date: date | None
+    study_uid: str | None
+    series_uid: str | None
+    accession: str | None
+
+
+def _originals(
+    core: Core,
+    name: str,
+    measured: list[Any],
+    with_accession: bool,
+    actor: str,
+    report: ExportReport,
+) -> list[_Original]:
+    """Each measured series' originals: the stored study's pseudonyms looked up in the vault
+    (each lookup audited there), its date shifted back."""
+    studies = {s.study_uid: s for s in core.catalog.indexed_studies(core.project(name).id)[0]}
+
+    def original(pseudonym: str | None) -> str | None:
+        try:
+            return core.vault.lookup(name, pseudonym, actor=actor) if pseudonym else None
+        except KeyError:
+            return None
+
+    out = []
+    for r in measured:
+        study = studies.get(r.study_uid)
+        patient = original(study.patient_id) if study is not None else None
+        if study is None or patient is None:
+            report.unlinked["no Patient ID in the vault"] += 1
+            continue
+        out.append(
+            _Original(
+                r,
+                patient,
+                originals.study_date(core, name, patient, study.study_date),
+                original(r.study_uid),
+                original(r.series_uid),
+                original(study.accession) if with_accession else None,
+            )
+        )
+    return out
+
+
 def _link(
     core: Core,
     name: str,
@@ -143,68 +194,49 @@ def _link(
 ) -> list[tuple[Any, Link, str, str]]:
     """(result, its warehouse link, original study UID, original series UID) for each result
     that maps to exactly one person; the others are counted in `report.unlinked`."""
-    pid = core.project(name).id
-    studies = {s.study_uid: s for s in core.catalog.indexed_studies(pid)[0]}
-
-    def original(pseudonym: str | None) -> str | None:
-        if not pseudonym:
-            return None
-        try:
-            return core.vault.lookup(name, pseudonym, actor=actor)
-        except KeyError:
-            return None
-
-    mapped = []
-    for r in measured:
-        study = studies.get(r.study_uid)
-        patient = original(study.patient_id if study else None)
-        if study is None or patient is None:
-            report.unlinked["no Patient ID in the vault"] = (
-                report.unlinked.get("no Patient ID in the vault", 0) + 1
-            )
-            continue
-        when = originals.study_date(core, name, patient, study.study_date)
-        accession = original(study.accession) if accession_column else None
-        mapped.append((r, patient, when, original(r.study_uid), original(r.series_uid), accession))
-    persons = wh.persons(person_column, [m[1] for m in mapped])
+    found = _originals(core, name, measured, bool(accession_column), actor, report)
+    persons = wh.persons(person_column, [o.patient_id for o in found])
     by_series, by_study, by_accession = {}, {}, {}
     if "image_occurrence" in wh.tables:
-        for row in wh.image_occurrences([m[3] for m in mapped if m[3]]):
+        for row in wh.image_occurrences([o.study_uid for o in found if o.study_uid]):
             if row.local_path == image_marker(name):
                 continue  # written by an earlier export, which this one replaces
             by_series[(row.image_study_uid, row.image_series_uid)] = row
             by_study.setdefault(row.image_study_uid, row)
     if accession_column and "procedure_occurrence" in wh.tables:
-        for row in wh.procedures(accession_column, [m[5] for m in mapped if m[5]]):
+        for row in wh.procedures(accession_column, [o.accession for o in found if o.accession]):
             by_accession[str(row[0])] = row
     out = []
-    for r, patient, when, study_uid, series_uid, accession in mapped:
-        person = persons.get(patient)
-        why = None
+    for o in found:
+        person = persons.get(o.patient_id)
         if person is None:
-            why = f"no single person with that {person_column}"
-        link = Link(person) if person is not None else None
-        io = by_series.get((study_uid, series_uid)) or by_study.get(study_uid)
-        proc = by_accession.get(accession) if accession else None
-        for row, occurrence in ((io, True), (proc, False)):
-            if link is None or row is None or link.procedure_occurrence_id is not None:
+            report.unlinked[f"no single person with that {person_column}"] += 1
+            continue
+        link, why = Link(person), None
+        occurrence = by_series.get((o.study_uid, o.series_uid)) or by_study.get(o.study_uid)
+        procedure = by_accession.get(o.accession) if o.accession else None
+        for row in (occurrence, procedure):
+            if row is None or link.procedure_occurrence_id is not None:
                 continue
             if row.person_id != person:
                 why = "the warehouse has the study under another person"
                 break
             link.procedure_occurrence_id = row.procedure_occurrence_id
             link.visit_occurrence_id = row.visit_occurrence_id
-            link.date = row.image_occurrence_date if occurrence else row.procedure_date
-            if occurrence and row.image_series_uid == series_uid:
-                link.image_occurrence_id = row.image_occurrence_id
-        if link is not None and when is not None:
-            link.date = when  # the study's own date, when the profile kept it (shifted or not)
-        if why is None and (link is None or link.date is None):
+            if row is occurrence:
+                link.date = row.image_occurrence_date
+                if row.image_series_uid == o.series_uid:
+                    link.image_occurrence_id = row.image_occurrence_id
+            else:
+                link.date = row.procedure_date
+        if o.date is not None:
+            link.date = o.date  # the study's own date, when the profile kept it (shifted or not)
+        if why is None and link.date is None:
             why = "no study date (dates removed, and no image occurrence or procedure)"
         if why is not None:
-            report.unlinked[why] = report.unlinked.get(why, 0) + 1
+            report.unlinked[why] += 1
             continue
-        out.append((r, link, study_uid or "", series_uid or ""))
+        out.append((o.result, link, o.study_uid or "", o.series_uid or ""))
     return out
 
 
