@@ -355,17 +355,38 @@ def test_omop_cohort_to_measurements_on_the_right_persons(
         for r in linked
     } == expect
 
+    # A warehouse whose procedure for the first study is another person's: not written there.
+    synth.create_warehouse(url, "swapped", imaging=False)
+    swapped = synth.populate(url, "swapped", studies, imaging=False, seed=19)
+    a, b = (swapped.person(s.patient_id) for s in studies[:2])
+    with create_engine(url).begin() as c:
+        c.execute(
+            text("UPDATE swapped.procedure_occurrence SET person_id = :b WHERE person_id = :a"),
+            {"a": a.person_id, "b": b.person_id},
+        )
+    out = cli(gw.settings.home, tess, "omop", "export", "bones", "--to", url, "--schema",
+              "swapped", "--accession-column", "procedure_source_value")  # fmt: skip
+    assert out.exit_code == 0, out.output
+    outputs.append(out.output)
+    assert "1 series not linked to the warehouse: the warehouse has the study under another" in (
+        out.output
+    )
+    written = rows(url, SPHERE_ROWS.replace("FROM measurement", "FROM swapped.measurement"))
+    assert {r.person_id for r in written} == {b.person_id}
+
     with Core(gw.settings) as c:
         audits = [r for r in c.catalog.audit_trail("bones", 200) if r.action.startswith("omop")]
         done = [json.loads(r.detail) for r in audits if r.outcome == "ok"]
-        assert [d["written"]["measurement"] for d in done] == [2, 4, 4]  # newest first
-        assert [d["unlinked"] for d in done] == [1, 0, 0]
+        assert [d["written"]["measurement"] for d in done] == [2, 2, 4, 4]  # newest first
+        assert [d["unlinked"] for d in done] == [1, 1, 0, 0]
         assert any(r.outcome == "refused" and r.actor == "dan" for r in audits)
         cohort = [r for r in c.catalog.audit_trail("bones", 200) if r.action == "cohort.omop"]
         assert json.loads(cohort[0].detail)["rows"] == 3
         # The research side never sees the warehouse's keys: store, catalog, exports, logs.
         days = [synth.Imaged(*[getattr(st, f) for f in IMAGED]).day for st, _ in phantoms]
-        needles = pop.needles() + plain.needles() + [d.isoformat() for d in days]
+        needles = (
+            pop.needles() + plain.needles() + swapped.needles() + [d.isoformat() for d in days]
+        )
         csv = tmp_path / "export"
         csv.mkdir()
         write_csv(result_rows(c, "bones"), csv / "results.csv")
