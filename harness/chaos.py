@@ -29,6 +29,7 @@ from typing import Any
 from core import access, users
 from core.settings import JobOptions, S3Options, Settings, Source
 from gateway.api import Gateway
+from harness.busypacs import BusyPacs
 from harness.localpacs import LocalOrthanc, free_port
 from harness.postgres import PgServer
 from harness.seaweed import SeaweedS3
@@ -132,9 +133,17 @@ class Site:
         self.gw.core.close()
 
 
-def site(lab: Lab, name: str, *, source: dict[str, Any] | None = None, **settings: Any) -> Site:
-    """A sphere home for one scenario, pulling `lab.pacs` through a proxy of its own."""
-    proxy = CountingProxy(lab.pacs.dicom_port)
+def site(
+    lab: Lab,
+    name: str,
+    *,
+    source: dict[str, Any] | None = None,
+    upstream: int | None = None,
+    **settings: Any,
+) -> Site:
+    """A sphere home for one scenario, pulling `lab.pacs` (or the peer at port `upstream`)
+    through a proxy of its own."""
+    proxy = CountingProxy(upstream or lab.pacs.dicom_port)
     src = {
         "name": "pacs",
         "ae_title": lab.pacs.aet,
@@ -182,6 +191,7 @@ def _environment(s: Settings) -> dict[str, str]:
         "SPHERE_MAX_ASSOCIATIONS": str(s.max_associations),
         "SPHERE_FSYNC": "true" if s.fsync else "false",
         "SPHERE_BACKOFF_S": str(s.backoff_s),
+        "SPHERE_RETRIES": str(s.retries),
         "SPHERE_TIMEOUT_S": str(s.timeout_s),
         "SPHERE_STORE_WAIT_S": str(s.store_wait_s),
         "SPHERE_JOBS": s.jobs.model_dump_json(),
@@ -246,6 +256,33 @@ def pull_cli(st: Site, timeout_s: float = 300) -> subprocess.CompletedProcess[st
     )
 
 
+def pull_here(out: Outcome, st: Site, what: str = "the pull") -> None:
+    """A pull in this process (no process to start: the faster), which must end complete."""
+    try:
+        report = st.gw.pull(st.project)
+    except Exception as e:  # noqa: BLE001 - the table says what
+        out.problems.append(f"{what}: {type(e).__name__}: {e}")
+        return
+    if not report.ok:
+        out.problems.append(f"{what}: {report.count('failed')} series failed")
+
+
+class Pulling:
+    """`pull_here` in a thread, for a fault to be played while it runs."""
+
+    def __init__(self, out: Outcome, st: Site) -> None:
+        self._t = threading.Thread(target=pull_here, args=(out, st), daemon=True)
+        self._t.start()
+
+    def poll(self) -> int | None:
+        return None if self._t.is_alive() else 0
+
+    def finish(self, timeout_s: float = 300) -> None:
+        self._t.join(timeout_s)
+        if self._t.is_alive():
+            raise TimeoutError(f"the pull did not end in {timeout_s:.0f} s")
+
+
 def pull_popen(st: Site) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [*SPHERE, "pull", st.project],
@@ -281,9 +318,7 @@ def pacs_down_at_start(lab: Lab, quick: bool) -> Outcome:
         ended_cleanly(out, st, pull_cli(st), rc=2)
         st.proxy.pass_again()
         t0 = time.monotonic()
-        again = pull_cli(st)
-        if again.returncode != 0:
-            out.problems.append(f"the re-run: exit {again.returncode}")
+        pull_here(out, st, "the re-run")
         out.recover_s = time.monotonic() - t0
         return count(out, st)
     finally:
@@ -292,8 +327,9 @@ def pacs_down_at_start(lab: Lab, quick: bool) -> Outcome:
 
 def pacs_down_mid_pull(lab: Lab, quick: bool) -> Outcome:
     """The PACS stops answering after the first series, for longer than the breaker waits
-    (`give_up_s`): the pull ends with the summary (series failed, none pending), the
-    `pull.end` row, no "unexpected"; back, the re-run completes."""
+    (`give_up_s`): the pull stops then, not after every series waited as long on each of its
+    retries, with the summary (series failed, none pending), one line, exit 2, the `pull.end`
+    row; back, the re-run completes."""
     out = Outcome("PACS down mid-pull", lab.corpus.n_instances)
     st = site(lab, "down-mid-pull", source={"give_up_s": 1.5 if quick else 5, "max_rate": 40})
     try:
@@ -302,14 +338,12 @@ def pacs_down_mid_pull(lab: Lab, quick: bool) -> Outcome:
         st.proxy.drop()
         stdout, stderr = proc.communicate(timeout=300)
         ended = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-        ended_cleanly(out, st, ended, rc=1)
+        ended_cleanly(out, st, ended, rc=2)
         if "failed" not in stdout:
             out.problems.append("no summary of the failed series")
         st.proxy.pass_again()
         t0 = time.monotonic()
-        again = pull_cli(st)
-        if again.returncode != 0:
-            out.problems.append(f"the re-run: exit {again.returncode}")
+        pull_here(out, st, "the re-run")
         out.recover_s = time.monotonic() - t0
         return count(out, st)
     finally:
@@ -322,16 +356,14 @@ def pacs_outage(lab: Lab, quick: bool) -> Outcome:
     out = Outcome("PACS outage (breaker)", lab.corpus.n_instances)
     st = site(lab, "outage", source={"max_rate": 40})
     try:
-        proc = pull_popen(st)
+        proc = Pulling(out, st)
         wait_for(lambda: n_complete(st) >= 1 or proc.poll() is not None, "a first series")
         st.proxy.drop()
         time.sleep(1.5 if quick else 4)
         st.proxy.pass_again()
         t0 = time.monotonic()
-        stdout, stderr = proc.communicate(timeout=300)
+        proc.finish()
         out.recover_s = time.monotonic() - t0
-        if proc.returncode != 0:
-            out.problems.append(f"exit {proc.returncode}: {stderr.strip()[-200:]}")
         return count(out, st)
     finally:
         st.close()
@@ -344,7 +376,7 @@ def association_aborted(lab: Lab, quick: bool) -> Outcome:
     st = site(lab, "aborted", source={"max_rate": 60})
     expected = st.gw.settings.spool_dir / st.project / "expected"  # a series' marker: retrieving
     try:
-        proc = pull_popen(st)
+        proc = Pulling(out, st)
         cuts = 0
         for _ in range(2):
             # mid-retrieve: the association open and instances arriving in the spool
@@ -355,12 +387,10 @@ def association_aborted(lab: Lab, quick: bool) -> Outcome:
             cuts += st.proxy.cut()
             t0 = time.monotonic()
             time.sleep(0.5)
-        stdout, stderr = proc.communicate(timeout=300)
+        proc.finish()
         out.recover_s = time.monotonic() - t0
         if not cuts:
             out.problems.append("nothing was cut")
-        if proc.returncode != 0:
-            out.problems.append(f"exit {proc.returncode}: {stderr.strip()[-200:]}")
         return count(out, st)
     finally:
         st.close()
@@ -373,12 +403,31 @@ def slow_pacs(lab: Lab, quick: bool) -> Outcome:
     st = site(lab, "slow", source={"protocol": "get"})
     try:
         st.proxy.throttle(200_000)
-        done = pull_cli(st)
-        if done.returncode != 0:
-            out.problems.append(f"exit {done.returncode}: {done.stderr.strip()[-200:]}")
+        pull_here(out, st)
         return count(out, st)
     finally:
         st.close()
+
+
+def out_of_resources(lab: Lab, quick: bool, busy_retries: int = 3) -> Outcome:
+    """The PACS answers the first three C-MOVEs 0xA702 (out of resources): each is asked again
+    after a longer wait (busy_backoff_s, doubling), not spending the series' own retries (none
+    here); every series completes."""
+    out = Outcome("A702 out of resources", lab.corpus.n_instances)
+    dests = {ae: ("127.0.0.1", port) for ae, port in lab.ports.items()}
+    with BusyPacs(lab.pacs.aet, lab.pacs.dicom_port, dests, busy=3) as busy:
+        retry = {"busy_backoff_s": 0.2, "busy_retries": busy_retries}
+        st = site(
+            lab, "a702", source={"ae_title": busy.aet, **retry}, upstream=busy.port, retries=0
+        )
+        try:
+            pull_here(out, st)
+            out.recover_s = time.monotonic() - busy.last_refused
+            if busy.refused != 3 or not busy.relayed:
+                out.problems.append(f"{busy.refused} refused, {busy.relayed} relayed")
+            return count(out, st)
+        finally:
+            st.close()
 
 
 def store_down_mid_commit(lab: Lab, quick: bool, store_wait_s: float = 60) -> Outcome:
@@ -406,18 +455,16 @@ def store_down_mid_commit(lab: Lab, quick: bool, store_wait_s: float = 60) -> Ou
         store_wait_s=store_wait_s,
     )
     try:
-        proc = pull_popen(st)
+        proc = Pulling(out, st)
         wait_for(lambda: n_complete(st) >= 1 or proc.poll() is not None, "a first series")
         store.drop()
         time.sleep(2 if quick else 5)
         store.pass_again()
         t0 = time.monotonic()
-        stdout, stderr = proc.communicate(timeout=300)
+        proc.finish()
         out.recover_s = time.monotonic() - t0
         if not store.dropped:
             out.problems.append("the store was not asked while it was down")
-        if proc.returncode != 0:
-            out.problems.append(f"exit {proc.returncode}: {stderr.strip()[-200:]}")
         return count(out, st)
     finally:
         st.close()
@@ -447,6 +494,21 @@ def worker(st: Site, ae: str, lab: Lab) -> Iterator[subprocess.Popen[str]]:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+
+
+@contextmanager
+def node_here(st: Site) -> Iterator[Any]:
+    """A job node (`sphere worker`'s) in a thread of this process: no process to start."""
+    from gateway import jobs
+
+    node = jobs.Node(st.gw.settings, name=f"{st.gw.settings.ae_title}@here")
+    t = threading.Thread(target=node.run, daemon=True)
+    t.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+        t.join(120)
 
 
 class HalfSeriesWatch:
@@ -563,7 +625,7 @@ def postgres_restarted(lab: Lab, quick: bool) -> Outcome:
 
     try:
         job = jobs.submit(st.gw.core, "pull", st.project, user=st.gw.catalog.user("dan"))
-        with HalfSeriesWatch(st) as watch, worker(st, NODES[0], lab):
+        with HalfSeriesWatch(st) as watch, node_here(st):
             wait_for(lambda: n_complete(st) >= 1 or _ended(st, job.id), "a first series")
             pg.restart(down_s=1 if quick else 3)
             t0 = time.monotonic()
@@ -590,6 +652,7 @@ SCENARIOS: dict[str, Callable[[Lab, bool], Outcome]] = {
     "pacs-down-mid-pull": pacs_down_mid_pull,
     "pacs-outage": pacs_outage,
     "association-aborted": association_aborted,
+    "out-of-resources": out_of_resources,
     "slow-pacs": slow_pacs,
     "store-down-mid-commit": store_down_mid_commit,
     "node-killed": node_killed,

@@ -51,6 +51,11 @@ class SourceError(Exception):
         self.answered = answered
 
 
+class SourceGone(SourceError):
+    """The source's breaker gave up on it (no answer for `give_up_s`): the pull stops, instead
+    of every series waiting as long again on each of its retries."""
+
+
 class SourceSlots:
     """The catalog-held semaphore of one source; `with slots.held():` around each call."""
 
@@ -176,7 +181,7 @@ class Breaker:
             self._observe(True)
             now = utcnow()
             if time.monotonic() - since > self.give_up_s:
-                raise SourceError(
+                raise SourceGone(
                     f"source {self.name} has not answered for {self.give_up_s:.0f} s",
                     answered=False,
                 )

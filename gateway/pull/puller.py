@@ -29,7 +29,7 @@ from core.optout import Register
 from core.projects import CohortEntry, cohort
 from deid.keys import ProjectKeys
 from gateway.dimse.scu import RetrieveResult, SeriesHit, StudyHit
-from gateway.pull.guard import check_windows
+from gateway.pull.guard import SourceGone, check_windows
 from gateway.pull.layout import SpoolLayout
 from gateway.pull.lock import ProjectPullLock, PullBusy
 from gateway.pull.report import PullProgress, PullReport, SeriesOutcome
@@ -471,6 +471,8 @@ class Puller:
                     time.sleep(s.backoff_s * 2 ** (attempt - 1))
                 try:
                     result = job.source.retrieve(job.study_uid, job.series_uid)
+                except SourceGone:  # the breaker gave up on the source: the pull stops
+                    raise
                 except SourceError as e:
                     error = f"retrieve failed: {e}"
                     log.warning("series %s attempt %d: %s", job.pseudo_series, attempt + 1, e)

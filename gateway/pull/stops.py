@@ -20,6 +20,7 @@ from zarr.abc.store import Store
 from zarr.core.buffer import default_buffer_prototype
 
 from core import SphereError, Unavailable
+from gateway.pull.guard import SourceGone
 from gateway.pull.report import PullReport
 from storage.objectstore import StorageUnavailable, guard, run
 
@@ -47,6 +48,8 @@ def why_stopped(exc: BaseException, spool: Path) -> str:
         orig = getattr(exc, "orig", None)
         text = str(orig or exc).strip().splitlines()[0][:160] if (orig or str(exc)) else ""
         return f"the catalog database failed ({text or type(exc).__name__}): re-run when it is back"
+    if isinstance(exc, SourceGone):
+        return f"{exc}: the pull stopped; re-run when it answers"
     if isinstance(exc, StorageUnavailable):
         return f"{exc}: re-run when the store is back"
     if isinstance(exc, OSError):
