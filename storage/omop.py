@@ -375,6 +375,12 @@ def _uniform(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _why(e: SQLAlchemyError) -> str:
-    """The driver's first line, which names no value of ours (a DSN's password is never in it)."""
+    """What went wrong, without a value of the rows: a server's error by its kind and SQLSTATE
+    (its message may quote a value, "invalid input syntax ...: <value>"); a connection failure
+    by the driver's first line (a DSN's password is never in it)."""
     orig = getattr(e, "orig", None) or e
+    state = getattr(orig, "sqlstate", None)
+    if state:
+        kind = re.sub(r"(?<!^)(?=[A-Z])", " ", type(orig).__name__).lower()
+        return f"{kind} (SQLSTATE {state})"
     return (str(orig).strip().splitlines() or [type(orig).__name__])[0][:200]

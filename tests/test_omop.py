@@ -154,8 +154,15 @@ def test_cohort_from_image_occurrence_procedures_or_a_query(tmp_path, pg_server,
         detail = json.loads(audit[0].detail)
         assert "query_sha256" in detail and "definition" not in detail
         own.write_text("DELETE FROM plain.person RETURNING person_source_value")
-        with pytest.raises(SphereError, match="read-only"):
+        with pytest.raises(SphereError, match="read only sql transaction"):
             omop_cohort.add(c, "proc", wh, sql_file=own)
+        # A server's error names its kind, not the value it quotes.
+        own.write_text("SELECT person_source_value::integer FROM plain.person")
+        with pytest.raises(SphereError, match="invalid text representation") as refused:
+            omop_cohort.add(c, "proc", wh, sql_file=own)
+        assert "PID-OMOP" not in str(refused.value)
+        cause = refused.value.__context__.__context__  # control: the server's message quotes it
+        assert "PID-OMOP" in str(cause)
     assert len(rows(url, "SELECT * FROM plain.person")) == 4  # nothing deleted
 
     # The warehouse's keys are in the warehouse (the control) and nowhere in the catalog.
