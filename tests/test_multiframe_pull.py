@@ -179,12 +179,15 @@ def test_no_identifier_reaches_the_store_or_catalog(pulled, study, tmp_path):
     assert leaks == [], leaks[:5]
     # Positive control: the Enhanced CT stored without de-identification is caught, inside
     # its per-frame groups (frame comments, a private block) as in its top-level attributes.
-    store = MemoryStore()
-    w = SeriesWriter(tmp_path / "spool", fsync=False)
-    w.add(dcmread(study.samples["enhanced_ct"].path))
-    w.commit(store, "raw/series")
-    found = {leak.needle for leak in scan_store(store, study.phi)}
-    assert study.classic.patient_id in found and study.classic.patient_name.split("^")[0] in found
+    # So is a colour cine (in its headers: the pixels are decoded, stored as RGB).
+    for name in ("enhanced_ct", "us_cine_ybr422"):
+        store = MemoryStore()
+        w = SeriesWriter(tmp_path / name, fsync=False)
+        w.add(dcmread(study.samples[name].path))
+        w.commit(store, "raw/series")
+        found = {leak.needle for leak in scan_store(store, study.phi)}
+        surname = study.classic.patient_name.split("^")[0]
+        assert study.classic.patient_id in found and surname in found, name
 
 
 # -- served by `sphere serve`, read with dicomweb-client ----------------------------------------
