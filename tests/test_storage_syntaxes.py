@@ -120,3 +120,26 @@ def test_other_encoders_samples_equal_their_uncompressed_original(name):
     layout, raw, _ = pixels.extract(pydicom_sample(name))
     got = np.frombuffer(bytes(raw), dtype=layout.dtype).reshape(layout.shape)
     assert np.array_equal(got, pydicom_sample("MR_small.dcm").pixel_array)
+
+
+@pytest.mark.parametrize("options", [("+e1",), ("+el", "+sv", "6")], ids=["sv1", "sv6"])
+def test_colour_jpeg_lossless_decodes_to_its_rgb(tmp_path, options):
+    """JPEG Lossless goes to libjpeg-turbo (dicom/decoders.py, asked first: 3-4x GDCM's speed);
+    a colour cine made lossless by dcmtk comes back as its RGB frames, no colour transform."""
+    import subprocess
+
+    from pydicom.uid import JPEGLossless, JPEGLosslessSV1
+
+    from dicom import decoders
+    from harness.multiframe import write_samples
+    from harness.phantoms import make_phantom
+
+    assert decoders.plugin_for(JPEGLosslessSV1, 16) == decoders.plugin_for(JPEGLossless, 8)
+    assert decoders.plugin_for(JPEGLossless, 8) == decoders.LABEL
+    volume, truth = make_phantom(shape_yx=(32, 32), pixel_mm=10.0, slice_spacing_mm=10.0)
+    cine = write_samples(volume, truth, tmp_path, only=("us_cine_rgb",)).samples["us_cine_rgb"]
+    enc = tmp_path / "lossless.dcm"
+    subprocess.run(["dcmcjpeg", *options, str(cine.path), str(enc)], check=True)
+    layout, raw, _ = pixels.extract(pydicom.dcmread(enc))
+    got = np.frombuffer(bytes(raw), dtype=layout.dtype).reshape(cine.pixels.shape)
+    assert np.array_equal(got, cine.pixels)
