@@ -142,14 +142,14 @@ def test_samples_are_valid_iods_and_stay_valid_stored_and_rebuilt(samples, tmp_p
 
 
 def test_an_enhanced_ct_split_in_instances_loads_as_the_classic_series(tmp_path):
-    """Two Enhanced CT instances of one series, frames dealt out in turn: one volume, in the
-    classic series' order and HU; each instance rebuilt with its own frames; no SEG over them."""
+    """Two Enhanced CT instances of one series, frames dealt out in turn, rescale in the shared
+    groups: one volume, in the classic series' order and HU; each instance rebuilt with its
+    own frames; no SEG over them."""
     vol, truth = make_phantom(**TINY)
     study = write_samples(
         vol,
         truth,
         tmp_path / "src",
-        per_frame_rescale=True,
         enhanced_parts=2,
         only=("enhanced_ct",),
     )
