@@ -28,6 +28,8 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Index (x, y, z, 1) -> index (z, y, x, 1).
 XYZ_TO_ZYX = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
 _GEOMETRY_ATTRS = ("shape", "dtype", "spacing", "affine", "rescale_slope", "rescale_intercept")
+# What `volume_tensor` reads of a series' attributes: all a remote loader is sent.
+LOAD_ATTRS = (*_GEOMETRY_ATTRS, "modality", "uniform_spacing", "n_slices")
 
 
 class LoadError(ValueError):
@@ -45,16 +47,20 @@ def lps_affine(ras_xyz_affine: Any) -> np.ndarray:
     return LPS_TO_RAS @ a @ XYZ_TO_ZYX  # both factors are their own inverses
 
 
-def stored_volume(reader: SeriesReader) -> np.ndarray:
-    """The stored values (z, y, x), one read of the whole array (zarr fetches chunks
-    concurrently); LoadError for a series without a single-sample image volume."""
-    attrs = reader.attrs
+def check_volume(attrs: dict[str, Any]) -> None:
+    """LoadError unless the series' attributes describe a single-sample image volume."""
     if not attrs.get("n_slices"):
         raise LoadError("series has no pixel data")
     if len(attrs["shape"]) != 3:
         raise LoadError("series is not a single-sample (greyscale) volume")
     if not attrs.get("affine"):
         raise LoadError("series has no patient-frame geometry")
+
+
+def stored_volume(reader: SeriesReader) -> np.ndarray:
+    """The stored values (z, y, x), one read of the whole array (zarr fetches chunks
+    concurrently); LoadError for a series without a single-sample image volume."""
+    check_volume(reader.attrs)
     return np.asarray(reader.volume[:])
 
 
@@ -110,8 +116,27 @@ def load_series(
     the `input_checksum` of what was read.
     """
     reader = SeriesReader(store, key)
-    attrs = reader.attrs
-    stored = stored_volume(reader)
+    return volume_tensor(
+        stored_volume(reader),
+        reader.attrs,
+        key,
+        device=device,
+        channel_first=channel_first,
+        checksum=checksum,
+    )
+
+
+def volume_tensor(
+    stored: np.ndarray,
+    attrs: dict[str, Any],
+    key: str,
+    *,
+    device: str | torch.device | None = None,
+    channel_first: bool = True,
+    checksum: bool = False,
+) -> MetaTensor:
+    """The `MetaTensor` of `load_series` from the stored values (z, y, x) and the series'
+    attributes, wherever they were read (the store, or the server: processing.remote)."""
     hu = to_hu(stored, attrs.get("rescale_slope", 1.0), attrs.get("rescale_intercept", 0.0), device)
     xyz = hu.permute(2, 1, 0)  # a view: (z, y, x) stays the memory order, no copy
     if channel_first:

@@ -282,6 +282,14 @@ class Catalog(GovernanceQueries, JobQueries):
                 q = q.where(SeriesRecord.status == status)
             return list(s.scalars(q.order_by(SeriesRecord.study_uid, SeriesRecord.id)))
 
+    def one_series(self, project_id: int, series_uid: str) -> SeriesRecord | None:
+        """A series of a project by its pseudonymous UID, or None."""
+        with self.session() as s:
+            q = select(SeriesRecord).where(
+                SeriesRecord.project_id == project_id, SeriesRecord.series_uid == series_uid
+            )
+            return s.scalar(q)
+
     def complete_series(self, project_id: int) -> dict[str, int]:
         """{pseudonymous series UID: instances stored} of the project's complete series."""
         with self.session() as s:

@@ -289,6 +289,9 @@ WEB_ACTIONS = {  # else study.read
     ("GET", "/projects/{project}/results"): "results.read",
     ("GET", "/projects/{project}/results/{series}/{pipeline}.png"): "results.read",
     ("GET", "/api/projects/{project}/results.{fmt}"): "export",  # as `sphere results --csv`
+    ("GET", "/api/projects/{project}/series"): "study.read",  # the remote dataset
+    ("GET", "/api/projects/{project}/series/{series}"): "study.read",
+    ("GET", "/api/projects/{project}/series/{series}/volume"): "study.read",
 }
 
 

@@ -1,18 +1,26 @@
 """What a researcher reaches through the server: the results page (table, PNG reports, CSV and
-Parquet), by role, against a real `sphere serve` app on a loopback port."""
+Parquet) and the dataset over HTTP (the local loader's tensors; the README's training loop), by
+role and audited, against a real `sphere serve` app on a loopback port."""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import pytest
+from monai.transforms import Orientationd
 from PIL import Image
 
 from core import Core, Settings, access, users
 from core.index import index_stored
 from processing.body_hu import BodyHu
+from processing.loader import SeriesDataset
+from processing.remote import Client, RemoteError, RemoteSeriesDataset
 from processing.worker import SeriesTask, process_series
 from tests.processing_data import body_volume, ct_series, new_project, store_series
 from tests.web_server import fetch, serving
@@ -87,3 +95,63 @@ def test_results_table_downloads_as_csv_and_parquet_for_who_may_export(served):
     # A viewer reads the page but may not take the table away (export), as on the CLI.
     assert not access.allows("export", {"viewer"})
     assert fetch(api + ".csv", served.tokens["viewer"]).status == 403
+
+
+# -- the dataset over HTTP ----------------------------------------------------------------------
+
+
+def audited(settings: Settings, action: str, n: int) -> list:
+    """The audit rows of `action` once there are `n` (the server writes them in the background)."""
+    deadline = time.monotonic() + 10
+    while True:
+        with Core(settings) as c:
+            rows = c.catalog.audit_trail(PROJECT, 1000, action=action)
+        if len(rows) >= n or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.1)
+
+
+def test_remote_dataset_gives_the_local_loaders_metatensors(served):
+    remote = RemoteSeriesDataset(served.url, PROJECT, served.tokens["viewer"])
+    local = SeriesDataset(served.settings, PROJECT)
+    assert len(remote) == len(local) == 2
+    by_uid = {d["series_uid"]: d for d in local}
+    pairs = [(r, by_uid[r["series_uid"]]) for r in remote]
+    for r, loc in pairs:
+        a, b = r["image"], loc["image"]
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+        np.testing.assert_array_equal(a.affine.numpy(), b.affine.numpy())
+        for k in ("spacing", "spatial_shape", "space", "storage_key", "modality"):
+            assert np.array_equal(a.meta[k], b.meta[k]), k
+        # MONAI's usual first transform works on it (nibabel is there).
+        ras = Orientationd("image", axcodes="LPS")({"image": a})["image"]
+        assert ras.shape == a.shape
+    # Control: the comparison tells two series apart (the pairing is by UID, not luck).
+    (r1, _), (_, l2) = pairs
+    assert not np.array_equal(r1["image"].numpy(), l2["image"].numpy())
+    # Each series read is a row of the audit trail, by the reader's name and the series.
+    rows = audited(served.settings, "dataset.volume", 2)
+    assert {r.actor for r in rows} == {"val"}
+    assert {json.loads(r.detail)["series"] for r in rows} >= {p[0]["series_uid"] for p in pairs}
+
+
+def test_remote_dataset_goes_through_the_role_check(served):
+    with pytest.raises(RemoteError, match="404"):  # no member: nothing, not even the project
+        RemoteSeriesDataset(served.url, PROJECT, served.tokens["none"])
+    with pytest.raises(RemoteError, match="401"):
+        RemoteSeriesDataset(served.url, PROJECT, "sph_not-a-token")
+    client = Client(served.url, PROJECT, served.tokens["viewer"])
+    with pytest.raises(RemoteError, match="404"):  # a series of no project of theirs
+        client.load("1.2.3.4")
+
+
+def test_the_readmes_training_loop_runs(served, monkeypatch):
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = text.split("<!-- remote-dataset-example -->")[1].split("```python")[1].split("```")[0]
+    assert len(code.strip().splitlines()) <= 12  # the ten lines of the loop and imports
+    code = code.replace("https://sphere.example.org", served.url).replace('"spine"', repr(PROJECT))
+    monkeypatch.setenv("SPHERE_TOKEN", served.tokens["investigator"])
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the README's own example
+    assert scope["loss"].item() >= 0 and scope["batch"]["image"].shape[0] == 2
