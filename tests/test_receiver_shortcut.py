@@ -110,3 +110,37 @@ def test_the_shortcut_still_refuses_and_checks_requests(pair):
     late = encoded(third, ExplicitVRLittleEndian)
     assert fast.on_receive(late, "ORTHANC") == REFUSED_NOT_AUTHORIZED
     assert fast.shortcuts == 0 and fast.refused == 1
+
+
+def test_instances_whose_text_is_blanked_never_take_the_shortcut(tmp_path):
+    """With burned-in text blanked (profile 'blank'), every instance of a series is blanked:
+    the shortcut, which stores the next instance's pixels as received, must not follow a
+    blanked one (it did: the first was blanked, the others stored with their text)."""
+    import numpy as np
+
+    from deid.profile import Profile, Region
+    from storage.objectstore import open_store
+    from storage.series import SeriesReader
+    from tests.adversarial import secondary_capture
+
+    gw = Gateway(Settings(home=tmp_path / "gw", fsync=False))
+    profile = Profile(burned_in="blank", regions=(Region(0, 0, 32, 6, rows=32, columns=32),))
+    gw.create_project("blanked", profile=profile)
+    fast = Receiver(ReceiverConfig.of(gw.core, "blanked"))
+    path = secondary_capture(tmp_path / "sc.dcm", burned_in="YES")  # text: 200 everywhere
+    first = pydicom.dcmread(path)
+    pseudo = fast.keys.uid(first.SeriesInstanceUID)
+    study, patient = fast.keys.uid(first.StudyInstanceUID), fast.keys.pseudonym(first.PatientID)
+    fast.layout.expect(pseudo, study, patient)
+    for i in range(3):
+        ds = pydicom.dcmread(path)
+        ds.SOPInstanceUID, ds.InstanceNumber = f"{ds.SOPInstanceUID}.{i}", i + 1
+        assert fast.on_receive(encoded(ds, ExplicitVRLittleEndian), "ORTHANC") == SUCCESS
+    fast.on_release()
+    store = open_store(str(tmp_path / "store"))
+    SeriesWriter(fast.layout.data(pseudo), fsync=False).commit(store, "projects/blanked/a/b")
+    volume = SeriesReader(store, "projects/blanked/a/b").volume[:]
+    assert volume.shape[0] == 3
+    assert np.all(volume[:, :6] == 0) and np.all(volume[:, 6:] == 200)  # each one blanked
+    assert fast.shortcuts == 0
+    fast.close()

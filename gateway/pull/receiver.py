@@ -30,6 +30,7 @@ from pydicom.uid import (
 from core import Core, Settings, SphereError, metrics
 from core.optout import Register
 from deid.engine import Quarantined
+from deid.profile import CODES, Option
 from dicom.json_model import Part
 from dicom.raw import element_spans, value_span
 from gateway import logs
@@ -40,6 +41,7 @@ from storage.series import SeriesWriter
 
 _SERIES_UID, _SOP_UID, _PIXEL_DATA = 0x0020000E, 0x00080018, 0x7FE00010
 _TEMPLATES = 64  # series followed at once per worker process
+_CLEAN_PIXEL_DATA = CODES[Option.CLEAN_PIXEL_DATA]
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +184,12 @@ class Receiver:
             return SUCCESS  # taken in charge: reported, never stored
         parts = self._writer(pseudo_series).add(ds)
         self._note_syntax(pseudo_series, syntax)
-        if received is not None and context is not None and self.deid.stats is None:
+        if (
+            received is not None
+            and context is not None
+            and self.deid.stats is None
+            and not _pixels_cleaned(ds)
+        ):
             self._remember(received[0], received[1], context, pseudo_series, ds, parts)
         return SUCCESS
 
@@ -359,6 +366,14 @@ def in_worker(cfg: ReceiverConfig) -> Receiver:
     logs.in_worker(cfg.settings.log_format)
     log.info("receiving for project %s", cfg.project)
     return Receiver(cfg)
+
+
+def _pixels_cleaned(ds: Dataset) -> bool:
+    """Whether de-identification changed the pixels (burned-in text blanked: the Clean Pixel
+    Data option among its methods). The shortcut takes the next instance's pixels as received,
+    so it must never follow such an instance: they would be stored unblanked."""
+    methods = ds.get("DeidentificationMethodCodeSequence") or []
+    return any(str(item.get("CodeValue", "")) == _CLEAN_PIXEL_DATA for item in methods)
 
 
 def _pixel_element(data: bytes, span: tuple[int, int], implicit: bool) -> RawDataElement | None:
