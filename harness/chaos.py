@@ -647,6 +647,71 @@ def _ended_quietly(st: Site, job_id: int) -> bool:
         return False
 
 
+FULL_SPOOL = """
+set -e
+mount -t tmpfs -o size=200k tmpfs "$SPOOL"
+"$PYTHON" -m gateway.cli worker &
+while [ ! -e "$ROOM" ]; do sleep 0.1; done
+mount -o remount,size=64m "$SPOOL"
+wait
+"""
+
+
+def spool_disk_full(lab: Lab, quick: bool) -> Outcome:
+    """The spool's disk full mid-job (a 200 KB tmpfs, in a mount namespace of its own): the
+    receivers answer 0xA700, the pull stops cleanly (no `.tmp` left, no series pending, the
+    `pull.end` row) and the job waits; given room, it resumes and completes."""
+    out = Outcome("spool disk full", lab.corpus.n_instances)
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        out.problems.append("skipped: no mount namespaces here (unshare -rm)")
+        return out
+    st = site(lab, "spool-full")
+    spool, room = st.gw.settings.spool_dir, st.gw.settings.home / "room"
+    spool.mkdir(parents=True, exist_ok=True)
+    env = {**st.env, "SPOOL": str(spool), "ROOM": str(room), "PYTHON": sys.executable}
+    env["SPHERE_SPOOL_MIN_FREE_MB"] = "0.05"
+    from gateway import jobs
+
+    job = jobs.submit(st.gw.core, "pull", st.project, user=st.gw.catalog.user("dan"))
+    log = open(st.gw.settings.home / "worker.log", "a")  # noqa: SIM115 - closed below
+    node = subprocess.Popen(
+        ["unshare", "-rm", "sh", "-c", FULL_SPOOL],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: st.gw.catalog.job(job.id).state == "waiting", "the job to wait")
+        row = st.gw.catalog.job(job.id)
+        if "no space left" not in (row.outcome or ""):
+            out.problems.append(f"the job waits for: {row.outcome}")
+        ends = [e for e in st.gw.catalog.audit_trail(st.project) if e.action == "pull.end"]
+        if not ends or "no space left" not in ends[-1].detail:
+            out.problems.append("no pull.end row saying the disk is full")
+        leftover = [str(p) for p in spool.rglob("*.tmp")]
+        if leftover:
+            out.problems.append(f"{len(leftover)} .tmp files left")
+        room.touch()
+        t0 = time.monotonic()
+        wait_for(lambda: _ended(st, job.id), "the job's end", 300)
+        out.recover_s = time.monotonic() - t0
+        row = st.gw.catalog.job(job.id)
+        if row.state != "done":
+            out.problems.append(f"job {row.state}: {row.outcome}")
+        return count(out, st)
+    finally:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGTERM)
+            try:
+                node.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait(10)
+        log.close()
+        st.close()
+
+
 SCENARIOS: dict[str, Callable[[Lab, bool], Outcome]] = {
     "pacs-down-at-start": pacs_down_at_start,
     "pacs-down-mid-pull": pacs_down_mid_pull,
@@ -655,6 +720,7 @@ SCENARIOS: dict[str, Callable[[Lab, bool], Outcome]] = {
     "out-of-resources": out_of_resources,
     "slow-pacs": slow_pacs,
     "store-down-mid-commit": store_down_mid_commit,
+    "spool-disk-full": spool_disk_full,
     "node-killed": node_killed,
     "postgres-restarted": postgres_restarted,
 }

@@ -1,10 +1,10 @@
 """Faults of issue 19 (point 6) against real peers, the shorter versions of `make chaos`
 (`harness.chaos`, which says what each plays and checks): the PACS down mid-pull, an
 association aborted, the PACS out of resources (0xA702), a slow PACS, the object store down
-mid-commit, PostgreSQL restarted mid-job. Each must store every instance once and leave
-nothing else wrong (`problems`). The PACS down at the start, a short outage (the breaker) and
-a node killed mid-job are tested in test_cli, test_source_limits and test_jobs_nodes;
-`make chaos` runs them all, longer."""
+mid-commit, the spool's disk full under a job, PostgreSQL restarted mid-job. Each must store
+every instance once and leave nothing else wrong (`problems`). The PACS down at the start, a
+short outage (the breaker) and a node killed mid-job are tested in test_cli,
+test_source_limits and test_jobs_nodes; `make chaos` runs them all, longer."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def lab(tmp_path_factory, s3_server):
         "out-of-resources",
         "slow-pacs",
         "store-down-mid-commit",
+        "spool-disk-full",
         "postgres-restarted",
     ],
 )
