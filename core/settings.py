@@ -109,6 +109,9 @@ class WebOptions(BaseModel):
     # /readyz on a node that pulls (its spool folder exists): ready while the spool's disk has
     # this much free space (0: not checked).
     ready_spool_free_mb: int = 1024
+    # This server's address as users reach it, for the export links `sphere export link` makes
+    # on a local store (default: http://host:port).
+    public_url: str | None = None
 
 
 class JobOptions(BaseModel):

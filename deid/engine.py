@@ -27,7 +27,7 @@ from pydicom.valuerep import VR
 from deid import iod, pixels, scrub, table
 from deid.dates import shift_da, shift_dt
 from deid.keys import ProjectKeys
-from deid.profile import BASIC_CODE, CODES, Option, Profile
+from deid.profile import CODES, Option, Profile
 from dicom import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 Mapping = tuple[str, str, str]  # (kind, original, pseudonym)
@@ -214,7 +214,7 @@ class Deidentifier:
         self._study_patient: OrderedDict[str, str] = OrderedDict()
         self._passthrough: dict[int, bool] = {}
         self._track = track_studies
-        codes = [BASIC_CODE] + sorted((CODES[o], o.value) for o in opts if o in CODES)
+        codes = profile.method_codes()
         self._codes = _code_sequence(codes)
         pixel = (CODES[Option.CLEAN_PIXEL_DATA], Option.CLEAN_PIXEL_DATA.value)
         self._codes_blanked = _code_sequence(sorted([*codes, pixel]))

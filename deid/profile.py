@@ -145,6 +145,11 @@ class Profile:
         """Exact tag -> action, for the engine (masked rows and private tags are separate)."""
         return self._actions
 
+    def method_codes(self) -> list[tuple[str, str]]:
+        """(CID 7050 code, meaning) of the profile and its options, as instances record them
+        in De-identification Method Code Sequence."""
+        return [BASIC_CODE] + sorted((CODES[o], o.value) for o in self.options if o in CODES)
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict, as stored in the catalog."""
         return {

@@ -27,6 +27,7 @@ from gateway import (
     audit_cmd,
     cohort_cmd,
     deid_cmd,
+    export_cmd,
     governance_cmd,
     jobs_cmd,
     logs,
@@ -503,6 +504,7 @@ run_cmd.register(app)  # `sphere run bone-density …`, `sphere results …`
 governance_cmd.register(app, project_app)  # `project purge|retain|purges`, `optout …`
 jobs_cmd.register(app, core)  # `sphere jobs …`, `sphere worker`
 omop_cmd.register(app)  # `sphere omop export`
+export_cmd.register(app, core)  # `sphere export …`
 
 
 if __name__ == "__main__":

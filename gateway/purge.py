@@ -44,9 +44,9 @@ class Purged:
 
 
 def store_prefixes(project: str) -> list[str]:
-    """Every folder of the store a project's data is under: series (pulled and derived), and
-    pipeline reports (`processing.outputs.report_key`)."""
-    return [f"projects/{project}", f"reports/{project}"]
+    """Every folder of the store a project's data is under: series (pulled and derived),
+    pipeline reports (`processing.outputs.report_key`) and exports (`processing.export`)."""
+    return [f"projects/{project}", f"reports/{project}", f"exports/{project}"]
 
 
 def purge_series(core: Core, project: Project, series: dict[str, str]) -> Purged:
@@ -111,6 +111,7 @@ def purge_project(
         out.spool_files += _remove_tree(_layout(core, name).root)
         out.rows += core.catalog.forget_project_data(project.id)
         out.rows += core.vault.forget_cohort(name)
+        core.catalog.exports_deleted(name)  # their zips went with exports/<name>
     why = reason or f"{project.status}, retention end {retention_end(core, project) or '-'}"
     _record(core, out, actor, "project", why)
     return out

@@ -10,6 +10,7 @@ command -v storescp >/dev/null || need+=(dcmtk)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)  # tests: PostgreSQL catalog
 command -v npm >/dev/null || need+=(npm)  # fetches the OHIF viewer's prebuilt files
 command -v chromium >/dev/null || need+=(chromium)  # tests: the viewer in a headless browser
+command -v dcm2niix >/dev/null || need+=(dcm2niix)  # benchmarks/bench_export.py: the NIfTI baseline
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   echo "installing Debian packages: ${need[*]}"

@@ -21,6 +21,7 @@ from sqlalchemy.schema import CreateIndex
 
 from storage import audit as chain
 from storage import index
+from storage.exports import ExportQueries
 from storage.governance import GovernanceQueries
 from storage.jobs import JobQueries
 from storage.models import (
@@ -131,7 +132,7 @@ class DuplicateProject(Exception):
     """A project of that name exists already."""
 
 
-class Catalog(GovernanceQueries, JobQueries):
+class Catalog(GovernanceQueries, JobQueries, ExportQueries):
     """Opens the catalog database; its methods are the queries the gateway makes."""
 
     def __init__(self, url: str) -> None:

@@ -500,3 +500,28 @@ class OptOut(Base):
     digest: Mapped[str] = mapped_column(String(64), primary_key=True)
     added_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     added_by: Mapped[str] = mapped_column(String(128), default="")
+
+
+# -- exports --------------------------------------------------------------------------------
+
+
+class Export(Base):
+    """A project's study set written as one zip to the store (`exports/<project>/<id>.zip`):
+    who asked, what (format, studies, modality), its size. `state`: running, done, failed, or
+    deleted (the project's retention ended; the zip is gone, the record stays)."""
+
+    __tablename__ = "exports"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    project: Mapped[str] = mapped_column(String(64), index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    format: Mapped[str] = mapped_column(String(8))  # dicom|nifti|zarr
+    selection: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    state: Mapped[str] = mapped_column(String(16), default="running")
+    key: Mapped[str] = mapped_column(String(256))
+    nbytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    n_files: Mapped[int] = mapped_column(Integer, default=0)
+    n_series: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)

@@ -204,3 +204,48 @@ async def _object_metas(store: ObjectStore, folder: str) -> list[Any]:
     import obstore as obs
 
     return await obs.list(store.store, prefix=folder).collect_async()
+
+
+# -- one large object written as a stream (exports) ------------------------------------------
+
+
+class Upload:
+    """An object written piece by piece: on S3 a multipart upload (obstore), in a local folder
+    a file renamed into place at `close`. `abort` leaves nothing behind."""
+
+    def __init__(self, store: Store, key: str) -> None:
+        self.key = key
+        self._path: Path | None = None
+        with guard("upload"):
+            if isinstance(store, ObjectStore):
+                import obstore as obs
+
+                self._writer: Any = obs.open_writer(store.store, key)
+            else:
+                self._path = Path(store.root) / key
+                self._path.parent.mkdir(parents=True, exist_ok=True)
+                self._writer = open(self._path.with_name(self._path.name + ".part"), "wb")  # noqa: SIM115
+
+    def write(self, data: bytes) -> None:
+        with guard("upload"):
+            self._writer.write(data)
+
+    def close(self) -> None:
+        """Complete the object: it exists only from here."""
+        with guard("upload"):
+            self._writer.close()
+            if self._path is not None:
+                os.replace(self._path.with_name(self._path.name + ".part"), self._path)
+
+    def abort(self) -> None:
+        """Drop what was written (an unfinished multipart upload is never completed)."""
+        if self._path is not None:
+            self._writer.close()
+            self._path.with_name(self._path.name + ".part").unlink(missing_ok=True)
+
+
+def local_path(store: Store, key: str) -> Path | None:
+    """The file behind `key` in a local folder store; None for an object store."""
+    if isinstance(store, ObjectStore):
+        return None
+    return Path(store.root) / _folder(key).rstrip("/")

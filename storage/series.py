@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import json
 import os
 import threading
 from collections import Counter, deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -540,6 +541,27 @@ class SeriesReader:
     def _check_index(self, i: int) -> None:
         if not 0 <= i < len(self):
             raise IndexError("instance index out of range")
+
+
+def part10(ds: Dataset) -> bytes:
+    """A Part 10 file of a rebuilt instance: what WADO-RS serves and an export holds."""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def part10_instances(
+    reader: SeriesReader, positions: Iterable[int] | None = None
+) -> Iterator[tuple[str, bytes]]:
+    """(SOP Instance UID, Part 10 bytes) of the series' instances (all, or those at the stored
+    positions given), one at a time."""
+    if positions is None:
+        for ds in reader.iter_instances():
+            yield str(ds.SOPInstanceUID), part10(ds)
+        return
+    for position in positions:
+        ds = reader.instance(position)
+        yield str(ds.SOPInstanceUID), part10(ds)
 
 
 def unreadable(

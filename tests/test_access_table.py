@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from core import Core, Settings, access, projects, users
 from gateway.cli import app as cli_app
 from harness.localpacs import free_port
+from storage.models import Export
 
 TODAY = date.today()
 TABLE = access.allows  # what the table says, kept from the controls that break the rule
@@ -112,6 +113,10 @@ CLI_CASES: dict[str, list[Case]] = {
     "jobs cancel": [Case(("1",), ("jobs.cancel",), "pp")],
     "jobs watch": [Case(("2",), ("jobs.read",), "pp")],
     "worker": [Case(("--once",), ("serve",))],  # who runs a node: as who serves
+    # pp is declared: an export let through stops at its lifecycle; e1 is pp's (the fixture)
+    "export create": [Case(("pp", "--format", "nifti"), ("export",))],
+    "export link": [Case(("e1", "--hours", "1"), ("export",), "pp")],
+    "export list": [Case(("pp",), ("export",))],
 }
 
 
@@ -159,6 +164,9 @@ def home(tmp_path_factory) -> Home:
         c.catalog.end_job(1, "t", "queued", "requeued")
         c.catalog.lease_job("setup", "t2", 60, kinds=("run",))
         c.catalog.end_job(2, "t2", "done", "nothing to do")
+        c.catalog.add_export(
+            Export(id="e1", project="pp", actor="setup", format="dicom", key="x", state="done")
+        )
     return Home(settings, tokens, tmp)
 
 
@@ -280,6 +288,9 @@ WEB_PUBLIC = {"/healthz", "/readyz", "/signin", "/signout"}  # no user needed
 WEB_SCRAPER = {"/metrics"}
 # Any signed-in user, whose own projects only are listed; the viewer's static files.
 WEB_SIGNED_IN = {"/", "/viewer", "/viewer/app-config.js", "/viewer/{path:path}"}
+# A signed link is its own credential (its signature and time, and the project still open:
+# tests/test_export.py); no user, every download audited.
+WEB_SIGNED_LINK = {"/exports/{export_id}/download"}
 DICOMWEB = "/projects/{project}/dicom-web"
 WEB_ACTIONS = {  # else study.read
     ("POST", "/projects/{project}/members"): "project.grant",
@@ -292,6 +303,9 @@ WEB_ACTIONS = {  # else study.read
     ("GET", "/api/projects/{project}/series"): "study.read",  # the remote dataset
     ("GET", "/api/projects/{project}/series/{series}"): "study.read",
     ("GET", "/api/projects/{project}/series/{series}/volume"): "study.read",
+    ("GET", "/projects/{project}/exports"): "export",
+    ("POST", "/projects/{project}/exports"): "export",
+    ("POST", "/projects/{project}/exports/{export_id}/link"): "export",
 }
 
 
@@ -311,7 +325,7 @@ def web_routes(routes: list[Any], prefix: str = "") -> list[tuple[str, str]]:
 
 def web_action(method: str, path: str) -> str | None:
     """The action a route needs; None for the public and signed-in-only ones."""
-    if path in WEB_PUBLIC or path in WEB_SIGNED_IN or path in WEB_SCRAPER:
+    if path in WEB_PUBLIC | WEB_SIGNED_IN | WEB_SCRAPER | WEB_SIGNED_LINK:
         return None
     if (method, path) in WEB_ACTIONS:
         return WEB_ACTIONS[(method, path)]
@@ -331,6 +345,7 @@ def concrete(path: str) -> str:
         "{tag}": "7FE00010",
         "{pipeline}": "bone-density",
         "{fmt}": "csv",
+        "{export_id}": "e1",
     }.items():
         path = path.replace(name, value)
     return path

@@ -25,6 +25,7 @@ from gateway.pull.preview import pull_plan
 from gateway.pull.receiver import Receiver, ReceiverConfig
 from gateway.purge import opt_out, purge_project, store_prefixes
 from harness.leaks import scan_database, scan_store
+from processing import export
 from processing.body_hu import BodyHu
 from processing.worker import SeriesTask, process_series
 from storage.objectstore import leftovers, run
@@ -85,7 +86,10 @@ def test_purge_leaves_nothing_of_the_project(tmp_path, pacs, scp_port, corpus, w
     spool = SpoolLayout(gw.settings.spool_dir.resolve(), "gone").root
     spool.mkdir(parents=True, exist_ok=True)
     (spool / "left-behind").write_bytes(b"x")
-    assert all(leftovers(gw.store, p) for p in store_prefixes("gone"))  # series and reports
+    users.first_admin(gw.core)  # the one exporting
+    exported = export.export(gw.core, "gone", "zarr")
+    # series, reports and exports
+    assert all(leftovers(gw.store, p) for p in store_prefixes("gone"))
     assert index_rows(gw, "gone") > 0
     token = users.add(gw.core, "vic")
     users.grant(gw.core, "gone", "vic", "viewer")
@@ -114,6 +118,7 @@ def test_purge_leaves_nothing_of_the_project(tmp_path, pacs, scp_port, corpus, w
     assert not spool.exists()
     pid = gone.id
     assert gw.catalog.series(pid) == [] and gw.catalog.results(pid) == []
+    assert gw.catalog.export(exported.id).state == "deleted"  # the record stays, its zip went
     assert index_rows(gw, "gone") == 0
     assert gw.catalog.cohort(pid) == []
     with gw.vault.engine.connect() as c:

@@ -414,3 +414,18 @@ def negotiate_rendered(
 ) -> Negotiated:
     """Rendered and thumbnail resources: image/jpeg (default) or image/png."""
     return negotiate(accept, Resource.RENDERED, accept_query=accept_query)
+
+
+ZIP = "application/zip"
+
+
+def wants_zip(accept: str | Iterable[str] | None, *, accept_query: str | None = None) -> bool:
+    """Whether a study or series retrieval asks for a zip of its instances (DICOM Supplement
+    211): `application/zip` named, and liked at least as well as anything multipart named
+    (`*/*` alone keeps the multipart answer)."""
+    ranges = parse_accept(accept_query if accept_query else accept)
+    zips = [r.q for r in ranges if r.media_type == ZIP and r.q > 0]
+    if not zips:
+        return False
+    multipart = [r.q for r in ranges if r.media_type == MULTIPART_RELATED and r.q > 0]
+    return max(zips) >= max(multipart, default=0.0)

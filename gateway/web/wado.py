@@ -8,7 +8,6 @@ one small read. Readers are kept per committed series (a re-commit gets a new on
 from __future__ import annotations
 
 import base64
-import io
 import json
 import re
 import threading
@@ -25,7 +24,7 @@ from gateway.web.accept import DICOM_XML
 from gateway.web.multipart import MultipartWriter
 from storage.catalog import IndexedSeries
 from storage.frames import FrameReader, ReadAhead
-from storage.series import SeriesError, SeriesReader
+from storage.series import SeriesError, SeriesReader, part10, part10_instances
 
 PIXEL_DATA = "7FE00010"
 _SOP = re.compile(r'"00080018":\{"vr":"UI","Value":\["([0-9.]{1,64})"\]\}')
@@ -159,24 +158,16 @@ def xml_multipart(datasets: Iterable[tuple[dict[str, Any], str | None]]) -> Mult
 
 
 def encode(ds: Dataset) -> bytes:
-    """A Part 10 file of a rebuilt instance."""
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    """A Part 10 file of a rebuilt instance (`storage.series.part10`)."""
+    return part10(ds)
 
 
 def instances(
     reader: SeriesReader, positions: Iterable[int] | None = None
 ) -> Iterator[tuple[str, bytes]]:
-    """(SOP Instance UID, Part 10 bytes) of the series' instances (all, or those at the stored
-    positions given), one at a time."""
-    if positions is None:
-        for ds in reader.iter_instances():
-            yield str(ds.SOPInstanceUID), encode(ds)
-        return
-    for position in positions:
-        ds = reader.instance(position)
-        yield str(ds.SOPInstanceUID), encode(ds)
+    """(SOP Instance UID, Part 10 bytes) of the series' instances, one at a time
+    (`storage.series.part10_instances`)."""
+    return part10_instances(reader, positions)
 
 
 def inline_pixels(header: dict[str, Any]) -> bytes | None:

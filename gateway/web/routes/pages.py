@@ -125,10 +125,13 @@ def home(request: Request, core: Core = Depends(get_core)) -> Response:
     for project, role in memberships:
         jobs = f"/projects/{quote(project.name)}/jobs"
         results = f"/projects/{quote(project.name)}/results"
+        exports = ""
+        if access.allows("export", {role}):  # routes.exports: start one, links that expire
+            exports = f' <a href="/projects/{quote(project.name)}/exports">exports</a>'
         parts.append(
             f"<h2>{escape(project.name)} <small>({escape(role)}) "
             f'<a href="{escape(jobs)}">jobs</a> <a href="{escape(results)}">results</a>'
-            "</small></h2>"
+            f"{exports}</small></h2>"
         )
         if project.title:
             parts.append(f"<p>{escape(project.title)}</p>")

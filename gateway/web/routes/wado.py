@@ -24,12 +24,14 @@ from gateway.web.accept import (
     negotiate_dicom,
     negotiate_metadata,
     negotiate_rendered,
+    wants_zip,
 )
 from gateway.web.cache import Located
 from gateway.web.deps import Access, audit, catalog_cache, dicomweb_root, project_access
 from gateway.web.multipart import MultipartWriter
 from gateway.web.render import PixelAttributes, parse_render_params, render_frame
 from storage.catalog import IndexedSeries
+from storage.zipstream import ZipStream
 
 router = APIRouter()
 GZIP_MIN = 1024
@@ -79,6 +81,26 @@ def _dicom_response(
     return StreamingResponse(iter(writer), media_type=writer.content_type)
 
 
+def _wants_zip(request: Request) -> bool:
+    return wants_zip(request.headers.get("accept"), accept_query=request.query_params.get("accept"))
+
+
+def _zip_response(
+    name: str, parts: Iterator[tuple[IndexedSeries, str, bytes]]
+) -> StreamingResponse:
+    """The instances as one zip (DICOM Supplement 211), `<study>/<series>/<sop>.dcm`, each as
+    the multipart answer would carry it; written as it is sent."""
+
+    def body() -> Iterator[bytes]:
+        z = ZipStream()
+        for se, sop, data in parts:
+            yield from z.add(f"{se.study_uid}/{se.series_uid}/{sop}.dcm", [data])
+        yield from z.close()
+
+    disposition = {"Content-Disposition": f'attachment; filename="{name}.zip"'}
+    return StreamingResponse(body(), media_type="application/zip", headers=disposition)
+
+
 def _instance_url(root: str, se: IndexedSeries, sop: str) -> str:
     return f"{root}/studies/{se.study_uid}/series/{se.series_uid}/instances/{sop}"
 
@@ -98,12 +120,15 @@ def retrieve_study(
 ):
     rows = _series(request, access, study)
     readers = [_readers(request).get(se) for se in rows]
-    audit(request, "wado.study", study=study)
+    as_zip = _wants_zip(request)
+    audit(request, "wado.study", study=study, format="zip" if as_zip else None)
 
     def parts() -> Iterator[tuple[IndexedSeries, str, bytes]]:
         for se, reader in zip(rows, readers, strict=True):
             yield from _with_series(se, wado.instances(reader))
 
+    if as_zip:
+        return _zip_response(study, parts())
     return _dicom_response(request, access, parts())
 
 
@@ -116,7 +141,10 @@ def retrieve_series(
 ):
     (se,) = _series(request, access, study, series)
     reader = _readers(request).get(se)
-    audit(request, "wado.series", study=study, series=series)
+    as_zip = _wants_zip(request)
+    audit(request, "wado.series", study=study, series=series, format="zip" if as_zip else None)
+    if as_zip:
+        return _zip_response(series, _with_series(se, wado.instances(reader)))
     return _dicom_response(request, access, _with_series(se, wado.instances(reader)))
 
 

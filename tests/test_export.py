@@ -1,0 +1,356 @@
+"""Exports (`sphere export`, the web's button) and zip over DICOMweb, against real peers: the
+server under uvicorn, a local store and SeaweedFS as S3. What a zip holds is what WADO-RS
+serves (DICOM), what the loader gives (NIfTI), what is stored (Zarr); a link stops working
+after its time; no planted identifier is in any export (decoded scan, with its control)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import time
+import zipfile
+from dataclasses import dataclass
+from datetime import date, timedelta
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+
+from core import Core, ProjectError, Settings, access, projects, users
+from core.settings import S3Options
+from gateway import links
+from gateway.purge import purge_project
+from harness.leaks import scan_bytes
+from harness.synthetic import generate
+from processing import export
+from processing.loader import load_series
+from storage.objectstore import local_path, open_store, run
+from storage.series import SeriesReader, SeriesWriter, series_key
+from tests.web_server import fetch, serving
+
+pytestmark = pytest.mark.peers
+TODAY = date.today()
+
+
+def store_series(core: Core, project: str, datasets: list, spool: Path) -> str:
+    """Commit datasets as one series of `project`, complete and indexed (as a pull leaves it)."""
+    ds0 = datasets[0]
+    key = series_key(project, ds0.StudyInstanceUID, ds0.SeriesInstanceUID)
+    writer = SeriesWriter(spool / ds0.SeriesInstanceUID, fsync=False)
+    for ds in datasets:
+        writer.add(ds)
+    info = writer.commit(core.store, key)
+    p = core.project(project)
+    core.catalog.mark_complete(
+        p.id, ds0.SeriesInstanceUID, key, info, study_uid=ds0.StudyInstanceUID,
+        modality=ds0.Modality, patient_pseudonym=str(ds0.PatientID),
+    )  # fmt: skip
+    reader = SeriesReader(core.store, key)
+    core.catalog.index_series(p.id, key, reader.headers(), reader.attrs["n_slices"])
+    return key
+
+
+@dataclass(frozen=True)
+class Site:
+    settings: Settings
+    tokens: dict[str, str]
+
+
+def make_site(root: Path, corpus, storage_url: str | None = None, s3=None) -> Site:
+    """A home with project `ex` (the corpus, de-identified, and a result), `raw` (the corpus
+    NOT de-identified: the leak scan's control), an investigator and a viewer."""
+    settings = Settings(home=root / "home", fsync=False, storage_url=storage_url, s3=s3 or {})
+    with Core(settings, create=True) as c:
+        users.first_admin(c)
+        for name in ("ex", "raw"):
+            projects.create(c, name)
+            projects.approve(
+                c, name, committee_ref="C", approved_on=TODAY, expires_on=TODAY + timedelta(30)
+            )
+        c.tokens = {n: users.add(c, n) for n in ("ivy", "val")}  # type: ignore[attr-defined]
+        users.grant(c, "ex", "ivy", access.INVESTIGATOR)
+        users.grant(c, "ex", "val", access.VIEWER)
+        by_series: dict[str, list] = {}
+        for f in corpus.files:
+            ds = pydicom.dcmread(f)
+            by_series.setdefault(ds.SeriesInstanceUID, []).append(ds)
+        deid = c.deidentifier("ex")
+        for i, dss in enumerate(by_series.values()):
+            key = store_series(c, "ex", [deid.apply(d) for d in dss], root / "spool")
+            if i == 0:
+                reader = SeriesReader(c.store, key)
+                h = reader.header(0)
+                c.catalog.upsert_result(
+                    c.project("ex").id, h["0020000E"]["Value"][0], "bone-density",
+                    study_uid=h["0020000D"]["Value"][0], version="1", status="ok",
+                    values={"l1_hu": 151.5},
+                )  # fmt: skip
+        raw = next(iter(by_series.values()))
+        store_series(c, "raw", [pydicom.dcmread(d.filename) for d in raw], root / "spool-raw")
+        tokens = c.tokens  # type: ignore[attr-defined]
+    return Site(settings, tokens)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return generate(
+        tmp_path_factory.mktemp("corpus"), n_patients=1, series_per_study=2, slices=6, size=32
+    )
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, corpus) -> Site:
+    return make_site(tmp_path_factory.mktemp("export"), corpus)
+
+
+def zip_of(core: Core, row) -> zipfile.ZipFile:
+    from zarr.core.buffer import default_buffer_prototype
+
+    data = run(core.store.get(row.key, default_buffer_prototype())).to_bytes()
+    return zipfile.ZipFile(io.BytesIO(data))
+
+
+def decoded_leaks(where: str, z: zipfile.ZipFile, needles: list[str]) -> list:
+    """Planted identifiers in every file of a zip, each decoded: DICOM read back (every element
+    as text), NIfTI and JSON as they are, gzip unpacked, Zarr header arrays decompressed."""
+    found = []
+    for name in z.namelist():
+        data = z.read(name)
+        found += scan_bytes(f"{where}:{name}", data, needles) + scan_bytes(
+            where, name.encode(), needles
+        )
+        if name.endswith(".dcm"):
+            found += scan_bytes(
+                f"{where}:{name} (dicom)", str(pydicom.dcmread(io.BytesIO(data))).encode(), needles
+            )
+        elif name.endswith(".gz"):
+            found += scan_bytes(f"{where}:{name} (gunzip)", gzip.decompress(data), needles)
+        elif name.endswith(".json"):
+            text = json.dumps(json.loads(data), ensure_ascii=False)
+            found += scan_bytes(f"{where}:{name} (json)", text.encode(), needles)
+    if any(n.startswith("zarr/") for n in z.namelist()):
+        import tempfile
+
+        from harness.leaks import scan_store
+
+        with tempfile.TemporaryDirectory() as tmp:
+            z.extractall(tmp)
+            found += scan_store(open_store(str(Path(tmp) / "zarr")), needles)
+    return found
+
+
+# -- DICOM, and the zip over DICOMweb -----------------------------------------------------------
+
+
+def test_dicom_export_and_zip_over_dicomweb_hold_what_wado_rs_serves(site, corpus):
+    with Core(site.settings) as c:
+        row = export.export(c, "ex", "dicom")
+        assert row.state == "done" and row.n_series == 2
+        z = zip_of(c, row)
+        manifest = json.loads(z.read("manifest.json"))
+        rows = c.catalog.export_series(c.project("ex").id)
+    token = site.tokens["ivy"]
+    with serving(Core(site.settings, research=True)) as url:
+        root = f"{url}/projects/ex/dicom-web"
+        for se, st in rows:
+            served = fetch(f"{root}/studies/{se.study_uid}/series/{se.series_uid}", token)
+            assert served.status == 200 and len(served.parts) == se.n_instances
+            folder = f"dicom/{st.patient_id}/{se.study_uid}/{se.series_uid}/"
+            exported = {n: z.read(n) for n in z.namelist() if n.startswith(folder)}
+            assert sorted(exported.values()) == sorted(body for _, body in served.parts)
+            # the same series as a zip over DICOMweb (Supplement 211): plain HTTP ...
+            zipped = fetch(
+                f"{root}/studies/{se.study_uid}/series/{se.series_uid}",
+                token,
+                headers={"Accept": "application/zip"},
+            )
+            assert zipped.status == 200
+            assert zipped.headers["content-type"] == "application/zip"
+            got = zipfile.ZipFile(io.BytesIO(zipped.body))
+            assert sorted(got.read(n) for n in got.namelist()) == sorted(exported.values())
+        study = rows[0][0].study_uid
+        # ... and dicomweb-client's session (its retrieve_* only speak multipart)
+        client = DICOMwebClient(root, headers={"Authorization": f"Bearer {token}"})
+        r = client._session.get(f"{root}/studies/{study}", headers={"Accept": "application/zip"})
+        whole = zipfile.ZipFile(io.BytesIO(r.content))
+        assert len(whole.namelist()) == sum(se.n_instances for se, _ in rows)
+        # a viewer of the project may read it; no one else reads a byte
+        assert (
+            fetch(
+                f"{root}/studies/{study}", site.tokens["val"], headers={"Accept": "application/zip"}
+            ).status
+            == 200
+        )
+        other = f"{url}/projects/raw/dicom-web/studies/{study}"
+        assert fetch(other, token, headers={"Accept": "application/zip"}).status == 404
+        assert fetch(f"{root}/studies/{study}", headers={"Accept": "application/zip"}).status == 401
+    # the manifest: every file with its size and sha256, shifted dates, codes, results
+    import hashlib
+
+    listed = {f["name"]: f for f in manifest["files"]}
+    assert set(listed) == set(z.namelist()) - {"manifest.json"}
+    for name, f in listed.items():
+        data = z.read(name)
+        assert f["size"] == len(data) and f["sha256"] == hashlib.sha256(data).hexdigest()
+    assert {c["code"] for c in manifest["deidentification"]["method_codes"]} >= {"113100"}
+    (patient,) = manifest["patients"]
+    series = patient["studies"][0]["series"]
+    assert all(s["deidentification_method_codes"] for s in series)
+    assert patient["studies"][0]["study_date"] not in (None, corpus.studies[0].study_date)
+    assert [r["values"] for r in manifest["results"]] == [{"l1_hu": 151.5}]
+    with Core(site.settings) as c:
+        trail = [r.action for r in c.catalog.audit_trail("ex", 200)]
+    assert "export" in trail
+
+
+def test_nifti_export_equals_the_loader(site, tmp_path):
+    with Core(site.settings) as c:
+        row = export.export(c, "ex", "nifti", modality="CT")
+        z = zip_of(c, row)
+        rows = c.catalog.export_series(c.project("ex").id)
+        for se, st in rows:
+            stem = f"nifti/{st.patient_id}/{se.study_uid}/{se.series_uid}"
+            path = tmp_path / f"{se.series_uid}.nii.gz"
+            path.write_bytes(z.read(f"{stem}.nii.gz"))
+            img = nib.load(path)
+            loaded = load_series(c.store, se.storage_key, channel_first=False)
+            np.testing.assert_array_equal(img.get_fdata(dtype=np.float32), loaded.numpy())
+            np.testing.assert_allclose(img.affine, loaded.affine.numpy(), atol=1e-4)
+            side = json.loads(z.read(f"{stem}.json"))
+            assert side["series_uid"] == se.series_uid and side["modality"] == "CT"
+            assert side["orientation"] == "".join(nib.aff2axcodes(img.affine))
+
+
+def test_zarr_export_is_the_series_as_stored(site, tmp_path):
+    with Core(site.settings) as c:
+        row = export.export(c, "ex", "zarr")
+        zip_of(c, row).extractall(tmp_path)
+        for se, _ in c.catalog.export_series(c.project("ex").id):
+            mine = SeriesReader(
+                open_store(str(tmp_path / "zarr")), f"{se.study_uid}/{se.series_uid}"
+            )
+            theirs = SeriesReader(c.store, se.storage_key)
+            np.testing.assert_array_equal(mine.volume[:], theirs.volume[:])
+            assert mine.header_texts() == theirs.header_texts()
+
+
+def test_no_planted_identifier_in_any_export(site, corpus):
+    with Core(site.settings) as c:
+        for fmt in export.FORMATS:
+            row = export.export(c, "ex", fmt)
+            assert decoded_leaks(fmt, zip_of(c, row), corpus.phi) == []
+        # Control: a project whose series was stored without de-identification is caught, in
+        # the decoded DICOM, the NIfTI sidecar (its patient) and the Zarr header arrays.
+        for fmt in export.FORMATS:
+            found = decoded_leaks(fmt, zip_of(c, export.export(c, "raw", fmt)), corpus.phi)
+            assert corpus.studies[0].patient_id in {leak.needle for leak in found}, fmt
+
+
+# -- refusals, links, retention -----------------------------------------------------------------
+
+
+def test_an_export_is_refused_to_a_viewer_and_for_a_closed_project(site, tmp_path):
+    with Core(site.settings) as c:
+        val = c.catalog.user("val")
+        with pytest.raises(access.NotAllowed):
+            export.export(c, "ex", "dicom", user=val)
+        with pytest.raises(Exception, match="not stored"):
+            export.export(c, "ex", "dicom", studies=["2.25.1"])
+    closed = make_site(
+        tmp_path, generate(tmp_path / "c", n_patients=1, series_per_study=1, slices=2, size=16)
+    )
+    with Core(closed.settings) as c:
+        projects.revoke(c, "ex")
+        with pytest.raises(ProjectError, match="revoked"):
+            export.export(c, "ex", "dicom")
+
+
+def test_a_local_link_works_until_its_time_and_each_download_is_audited(site):
+    with Core(site.settings) as c:
+        row = export.export(c, "ex", "zarr")
+        stored = local_path(c.store, row.key).read_bytes()
+    with serving(Core(site.settings, research=True)) as url:
+        with Core(site.settings) as c:
+            good, _ = links.link(c, row.id, 1, base_url=url)
+            short, _ = links.link(c, row.id, 1 / 3600, base_url=url)
+        r = requests.get(good, timeout=30)
+        assert r.status_code == 200 and r.content == stored
+        assert requests.get(good.replace("sig=", "sig=0"), timeout=30).status_code == 403
+        assert requests.get(good.replace(row.id, "0" * 16), timeout=30).status_code == 403
+        time.sleep(1.2)
+        assert requests.get(short, timeout=30).status_code == 403  # its time is over
+    with Core(site.settings) as c:
+        trail = c.catalog.audit_trail("ex", 500)
+        downloads = [(r.outcome, r.actor) for r in trail if r.action == "export.download"]
+        made = [r for r in trail if r.action == "export.link"]
+    assert ("ok", "link:" + row.actor) in downloads
+    assert ("refused", "link") in downloads  # a bad signature, a link whose time is over
+    assert len(made) >= 2
+
+
+def test_an_investigator_exports_from_the_web(site):
+    token = site.tokens["ivy"]
+    with serving(Core(site.settings, research=True)) as url:
+        page = f"{url}/projects/ex/exports"
+        r = requests.post(
+            page, data={"format": "nifti", "modality": "CT"}, timeout=60,
+            headers={"Authorization": f"Bearer {token}"}, allow_redirects=False,
+        )  # fmt: skip
+        assert r.status_code == 303
+        with Core(site.settings) as c:
+            deadline = time.monotonic() + 60
+            while (row := c.catalog.exports("ex")[0]).state == "running":
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert row.state == "done" and row.actor == "ivy" and row.format == "nifti"
+        listed = requests.get(page, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        assert row.id in listed.text and "Download link" in listed.text
+        shown = requests.post(
+            f"{page}/{row.id}/link", data={"hours": "2"}, timeout=30,
+            headers={"Authorization": f"Bearer {token}"},
+        )  # fmt: skip
+        link = shown.text.split('href="')[1].split('"')[0].replace("&amp;", "&")
+        assert requests.get(link, timeout=30).status_code == 200
+        viewer = {"Authorization": f"Bearer {site.tokens['val']}"}
+        assert (
+            requests.post(page, data={"format": "dicom"}, headers=viewer, timeout=30).status_code
+            == 403
+        )
+
+
+def test_exports_go_when_the_project_is_purged(tmp_path, corpus):
+    with Core(make_site(tmp_path, corpus).settings) as c:
+        row = export.export(c, "ex", "dicom")
+        path = local_path(c.store, row.key)
+        assert path.exists()
+        purge_project(c, "ex", now=True, reason="test")
+        assert not path.exists() and c.catalog.export(row.id).state == "deleted"
+        with pytest.raises(ProjectError):
+            links.link(c, row.id, 1)
+
+
+def test_s3_export_and_a_presigned_link_that_expires(tmp_path, corpus, s3_server):
+    bucket = s3_server.new_bucket()
+    s3 = S3Options(
+        endpoint=s3_server.endpoint, access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key, region=s3_server.region, allow_http=True,
+    )  # fmt: skip
+    with Core(make_site(tmp_path, corpus, f"s3://{bucket}/sphere", s3).settings) as c:
+        row = export.export(c, "ex", "dicom")  # a multipart upload, as a stream
+        z = zip_of(c, row)
+        n = sum(se.n_instances for se, _ in c.catalog.export_series(c.project("ex").id))
+        assert len([n for n in z.namelist() if n.endswith(".dcm")]) == n
+        url, _ = links.link(c, row.id, 1)
+        short, _ = links.link(c, row.id, 1 / 3600)
+        stored = run(
+            c.store.get(row.key, __import__("zarr").core.buffer.default_buffer_prototype())
+        ).to_bytes()
+    r = requests.get(url, timeout=30)
+    assert r.status_code == 200 and r.content == stored
+    time.sleep(2.2)
+    assert requests.get(short, timeout=30).status_code == 403
