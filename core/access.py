@@ -137,7 +137,8 @@ def operator(core: Core) -> User:
             "(an admin runs `sphere user map NAME LOGIN`), and SPHERE_TOKEN is not set"
         )
         if user is not None and not user.active:
-            user, how = None, f"sphere user '{user.name}' (OS account '{login}') is revoked"
+            how = f"sphere user '{user.name}' (OS account '{login}') is revoked"
+            user = None
     if user is None:
         core.catalog.audit(f"os:{login}", "operator", None, "refused", reason=how.split(":")[0])
         raise NotAllowed(how)

@@ -17,6 +17,7 @@ import sys
 import threading
 from functools import cached_property, partial
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError
@@ -205,7 +206,7 @@ def _tighten(settings: Settings, url: str) -> None:
 
 def _asker() -> str:
     """The first caller outside this module: what asked for the vault."""
-    f = sys._getframe(1)
+    f: FrameType | None = sys._getframe(1)
     while f is not None and f.f_code.co_filename in (__file__, functools.__file__):
         f = f.f_back
     return f"{f.f_globals.get('__name__')}.{f.f_code.co_qualname}" if f else "unknown"

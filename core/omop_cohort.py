@@ -11,6 +11,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from core import projects
 from core.core import Core
@@ -115,7 +116,7 @@ def add(
         accession_column=accession_column,
         procedure_concepts=procedure_concepts,
     )
-    detail: dict[str, object] = {"source": found.source, "rows": found.rows}
+    detail: dict[str, Any] = {"source": found.source, "rows": found.rows}
     if definition is not None:
         detail["definition"] = definition
     if sql is not None:

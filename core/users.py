@@ -12,6 +12,7 @@ import getpass
 import re
 import secrets
 from datetime import date
+from typing import Any
 
 from core import access
 from core.access import TOKEN_PREFIX, NotAllowed, authenticate, token_hash
@@ -115,7 +116,7 @@ def check_global_role(role: str) -> None:
 def set_role(core: Core, name: str, role: str, *, by_user: User, remove: bool = False) -> None:
     """Give (or take away) a global role: an admin's act, never on oneself (audited)."""
     _known_role(role, access.GLOBAL_ROLES)
-    detail = {"target": name, "role": role, "remove": remove or None}
+    detail: dict[str, Any] = {"target": name, "role": role, "remove": remove or None}
     detail = {k: v for k, v in detail.items() if v is not None}
     access.require(core, "role.grant", user=by_user, **detail)
     target = _user(core, name)

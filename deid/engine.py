@@ -13,6 +13,7 @@ import threading
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable
 from functools import lru_cache
+from typing import Any, cast
 
 from pydicom.charset import TEXT_VR_DELIMS, decode_bytes
 from pydicom.datadict import dictionary_VR
@@ -124,6 +125,11 @@ class Quarantined(Exception):
 
 def _tag(tag: int) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _by_int(ds: Dataset) -> dict[int, Any]:
+    """`ds`'s elements looked up by plain int (a BaseTag is an int: same hash, same entries)."""
+    return cast("dict[int, Any]", ds._dict)
 
 
 @lru_cache(maxsize=4096)
@@ -273,7 +279,7 @@ class Deidentifier:
         if (group == 0x0028 and tag & 0xFFFF < 0x1000) or tag in _CONTEXT_TAGS or tag in ID_TAGS:
             return False  # image pixel description, burned-in flag, identities
         vrs = _dict_vrs(tag) if vr is None or vr == "UN" else frozenset({vr})
-        return bool(vrs) and vrs <= _LOCAL_VRS
+        return bool(vrs and vrs <= _LOCAL_VRS)
 
     def apply_changes(self, changed: Dataset, context: tuple[str, str, bool]) -> bool:
         """De-identify in place the elements in which an instance differs from an earlier one
@@ -365,6 +371,7 @@ class Deidentifier:
         stats = run.stats
         keep_private = None
         passthrough = self._passthrough
+        action: str | None
         for tag in list(d):
             elem = d[tag]
             t = int(tag)  # plain int: BaseTag's __eq__ is Python code, slow in dict lookups
@@ -423,7 +430,7 @@ class Deidentifier:
         if t in self._plan or group & 1 or not t & 0xFFFF or group & 0xFF00 in (0x5000, 0x6000):
             return False
         vrs = _dict_vrs(t)
-        return bool(vrs) and vrs <= _PASS_VRS
+        return bool(vrs and vrs <= _PASS_VRS)
 
     def _masked(self, tag: int) -> str | None:
         """Curves (50xx,xxxx) and overlays (60xx,eeee): an overlay goes or stays as a whole."""
@@ -701,7 +708,7 @@ class Deidentifier:
 
     def clean_meta(self, meta: Dataset) -> None:
         """De-identify file meta information in place (done by `apply` for `ds.file_meta`)."""
-        d = meta._dict
+        d = _by_int(meta)
         for t in _META_DROP:
             d.pop(t, None)
         elem = d.get(0x00020003)
@@ -749,7 +756,7 @@ class Deidentifier:
         return str(v).strip("\x00 ")
 
     def _text(self, ds: Dataset, tag: int) -> str | None:
-        elem = ds._dict.get(tag)
+        elem = _by_int(ds).get(tag)
         if elem is None:
             return None
         if elem.VR == "SQ" or elem.VR in _BINARY_VRS and not isinstance(elem.value, bytes):

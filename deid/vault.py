@@ -65,6 +65,7 @@ mappings_table = Table(
     Column("original", Text, nullable=False),
     Column("first_seen", DateTime, nullable=False),
 )
+_MAPPING_KEY = ["project", "pseudonym"]
 cohort_table = Table(
     "vault_cohort",
     metadata,
@@ -202,15 +203,16 @@ class Vault:
         unique = list({(r["project"], r["pseudonym"]): r for r in rows}.values())
         with self.engine.begin() as c:
             dialect = self.engine.dialect.name
-            if dialect in ("sqlite", "postgresql"):
-                if dialect == "sqlite":
-                    from sqlalchemy.dialects.sqlite import insert as dialect_insert
-                else:
-                    from sqlalchemy.dialects.postgresql import insert as dialect_insert
-                stmt = dialect_insert(mappings_table).on_conflict_do_nothing(
-                    index_elements=["project", "pseudonym"]
-                )
-                c.execute(stmt, unique)
+            if dialect == "sqlite":
+                from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+                lite = sqlite_insert(mappings_table)
+                c.execute(lite.on_conflict_do_nothing(index_elements=_MAPPING_KEY), unique)
+            elif dialect == "postgresql":
+                from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+                pg = pg_insert(mappings_table)
+                c.execute(pg.on_conflict_do_nothing(index_elements=_MAPPING_KEY), unique)
             else:  # portable fallback: skip what exists
                 for r in unique:
                     exists = c.execute(

@@ -7,6 +7,8 @@ must then say is `RGB_HEADER`; the palette's own attributes (`PALETTE_TAGS`) no 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut
@@ -25,7 +27,7 @@ PALETTE_TAGS = (
     "00281223",
 )
 # 8-bit interleaved RGB, as DICOM JSON entries.
-RGB_HEADER = {
+RGB_HEADER: dict[str, dict[str, Any]] = {
     "00280002": {"vr": "US", "Value": [3]},  # SamplesPerPixel
     "00280004": {"vr": "CS", "Value": ["RGB"]},  # PhotometricInterpretation
     "00280006": {"vr": "US", "Value": [0]},  # PlanarConfiguration

@@ -104,6 +104,7 @@ def order_slices(
     d = dist[order]
     steps = np.diff(d)
     distinct = steps[steps > _POSITION_TOL]
+    dz: float | None
     if distinct.size:
         dz = float(np.median(distinct))
         uniform = distinct.size == steps.size and bool(np.all(np.abs(steps - dz) <= 0.01 * dz))
@@ -127,7 +128,7 @@ def order_slices(
     return SeriesGeometry(
         order=order,
         spacing=(dz, dy, dx),
-        origin=tuple(float(v) for v in origin),
+        origin=(float(origin[0]), float(origin[1]), float(origin[2])),
         direction=tuple(float(v) for v in (*row, *col, *normal)),
         affine=affine.tolist(),
         positions=[float(v) for v in d],

@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from operator import itemgetter
 from typing import Any
 
@@ -59,7 +59,7 @@ _INT_CHARS = frozenset("0123456789+- \\\x00")
 _SLOW = object()  # the fast path declines: let pydicom decode the element
 _IMPLICIT_VRS: dict[int, str | None] = {}  # tag -> unambiguous dictionary VR, or None
 # encode()'s cache: (tag, VR, bytes, little endian, bulk threshold) -> (entry, JSON text).
-_CACHE: dict[tuple[Any, ...], tuple[Any, str | None]] = {}
+_CACHE: dict[tuple[Any, ...], tuple[Any, str]] = {}  # text "" for an element left out
 _CACHE_SIZE = 20_000
 _CACHE_VALUE_BYTES = 1024  # longer values are rarely repeated; not worth their memory
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
@@ -117,7 +117,7 @@ def encode(
                 if entry is _SLOW:
                     hit = None
                 else:
-                    text = f'"{tag:08X}":{_dumps(entry)}' if entry is not None else None
+                    text = f'"{tag:08X}":{_dumps(entry)}' if entry is not None else ""
                     hit = (entry, text)
                     if len(elem.value) <= _CACHE_VALUE_BYTES:
                         cache[ckey] = hit
@@ -194,8 +194,9 @@ def _raw_element(tag: int, raw: RawDataElement, bulk_threshold: int) -> Any:
     vr = raw.VR
     value = raw.value
     if vr is None:  # implicit VR: the dictionary's, when there is exactly one
-        vr = _IMPLICIT_VRS.get(tag, _SLOW)
-        if vr is _SLOW:
+        if tag in _IMPLICIT_VRS:
+            vr = _IMPLICIT_VRS[tag]
+        else:
             vr = _IMPLICIT_VRS[tag] = _implicit_vr(tag)
         if vr is None:
             return _SLOW
@@ -344,7 +345,7 @@ def _number(v: Any, kind: type) -> Any:
 
 
 def _person_name(pn: Any) -> dict[str, str]:
-    comps = getattr(pn, "components", None) or (str(pn),)
+    comps: Sequence[str] = getattr(pn, "components", None) or (str(pn),)
     out = {"Alphabetic": comps[0]}
     if len(comps) > 1:
         out["Ideographic"] = comps[1]

@@ -48,7 +48,7 @@ def patches(
     ts: UID | None, data: bytes | memoryview, decoded_bytes: int, get: Callable[..., Any]
 ) -> dict[str, Any]:
     """Header patches {tag: DICOM JSON entry} marking a lossy original; `get` reads the header."""
-    if not is_lossy(ts, data):
+    if ts is None or not is_lossy(ts, data):
         return {}
     if str(get("LossyImageCompression", "") or "").strip() == "01":
         out: dict[str, Any] = {}
