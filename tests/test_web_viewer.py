@@ -282,6 +282,42 @@ def on_screen(shown: dict[str, Any], png: bytes, invert: bool) -> tuple[bool, st
     return share >= 0.9, f"{share:.1%} of {rows}x{cols} pixel centres show their value"
 
 
+# The study panel's thumbnail: rendered by the server (`/thumbnail`), shown as an <img> of a blob.
+THUMBNAIL_JS = """[...document.querySelectorAll('img')]
+  .filter(i => i.src.startsWith('blob:') && i.naturalWidth)
+  .map(i => { const r = i.getBoundingClientRect();
+              return [r.left, r.top, r.width, r.height, i.naturalWidth, i.naturalHeight]; })"""
+_THUMBNAIL_URL = re.compile(r"/instances/([0-9.]+)/thumbnail")
+
+
+def thumbnail_agrees(
+    page: Browser, png: bytes, frames: dict[str, np.ndarray], invert: bool
+) -> tuple[bool, str]:
+    """Whether the thumbnail on screen is the first frame of the instance it was asked for:
+    correlated with its values (RGB channel by channel; grey against them when MONOCHROME1,
+    whatever the window)."""
+    boxes = page.evaluate(THUMBNAIL_JS)
+    asked = [m.group(1) for r in page.requests if (m := _THUMBNAIL_URL.search(r.url))]
+    if len(boxes) != 1 or not asked or asked[-1] not in frames:
+        return False, f"{len(boxes)} thumbnails shown, asked for {asked}"
+    left, top, width, height, nat_w, nat_h = boxes[0]
+    scale = min(width / nat_w, height / nat_h)  # object-fit: contain
+    x0, y0 = left + (width - nat_w * scale) / 2, top + (height - nat_h * scale) / 2
+    box = (
+        round(x0) + 1,
+        round(y0) + 1,
+        round(x0 + nat_w * scale) - 1,
+        round(y0 + nat_h * scale) - 1,
+    )
+    want = frames[asked[-1]][0]
+    crop = Image.open(io.BytesIO(png)).convert("RGB").crop(box)
+    seen = np.asarray(crop.resize((want.shape[1], want.shape[0]), Image.BILINEAR), np.float64)
+    if want.ndim == 2:
+        seen = seen.mean(axis=2)
+    corr = float(np.corrcoef(seen.ravel(), want.ravel())[0, 1]) * (-1 if invert else 1)
+    return corr > 0.8, f"correlation {corr:.2f} with the source's frame"
+
+
 def dicomweb(requests: list[Request]) -> list[Request]:
     return [r for r in requests if f"/projects/{PROJECT}/dicom-web/" in r.url]
 
@@ -431,6 +467,8 @@ def test_ohif_shows_each_kind_with_its_pixels(served: Served, page: Browser, nam
     assert right, f"{name}: the viewer's image is not the source's ({why})"
     right, why = on_screen(shown, png, case.monochrome1)
     assert right, f"{name}: the screen does not show the image ({why})"
+    right, why = thumbnail_agrees(page, png, served.frames, case.monochrome1)
+    assert right, f"{name}: the thumbnail is not the image ({why})"
 
     # Controls: another frame of the source (the instance's next frame, else a neighbouring
     # slice, else the image shifted by a row), and the inversion wrong (grey) or the image
@@ -446,6 +484,8 @@ def test_ohif_shows_each_kind_with_its_pixels(served: Served, page: Browser, nam
     else:
         frame = np.roll(frames, 1, axis=1)
     assert not decoded_right(shown, {**served.frames, sop: frame})[0], k
+    if shown["pixels"].ndim == 2:
+        assert not thumbnail_agrees(page, png, served.frames, not case.monochrome1)[0]
     if shown["pixels"].ndim == 3:  # colour has no window to get wrong: moved by 2 columns
         assert not on_screen({**shown, "pixels": np.roll(shown["pixels"], 2, axis=1)}, png, False)[
             0

@@ -83,7 +83,10 @@ def app_config_js() -> str:
             "wadoUriRoot": "@ROOT@",
             "qidoSupportsIncludeField": True,
             "imageRendering": "wadors",
-            "thumbnailRendering": "wadors",
+            # Thumbnails rendered here (`/thumbnail`, MONOCHROME1 inverted, a cine's first
+            # frame): OHIF's own ('wadors') draws MONOCHROME1 uninverted.
+            "thumbnailRendering": "thumbnail",
+            "thumbnailRequestStrategy": "fetch",
             "enableStudyLazyLoad": True,
             "supportsFuzzyMatching": False,
             "supportsWildcard": True,
