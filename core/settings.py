@@ -121,6 +121,10 @@ class JobOptions(BaseModel):
     beat_s: float = 10.0  # heartbeat (and progress) interval; a cancel is noticed then
     poll_s: float = 2.0  # an idle node looks for work this often
     wait_s: float = 30.0  # a job that cannot run yet (pulled elsewhere, a peer away) waits this
+    # A job node (`sphere worker`, the one `sphere serve` starts) lowers its CPU priority by
+    # this (os.nice; its receive workers and pipeline runs with it): beside a web server, the
+    # web answers first and the jobs take the CPU it leaves. 0: the same priority as the web.
+    nice: int = Field(10, ge=0, le=19)
 
 
 class Settings(BaseSettings):

@@ -3,6 +3,7 @@ runs jobs only). The jobs themselves: `gateway.jobs`."""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from typing import Annotated, Any
@@ -138,6 +139,8 @@ def register(app: typer.Typer, core: Any) -> None:
         a C-MOVE destination. SIGTERM: the job in hand is queued again."""
         c: Core = core(ctx)
         access.require(c, "serve")  # a node runs what was submitted: who may serve
+        if c.settings.jobs.nice:
+            os.nice(c.settings.jobs.nice)  # serving first (SPHERE_JOBS__NICE)
         node = jobs.Node(c.settings, parent=parent)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: node.stop())

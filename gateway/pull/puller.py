@@ -462,13 +462,13 @@ class Puller:
         s = self.core.settings
         error = ""
         pace = getattr(job.source, "pace", None)  # the source's rate cap, if it has one
-        if pace is not None:
-            pace(job.expected)
         self.layout.expect(job.pseudo_series, job.pseudo_study, job.patient_pseudonym)
         try:
             for attempt in range(s.retries + 1):
                 if attempt:
                     time.sleep(s.backoff_s * 2 ** (attempt - 1))
+                if pace is not None:  # each attempt: the source sends the whole series again
+                    pace(job.expected)
                 try:
                     result = job.source.retrieve(job.study_uid, job.series_uid)
                 except SourceGone:  # the breaker gave up on the source: the pull stops
