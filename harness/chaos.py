@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from core.settings import S3Options
 from harness.busypacs import BusyPacs
@@ -172,11 +173,8 @@ def out_of_resources(lab: Lab, quick: bool, busy_retries: int = 3) -> Outcome:
             st.close()
 
 
-def store_down_mid_commit(lab: Lab, quick: bool, store_wait_s: float = 60) -> Outcome:
-    """The object store (S3) stops answering after the first series is stored: the commits
-    wait (up to `store_wait_s`), the instances kept in the spool, and go on when it is back;
-    the pull completes."""
-    out = Outcome("object store down", lab.corpus.n_instances)
+def s3_behind_proxy(lab: Lab) -> tuple[CountingProxy, dict[str, Any]]:
+    """A proxy before the lab's S3 and the settings of a fresh bucket through it."""
     s3 = lab.s3_server()
     store = CountingProxy(s3.ports["s3"])
     opts = S3Options(
@@ -186,15 +184,44 @@ def store_down_mid_commit(lab: Lab, quick: bool, store_wait_s: float = 60) -> Ou
         region=s3.region,
         allow_http=True,
     )
-    url = s3.url(bucket=s3.new_bucket(), prefix="research")
+    return store, {"storage_url": s3.url(bucket=s3.new_bucket(), prefix="research"), "s3": opts}
+
+
+def store_down_before(lab: Lab, quick: bool) -> Outcome:
+    """The object store answers nothing when the pull starts: one line, exit 2, the
+    `pull.end` row, and nothing asked of the PACS (its proxy saw no connection); back, the
+    re-run stores everything."""
+    out = Outcome("object store down before", lab.corpus.n_instances)
+    store, settings = s3_behind_proxy(lab)
+    st = site(lab, "store-before", timeout_s=5, **settings)
+    try:
+        store.drop()
+        ended_cleanly(out, st, pull_cli(st), rc=2)
+        if st.proxy.total:
+            out.problems.append(f"the PACS was asked {st.proxy.total} times")
+        store.pass_again()
+        t0 = time.monotonic()
+        pull_here(out, st, "the re-run")
+        out.recover_s = time.monotonic() - t0
+        return count(out, st)
+    finally:
+        st.close()
+        store.close()
+
+
+def store_down_mid_commit(lab: Lab, quick: bool, store_wait_s: float = 60) -> Outcome:
+    """The object store (S3) stops answering after the first series is stored: the commits
+    wait (up to `store_wait_s`), the instances kept in the spool, and go on when it is back;
+    the pull completes."""
+    out = Outcome("object store down mid-commit", lab.corpus.n_instances)
+    store, settings = s3_behind_proxy(lab)
     st = site(
         lab,
         "store-down",
         source={"max_rate": 60},
-        storage_url=url,
-        s3=opts,
         timeout_s=5,
         store_wait_s=store_wait_s,
+        **settings,
     )
     try:
         proc = Pulling(out, st)
@@ -353,6 +380,7 @@ SCENARIOS: dict[str, Callable[[Lab, bool], Outcome]] = {
     "association-aborted": association_aborted,
     "out-of-resources": out_of_resources,
     "slow-pacs": slow_pacs,
+    "store-down-before": store_down_before,
     "store-down-mid-commit": store_down_mid_commit,
     "spool-disk-full": spool_disk_full,
     "node-killed": node_killed,

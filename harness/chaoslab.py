@@ -50,12 +50,12 @@ class Outcome:
         rec = "-" if self.recover_s is None else f"{self.recover_s:.1f}"
         ok = "ok" if not self.problems else "; ".join(self.problems)
         return (
-            f"{self.fault:<24} {self.expected:>8} {self.stored:>7} {self.duplicated:>10} "
+            f"{self.fault:<30} {self.expected:>8} {self.stored:>7} {self.duplicated:>10} "
             f"{rec:>10}  {ok}"
         )
 
 
-HEADER = f"{'fault':<24} {'expected':>8} {'stored':>7} {'duplicated':>10} {'recover s':>10}  "
+HEADER = f"{'fault':<30} {'expected':>8} {'stored':>7} {'duplicated':>10} {'recover s':>10}  "
 
 
 @dataclass
