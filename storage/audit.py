@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
-from storage.models import AuditEvent, AuditHead, utcnow
+from storage.models import AuditEvent, AuditHead, rowcount, utcnow
 
 GENESIS = ""  # the "previous hash" of the chain's first row
 
@@ -55,7 +55,7 @@ def append(s: Session, rows: list[dict[str, Any]]) -> None:
     # PostgreSQL locks the head row until commit, so the head read next is the latest and
     # no other writer reads it before this transaction ends.
     locked = s.execute(update(AuditHead).where(AuditHead.id == 1).values(seq=AuditHead.seq))
-    if not locked.rowcount:  # type: ignore[attr-defined]
+    if not rowcount(locked):
         s.add(AuditHead(id=1, seq=0, hash=GENESIS))
         s.flush()
     seq, prev = s.execute(select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1)).one()

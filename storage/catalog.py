@@ -44,6 +44,7 @@ from storage.models import (
     UserRole,
     WebSession,
     get_or_add,
+    rowcount,
     utcnow,
 )
 
@@ -341,7 +342,7 @@ class Catalog(GovernanceQueries, JobQueries, ExportQueries):
                 .where(SeriesRecord.project_id == project_id, SeriesRecord.status == "pending")
                 .values(status="failed", error=error)
             )
-            return int(s.execute(q).rowcount or 0)
+            return rowcount(s.execute(q))
 
     # -- pull locks (gateway.pull.lock) ---------------------------------------------------------
 
@@ -367,7 +368,7 @@ class Catalog(GovernanceQueries, JobQueries, ExportQueries):
                     .where(PullLock.project_id == project_id, PullLock.token == replace)
                     .values(since=now, heartbeat=now, **values)
                 )
-                return bool(s.execute(q).rowcount)
+                return bool(rowcount(s.execute(q)))
         except IntegrityError:  # another pull inserted it first
             return False
 
@@ -379,7 +380,7 @@ class Catalog(GovernanceQueries, JobQueries, ExportQueries):
                 .where(PullLock.project_id == project_id, PullLock.token == token)
                 .values(heartbeat=utcnow())
             )
-            return bool(s.execute(q).rowcount)
+            return bool(rowcount(s.execute(q)))
 
     def ping(self) -> None:
         """One trivial query: raises when the database does not answer."""

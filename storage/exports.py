@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from storage.models import Export, IndexedSeries, IndexedStudy, utcnow
+from storage.models import Export, IndexedSeries, IndexedStudy, rowcount, utcnow
 
 
 class ExportQueries:
@@ -45,7 +45,7 @@ class ExportQueries:
         """Mark a project's exports deleted (their zips removed); returns how many."""
         with self.session() as s:
             q = update(Export).where(Export.project == project, Export.state != "deleted")
-            return s.execute(q.values(state="deleted")).rowcount or 0
+            return rowcount(s.execute(q.values(state="deleted")))
 
     def export_series(
         self, project_id: int, studies: Iterable[str] = (), modality: str | None = None

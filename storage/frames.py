@@ -142,6 +142,7 @@ class FrameReader:
                     offset, nbytes = index[slot]
                     return self._read(shard, RangeByteRequest(offset, offset + nbytes))
                 blob = self._read(shard, RangeByteRequest(start, end))
+                chunks: dict[Hashable, bytes]
                 chunks = {(self._id, shard, s): blob[o - start : o - start + n]
                           for s, o, n in slots}  # fmt: skip
                 cache.put(chunks)

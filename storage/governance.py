@@ -23,6 +23,7 @@ from storage.models import (
     PurgeRecord,
     Retention,
     SeriesRecord,
+    rowcount,
 )
 
 
@@ -182,4 +183,4 @@ def _count_index_rows(s: Session, project_id: int, series_uid: str) -> int:
 
 
 def _deleted(s: Session, stmt: Any) -> int:
-    return int(s.execute(stmt).rowcount or 0)
+    return rowcount(s.execute(stmt))

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, func, insert, or_, select
+from sqlalchemy import Select, delete, func, insert, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from storage.models import IndexedInstance, IndexedSeries, IndexedStudy, get_or_add
@@ -245,6 +245,9 @@ def search(
     `time.monotonic()` value): SearchTooBroad, rather than a search that holds a worker for
     as long as the index is large."""
     st, se, inst = IndexedStudy, IndexedSeries, IndexedInstance
+    q: Select[*tuple[Any, ...]]
+    tables: list[tuple[Any, dict[str, Column]]]
+    order: list[Any]
     if level == "study":
         q = select(st).where(st.project_id == project_id)
         tables = [(st, STUDY_COLUMNS)]
@@ -285,7 +288,7 @@ def search(
         ):
             raise SearchTooBroad(f"{examined - 1} rows examined")
         hit = _hit(level, row, parsed)
-        if python_paging and not recheck(hit.dataset):
+        if python_paging and recheck is not None and not recheck(hit.dataset):
             continue
         hits.append(hit)
         if python_paging and limit is not None and len(hits) >= offset + limit:

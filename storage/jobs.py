@@ -15,7 +15,15 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from storage.models import DailyTask, Job, SourceBreaker, SourceBucket, SourceSlot, utcnow
+from storage.models import (
+    DailyTask,
+    Job,
+    SourceBreaker,
+    SourceBucket,
+    SourceSlot,
+    rowcount,
+    utcnow,
+)
 
 ACTIVE = ("queued", "running", "waiting")
 TERMINAL = ("done", "failed", "cancelled")
@@ -83,7 +91,9 @@ class JobQueries:
             if s.get_bind().dialect.name == "postgresql":
                 q = q.with_for_update(skip_locked=True)
             for cand in s.scalars(q).all():
-                was = cand.node if cand.state == "running" else ""  # before the update below
+                was = (
+                    (cand.node or "") if cand.state == "running" else ""
+                )  # before the update below
                 same = Job.token.is_(None) if cand.token is None else Job.token == cand.token
                 took = s.execute(
                     update(Job)
@@ -100,10 +110,11 @@ class JobQueries:
                     )
                     .execution_options(synchronize_session=False)
                 )
-                if took.rowcount:
+                if rowcount(took):
                     job = s.get(Job, cand.id, populate_existing=True)
-                    # the node whose lease ran out, when it was one (not stored: for the taker)
-                    job.taken_from = was  # type: ignore[attr-defined]
+                    if job is not None:  # it is: updated in this transaction
+                        # the node whose lease ran out, if one's (not stored: for the taker)
+                        job.taken_from = was
                     return job
         return None
 
@@ -119,7 +130,7 @@ class JobQueries:
             values["progress"] = progress
         with self.session() as s:
             q = update(Job).where(Job.id == job_id, Job.token == token, Job.state == "running")
-            if not s.execute(q.values(**values)).rowcount:
+            if not rowcount(s.execute(q.values(**values))):
                 return None
             return bool(s.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
@@ -145,7 +156,7 @@ class JobQueries:
             values["progress"] = progress
         with self.session() as s:
             q = update(Job).where(Job.id == job_id, Job.token == token)
-            return bool(s.execute(q.values(**values)).rowcount)
+            return bool(rowcount(s.execute(q.values(**values))))
 
     def cancel_job(self, job_id: int, by: str) -> str:
         """Cancel a job: at once when it waits, at its next heartbeat when it runs. Returns
@@ -183,7 +194,7 @@ class JobQueries:
                         )
                         .values(token=token, holder=holder, expires=expires)
                     )
-                    if s.execute(q).rowcount:
+                    if rowcount(s.execute(q)):
                         return slot
                     if s.get(SourceSlot, (source, slot)) is None:
                         s.add(
@@ -209,7 +220,7 @@ class JobQueries:
                 .where(SourceSlot.source == source, SourceSlot.token == token)
                 .values(expires=utcnow() + timedelta(seconds=lease_s))
             )
-            return int(s.execute(q).rowcount or 0)
+            return rowcount(s.execute(q))
 
     def release_source_slot(self, source: str, slot: int, token: str) -> None:
         with self.session() as s:
@@ -331,7 +342,7 @@ class JobQueries:
                     next_probe=now + timedelta(seconds=probe_s), probes=SourceBreaker.probes + 1
                 )
             )
-            return bool(s.execute(q).rowcount)
+            return bool(rowcount(s.execute(q)))
 
     def breaker_close(self, source: str, opening: int) -> SourceBreaker | None:
         """Close the breaker's `opening` (a probe was answered); the row as it was when open,
@@ -352,7 +363,7 @@ class JobQueries:
                 )
                 .values(opened_at=None, next_probe=None, misses=0)
             )
-            return was if s.execute(q).rowcount else None
+            return was if rowcount(s.execute(q)) else None
 
     def claim_day(self, task: str, day: date, node: str) -> bool:
         """Whether this node is the one to do `task` on `day` (the first to ask, cluster-wide)."""

@@ -8,7 +8,7 @@ re-identification mapping and the cohort's original values live in the vault (`d
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
     JSON,
@@ -25,11 +25,18 @@ from sqlalchemy import (
     UniqueConstraint,
     select,
 )
+from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+def rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE or DELETE matched: `Session.execute` is typed as returning a plain
+    Result, but for those statements it is a CursorResult."""
+    return cast("CursorResult[Any]", result).rowcount or 0
 
 
 class Base(DeclarativeBase):
@@ -175,6 +182,7 @@ class Job(Base):
     not_before: Mapped[datetime | None] = mapped_column(DateTime)  # a waiting job's next try
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # leases taken
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    taken_from = ""  # not stored: set by `take_job`, the node whose lease ran out if one's
 
 
 class DailyTask(Base):

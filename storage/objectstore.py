@@ -9,11 +9,11 @@ with endpoint and credentials from `s3` (any object with the attributes of
 from __future__ import annotations
 
 import os
-from collections.abc import Coroutine, Iterable, Iterator
+from collections.abc import Coroutine, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import obstore.exceptions as obs_errors
@@ -21,6 +21,10 @@ from obstore.store import S3Store
 from zarr.abc.store import Store
 from zarr.core.sync import sync
 from zarr.storage import LocalStore, ObjectStore
+
+if TYPE_CHECKING:
+    from obstore import ObjectMeta
+    from obstore.store import ClientConfig, RetryConfig
 
 T = TypeVar("T")
 
@@ -121,12 +125,12 @@ def _s3_store(
         if value:
             config[key] = value
     allow_http = bool(getattr(s3, "allow_http", False)) if s3 is not None else False
-    client: dict[str, Any] = {
+    client: ClientConfig = {
         "allow_http": allow_http,
         "timeout": timedelta(seconds=timeout_s),
         "connect_timeout": timedelta(seconds=connect_timeout_s),
     }
-    retry: dict[str, Any] = {
+    retry: RetryConfig = {
         "max_retries": retries,
         "retry_timeout": timedelta(seconds=max(timeout_s, 1.0)),
         "backoff": {
@@ -200,7 +204,7 @@ async def _keys(store: Store, folder: str) -> list[str]:
     return [k async for k in store.list_prefix(folder) if k.startswith(folder)]
 
 
-async def _object_metas(store: ObjectStore, folder: str) -> list[Any]:
+async def _object_metas(store: ObjectStore, folder: str) -> Sequence[ObjectMeta]:
     import obstore as obs
 
     return await obs.list(store.store, prefix=folder).collect_async()
@@ -222,7 +226,7 @@ class Upload:
 
                 self._writer: Any = obs.open_writer(store.store, key)
             else:
-                self._path = Path(store.root) / key
+                self._path = _root(store) / key
                 self._path.parent.mkdir(parents=True, exist_ok=True)
                 self._writer = open(self._path.with_name(self._path.name + ".part"), "wb")  # noqa: SIM115
 
@@ -248,4 +252,11 @@ def local_path(store: Store, key: str) -> Path | None:
     """The file behind `key` in a local folder store; None for an object store."""
     if isinstance(store, ObjectStore):
         return None
-    return Path(store.root) / _folder(key).rstrip("/")
+    return _root(store) / _folder(key).rstrip("/")
+
+
+def _root(store: Store) -> Path:
+    """The folder of a local store (every store here that is not an ObjectStore)."""
+    if not isinstance(store, LocalStore):
+        raise TypeError(f"not a folder store: {type(store).__name__}")
+    return Path(store.root)

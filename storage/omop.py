@@ -354,9 +354,9 @@ class Warehouse:
                 }
             )
             fid += 1
-        for table, values in ((m, rows), (t.get("image_occurrence"), occurrences)):
-            if values:
-                c.execute(table.insert(), _uniform(values))
+        for table, batch in ((m, rows), (t.get("image_occurrence"), occurrences)):
+            if batch and table is not None:
+                c.execute(table.insert(), _uniform(batch))
         if features:
             c.execute(t["image_feature"].insert(), _uniform(features))
         if not self.has_imaging:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
 from dicom import colour, decoders, lossy
@@ -29,6 +30,7 @@ _DTYPES = {
     (32, 0): "uint32",
     (32, 1): "int32",
 }
+_PIXEL_DATA = BaseTag(0x7FE00010)
 _ITEM_TAG = b"\xfe\xff\x00\xe0"  # first bytes of encapsulated (compressed) pixel data
 # Header patches, as DICOM JSON entries keyed by tag.
 _INTERLEAVED = {"00280006": {"vr": "US", "Value": [0]}}  # PlanarConfiguration
@@ -104,7 +106,7 @@ def extract(
     if photometric == "PALETTE COLOR":
         return _palette(ds, PixelLayout(rows, cols, samples, dtype, n_frames))
     layout = PixelLayout(rows, cols, samples, dtype, n_frames)
-    elem = ds._dict[0x7FE00010]
+    elem = ds._dict[_PIXEL_DATA]
     # Read the bytes of a raw element directly: pydicom's conversion would only copy them.
     # (A receiver may hand over a view of the bytes it received.)
     raw = None
@@ -122,7 +124,7 @@ def extract(
         return _decoded(ds, layout, photometric, ts)
     if len(raw) < layout.total:
         raise PixelError("pixel data shorter than Rows x Columns x SamplesPerPixel x frames")
-    patches: dict[str, Any] = {}
+    patches = {}
     little = ts.is_little_endian if ts is not None else ds.original_encoding[1] is not False
     planar = samples == 3 and int(get("PlanarConfiguration", 0) or 0) == 1
     if little and not planar:

@@ -34,12 +34,12 @@ from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import zarr
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 from zarr.abc.store import Store
 from zarr.codecs import ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
@@ -263,7 +263,7 @@ class SeriesWriter:
             "n_slices": len(images),
         }
         shape: tuple[int, ...] = ()
-        dtype = None
+        dtype: str | None = None
         slices: list[SpoolEntry] = []
         if images:
             slices, images, image_attrs = _plan_volume(images)
@@ -275,6 +275,7 @@ class SeriesWriter:
         with guard("commit"):
             delete_series(store, key)
         if images:
+            assert dtype is not None  # planned with the images above
             self._write_volume(store, key, slices, shape, dtype)
         self._write_headers(store, key, images + others)
         with guard("commit"):
@@ -475,23 +476,24 @@ class SeriesReader:
         """The pixels of image instance `i`: (rows, cols[, 3]) for one frame, else with the
         frames first."""
         zs = self.frame_slices(i)
+        vol = self._pixels()
         with guard("read"):
             if len(zs) == 1:
-                return self.volume[zs[0]]
+                return _ndarray(vol[zs[0]])
             if zs == list(range(zs[0], zs[0] + len(zs))):
-                return self.volume[zs[0] : zs[0] + len(zs)]
-            return self.volume.get_orthogonal_selection((zs,))
+                return _ndarray(vol[zs[0] : zs[0] + len(zs)])
+            return _ndarray(vol.get_orthogonal_selection((np.asarray(zs),)))
 
     def headers(self) -> list[dict[str, Any]]:
         """DICOM JSON model of every instance, in stored order."""
         with guard("read"):
-            texts = self._header_array()[:]
+            texts = _ndarray(self._header_array()[:])
         return [json.loads(t) for t in texts]
 
     def header_texts(self) -> list[str]:
         """The DICOM JSON text of every instance, in stored order, as stored (not parsed)."""
         with guard("read"):
-            return [str(t) for t in self._header_array()[:]]
+            return [str(t) for t in _ndarray(self._header_array()[:])]
 
     def header(self, i: int) -> dict[str, Any]:
         """DICOM JSON model of instance `i`."""
@@ -514,20 +516,26 @@ class SeriesReader:
         n, n_slices = len(self), self.attrs["n_slices"]
         headers = self._header_array()
         vol = self.volume
-        cz = 1
         if vol is not None:  # a shard at a time, but never more than ~SHARD_BYTES of pixels
             frame_nbytes = int(np.prod(vol.shape[1:])) * vol.dtype.itemsize
             cz = min((vol.shards or vol.chunks)[0], volume.shard_depth(n_slices, frame_nbytes))
-        for z0 in range(0, n_slices, cz):
-            z1 = min(z0 + cz, n_slices)
-            with guard("read"):
-                block, texts = vol[z0:z1], headers[z0:z1]
-            for j in range(z1 - z0):
-                yield _rebuild(json.loads(texts[j]), block[j])
+            for z0 in range(0, n_slices, cz):
+                z1 = min(z0 + cz, n_slices)
+                with guard("read"):
+                    block, texts = _ndarray(vol[z0:z1]), _ndarray(headers[z0:z1])
+                for j in range(z1 - z0):
+                    yield _rebuild(json.loads(texts[j]), block[j])
         with guard("read"):
-            texts = headers[n_slices:n] if n > n_slices else []
-        for text in texts:
+            rest: Iterable[Any] = _ndarray(headers[n_slices:n]) if n > n_slices else []
+        for text in rest:
             yield _rebuild(json.loads(text), None)
+
+    def _pixels(self) -> zarr.Array:
+        """The volume, for an instance known to have pixels."""
+        vol = self.volume
+        if vol is None:
+            raise IndexError("the series has no pixels")
+        return vol
 
     def _header_array(self) -> zarr.Array:
         self.attrs  # noqa: B018 - refuses an incomplete series
@@ -564,6 +572,12 @@ def part10_instances(
         yield str(ds.SOPInstanceUID), part10(ds)
 
 
+def _ndarray(read: Any) -> np.ndarray:
+    """A zarr read: typed as any array-like or scalar, a numpy array with zarr's default
+    buffer for the slices read here."""
+    return cast(np.ndarray, read)
+
+
 def unreadable(
     store: Store, key: str, n_instances: int | None = None, *, deep: bool = False
 ) -> str:
@@ -585,7 +599,7 @@ def unreadable(
         if arrays["headers"].shape != (n,):
             return f"headers hold {arrays['headers'].shape[0]} of {n} instances"
         if reader.attrs["n_slices"]:
-            vol = arrays["volume"] = reader.volume
+            vol = arrays["volume"] = reader._pixels()
             if list(vol.shape) != list(reader.attrs["shape"]):
                 return "the volume's shape differs from the marker's"
         if deep:
@@ -785,7 +799,7 @@ def _rebuild(header: dict[str, Any], frame: np.ndarray | None) -> Dataset:
     if "SOPInstanceUID" in ds:
         meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     ds.file_meta = meta
     return ds

@@ -10,7 +10,7 @@ Any zarr v3 reader reads the result; reading one slice fetches one inner chunk.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import google_crc32c
 import numpy as np
@@ -21,7 +21,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import MemoryStore
 
 SHARD_BYTES = 32 << 20  # target uncompressed pixel bytes per shard
-_CNAME, _CLEVEL = "lz4", 1
+_CNAME: Literal["lz4"] = "lz4"
+_CLEVEL = 1
 _BLOCKSIZE = 256 << 10  # blosc's automatic choice is smaller and ~25% slower on CT frames
 _EMPTY = np.uint64(2**64 - 1)  # index entry of an inner chunk that is not there
 
