@@ -33,13 +33,15 @@ ROLES = GLOBAL_ROLES + PROJECT_ROLES
 
 _VIEWER = {"project.read", "study.read", "results.read", "jobs.read"}
 _INVESTIGATOR = _VIEWER | {"pipeline.run", "export", "project.grant", "jobs.submit", "jobs.cancel"}
+_INVESTIGATOR |= {"request.submit", "request.read"}  # a study set asked for, and followed
 _TRUSTED = {"project.read", "cohort.read", "cohort.values", "vault.lookup", "vault.audit"}
 _TRUSTED |= {"optout.manage", "omop.export"}  # results to the warehouse: re-identifies
 _DATA_MANAGER = {
     "project.create", "project.approve", "project.revoke", "project.read", "project.grant",
     "project.purge", "project.reindex", "cohort.add", "cohort.remove", "cohort.read", "pull",
     "pacs.echo", "pipeline.run", "results.read", "export", "audit.read", "audit.verify",
-    "serve", "deid.files", "jobs.submit", "jobs.read", "jobs.cancel",
+    "serve", "deid.files", "jobs.submit", "jobs.read", "jobs.cancel", "request.read",
+    "request.decide",
 }  # fmt: skip
 # The admin manages users and global roles, and does what a data manager does, but never
 # reads the vault: re-identification is the trusted third party's alone.

@@ -66,6 +66,8 @@ def create(
     except DuplicateProject:
         raise ProjectError(f"project '{name}' already exists") from None
     core.keys(name)  # the project's secret, made now rather than by the first pull
+    if core.catalog.inbox_key() is None:  # what the web seals study requests to (core.requests)
+        core.catalog.set_inbox_key(core.vault.key.inbox_public())
     core.catalog.audit(actor, "project.create", name, title=title)
 
 
@@ -177,7 +179,12 @@ def read_cohort_csv(path: Path) -> dict[str, list[str]]:
     As spreadsheets write them: UTF-8 (with or without a BOM), UTF-16 with a BOM ("Unicode
     text"), Windows-1252 otherwise; separated by commas, semicolons (where the decimal mark is
     a comma) or tabs, whichever the header uses. A header with no rows is a mistake, said."""
-    text = _decoded(path.read_bytes())
+    return parse_cohort_csv(path.read_bytes(), path.name)
+
+
+def parse_cohort_csv(data: bytes, name: str) -> dict[str, list[str]]:
+    """`read_cohort_csv` of bytes (an upload); `name` says what they are in a mistake."""
+    text = _decoded(data)
     lines = text.splitlines()
     header = lines[0] if lines else ""
     delimiter = max(",;\t", key=header.count) if header else ","
@@ -201,7 +208,7 @@ def read_cohort_csv(path: Path) -> dict[str, list[str]]:
             if value:
                 out[kind].append(value)
     if not any(out.values()):
-        raise ProjectError(f"{path.name} has a header but no values under it: nothing added")
+        raise ProjectError(f"{name} has a header but no values under it: nothing added")
     return {k: v for k, v in out.items() if v}
 
 

@@ -4,6 +4,10 @@ One 32-byte key, held by the trusted side only (SPHERE_VAULT_KEY_FILE or SPHERE_
 independent keys are derived from it (HKDF-SHA256): one encrypts, one makes digests. Each value is
 sealed with a fresh nonce and associated data naming its row (table, project, kind, lookup key), so
 a ciphertext moved to another row does not open there.
+
+A third derivation is the inbox: an X25519 key pair whose public half the catalog holds, so the
+research side (`sphere serve`, which never has the vault key) can seal what only the trusted side
+opens, such as the originals of an investigator's study request (`seal_to_inbox`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import secrets
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -45,6 +50,7 @@ class VaultKey:
             raise ValueError(f"a vault key is {KEY_BYTES} bytes")
         self._aead = AESGCM(_derive(key, b"aead"))
         self._mac = _derive(key, b"digest")
+        self._inbox = X25519PrivateKey.from_private_bytes(_derive(key, b"inbox"))
 
     @classmethod
     def generate(cls) -> VaultKey:
@@ -90,9 +96,44 @@ class VaultKey:
         msg = _context((domain, value))
         return hmac.new(self._mac, msg, hashlib.sha256).hexdigest()
 
+    def inbox_public(self) -> str:
+        """The inbox's public key (64 hex digits), for the catalog: seals, opens nothing."""
+        return self._inbox.public_key().public_bytes_raw().hex()
+
+    def open_inbox(self, sealed: str, *context: str) -> bytes:
+        """What `seal_to_inbox` sealed to this key's inbox with the same context."""
+        try:
+            raw = base64.b64decode(sealed, validate=True)
+        except (binascii.Error, ValueError):
+            raise Tampered("not a sealed value") from None
+        if raw[:1] != _VERSION or len(raw) < 1 + 32 + _NONCE + 16:
+            raise Tampered("not a sealed value")
+        ephemeral, nonce, body = raw[1:33], raw[33 : 33 + _NONCE], raw[33 + _NONCE :]
+        shared = self._inbox.exchange(X25519PublicKey.from_public_bytes(ephemeral))
+        try:
+            return AESGCM(_inbox_key(shared, ephemeral)).decrypt(nonce, body, _context(context))
+        except InvalidTag:
+            raise Tampered("a sealed value does not open with this key in this row") from None
+
     def check(self) -> str:
         """What the vault keeps to recognise its key (a digest, tells nothing of the key)."""
         return self.digest("key-check", "sphere-vault")
+
+
+def seal_to_inbox(public_hex: str, value: bytes, *context: str) -> str:
+    """`value` sealed to the inbox whose public key is `public_hex` (ephemeral X25519, then
+    AES-GCM bound to `context`), as base64: only the vault key's holder opens it."""
+    ephemeral = X25519PrivateKey.generate()
+    mine = ephemeral.public_key().public_bytes_raw()
+    shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(bytes.fromhex(public_hex)))
+    nonce = os.urandom(_NONCE)
+    body = AESGCM(_inbox_key(shared, mine)).encrypt(nonce, value, _context(context))
+    return base64.b64encode(_VERSION + mine + nonce + body).decode()
+
+
+def _inbox_key(shared: bytes, ephemeral: bytes) -> bytes:
+    info = b"sphere-inbox " + ephemeral
+    return HKDF(hashes.SHA256(), KEY_BYTES, salt=None, info=info).derive(shared)
 
 
 def parse_key(text: str) -> bytes:

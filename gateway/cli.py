@@ -32,6 +32,7 @@ from gateway import (
     jobs_cmd,
     logs,
     omop_cmd,
+    requests_cmd,
     run_cmd,
     views,
     web_cmd,
@@ -505,6 +506,7 @@ governance_cmd.register(app, project_app)  # `project purge|retain|purges`, `opt
 jobs_cmd.register(app, core)  # `sphere jobs …`, `sphere worker`
 omop_cmd.register(app)  # `sphere omop export`
 export_cmd.register(app, core)  # `sphere export …`
+requests_cmd.register(app, core)  # `sphere requests [P]`, `requests approve|decline ID`
 
 
 if __name__ == "__main__":

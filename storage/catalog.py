@@ -47,6 +47,7 @@ from storage.models import (
     rowcount,
     utcnow,
 )
+from storage.requests import RequestQueries
 
 __all__ = [
     "AuditEvent",
@@ -133,7 +134,7 @@ class DuplicateProject(Exception):
     """A project of that name exists already."""
 
 
-class Catalog(GovernanceQueries, JobQueries, ExportQueries):
+class Catalog(GovernanceQueries, JobQueries, ExportQueries, RequestQueries):
     """Opens the catalog database; its methods are the queries the gateway makes."""
 
     def __init__(self, url: str) -> None:

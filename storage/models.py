@@ -533,3 +533,41 @@ class Export(Base):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+# -- study requests -------------------------------------------------------------------------------
+
+
+class StudyRequest(Base):
+    """An investigator's request for a study set within a project, until a data manager decides.
+
+    Its values are originals: `sealed` holds them sealed to the vault key's inbox (only the
+    trusted side opens them) while the request is pending, and nothing once it is decided; an
+    approved request keeps its items as cohort digests (`items`: [kind, digest] in the order
+    given), which is how what was found of each is told."""
+
+    __tablename__ = "study_requests"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True)
+    requested_by: Mapped[str] = mapped_column(String(128))
+    requested_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    n_items: Mapped[int] = mapped_column(Integer, default=0)
+    kinds: Mapped[str] = mapped_column(String(64), default="")  # "accession,patient_id"
+    sealed: Mapped[str | None] = mapped_column(Text)
+    items: Mapped[list[list[str]] | None] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # |approved|declined
+    decided_by: Mapped[str | None] = mapped_column(String(128))
+    decided_at: Mapped[datetime | None] = mapped_column(DateTime)
+    reason: Mapped[str | None] = mapped_column(Text)  # why declined
+    job_id: Mapped[int | None] = mapped_column(Integer)  # the pull started on approval
+
+
+class InboxKey(Base):
+    """The public half of the vault key's inbox (`deid.sealing`): what `sphere serve` seals a
+    request's values to. One row; written by the trusted side."""
+
+    __tablename__ = "inbox_key"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    public_key: Mapped[str] = mapped_column(String(64))

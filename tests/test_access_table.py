@@ -117,6 +117,12 @@ CLI_CASES: dict[str, list[Case]] = {
     "export create": [Case(("pp", "--format", "nifti"), ("export",))],
     "export link": [Case(("e1", "--hours", "1"), ("export",), "pp")],
     "export list": [Case(("pp",), ("export",))],
+    "requests": [
+        Case(("pp",), ("request.read",)),
+        Case((), ("request.read",)),  # every project's: a global role's
+        Case(("approve", "1"), ("request.decide",)),  # no request 1: refused or "no request"
+        Case(("decline", "1", "--reason", "no"), ("request.decide",)),
+    ],
 }
 
 
@@ -306,6 +312,10 @@ WEB_ACTIONS = {  # else study.read
     ("GET", "/projects/{project}/exports"): "export",
     ("POST", "/projects/{project}/exports"): "export",
     ("POST", "/projects/{project}/exports/{export_id}/link"): "export",
+    ("POST", "/api/projects/{project}/requests"): "request.submit",
+    ("GET", "/api/projects/{project}/requests"): "request.read",
+    ("POST", "/projects/{project}/requests"): "request.submit",  # the page's form
+    ("GET", "/projects/{project}/requests"): "request.read",
 }
 
 

@@ -29,7 +29,17 @@ from gateway.web.deps import base_url, current_user, user_from_request
 from gateway.web.edge import Edge, Guard
 from gateway.web.qido import QidoError
 from gateway.web.render import RenderError
-from gateway.web.routes import dataset, exports, jobs, jobs_page, pages, qido, results_page, wado
+from gateway.web.routes import (
+    dataset,
+    exports,
+    jobs,
+    jobs_page,
+    pages,
+    qido,
+    requests,
+    results_page,
+    wado,
+)
 from gateway.web.throttle import Failures
 from gateway.web.wado import Readers
 from storage.index import SearchTooBroad
@@ -64,6 +74,7 @@ def create_app(core: Core) -> FastAPI:
     app.include_router(results_page.router)
     app.include_router(dataset.router)
     app.include_router(exports.router)
+    app.include_router(requests.router)
     app.include_router(metrics.router)
     app.include_router(qido.router, prefix=DICOMWEB)
     app.include_router(wado.router, prefix=DICOMWEB)
