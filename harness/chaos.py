@@ -43,6 +43,7 @@ from harness.chaoslab import (
     pull_here,
     pull_popen,
     site,
+    stopped_cleanly,
     wait_for,
     worker,
 )
@@ -76,14 +77,20 @@ def pacs_down_mid_pull(lab: Lab, quick: bool) -> Outcome:
     out = Outcome("PACS down mid-pull", lab.corpus.n_instances)
     st = site(lab, "down-mid-pull", source={"give_up_s": 1.5 if quick else 5, "max_rate": 40})
     try:
-        proc = pull_popen(st)
-        wait_for(lambda: n_complete(st) >= 1 or proc.poll() is not None, "a first series")
-        st.proxy.drop()
-        stdout, stderr = proc.communicate(timeout=300)
-        ended = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-        ended_cleanly(out, st, ended, rc=2)
-        if "failed" not in stdout:
-            out.problems.append("no summary of the failed series")
+        if quick:  # in this process (no `sphere` to start): what the CLI would print
+            here = Pulling(out, st, stops=True)
+            wait_for(lambda: n_complete(st) >= 1 or here.poll() is not None, "a first series")
+            st.proxy.drop()
+            stopped_cleanly(out, st, here.finish())
+        else:
+            proc = pull_popen(st)
+            wait_for(lambda: n_complete(st) >= 1 or proc.poll() is not None, "a first series")
+            st.proxy.drop()
+            stdout, stderr = proc.communicate(timeout=300)
+            ended = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+            ended_cleanly(out, st, ended, rc=2)
+            if "failed" not in stdout:
+                out.problems.append("no summary of the failed series")
         st.proxy.pass_again()
         t0 = time.monotonic()
         pull_here(out, st, "the re-run")

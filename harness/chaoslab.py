@@ -260,19 +260,50 @@ def pull_here(out: Outcome, st: Site, what: str = "the pull") -> None:
 
 
 class Pulling:
-    """`pull_here` in a thread, for a fault to be played while it runs."""
+    """`pull_here` in a thread, for a fault to be played while it runs; `stops`: the pull is
+    expected to stop, its error kept for `stopped_cleanly`."""
 
-    def __init__(self, out: Outcome, st: Site) -> None:
-        self._t = threading.Thread(target=pull_here, args=(out, st), daemon=True)
+    def __init__(self, out: Outcome, st: Site, *, stops: bool = False) -> None:
+        self.error: BaseException | None = None
+
+        def go() -> None:
+            if not stops:
+                pull_here(out, st)
+                return
+            try:
+                st.gw.pull(st.project)
+            except Exception as e:  # noqa: BLE001 - judged by stopped_cleanly
+                self.error = e
+
+        self._t = threading.Thread(target=go, daemon=True)
         self._t.start()
 
     def poll(self) -> int | None:
         return None if self._t.is_alive() else 0
 
-    def finish(self, timeout_s: float = 300) -> None:
+    def finish(self, timeout_s: float = 300) -> BaseException | None:
         self._t.join(timeout_s)
         if self._t.is_alive():
             raise TimeoutError(f"the pull did not end in {timeout_s:.0f} s")
+        return self.error
+
+
+def stopped_cleanly(out: Outcome, st: Site, error: BaseException | None) -> None:
+    """A pull in this process that had to stop: `PullStopped`, one line (never "unexpected
+    X"), the summary (its report) with the series failed, the `pull.end` row. (The CLI prints
+    that report and line, exit 2: `ended_cleanly` checks it where the CLI is run.)"""
+    from gateway.pull.stops import PullStopped
+
+    if not isinstance(error, PullStopped):
+        out.problems.append(f"the pull ended with {type(error).__name__ if error else 'no error'}")
+        return
+    if "\n" in str(error) or "unexpected" in str(error):
+        out.problems.append(f"not one line: {str(error)[:120]}")
+    if not error.report.count("failed"):
+        out.problems.append("no failed series in the summary")
+    ends = [e for e in st.gw.catalog.audit_trail(st.project) if e.action == "pull.end"]
+    if not ends or ends[-1].outcome != "error":
+        out.problems.append("no pull.end row saying error")
 
 
 def pull_popen(st: Site) -> subprocess.Popen[str]:
