@@ -263,25 +263,27 @@ def serve_round(
 ) -> float:
     """One server started, idle then pulling `project` as a job; returns p99 pulling / idle."""
     port = free_port()
+    assert pacs.process is not None
+    orthanc = pacs.process.pid
     server = start_sphere(settings, port, workers=args.workers)
     try:
         sops = frame_sops(port, path, token)
         with Clients(port, path, sops, token, args.clients) as clients:
             time.sleep(2)  # connected, warm
-            cpu = CpuWatch(server.pid, pacs.process.pid)
+            cpu = CpuWatch(server.pid, orthanc)
             cpu.start()
             t0 = time.perf_counter()
             clients.measure("idle")
             time.sleep(args.idle_s)
             idle_s = time.perf_counter() - t0
             idle_cpu = cpu.stop()
-            cpu = CpuWatch(server.pid, pacs.process.pid)
+            cpu = CpuWatch(server.pid, orthanc)
             cpu.start()
             job = jobs.submit(gw.core, "pull", project, user=gw.catalog.user("server"))
-            wait(lambda: gw.catalog.job(job.id).state != "queued", "the job to start")
+            wait(lambda: job_row(gw, job.id).state != "queued", "the job to start")
             t1 = time.perf_counter()
             clients.measure("under pull")
-            wait(lambda: gw.catalog.job(job.id).state in ("done", "failed"), "the pull")
+            wait(lambda: ended(gw, [job.id]), "the pull")
             pull_s = time.perf_counter() - t1
             clients.measure("")
             spent = cpu.stop()
@@ -291,7 +293,7 @@ def serve_round(
             server.wait(60)
         except subprocess.TimeoutExpired:
             server.kill()
-    row = gw.catalog.job(job.id)
+    row = job_row(gw, job.id)
     n = row.progress.get("instances") or row.progress.get("total") or 0
     print(clients.summary("idle", idle_s))
     print(clients.summary("under pull", pull_s))
@@ -367,7 +369,7 @@ def nodes_bench(work: Path, args: argparse.Namespace) -> None:
                     ids = [jobs.submit(gw.core, "pull", p, user=user).id for p in projects]
                     wait(lambda g=gw, js=ids: ended(g, js), "the jobs")
                     seconds = time.perf_counter() - t0
-                states = [gw.catalog.job(i).state for i in ids]
+                states = [job_row(gw, i).state for i in ids]
                 n = len(projects) * cohort.n_instances
                 rates[(n_nodes, rate)] = n / seconds
                 cap = f", max_rate {rate:.0f}/s" if rate else ""
@@ -382,8 +384,14 @@ def nodes_bench(work: Path, args: argparse.Namespace) -> None:
     print(f"  two nodes / one node: {rates[(2, None)] / rates[(1, None)]:.2f}")
 
 
+def job_row(gw: Gateway, job_id: int) -> Job:
+    row = gw.catalog.job(job_id)
+    assert row is not None
+    return row
+
+
 def ended(gw: Gateway, ids: list[int]) -> bool:
-    return all(gw.catalog.job(i).state in ("done", "failed") for i in ids)
+    return all(job_row(gw, i).state in ("done", "failed") for i in ids)
 
 
 @contextmanager

@@ -22,7 +22,9 @@ def worker_nice(tmp_path, nice: str) -> int:
     takes jobs, less this process's."""
     gw = Gateway(Settings(home=tmp_path))
     token = users.add(gw.core, "dan")
-    gw.catalog.add_user_role(gw.catalog.user("dan").id, access.DATA_MANAGER, "t")
+    dan = gw.catalog.user("dan")
+    assert dan is not None
+    gw.catalog.add_user_role(dan.id, access.DATA_MANAGER, "t")
     gw.close()
     env = {
         **os.environ,
@@ -37,6 +39,7 @@ def worker_nice(tmp_path, nice: str) -> int:
         stderr=subprocess.PIPE,
         text=True,
     )
+    assert proc.stderr is not None
     try:
         for line in proc.stderr:  # past the point where it set it
             if "takes jobs" in line:

@@ -189,7 +189,7 @@ class Breaker:
             if due <= 0 and self._shared(self.catalog.breaker_probe_turn, self.name, self.probe_s):
                 if self._probe():  # one probe per interval, whoever in the cluster waits
                     was = self._shared(self.catalog.breaker_close, self.name, row.opening)
-                    if was is not None:
+                    if was is not None and was.opened_at is not None:
                         seconds = (utcnow() - was.opened_at).total_seconds()
                         log.warning("source %s answers again: its work resumes", self.name)
                         self.on_change(
@@ -288,7 +288,7 @@ class Guarded:
         """Before retrieving `instances`: wait for them under the source's rate cap (one
         catalog round trip a series). Returns the seconds waited."""
         rate = self.max_rate
-        if not rate or instances <= 0:
+        if not rate or instances <= 0 or self.catalog is None:
             return 0.0
         wait = self.catalog.take_source_tokens(self.name, instances, rate, max(rate, 1.0))
         if wait > 0:
