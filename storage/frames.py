@@ -15,7 +15,6 @@ one range) and keeps them, compressed, within a byte budget shared by all reader
 from __future__ import annotations
 
 import itertools
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -25,11 +24,8 @@ import google_crc32c
 import numpy as np
 from numcodecs import blosc
 from zarr.abc.store import RangeByteRequest, Store, SuffixByteRequest
-from zarr.core.buffer import default_buffer_prototype
-from zarr.storage import LocalStore
 
-from storage import volume
-from storage.objectstore import guard, run
+from storage import backends, volume
 from storage.series import SeriesError
 
 EMPTY = 2**64 - 1  # a shard index's offset for a chunk never written
@@ -89,8 +85,9 @@ class FrameReader:
             raise SeriesError("the volume is not sharded as storage.volume writes it")
         self.depth = int(array.shards[0])
         self.frame_nbytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
-        self._root = str(store.root) if isinstance(store, LocalStore) else None
-        self.read_ahead = read_ahead if self._root is None else None  # a folder: page cache
+        self._backend = backends.of(store)
+        # Read ahead where a read is a request; a folder's reads are page-cache reads.
+        self.read_ahead = read_ahead if self._backend.reads_are_requests else None
         self._id = next(_READERS)  # this reader's frames in the read-ahead (a re-commit: anew)
         self._indexes: dict[int, list[list[int]]] = {}
         self._lock = threading.Lock()
@@ -166,21 +163,9 @@ class FrameReader:
         return index
 
     def _read(self, shard: int, byte_range: RangeByteRequest | SuffixByteRequest) -> bytes:
-        """Bytes of a shard: straight from the file in a local folder (no event loop, no
-        thread hop), else through the store."""
+        """Bytes of a shard, as the backend reads them (a folder: straight from the file)."""
         key = f"{self.key}/volume/{volume.shard_key(shard, len(self.shape))}"
-        if self._root is not None:
-            try:
-                with open(f"{self._root}/{key}", "rb") as f:
-                    if isinstance(byte_range, SuffixByteRequest):
-                        f.seek(-byte_range.suffix, os.SEEK_END)
-                        return f.read(byte_range.suffix)
-                    f.seek(byte_range.start)
-                    return f.read(byte_range.end - byte_range.start)
-            except FileNotFoundError:
-                raise SeriesError("a shard of the volume is missing") from None
-        with guard("read"):
-            buf = run(self.store.get(key, default_buffer_prototype(), byte_range))
-        if buf is None:
+        data = self._backend.read_range(key, byte_range)
+        if data is None:
             raise SeriesError("a shard of the volume is missing")
-        return buf.to_bytes()
+        return data

@@ -5,7 +5,7 @@ A series group at `key` (given by the caller; pseudonymous) holds:
     key/volume/     array (z, y, x) or (z, y, x, 3) in the stored pixel type, z in stack order
                     (ascending along the slice normal); one chunk per slice (a frame), in
                     shards of ~32 MiB of pixels in object stores; in a local folder one shard
-                    holding the whole series, which is the spool file itself (see _link_volume)
+                    holding the whole series, which is the spool file itself (see storage.backends)
     key/headers/    string array (n_instances,): the DICOM JSON model of each instance without
                     pixel data; the first `n_images` have pixels, then come instances without
                     (SR, ...); headers[i] belongs to volume[i] unless attribute `frames` says
@@ -27,11 +27,8 @@ import base64
 import contextlib
 import io
 import json
-import os
 import threading
-from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
@@ -43,7 +40,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from zarr.abc.store import Store
 from zarr.codecs import ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
-from zarr.storage import LocalStore, MemoryStore
+from zarr.storage import MemoryStore
 
 from dicom import (
     IMPLEMENTATION_CLASS_UID,
@@ -52,13 +49,12 @@ from dicom import (
     json_model,
 )
 from dicom.geometry import GeometryError, order_slices
-from storage import pixels, volume
+from storage import backends, pixels, volume
 from storage.objectstore import StorageUnavailable, guard, run
-from storage.spool import Spool, SpoolEntry, SpoolSealed, fsync_path
+from storage.spool import Spool, SpoolEntry, SpoolSealed
 
 FORMAT_VERSION = 1
 _HEADER_CHUNK = 128  # instances per headers chunk
-_SHARDS_IN_FLIGHT = 2  # shard uploads overlapping the packing of the next
 _HEADER_CODEC = ZstdCodec(level=3)
 _OPEN, _COMMITTING, _CLOSED = "open", "committing", "closed"
 
@@ -242,14 +238,11 @@ class SeriesWriter:
                 self._cond.wait()
 
     def _commit(self, store: Store, key: str) -> SeriesInfo:
+        backend = backends.of(store)
         entries = self._spool.entries()
         if not entries:
             raise SeriesError("no instances to commit")
-        if isinstance(store, LocalStore) and any("rows" in e.meta for e in entries):
-            # The segment holding most images is about to become the volume's shard file:
-            # from now on no writer may open it by name (see _link_volume).
-            self._spool.freeze(_most_images(entries))
-            entries = self._spool.entries()
+        entries = backend.before_commit(self._spool, entries)
         images = [e for e in entries if "rows" in e.meta]
         others = sorted(
             (e for e in entries if "rows" not in e.meta),
@@ -271,125 +264,15 @@ class SeriesWriter:
             shape, dtype = tuple(image_attrs["shape"]), image_attrs["dtype"]
             attrs["n_slices"] = len(slices)
         attrs["n_images"] = len(images)
-        local_root = store.root / key if isinstance(store, LocalStore) else None
         with guard("commit"):
             delete_series(store, key)
         if images:
             assert dtype is not None  # planned with the images above
-            self._write_volume(store, key, slices, shape, dtype)
+            self._linked = backend.write_volume(key, self._spool, slices, shape, dtype)
         self._write_headers(store, key, images + others)
-        with guard("commit"):
-            if local_root is not None and self.fsync:
-                _fsync_tree(local_root)  # data durable before the marker says complete
-            run(store.set(f"{key}/zarr.json", _group_doc(attrs)))
-            if local_root is not None and self.fsync:
-                fsync_path(local_root / "zarr.json")
-                fsync_path(local_root)
+        backend.write_marker(key, _group_doc(attrs), durable=self.fsync)
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize if images else 0
         return SeriesInfo(len(entries), shape, dtype, nbytes)
-
-    def _write_volume(
-        self, store: Store, key: str, images: list[SpoolEntry], shape: tuple[int, ...], dtype: str
-    ) -> None:
-        """Pack the spooled compressed frames into shards; one store write per shard.
-
-        Up to `_SHARDS_IN_FLIGHT` shards upload while the next is packed, which hides
-        object-store latency at a memory cost of that many shards.
-        """
-        if isinstance(store, LocalStore):
-            meta = volume.array_metadata(shape, dtype, len(images))
-            with guard("commit"):
-                run(store.set(f"{key}/volume/zarr.json", meta))
-                if self._link_volume(store.root / key / "volume", images, len(shape)):
-                    return
-        frame_nbytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
-        depth = volume.shard_depth(len(images), frame_nbytes)
-        with guard("commit"):
-            run(store.set(f"{key}/volume/zarr.json", volume.array_metadata(shape, dtype, depth)))
-        if isinstance(store, LocalStore):
-            with guard("commit"):
-                self._write_local_shards(store.root / key / "volume", images, depth, len(shape))
-            return
-        prototype = default_buffer_prototype()
-        pending: deque[Future[None]] = deque()
-        with ThreadPoolExecutor(_SHARDS_IN_FLIGHT, thread_name_prefix="shard") as pool:
-            try:
-                for i, z0 in enumerate(range(0, len(images), depth)):
-                    part = images[z0 : z0 + depth]
-                    buf, slots = volume.pack_shard([e.pixel_len for e in part], depth, len(shape))
-                    view = memoryview(buf)
-                    for entry, slot in zip(part, slots, strict=True):
-                        self._spool.read_pixels_into(entry, view[slot])
-                    if len(pending) >= _SHARDS_IN_FLIGHT:
-                        with guard("commit"):
-                            pending.popleft().result()
-                    shard_key = f"{key}/volume/{volume.shard_key(i, len(shape))}"
-                    value = prototype.buffer.from_bytes(buf)
-                    pending.append(pool.submit(_store_set, store, shard_key, value))
-                while pending:
-                    with guard("commit"):
-                        pending.popleft().result()
-            finally:
-                for f in pending:
-                    f.cancel()
-
-    def _link_volume(self, root: Path, images: list[SpoolEntry], ndim: int) -> bool:
-        """Make the frozen segment holding most images the volume's only shard, in place.
-
-        A zarr v3 shard is read through the index at its end, so its inner chunks may sit
-        anywhere in the file with other bytes between them: the spooled frames stay where
-        they are, frames from other segments are appended (kernel copies), then the index,
-        and the file is hard-linked into the store. No pixel byte is rewritten in the common
-        case of one writer per series. False when the store is on another file system.
-        """
-        base = _most_images(images)
-        if not base.startswith("frozen-"):
-            return False
-        src = self._spool.segment_path(base)
-        mode = os.stat(root / "zarr.json").st_mode & 0o777  # as the store makes its files
-        fd = os.open(src, os.O_WRONLY)
-        try:
-            end = os.fstat(fd).st_size
-            chunks = []
-            for e in images:
-                if e.segment != base:
-                    self._spool.copy_pixels(e, fd, end)
-                    chunks.append((end, e.pixel_len))
-                    end += e.pixel_len
-                else:
-                    chunks.append((e.pixel_offset, e.pixel_len))
-            _pwrite(fd, volume.shard_index(chunks, len(images), ndim), end)
-            os.fchmod(fd, mode)
-        finally:
-            os.close(fd)
-        shard = root / volume.shard_key(0, ndim)
-        shard.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(src, shard)
-        except OSError:
-            return False
-        self._linked = True
-        return True
-
-    def _write_local_shards(
-        self, root: Path, images: list[SpoolEntry], depth: int, ndim: int
-    ) -> None:
-        """Shard files in a local store, filled by kernel copies from the spool (the pixel
-        bytes never pass through this process): for a store on another file system."""
-        for i, z0 in enumerate(range(0, len(images), depth)):
-            part = images[z0 : z0 + depth]
-            path = root / volume.shard_key(i, ndim)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-            try:
-                chunks, pos = [], 0
-                for entry in part:
-                    self._spool.copy_pixels(entry, fd, pos)
-                    chunks.append((pos, entry.pixel_len))
-                    pos += entry.pixel_len
-                _pwrite(fd, volume.shard_index(chunks, depth, ndim), pos)
-            finally:
-                os.close(fd)
 
     def _write_headers(self, store: Store, key: str, entries: list[SpoolEntry]) -> None:
         n = len(entries)
@@ -745,12 +628,6 @@ def _compress_frames(
     return b"".join(parts)
 
 
-def _most_images(entries: list[SpoolEntry]) -> str:
-    """The segment holding the most images."""
-    counts = Counter(e.segment for e in entries if "rows" in e.meta)
-    return counts.most_common(1)[0][0]
-
-
 def _image_meta(header: dict[str, Any], layout: pixels.PixelLayout) -> dict[str, Any]:
     return {
         "rows": layout.rows,
@@ -819,17 +696,6 @@ def _create_array(store: Store, path: str, **kwargs: Any) -> zarr.Array:
         return zarr.open_array(store, path=path, mode="r+", zarr_format=3)
 
 
-def _pwrite(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
-def _store_set(store: Store, key: str, value: Any) -> None:
-    run(store.set(key, value))
-
-
 def _group_doc(attrs: dict[str, Any]) -> Any:
     doc = {"zarr_format": 3, "node_type": "group", "attributes": attrs}
     return default_buffer_prototype().buffer.from_bytes(json.dumps(doc).encode())
@@ -845,13 +711,6 @@ def _check_key(key: str) -> str:
     if not key or any(p in ("", ".", "..") for p in parts):
         raise ValueError("series key must be a relative path like projects/p/study/series")
     return key
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            fsync_path(Path(dirpath) / name)
-        fsync_path(Path(dirpath))
 
 
 def _first(values: Iterator[Any]) -> Any:

@@ -64,7 +64,8 @@ def create_app(core: Core) -> FastAPI:
     app.state.readers = Readers(core.store, read_ahead_bytes=core.settings.web.read_ahead_mb << 20)
     app.state.cache = CatalogCache(core)
     local_catalog = core.catalog.engine.dialect.name == "sqlite"
-    app.state.pixels_on_loop = app.state.readers.local and local_catalog  # see routes.wado
+    # Pixels answered on the event loop: see routes.wado.
+    app.state.pixels_on_loop = not app.state.readers.reads_are_requests and local_catalog
     web = core.settings.web
     app.state.failures = Failures(web.max_failures, web.failure_window_s)
     app.state.audit = buffer

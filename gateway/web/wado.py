@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 from pydicom import Dataset
-from zarr.storage import LocalStore
 
 from dicom import xml_model
 from gateway.web.accept import DICOM_XML
 from gateway.web.multipart import MultipartWriter
+from storage import backends
 from storage.catalog import IndexedSeries
 from storage.frames import FrameReader, ReadAhead
 from storage.series import SeriesError, SeriesReader, part10, part10_instances
@@ -36,7 +36,8 @@ class Readers:
     def __init__(self, store: Any, size: int = 64, read_ahead_bytes: int = 256 << 20) -> None:
         self.store = store
         self.read_ahead = ReadAhead(read_ahead_bytes)  # used on a remote store only
-        self.local = isinstance(store, LocalStore)  # reads are page-cache reads, not requests
+        # A folder's reads are page-cache reads, an object store's requests.
+        self.reads_are_requests = backends.of(store).reads_are_requests
         self.size = size
         self._readers: OrderedDict[tuple[str, Any], tuple[SeriesReader, FrameReader | None]]
         self._readers = OrderedDict()
