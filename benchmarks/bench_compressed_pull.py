@@ -1,7 +1,8 @@
 """Pull of a JPEG-Lossless CT series against the same series uncompressed, and against dcmtk.
 
 One Orthanc (TCP_NODELAY=1) holds one CT series twice: uncompressed (Explicit VR LE) and as
-JPEG Lossless SV1 (dcmtk's `dcmcjpeg +e1`, new UIDs), each as received. In each round:
+JPEG Lossless SV1 (dcmtk's `dcmcjpeg +e1`, new UIDs, without the per-image ratio dcmtk writes
+into DerivationDescription), each as received. In each round:
 - dcmtk `storescp --fork +xa` (TCP_NODELAY=1) receives each series by C-MOVE, to disk as sent;
 - sphere's whole pull of each (C-MOVE, decode on receipt, de-identify, spool, verify, Zarr).
 Also timed on their own, in this process: decoding one instance's pixels as the receiver does
@@ -52,6 +53,11 @@ def compressed_copy(files: list[Path], out: Path) -> tuple[list[Path], str]:
         ds.save_as(plain, enforce_file_format=True)
         subprocess.run(["dcmcjpeg", "+e1", str(plain), str(enc)], check=True)
         plain.unlink()
+        # dcmtk writes each image's compression ratio into this free text, which a modality
+        # compressing its images does not: it would send every instance the whole way.
+        out_ds = pydicom.dcmread(enc)
+        del out_ds.DerivationDescription
+        out_ds.save_as(enc)
         return enc
 
     with ThreadPoolExecutor(4) as pool:

@@ -42,6 +42,8 @@ from storage.series import SeriesWriter
 _SERIES_UID, _SOP_UID, _PIXEL_DATA = 0x0020000E, 0x00080018, 0x7FE00010
 _TEMPLATES = 64  # series followed at once per worker process
 _CLEAN_PIXEL_DATA = CODES[Option.CLEAN_PIXEL_DATA]
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _SEQ_DELIMITER = b"\xfe\xff\x00\xe0", b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +128,7 @@ class Receiver:
         self.metrics.received_bytes.labels(self.cfg.project, source).inc(len(inst.data))
         syntax = inst.transfer_syntax
         spans = None
-        if syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        if syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) or syntax.is_encapsulated:
             spans = element_spans(inst.data, syntax.is_implicit_VR)
             if spans is not None:
                 status = self._like_before(inst, spans)
@@ -368,6 +370,17 @@ def in_worker(cfg: ReceiverConfig) -> Receiver:
     return Receiver(cfg)
 
 
+def _encapsulated(data: bytes, span: tuple[int, int]) -> bool:
+    """Whether the explicit OB element at `span` is of undefined length, starts with an item
+    (the offset table) and ends with a sequence delimiter of length 0."""
+    start, end = span
+    return (
+        data[start + 8 : start + 12] == b"\xff\xff\xff\xff"
+        and data[start + 12 : start + 16] == _ITEM
+        and data[end - 8 : end] == _SEQ_DELIMITER
+    )
+
+
 def _pixels_cleaned(ds: Dataset) -> bool:
     """Whether de-identification changed the pixels (burned-in text blanked: the Clean Pixel
     Data option among its methods). The shortcut takes the next instance's pixels as received,
@@ -377,10 +390,16 @@ def _pixels_cleaned(ds: Dataset) -> bool:
 
 
 def _pixel_element(data: bytes, span: tuple[int, int], implicit: bool) -> RawDataElement | None:
-    """Native pixel data as a raw element whose value is a view of `data` (no copy); None
-    for a form the writer should see decoded the ordinary way (undefined length, odd VR)."""
+    """Pixel data as a raw element: native, a view of `data` (no copy); encapsulated (explicit
+    OB of undefined length), its items as pydicom reads them (up to the sequence delimiter).
+    None for a form the writer should see decoded the ordinary way (odd VR or layout)."""
     vr = None if implicit else data[span[0] + 4 : span[0] + 6].decode("latin-1")
     value = value_span(data, span, implicit)
+    if value is None and vr == "OB" and _encapsulated(data, span):
+        start, end = span[0] + 12, span[1] - 8
+        return RawDataElement(
+            BaseTag(_PIXEL_DATA), vr, _UNDEFINED, data[start:end], start, False, True
+        )
     if value is None or vr not in (None, "OB", "OW"):
         return None
     start, end = value
