@@ -143,7 +143,8 @@ def purge_expired(
 
 def opt_out(core: Core, patient_ids: Iterable[str], *, actor: str = "") -> list[Purged]:
     """Register patients' objection, then purge what is stored of them in every project
-    (found by their keyed pseudonym in each: what the vault records for them there)."""
+    (found by their keyed pseudonym in each: what the vault records for them there), the
+    exports that hold them included."""
     actor = actor or core.actor
     ids, _new = optout.add(core, patient_ids, actor=actor)
     done, busy = [], []
@@ -160,6 +161,7 @@ def opt_out(core: Core, patient_ids: Iterable[str], *, actor: str = "") -> list[
         try:
             with ProjectPullLock(core.catalog, p, actor):  # no pull commits theirs meanwhile
                 out = purge_series(core, p, core.catalog.study_series(p.id, studies))
+                _drop_exports(core, p, {keys.pseudonym(pid) for pid in ids})
         except PullBusy:
             busy.append(p.name)
             continue
@@ -174,6 +176,20 @@ def opt_out(core: Core, patient_ids: Iterable[str], *, actor: str = "") -> list[
             "when the pull ends, to purge what is stored of them there"
         )
     return done
+
+
+def _drop_exports(core: Core, project: Project, pseudonyms: set[str]) -> int:
+    """Delete the project's exports that hold any of these patients (by pseudonym): their zips
+    go, their rows are marked deleted. Returns how many."""
+    hit = [
+        e
+        for e in core.catalog.exports(project.name)
+        if e.state != "deleted" and pseudonyms & set(e.patients or ())
+    ]
+    delete_keys(core.store, [e.key for e in hit])
+    for e in hit:
+        core.catalog.update_export(e.id, state="deleted")
+    return len(hit)
 
 
 def _drop_from_cohort(core: Core, project: Project, ids: list[str], actor: str) -> None:

@@ -71,6 +71,7 @@ def start(
             actor=who.name,
             format=fmt,
             selection=selection,
+            patients=sorted({st.patient_id or "" for _, st in rows}),
             key=export_key(project, export_id),
             n_series=len(rows),
         )

@@ -525,6 +525,8 @@ class Export(Base):
     actor: Mapped[str] = mapped_column(String(128))
     format: Mapped[str] = mapped_column(String(8))  # dicom|nifti|zarr
     selection: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # the patients' pseudonyms it holds: an opted-out patient's exports are deleted
+    patients: Mapped[list[str] | None] = mapped_column(JSON)
     state: Mapped[str] = mapped_column(String(16), default="running")
     key: Mapped[str] = mapped_column(String(256))
     nbytes: Mapped[int] = mapped_column(BigInteger, default=0)

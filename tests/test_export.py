@@ -20,11 +20,13 @@ import pydicom
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
+from typer.testing import CliRunner
 
-from core import Core, ProjectError, Settings, access, projects, users
+from core import Core, ProjectError, Settings, SphereError, access, projects, users
 from core.settings import S3Options
 from gateway import links
-from gateway.purge import purge_project
+from gateway.cli import app as cli_app
+from gateway.purge import opt_out, purge_project
 from harness.leaks import scan_bytes
 from harness.synthetic import generate
 from processing import export
@@ -293,6 +295,19 @@ def test_a_local_link_works_until_its_time_and_each_download_is_audited(site):
     assert len(made) >= 2
 
 
+def test_the_command_line(site):
+    env = {"SPHERE_HOME": str(site.settings.home), "SPHERE_FSYNC": "false", "COLUMNS": "200"}
+    made = CliRunner().invoke(cli_app, ["export", "ex", "--format", "zarr"], env=env)
+    assert made.exit_code == 0, made.output
+    export_id = made.output.split()[1].rstrip(":")
+    listed = CliRunner().invoke(cli_app, ["export", "list", "ex"], env=env)
+    assert export_id in listed.output and "done" in listed.output
+    link = CliRunner().invoke(cli_app, ["export", "link", export_id, "--hours", "2"], env=env)
+    assert link.exit_code == 0 and f"/exports/{export_id}/download?expires=" in link.output
+    bad = CliRunner().invoke(cli_app, ["export", "ex", "--format", "tiff"], env=env)
+    assert bad.exit_code == 2 and "--format is one of" in bad.output
+
+
 def test_an_investigator_exports_from_the_web(site):
     token = site.tokens["ivy"]
     with serving(Core(site.settings, research=True)) as url:
@@ -332,6 +347,16 @@ def test_exports_go_when_the_project_is_purged(tmp_path, corpus):
         assert not path.exists() and c.catalog.export(row.id).state == "deleted"
         with pytest.raises(ProjectError):
             links.link(c, row.id, 1)
+
+
+def test_an_opted_out_patients_exports_are_deleted(tmp_path, corpus):
+    with Core(make_site(tmp_path, corpus).settings) as c:
+        theirs = export.export(c, "ex", "zarr")
+        path = local_path(c.store, theirs.key)
+        opt_out(c, [corpus.studies[0].patient_id])
+        assert not path.exists() and c.catalog.export(theirs.id).state == "deleted"
+        with pytest.raises(SphereError, match="deleted"):
+            links.link(c, theirs.id, 1)
 
 
 def test_s3_export_and_a_presigned_link_that_expires(tmp_path, corpus, s3_server):
