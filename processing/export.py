@@ -99,9 +99,10 @@ def write(core: Core, row: Export) -> Export:
         core.catalog.finish_export(row.id, state="failed", error=why)
         core.catalog.audit(row.actor, "export", row.project, "error", export=row.id, error=why)
         raise
-    done = {"state": "done", "nbytes": z.nbytes, "n_files": len(z.entries)}
-    core.catalog.finish_export(row.id, **done)
-    core.catalog.audit(row.actor, "export", row.project, export=row.id, **done)
+    core.catalog.finish_export(row.id, state="done", nbytes=z.nbytes, n_files=len(z.entries))
+    core.catalog.audit(
+        row.actor, "export", row.project, export=row.id, nbytes=z.nbytes, n_files=len(z.entries)
+    )
     return core.catalog.export(row.id) or row
 
 

@@ -71,6 +71,7 @@ def header(reader: SeriesReader) -> bytes:
 def _blocks(reader: SeriesReader) -> Iterator[bytes]:
     """The voxels' bytes (little-endian), `BLOCK_SLICES` slices at a time."""
     vol = reader.volume
+    assert vol is not None  # `check` refused a series without images
     n = int(reader.attrs["n_slices"])
     slope, intercept, per_slice = _rescale(reader.attrs)
     depth = BLOCK_SLICES
