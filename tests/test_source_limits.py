@@ -435,6 +435,38 @@ def test_a_probe_turn_is_taken_by_one_node_per_interval(pg_server):
         c.dispose()
 
 
+@pytest.mark.parametrize("limit", [1, None])
+def test_the_breaker_probes_within_the_source_limit(tmp_path, limit):
+    """A probe is an association like any other: it holds one of the source's cluster slots
+    while it runs (else it could be one more than the limit). Control: without a limit there
+    is no slot to hold, and the check sees none."""
+    from gateway.pull.guard import SourceError, guarded
+
+    src = Source(name="pacs", cluster_limit=limit, breaker_after=1, probe_s=0.05)
+    gw = Gateway(Settings(home=tmp_path, sources=[src]))
+    held: list[int] = []
+
+    class Flaky:
+        name, protocol, max_concurrent = "pacs", "move", 1
+        calls = 0
+
+        def echo(self) -> None:
+            held.append(gw.catalog.source_slots_held("pacs"))
+
+        def retrieve(self, study_uid: str, series_uid: str) -> str:
+            Flaky.calls += 1
+            if Flaky.calls == 1:
+                raise SourceError("no answer", answered=False)
+            return "ok"
+
+    g = guarded(gw.core, src, Flaky())
+    assert g.retrieve("1", "2") == "ok"  # tripped, probed, asked again
+    if g.slots is not None:
+        g.slots.close()
+    assert held == ([1] if limit else [0])
+    assert gw.catalog.source_slots_held("pacs") == 0
+
+
 def test_a_breaker_per_node_is_caught(tmp_path):
     """Control: nodes that do not share the breaker's row (a catalog each, as a breaker kept in
     each process) open it once each and probe on their own: the test above would fail."""

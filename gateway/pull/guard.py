@@ -344,6 +344,14 @@ def guarded(core: Core, src: Source, retriever: Any, project: str = "", actor: s
         except Exception as e:  # noqa: BLE001 - the audit row is not worth stopping for
             log.warning("breaker of %s not audited (%s)", src.name, type(e).__name__)
 
-    breaker = Breaker(src, retriever.echo, core.catalog, told)
     slots = SourceSlots(core.catalog, src.name, src.cluster_limit) if src.cluster_limit else None
+
+    def probe() -> None:  # an association like any other: within the source's limit
+        if slots is None:
+            retriever.echo()
+            return
+        with slots.held():
+            retriever.echo()
+
+    breaker = Breaker(src, probe, core.catalog, told)
     return Guarded(retriever, breaker, slots, core.catalog, src.max_rate)
