@@ -83,6 +83,50 @@ def segmentable(reader: SeriesReader) -> bool:
     return reader.n_images == 1 or not reader.attrs.get("frames")
 
 
+def slice_images(reader: SeriesReader) -> list[tuple[int, int | None]]:
+    """For each volume index z, the stored image holding it and its frame number (None for a
+    single-frame image): where an image region of the SR points."""
+    n = int(reader.attrs["n_slices"])
+    if not reader.attrs.get("frames"):
+        return [(z, None) for z in range(n)]
+    out: list[tuple[int, int | None]] = [(0, None)] * n
+    for i in range(reader.n_images):
+        for k, z in enumerate(reader.frame_slices(i), start=1):
+            out[z] = (i, k)
+    return out
+
+
+def image_region(
+    sources: list[Dataset], where: list[tuple[int, int | None]], mask: np.ndarray
+) -> hd.sr.ImageRegion | None:
+    """The ROI on its largest slice as a closed polygon (its convex hull, in the image's pixel
+    coordinates) on that source image: an SCOORD a viewer draws. None for a degenerate ROI."""
+    areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
+    z = int(np.argmax(areas))
+    rows, cols = np.nonzero(mask[z])
+    if len(rows) < 3:
+        return None
+    from scipy.spatial import ConvexHull, QhullError
+
+    points = np.stack([cols + 0.5, rows + 0.5], axis=1).astype(np.float64)
+    try:
+        hull = points[ConvexHull(points).vertices]
+    except QhullError:  # all in a line
+        return None
+    i, frame = where[z]
+    ds = sources[i]
+    source = hd.sr.SourceImageForRegion(
+        referenced_sop_class_uid=ds.SOPClassUID,
+        referenced_sop_instance_uid=ds.SOPInstanceUID,
+        referenced_frame_numbers=[frame] if frame is not None else None,
+    )
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=np.vstack([hull, hull[:1]]),
+        source_image=source,
+    )
+
+
 def build_seg(
     sources: list[Dataset],
     finding: Finding,
@@ -132,9 +176,12 @@ def build_sr(
     finding: Finding,
     pipeline: Pipeline,
     source_series_uid: str,
+    where: list[tuple[int, int | None]] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 measurement report: per ROI its mean, median and SD attenuation (HU),
-    referencing its SEG segment; the classification, when there is one, on the first ROI."""
+    referencing its SEG segment; the classification, when there is one, on the first ROI.
+    With `where` (`slice_images`), each ROI is also a planar group (TID 1410) with the same
+    measurements on an image region of its largest slice: what OHIF draws and lists."""
     algorithm = hd.sr.AlgorithmIdentification(pipeline.name, pipeline.version)
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -191,6 +238,18 @@ def build_sr(
             )
         else:
             groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(**common))
+        region = image_region(sources, where, s.mask) if where is not None else None
+        if region is not None:
+            planar = hd.sr.TrackingIdentifier(
+                uid=derived_uid(source_series_uid, pipeline.name, f"planar-{s.label}"),
+                identifier=s.label,
+            )
+            groups.append(
+                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                    referenced_region=region,
+                    **{**common, "tracking_identifier": planar, "qualitative_evaluations": None},
+                )
+            )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.SCT.ComputedTomography,

@@ -155,7 +155,8 @@ def _write_outputs(
             out["seg_series_uid"] = d.series_uid
             keep.add("seg")
         if "sr" in pipeline.outputs:
-            sr = outputs.build_sr(sources, seg, finding, pipeline, task.series_uid)
+            where = outputs.slice_images(reader)
+            sr = outputs.build_sr(sources, seg, finding, pipeline, task.series_uid, where)
             d = outputs.store_derived(core, task.project, task.study_uid, task.patient, [sr], spool)
             out["sr_series_uid"] = d.series_uid
             keep.add("sr")

@@ -230,6 +230,24 @@ def test_bone_density_on_a_phantom_scores_l1_and_writes_valid_sr_and_seg(home, t
         for e in g.get_qualitative_evaluations()
     ]
     assert evaluations == ["Osteopenia"]
+    # Each ROI is also drawn: a planar group (TID 1410) whose image region is a closed polygon
+    # on a stored image of the series, with the same mean HU (what OHIF lists and draws).
+    planars = {g.tracking_identifier: g for g in sr.content.get_planar_roi_measurement_groups()}
+    volumetric = sr.content.get_volumetric_roi_measurement_groups()
+    assert len(planars) == len(volumetric)  # one for each ROI
+    planar = planars["L1 trabecular ROI"]
+    region = planar.roi
+    assert (
+        region.GraphicType == "POLYLINE" and region.value[0].tolist() == region.value[-1].tolist()
+    )
+    ref = region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    with Core(home) as core:
+        sops = {str(d.SOPInstanceUID) for d in SeriesReader(core.store, key).iter_instances()}
+    assert ref in sops
+    mean = planar.get_measurements()[0]  # mean, median, SD: in that order
+    assert mean.derivation.meaning == "Mean" and mean.value == pytest.approx(
+        out.values["l1_hu"], abs=0.5
+    )
 
 
 def test_results_table_prints_in_80_columns_and_exports(home, tmp_path):
