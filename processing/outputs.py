@@ -216,7 +216,7 @@ def build_sr(
             uid=derived_uid(source_series_uid, pipeline.name, f"track-{s.label}"),
             identifier=s.label,
         )
-        common = {
+        common: dict[str, Any] = {
             "tracking_identifier": tracking,
             "finding_type": s.site,
             "finding_sites": [hd.sr.FindingSite(s.site)],

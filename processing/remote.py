@@ -62,7 +62,7 @@ class Client:
         uid = quote(series_uid, safe="")
         attrs = self.json(f"/series/{uid}")
         stored = np.empty(attrs["shape"], dtype=np.dtype(attrs["dtype"]).newbyteorder("<"))
-        view = memoryview(stored.reshape(-1)).cast("B")
+        view = stored.reshape(-1).view(np.uint8).data  # the array's own bytes, written into
         with self.open(f"/series/{uid}/volume") as r:
             got = 0
             while got < len(view):

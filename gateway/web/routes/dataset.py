@@ -76,6 +76,8 @@ def series_volume(project: str, series: str, request: Request) -> StreamingRespo
     """The stored values (z, y, x) as raw little-endian bytes of the attributes' dtype."""
     reader = _reader(project, series, request, "dataset.volume")
     volume = reader.volume
+    if volume is None:  # check_volume said it has one; a series replaced meanwhile
+        raise HTTPException(404, "no such series in this project")
     dtype = np.dtype(volume.dtype).newbyteorder("<")
     frame = int(np.prod(volume.shape[1:])) * dtype.itemsize
     step = max(1, BLOCK_BYTES // max(frame, 1))
