@@ -308,7 +308,7 @@ def test_the_command_line(site):
     assert bad.exit_code == 2 and "--format is one of" in bad.output
 
 
-def test_an_investigator_exports_from_the_web(site):
+def test_an_investigator_exports_from_the_web(site, corpus):
     token = site.tokens["ivy"]
     with serving(Core(site.settings, research=True)) as url:
         page = f"{url}/projects/ex/exports"
@@ -330,6 +330,8 @@ def test_an_investigator_exports_from_the_web(site):
             headers={"Authorization": f"Bearer {token}"},
         )  # fmt: skip
         link = shown.text.split('href="')[1].split('"')[0].replace("&amp;", "&")
+        for where, body in (("exports page", listed.content), ("link page", shown.content)):
+            assert scan_bytes(where, body, corpus.phi) == []
         assert requests.get(link, timeout=30).status_code == 200
         viewer = {"Authorization": f"Bearer {site.tokens['val']}"}
         assert (
@@ -379,3 +381,28 @@ def test_s3_export_and_a_presigned_link_that_expires(tmp_path, corpus, s3_server
     assert r.status_code == 200 and r.content == stored
     time.sleep(2.2)
     assert requests.get(short, timeout=30).status_code == 403
+
+
+def test_nifti_of_a_per_slice_rescale_is_float_hu_equal_to_the_loader(site, tmp_path):
+    from tests.processing_data import ct_series
+
+    hu = np.random.default_rng(3).integers(-1000, 1500, (5, 16, 12)).astype(np.float64)
+    dss = ct_series(hu, spacing=(2.0, 0.7, 0.6))
+    for ds in dss:  # a different intercept on each slice, the stored values moved to match
+        k = int(ds.InstanceNumber)
+        stored = np.frombuffer(ds.PixelData, "<i2").astype(np.int32) - k
+        ds.PixelData, ds.RescaleIntercept = stored.astype("<i2").tobytes(), -1024 + k
+    with Core(site.settings) as c:
+        projects.create(c, "slices")
+        projects.approve(c, "slices", committee_ref="C", approved_on=TODAY,
+                         expires_on=TODAY + timedelta(30))  # fmt: skip
+        key = store_series(c, "slices", dss, tmp_path / "spool")
+        assert isinstance(SeriesReader(c.store, key).attrs["rescale_intercept"], list)
+        z = zip_of(c, export.export(c, "slices", "nifti"))
+        (name,) = [n for n in z.namelist() if n.endswith(".nii.gz")]
+        (tmp_path / "s.nii.gz").write_bytes(z.read(name))
+        img = nib.load(tmp_path / "s.nii.gz")
+        loaded = load_series(c.store, key, channel_first=False)
+        assert img.get_data_dtype() == np.float32
+        np.testing.assert_array_equal(img.get_fdata(dtype=np.float32), loaded.numpy())
+        np.testing.assert_allclose(img.affine, loaded.affine.numpy(), atol=1e-4)
