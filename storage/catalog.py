@@ -19,6 +19,7 @@ from sqlalchemy.exc import DisconnectionError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 from sqlalchemy.schema import CreateIndex
 
+from dicom.query import Query
 from storage import audit as chain
 from storage import index
 from storage.exports import ExportQueries
@@ -433,21 +434,15 @@ class Catalog(GovernanceQueries, JobQueries, ExportQueries, RequestQueries):
 
     def search(
         self,
-        level: str,
         project_id: int,
-        matches: Iterable[Any],
-        recheck: index.Recheck | None = None,
-        limit: int | None = None,
-        offset: int = 0,
+        query: Query,
         max_rows: int | None = None,
         deadline: float | None = None,
     ) -> list[index.Hit]:
-        """QIDO-RS search at `level` ('study', 'series', 'instance') within one project
-        (bounded by `max_rows` and `deadline`: `index.search`)."""
+        """The page of a QIDO-RS `query` within one project (bounded by `max_rows` and
+        `deadline`: `index.search`)."""
         with self.session() as s:
-            return index.search(
-                s, level, project_id, list(matches), recheck, limit, offset, max_rows, deadline
-            )
+            return index.search(s, project_id, query, max_rows, deadline)
 
     def indexed_series(
         self, project_id: int, study_uid: str, series_uid: str | None = None

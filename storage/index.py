@@ -3,25 +3,26 @@
 Written when a series is committed (`write_series`, from its stored headers), so a search never
 opens Zarr. Each level keeps its own attributes as DICOM JSON (`dataset`): a series those all
 its instances share, a study the patient and study attributes, an instance the rest; merged
-they give an instance's whole header. Matches whose attribute has a column become SQL; the
-others, and person names (component groups, trailing `^`), are checked by the caller's
-`recheck` on the merged JSON. A search with a recheck pages in Python, in the same order.
-
-The matches are read by duck typing (path, vr, kind, terms, lower, upper, case_insensitive,
-as `gateway.web.qido.Match` has them): storage does not import the web layer.
+they give an instance's whole header. A search takes a `dicom.query.Query`: matches whose
+attribute has a column become SQL; the others, and person names (component groups, trailing
+`^`), are checked by the reference matcher (`dicom.query.matches`) on the merged JSON, and
+such a search pages in Python, in the same order. Times are stored as
+`dicom.query.normalize_temporal` gives them, the form range bounds take.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Select, delete, func, insert, or_, select
 from sqlalchemy.orm import Session, aliased
 
+from dicom import query as dq
+from dicom.query import Level, Match, MatchKind, Query
 from storage.models import IndexedInstance, IndexedSeries, IndexedStudy, get_or_add
 
 # Patient and study attributes: kept on the study row, not repeated below it.
@@ -47,8 +48,6 @@ _PIXEL_TAGS = frozenset({"7FE00008", "7FE00009", "7FE00010"})
 # ModalitiesInStudy, the three counts of related series and instances, InstanceAvailability.
 _COMPUTED_TAGS = frozenset({"00080061", "00201206", "00201208", "00201209", "00080056"})
 _NOT_KEPT = _PIXEL_TAGS | _COMPUTED_TAGS
-
-Recheck = Callable[[dict[str, Any]], bool]
 
 
 @dataclass(frozen=True)
@@ -231,28 +230,25 @@ class SearchTooBroad(Exception):
 
 def search(
     s: Session,
-    level: str,
     project_id: int,
-    matches: Sequence[Any],
-    recheck: Recheck | None = None,
-    limit: int | None = None,
-    offset: int = 0,
+    query: Query,
     max_rows: int | None = None,
     deadline: float | None = None,
 ) -> list[Hit]:
-    """Studies, series or instances of a project matching `matches`, in a stable order.
-    Rows checked in Python (`recheck`) stop at `max_rows` or at `deadline` (a
+    """The page of `query` (studies, series or instances of a project), in a stable order.
+    Rows checked in Python (by the reference matcher) stop at `max_rows` or at `deadline` (a
     `time.monotonic()` value): SearchTooBroad, rather than a search that holds a worker for
     as long as the index is large."""
+    level, limit, offset = query.level, query.limit, query.offset
     st, se, inst = IndexedStudy, IndexedSeries, IndexedInstance
     q: Select[*tuple[Any, ...]]
     tables: list[tuple[Any, dict[str, Column]]]
     order: list[Any]
-    if level == "study":
+    if level is Level.STUDY:
         q = select(st).where(st.project_id == project_id)
         tables = [(st, STUDY_COLUMNS)]
         order = [st.study_date, st.study_uid]
-    elif level == "series":
+    elif level is Level.SERIES:
         q = (
             select(se, st)
             .join(st, (st.project_id == se.project_id) & (st.study_uid == se.study_uid))
@@ -270,13 +266,13 @@ def search(
         tables = [(inst, INSTANCE_COLUMNS), (se, SERIES_COLUMNS), (st, STUDY_COLUMNS)]
         order = [inst.study_uid, inst.series_uid, inst.position]
     exact = True
-    for m in matches:
+    for m in query.matches:
         clause, is_exact = _clause(m, tables)
         if clause is not None:
             q = q.where(clause)
         exact = exact and is_exact
     q = q.order_by(*order)
-    python_paging = recheck is not None and not exact
+    python_paging = not exact
     if not python_paging:
         q = q.offset(offset or None).limit(limit)
     hits = []
@@ -288,7 +284,7 @@ def search(
         ):
             raise SearchTooBroad(f"{examined - 1} rows examined")
         hit = _hit(level, row, parsed)
-        if python_paging and recheck is not None and not recheck(hit.dataset):
+        if python_paging and not dq.matches(query, hit.dataset):
             continue
         hits.append(hit)
         if python_paging and limit is not None and len(hits) >= offset + limit:
@@ -299,14 +295,14 @@ def search(
     return hits
 
 
-def _hit(level: str, row: Any, parsed: dict[tuple[str, int], dict[str, Any]]) -> Hit:
-    if level == "study":
+def _hit(level: Level, row: Any, parsed: dict[tuple[str, int], dict[str, Any]]) -> Hit:
+    if level is Level.STUDY:
         (st,) = row
         return Hit(_study_json(st), st.study_uid)
     study = parsed.get(("study", row[-1].id))
     if study is None:
         study = parsed[("study", row[-1].id)] = _study_json(row[-1])
-    if level == "series":
+    if level is Level.SERIES:
         se, st = row
         return Hit({**study, **_series_json(se)}, st.study_uid, se.series_uid)
     inst, se, st = row
@@ -337,13 +333,13 @@ def _series_json(se: IndexedSeries) -> dict[str, Any]:
     return ds
 
 
-def _clause(m: Any, tables: list[tuple[Any, dict[str, Column]]]) -> tuple[Any, bool]:
+def _clause(m: Match, tables: list[tuple[Any, dict[str, Column]]]) -> tuple[Any, bool]:
     """(SQL condition or None, whether it decides the match alone)."""
-    kind = str(m.kind)
-    if kind == "universal":
+    kind = m.kind
+    if kind is MatchKind.UNIVERSAL:
         return None, True
     if m.path == (MODALITIES_IN_STUDY,):
-        return _modalities_clause(m, kind)
+        return _modalities_clause(m)
     col = None
     if len(m.path) == 1:
         for table, columns in tables:
@@ -354,9 +350,9 @@ def _clause(m: Any, tables: list[tuple[Any, dict[str, Column]]]) -> tuple[Any, b
     if col is None:
         return None, False
     numeric = vr in _INT_VRS
-    if kind == "empty":
+    if kind is MatchKind.EMPTY:
         return (col.is_(None) if numeric else or_(col.is_(None), col == "")), True
-    if kind == "range":
+    if kind is MatchKind.RANGE:
         if vr not in ("DA", "TM"):
             return None, False
         conds = []
@@ -389,11 +385,11 @@ def _clause(m: Any, tables: list[tuple[Any, dict[str, Column]]]) -> tuple[Any, b
     return (terms[0] if len(terms) == 1 else or_(*terms)), exact
 
 
-def _modalities_clause(m: Any, kind: str) -> tuple[Any, bool]:
+def _modalities_clause(m: Match) -> tuple[Any, bool]:
     """ModalitiesInStudy: the study has a series of one of the modalities (equality, so as
-    case-sensitive as the recheck on every database). Wildcards and empty matches are left
-    to the recheck."""
-    if kind not in ("single", "list") or not all(t.exact for t in m.terms):
+    case-sensitive as the reference matcher on every database). Wildcards and empty matches are
+    left to it."""
+    if m.kind not in (MatchKind.SINGLE, MatchKind.LIST) or not all(t.exact for t in m.terms):
         return None, False
     se, st = aliased(IndexedSeries), IndexedStudy
     has = select(se.id).where(
@@ -451,19 +447,11 @@ def _columns(
             except (TypeError, ValueError):
                 value = None
         elif c.vr == "TM" and value:
-            value = _norm_time(str(value))
+            value = dq.normalize_temporal("TM", str(value))
         elif value is not None:
             value = str(value)
         out[c.attr] = value
     return out
-
-
-def _norm_time(value: str) -> str | None:
-    digits = value.replace(":", "").strip()
-    main, _, frac = digits.partition(".")
-    if not main.isdigit() or len(main) not in (2, 4, 6):
-        return None
-    return main.ljust(6, "0") + "." + frac.ljust(6, "0")[:6]
 
 
 def _first(ds: dict[str, Any], tag: str) -> Any:

@@ -17,6 +17,7 @@ from core.errors import ProjectError
 from core.retention import retention_end
 from core.settings import S3Options, Settings
 from deid.vault import TRUSTED_THIRD_PARTY, cohort_table
+from dicom.query import Level, Query
 from gateway.api import Gateway
 from gateway.dimse.scp import StorageSCP
 from gateway.pull import PullRefused
@@ -69,7 +70,9 @@ def pulled_with_results(gw: Gateway, name: str, studies) -> None:
 
 def index_rows(gw: Gateway, name: str) -> int:
     pid = gw.core.project(name).id
-    return len(gw.catalog.search("study", pid, [])) + len(gw.catalog.search("series", pid, []))
+    return len(gw.catalog.search(pid, Query(Level.STUDY))) + len(
+        gw.catalog.search(pid, Query(Level.SERIES))
+    )
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -196,7 +199,7 @@ def test_opt_out_removes_a_patient_everywhere_and_for_good(tmp_path, pacs, scp_p
     left = gw.catalog.series(pa.id)
     assert {r.study_uid for r in left} == {gw.keys("pa").uid(other_st.study_uid)}
     assert all(SeriesReader(gw.store, r.storage_key).complete for r in left)
-    assert len(gw.catalog.search("study", pa.id, [])) == 1
+    assert len(gw.catalog.search(pa.id, Query(Level.STUDY))) == 1
     assert {leak.needle for leak in scan_store(gw.store, needles(other_st))} >= {
         gw.keys("pa").pseudonym(other_st.patient_id)
     }

@@ -25,6 +25,7 @@ from PIL import Image
 from core import users
 from core.settings import S3Options
 from dicom import xml_model
+from dicom.query import Level, Query
 from gateway.web import sessions
 from gateway.web.multipart import parse_multipart
 from gateway.web.routes import pages
@@ -914,7 +915,7 @@ def test_reindex_rebuilds_the_index_from_the_store(site):
     pid = core.project("other").id
     client = site.client("carol", "other")
     before = client.search_for_instances()
-    for hit in core.catalog.search("series", pid, []):
+    for hit in core.catalog.search(pid, Query(Level.SERIES)):
         core.catalog.unindex_series(pid, hit.series_uid)
     assert client.search_for_studies() == []  # a series not indexed is not served
     assert reindex(core, "other") == len(site.corpus.studies[2].series)

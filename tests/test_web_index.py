@@ -10,7 +10,8 @@ import pytest
 from sqlalchemy import create_engine, event, inspect, text
 
 from dicom import json_model
-from gateway.web.qido import Level, matches, parse_qido
+from dicom.query import Level, Query, matches
+from gateway.web.qido import parse_qido
 from harness.synthetic import generate
 from storage.catalog import (
     Catalog,
@@ -59,7 +60,7 @@ def test_index_is_idempotent_and_counts(catalog):
     assert count(cat, IndexedStudy, pid) == len(corpus.studies)
     assert count(cat, IndexedSeries, pid) == sum(len(s.series) for s in corpus.studies)
     assert count(cat, IndexedInstance, pid) == corpus.n_instances
-    hits = cat.search("study", pid, [])
+    hits = cat.search(pid, Query(Level.STUDY))
     by_uid = {h.study_uid: h.dataset for h in hits}
     for st in corpus.studies:
         ds = by_uid[st.study_uid]
@@ -67,7 +68,7 @@ def test_index_is_idempotent_and_counts(catalog):
         assert ds["00201208"]["Value"] == [st.n_instances]
         assert ds["00100020"]["Value"] == [st.patient_id]
         assert "0020000E" not in ds and "00080018" not in ds  # no series/instance attributes
-    inst = cat.search("instance", pid, [])
+    inst = cat.search(pid, Query(Level.INSTANCE))
     assert len({h.sop_uid for h in inst}) == corpus.n_instances
     first = inst[0].dataset  # merged: study + series + instance attributes
     assert {"00100010", "0020000E", "00080018", "00200032", "00280010"} <= set(first)
@@ -76,9 +77,9 @@ def test_index_is_idempotent_and_counts(catalog):
 def test_unindex_removes_a_series_and_its_empty_study(catalog):
     cat, pid, corpus = catalog
     qid = cat.project("q").id
-    (hit,) = cat.search("series", qid, [])
+    (hit,) = cat.search(qid, Query(Level.SERIES))
     cat.unindex_series(qid, hit.series_uid)
-    assert cat.search("study", qid, []) == [] and count(cat, IndexedInstance, qid) == 0
+    assert cat.search(qid, Query(Level.STUDY)) == [] and count(cat, IndexedInstance, qid) == 0
 
 
 def vectors(corpus) -> list[tuple[Level, list[tuple[str, str]], dict]]:
@@ -139,18 +140,11 @@ def vectors(corpus) -> list[tuple[Level, list[tuple[str, str]], dict]]:
 
 def test_sql_search_equals_the_reference_matcher(catalog):
     cat, pid, corpus = catalog
-    everything = {lvl: cat.search(str(lvl), pid, []) for lvl in Level}
+    everything = {lvl: cat.search(pid, Query(lvl)) for lvl in Level}
     seen_nonempty = 0
     for level, params, scope in vectors(corpus):
         query = parse_qido(params, level, **scope)
-        got = cat.search(
-            str(level),
-            pid,
-            query.matches,
-            lambda ds, q=query: matches(q, ds),
-            query.limit,
-            query.offset,
-        )
+        got = cat.search(pid, query)
         oracle = [h for h in everything[level] if matches(query, h.dataset)]
         oracle = oracle[query.offset :][: query.limit]
         key = {Level.STUDY: "study_uid", Level.SERIES: "series_uid", Level.INSTANCE: "sop_uid"}
@@ -166,7 +160,7 @@ def test_positive_control_a_wrong_sql_translation_is_caught(catalog):
     """The oracle comparison fails when a search ignores a condition."""
     cat, pid, corpus = catalog
     query = parse_qido([("PatientID", corpus.studies[0].patient_id)], Level.STUDY)
-    ignoring = cat.search("study", pid, [])
+    ignoring = cat.search(pid, Query(Level.STUDY))
     oracle = [h for h in ignoring if matches(query, h.dataset)]
     assert len(ignoring) != len(oracle)
 
@@ -188,7 +182,7 @@ def test_inline_pixel_data_is_not_indexed_and_is_served_as_bulk_data(tmp_path):
         "7FE00010": {"vr": "OB", "InlineBinary": base64.b64encode(pixels).decode()},
     }
     cat.index_series(pid, "projects/seg/2.25.1/2.25.2", [header], 0)
-    (hit,) = cat.search("instance", pid, [])
+    (hit,) = cat.search(pid, Query(Level.INSTANCE))
     assert hit.sop_uid == "2.25.3" and "7FE00010" not in hit.dataset
     with cat.session() as s:
         assert not any("InlineBinary" in i.dataset for i in s.query(IndexedInstance))
@@ -227,7 +221,7 @@ def test_access_version_changes_with_access_and_index_only(catalog):
     assert moved()
     cat.update_user("vic", active=False)
     assert moved()
-    (hit, *_) = cat.search("series", pid, [])
+    (hit, *_) = cat.search(pid, Query(Level.SERIES))
     cat.unindex_series(pid, hit.series_uid)  # a bulk delete, then an ORM delete
     assert moved()
     with pytest.raises(RuntimeError), cat.session() as s:  # rolled back: nothing changed
@@ -299,7 +293,7 @@ def test_sqlite_plans_use_the_selective_index(tmp_path):
     query = parse_qido([("AccessionNumber", corpus.studies[0].accession)], Level.STUDY)
 
     def search(c: Catalog):
-        return lambda: c.search("study", pid, query.matches, None, query.limit, query.offset)
+        return lambda: c.search(pid, query)
 
     server = Catalog(url)
     stale = Catalog(url)  # control: a server that keeps its first connection's statistics
@@ -307,8 +301,8 @@ def test_sqlite_plans_use_the_selective_index(tmp_path):
     for i, (uid, dss) in enumerate(by_series.items()):
         cat.index_series(pid, f"k/{uid}", [json_model.to_json_dict(d) for d in dss], len(dss))
         if i == 0:  # the servers search while the catalog holds one series
-            server.search("study", pid, [])
-            stale.search("study", pid, [])
+            server.search(pid, Query(Level.STUDY))
+            stale.search(pid, Query(Level.STUDY))
     assert len(search(cat)()) == 1
     assert "ix_qido_studies_accession" in _plans(cat, search(cat))
     assert "ix_qido_studies_accession" in _plans(server, search(server))
@@ -337,14 +331,14 @@ def test_computed_attributes_come_from_the_index_not_a_stored_header(tmp_path):
         "00201208": {"vr": "IS", "Value": [99]},
     }
     cat.index_series(pid, "k/1", [header], 1)
-    (study,) = cat.search("study", pid, [])
+    (study,) = cat.search(pid, Query(Level.STUDY))
     assert study.dataset["00080061"]["Value"] == ["MR"]
     assert study.dataset["00201208"]["Value"] == [1]
     for level in (Level.STUDY, Level.SERIES, Level.INSTANCE):
         query = parse_qido([("ModalitiesInStudy", "CT")], level)
-        everything = cat.search(str(level), pid, [])
+        everything = cat.search(pid, Query(level))
         assert [h for h in everything if matches(query, h.dataset)] == []
-        assert cat.search(str(level), pid, query.matches, lambda ds, q=query: matches(q, ds)) == []
+        assert cat.search(pid, query) == []
 
 
 def _header(series_uid: str, number: int, modality: str, **study: str) -> dict[str, Any]:
@@ -383,7 +377,7 @@ def test_a_study_keeps_attributes_its_last_series_lacks(tmp_path):
             [("ReferringPhysicianName", "Doe*")],
         ):
             query = parse_qido(params, Level.STUDY)
-            (hit,) = cat.search("study", pid, query.matches, lambda ds, q=query: matches(q, ds))
+            (hit,) = cat.search(pid, query)
             assert matches(query, hit.dataset)  # the answer says what the search matched
         assert hit.dataset["00081030"]["Value"] == ["CT chest"]
         assert hit.dataset["00201206"]["Value"] == [2]
@@ -393,7 +387,7 @@ def test_a_study_keeps_attributes_its_last_series_lacks(tmp_path):
     assert rows[0] == rows[1]
     # Forgetting the CT series leaves the SR's (empty) attributes, and the counts follow.
     cat.unindex_series(pid, "2.25.11")
-    (hit,) = cat.search("study", pid, [])
+    (hit,) = cat.search(pid, Query(Level.STUDY))
     assert "Value" not in hit.dataset.get("00081030", {})
     assert hit.dataset["00201206"]["Value"] == [1]
 
@@ -409,4 +403,4 @@ def test_a_series_indexed_before_study_attributes_were_kept_leaves_them(tmp_path
         s.query(IndexedSeries).update({IndexedSeries.study_dataset: None})
     cat.index_series(pid, "k/2", [_header("2.25.12", 2, "SR")], 1)
     query = parse_qido([("StudyDescription", "CT*")], Level.STUDY)
-    assert len(cat.search("study", pid, query.matches)) == 1
+    assert len(cat.search(pid, query)) == 1

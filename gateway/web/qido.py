@@ -1,10 +1,12 @@
-"""QIDO-RS query parsing (PS3.18 8.3.4, 10.6) and a reference matcher (PS3.4 C.2.2.2).
+"""QIDO-RS query parsing (PS3.18 8.3.4, 10.6) and what a response returns.
 
+The query model (levels, matches, terms, the date/time normaliser and the reference matcher,
+PS3.4 C.2.2.2) lives in `dicom.query`, beneath this layer and the index; it is re-exported here.
 :func:`parse_qido` turns URL query pairs into a :class:`QidoQuery` whose :class:`Match` items
 carry what a SQL translation needs: the attribute tag (path, for sequence attributes), the
 kind of matching, the values, SQL ``LIKE`` patterns (escape character ``\\``) and the case
 rule.  :func:`matches` evaluates a query against a DICOM JSON model dataset (the oracle a SQL
-implementation can be tested against) and :func:`select` keeps the attributes a response
+implementation is tested against) and :func:`select` keeps the attributes a response
 returns.
 
 Choices within what PS3.4 allows:
@@ -29,30 +31,43 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
+from dataclasses import dataclass
 from typing import Any
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
+from dicom.query import (
+    DATE_TIME_VRS,
+    NO_WILDCARD_VRS,
+    NUMERIC_VRS,
+    Level,
+    Match,
+    MatchKind,
+    Query,
+    Term,
+    match_one,
+    matches,
+    normalize_temporal,
+)
+
+__all__ = [  # the query model lives in dicom.query; parsing and responses here
+    "Level",
+    "Match",
+    "MatchKind",
+    "QidoError",
+    "QidoQuery",
+    "Term",
+    "match_one",
+    "matches",
+    "normalize_temporal",
+    "parse_qido",
+    "select",
+    "warning_headers",
+]
+
 
 class QidoError(ValueError):
     """An invalid QIDO-RS request (HTTP 400); the message says what is wrong."""
-
-
-class Level(StrEnum):
-    STUDY = "study"
-    SERIES = "series"
-    INSTANCE = "instance"
-
-
-class MatchKind(StrEnum):
-    UNIVERSAL = "universal"  # empty value (or "*"): no filter, attribute returned
-    EMPTY = "empty"  # '""': the attribute is absent or has no value
-    SINGLE = "single"  # one exact value
-    WILDCARD = "wildcard"  # one value with * or ?
-    RANGE = "range"  # DA/TM/DT: a-b, -b, a-
-    LIST = "list"  # several values (UIDs or multiple values), any may match
 
 
 def _tag(keyword: str) -> str:
@@ -124,10 +139,6 @@ REQUIRED_TAGS: dict[Level, tuple[str, ...]] = {
 STUDY_INSTANCE_UID = "0020000D"
 SERIES_INSTANCE_UID = "0020000E"
 
-_DATE_TIME_VRS = frozenset({"DA", "TM", "DT"})
-_NUMERIC_VRS = frozenset({"IS", "DS", "US", "SS", "UL", "SL", "FL", "FD", "SV", "UV"})
-# VRs for which * and ? are not wildcards (PS3.4 C.2.2.2.4).
-_NO_WILDCARD_VRS = _DATE_TIME_VRS | _NUMERIC_VRS | {"UI", "AS", "AT"}
 # VRs whose values may contain a backslash, so it does not separate values.
 _SINGLE_VALUED_TEXT_VRS = frozenset({"LT", "ST", "UT", "UR"})
 _UNQUERYABLE_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "SQ"})
@@ -141,63 +152,14 @@ _CONTROL_PARAMS = frozenset({"limit", "offset", "fuzzymatching", "includefield",
 
 
 @dataclass(frozen=True)
-class Term:
-    """One value to match against.
+class QidoQuery(Query):
+    """A parsed QIDO-RS request: the search (`dicom.query.Query`) and what to answer with."""
 
-    ``exact`` terms compare by equality with ``value`` (lower-cased on both sides when the
-    match is case-insensitive); others by ``likes`` (SQL LIKE patterns, escape ``\\``, any of
-    which may match; already lower-cased when case-insensitive; for fuzzy PN they can match a
-    superset, so rows should be re-checked with ``regex``).  ``regex`` is authoritative and is
-    used with ``fullmatch``.
-    """
-
-    value: str
-    exact: bool
-    likes: tuple[str, ...]
-    regex: re.Pattern[str]
-
-
-@dataclass(frozen=True)
-class Match:
-    """One attribute condition. ``path`` is a tuple of tags (several for sequence items)."""
-
-    path: tuple[str, ...]
-    keyword: str
-    vr: str
-    kind: MatchKind
-    terms: tuple[Term, ...] = ()
-    lower: str | None = None  # RANGE: normalised inclusive bounds, None when open
-    upper: str | None = None
-    case_insensitive: bool = False
-    fuzzy: bool = False
-
-    @property
-    def tag(self) -> str:
-        return self.path[-1]
-
-    @property
-    def values(self) -> tuple[str, ...]:
-        return tuple(t.value for t in self.terms)
-
-    @property
-    def like(self) -> str | None:
-        """The LIKE pattern of a single-term WILDCARD match."""
-        if len(self.terms) == 1 and self.terms[0].likes:
-            return self.terms[0].likes[0]
-        return None
-
-
-@dataclass(frozen=True)
-class QidoQuery:
-    level: Level
-    matches: tuple[Match, ...]
     include_all: bool = False
     include_fields: tuple[tuple[str, ...], ...] = ()  # attribute paths from includefield
-    limit: int | None = None
-    offset: int = 0
     fuzzy: bool = False
     warnings: tuple[str, ...] = ()
-    default_tags: tuple[str, ...] = field(default=())
+    default_tags: tuple[str, ...] = ()
     capped: bool = False  # `limit` is the server's maximum, not the client's own
 
     @property
@@ -290,7 +252,7 @@ def _flags(case_insensitive: bool) -> int:
 
 
 def _plain_term(value: str, vr: str, case_insensitive: bool) -> Term:
-    wildcard = vr not in _NO_WILDCARD_VRS and ("*" in value or "?" in value)
+    wildcard = vr not in NO_WILDCARD_VRS and ("*" in value or "?" in value)
     pattern = wildcard_to_regex(value) if wildcard else re.escape(value)
     likes: tuple[str, ...] = ()
     if wildcard:
@@ -314,52 +276,13 @@ def _fuzzy_pn_term(value: str) -> Term:
     return Term(value, False, likes, re.compile(pattern, _flags(True)))
 
 
-_DA = re.compile(r"\d{8}")
-_TM = re.compile(r"(\d{2})(\d{2})?(\d{2})?(?:\.(\d{1,6}))?")
-_DT = re.compile(r"(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,6}))?([+-]\d{4})?")
-
-
-def _norm_time(value: str, upper: bool) -> str | None:
-    m = _TM.fullmatch(value.replace(":", "").strip())
-    if not m:
-        return None
-    hh, mm, ss, frac = m.groups()
-    fill = "59" if upper else "00"
-    frac_fill = "9" if upper else "0"
-    return f"{hh}{mm or fill}{ss or fill}.{(frac or '').ljust(6, frac_fill)}"
-
-
-_DT_MAX = ("", "12", "31", "23", "59", "59")
-_DT_MIN = ("", "01", "01", "00", "00", "00")
-
-
-def _norm_datetime(value: str, upper: bool) -> str | None:
-    m = _DT.fullmatch(value.strip())
-    if not m:
-        return None
-    groups = m.groups()
-    parts = [g or (_DT_MAX[i] if upper else _DT_MIN[i]) for i, g in enumerate(groups[:6])]
-    frac = (groups[6] or "").ljust(6, "9" if upper else "0")
-    return "".join(parts) + "." + frac
-
-
-def normalize_temporal(vr: str, value: str, *, upper: bool = False) -> str | None:
-    """Comparable form of a DA/TM/DT value (a partial upper bound covers its period)."""
-    value = value.strip()
-    if vr == "DA":
-        return value if _DA.fullmatch(value) else None
-    if vr == "TM":
-        return _norm_time(value, upper)
-    return _norm_datetime(value, upper)
-
-
 def _split_values(value: str, vr: str) -> list[str]:
     if vr in _SINGLE_VALUED_TEXT_VRS:
         return [value]
     values = value.split("\\")
     if vr in ("UI", "CS"):
         values = [v for part in values for v in part.split(",")]
-    return [v.strip() if vr in ("UI", "CS") or vr in _NUMERIC_VRS else v for v in values]
+    return [v.strip() if vr in ("UI", "CS") or vr in NUMERIC_VRS else v for v in values]
 
 
 def _parse_match(
@@ -388,7 +311,7 @@ def _parse_match(
         raise bad('"" (empty value matching) cannot be combined with other values')
     case_insensitive = vr == "PN" and (pn_case_insensitive or fuzzy)
 
-    if vr in _DATE_TIME_VRS and any("-" in v for v in values):
+    if vr in DATE_TIME_VRS and any("-" in v for v in values):
         if len(values) != 1:
             raise bad("a range cannot be combined with other values")
         low, sep, high = values[0].partition("-")
@@ -404,11 +327,11 @@ def _parse_match(
 
     terms: list[Term] = []
     for v in values:
-        if vr in _NO_WILDCARD_VRS and ("*" in v or "?" in v):
+        if vr in NO_WILDCARD_VRS and ("*" in v or "?" in v):
             raise bad(f"wildcards are not allowed for VR {vr}")
-        if vr in _DATE_TIME_VRS and normalize_temporal(vr, v) is None:
+        if vr in DATE_TIME_VRS and normalize_temporal(vr, v) is None:
             raise bad(f"malformed {vr} value {v!r}")
-        if vr in _NUMERIC_VRS:
+        if vr in NUMERIC_VRS:
             try:
                 number = float(v)
             except ValueError:
@@ -580,85 +503,7 @@ def warning_headers(query: QidoQuery, agent: str = "sphere") -> list[str]:
     return values
 
 
-# --------------------------------------------------------------------------- matching
-
-
-def _pn_strings(value: Any) -> list[str]:
-    if isinstance(value, str):
-        groups = value.split("=")
-    elif isinstance(value, Mapping):
-        groups = [str(value.get(k) or "") for k in ("Alphabetic", "Ideographic", "Phonetic")]
-    else:
-        return []
-    groups = [g.rstrip("^ ") for g in groups]
-    whole = "=".join(groups).rstrip("=")
-    return [g for g in groups if g] + ([whole] if whole else [])
-
-
-def _number(value: Any) -> float | None:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _term_matches(match: Match, term: Term, value: Any) -> bool:
-    if value is None:
-        return False
-    if match.vr == "PN":
-        return any(term.regex.fullmatch(s) for s in _pn_strings(value))
-    if match.vr in _NUMERIC_VRS:
-        number, wanted = _number(value), float(term.value)
-        return number is not None and number == wanted
-    if match.vr in ("TM", "DT"):
-        return str(value).replace(":", "").strip() == term.value.replace(":", "").strip()
-    return term.regex.fullmatch(str(value)) is not None
-
-
-def _value_matches(match: Match, value: Any) -> bool:
-    if match.kind is MatchKind.RANGE:
-        if value is None:
-            return False
-        normal = normalize_temporal(match.vr, str(value))
-        if normal is None:
-            return False
-        if match.lower is not None and normal < match.lower:
-            return False
-        return match.upper is None or normal <= match.upper
-    return any(_term_matches(match, term, value) for term in match.terms)
-
-
-def _element_values(element: Mapping[str, Any] | None) -> list[Any]:
-    if not element:
-        return []
-    values = element.get("Value")
-    return [v for v in values if v is not None and v != ""] if values else []
-
-
-def _elements(dataset: Mapping[str, Any], path: tuple[str, ...]) -> list[Mapping[str, Any]]:
-    """The elements at ``path`` (several when it goes through sequence items)."""
-    datasets: list[Mapping[str, Any]] = [dataset]
-    for tag in path[:-1]:
-        items: list[Mapping[str, Any]] = []
-        for ds in datasets:
-            items += [i for i in _element_values(ds.get(tag)) if isinstance(i, Mapping)]
-        datasets = items
-    return [ds[path[-1]] for ds in datasets if path[-1] in ds]
-
-
-def match_one(match: Match, dataset_json: Mapping[str, Any]) -> bool:
-    """Whether one condition holds for a DICOM JSON model dataset."""
-    if match.kind is MatchKind.UNIVERSAL:
-        return True
-    elements = _elements(dataset_json, match.path)
-    if match.kind is MatchKind.EMPTY:
-        return not any(_element_values(e) for e in elements)
-    return any(_value_matches(match, v) for e in elements for v in _element_values(e))
-
-
-def matches(query: QidoQuery, dataset_json: Mapping[str, Any]) -> bool:
-    """Whether a DICOM JSON model dataset satisfies every condition of the query."""
-    return all(match_one(m, dataset_json) for m in query.matches)
+# ------------------------------------------------------------------------- responses
 
 
 def select(

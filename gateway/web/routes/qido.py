@@ -42,13 +42,10 @@ def search(
         series_uid=series,
         max_limit=most,
     )
+    page = dataclasses.replace(query, limit=most + 1) if query.capped else query  # more?
     hits = core.catalog.search(
-        str(level),
         access.project.id,
-        query.matches,
-        recheck=lambda ds: qido.matches(query, ds),
-        limit=most + 1 if query.capped else query.limit,  # one more: are there more?
-        offset=query.offset,
+        page,
         max_rows=core.settings.web.search_max_rows,
         deadline=time.monotonic() + core.settings.web.search_timeout_s,
     )
