@@ -7,6 +7,7 @@ traceback only under `--verbose`.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -38,6 +39,9 @@ from gateway import (
     web_cmd,
 )
 from gateway.operator import acting, core
+
+# `sphere demo` runs this development module (harness/ is the test harness, not shipped).
+DEMO_MODULE = "harness.demo"
 
 
 class LogFormat(StrEnum):
@@ -489,10 +493,19 @@ def demo(
     """Run the whole way once, on a local Orthanc PACS with synthetic CT and spine phantoms.
 
     Project, approval, pull, bone density, then DICOMweb for a viewer user (until Ctrl-C at
-    a terminal)."""
-    from harness.demo import run_demo
-
-    raise typer.Exit(run_demo(workdir, patients=patients, slices=slices, size=size))
+    a terminal). Needs a development install: the demo, its PACS and its synthetic studies
+    are the harness's (harness/, not shipped)."""
+    try:  # by name, from a development install only: no shipped module imports the harness
+        harness_demo = importlib.import_module(DEMO_MODULE)
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != DEMO_MODULE.split(".")[0]:  # another one missing
+            raise
+        raise SphereError(
+            "sphere demo needs a development install: run it from a checkout of sphere "
+            "(scripts/setup.sh, then make demo); its PACS and synthetic studies come from "
+            "the checkout's harness/, which is not shipped"
+        ) from None
+    raise typer.Exit(harness_demo.run_demo(workdir, patients=patients, slices=slices, size=size))
 
 
 audit_cmd.register(app, core)

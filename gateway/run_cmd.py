@@ -156,8 +156,8 @@ def train_bone_density(
     force: Annotated[bool, typer.Option("--force", help="Overwrite a bundle in OUT.")] = False,
 ) -> None:
     """Train the vertebral-body segmenter on the CPU and save it as a MONAI bundle."""
-    from harness.phantoms import make_phantom  # the one door to the harness from here
     from processing.bone.learned import Recipe, make_data, save_bundle, train
+    from processing.bone.phantoms import make_phantom
 
     if phantoms < 2 or epochs < 1 or size < 16 or size % 4:
         raise SphereError("need --phantoms >= 2, --epochs >= 1, --size >= 16 and a multiple of 4")

@@ -8,6 +8,7 @@ dependency. The rules are the README's.
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,9 +28,9 @@ ALLOWED = {
     "gateway": {"core", "processing", "deid", "storage", "dicom"},
     "harness": {"gateway", "core", "processing", "deid", "storage", "dicom"},
 }
-# The doors from production into the harness: `sphere demo` runs the demo; `sphere train`
-# trains the learned segmenter on synthetic phantoms.
-EXCEPTIONS = {("gateway.cli", "harness.demo"), ("gateway.run_cmd", "harness.phantoms")}
+# What ships: every package but the test harness, which none of them imports (README: "Layout").
+SHIPPED = tuple(p for p in PACKAGES if p != "harness")
+EXCEPTIONS: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -150,6 +151,70 @@ def test_the_checks_catch_a_cycle_and_a_wrong_way_import(tmp_path):
     g = parent_package_edges(import_graph(tmp_path, ("dicom", "storage")))
     assert cycles(g) == [["dicom.a", "dicom.b", "dicom.c"]]
     assert violations(g) == ["dicom.c imports storage.s"]
+
+
+def harness_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Imports of the harness by shipped modules (lazy ones included)."""
+    return sorted(
+        f"{mod} imports {dep}"
+        for mod, deps in graph.items()
+        if mod.split(".")[0] in SHIPPED
+        for dep in deps
+        if dep.split(".")[0] == "harness"
+    )
+
+
+def harness_names(root: Path, packages: tuple[str, ...]) -> dict[str, list[str]]:
+    """Strings naming a harness module in shipped code: what a module loaded by name uses."""
+    found: dict[str, list[str]] = {}
+    for pkg in packages:
+        for path in (root / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                value = node.value if isinstance(node, ast.Constant) else None
+                if isinstance(value, str) and (value == "harness" or value.startswith("harness.")):
+                    found.setdefault(module_name(path, root), []).append(node.value)
+    return found
+
+
+def test_no_shipped_package_imports_the_harness(graph):
+    assert harness_imports(graph) == []
+    # The one module loaded by name: `sphere demo`, which says when there is no harness.
+    assert harness_names(ROOT, SHIPPED) == {"gateway.cli": ["harness.demo"]}
+
+
+def test_the_harness_check_catches_an_import_and_a_lazy_one(tmp_path):
+    """Positive control: shipped modules importing the harness, at the top and in a function."""
+    for pkg in ("storage", "harness"):
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "__init__.py").write_text("")
+    (tmp_path / "harness" / "seaweed.py").write_text("x = 1\n")
+    (tmp_path / "storage" / "a.py").write_text("from harness import seaweed\n")
+    (tmp_path / "storage" / "b.py").write_text("def f():\n    import harness.seaweed\n")
+    (tmp_path / "storage" / "c.py").write_text("NAME = 'harness.seaweed'\n")
+    g = parent_package_edges(import_graph(tmp_path, ("storage", "harness")))
+    assert {line.split()[0] for line in harness_imports(g)} == {"storage.a", "storage.b"}
+    assert harness_names(tmp_path, ("storage",)) == {"storage.c": ["harness.seaweed"]}
+
+
+def test_sphere_demo_without_the_harness_says_it_needs_a_development_install(tmp_path):
+    code = (
+        "import sys\n"
+        "sys.modules['harness'] = None  # as an install without the checkout's harness/\n"
+        "from gateway.cli import app\n"
+        "app(['demo', '--workdir', sys.argv[1]])\n"
+    )
+    env = {**os.environ, "SPHERE_HOME": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    assert out.returncode == 2, out.stderr
+    assert "needs a development install" in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "demo").exists()
 
 
 def test_the_core_imports_no_network_stack_web_framework_or_torch():

@@ -42,8 +42,8 @@ NAME = "sphere_vertebral_body_unet"
 VERSION = "0.1.0"
 LABELS = {"0": "background", "1": "vertebral body"}
 BUNDLE_FILES = ("configs/metadata.json", "configs/inference.json", "models/model.pt")
-# harness.phantoms.make_phantom: keywords of a PhantomSpec -> (HU volume, truth with .labels,
-# .spacing, .affine)
+# processing.bone.phantoms.make_phantom: keywords of a PhantomSpec -> (HU volume, truth with
+# .labels, .spacing, .affine)
 PhantomMaker = Callable[..., tuple[np.ndarray, Any]]
 
 
@@ -269,8 +269,7 @@ def dice(segmenter: Segmenter, vols: list[Volume]) -> float:
 def make_data(recipe: Recipe, make_phantom: PhantomMaker) -> tuple[list[Volume], list[Volume]]:
     """Training and held-out volumes: phantoms (a fifth held out), plus the folder's, if any.
 
-    `make_phantom` is `harness.phantoms.make_phantom`, passed in: production code does not
-    import the harness."""
+    `make_phantom` is `processing.bone.phantoms.make_phantom`, passed in."""
     specs = phantom_specs(recipe.phantoms, recipe.seed)
     n_val = max(1, recipe.phantoms // 5)
     vols = [phantom_volume(s, recipe, make_phantom) for s in specs]
@@ -378,8 +377,9 @@ def save_bundle(result: TrainResult, out: str | Path) -> Path:
         "input_size": [r.size] * 3,
         "intensity_window_hu": list(r.window),
         "training": {
-            "data": "sphere synthetic abdominal CT phantoms (harness.phantoms), generated on "
-            "the fly with varied resolution, noise, density, contrast, rib count, fracture, metal"
+            "data": "sphere synthetic abdominal CT phantoms (processing.bone.phantoms), "
+            "generated on the fly with varied resolution, noise, density, contrast, rib count, "
+            "fracture, metal"
             + (f"; plus labelled volumes from {Path(r.data).name}" if r.data else ""),
             "phantoms": r.phantoms,
             "epochs": r.epochs,
