@@ -131,7 +131,9 @@ def fill_sphere(home: Path, args: argparse.Namespace) -> tuple[Settings, str, fl
     today = date.today()
     approve(core, PROJECT, committee_ref="BENCH", approved_on=today - timedelta(days=1),
             expires_on=today + timedelta(days=30))  # fmt: skip
-    project_id = core.catalog.project(PROJECT).id
+    project = core.catalog.project(PROJECT)
+    assert project is not None  # just created
+    project_id = project.id
     t0 = time.perf_counter()
     for study in studies(args.studies, args.series, args.instances):
         for series in study:
@@ -154,7 +156,7 @@ class Client:
     def __init__(self, root: str, headers: dict[str, str]) -> None:
         u = urlsplit(root)
         self.path, self.headers = u.path, {**headers, "Accept": "application/dicom+json"}
-        self.conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
+        self.conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port, timeout=600)
 
     def get(self, query: str) -> list[dict[str, Any]]:
         for attempt in (1, 2):

@@ -27,6 +27,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import psutil
 from pydicom import Dataset
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
             instance.write(fp)
         return on_store(instance, calling_ae)
 
-    callbacks = {
+    callbacks: dict[str, dict[str, Any]] = {
         "sphere": {"on_store": on_store},
         "raw": {"on_receive": on_receive},
         "spool": {"on_receive": spool_receive},

@@ -34,6 +34,8 @@ import textwrap
 import time
 from dataclasses import dataclass, field
 from datetime import date, timedelta
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -131,7 +133,7 @@ def client(server: Server) -> DICOMwebClient:
     return DICOMwebClient(url=server.url, headers=server.headers)
 
 
-def fetch_all(server: Server, start: mp.Event, done: mp.Queue) -> None:  # type: ignore[type-arg]
+def fetch_all(server: Server, start: Event, done: Queue[tuple[float, int]]) -> None:
     """One client: every frame of the series in order; reports when the last one arrived."""
     c = client(server)
     c.retrieve_instance_frames(
@@ -147,11 +149,11 @@ def fetch_all(server: Server, start: mp.Event, done: mp.Queue) -> None:  # type:
     done.put((time.perf_counter(), nbytes))
 
 
-def fetch_all_raw(server: Server, start: mp.Event, done: mp.Queue) -> None:  # type: ignore[type-arg]
+def fetch_all_raw(server: Server, start: Event, done: Queue[tuple[float, int]]) -> None:
     """One lean client: the same requests on one keep-alive connection, each body read whole
     and not parsed, so the server's own cost shows (dicomweb-client's parsing bounds the rest)."""
     url = urlsplit(server.url)
-    conn = http.client.HTTPConnection(url.hostname, url.port)
+    conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port)
     headers = {**server.headers, "Accept": FRAME_ACCEPT}
 
     def get(sop: str) -> int:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 from core import Core, ProjectError, SphereError, cohorts, optout
 from core.retention import retention_end
@@ -206,7 +207,7 @@ def _all_series(core: Core, project: Project) -> dict[str, str]:
 
 
 def _record(core: Core, out: Purged, actor: str, scope: str, reason: str) -> None:
-    counts = {
+    counts: dict[str, Any] = {
         "series": out.series,
         "objects": out.objects,
         "nbytes": out.nbytes,

@@ -290,13 +290,13 @@ class Browser:
                 if previous is not None:
                     previous.status = params["redirectResponse"].get("status")
                     previous.finished = True
-                request = Request(
+                made = Request(
                     url=params["request"]["url"],
                     method=params["request"]["method"],
                     resource_type=params.get("type", ""),
                 )
-                self._by_id[key] = request
-                self.requests.append(request)
+                self._by_id[key] = made
+                self.requests.append(made)
                 return
             request = self._by_id.get(key)
             if request is None:

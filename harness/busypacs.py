@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from pynetdicom import AE, evt
+from pynetdicom.events import EventHandlerType
 from pynetdicom.sop_class import (
     CTImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
@@ -52,7 +53,10 @@ class BusyPacs:
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
         # pynetdicom opens the association to the destination before a failure can be sent
         ae.add_requested_context(CTImageStorage)
-        handlers = [(evt.EVT_C_FIND, self._find), (evt.EVT_C_MOVE, self._move)]
+        handlers: list[EventHandlerType] = [
+            (evt.EVT_C_FIND, self._find),
+            (evt.EVT_C_MOVE, self._move),
+        ]
         self._server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
         self.port = self._server.server_address[1]
         return self

@@ -37,6 +37,7 @@ from harness.chaoslab import (
     job_ended,
     job_ended_quietly,
     job_instances,
+    job_row,
     n_complete,
     node_here,
     pull_cli,
@@ -264,10 +265,11 @@ def node_killed(lab: Lab, quick: bool) -> Outcome:
         with HalfSeriesWatch(st) as watch:
             for i in range(kills):
                 with worker(st, NODES[i % 2], lab) as node:
-                    wait_for(
-                        lambda got=got: job_instances(st, job.id) > got or job_ended(st, job.id),
-                        "the node to receive",
-                    )
+
+                    def received(got: int = got) -> bool:
+                        return job_instances(st, job.id) > got or job_ended(st, job.id)
+
+                    wait_for(received, "the node to receive")
                     os.killpg(node.pid, signal.SIGKILL)
                     node.wait(30)
                     t0 = time.monotonic()
@@ -278,7 +280,7 @@ def node_killed(lab: Lab, quick: bool) -> Outcome:
             with worker(st, NODES[kills % 2], lab):
                 wait_for(lambda: job_ended(st, job.id), "the job's end", 300)
         out.recover_s = time.monotonic() - t0
-        row = st.gw.catalog.job(job.id)
+        row = job_row(st, job.id)
         if row.state != "done":
             out.problems.append(f"job {row.state}: {row.outcome}")
         if row.attempts != kills + 1:
@@ -306,7 +308,7 @@ def postgres_restarted(lab: Lab, quick: bool) -> Outcome:
             t0 = time.monotonic()
             wait_for(lambda: job_ended_quietly(st, job.id), "the job's end", 300)
             out.recover_s = time.monotonic() - t0
-        row = st.gw.catalog.job(job.id)
+        row = job_row(st, job.id)
         if row.state != "done":
             out.problems.append(f"job {row.state}: {row.outcome}")
         out.problems += sorted(set(watch.seen))
@@ -350,8 +352,8 @@ def spool_disk_full(lab: Lab, quick: bool) -> Outcome:
         start_new_session=True,
     )
     try:
-        wait_for(lambda: st.gw.catalog.job(job.id).state == "waiting", "the job to wait")
-        row = st.gw.catalog.job(job.id)
+        wait_for(lambda: job_row(st, job.id).state == "waiting", "the job to wait")
+        row = job_row(st, job.id)
         if "no space left" not in (row.outcome or ""):
             out.problems.append(f"the job waits for: {row.outcome}")
         ends = [e for e in st.gw.catalog.audit_trail(st.project) if e.action == "pull.end"]
@@ -364,7 +366,7 @@ def spool_disk_full(lab: Lab, quick: bool) -> Outcome:
         t0 = time.monotonic()
         wait_for(lambda: job_ended(st, job.id), "the job's end", 300)
         out.recover_s = time.monotonic() - t0
-        row = st.gw.catalog.job(job.id)
+        row = job_row(st, job.id)
         if row.state != "done":
             out.problems.append(f"job {row.state}: {row.outcome}")
         return count(out, st)

@@ -27,7 +27,7 @@ from harness.postgres import PgServer
 from harness.seaweed import SeaweedS3
 from harness.synthetic import SyntheticCorpus, generate
 from harness.tcpproxy import CountingProxy
-from storage.catalog import IndexedInstance
+from storage.catalog import IndexedInstance, Job
 from storage.series import SeriesReader, unreadable
 
 SPHERE = [sys.executable, "-m", "gateway.cli"]
@@ -168,7 +168,9 @@ def site(
     )
     gw.add_cohort(name_, "accession", [st.accession for st in lab.corpus.studies])
     token = users.add(gw.core, "dan")
-    gw.catalog.add_user_role(gw.catalog.user("dan").id, access.DATA_MANAGER, "chaos")
+    dan = gw.catalog.user("dan")
+    assert dan is not None  # just added
+    gw.catalog.add_user_role(dan.id, access.DATA_MANAGER, "chaos")
     env = {**os.environ, **_environment(gw.settings), "SPHERE_TOKEN": token}
     return Site(gw, env, proxy)
 
@@ -207,7 +209,7 @@ def count(out: Outcome, st: Site) -> Outcome:
     sops: list[str] = []
     rows = gw.catalog.series(st.project_id)
     for r in rows:
-        if r.status != "complete":
+        if r.status != "complete" or not r.storage_key:
             continue
         headers = SeriesReader(gw.store, r.storage_key).headers()
         sops += [h[SOP_UID]["Value"][0] for h in headers]
@@ -417,19 +419,27 @@ class HalfSeriesWatch:
             if n != expected:
                 self.seen.append(f"a series indexed with {n} instances of {expected}")
         for uid, r in rows.items():
-            if r.status == "complete" and uid not in self._read:
+            if r.status == "complete" and r.storage_key and uid not in self._read:
                 problem = unreadable(store, r.storage_key, r.stored)
                 if problem:
                     self.seen.append(f"a complete series does not read back: {problem}")
                 self._read.add(uid)
 
 
+def job_row(st: Site, job_id: int) -> Job:
+    """The job's catalog row (the lab submitted it: it is there)."""
+    row = st.gw.catalog.job(job_id)
+    if row is None:
+        raise LookupError(f"job {job_id} is not in the catalog")
+    return row
+
+
 def job_instances(st: Site, job_id: int) -> int:
-    return int((st.gw.catalog.job(job_id).progress or {}).get("instances", 0))
+    return int((job_row(st, job_id).progress or {}).get("instances", 0))
 
 
 def job_ended(st: Site, job_id: int) -> bool:
-    return st.gw.catalog.job(job_id).state in ("done", "failed", "cancelled")
+    return job_row(st, job_id).state in ("done", "failed", "cancelled")
 
 
 def job_ended_quietly(st: Site, job_id: int) -> bool:

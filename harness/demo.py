@@ -13,6 +13,7 @@ import time
 import urllib.request
 from datetime import date, timedelta
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -29,7 +30,7 @@ console = Console()
 PROJECT = "demo-bone-density"
 VIEWER = "demo-viewer"
 # Spine phantoms with ground truth: one measurable, two the pipeline must refuse, with why.
-PHANTOMS = [
+PHANTOMS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ("measurable, L1 135 HU", dict(trabecular_hu=135.0, seed=1), dict()),
     ("13 rib pairs", dict(rib_pairs=13, seed=2), dict(kvp=100.0)),
     ("fractured L1", dict(fracture_l1=True, seed=3), dict(unsigned=True)),

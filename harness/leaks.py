@@ -63,7 +63,7 @@ def scan_store(store: Store, needles: Iterable[str], prefix: str = "") -> list[L
             doc = json.loads(data)
             path = key[: -len("zarr.json")].rstrip("/")
             if doc.get("node_type") == "array":
-                values = zarr.open_array(store, path=path, mode="r")[...]
+                values = np.asarray(zarr.open_array(store, path=path, mode="r")[...])
                 leaks += scan_bytes(f"array {path} (decoded)", _value_bytes(values), needles)
     return leaks
 

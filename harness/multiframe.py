@@ -25,11 +25,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 from pydicom import dcmread
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_color_lut, convert_color_space
 from pydicom.sequence import Sequence
 from pydicom.uid import (
+    UID,
     DigitalXRayImageStorageForPresentation,
     EnhancedCTImageStorage,
     ExplicitVRLittleEndian,
@@ -158,7 +160,7 @@ def _hospital_uids(ds: Dataset) -> list[str]:
     """Every UID of the hospital's in `ds`, sequences included (all are identifiers)."""
     found: list[str] = []
 
-    def visit(d: Dataset, elem: object) -> None:
+    def visit(d: Dataset, elem: DataElement) -> None:
         if elem.VR == "UI" and elem.value:
             values = elem.value if elem.VM > 1 else [elem.value]
             found.extend(str(v) for v in values if str(v).startswith(HOSPITAL_ROOT))
@@ -174,7 +176,7 @@ def _base(who: dict[str, str], rng: random.Random, sop_class: str, modality: str
     for kw in ("RescaleIntercept", "RescaleSlope", "RescaleType", "WindowCenter", "WindowWidth"):
         if kw in ds:
             delattr(ds, kw)
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
     ds.Modality = modality
     ds.SeriesInstanceUID = _uid(rng)
     ds.ContentTime = "101700"
@@ -308,7 +310,7 @@ def _split(
     groups = list(ds.PerFrameFunctionalGroupsSequence)
     for j in range(parts):
         part = copy.deepcopy(ds)
-        part.SOPInstanceUID = part.file_meta.MediaStorageSOPInstanceUID = _uid(rng)
+        part.SOPInstanceUID = part.file_meta.MediaStorageSOPInstanceUID = UID(_uid(rng))
         part.InstanceNumber = j + 1
         part.PerFrameFunctionalGroupsSequence = Sequence(groups[j::parts])
         part.NumberOfFrames = len(part.PerFrameFunctionalGroupsSequence)

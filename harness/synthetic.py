@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, CTImageStorage, ExplicitVRLittleEndian
 
 # Names of six letters or more: a shorter string can turn up by chance in compressed pixel bytes.
 SURNAMES = ["DUPONT", "MARTIN", "BERNARD", "PETITJEAN", "DURAND", "LEROYER", "MOREAU", "SIMONET"]
@@ -127,7 +127,7 @@ def ct_series(
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
         ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = sop_uids[i]
+        ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uids[i])
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
         ds.SpecificCharacterSet = "ISO_IR 100"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ def stored_volume(reader: SeriesReader) -> np.ndarray:
     """The stored values (z, y, x), one read of the whole array (zarr fetches chunks
     concurrently); LoadError for a series without a single-sample image volume."""
     check_volume(reader.attrs)
-    return np.asarray(reader.volume[:])
+    return np.asarray(reader.pixels()[:])
 
 
 def input_checksum(attrs: dict[str, Any], stored: np.ndarray) -> str:
@@ -69,7 +69,7 @@ def input_checksum(attrs: dict[str, Any], stored: np.ndarray) -> str:
     the same data however it was compressed or sharded."""
     h = hashlib.sha256()
     h.update(json.dumps({k: attrs.get(k) for k in _GEOMETRY_ATTRS}, sort_keys=True).encode())
-    h.update(memoryview(np.ascontiguousarray(stored)).cast("B"))
+    h.update(np.ascontiguousarray(stored).data.cast("B"))
     return h.hexdigest()
 
 
@@ -91,10 +91,11 @@ def to_hu(
         s = torch.as_tensor(_per_slice(slope, n), dtype=torch.float32, device=hu.device)
         b = torch.as_tensor(_per_slice(intercept, n), dtype=torch.float32, device=hu.device)
         return hu * s[:, None, None] + b[:, None, None]
-    if slope != 1.0:
-        hu *= float(slope)
-    if intercept != 0.0:
-        hu += float(intercept)
+    scale, offset = cast(float, slope), cast(float, intercept)  # scalars: lists went above
+    if scale != 1.0:
+        hu *= float(scale)
+    if offset != 0.0:
+        hu += float(offset)
     return hu
 
 
@@ -240,4 +241,4 @@ def _per_slice(value: float | Sequence[float], n: int) -> list[float]:
         if len(value) != n:
             raise LoadError("per-slice rescale values do not match the slice count")
         return [float(v) for v in value]
-    return [float(value)] * n
+    return [float(cast(float, value))] * n  # a scalar: lists went above

@@ -196,7 +196,9 @@ def _link(
     that maps to exactly one person; the others are counted in `report.unlinked`."""
     found = _originals(core, name, measured, bool(accession_column), actor, report)
     persons = wh.persons(person_column, [o.patient_id for o in found])
-    by_series, by_study, by_accession = {}, {}, {}
+    by_series: dict[tuple[str | None, str | None], Any] = {}
+    by_study: dict[str | None, Any] = {}
+    by_accession: dict[str, Any] = {}
     if "image_occurrence" in wh.tables:
         for row in wh.image_occurrences([o.study_uid for o in found if o.study_uid]):
             if row.local_path == image_marker(name):
@@ -223,7 +225,7 @@ def _link(
                 break
             link.procedure_occurrence_id = row.procedure_occurrence_id
             link.visit_occurrence_id = row.visit_occurrence_id
-            if row is occurrence:
+            if occurrence is not None and row is occurrence:
                 link.date = row.image_occurrence_date
                 if row.image_series_uid == o.series_uid:
                     link.image_occurrence_id = row.image_occurrence_id

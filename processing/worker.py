@@ -70,7 +70,7 @@ def process_series(
     device = _device(pipeline, gpu)
     started = time.time()
     p = core.project(task.project)
-    base = {
+    base: dict[str, Any] = {
         "pipeline": pipeline.name,
         "version": pipeline.version,
         "parameters": pipeline.parameters(),

@@ -359,7 +359,7 @@ class SeriesReader:
         """The pixels of image instance `i`: (rows, cols[, 3]) for one frame, else with the
         frames first."""
         zs = self.frame_slices(i)
-        vol = self._pixels()
+        vol = self.pixels()
         with guard("read"):
             if len(zs) == 1:
                 return _ndarray(vol[zs[0]])
@@ -413,8 +413,8 @@ class SeriesReader:
         for text in rest:
             yield _rebuild(json.loads(text), None)
 
-    def _pixels(self) -> zarr.Array:
-        """The volume, for an instance known to have pixels."""
+    def pixels(self) -> zarr.Array:
+        """The volume, of a series known to have images (IndexError otherwise)."""
         vol = self.volume
         if vol is None:
             raise IndexError("the series has no pixels")
@@ -482,7 +482,7 @@ def unreadable(
         if arrays["headers"].shape != (n,):
             return f"headers hold {arrays['headers'].shape[0]} of {n} instances"
         if reader.attrs["n_slices"]:
-            vol = arrays["volume"] = reader._pixels()
+            vol = arrays["volume"] = reader.pixels()
             if list(vol.shape) != list(reader.attrs["shape"]):
                 return "the volume's shape differs from the marker's"
         if deep:

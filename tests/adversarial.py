@@ -17,6 +17,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
+    UID,
     ComprehensiveSRStorage,
     CTImageStorage,
     ExplicitVRLittleEndian,
@@ -96,7 +97,7 @@ def uid(n: int) -> str:
 
 def _meta(ds: Dataset, sop_class: str) -> None:
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.SourceApplicationEntityTitle = "CT" + SERIAL[:8]

@@ -16,6 +16,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -99,10 +100,10 @@ def transcode(src: Path, dst: Path, syntax: Syntax) -> Path:
     else:
         import imagecodecs  # a test dependency: OpenJPH, the HTJ2K encoder
 
-        frame = imagecodecs.htj2k_encode(arr, reversible=not lossy)
+        frame = bytes(imagecodecs.htj2k_encode(arr, reversible=not lossy))
     ds.PixelData = encapsulate([frame])
     ds["PixelData"].VR = "OB"
-    ds.file_meta.TransferSyntaxUID = syntax.uid
+    ds.file_meta.TransferSyntaxUID = UID(syntax.uid)
     ds.save_as(dst, enforce_file_format=True)
     return dst
 

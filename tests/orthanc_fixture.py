@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import Dataset, dcmread
@@ -120,7 +121,7 @@ def start_scp(request: pytest.FixtureRequest) -> Iterator[Callable[..., StorageS
     'sphere', and stops it after the test."""
     started: list[StorageSCP] = []
 
-    def start(on_store: OnStore | None, register: bool = True, **kwargs: object) -> StorageSCP:
+    def start(on_store: OnStore | None, register: bool = True, **kwargs: Any) -> StorageSCP:
         scp = StorageSCP(GATEWAY_AE, "127.0.0.1", 0, on_store, timeout_s=10, **kwargs).start()
         started.append(scp)
         if register:

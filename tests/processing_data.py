@@ -144,6 +144,7 @@ class ScaledHu(BodyHu):
         with open(self.load_log, "a") as f:
             f.write(f"{os.getpid()}\n")
         model = torch.nn.Conv3d(1, 1, 1)
+        assert self.model_path is not None  # set by the test that uses this pipeline
         model.load_state_dict(torch.load(self.model_path, map_location=device))
         return model.to(device).eval()
 
@@ -158,6 +159,7 @@ def save_scale_model(path: Path, scale: float) -> Path:
     model = torch.nn.Conv3d(1, 1, 1)
     with torch.no_grad():
         model.weight.fill_(scale)
+        assert model.bias is not None  # Conv3d has one by default
         model.bias.zero_()
     torch.save(model.state_dict(), path)
     return path

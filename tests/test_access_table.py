@@ -159,7 +159,9 @@ def home(tmp_path_factory) -> Home:
         tokens = {role: users.add(c, name) for role, name in ROLE_USERS.items()}
         users.add(c, "zed")
         for role in access.GLOBAL_ROLES:
-            c.catalog.add_user_role(c.catalog.user(ROLE_USERS[role]).id, role, "setup")
+            user = c.catalog.user(ROLE_USERS[role])
+            assert user is not None
+            c.catalog.add_user_role(user.id, role, "setup")
         for project in ("pp", "ww"):
             users.grant(c, project, "ivy", access.INVESTIGATOR)
             users.grant(c, project, "val", access.VIEWER)

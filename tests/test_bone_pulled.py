@@ -6,6 +6,8 @@ with their reason; SR and SEG are stored; no planted identifier reaches the stor
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from core.core import Core
@@ -28,12 +30,12 @@ SMALL = dict(shape_yx=(160, 160), pixel_mm=2.0)
 def phantoms(tmp_path_factory) -> list[tuple[PhantomStudy, str]]:
     """(study, what the pipeline must say): a measurable one, 13 rib pairs, a fractured L1."""
     out = tmp_path_factory.mktemp("phantoms")
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         (dict(slice_spacing_mm=2.5, trabecular_hu=135.0, contrast_hu=150.0, seed=1), ""),
         (dict(slice_spacing_mm=2.0, rib_pairs=13, seed=2), "transitional"),
         (dict(slice_spacing_mm=2.5, fracture_l1=True, seed=3), "collapsed"),
     ]
-    writers = [
+    writers: list[dict[str, Any]] = [
         dict(unsigned=True, contrast=True),  # uint16, intercept -1024
         dict(kvp=100.0),  # int16, intercept -1024
         dict(intercept=0.0),  # int16 holding HU

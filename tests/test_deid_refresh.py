@@ -13,6 +13,7 @@ from deid import table
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = Path("/work/shared/reference/ps3.15-table-E.1-1-2025b.json")
 spec = importlib.util.spec_from_file_location("refresh", ROOT / "scripts" / "refresh_deid_table.py")
+assert spec is not None and spec.loader is not None
 refresh = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(refresh)
 

@@ -10,6 +10,7 @@ import ssl
 import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import cast
 
 import pytest
 
@@ -18,11 +19,15 @@ from gateway.web.client import DicomwebClient, DicomwebError
 STUDY = [{"0020000D": {"vr": "UI", "Value": ["2.25.1"]}}]
 
 
+class _Server(ThreadingHTTPServer):
+    failures = 0  # requests answered 503 so far
+
+
 class _Handler(BaseHTTPRequestHandler):
     fail_first = 0  # answer 503 to this many requests first
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        server = self.server
+        server = cast(_Server, self.server)
         if server.failures < self.fail_first:
             server.failures += 1
             self.send_response(503)
@@ -51,8 +56,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def serve(handler: type, tls: ssl.SSLContext | None = None) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.failures = 0
+    server = _Server(("127.0.0.1", 0), handler)
     if tls is not None:
         server.socket = tls.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()

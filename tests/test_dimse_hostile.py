@@ -184,7 +184,7 @@ CT = [(CTImageStorage, [ExplicitVRLittleEndian])]
 
 def associate(
     port: int,
-    contexts: list[tuple[str, list[str]]] = VERIFY,
+    contexts: ul.Contexts = VERIFY,
     calling_ae: str = "HOSTILE",
     called_ae: str = AE_TITLE,
 ) -> tuple[socket.socket, int, bytes]:
@@ -448,7 +448,7 @@ def test_non_ascii_uid_in_a_request_is_answered(target: Target) -> None:
     ids=["unknown sop class", "unknown transfer syntax"],
 )
 def test_unknown_sop_class_or_syntax_is_refused(
-    target: Target, contexts: list[tuple[str, list[str]]], result: int
+    target: Target, contexts: ul.Contexts, result: int
 ) -> None:
     sock, pdu_type, pdu = associate(target.port, contexts)
     with sock:
@@ -517,7 +517,7 @@ def test_a_deflate_bomb_is_refused_not_inflated(monkeypatch) -> None:
     tracemalloc.start()
     try:
         with pytest.raises(ValueError, match="inflates past 8 MiB"):
-            decode_dataset(bomb, DeflatedExplicitVRLittleEndian, CT, "1.2.3")
+            decode_dataset(bomb, DeflatedExplicitVRLittleEndian, CTImageStorage, "1.2.3")
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

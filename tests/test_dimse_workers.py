@@ -14,6 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -122,7 +123,9 @@ def test_two_concurrent_moves_go_to_two_workers(
     assert len(scp.worker_pids) == 2
     jobs = series_jobs(seeded)[:2]
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda j: scu().move_series(pacs_peer, *j, GATEWAY_AE), jobs))
+        results = list(
+            pool.map(lambda j: scu().move_series(pacs_peer, j[0], j[1], GATEWAY_AE), jobs)
+        )
     assert all(r.ok for r in results)
     got = stored(tmp_path)
     expected = seeded.sop_uids[jobs[0][1]] | seeded.sop_uids[jobs[1][1]]
@@ -284,7 +287,11 @@ def test_failing_factory_fails_start_and_leaves_nothing(tmp_path: Path) -> None:
 
 def test_unpicklable_factory_is_refused_at_start(tmp_path: Path) -> None:
     lock = threading.Lock()
-    scp = StorageSCP(GATEWAY_AE, "127.0.0.1", 0, handler_factory=lambda: lock, workers=1)
+
+    def unpicklable() -> Any:  # not a Handler either: refused before that matters
+        return lock
+
+    scp = StorageSCP(GATEWAY_AE, "127.0.0.1", 0, handler_factory=unpicklable, workers=1)
     with pytest.raises(TypeError, match="picklable"):
         scp.start()
     assert not scp.running

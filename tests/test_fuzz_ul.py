@@ -87,7 +87,7 @@ class BytesSocket:
         self.sent = bytearray()
 
     def makefile(self, _mode: str, buffering: int) -> io.BufferedReader:
-        return io.BufferedReader(self.raw, buffering)  # type: ignore[arg-type]
+        return io.BufferedReader(self.raw, buffering)
 
     def sendall(self, data: bytes) -> None:
         self.sent += data
@@ -520,6 +520,7 @@ def test_mutated_association_answer_is_read_or_refused(data: st.DataObject) -> N
     rq, contexts = data.draw(associate_rq())
     neg = negotiate_hostile(rq)
     assume(neg is not None)
+    assert neg is not None  # assume() stopped the example otherwise
     ac = data.draw(mutated(neg.ac_pdu))
     rj = data.draw(mutated(ul.reject_pdu(*data.draw(st.sampled_from(REJECTS)))))
     with time_limit(5), warnings.catch_warnings():
@@ -588,7 +589,7 @@ SAMPLES += [s for n in ("CT_small.dcm", "rtplan.dcm") if (s := _reencoded(n, Tru
 SAMPLES += [s for n in ("MR_small.dcm",) if (s := _reencoded(n, False)) is not None]
 
 
-def check_spans(data: bytes, implicit: bool) -> dict[int, tuple[int, int]] | None:
+def check_spans(data: bytes | memoryview, implicit: bool) -> dict[int, tuple[int, int]] | None:
     with time_limit(2):
         spans = element_spans(data, implicit)
         if spans is None:

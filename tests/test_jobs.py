@@ -32,7 +32,9 @@ def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 def data_manager(gw: Gateway, name: str = "dan") -> str:
     token = users.add(gw.core, name)
-    gw.catalog.add_user_role(gw.catalog.user(name).id, access.DATA_MANAGER, "tester")
+    user = gw.catalog.user(name)
+    assert user is not None
+    gw.catalog.add_user_role(user.id, access.DATA_MANAGER, "tester")
     return token
 
 
@@ -408,7 +410,7 @@ def wait_for_serve(serve: subprocess.Popen[str], port: int, timeout_s: float = 6
     deadline = time.monotonic() + timeout_s
     while True:
         if serve.poll() is not None:
-            pytest.fail(f"sphere serve ended: {serve.stderr.read()}")
+            pytest.fail(f"sphere serve ended: {serve.stderr.read() if serve.stderr else ''}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return

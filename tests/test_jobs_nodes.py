@@ -57,7 +57,9 @@ def cluster(tmp_path, pg_server, pacs, name: str) -> tuple[Gateway, dict[str, st
     )
     gw = Gateway(settings)
     token = users.add(gw.core, "dan")
-    gw.catalog.add_user_role(gw.catalog.user("dan").id, access.DATA_MANAGER, "tester")
+    user = gw.catalog.user("dan")
+    assert user is not None
+    gw.catalog.add_user_role(user.id, access.DATA_MANAGER, "tester")
     env = {
         **os.environ,
         "SPHERE_HOME": str(tmp_path),

@@ -172,7 +172,7 @@ def harness_names(root: Path, packages: tuple[str, ...]) -> dict[str, list[str]]
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
                 value = node.value if isinstance(node, ast.Constant) else None
                 if isinstance(value, str) and (value == "harness" or value.startswith("harness.")):
-                    found.setdefault(module_name(path, root), []).append(node.value)
+                    found.setdefault(module_name(path, root), []).append(value)
     return found
 
 

@@ -157,6 +157,7 @@ def _seg_frames(gw, seg_series_uid: str) -> set[tuple[float, int, int]]:
     with Core(gw.settings) as core:
         p = core.project("mf")
         row = next(r for r in core.catalog.series(p.id) if r.series_uid == seg_series_uid)
+        assert row.storage_key is not None
         seg = SeriesReader(core.store, row.storage_key).instance(0)
     masks = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
     out = set()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from datetime import date, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -195,7 +196,7 @@ SMALL = dict(shape_yx=(160, 160), pixel_mm=2.0)
 def phantoms(tmp_path_factory) -> list[tuple[PhantomStudy, bool]]:
     """(study, measurable): two measurable L1s of different density, one fractured."""
     out = tmp_path_factory.mktemp("omop-phantoms")
-    cases = [
+    cases: list[tuple[dict[str, Any], bool]] = [
         (dict(slice_spacing_mm=2.5, trabecular_hu=135.0, seed=1), True),
         (dict(slice_spacing_mm=2.5, trabecular_hu=80.0, seed=4), True),
         (dict(slice_spacing_mm=2.5, fracture_l1=True, seed=3), False),

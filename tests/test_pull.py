@@ -6,6 +6,7 @@ import logging
 import subprocess
 from datetime import date, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -521,11 +522,16 @@ def test_cget_offers_the_studys_classes_in_every_syntax(tmp_path, pacs):
 
     def came(sop_classes: list[str]) -> set[str]:
         got: set[str] = set()
+
+        def keep(inst: Any, ae: str) -> int:
+            got.add(str(inst.transfer_syntax))
+            return 0
+
         result = scu.get_series(
             peer,
             study.study_uid,
             study.series[0].series_uid,
-            on_receive=lambda inst, ae: got.add(str(inst.transfer_syntax)) or 0,
+            on_receive=keep,
             sop_classes=sop_classes,
         )
         assert result.ok and result.completed == len(files)

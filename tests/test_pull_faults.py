@@ -63,7 +63,9 @@ def gateway(home: Path, pacs: LocalOrthanc, port: int) -> Gateway:
 def env_for(gw: Gateway, pacs: LocalOrthanc, port: int) -> dict[str, str]:
     """The `sphere` CLI's settings, acting as a data manager (by token)."""
     token = users.add(gw.core, "dan")
-    gw.catalog.add_user_role(gw.catalog.user("dan").id, access.DATA_MANAGER, "tester")
+    user = gw.catalog.user("dan")
+    assert user is not None
+    gw.catalog.add_user_role(user.id, access.DATA_MANAGER, "tester")
     return {
         **os.environ,
         "SPHERE_HOME": str(gw.settings.home),
@@ -93,7 +95,9 @@ def unreadable_complete(gw: Gateway, project: str, deep: bool = True) -> dict[st
     """Every series the catalog calls complete, read back: those that do not read, and why."""
     rows = gw.catalog.series(gw.core.project(project).id, status="complete")
     assert rows
-    bad = {r.series_uid: unreadable(gw.store, r.storage_key, r.stored, deep=deep) for r in rows}
+    bad = {
+        r.series_uid: unreadable(gw.store, r.storage_key or "", r.stored, deep=deep) for r in rows
+    }
     return {k: v for k, v in bad.items() if v}
 
 

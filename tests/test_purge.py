@@ -62,6 +62,7 @@ def pulled_with_results(gw: Gateway, name: str, studies) -> None:
     p = gw.core.project(name)
     settings = gw.settings.model_dump_json()
     for r in gw.catalog.series(p.id, status="complete"):
+        assert r.storage_key is not None  # a complete series has one
         task = SeriesTask(name, r.series_uid, r.study_uid, r.patient_pseudonym, r.storage_key)
         process_series(settings, task, BodyHu(), False)
     results = gw.catalog.results(p.id)

@@ -44,7 +44,7 @@ def _reference(ds: Dataset) -> dict:
 
 
 def _f25(entry: dict) -> dict:
-    values = entry.get("Value")
+    values = entry.get("Value") or []
     if entry["vr"] == "SQ":
         return {**entry, "Value": [{k: _f25(v) for k, v in item.items()} for item in values]}
     if not values or len(values) < 2:

@@ -60,23 +60,25 @@ class Worker:
             stdout=subprocess.PIPE,
             text=True,
         )
-        assert self.proc.stdout.readline().strip() == "ready"
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
+        assert self.stdout.readline().strip() == "ready"
 
     def send(self, cmd: str, *files: Path) -> None:
-        self.proc.stdin.write(" ".join([cmd, *map(str, files)]) + "\n")
-        self.proc.stdin.flush()
+        self.stdin.write(" ".join([cmd, *map(str, files)]) + "\n")
+        self.stdin.flush()
 
     def answer(self) -> str:
-        return self.proc.stdout.readline().strip()
+        return self.stdout.readline().strip()
 
     def call(self, cmd: str, *files: Path) -> str:
         self.send(cmd, *files)
         return self.answer()
 
     def stop(self) -> None:
-        self.proc.stdin.close()
+        self.stdin.close()
         self.proc.wait(timeout=60)
-        self.proc.stdout.close()
+        self.stdout.close()
 
 
 @pytest.fixture(scope="module")

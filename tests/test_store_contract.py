@@ -41,7 +41,7 @@ def ct(tmp_path_factory) -> list[Dataset]:
     corpus = generate(
         tmp_path_factory.mktemp("ct"), n_patients=1, series_per_study=1, slices=12, size=32
     )
-    dss = [pydicom.dcmread(f) for f in corpus.files]
+    dss: list[Dataset] = [pydicom.dcmread(f) for f in corpus.files]
     random.Random(5).shuffle(dss)
     return dss
 

@@ -59,7 +59,7 @@ def plant(core: Core, tmp_path: Path) -> tuple[list[str | bytes], dict[str, str]
     projects.add_cohort(core, "pr", "patient_id", COHORT[1:])
     study = make_study(tmp_path / "study", n=2)
     deid = core.deidentifier("pr")
-    pairs = {}
+    pairs: dict[str, str] = {}
     for f in study.ct:
         ds = pydicom.dcmread(f)
         original = (str(ds.PatientID), str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
@@ -69,7 +69,14 @@ def plant(core: Core, tmp_path: Path) -> tuple[list[str | bytes], dict[str, str]
     deid.flush()
     core.vault.flush()
     secret = core.keys("pr")._secret
-    needles = [*COHORT, PATIENT["id"], ACCESSION, PATIENT["surname"], study.study_uid, secret]
+    needles: list[str | bytes] = [
+        *COHORT,
+        PATIENT["id"],
+        ACCESSION,
+        PATIENT["surname"],
+        study.study_uid,
+        secret,
+    ]
     return needles + study.ct_sop_uids, pairs
 
 

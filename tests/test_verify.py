@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import pytest
 
 from gateway.dimse.scu import RetrieveResult
@@ -41,7 +43,16 @@ def job_with(tmp_path, expected: int, spooled: int, quarantined: int = 0) -> Ser
     ):
         writer.add(ds)
     job = SeriesJob(
-        "p", "1.2.3", "1.2.3.9", "2.25.1", "2.25.2", "P1", "CT", expected, writer, source=None
+        "p",
+        "1.2.3",
+        "1.2.3.9",
+        "2.25.1",
+        "2.25.2",
+        "P1",
+        "CT",
+        expected,
+        writer,
+        source=cast(Any, None),  # nothing is retrieved here
     )
     job.quarantined = {"burned-in annotation": quarantined} if quarantined else {}
     return job

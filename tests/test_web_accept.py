@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,7 +24,9 @@ from gateway.web.accept import (
     split_unquoted,
 )
 
-SETTINGS = dict(database=None, deadline=None)  # no example database written into the tree
+SETTINGS: dict[str, Any] = dict(
+    database=None, deadline=None
+)  # no example database written into the tree
 EVRLE = EXPLICIT_VR_LITTLE_ENDIAN
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 

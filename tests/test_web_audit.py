@@ -25,7 +25,7 @@ def test_rows_are_written_in_batches_and_none_is_lost_at_close(tmp_path):
         write(rows)
         calls.append(len(rows))  # after the write, so the count never runs ahead of the table
 
-    catalog.audit_many = counted  # type: ignore[method-assign]
+    catalog.audit_many = counted
     buffer = AuditBuffer(catalog, interval_s=0.2, batch=100)
     for i in range(250):
         buffer.add(row(i))
@@ -51,7 +51,7 @@ def test_a_failing_catalog_is_logged_and_the_buffer_goes_on(tmp_path, caplog):
             raise OSError("disk full")
         write(rows)
 
-    catalog.audit_many = flaky  # type: ignore[method-assign]
+    catalog.audit_many = flaky
     buffer = AuditBuffer(catalog, interval_s=3600)
     with caplog.at_level(logging.ERROR):
         buffer.add(row(1))

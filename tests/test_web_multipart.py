@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,7 +21,9 @@ from gateway.web.multipart import (
     write_multipart,
 )
 
-SETTINGS = dict(database=None, deadline=None)  # no example database written into the tree
+SETTINGS: dict[str, Any] = dict(
+    database=None, deadline=None
+)  # no example database written into the tree
 OCTET = "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+from typing import Any, cast
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -27,7 +28,9 @@ from gateway.web.qido import (
     wildcard_to_regex,
 )
 
-SETTINGS = dict(database=None, deadline=None)  # no example database written into the tree
+SETTINGS: dict[str, Any] = dict(
+    database=None, deadline=None
+)  # no example database written into the tree
 
 
 def study(
@@ -59,7 +62,7 @@ def study(
 
 
 def q(query: str, level: str = "study", **kwargs):
-    pairs = [tuple(p.split("=", 1)) for p in query.split("&") if p]
+    pairs = [cast("tuple[str, str]", tuple(p.split("=", 1))) for p in query.split("&") if p]
     return parse_qido(pairs, level, **kwargs)
 
 

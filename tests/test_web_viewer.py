@@ -311,7 +311,9 @@ def thumbnail_agrees(
     )
     want = frames[asked[-1]][0]
     crop = Image.open(io.BytesIO(png)).convert("RGB").crop(box)
-    seen = np.asarray(crop.resize((want.shape[1], want.shape[0]), Image.BILINEAR), np.float64)
+    seen = np.asarray(
+        crop.resize((want.shape[1], want.shape[0]), Image.Resampling.BILINEAR), np.float64
+    )
     if want.ndim == 2:
         seen = seen.mean(axis=2)
     corr = float(np.corrcoef(seen.ravel(), want.ravel())[0, 1]) * (-1 if invert else 1)
@@ -474,6 +476,7 @@ def test_ohif_shows_each_kind_with_its_pixels(served: Served, page: Browser, nam
     # slice, else the image shifted by a row), and the inversion wrong (grey) or the image
     # moved (colour), fail the same checks.
     m = _FRAME_URL.search(shown["imageId"])
+    assert m is not None, shown["imageId"]
     sop, k = m.group(1), int(m.group(2)) - 1
     frames = served.frames[sop]
     neighbours = [s for s in served.sops[name] if s != sop]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -22,7 +24,10 @@ from pydicom.uid import (
 )
 from pynetdicom import sop_class as sc
 
-UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+if TYPE_CHECKING:
+    from gateway.dimse.scu import RetrieveResult  # scu imports this module
+
+UNCOMPRESSED: list[str] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 # What the storage SCP accepts: uncompressed first, then every encapsulated syntax the installed
 # decoders read (storage/pixels.py), received as-is (never transcoded here).
 STORAGE_TRANSFER_SYNTAXES = [
@@ -145,7 +150,9 @@ class DimseError(Exception):
 
     reason = "dimse failure"
 
-    def __init__(self, message: str, *, status: int | None = None, result: object = None):
+    def __init__(
+        self, message: str, *, status: int | None = None, result: RetrieveResult | None = None
+    ):
         super().__init__(message)
         self.status = status
         self.result = result  # partial RetrieveResult for an interrupted C-MOVE / C-GET

@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Collection
+from typing import cast
 
 from gateway.dimse import ul
 from gateway.dimse.common import CANNOT_UNDERSTAND
@@ -272,21 +273,21 @@ class StorageSCP:
                         if len(waiting) > MAX_WAITING:
                             drop(next(iter(waiting)))
                         continue
-                    conn = key.fileobj  # type: ignore[assignment]
-                    got = waiting[conn][1]
+                    client = cast(socket.socket, key.fileobj)  # only sockets are registered
+                    got = waiting[client][1]
                     try:
-                        chunk = conn.recv(65536)
+                        chunk = client.recv(65536)
                     except OSError:
                         chunk = b""
                     if not chunk:
-                        drop(conn)
+                        drop(client)
                         continue
                     got += chunk
                     if _request_read(got):
-                        sel.unregister(conn)
-                        del waiting[conn]
-                        conn.setblocking(True)
-                        self._hand_over(conn, bytes(got))
+                        sel.unregister(client)
+                        del waiting[client]
+                        client.setblocking(True)
+                        self._hand_over(client, bytes(got))
                 cutoff = time.monotonic() - self.timeout_s
                 for conn in [c for c, (t, _) in waiting.items() if t < cutoff]:
                     log.warning("a connection sent no association request in %gs: closed",

@@ -389,7 +389,7 @@ class Scu:
         self.timeout_s = timeout_s
         self.retrieve_timeout_s = retrieve_timeout_s or timeout_s
         self.max_pdu = max_pdu  # what we accept; 0 = unlimited
-        self.qr_contexts = [
+        self.qr_contexts: list[tuple[str, list[str]]] = [
             (uid, UNCOMPRESSED)
             for uid in (
                 Verification,
@@ -402,7 +402,7 @@ class Scu:
     def connect(
         self,
         peer: Peer,
-        contexts: list[tuple[str, list[str]]] | None = None,
+        contexts: ul.Contexts | None = None,
         scp_roles: list[str] | None = None,
     ) -> Iterator[Association]:
         """An association to `peer` (default contexts: C-ECHO, C-FIND, C-MOVE), released on exit,
@@ -437,7 +437,7 @@ class Scu:
         self,
         ch: ul.Channel,
         peer: Peer,
-        contexts: list[tuple[str, list[str]]],
+        contexts: ul.Contexts,
         scp_roles: list[str],
         where: str,
     ) -> ul.Negotiated:
@@ -691,7 +691,9 @@ def get_contexts(sop_classes: list[str] | None = None) -> list[tuple[str, list[s
     (OFTEN_COMPRESSED when the PACS did not say) while they fit in 128. A PACS answers one
     syntax per context and sends an instance as it holds it only where that syntax was accepted
     (else it transcodes), so each syntax needs a context of its own."""
-    contexts = [(StudyRootQueryRetrieveInformationModelGet, UNCOMPRESSED)]
+    contexts: list[tuple[str, list[str]]] = [
+        (StudyRootQueryRetrieveInformationModelGet, UNCOMPRESSED)
+    ]
     contexts += [(uid, UNCOMPRESSED) for uid in GET_STORAGE_CLASSES]
     wanted = sop_classes or OFTEN_COMPRESSED
     for uid in dict.fromkeys(wanted):

@@ -15,7 +15,7 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, MutableSequence
+from collections.abc import Callable, MutableSequence, Sequence
 from dataclasses import dataclass, field, replace
 from io import BytesIO
 from typing import Any, BinaryIO, Protocol
@@ -44,7 +44,9 @@ log = logging.getLogger(__name__)
 
 OnStore = Callable[[Dataset, str], int]
 
-_STORAGE_CLASSES = [cx.abstract_syntax for cx in AllStoragePresentationContexts]
+_STORAGE_CLASSES = [
+    cx.abstract_syntax for cx in AllStoragePresentationContexts if cx.abstract_syntax
+]
 _ANSWERS = 8  # association requests remembered per service
 
 
@@ -143,6 +145,7 @@ def store_handler(on_store: OnStore | None, on_receive: OnReceive | None) -> Sto
             )
 
         return raw
+    assert on_store is not None  # exactly one of the two, checked above
     store = on_store
 
     def decoded(data: bytes, syntax: UID, sop_class: str, sop_instance: str, ae: str) -> int:
@@ -189,7 +192,7 @@ class Handler(Protocol):
     def on_store(self, ds: Dataset, calling_ae: str) -> int: ...
 
 
-def supported_contexts(transfer_syntaxes: list[str] | None = None) -> list[Any]:
+def supported_contexts(transfer_syntaxes: Sequence[str] | None = None) -> list[Any]:
     """Verification plus every storage SOP class, in our order of preference of syntaxes."""
     supported = ul.supported_contexts([Verification], UNCOMPRESSED)
     # Our order of preference among what the sender proposes: uncompressed first.
@@ -197,7 +200,7 @@ def supported_contexts(transfer_syntaxes: list[str] | None = None) -> list[Any]:
     return supported + ul.supported_contexts(_STORAGE_CLASSES, syntaxes)
 
 
-def handler_callbacks(handler: object) -> StoreHandler:
+def handler_callbacks(handler: Handler) -> StoreHandler:
     """The per-C-STORE handler of a Handler: its on_receive, or else its on_store."""
     on_receive = getattr(handler, "on_receive", None)
     return store_handler(None if on_receive else handler.on_store, on_receive)
@@ -218,7 +221,7 @@ class Service:
         max_associations: int | None,
         store: StoreHandler,
         handler: object = None,
-        counts: MutableSequence[int] | None = None,
+        counts: MutableSequence[int] | memoryview | None = None,
         *,
         allowed_callers: frozenset[str] | None = None,
     ) -> None:

@@ -98,6 +98,10 @@ class ReleaseRequested(Exception):
     """The peer sent A-RELEASE-RQ."""
 
 
+# Proposed presentation contexts: (abstract syntax, its transfer syntaxes in our order).
+Contexts = Sequence[tuple[str, Sequence[str]]]
+
+
 class ProtocolError(ValueError):
     """The peer broke the upper layer or DIMSE protocol."""
 
@@ -160,7 +164,7 @@ class Negotiated:
 
 
 def supported_contexts(
-    abstract_syntaxes: list[str], syntaxes: list[str]
+    abstract_syntaxes: Sequence[str], syntaxes: Sequence[str]
 ) -> list[PresentationContext]:
     """Acceptor contexts; the order of `syntaxes` is our preference."""
     out = []
@@ -170,6 +174,13 @@ def supported_contexts(
         cx.transfer_syntax = list(syntaxes)
         out.append(cx)
     return out
+
+
+def _context_id(cx: PresentationContext) -> int:
+    """A parsed context's ID (always present in a well-formed PDU)."""
+    if cx.context_id is None:
+        raise ProtocolError("a presentation context without an ID")
+    return int(cx.context_id)
 
 
 def negotiate(rq_bytes: bytes, supported: list[PresentationContext], max_pdu: int) -> Negotiated:
@@ -182,7 +193,7 @@ def negotiate(rq_bytes: bytes, supported: list[PresentationContext], max_pdu: in
         roles = {
             item.sop_class_uid: (item.scu_role, item.scp_role)
             for item in prim.user_information
-            if isinstance(item, SCP_SCU_RoleSelectionNegotiation)
+            if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid
         }
         results, role_items = negotiate_as_acceptor(
             prim.presentation_context_definition_list, supported, roles
@@ -204,8 +215,8 @@ def negotiate(rq_bytes: bytes, supported: list[PresentationContext], max_pdu: in
         calling_ae=prim.calling_ae_title.strip(),
         called_ae=prim.called_ae_title.strip(),
         peer_max_pdu=prim.maximum_length_received or 0,
-        contexts={int(cx.context_id): UID(cx.transfer_syntax[0]) for cx in accepted},
-        abstract={int(cx.context_id): str(cx.abstract_syntax) for cx in accepted},
+        contexts={_context_id(cx): UID(cx.transfer_syntax[0]) for cx in accepted},
+        abstract={_context_id(cx): str(cx.abstract_syntax) for cx in accepted},
         ac_pdu=pdu.encode(),
     )
 
@@ -213,7 +224,7 @@ def negotiate(rq_bytes: bytes, supported: list[PresentationContext], max_pdu: in
 def associate_rq_pdu(
     calling_ae: str,
     called_ae: str,
-    contexts: list[tuple[str, list[str]]],
+    contexts: Contexts,
     max_pdu: int,
     scp_roles: Sequence[str] = (),
 ) -> bytes:
@@ -244,7 +255,7 @@ def associate_rq_pdu(
 
 
 def parse_associate_ac(
-    ac_bytes: bytes, contexts: list[tuple[str, list[str]]], calling_ae: str, called_ae: str
+    ac_bytes: bytes, contexts: Contexts, calling_ae: str, called_ae: str
 ) -> Negotiated:
     """Requestor: the accepted contexts of an A-ASSOCIATE-AC answering our proposal.
     Raises ProtocolError if it does not decode."""
@@ -256,10 +267,11 @@ def parse_associate_ac(
         raise ProtocolError(f"unusable A-ASSOCIATE-AC ({type(exc).__name__})") from exc
     neg = Negotiated(calling_ae, called_ae, prim.maximum_length_received or 0)
     for cx in prim.presentation_context_definition_results_list:
-        index = (int(cx.context_id) - 1) // 2
+        cid = _context_id(cx)
+        index = (cid - 1) // 2
         if cx.result == 0 and 0 <= index < len(contexts) and cx.transfer_syntax:
-            neg.contexts[int(cx.context_id)] = UID(cx.transfer_syntax[0])
-            neg.abstract[int(cx.context_id)] = contexts[index][0]
+            neg.contexts[cid] = UID(cx.transfer_syntax[0])
+            neg.abstract[cid] = contexts[index][0]
     return neg
 
 

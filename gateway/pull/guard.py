@@ -290,6 +290,8 @@ class Guarded:
         rate = self.max_rate
         if not rate or instances <= 0 or self.catalog is None:
             return 0.0
+        if self.catalog is None:
+            raise RuntimeError("a source's rate cap is kept in the catalog: none was given")
         wait = self.catalog.take_source_tokens(self.name, instances, rate, max(rate, 1.0))
         if wait > 0:
             time.sleep(wait)

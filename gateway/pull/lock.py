@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import TracebackType
+from typing import Any
 
 from core import SphereError
 from storage.catalog import Catalog, Project, PullLock, utcnow
@@ -114,7 +115,7 @@ class ProjectPullLock:
             _HELD.discard(self.token)
             raise
 
-    def _take(self, mine: dict[str, object]) -> None:
+    def _take(self, mine: dict[str, Any]) -> None:
         for _ in range(3):  # a holder may release or die between our reads
             if self.catalog.take_pull_lock(self.project.id, self.token, **mine):
                 return

@@ -247,7 +247,8 @@ class Puller:
             for p in planned:
                 pseudo = self.keys.uid(p.series.series_uid)
                 if pseudo in done:
-                    outcome = SeriesOutcome(pseudo, "skipped", p.series.n_instances, done[pseudo])
+                    expected = p.series.n_instances or 0
+                    outcome = SeriesOutcome(pseudo, "skipped", expected, done[pseudo])
                     report.series.append(outcome)
                 else:
                     jobs.append(self._job(p))

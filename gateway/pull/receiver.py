@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom import Dataset
 from pydicom.dataelem import RawDataElement
@@ -274,8 +274,9 @@ class Receiver:
         if not self.deid.apply_changes(mini, tpl.context):
             return None
         out = dict(tpl.out)
+        elements = cast("dict[int, Any]", mini._dict)  # BaseTag keys: plain ints find them
         for t in changed:
-            elem = mini._dict.get(t)
+            elem = elements.get(t)
             if elem is None:
                 out.pop(t, None)
             else:
@@ -404,4 +405,6 @@ def _pixel_element(data: bytes, span: tuple[int, int], implicit: bool) -> RawDat
         return None
     start, end = value
     view = memoryview(data)[start:end]
-    return RawDataElement(BaseTag(_PIXEL_DATA), vr, end - start, view, start, implicit, True)
+    # the view stands for the bytes (pydicom reads a raw value through the buffer protocol)
+    value_bytes = cast(bytes, view)
+    return RawDataElement(BaseTag(_PIXEL_DATA), vr, end - start, value_bytes, start, implicit, True)

@@ -230,10 +230,10 @@ class MoveRetriever(DimseRetriever):
             finally:
                 mover.close()
         with self._lock:
-            mover = self._movers.get(threading.get_ident())
-            if mover is None:
-                mover = self._movers[threading.get_ident()] = Mover(self.scu, self.peer)
-        return self._call(mover.move_series, study_uid, series_uid, self.scu.calling_ae)
+            held = self._movers.get(threading.get_ident())
+            if held is None:
+                held = self._movers[threading.get_ident()] = Mover(self.scu, self.peer)
+        return self._call(held.move_series, study_uid, series_uid, self.scu.calling_ae)
 
 
 class GetRetriever(DimseRetriever, _ReceivesHere):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
@@ -208,7 +208,7 @@ def _bad_input(scope: dict[str, Any]) -> str | None:
 
 
 async def _answer(
-    send: Any, status: int, detail: str, headers: dict[str, str] | None = None
+    send: Any, status: int, detail: str, headers: Mapping[str, str] | None = None
 ) -> None:
     body = json.dumps({"detail": detail}).encode()
     raw = [

@@ -166,10 +166,13 @@ def boundary_from_content_type(content_type: str) -> str:
     return boundary
 
 
+Chunk = bytes | bytearray | memoryview  # what a body's chunks may be
+
+
 class _Stream:
     """A byte buffer refilled from an iterator of chunks."""
 
-    def __init__(self, chunks: Iterable[bytes]):
+    def __init__(self, chunks: Iterable[Chunk]):
         self._chunks = iter(chunks)
         self._buf = bytearray()
         self._eof = False
@@ -237,7 +240,7 @@ def _parse_headers(block: bytes) -> list[tuple[str, str]]:
 
 
 def iter_parts(
-    chunks: Iterable[bytes],
+    chunks: Iterable[Chunk],
     boundary: str | None = None,
     *,
     content_type: str | None = None,
@@ -285,14 +288,14 @@ def iter_parts(
 
 
 def parse_multipart(
-    data: bytes | Iterable[bytes],
+    data: Chunk | Iterable[Chunk],
     boundary: str | None = None,
     *,
     content_type: str | None = None,
     max_part_size: int = DEFAULT_MAX_PART_SIZE,
 ) -> list[Part]:
     """All parts of a multipart body (bytes or chunks); see :func:`iter_parts`."""
-    chunks = [data] if isinstance(data, bytes | bytearray | memoryview) else data
+    chunks: Iterable[Chunk] = [data] if isinstance(data, bytes | bytearray | memoryview) else data
     return list(
         iter_parts(chunks, boundary, content_type=content_type, max_part_size=max_part_size)
     )

@@ -268,7 +268,7 @@ def _fuzzy_pn_term(value: str) -> Term:
         prefix = wildcard_to_regex(value)
         pattern = rf"(?:.*[\^ ])?{prefix}.*"
         like = wildcard_to_like(value).lower()
-        likes = (f"{like}%", f"%^{like}%", f"% {like}%")
+        likes: tuple[str, ...] = (f"{like}%", f"%^{like}%", f"% {like}%")
     else:
         pattern = r"\^".join(wildcard_to_regex(c) + r"[^^]*" for c in components)
         pattern += r"(?:\^.*)?"

@@ -267,7 +267,7 @@ def to_display(
     if frame.dtype == np.bool_:
         frame = frame.astype(np.uint8)
     wide = frame.dtype.itemsize >= 4 or frame.dtype.kind == "f"
-    values = frame.astype(np.float64 if wide else np.float32)
+    values: np.ndarray = frame.astype(np.float64 if wide else np.float32)
     if attrs.rescale_slope != 1.0 or attrs.rescale_intercept != 0.0:
         values = values * attrs.rescale_slope + attrs.rescale_intercept
     if window is None:

@@ -147,7 +147,9 @@ class ViewerFiles:
         """The Content-Security-Policy of the viewer's files (hashes of index.html's inline
         scripts as served)."""
         if self._csp is None:
-            html = self._body(self.dist / "index.html", False)[0] if self.installed else b""
+            html = b""
+            if self.dist is not None and self.installed:
+                html = self._body(self.dist / "index.html", False)[0]
             self._csp = CSP.format(
                 hashes=" ".join(
                     f"'sha256-{base64.b64encode(hashlib.sha256(script).digest()).decode()}'"
@@ -245,8 +247,9 @@ def viewer_router(
 
     def index(request: Request) -> Response:
         assert files.dist is not None
+        index = files.dist / "index.html"
         audit(request, "viewer.page")
-        return page(request, lambda: files.response(files.dist / "index.html", request))
+        return page(request, lambda: files.response(index, request))
 
     @router.get(BASE)
     def viewer_bare(request: Request) -> Response:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from pickle import UnpicklingError
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -103,6 +103,11 @@ def _network_args(channels: tuple[int, ...]) -> dict[str, Any]:
     }
 
 
+def _meta(out: Any) -> MetaTensor:
+    """A MONAI transform's output: typed as a tensor or array, a MetaTensor for one in."""
+    return cast(MetaTensor, out)
+
+
 def preprocess(
     canonical_hu: np.ndarray | torch.Tensor,
     spacing: tuple[float, float, float],
@@ -113,12 +118,12 @@ def preprocess(
     affine = torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64))
     img = MetaTensor(torch.as_tensor(canonical_hu).float()[None].cpu(), affine=affine)
     lo, hi = recipe.window
-    img = ScaleIntensityRange(lo, hi, 0.0, 1.0, clip=True)(img)
-    img = Spacing(pixdim=recipe.spacing, mode="bilinear")(img)
+    img = _meta(ScaleIntensityRange(lo, hi, 0.0, 1.0, clip=True)(img))
+    img = _meta(Spacing(pixdim=recipe.spacing, mode="bilinear")(img))
     lab = None
     if labels is not None:
         lab = MetaTensor(torch.as_tensor(labels > 0).float()[None], affine=affine)
-        lab = Spacing(pixdim=recipe.spacing, mode="nearest")(lab)
+        lab = _meta(Spacing(pixdim=recipe.spacing, mode="nearest")(lab))
     return img, lab
 
 
@@ -220,7 +225,8 @@ def folder_volumes(folder: str, recipe: Recipe) -> list[Volume]:
         try:
             with np.load(p) as z:
                 affine = z["affine"] if "affine" in z.files else None
-                spacing = tuple(float(s) for s in z["spacing"])
+                sz, sy, sx = (float(s) for s in z["spacing"])
+                spacing = (sz, sy, sx)
                 out.append(
                     labelled_volume(z["image"], z["labels"], spacing, affine, recipe, p.name)
                 )

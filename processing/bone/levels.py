@@ -140,7 +140,7 @@ def assign_levels(
     names: list[str | None] = [None] * len(segs)
     # nothing rib-like starting at the sacrum is a rib (iliac wings reach out from there)
     ribs = [r for r in ribs if r.segment is not None and r.segment != sacrum]
-    bearing = sorted({r.segment for r in ribs})
+    bearing = sorted({r.segment for r in ribs if r.segment is not None})
     lowest = bearing[0] if bearing else None
     out = Levels(names, None, "", ribs, sacrum, lowest)
     if sacrum_note:

@@ -203,7 +203,7 @@ def measure_bone_density(
         if roi_vol is not None:
             roi_vol[r.z0 : r.z1, r.y0 : r.y0 + h, r.x0 : r.x0 + w][:, r.roi] = CODES[name]
 
-    if labels is not None:
+    if labels is not None and roi_vol is not None:  # both made, or neither
         report.labels = orient.from_canonical(labels)
         report.roi = orient.from_canonical(roi_vol)
     if lv.l1 is None:
@@ -213,6 +213,9 @@ def measure_bone_density(
     bad = [f for f in l1.flags if f != "ROI small"]
     if bad:
         report.reason = "L1: " + "; ".join(bad)
+        return report
+    if l1.mean_hu is None:  # an unmeasured ROI is flagged above: not reached
+        report.reason = "L1: not measured"
         return report
     report.measurable = True
     report.l1_hu = l1.mean_hu

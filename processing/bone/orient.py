@@ -23,10 +23,10 @@ class Orientation:
 
     def to_canonical(self, a: np.ndarray) -> np.ndarray:
         a = np.transpose(a, self.perm)
-        return np.flip(a, [i for i, f in enumerate(self.flips) if f])
+        return np.flip(a, tuple(i for i, f in enumerate(self.flips) if f))
 
     def from_canonical(self, a: np.ndarray) -> np.ndarray:
-        a = np.flip(a, [i for i, f in enumerate(self.flips) if f])
+        a = np.flip(a, tuple(i for i, f in enumerate(self.flips) if f))
         return np.ascontiguousarray(np.transpose(a, np.argsort(self.perm)))
 
 
@@ -43,14 +43,16 @@ def canonical_orientation(
     """
     if affine is None:
         flips = (not z_increases_superior, False, False)
-        return Orientation((0, 1, 2), flips), tuple(float(s) for s in spacing_zyx)  # type: ignore
+        z, y, x = (float(s) for s in spacing_zyx)
+        return Orientation((0, 1, 2), flips), (z, y, x)
     cols = np.asarray(affine, float)[:3, :3]
     # patient axis of each array axis: LPS index 2 (S) -> canonical 0, 1 (P) -> 1, 0 (L) -> 2
     patient = [int(np.argmax(np.abs(cols[:, a]))) for a in range(3)]
     if sorted(patient) != [0, 1, 2]:
         raise ValueError("affine axes are not distinct patient axes (oblique beyond 45 degrees?)")
     canon_of_axis = [2 - p for p in patient]
-    perm = tuple(int(np.argsort(canon_of_axis)[c]) for c in range(3))
-    flips = tuple(bool(cols[patient[perm[c]], perm[c]] < 0) for c in range(3))
-    spacing = tuple(float(np.linalg.norm(cols[:, perm[c]])) for c in range(3))
-    return Orientation(perm, flips), spacing  # type: ignore[return-value]
+    p0, p1, p2 = (int(np.argsort(canon_of_axis)[c]) for c in range(3))
+    perm = (p0, p1, p2)
+    f0, f1, f2 = (bool(cols[patient[perm[c]], perm[c]] < 0) for c in range(3))
+    s0, s1, s2 = (float(np.linalg.norm(cols[:, perm[c]])) for c in range(3))
+    return Orientation(perm, (f0, f1, f2)), (s0, s1, s2)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -222,8 +223,7 @@ def _rib_path(lv: _Level, side: int, width_scale: float = 1.0) -> np.ndarray:
     phi0 = math.asin(min(1.0, 62.0 / ax))
     phis = np.linspace(phi0, _RIB_REACH[lv.name], 400)
     arc = np.stack([side * ax * np.sin(phis), ay * np.cos(phis)], axis=1)
-    pts2 = [head[:2], tub[:2]] + list(arc)
-    pts2 = np.asarray(pts2)
+    pts2 = np.asarray([head[:2], tub[:2]] + list(arc))
     seg = np.linalg.norm(np.diff(pts2, axis=0), axis=1)
     length = np.concatenate([[0.0], np.cumsum(seg)])
     t = np.arange(0.0, length[-1], 0.5)
@@ -320,7 +320,7 @@ def _vessels(pl: _Plane, spec: PhantomSpec, img: np.ndarray) -> None:
     img[pl.ellipse(-24.0, aorta_y - 2.0, 12.0, 10.0)] = SOFT_HU + 0.6 * spec.contrast_hu
 
 
-def make_phantom(spec: PhantomSpec | None = None, **kw) -> tuple[np.ndarray, PhantomTruth]:
+def make_phantom(spec: PhantomSpec | None = None, /, **kw: Any) -> tuple[np.ndarray, PhantomTruth]:
     """Build a phantom: (int16 HU volume (z, y, x), ground truth). Keywords override `spec`."""
     spec = spec or PhantomSpec()
     if kw:
