@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from pydicom.uid import (
     HTJ2K,
@@ -23,9 +23,6 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import sop_class as sc
-
-if TYPE_CHECKING:
-    from gateway.dimse.scu import RetrieveResult  # scu imports this module
 
 UNCOMPRESSED: list[str] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 # What the storage SCP accepts: uncompressed first, then every encapsulated syntax the installed
@@ -150,12 +147,12 @@ class DimseError(Exception):
 
     reason = "dimse failure"
 
-    def __init__(
-        self, message: str, *, status: int | None = None, result: RetrieveResult | None = None
-    ):
+    # result: the partial RetrieveResult of an interrupted C-MOVE / C-GET (defined in scu,
+    # which imports this module: Any here keeps the imports one way)
+    def __init__(self, message: str, *, status: int | None = None, result: Any = None):
         super().__init__(message)
         self.status = status
-        self.result = result  # partial RetrieveResult for an interrupted C-MOVE / C-GET
+        self.result = result
 
 
 class AssociationRejected(DimseError):
