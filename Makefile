@@ -1,5 +1,5 @@
 # sphere: `make demo` runs the main job, `make test` runs the tests. Both install what they need.
-.PHONY: setup demo test lint bench chaos clean
+.PHONY: setup demo test lint typecheck bench chaos clean
 
 .venv/.installed: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -13,7 +13,11 @@ lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 
-test: setup lint
+# mypy over every package, tests and benchmarks ([tool.mypy] in pyproject.toml): no errors.
+typecheck: setup
+	.venv/bin/mypy
+
+test: setup lint typecheck
 	.venv/bin/pytest
 
 bench: setup
