@@ -33,7 +33,7 @@ from storage.catalog import Job, utcnow
 
 log = logging.getLogger(__name__)
 
-KINDS = ("pull", "run")
+KINDS = ("pull", "run", "export")
 PIPELINES = ("bone-density",)
 
 
@@ -47,10 +47,17 @@ def node_name(settings: Settings) -> str:
 
 
 def submit(
-    core: Core, kind: str, project: str, *, pipeline: str | None = None, user: Any = None
+    core: Core,
+    kind: str,
+    project: str,
+    *,
+    pipeline: str | None = None,
+    export: str | None = None,
+    user: Any = None,
 ) -> Job:
     """Queue a job as `user` (default: the CLI's operator): jobs.submit on the project, the
-    project approved and in date. A second pull of a project is refused, naming the first."""
+    project approved and in date. A second pull of a project is refused, naming the first.
+    An export job writes an export `processing.export.start` recorded (`export`: its id)."""
     if kind not in KINDS:
         raise SphereError(f"a job is one of: {', '.join(KINDS)} (not '{kind}')")
     core.project(project)  # an unknown project says so first
@@ -61,6 +68,11 @@ def submit(
         if pipeline not in PIPELINES:
             raise SphereError(f"--pipeline is one of: {', '.join(PIPELINES)}")
         params["pipeline"] = pipeline
+    if kind == "export":
+        found = core.catalog.export(export or "")
+        if found is None or found.project != project:
+            raise SphereError("an export job writes a started export: `sphere export` starts one")
+        params["export"] = found.id
     if kind == "pull":
         held = core.catalog.pull_lock(core.project(project).id)
         if held is not None:
@@ -264,6 +276,8 @@ class Node:
             return self._pull(run)
         if job.kind == "run":
             return self._run(run)
+        if job.kind == "export":
+            return self._export(run)
         return "failed", f"unknown kind of job: {job.kind}"
 
     def _pull(self, run: Running) -> tuple[str, str]:
@@ -299,6 +313,18 @@ class Node:
         failed = report.counts().get("failed", 0)
         text = f"{report.pipeline} {report.version}: {counts or 'nothing to do'}"
         return ("failed" if failed else "done"), f"{text}; {report.already_done} already done"
+
+    def _export(self, run: Running) -> tuple[str, str]:
+        """Write a started export (again from its start, if a node was lost mid-way)."""
+        from processing import export
+
+        job = run.job
+        with Core(self.settings, actor=job.submitted_by) as core:
+            row = core.catalog.export(str(job.params.get("export")))
+            if row is None:
+                return "failed", "no such export"
+            row = export.write(core, row)
+        return "done", f"export {row.id}: {row.n_files} files, {row.nbytes / 1e6:.1f} MB"
 
     def _in_window(self) -> bool:
         try:

@@ -76,7 +76,11 @@ class JobQueries:
             return {(k, st): int(n) for k, st, n in rows}
 
     def lease_job(
-        self, node: str, token: str, lease_s: float, kinds: tuple[str, ...] = ("pull", "run")
+        self,
+        node: str,
+        token: str,
+        lease_s: float,
+        kinds: tuple[str, ...] = ("pull", "run", "export"),
     ) -> Job | None:
         """Take the oldest job that is queued, waiting past its time, or running under a lease
         that ran out (its node is gone); None when there is none."""

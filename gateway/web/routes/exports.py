@@ -1,34 +1,25 @@
 """Exports on the web: a project's exports page (`/projects/{project}/exports`), starting one
-(POST, written after the answer, `processing.export`), a link that expires (POST
+(POST: recorded, then written by a job node, `processing.export`), a link that expires (POST
 `.../exports/{id}/link`, `gateway.links`), and the download a local link leads to
 (`/exports/{id}/download`: the link is the credential; each download audited). Who may: the role
 table's `export` (a data manager, an investigator of the project)."""
 
 from __future__ import annotations
 
-import contextlib
 from datetime import UTC, date, datetime
 from html import escape
 from urllib.parse import quote
 
-from fastapi import APIRouter, BackgroundTasks, Depends, Form, HTTPException, Request
+from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 
 from core import Core, SphereError, access
-from gateway import links
+from gateway import jobs, links
 from gateway.web.deps import audit, base_url, get_core, member_access
 from gateway.web.routes.pages import _page
-from storage.models import Export
 from storage.objectstore import local_path
 
 router = APIRouter()
-
-
-def _write(core: Core, row: Export) -> None:
-    from processing import export
-
-    with contextlib.suppress(Exception):  # recorded as failed (and audited) by `write`
-        export.write(core, row)
 
 
 @router.get("/projects/{project}/exports")
@@ -73,13 +64,13 @@ def page(project: str, request: Request, core: Core = Depends(get_core)) -> HTML
 def start(
     project: str,
     request: Request,
-    background: BackgroundTasks,
     format: str = Form("dicom"),
     modality: str = Form(""),
     studies: str = Form(""),
     core: Core = Depends(get_core),
 ) -> Response:
-    """Start an export of the project (written to the store after this answers)."""
+    """Start an export of the project: recorded, and queued as a job (`sphere serve` runs a
+    node, unless --no-jobs) that writes it to the store."""
     audit(request, "export", format=format)
     user = member_access(project, request, "export").user
     from processing import export
@@ -88,12 +79,12 @@ def start(
         row = export.start(
             core, project, format, studies=studies.split(), modality=modality.strip(), user=user
         )
+        audit(request, export=row.id)
+        jobs.submit(core, "export", project, export=row.id, user=user)  # a node writes it
     except access.NotAllowed as e:
         raise HTTPException(403, str(e)) from None
     except SphereError as e:  # an unknown format, nothing to export, a closed project
         raise HTTPException(400, str(e)) from None
-    audit(request, export=row.id)
-    background.add_task(_write, core, row)
     return RedirectResponse(f"/projects/{quote(project)}/exports", status_code=303)
 
 
