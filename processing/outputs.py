@@ -191,6 +191,7 @@ def build_sr(
         ),
     )
     groups: list[Any] = []
+    planars: list[Any] = []  # first in the report: a viewer opens its first measurement
     for i, s in enumerate(finding.segments, start=1):
         measurements = [
             hd.sr.Measurement(
@@ -244,7 +245,7 @@ def build_sr(
                 uid=derived_uid(source_series_uid, pipeline.name, f"planar-{s.label}"),
                 identifier=s.label,
             )
-            groups.append(
+            planars.append(
                 hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                     referenced_region=region,
                     **{**common, "tracking_identifier": planar, "qualitative_evaluations": None},
@@ -253,7 +254,7 @@ def build_sr(
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.SCT.ComputedTomography,
-        imaging_measurements=groups,
+        imaging_measurements=[*planars, *groups],
     )
     return hd.sr.Comprehensive3DSR(
         evidence=[*sources, *([seg] if seg is not None else [])],
