@@ -135,14 +135,15 @@ class Breaker:
 
     def call(self, fn: Callable[..., T], *args: Any) -> T:
         while True:
-            self._wait_closed()
+            misses = self._wait_closed()
             try:
                 result = fn(*args)
             except SourceError as e:
                 if e.answered or not self._missed():
                     raise
                 continue  # it tripped: wait for the source, then try again
-            self._shared(self.catalog.breaker_answered, self.name)
+            if misses:  # a write only when there is a count to reset
+                self._shared(self.catalog.breaker_answered, self.name)
             return result
 
     def _shared(self, fn: Callable[..., T], *args: Any) -> T | None:
@@ -171,13 +172,14 @@ class Breaker:
             self._seen_open = is_open
             self._gauge.set(1 if is_open else 0)
 
-    def _wait_closed(self) -> None:
+    def _wait_closed(self) -> int:
+        """Once the breaker is closed: the misses in a row counted so far."""
         since = time.monotonic()  # this call's own wait (a row left open long ago is probed)
         while True:
             row = self._row()
             if row is None or row.opened_at is None:
                 self._observe(False)
-                return
+                return row.misses if row is not None else 0
             self._observe(True)
             now = utcnow()
             if time.monotonic() - since > self.give_up_s:
