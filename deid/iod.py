@@ -110,6 +110,10 @@ NESTED: dict[tuple[int, int], str] = {
     (0x0070005A, REF_IMAGES): "1C",  # Displayed Area Selection Sequence
     (0x00283110, REF_IMAGES): "1C",  # Softcopy VOI LUT Sequence
     (0x00700008, REF_IMAGES): "1C",  # Text Object Sequence (older editions)
+    # The Referenced Image functional group (Enhanced MR, XA...): removing it from a frame would
+    # leave the instance's Referenced Image Evidence Sequence pointing at nothing (invalid IOD).
+    (0x52009229, REF_IMAGES): "1",  # Shared Functional Groups Sequence
+    (0x52009230, REF_IMAGES): "1",  # Per-frame Functional Groups Sequence
     (0x0040A370, REQUESTED_PROCEDURE_DESCRIPTION): "2",  # Referenced Request Sequence
     (0x0040A730, OBSERVATION_DATETIME): "1C",  # SR content items
 }

@@ -7,6 +7,8 @@ measures, rescale, or rescale per frame), so the two can be compared voxel for v
 series of that study: a colour ultrasound cine (YBR_FULL_422 in JPEG Baseline, as scanners send
 it), an RGB ultrasound cine (native), a native YBR_FULL ultrasound image, a palette-colour
 ultrasound image, a monochrome XA cine and a DX radiograph (MONOCHROME1, 12 bits in 16).
+On request (`only`), the same volume as one Enhanced MR instance (the Enhanced CT's geometry
+and frames, MR's modules), to be compared with the classic series the same way.
 
 Identifiers are planted inside the functional groups too (frame comments, frame date-times,
 a private block, referenced SOP Instance UIDs); every one is listed in `MultiFrameStudy.phi`.
@@ -34,6 +36,7 @@ from pydicom.uid import (
     UID,
     DigitalXRayImageStorageForPresentation,
     EnhancedCTImageStorage,
+    EnhancedMRImageStorage,
     ExplicitVRLittleEndian,
     JPEGBaseline8Bit,
     SecondaryCaptureImageStorage,
@@ -48,6 +51,7 @@ from harness.synthetic import HOSPITAL_ROOT
 
 FRAME_TIME_MS = 33.3  # ~30 frames a second, as ultrasound and cardiac XA cines run
 _FRAME_TIME_TAG = 0x00181063  # FrameIncrementPointer's target
+OPT_IN = ("enhanced_mr",)  # samples written only when `only` names them
 
 
 @dataclass
@@ -114,7 +118,8 @@ def write_samples(
     and BurnedInAnnotation YES (for the blanking policy); otherwise they say NO.
     `enhanced_parts` > 1 splits the Enhanced CT into that many instances of one series, frames
     dealt out in turn (samples "enhanced_ct", "enhanced_ct_2", ...). `only` limits
-    the samples written (names of `MultiFrameStudy.samples`).
+    the samples written (names of `MultiFrameStudy.samples`); those of `OPT_IN` are written
+    only when named there.
     """
     out_dir = Path(out_dir)
     classic = write_phantom_study(
@@ -134,14 +139,15 @@ def write_samples(
         "us_palette": lambda d: _us_palette(d, who, rng, cine_shape),
         "xa_cine": lambda d: _xa_cine(d, who, rng, cine_frames, cine_shape),
         "dx": lambda d: _dx(d, who, rng),
+        "enhanced_mr": lambda d: _enhanced_mr(volume, truth, d, who, rng, classic, intercept),
     }
     for number, (name, write) in enumerate(writers.items(), start=2):
-        if only is not None and name not in only:
+        if (only is None and name in OPT_IN) or (only is not None and name not in only):
             continue
         ds, expected = write(out_dir / name)
         ds.SeriesNumber = number
         ds.InstanceNumber = 1
-        if burned_in_text and name != "enhanced_ct" and name != "dx":
+        if burned_in_text and name not in ("enhanced_ct", "enhanced_mr", "dx"):
             expected = _burn_in(ds, expected, who["name"])
         parts = [(ds, expected)]
         if name == "enhanced_ct" and enhanced_parts > 1:
@@ -300,6 +306,170 @@ def _enhanced_ct(
         if kw in ds:
             delattr(ds, kw)
     return ds, stack
+
+
+def _enhanced_mr(
+    volume: np.ndarray,
+    truth: PhantomTruth,
+    out: Path,
+    who: dict[str, str],
+    rng: random.Random,
+    classic: PhantomStudy,
+    intercept: float,
+) -> tuple[Dataset, np.ndarray]:
+    """The volume as one Enhanced MR Image (PS3.3 A.36.2): the Enhanced CT's frames and
+    geometry groups, MR's frame type, timing, echo, coils and pulse sequence instead of CT's.
+    Each frame also references its classic slice (a hospital UID in the per-frame groups)."""
+    ds, stack = _enhanced_ct(volume, truth, out, who, rng, classic, intercept, False, False)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = EnhancedMRImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = _uid(rng)
+    ds.SeriesInstanceUID = _uid(rng)
+    ds.Modality = "MR"
+    ds.ManufacturerModelName = "PHANTOM-MR"
+    ds.SeriesDescription = "ENHANCED MR " + who["surname"]
+    del ds.KVP
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+    ds.ComplexImageComponent = "MAGNITUDE"
+    ds.AcquisitionContrast = "T1"
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    for keyword in [k for k in shared.dir() if k.startswith("CT")]:
+        delattr(shared, keyword)
+    del shared.IrradiationEventIdentificationSequence
+    shared.PixelValueTransformationSequence[0].RescaleType = "US"
+    _mr_acquisition(ds, shared)
+    slices = [str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in classic.files]
+    purpose = _code("121311", "DCM", "Localizer")
+    for k, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        del item.CTPositionSequence
+        ref = _item(ReferencedSOPClassUID="1.2.840.10008.5.1.4.1.1.2")
+        ref.ReferencedSOPInstanceUID = slices[k]  # frame k is slice k
+        ref.PurposeOfReferenceCodeSequence = Sequence([purpose])
+        item.ReferencedImageSequence = Sequence([ref])
+    sops = [
+        _item(ReferencedSOPClassUID="1.2.840.10008.5.1.4.1.1.2", ReferencedSOPInstanceUID=u)
+        for u in slices
+    ]
+    series = _item(SeriesInstanceUID=classic.series_uid, ReferencedSOPSequence=Sequence(sops))
+    evidence = _item(StudyInstanceUID=classic.study_uid)
+    evidence.ReferencedSeriesSequence = Sequence([series])
+    ds.ReferencedImageEvidenceSequence = Sequence([evidence])
+    return ds, stack
+
+
+def _mr_acquisition(ds: Dataset, shared: Dataset) -> None:
+    """Enhanced MR Image and MR Pulse Sequence modules, and the MR functional groups a scanner
+    fills once for a T1 spin-echo acquisition (PS3.3 C.8.13)."""
+    ds.ResonantNucleus = "1H"
+    ds.KSpaceFiltering = "NONE"
+    ds.MagneticFieldStrength = 1.5
+    ds.ApplicableSafetyStandardAgency = "IEC"
+    ds.PulseSequenceName = "SE_T1"
+    ds.MRAcquisitionType = "2D"
+    ds.EchoPulseSequence = "SPIN"
+    ds.MultipleSpinEcho = "NO"
+    ds.MultiPlanarExcitation = "YES"
+    ds.PhaseContrast = "NO"
+    ds.TimeOfFlightContrast = "NO"
+    ds.SteadyStatePulseSequence = "NONE"
+    ds.EchoPlanarPulseSequence = "NO"
+    ds.SaturationRecovery = "NO"
+    ds.SpectrallySelectedSuppression = "NONE"
+    ds.OversamplingPhase = "NONE"
+    ds.GeometryOfKSpaceTraversal = "RECTILINEAR"
+    ds.RectilinearPhaseEncodeReordering = "LINEAR"
+    ds.SegmentedKSpaceTraversal = "SINGLE"
+    ds.NumberOfKSpaceTrajectories = 1
+    shared.MRImageFrameTypeSequence = Sequence(
+        [
+            _item(
+                FrameType=["ORIGINAL", "PRIMARY", "VOLUME", "NONE"],
+                PixelPresentation="MONOCHROME",
+                VolumetricProperties="VOLUME",
+                VolumeBasedCalculationTechnique="NONE",
+                ComplexImageComponent="MAGNITUDE",
+                AcquisitionContrast="T1",
+            )
+        ]
+    )
+    shared.MRTimingAndRelatedParametersSequence = Sequence(
+        [
+            _item(
+                RepetitionTime=500.0,
+                FlipAngle=90.0,
+                EchoTrainLength=1,
+                RFEchoTrainLength=1,
+                GradientEchoTrainLength=0,
+                SpecificAbsorptionRateSequence=Sequence(
+                    [
+                        _item(
+                            SpecificAbsorptionRateDefinition="IEC_WHOLE_BODY",
+                            SpecificAbsorptionRateValue=0.8,
+                        )
+                    ]
+                ),
+                OperatingModeSequence=Sequence(
+                    [_item(OperatingModeType="STATIC FIELD", OperatingMode="IEC_NORMAL")]
+                ),
+            )
+        ]
+    )
+    shared.MRFOVGeometrySequence = Sequence(
+        [
+            _item(
+                InPlanePhaseEncodingDirection="COLUMN",
+                MRAcquisitionFrequencyEncodingSteps=int(ds.Columns),
+                MRAcquisitionPhaseEncodingStepsInPlane=int(ds.Rows),
+                PercentSampling=100.0,
+                PercentPhaseFieldOfView=100.0,
+            )
+        ]
+    )
+    shared.MREchoSequence = Sequence([_item(EffectiveEchoTime=15.0)])
+    shared.MRModifierSequence = Sequence(
+        [
+            _item(
+                InversionRecovery="NO",
+                FlowCompensation="NONE",
+                Spoiling="NONE",
+                T2Preparation="NO",
+                SpectrallySelectedExcitation="NONE",
+                SpatialPresaturation="NONE",
+                PartialFourier="NO",
+                ParallelAcquisition="NO",
+            )
+        ]
+    )
+    shared.MRImagingModifierSequence = Sequence(
+        [
+            _item(
+                MagnetizationTransfer="NONE",
+                BloodSignalNulling="NO",
+                Tagging="NONE",
+                TransmitterFrequency=63.87,
+                PixelBandwidth=130.0,
+            )
+        ]
+    )
+    shared.MRReceiveCoilSequence = Sequence(
+        [
+            _item(
+                ReceiveCoilName="BODY",
+                ReceiveCoilManufacturerName="SPHERE PHANTOM",
+                ReceiveCoilType="BODY",
+                QuadratureReceiveCoil="YES",
+            )
+        ]
+    )
+    shared.MRTransmitCoilSequence = Sequence(
+        [
+            _item(
+                TransmitCoilName="BODY",
+                TransmitCoilManufacturerName="SPHERE PHANTOM",
+                TransmitCoilType="BODY",
+            )
+        ]
+    )
+    shared.MRAveragesSequence = Sequence([_item(NumberOfAverages=1.0)])
 
 
 def _split(

@@ -128,17 +128,48 @@ def _iod_errors(path: Path) -> set[str]:
 def test_samples_are_valid_iods_and_stay_valid_stored_and_rebuilt(samples, tmp_path):
     """dciodvfy finds no error in a sample, nor in the instance the store rebuilds (what WADO-RS
     serves) after de-identification; colour comes back RGB, frames in their order."""
-    keys = ProjectKeys(b"multiframe-test-secret-0123456789ab")
     for name, s in samples.samples.items():
-        assert _iod_errors(s.path) == set(), name
-        ds = Deidentifier(Profile(), keys).apply(dcmread(s.path))
-        store = MemoryStore()
-        writer = SeriesWriter(tmp_path / name, fsync=False)
-        writer.add(ds)
-        writer.commit(store, f"p/{name}")
-        rebuilt = tmp_path / f"{name}.dcm"
-        SeriesReader(store, f"p/{name}").instance(0).save_as(rebuilt, enforce_file_format=True)
-        assert _iod_errors(rebuilt) == set(), name
+        _valid_stored_and_rebuilt(name, s.path, tmp_path)
+
+
+def _valid_stored_and_rebuilt(name: str, path: Path, tmp_path: Path) -> None:
+    assert _iod_errors(path) == set(), name
+    ds = Deidentifier(Profile(), ProjectKeys(b"multiframe-test-secret-0123456789ab")).apply(
+        dcmread(path)
+    )
+    store = MemoryStore()
+    writer = SeriesWriter(tmp_path / name, fsync=False)
+    writer.add(ds)
+    writer.commit(store, f"p/{name}")
+    rebuilt = tmp_path / f"{name}.dcm"
+    SeriesReader(store, f"p/{name}").instance(0).save_as(rebuilt, enforce_file_format=True)
+    assert _iod_errors(rebuilt) == set(), name
+
+
+@pytest.mark.skipif(not Path(DCIODVFY).exists(), reason="dicom3tools not installed")
+def test_enhanced_mr_holds_the_classic_series_and_is_a_valid_iod(tmp_path):
+    """The Enhanced MR (written on request) has the classic series' positions, orientation,
+    spacing and values, each frame referencing its slice; dciodvfy finds no error in it, nor
+    in what the store rebuilds after de-identification."""
+    vol, truth = make_phantom(**TINY)
+    study = write_samples(vol, truth, tmp_path / "src", only=("enhanced_mr",))
+    assert set(study.samples) == {"enhanced_mr"}
+    mr = dcmread(study.samples["enhanced_mr"].path)
+    classic = [dcmread(f) for f in study.classic.files]
+    assert mr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.4.1" and mr.Modality == "MR"
+    shared = mr.SharedFunctionalGroupsSequence[0]
+    iop = shared.PlaneOrientationSequence[0].ImageOrientationPatient
+    assert [float(v) for v in iop] == [float(v) for v in classic[0].ImageOrientationPatient]
+    spacing = shared.PixelMeasuresSequence[0].PixelSpacing
+    assert [float(v) for v in spacing] == [float(v) for v in classic[0].PixelSpacing]
+    rescale = shared.PixelValueTransformationSequence[0]
+    for k, (item, ds) in enumerate(zip(mr.PerFrameFunctionalGroupsSequence, classic, strict=True)):
+        pos = item.PlanePositionSequence[0].ImagePositionPatient
+        assert [float(v) for v in pos] == [float(v) for v in ds.ImagePositionPatient]
+        assert item.ReferencedImageSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
+        values = mr.pixel_array[k] * float(rescale.RescaleSlope) + float(rescale.RescaleIntercept)
+        assert np.array_equal(values, _hu(ds))
+    _valid_stored_and_rebuilt("enhanced_mr", study.samples["enhanced_mr"].path, tmp_path)
 
 
 def test_an_enhanced_ct_split_in_instances_loads_as_the_classic_series(tmp_path):

@@ -9,6 +9,7 @@ store or the catalog."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from zarr.storage import MemoryStore
 
 from core import users
@@ -182,13 +184,18 @@ def test_no_identifier_reaches_the_store_or_catalog(pulled, study, tmp_path):
     # its per-frame groups (frame comments, a private block) as in its top-level attributes.
     # So is a colour cine (in its headers: the pixels are decoded, stored as RGB).
     for name in ("enhanced_ct", "us_cine_ybr422"):
-        store = MemoryStore()
-        w = SeriesWriter(tmp_path / name, fsync=False)
-        w.add(dcmread(study.samples[name].path))
-        w.commit(store, "raw/series")
-        found = {leak.needle for leak in scan_store(store, study.phi)}
+        found = raw_leaks(study.samples[name].path, study.phi, tmp_path / name)
         surname = study.classic.patient_name.split("^")[0]
         assert study.classic.patient_id in found and surname in found, name
+
+
+def raw_leaks(source: Path | Dataset, phi: list[str], work: Path) -> set[str]:
+    """The identifiers the leak scan finds in `source` stored as it is (no de-identification)."""
+    store = MemoryStore()
+    w = SeriesWriter(work, fsync=False)
+    w.add(source if isinstance(source, Dataset) else dcmread(source))
+    w.commit(store, "raw/series")
+    return {leak.needle for leak in scan_store(store, phi)}
 
 
 # -- served by `sphere serve`, read with dicomweb-client ----------------------------------------
