@@ -322,7 +322,7 @@ def _enhanced_mr(
     Each frame also references its classic slice (a hospital UID in the per-frame groups)."""
     ds, stack = _enhanced_ct(volume, truth, out, who, rng, classic, intercept, False, False)
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = EnhancedMRImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = _uid(rng)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(_uid(rng))
     ds.SeriesInstanceUID = _uid(rng)
     ds.Modality = "MR"
     ds.ManufacturerModelName = "PHANTOM-MR"
