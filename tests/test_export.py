@@ -408,3 +408,22 @@ def test_nifti_of_a_per_slice_rescale_is_float_hu_equal_to_the_loader(site, tmp_
         assert img.get_data_dtype() == np.float32
         np.testing.assert_array_equal(img.get_fdata(dtype=np.float32), loaded.numpy())
         np.testing.assert_allclose(img.affine, loaded.affine.numpy(), atol=1e-4)
+
+
+def test_an_export_job_whose_node_was_lost_is_written_by_another(site):
+    with Core(site.settings) as c:
+        row = export.start(c, "ex", "zarr")
+        job = jobs.submit(c, "export", "ex", export=row.id)
+        taken = c.catalog.lease_job("node-gone", "t", 0.01)  # leased, then its node died
+        assert taken is not None and taken.id == job.id
+        part = local_path(c.store, row.key).with_name(f"{row.id}.zip.part")
+        part.parent.mkdir(parents=True, exist_ok=True)
+        part.write_bytes(b"half an upload")  # what the lost node had written
+    time.sleep(0.05)
+    jobs.Node(site.settings, name="node-2").run(once=True)
+    with Core(site.settings) as c:
+        assert c.catalog.export(row.id).state == "done"
+        assert [j.state for j in c.catalog.jobs("ex") if j.id == job.id] == ["done"]
+        assert zip_of(c, c.catalog.export(row.id)).testzip() is None  # whole, every CRC right
+        with pytest.raises(SphereError, match="export job"):
+            jobs.submit(c, "export", "ex", export="no-such-export")
