@@ -23,7 +23,7 @@ from pathlib import Path
 
 from core.settings import PacsPeer, Settings
 from gateway.api import Gateway
-from gateway.dimse.scu import Mover, Peer, RetrieveResult, Scu
+from gateway.dimse.scu import Mover, Peer, Scu, SubOperations
 from harness.localpacs import LocalOrthanc, free_port, wait_port
 from harness.synthetic import generate
 
@@ -53,7 +53,7 @@ def storescp_round(
         peer = Peer(pacs.aet, "127.0.0.1", pacs.dicom_port)
         local, movers = threading.local(), []
 
-        def move(s: tuple[str, str]) -> RetrieveResult:
+        def move(s: tuple[str, str]) -> SubOperations:
             # As the pull does: each thread keeps its association for the next series.
             if not hasattr(local, "mover"):
                 local.mover = Mover(scu, peer)

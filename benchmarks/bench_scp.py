@@ -30,29 +30,28 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from pydicom import Dataset
 
 from dicom.json_model import to_json_dict
+from dicom.received import ReceivedInstance
 from gateway.dimse.scp import StorageSCP
 from gateway.dimse.scu import Peer, Scu
-from gateway.dimse.service import ReceivedInstance
 from harness.localpacs import LocalOrthanc, free_port, wait_port
 from harness.synthetic import generate
 
 LABELS = {
-    "sphere": "C-MOVE -> StorageSCP on_store",
-    "raw": "C-MOVE -> StorageSCP on_receive",
+    "sphere": "C-MOVE -> StorageSCP on_store, dataset read",
+    "raw": "C-MOVE -> StorageSCP on_store, still encoded",
     "spool": "C-MOVE -> StorageSCP spool files",
     "storescp": "C-MOVE -> dcmtk storescp",
-    "get": "C-GET by Scu, on_store",
-    "get-raw": "C-GET by Scu, on_receive",
+    "get": "C-GET by Scu, on_store, dataset read",
+    "get-raw": "C-GET by Scu, on_store, still encoded",
 }
 
 
 class TrivialHandler:
     """Receives and counts; the dataset is parsed lazily, so hardly touched."""
 
-    def on_store(self, ds: Dataset, calling_ae: str) -> int:
+    def on_store(self, event: ReceivedInstance) -> int:
         return 0
 
 
@@ -63,9 +62,9 @@ class JsonHandler:
     def __init__(self, repeat: int = 1) -> None:
         self.repeat = repeat
 
-    def on_store(self, ds: Dataset, calling_ae: str) -> int:
+    def on_store(self, event: ReceivedInstance) -> int:
         for _ in range(self.repeat):
-            json.dumps(to_json_dict(ds))
+            json.dumps(to_json_dict(event.dataset))
         return 0
 
 
@@ -147,26 +146,27 @@ def main(argv: list[str] | None = None) -> None:
 
     spool = workdir / "spool"
 
-    def on_store(ds: object, calling_ae: str) -> int:
+    def on_receive(instance: ReceivedInstance) -> int:
         nonlocal received
         with lock:
             received += 1
         return 0
 
-    def on_receive(instance: ReceivedInstance, calling_ae: str) -> int:
-        return on_store(instance, calling_ae)
+    def on_store(instance: ReceivedInstance) -> int:
+        _ = instance.dataset  # decoded, as a handler that reads it pays
+        return on_receive(instance)
 
-    def spool_receive(instance: ReceivedInstance, calling_ae: str) -> int:
+    def spool_receive(instance: ReceivedInstance) -> int:
         with open(spool / f"{instance.sop_instance}.dcm", "wb") as fp:
             instance.write(fp)
-        return on_store(instance, calling_ae)
+        return on_receive(instance)
 
     callbacks: dict[str, dict[str, Any]] = {
         "sphere": {"on_store": on_store},
-        "raw": {"on_receive": on_receive},
-        "spool": {"on_receive": spool_receive},
+        "raw": {"on_store": on_receive},
+        "spool": {"on_store": spool_receive},
         "get": {"on_store": on_store},
-        "get-raw": {"on_receive": on_receive},
+        "get-raw": {"on_store": on_receive},
     }
 
     scp_port = free_port()

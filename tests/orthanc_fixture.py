@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from pydicom import Dataset, dcmread
 
+from dicom.received import ReceivedInstance
 from gateway.dimse.scp import StorageSCP
 from gateway.dimse.scu import Peer
 from gateway.dimse.service import OnStore
@@ -106,9 +107,9 @@ class Received:
 def collecting(received: Received, status: int = 0x0000) -> OnStore:
     """An on_store that keeps every dataset and answers `status`."""
 
-    def on_store(ds: Dataset, calling_ae: str) -> int:
-        received.datasets.append(ds)
-        received.calling.append(calling_ae)
+    def on_store(event: ReceivedInstance) -> int:
+        received.datasets.append(event.dataset)
+        received.calling.append(event.calling_ae)
         return status
 
     return on_store
@@ -116,7 +117,7 @@ def collecting(received: Received, status: int = 0x0000) -> OnStore:
 
 @pytest.fixture()
 def start_scp(request: pytest.FixtureRequest) -> Iterator[Callable[..., StorageSCP]]:
-    """Factory: `start_scp(on_store, **kwargs)` (or `start_scp(None, on_receive=...)`) starts a
+    """Factory: `start_scp(on_store, **kwargs)` (or `start_scp(None, handler_factory=...)`) starts a
     Storage SCP on a free port, declares it in the session Orthanc (if `register`) as modality
     'sphere', and stops it after the test."""
     started: list[StorageSCP] = []

@@ -29,6 +29,7 @@ from pydicom.uid import (
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
 
+from dicom.received import ReceivedInstance
 from gateway.dimse.scp import StorageSCP
 from gateway.dimse.scu import (
     AssociationAborted,
@@ -40,7 +41,7 @@ from gateway.dimse.scu import (
     PeerUnreachable,
     Scu,
 )
-from gateway.dimse.service import ReceivedInstance
+from gateway.pull.retrievers import series_hit, study_hit
 from harness.localpacs import LocalOrthanc
 from tests.orthanc_fixture import GATEWAY_AE, Received, Seeded, collecting, seed_corpus
 
@@ -105,7 +106,7 @@ def test_find_study_by_each_key(pacs_peer: Peer, seeded: Seeded) -> None:
         {"patient_id": study.patient_id},
         {"study_uid": study.study_uid},
     ):
-        hits = scu().find_studies(pacs_peer, **key)
+        hits = [study_hit(ds) for ds in scu().find_studies(pacs_peer, **key)]
         assert len(hits) == 1, key.keys()
         hit = hits[0]
         assert hit.study_uid == study.study_uid
@@ -130,7 +131,7 @@ def test_find_refuses_wildcards_and_empty_queries(pacs_peer: Peer) -> None:
 
 def test_find_series_counts(pacs_peer: Peer, seeded: Seeded) -> None:
     study = seeded.corpus.studies[0]
-    hits = scu().find_series(pacs_peer, study.study_uid)
+    hits = [series_hit(ds, "") for ds in scu().find_series(pacs_peer, study.study_uid)]
     assert {h.series_uid: h.n_instances for h in hits} == {
         s.series_uid: s.n_instances for s in study.series
     }
@@ -140,10 +141,8 @@ def test_find_series_counts(pacs_peer: Peer, seeded: Seeded) -> None:
 
 def test_hits_repr_has_no_identifiers(pacs_peer: Peer, seeded: Seeded) -> None:
     study = seeded.corpus.studies[0]
-    hits = [
-        *scu().find_studies(pacs_peer, study_uid=study.study_uid),
-        *scu().find_series(pacs_peer, study.study_uid),
-    ]
+    hits: list = [study_hit(d) for d in scu().find_studies(pacs_peer, study_uid=study.study_uid)]
+    hits += [series_hit(d, "") for d in scu().find_series(pacs_peer, study.study_uid)]
     assert_no_phi(repr(hits), seeded)
 
 
@@ -206,12 +205,12 @@ def test_move_raw_instances_spooled_as_part10_files(
     spool = tmp_path / "spool"
     spool.mkdir()
 
-    def write(instance: ReceivedInstance, calling_ae: str) -> int:
+    def write(instance: ReceivedInstance) -> int:
         with open(spool / f"{len(list(spool.iterdir()))}.dcm", "wb") as fp:
             instance.write(fp)
         return 0
 
-    start_scp(None, on_receive=write)
+    start_scp(write)
     study = seeded.corpus.studies[1]
     series = study.series[0]
     result = scu().move_series(pacs_peer, study.study_uid, series.series_uid, GATEWAY_AE)
@@ -231,7 +230,7 @@ def test_get_raw_instances(pacs_peer: Peer, seeded: Seeded) -> None:
     study = seeded.corpus.studies[0]
     series = study.series[1]
 
-    def keep(inst: ReceivedInstance, ae: str) -> int:
+    def keep(inst: ReceivedInstance) -> int:
         got.append(inst)
         return 0
 
@@ -239,11 +238,11 @@ def test_get_raw_instances(pacs_peer: Peer, seeded: Seeded) -> None:
         pacs_peer,
         study.study_uid,
         series.series_uid,
-        on_receive=keep,
+        keep,
     )
     assert result.ok and result.received == series.n_instances
     assert {i.sop_instance for i in got} == seeded.sop_uids[series.series_uid]
-    ds = got[0].dataset()
+    ds = got[0].dataset
     assert ds.SOPInstanceUID == got[0].sop_instance
     assert_no_phi(repr(got), seeded)
 
@@ -415,7 +414,8 @@ def test_silent_peer_times_out() -> None:
 def test_callback_exception_is_a_failure_status_and_scp_keeps_serving(
     pacs_peer: Peer, seeded: Seeded, start_scp, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def explode(ds, calling_ae):
+    def explode(event):
+        ds = event.dataset
         raise RuntimeError(f"cannot spool {ds.PatientName} {ds.SOPInstanceUID}")
 
     study = seeded.corpus.studies[0]
@@ -440,7 +440,8 @@ def test_storescu_push_refused_by_callback(seeded: Seeded, start_scp, tmp_path: 
     spool = tmp_path / "spool"
     spool.mkdir()
 
-    def refuse_unsolicited(ds, calling_ae):
+    def refuse_unsolicited(event):
+        ds, calling_ae = event.dataset, event.calling_ae
         if calling_ae != "ORTHANC":
             return 0x0124  # Refused: not authorized
         ds.save_as(spool / f"{len(list(spool.iterdir()))}.dcm")
@@ -559,7 +560,8 @@ def test_orthanc_killed_mid_move(tmp_path: Path) -> None:
     stored: list = []
     killed = threading.Event()
 
-    def kill_during_sixth(ds, calling_ae):
+    def kill_during_sixth(event):
+        ds = event.dataset
         if len(stored) == 5 and not killed.is_set():
             killed.set()
             pacs.kill()

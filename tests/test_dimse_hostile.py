@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from pydicom import Dataset
 from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
@@ -34,6 +33,7 @@ from pynetdicom import AE
 from pynetdicom.pdu import A_ASSOCIATE_AC
 from pynetdicom.sop_class import Verification
 
+from dicom.received import ReceivedInstance
 from gateway.dimse import ul
 from gateway.dimse.scp import StorageSCP
 from tests.samples import pydicom_sample
@@ -62,7 +62,8 @@ class Target:
 def start_target(**kwargs: object) -> Target:
     target = Target(None)  # type: ignore[arg-type]
 
-    def on_store(ds: Dataset, calling_ae: str) -> int:
+    def on_store(event: ReceivedInstance) -> int:
+        ds, calling_ae = event.dataset, event.calling_ae
         if target.allow is not None and calling_ae not in target.allow:
             return REFUSED_NOT_AUTHORIZED
         target.stored.append((ds.SOPInstanceUID, calling_ae))
@@ -507,9 +508,10 @@ def test_a_deflate_bomb_is_refused_not_inflated(monkeypatch) -> None:
 
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-    from gateway.dimse.service import decode_dataset
+    from dicom import received
+    from dicom.received import decode_dataset
 
-    monkeypatch.setattr(ul, "MAX_DATASET", 8 << 20)
+    monkeypatch.setattr(received, "MAX_DATASET", 8 << 20)
     element = struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, 64 << 20)  # 64 MiB of zeros
     packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     bomb = packer.compress(element) + packer.compress(bytes(64 << 20)) + packer.flush()

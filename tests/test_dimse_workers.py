@@ -18,10 +18,10 @@ from typing import Any
 
 import psutil
 import pytest
-from pydicom import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from dicom.received import ReceivedInstance
 from gateway.dimse.forkserver import ForkServer
 from gateway.dimse.scp import StorageSCP
 from gateway.dimse.scu import AssociationRejected, Peer, Scu
@@ -78,7 +78,8 @@ class RecordingHandler:
     def on_release(self, assoc_id: int) -> None:
         self._event(f"end-{assoc_id}")
 
-    def on_store(self, ds: Dataset, calling_ae: str) -> int:
+    def on_store(self, event: ReceivedInstance) -> int:
+        ds, calling_ae = event.dataset, event.calling_ae
         cfg = self.cfg
         if cfg.only_from and calling_ae != cfg.only_from:
             return 0x0124  # refused: not authorized

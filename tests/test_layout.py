@@ -1,5 +1,6 @@
 """The project's structure holds: no import cycle anywhere, imports point one way, the core and
-the DIMSE layer import nothing above them, and every user of `dicom` gets pydicom's safe settings.
+the DIMSE layer import nothing above them, the pull's DICOMweb path speaks no DIMSE, and every
+user of `dicom` gets pydicom's safe settings.
 
 Every import counts, at the top of a module or inside a function: a lazy import is still a
 dependency. The rules are the README's.
@@ -119,9 +120,27 @@ def violations(graph: dict[str, set[str]]) -> list[str]:
             dtop = dep.split(".")[0]
             if dtop != top and dtop not in ALLOWED[top] and (mod, dep) not in EXCEPTIONS:
                 out.append(f"{mod} imports {dep}")
-            if mod.startswith("gateway.dimse") and not dep.startswith("gateway.dimse"):
+            own = dep.startswith("gateway.dimse") or dep.split(".")[0] == "dicom"
+            if mod.startswith("gateway.dimse") and not own:
                 out.append(f"{mod} (the policy-free DIMSE layer) imports {dep}")
     return sorted(out)
+
+
+def reached(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module `start` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for dep in graph.get(todo.pop(), ()):
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+def dimse_on_web_path(graph: dict[str, set[str]]) -> list[str]:
+    """DIMSE modules the pull's DICOMweb retriever reaches (its receiver and types included)."""
+    web = reached(graph, "gateway.pull.dicomweb")
+    return sorted(m for m in web if m.startswith("gateway.dimse"))
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +155,16 @@ def test_no_import_cycle_anywhere(graph):
 
 def test_imports_point_one_way(graph):
     assert violations(graph) == []
+
+
+def test_the_dicomweb_pull_path_imports_nothing_from_dimse(graph):
+    web = reached(graph, "gateway.pull.dicomweb")
+    assert {"gateway.pull.receiver", "gateway.pull.source", "dicom.received"} <= web
+    assert dimse_on_web_path(graph) == []
+    # Positive control: the receiver importing a DIMSE status again is caught, however deep.
+    bad = {m: set(deps) for m, deps in graph.items()}
+    bad["gateway.pull.layout"].add("gateway.dimse.common")
+    assert dimse_on_web_path(bad) == ["gateway.dimse.common"]
 
 
 def test_the_checks_catch_a_cycle_and_a_wrong_way_import(tmp_path):

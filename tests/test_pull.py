@@ -523,7 +523,7 @@ def test_cget_offers_the_studys_classes_in_every_syntax(tmp_path, pacs):
     def came(sop_classes: list[str]) -> set[str]:
         got: set[str] = set()
 
-        def keep(inst: Any, ae: str) -> int:
+        def keep(inst: Any) -> int:
             got.add(str(inst.transfer_syntax))
             return 0
 
@@ -531,7 +531,7 @@ def test_cget_offers_the_studys_classes_in_every_syntax(tmp_path, pacs):
             peer,
             study.study_uid,
             study.series[0].series_uid,
-            on_receive=keep,
+            keep,
             sop_classes=sop_classes,
         )
         assert result.ok and result.completed == len(files)

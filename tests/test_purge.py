@@ -258,7 +258,7 @@ def test_receiver_refuses_an_opted_out_patient_while_the_pull_waits(tmp_path, co
             if pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID == se.series_uid
         ]
         with StorageSCP(
-            ae_title="SPHERE", host="127.0.0.1", port=0, on_receive=receiver.on_receive
+            ae_title="SPHERE", host="127.0.0.1", port=0, on_store=receiver.on_store
         ) as scp:
             out = subprocess.run(
                 [

@@ -8,8 +8,9 @@ import pytest
 
 from core.settings import Settings
 from gateway.api import Gateway
-from gateway.dimse.common import REFUSED_NOT_AUTHORIZED, SUCCESS
 from gateway.pull.receiver import Receiver, ReceiverConfig
+from gateway.pull.source import REFUSED as REFUSED_NOT_AUTHORIZED
+from gateway.pull.source import SUCCESS
 from harness.synthetic import generate
 from storage.series import SeriesWriter
 
@@ -36,21 +37,21 @@ def test_only_expected_series_are_taken_in(setup):
     st, other = corpus.studies
     se = st.series[0]
     dss = datasets(corpus, se.series_uid)
-    assert receiver.on_store(copy.deepcopy(dss[0]), "ORTHANC") == REFUSED_NOT_AUTHORIZED
+    assert receiver.store(copy.deepcopy(dss[0]), "ORTHANC") == REFUSED_NOT_AUTHORIZED
 
     pseudo = keys.uid(se.series_uid)
     layout.expect(pseudo, keys.uid(st.study_uid), keys.pseudonym(st.patient_id))
-    assert [receiver.on_store(d, "ORTHANC") for d in dss] == [SUCCESS] * len(dss)
+    assert [receiver.store(d, "ORTHANC") for d in dss] == [SUCCESS] * len(dss)
     assert SeriesWriter(layout.data(pseudo), fsync=False).count == len(dss)
 
     # Same series UID claimed by another study: refused.
     forged = copy.deepcopy(datasets(corpus, se.series_uid)[0])
     forged.StudyInstanceUID = other.study_uid
-    assert receiver.on_store(forged, "ORTHANC") == REFUSED_NOT_AUTHORIZED
+    assert receiver.store(forged, "ORTHANC") == REFUSED_NOT_AUTHORIZED
 
     layout.forget(pseudo)
     late = datasets(corpus, se.series_uid)[0]
-    assert receiver.on_store(late, "ORTHANC") == REFUSED_NOT_AUTHORIZED
+    assert receiver.store(late, "ORTHANC") == REFUSED_NOT_AUTHORIZED
     assert receiver.refused == 3
     assert len([e for e in gw.catalog.audit_trail("recv") if e.action == "store.refused"]) == 3
 
@@ -68,7 +69,7 @@ def test_another_patient_in_the_study_is_quarantined_not_stored(setup):
     # The odd instance reaches another worker process, whose engine has not seen the study.
     other_worker = Receiver(receiver.cfg)
     statuses = [
-        (other_worker if i == 1 else receiver).on_store(d, "ORTHANC") for i, d in enumerate(dss)
+        (other_worker if i == 1 else receiver).store(d, "ORTHANC") for i, d in enumerate(dss)
     ]
     assert statuses == [SUCCESS] * len(dss)
     assert SeriesWriter(layout.data(pseudo), fsync=False).count == len(dss) - 2

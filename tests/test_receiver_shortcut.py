@@ -12,18 +12,19 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from core.settings import Settings
+from dicom.received import ReceivedInstance
 from gateway.api import Gateway
-from gateway.dimse.common import DATASET_MISMATCH, REFUSED_NOT_AUTHORIZED, SUCCESS
-from gateway.dimse.service import ReceivedInstance
 from gateway.pull.receiver import Receiver, ReceiverConfig
+from gateway.pull.source import DATASET_MISMATCH, SUCCESS
+from gateway.pull.source import REFUSED as REFUSED_NOT_AUTHORIZED
 from harness.synthetic import generate
 from storage.series import SeriesWriter
 
 
 @pytest.fixture
 def pair(tmp_path):
-    """A series, and two receivers of one project: `fast` gets encoded instances (on_receive),
-    `whole` decoded ones (on_store, the whole engine every time)."""
+    """A series, and two receivers of one project: `fast` gets encoded instances (on_store),
+    `whole` decoded ones (store, the whole engine every time)."""
     corpus = generate(tmp_path / "corpus", n_patients=1, series_per_study=1, slices=12, size=32)
     gw = Gateway(Settings(home=tmp_path / "gw", fsync=False))
     gw.create_project("short")
@@ -41,7 +42,7 @@ def encoded(ds: pydicom.Dataset, syntax) -> ReceivedInstance:
     buf = DicomBytesIO()
     buf.is_little_endian, buf.is_implicit_VR = True, syntax.is_implicit_VR
     write_dataset(buf, ds)
-    return ReceivedInstance(ds.SOPClassUID, ds.SOPInstanceUID, syntax, buf.getvalue())
+    return ReceivedInstance(ds.SOPClassUID, ds.SOPInstanceUID, syntax, buf.getvalue(), "ORTHANC")
 
 
 def stored(receiver: Receiver, pseudo: str) -> dict[str, tuple[bytes, bytes, dict]]:
@@ -64,8 +65,8 @@ def feed(corpus, fast, whole, syntax, change=None) -> None:
         if change:
             change(i, ds)
         inst = encoded(ds, syntax)
-        assert fast.on_receive(inst, "ORTHANC") == SUCCESS
-        assert whole.on_store(inst.dataset(), "ORTHANC") == SUCCESS
+        assert fast.on_store(inst) == SUCCESS
+        assert whole.store(inst.decode(), "ORTHANC") == SUCCESS
 
 
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
@@ -102,13 +103,13 @@ def test_the_shortcut_still_refuses_and_checks_requests(pair):
     corpus, fast, _, pseudo = pair
     files = sorted(corpus.files)
     first, second, third = (pydicom.dcmread(f) for f in files[:3])
-    assert fast.on_receive(encoded(first, ExplicitVRLittleEndian), "ORTHANC") == SUCCESS
+    assert fast.on_store(encoded(first, ExplicitVRLittleEndian)) == SUCCESS
     wrong = encoded(second, ExplicitVRLittleEndian)
     wrong = replace(wrong, sop_instance=third.SOPInstanceUID)  # request and dataset disagree
-    assert fast.on_receive(wrong, "ORTHANC") == DATASET_MISMATCH
+    assert fast.on_store(wrong) == DATASET_MISMATCH
     fast.layout.forget(pseudo)  # the pull closed the door on the series
     late = encoded(third, ExplicitVRLittleEndian)
-    assert fast.on_receive(late, "ORTHANC") == REFUSED_NOT_AUTHORIZED
+    assert fast.on_store(late) == REFUSED_NOT_AUTHORIZED
     assert fast.shortcuts == 0 and fast.refused == 1
 
 
@@ -135,7 +136,7 @@ def test_instances_whose_text_is_blanked_never_take_the_shortcut(tmp_path):
     for i in range(3):
         ds = pydicom.dcmread(path)
         ds.SOPInstanceUID, ds.InstanceNumber = f"{ds.SOPInstanceUID}.{i}", i + 1
-        assert fast.on_receive(encoded(ds, ExplicitVRLittleEndian), "ORTHANC") == SUCCESS
+        assert fast.on_store(encoded(ds, ExplicitVRLittleEndian)) == SUCCESS
     fast.on_release()
     store = open_store(str(tmp_path / "store"))
     SeriesWriter(fast.layout.data(pseudo), fsync=False).commit(store, "projects/blanked/a/b")
@@ -166,8 +167,8 @@ def test_compressed_instances_take_the_shortcut_to_the_same_result(pair, tmp_pat
         ds = pydicom.dcmread(enc)
         ds.pop("DerivationDescription", None)
         inst = encoded(ds, UID(syntax.uid))
-        assert fast.on_receive(inst, "ORTHANC") == SUCCESS
-        assert whole.on_store(inst.dataset(), "ORTHANC") == SUCCESS
+        assert fast.on_store(inst) == SUCCESS
+        assert whole.store(inst.decode(), "ORTHANC") == SUCCESS
     if syntax.how[0] != "dcmcjpeg" or not syntax.lossy:  # dcmtk's lossy images get new
         assert fast.shortcuts == len(corpus.files) - 1  # UIDs and a Source Image Sequence
     got, want = stored(fast, pseudo), stored(whole, pseudo)

@@ -630,8 +630,8 @@ def test_a_source_out_of_resources_is_asked_again_after_a_longer_wait(monkeypatc
     """A C-MOVE answered 0xA702 is asked again after busy_backoff_s, doubling; other answers
     are handed to the pull as they are. (Orthanc does not answer 0xA702 on demand: a stand-in
     retriever answers here; the waits are what the guard was told to sleep, not a clock.)"""
-    from gateway.dimse.scu import RetrieveResult
     from gateway.pull import guard
+    from gateway.pull.source import RetrieveResult
 
     class Busy:
         name, protocol, max_concurrent = "pacs", "move", 1

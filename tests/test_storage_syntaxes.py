@@ -43,7 +43,7 @@ def test_the_storage_scp_accepts_every_syntax(tmp_path, slices):
     Orthanc cannot send)."""
     assert {s.uid for s in SYNTAXES} <= set(STORAGE_TRANSFER_SYNTAXES)
     got: list[pydicom.Dataset] = []
-    scp = StorageSCP("SPHERE", "127.0.0.1", 0, lambda ds, ae: got.append(ds) or 0, timeout_s=10)
+    scp = StorageSCP("SPHERE", "127.0.0.1", 0, lambda ev: got.append(ev.dataset) or 0, timeout_s=10)
     scp.start()
     try:
         for syntax in SYNTAXES:

@@ -6,8 +6,8 @@ from typing import Any, cast
 
 import pytest
 
-from gateway.dimse.scu import RetrieveResult
 from gateway.pull.puller import SeriesJob, verify
+from gateway.pull.source import RetrieveResult
 from storage.series import SeriesWriter
 
 

@@ -147,7 +147,7 @@ class DimseError(Exception):
 
     reason = "dimse failure"
 
-    # result: the partial RetrieveResult of an interrupted C-MOVE / C-GET (defined in scu,
+    # result: the partial SubOperations of an interrupted C-MOVE / C-GET (defined in scu,
     # which imports this module: Any here keeps the imports one way)
     def __init__(self, message: str, *, status: int | None = None, result: Any = None):
         super().__init__(message)

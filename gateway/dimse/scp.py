@@ -1,5 +1,6 @@
 """The gateway's Storage SCP: accepts C-STORE (all storage SOP classes) and C-ECHO, and hands each
-received dataset to `on_store(ds, calling_ae) -> status`.
+received instance to one handler, `on_store(event) -> status` (a `ReceivedInstance`: the dataset
+still encoded, decoded when its `dataset` is read, as pynetdicom's `EVT_C_STORE` handlers get it).
 
 One thread per association reads PDUs straight off a buffered socket and parses only what a
 storage SCP needs (see `ul.py`); this receives 512x512 CT several times faster than a pynetdicom
@@ -26,11 +27,8 @@ from gateway.dimse.service import (
     FAILED,
     RECEIVED,
     Handler,
-    OnReceive,
     OnStore,
     Service,
-    handler_callbacks,
-    store_handler,
     supported_contexts,
 )
 from gateway.dimse.workers import MAX_PREFIX, WorkerConfig, WorkerPool
@@ -58,9 +56,9 @@ def _not_started(*_args: object) -> int:
 class StorageSCP:
     """Storage SCP on `host:port` (port 0 picks a free one); also a context manager.
 
-    Give one of: `on_store(ds, calling_ae)` (decoded dataset), `on_receive(instance, calling_ae)`
-    (still encoded, see ReceivedInstance), or `handler_factory()` returning a `Handler`. Each
-    returns the C-STORE status and is called from one thread per association, so concurrently.
+    Give one of: `on_store(event)` (a `ReceivedInstance`), or `handler_factory()` returning a
+    `Handler` with that same method. It returns the C-STORE status and is called from one thread
+    per association, so concurrently.
 
     `workers=N > 0` serves associations in N worker processes (needs `handler_factory`, which must
     be picklable: each worker calls it once). With `preload` (module names), workers are forked from
@@ -75,7 +73,6 @@ class StorageSCP:
         port: int = 11112,
         on_store: OnStore | None = None,
         *,
-        on_receive: OnReceive | None = None,
         handler_factory: Callable[[], Handler] | None = None,
         workers: int = 0,
         max_associations: int = 8,
@@ -85,9 +82,8 @@ class StorageSCP:
         preload: list[str] | None = None,
         allowed_callers: Collection[str] | None = None,
     ) -> None:
-        given = sum(x is not None for x in (on_store, on_receive, handler_factory))
-        if given != 1:
-            raise ValueError("give exactly one of on_store, on_receive and handler_factory")
+        if (on_store is None) == (handler_factory is None):
+            raise ValueError("give exactly one of on_store and handler_factory")
         if workers < 0 or (workers and handler_factory is None):
             raise ValueError("worker processes need a picklable handler_factory")
         self.ae_title = ae_title
@@ -104,7 +100,7 @@ class StorageSCP:
         self.allowed_callers = frozenset(allowed_callers) if allowed_callers is not None else None
         self.start_seconds = 0.0  # how long start() took (worker start-up, mostly)
         # With a handler_factory, the handler is built by start().
-        store = _not_started if handler_factory else store_handler(on_store, on_receive)
+        store = on_store if on_store is not None else _not_started
         self._service = Service(
             supported_contexts(transfer_syntaxes),
             max_pdu,
@@ -120,14 +116,12 @@ class StorageSCP:
         self._conns: dict[socket.socket, threading.Thread] = {}
         self._next_id = 0
 
-    def set_callback(
-        self, on_store: OnStore | None = None, *, on_receive: OnReceive | None = None
-    ) -> None:
+    def set_callback(self, on_store: OnStore) -> None:
         """Swap the storage callback while running (takes effect for the next C-STORE).
         Not with worker processes: their handlers live there."""
         if self.workers:
             raise RuntimeError("set_callback does not reach worker processes")
-        self._service.store = store_handler(on_store, on_receive)
+        self._service.store = on_store
 
     @property
     def port(self) -> int:
@@ -193,7 +187,7 @@ class StorageSCP:
                     self.max_pdu,
                     self.timeout_s,
                     self.max_associations,
-                    handler_callbacks(handler),
+                    handler.on_store,
                     handler,
                     allowed_callers=self.allowed_callers,
                 )

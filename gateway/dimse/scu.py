@@ -12,7 +12,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from io import BytesIO
 
 from pydicom import Dataset
@@ -26,6 +26,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from dicom.received import ReceivedInstance
 from gateway.dimse import ul
 from gateway.dimse.common import (
     GET_STORAGE_CLASSES,
@@ -41,7 +42,7 @@ from gateway.dimse.common import (
     is_pending,
     is_success,
 )
-from gateway.dimse.service import OnReceive, OnStore, StoreHandler, store_handler
+from gateway.dimse.service import OnStore, call_on_store
 
 __all__ = [
     "Association",
@@ -51,10 +52,8 @@ __all__ = [
     "DimseTimeout",
     "Peer",
     "PeerUnreachable",
-    "RetrieveResult",
     "Scu",
-    "SeriesHit",
-    "StudyHit",
+    "SubOperations",
 ]
 
 _WILDCARDS = ("*", "?", "\\")
@@ -72,33 +71,9 @@ class Peer:
     port: int
 
 
-@dataclass(frozen=True)
-class StudyHit:
-    """One study-level C-FIND match. Identifying fields are kept out of `repr`."""
-
-    study_uid: str = field(repr=False)
-    patient_id: str = field(repr=False)
-    accession: str = field(repr=False)
-    study_date: str = field(repr=False)
-    modalities: tuple[str, ...] = ()
-    n_series: int | None = None
-    n_instances: int | None = None
-
-
-@dataclass(frozen=True)
-class SeriesHit:
-    """One series-level C-FIND match."""
-
-    study_uid: str = field(repr=False)
-    series_uid: str = field(repr=False)
-    modality: str = ""
-    series_number: int | None = None
-    n_instances: int | None = None
-
-
 @dataclass
-class RetrieveResult:
-    """Final (or last known) sub-operation counts of a C-MOVE / C-GET."""
+class SubOperations:
+    """Final (or last known) status and sub-operation counts of a C-MOVE / C-GET."""
 
     status: int | None = None  # None: no final response arrived
     completed: int = 0
@@ -128,11 +103,6 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         return None
-
-
-def _str(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
-    return "" if value is None else str(value)
 
 
 def _exact(name: str, value: str) -> str:
@@ -184,7 +154,7 @@ class Association:
         cx_id: int,
         command: bytes,
         dataset: bytes | None = None,
-        result: RetrieveResult | None = None,
+        result: SubOperations | None = None,
     ) -> None:
         """Send one message, or raise the DimseError a broken connection amounts to."""
         try:
@@ -198,7 +168,7 @@ class Association:
             ) from exc
 
     def _read(
-        self, what: str, timeout: float, answered: bool, result: RetrieveResult | None = None
+        self, what: str, timeout: float, answered: bool, result: SubOperations | None = None
     ) -> tuple[int, dict[int, bytes], bytes | None]:
         """The next message, or the DimseError the failure to get one amounts to."""
         self.ch.sock.settimeout(timeout)
@@ -274,11 +244,11 @@ class Association:
         what: str,
         query: Dataset,
         dest_ae: str | None = None,
-        handler: StoreHandler | None = None,
-        on_progress: Callable[[RetrieveResult], None] | None = None,
-    ) -> RetrieveResult:
-        """C-MOVE (to `dest_ae`) or C-GET (C-STOREs on this association go to `handler`, see
-        `scp.store_handler`)."""
+        handler: OnStore | None = None,
+        on_progress: Callable[[SubOperations], None] | None = None,
+    ) -> SubOperations:
+        """C-MOVE (to `dest_ae`) or C-GET (C-STOREs on this association go to `handler`, as
+        to a Storage SCP's `on_store`)."""
         is_get = dest_ae is None
         sop = (
             StudyRootQueryRetrieveInformationModelGet
@@ -295,7 +265,7 @@ class Association:
         }
         if dest_ae is not None:
             cmd[ul.MOVE_DESTINATION] = dest_ae
-        result = RetrieveResult()
+        result = SubOperations()
         self._send(what, cx_id, ul.encode_command(cmd), self._encode(query, cx_id), result)
         answered = False
         while True:
@@ -335,12 +305,14 @@ class Association:
         cx_id: int,
         rq: dict[int, bytes],
         data: bytes,
-        handler: StoreHandler,
-        result: RetrieveResult,
+        handler: OnStore,
+        result: SubOperations,
     ) -> None:
         sop_class = ul.ui(rq.get(ul.AFFECTED_SOP_CLASS))
         sop_instance = ul.ui(rq.get(ul.AFFECTED_SOP_INSTANCE))
-        status = handler(data, self.ch.contexts[cx_id], sop_class, sop_instance, self.peer.ae_title)
+        syntax = self.ch.contexts[cx_id]
+        event = ReceivedInstance(sop_class, sop_instance, syntax, data, self.peer.ae_title)
+        status = call_on_store(handler, event)
         result.received += 1
         rsp = ul.response_command(
             ul.C_STORE_RSP, ul.us(rq.get(ul.MESSAGE_ID)) or 0, status, sop_class, sop_instance
@@ -489,8 +461,9 @@ class Scu:
         accession: str | None = None,
         patient_id: str | None = None,
         study_uid: str | None = None,
-    ) -> list[StudyHit]:
-        """Study-level C-FIND on exact keys (at least one); returns every match."""
+    ) -> list[Dataset]:
+        """Study-level C-FIND on exact keys (at least one); returns every match's identifier
+        (UIDs, Patient ID, Accession Number, Study Date, Modalities in Study, counts)."""
         if not (accession or patient_id or study_uid):
             raise ValueError("give accession, patient_id or study_uid")
         q = Dataset()
@@ -503,26 +476,11 @@ class Scu:
         q.NumberOfStudyRelatedSeries = None
         q.NumberOfStudyRelatedInstances = None
         with self.connect(peer) as assoc:
-            answers = assoc.find(q)
-        hits = []
-        for ds in answers:
-            mods = ds.get("ModalitiesInStudy") or []
-            mods = [mods] if isinstance(mods, str) else list(mods)
-            hits.append(
-                StudyHit(
-                    study_uid=_str(ds, "StudyInstanceUID"),
-                    patient_id=_str(ds, "PatientID"),
-                    accession=_str(ds, "AccessionNumber"),
-                    study_date=_str(ds, "StudyDate"),
-                    modalities=tuple(str(m) for m in mods if m),
-                    n_series=_int(ds, "NumberOfStudyRelatedSeries"),
-                    n_instances=_int(ds, "NumberOfStudyRelatedInstances"),
-                )
-            )
-        return hits
+            return assoc.find(q)
 
-    def find_series(self, peer: Peer, study_uid: str) -> list[SeriesHit]:
-        """Series-level C-FIND within one study."""
+    def find_series(self, peer: Peer, study_uid: str) -> list[Dataset]:
+        """Series-level C-FIND within one study: each series' identifier (UIDs, Modality,
+        Series Number, Number of Series Related Instances)."""
         q = Dataset()
         q.QueryRetrieveLevel = "SERIES"
         q.StudyInstanceUID = _exact("study_uid", study_uid)
@@ -531,17 +489,7 @@ class Scu:
         q.SeriesNumber = None
         q.NumberOfSeriesRelatedInstances = None
         with self.connect(peer) as assoc:
-            answers = assoc.find(q)
-        return [
-            SeriesHit(
-                study_uid=_str(ds, "StudyInstanceUID") or study_uid,
-                series_uid=_str(ds, "SeriesInstanceUID"),
-                modality=_str(ds, "Modality"),
-                series_number=_int(ds, "SeriesNumber"),
-                n_instances=_int(ds, "NumberOfSeriesRelatedInstances"),
-            )
-            for ds in answers
-        ]
+            return assoc.find(q)
 
     def find_image_size(
         self, peer: Peer, study_uid: str, series_uid: str
@@ -572,8 +520,8 @@ class Scu:
         series_uid: str,
         dest_ae: str,
         *,
-        on_progress: Callable[[RetrieveResult], None] | None = None,
-    ) -> RetrieveResult:
+        on_progress: Callable[[SubOperations], None] | None = None,
+    ) -> SubOperations:
         """C-MOVE one series to `dest_ae` (the gateway's Storage SCP).
 
         Returns the final counts and status, a failure status included (e.g. 0xA801 "move
@@ -607,21 +555,19 @@ class Scu:
         peer: Peer,
         study_uid: str,
         series_uid: str,
-        on_store: OnStore | None = None,
+        on_store: OnStore,
         *,
-        on_receive: OnReceive | None = None,
-        on_progress: Callable[[RetrieveResult], None] | None = None,
+        on_progress: Callable[[SubOperations], None] | None = None,
         sop_classes: list[str] | None = None,
-    ) -> RetrieveResult:
-        """C-GET one series over its own association; each dataset goes to `on_store(ds, peer_ae)`
-        (or, still encoded, to `on_receive`), whose return value is the C-STORE status sent
-        back. `sop_classes` (those of the study, see `find_sop_classes`) are offered in every
-        syntax the Storage SCP takes, so the PACS sends what it holds as it holds it. Same
-        result and errors as move_series."""
+    ) -> SubOperations:
+        """C-GET one series over its own association; each instance goes to `on_store(event)`
+        (as the Storage SCP's handler), whose return value is the C-STORE status sent back.
+        `sop_classes` (those of the study, see `find_sop_classes`) are offered in every syntax
+        the Storage SCP takes, so the PACS sends what it holds as it holds it. Same result and
+        errors as move_series."""
         q = _series_query(study_uid, series_uid)
-        handler = store_handler(on_store, on_receive)
         with self.connect(peer, get_contexts(sop_classes), GET_STORAGE_CLASSES) as assoc:
-            return assoc.retrieve("C-GET", q, handler=handler, on_progress=on_progress)
+            return assoc.retrieve("C-GET", q, handler=on_store, on_progress=on_progress)
 
 
 class Mover:
@@ -641,8 +587,8 @@ class Mover:
         series_uid: str,
         dest_ae: str,
         *,
-        on_progress: Callable[[RetrieveResult], None] | None = None,
-    ) -> RetrieveResult:
+        on_progress: Callable[[SubOperations], None] | None = None,
+    ) -> SubOperations:
         """As `Scu.move_series`. A kept association the PACS has closed meanwhile (many end
         idle ones) is replaced once, when it broke before any answer."""
         q = _series_query(study_uid, series_uid)
@@ -679,7 +625,7 @@ class Mover:
 
 def _unanswered(result: object) -> bool:
     return (
-        isinstance(result, RetrieveResult)
+        isinstance(result, SubOperations)
         and result.status is None
         and not (result.completed or result.failed or result.warning or result.remaining)
     )

@@ -1,5 +1,6 @@
 """Serving one Storage SCP association: negotiation, C-ECHO, C-STORE, release, and what is
-handed to the storage callback (`ReceivedInstance`, `on_store`/`on_receive`/`Handler`).
+each instance handed to one handler shape, `on_store(event)` (a `ReceivedInstance`, as
+pynetdicom's `EVT_C_STORE` handler gets its event), or a `Handler` with the same method.
 
 Used by the listener (`scp.StorageSCP`, one thread per association) and by the worker processes
 (`workers.py`), which serve associations handed to them the same way.
@@ -13,22 +14,15 @@ import logging
 import socket
 import threading
 import time
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable, MutableSequence, Sequence
-from dataclasses import dataclass, field, replace
-from io import BytesIO
-from typing import Any, BinaryIO, Protocol
+from dataclasses import replace
+from typing import Any, Protocol
 
-from pydicom import Dataset
-from pydicom.dataelem import RawDataElement
-from pydicom.dataset import FileMetaDataset
-from pydicom.filereader import read_dataset
-from pydicom.tag import BaseTag
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
+from dicom.received import Mismatch, ReceivedInstance, Undecodable
 from gateway.dimse import ul
 from gateway.dimse.common import (
     CANNOT_UNDERSTAND,
@@ -42,26 +36,40 @@ from gateway.dimse.common import (
 
 log = logging.getLogger(__name__)
 
-OnStore = Callable[[Dataset, str], int]
-
 _STORAGE_CLASSES = [
     cx.abstract_syntax for cx in AllStoragePresentationContexts if cx.abstract_syntax
 ]
 _ANSWERS = 8  # association requests remembered per service
 
 
-def call_on_store(callback: Callable[[Any, str], int], item: Any, calling_ae: str) -> int:
-    """Run a storage callback; any exception becomes 0xC000 (a full disk 0xA700) and a log
-    line without PHI."""
+# The one handler shape: a received instance (the dataset decoded when read) -> C-STORE status.
+OnStore = Callable[[ReceivedInstance], int]
+
+
+def call_on_store(on_store: OnStore, event: ReceivedInstance) -> int:
+    """Run the storage handler; what it raises becomes a status and a log line without PHI:
+    an undecodable dataset 0xC210, one that does not match its request 0xA900, a full disk
+    0xA700, anything else 0xC000."""
+    ae = event.calling_ae
     try:
-        return int(callback(item, calling_ae))
+        return int(on_store(event))
+    except Undecodable as exc:
+        log.warning("undecodable dataset from %s (%s): answered 0x%04X", ae, exc, DECODE_FAILED)
+        return DECODE_FAILED
+    except Mismatch:
+        log.warning(
+            "dataset from %s does not match its C-STORE request: answered 0x%04X",
+            ae,
+            DATASET_MISMATCH,
+        )
+        return DATASET_MISMATCH
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            return _failed(calling_ae, exc, CANNOT_UNDERSTAND)
+            return _failed(ae, exc, CANNOT_UNDERSTAND)
         # A full disk: "out of resources", so the peer knows it may try again later.
-        return _failed(calling_ae, exc, OUT_OF_RESOURCES)
+        return _failed(ae, exc, OUT_OF_RESOURCES)
     except Exception as exc:
-        return _failed(calling_ae, exc, CANNOT_UNDERSTAND)
+        return _failed(ae, exc, CANNOT_UNDERSTAND)
 
 
 def _failed(calling_ae: str, exc: BaseException, status: int) -> int:
@@ -75,121 +83,17 @@ def _failed(calling_ae: str, exc: BaseException, status: int) -> int:
     return status
 
 
-def _ui(tag: int, value: str) -> RawDataElement:
-    raw = value.encode("ascii")
-    raw += b"\x00" * (len(raw) % 2)
-    return RawDataElement(BaseTag(tag), "UI", len(raw), raw, 0, False, True)
-
-
-_IMPLEMENTATION = _ui(0x00020012, ul.IMPLEMENTATION_CLASS_UID)
-
-
-def decode_dataset(data: bytes, syntax: UID, sop_class: str, sop_instance: str) -> Dataset:
-    """Parse a received dataset (values stay raw until read) and attach its file meta."""
-    if syntax == DeflatedExplicitVRLittleEndian:
-        inflate = zlib.decompressobj(-zlib.MAX_WBITS)
-        data = inflate.decompress(data, ul.MAX_DATASET)
-        if inflate.unconsumed_tail:  # a deflate bomb: a few KB that inflate to gigabytes
-            raise ValueError(f"deflated dataset inflates past {ul.MAX_DATASET >> 20} MiB")
-    ds = read_dataset(BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian)
-    ds.file_meta = file_meta(syntax, sop_class, sop_instance)
-    return ds
-
-
-def file_meta(syntax: UID, sop_class: str, sop_instance: str) -> FileMetaDataset:
-    """File meta information for a received instance."""
-    # Raw elements: validated only if read, which saves ~50 us per instance.
-    meta = FileMetaDataset()
-    meta[0x00020002] = _ui(0x00020002, sop_class)
-    meta[0x00020003] = _ui(0x00020003, sop_instance)
-    meta[0x00020010] = _ui(0x00020010, syntax)
-    meta[0x00020012] = _IMPLEMENTATION
-    return meta
-
-
-@dataclass(frozen=True)
-class ReceivedInstance:
-    """A received C-STORE dataset, still encoded: for spooling as-is and decoding later (in
-    another process, say), which keeps the association's round trip short."""
-
-    sop_class: str
-    sop_instance: str = field(repr=False)
-    transfer_syntax: UID
-    data: bytes = field(repr=False)  # the dataset as sent (deflated if the syntax says so)
-
-    def dataset(self) -> Dataset:
-        """Decode (values stay raw until read), with file meta."""
-        return decode_dataset(self.data, self.transfer_syntax, self.sop_class, self.sop_instance)
-
-    def write(self, fp: BinaryIO) -> None:
-        """Write as a DICOM Part 10 file, bytes unchanged."""
-        fp.write(ul.part10_header(self.sop_class, self.sop_instance, self.transfer_syntax))
-        fp.write(self.data)
-
-
-OnReceive = Callable[[ReceivedInstance, str], int]
-# What the SCP and the C-GET SCU run per C-STORE: (data, syntax, sop class, instance, AE) -> status
-StoreHandler = Callable[[bytes, UID, str, str, str], int]
-
-
-def store_handler(on_store: OnStore | None, on_receive: OnReceive | None) -> StoreHandler:
-    """The per-C-STORE handler for exactly one of the two callback kinds."""
-    if (on_store is None) == (on_receive is None):
-        raise ValueError("give exactly one of on_store and on_receive")
-    if on_receive is not None:
-        receive = on_receive
-
-        def raw(data: bytes, syntax: UID, sop_class: str, sop_instance: str, ae: str) -> int:
-            return call_on_store(
-                receive, ReceivedInstance(sop_class, sop_instance, syntax, data), ae
-            )
-
-        return raw
-    assert on_store is not None  # exactly one of the two, checked above
-    store = on_store
-
-    def decoded(data: bytes, syntax: UID, sop_class: str, sop_instance: str, ae: str) -> int:
-        return store_received(store, data, syntax, sop_class, sop_instance, ae)
-
-    return decoded
-
-
-def store_received(
-    on_store: OnStore, data: bytes, syntax: UID, sop_class: str, sop_instance: str, calling_ae: str
-) -> int:
-    """Decode one received C-STORE dataset, check it against its request, run the callback;
-    returns the C-STORE status. Nothing raises: failures are statuses and log lines without PHI."""
-    try:
-        ds = decode_dataset(data, syntax, sop_class, sop_instance)
-        matches = ds.get("SOPInstanceUID") == sop_instance and ds.get("SOPClassUID") == sop_class
-    except Exception as exc:
-        log.warning(
-            "undecodable dataset from %s (%s): answered 0x%04X",
-            calling_ae,
-            type(exc).__name__,
-            DECODE_FAILED,
-        )
-        return DECODE_FAILED
-    if not matches:
-        log.warning(
-            "dataset from %s does not match its C-STORE request: answered 0x%04X",
-            calling_ae,
-            DATASET_MISMATCH,
-        )
-        return DATASET_MISMATCH
-    return call_on_store(on_store, ds, calling_ae)
-
-
 class Handler(Protocol):
     """What `handler_factory()` returns: built once per worker process (or once per SCP without
-    workers). One with `on_receive(instance, calling_ae)` gets instances still encoded (see
-    ReceivedInstance) instead. Optionally also `on_association(assoc_id, calling_ae)`, called
-    once the association is accepted (an exception aborts it), and `on_release(assoc_id)`,
-    called when it ends: on release before the A-RELEASE-RP is sent (so a flush there is done
-    when the peer sees the release), or after an abort or a dropped connection. All three run
-    on the association's own thread; associations are served concurrently."""
+    workers). `on_store(event)` gets each instance (see ReceivedInstance: still encoded, its
+    `dataset` decoded when read) and returns the C-STORE status. Optionally also
+    `on_association(assoc_id, calling_ae)`, called once the association is accepted (an
+    exception aborts it), and `on_release(assoc_id)`, called when it ends: on release before the
+    A-RELEASE-RP is sent (so a flush there is done when the peer sees the release), or after an
+    abort or a dropped connection. All three run on the association's own thread; associations
+    are served concurrently."""
 
-    def on_store(self, ds: Dataset, calling_ae: str) -> int: ...
+    def on_store(self, event: ReceivedInstance) -> int: ...
 
 
 def supported_contexts(transfer_syntaxes: Sequence[str] | None = None) -> list[Any]:
@@ -198,12 +102,6 @@ def supported_contexts(transfer_syntaxes: Sequence[str] | None = None) -> list[A
     # Our order of preference among what the sender proposes: uncompressed first.
     syntaxes = transfer_syntaxes or STORAGE_TRANSFER_SYNTAXES
     return supported + ul.supported_contexts(_STORAGE_CLASSES, syntaxes)
-
-
-def handler_callbacks(handler: Handler) -> StoreHandler:
-    """The per-C-STORE handler of a Handler: its on_receive, or else its on_store."""
-    on_receive = getattr(handler, "on_receive", None)
-    return store_handler(None if on_receive else handler.on_store, on_receive)
 
 
 RECEIVED, FAILED, FINISHED = 0, 1, 2  # counter slots: instances, failures, connections done
@@ -219,7 +117,7 @@ class Service:
         max_pdu: int,
         timeout_s: float,
         max_associations: int | None,
-        store: StoreHandler,
+        store: OnStore,
         handler: object = None,
         counts: MutableSequence[int] | memoryview | None = None,
         *,
@@ -275,10 +173,8 @@ class Service:
         with self.lock:
             self.counts[FINISHED] += 1
 
-    def handle(
-        self, data: bytes, syntax: UID, sop_class: str, sop_instance: str, calling_ae: str
-    ) -> int:
-        status = self.store(data, syntax, sop_class, sop_instance, calling_ae)
+    def handle(self, event: ReceivedInstance) -> int:
+        status = call_on_store(self.store, event)
         counted = status not in (DECODE_FAILED, DATASET_MISMATCH)
         failed = is_failure(status)
         with self.lock:
@@ -467,8 +363,9 @@ class _Association:
             if field == ul.C_STORE_RQ and data is not None:
                 sop_class = ul.ui(cmd.get(ul.AFFECTED_SOP_CLASS))
                 sop_instance = ul.ui(cmd.get(ul.AFFECTED_SOP_INSTANCE))
+                syntax = self.ch.contexts[cx_id]
                 status = handle(
-                    data, self.ch.contexts[cx_id], sop_class, sop_instance, self.calling_ae
+                    ReceivedInstance(sop_class, sop_instance, syntax, data, self.calling_ae)
                 )
                 self._respond(cx_id, ul.C_STORE_RSP, cmd, status)
             elif field == ul.C_ECHO_RQ:

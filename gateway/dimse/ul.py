@@ -369,32 +369,6 @@ def _fragments(cx_id: int, data: bytes, is_command: bool, peer_max_pdu: int) -> 
     return bytes(out)
 
 
-def part10_header(sop_class: str, sop_instance: str, syntax: str) -> bytes:
-    """Preamble, "DICM" and the file meta group, ready to be followed by the dataset bytes."""
-
-    def elem(tag_elem: int, vr: bytes, value: bytes) -> bytes:
-        if vr == b"OB":  # explicit VR with a 4-byte length
-            return struct.pack("<HH2sHL", 2, tag_elem, vr, 0, len(value)) + value
-        return struct.pack("<HH2sH", 2, tag_elem, vr, len(value)) + value
-
-    def uid(value: str) -> bytes:
-        raw = value.encode("ascii")
-        return raw + b"\x00" * (len(raw) % 2)
-
-    version = IMPLEMENTATION_VERSION.encode("ascii")
-    version += b" " * (len(version) % 2)
-    body = (
-        elem(0x0001, b"OB", b"\x00\x01")
-        + elem(0x0002, b"UI", uid(sop_class))
-        + elem(0x0003, b"UI", uid(sop_instance))
-        + elem(0x0010, b"UI", uid(syntax))
-        + elem(0x0012, b"UI", uid(IMPLEMENTATION_CLASS_UID))
-        + elem(0x0013, b"SH", version)
-    )
-    group_length = struct.pack("<HH2sHL", 2, 0x0000, b"UL", 4, len(body))
-    return b"\x00" * 128 + b"DICM" + group_length + body
-
-
 # --- a connection -----------------------------------------------------------------------------
 
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from gateway.dimse.forkserver import Forked, ForkServer
-from gateway.dimse.service import FINISHED, Service, handler_callbacks, supported_contexts
+from gateway.dimse.service import FINISHED, Service, supported_contexts
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def serve_worker(
     counts = counts[index * _SLOTS : (index + 1) * _SLOTS]
     try:
         handler = pickle.loads(factory_pickle)()
-        store = handler_callbacks(handler)
+        store = handler.on_store
     except Exception as exc:
         log.error("handler factory failed (%s)", type(exc).__name__)
         with contextlib.suppress(OSError):

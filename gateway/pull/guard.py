@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 from core import Core, SphereError, metrics, windows
 from core.settings import Source
+from gateway.pull.source import is_out_of_resources
 from storage.catalog import Catalog, utcnow
 
 log = logging.getLogger(__name__)
@@ -272,7 +273,7 @@ class Guarded:
         for attempt in range(self.source.busy_retries + 1):
             result = self._guarded(self.inner.retrieve, study_uid, series_uid)
             status = getattr(result, "status", None)
-            if status is None or not 0xA700 <= status <= 0xA7FF:
+            if status is None or not is_out_of_resources(status):
                 return result
             if attempt == self.source.busy_retries:
                 break

@@ -28,12 +28,12 @@ from core.index import index_stored
 from core.optout import Register
 from core.projects import CohortEntry, cohort
 from deid.keys import ProjectKeys
-from gateway.dimse.scu import RetrieveResult, SeriesHit, StudyHit
 from gateway.pull.guard import SourceGone, check_windows
 from gateway.pull.layout import SpoolLayout
 from gateway.pull.lock import ProjectPullLock, PullBusy
 from gateway.pull.report import PullProgress, PullReport, SeriesOutcome
-from gateway.pull.retrievers import Retriever, SourceError, open_retrievers
+from gateway.pull.retrievers import SourceError, open_retrievers
+from gateway.pull.source import Retriever, RetrieveResult, SeriesHit, StudyHit
 from gateway.pull.stops import (
     PullStopped,
     check_spool,

@@ -33,10 +33,10 @@ from deid.engine import Quarantined
 from deid.profile import CODES, Option
 from dicom.json_model import Part
 from dicom.raw import element_spans, value_span
+from dicom.received import Mismatch, ReceivedInstance, Undecodable, file_meta
 from gateway import logs
-from gateway.dimse.common import REFUSED_NOT_AUTHORIZED, SUCCESS
-from gateway.dimse.service import ReceivedInstance, file_meta, store_received
 from gateway.pull.layout import SpoolLayout
+from gateway.pull.source import DATASET_MISMATCH, DECODE_FAILED, REFUSED, SUCCESS
 from storage.series import SeriesWriter
 
 _SERIES_UID, _SOP_UID, _PIXEL_DATA = 0x0020000E, 0x00080018, 0x7FE00010
@@ -115,14 +115,16 @@ class Receiver:
         self._sources = {s.ae_title: s.name for s in sources if s.protocol != "dicomweb"}
         self._sources |= {f"dicomweb:{s.name}": s.name for s in sources if s.protocol == "dicomweb"}
 
-    def on_receive(self, inst: ReceivedInstance, calling_ae: str) -> int:
-        """`on_store` for an instance still encoded, as the Storage SCP hands it over.
+    def on_store(self, inst: ReceivedInstance) -> int:
+        """The status for one received instance (the Storage SCP's handler; C-GET and DICOMweb
+        hand theirs the same way): success only once it is spooled (or quarantined).
 
-        The same outcome, byte for byte, but the second and later instances of a series take
-        a shortcut: compared with the last one as bytes, element by element, only the
-        elements that changed (UIDs, position, times...) are decoded and de-identified, when
-        they are of a kind that cannot affect any other (see Deidentifier.apply_changes).
+        The second and later instances of a series take a shortcut to the same outcome, byte
+        for byte: compared with the last one as bytes, element by element, only the elements
+        that changed (UIDs, position, times...) are decoded and de-identified, when they are of
+        a kind that cannot affect any other (see Deidentifier.apply_changes).
         """
+        calling_ae = inst.calling_ae
         source = self.source(calling_ae)
         self.metrics.received.labels(self.cfg.project, source).inc()
         self.metrics.received_bytes.labels(self.cfg.project, source).inc(len(inst.data))
@@ -135,18 +137,22 @@ class Receiver:
                 if status is not None:
                     return status
 
-        def store(ds: Dataset, ae: str) -> int:
-            if syntax == DeflatedExplicitVRLittleEndian:
-                # Inflated on receipt: what is de-identified and stored is Explicit VR LE.
-                ds.file_meta = file_meta(ExplicitVRLittleEndian, inst.sop_class, inst.sop_instance)
-            return self._store(ds, ae, (inst, spans) if spans is not None else None, syntax)
+        try:
+            ds = inst.dataset
+        except Undecodable as e:
+            log.warning("undecodable dataset from %s (%s)", calling_ae, e)
+            return DECODE_FAILED
+        except Mismatch:
+            log.warning("a dataset from %s does not match its request", calling_ae)
+            return DATASET_MISMATCH
+        if syntax == DeflatedExplicitVRLittleEndian:
+            # Inflated on receipt: what is de-identified and stored is Explicit VR LE.
+            ds.file_meta = file_meta(ExplicitVRLittleEndian, inst.sop_class, inst.sop_instance)
+        return self._store(ds, calling_ae, (inst, spans) if spans is not None else None, syntax)
 
-        return store_received(
-            store, inst.data, syntax, inst.sop_class, inst.sop_instance, calling_ae
-        )
-
-    def on_store(self, ds: Dataset, calling_ae: str) -> int:
-        """The C-STORE status for one instance: success only once it is spooled (or quarantined)."""
+    def store(self, ds: Dataset, calling_ae: str) -> int:
+        """The whole way for a dataset already decoded (no shortcut): what `on_store` does
+        when none applies."""
         self.metrics.received.labels(self.cfg.project, self.source(calling_ae)).inc()
         meta = getattr(ds, "file_meta", None)
         syntax = meta.get("TransferSyntaxUID") if meta is not None else None
@@ -169,9 +175,9 @@ class Receiver:
         study_uid = str(ds.get("StudyInstanceUID") or "")
         if want is None or not study_uid or self.keys.uid(study_uid) != want["study"]:
             self._refuse(calling_ae)
-            return REFUSED_NOT_AUTHORIZED
+            return REFUSED
         if self._opted_out(ds, calling_ae):
-            return REFUSED_NOT_AUTHORIZED
+            return REFUSED
         pseudo_sop = self.keys.uid(str(ds.get("SOPInstanceUID") or ""))
         context = self.deid.context(ds) if received is not None else None
         try:

@@ -1,8 +1,9 @@
 """How a pull reaches a PACS: one `Retriever` per source and protocol. The pull plans with
 `find_studies` and `find_series`, then calls `retrieve` per series (from several threads); the
 retriever brings the instances to `Receiver`s, which refuse what is not expected, de-identify and
-spool. C-MOVE, C-GET and DICOMweb (QIDO-RS + WADO-RS) are here: another protocol is one more class
-with the same methods.
+spool. C-MOVE and C-GET are here, DICOMweb (QIDO-RS + WADO-RS) in `dicomweb`, which speaks no
+DIMSE; the types they share are `source`'s. Another protocol is one more class with the same
+methods.
 
 `open_retrievers(core, project)` builds one per source the settings name; nothing else reads them.
 """
@@ -12,117 +13,44 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from collections.abc import Callable
+from dataclasses import asdict
 from functools import partial
-from io import BytesIO
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
-from pydicom.filereader import read_dataset
-from pydicom.uid import UID
+from pydicom import Dataset
 
-from core import Core, NotSetUp, SphereError, metrics
+from core import Core, NotSetUp, SphereError
 from core.settings import Source
 from gateway.dimse.scp import StorageSCP
-from gateway.dimse.scu import DimseError, Mover, Peer, RetrieveResult, Scu, SeriesHit, StudyHit
-from gateway.dimse.service import ReceivedInstance
+from gateway.dimse.scu import DimseError, Mover, Peer, Scu, SubOperations
+from gateway.pull.base import ReceivesHere, SourceBase
+from gateway.pull.dicomweb import DicomwebRetriever
 from gateway.pull.guard import SourceError, guarded
-from gateway.pull.receiver import Receiver, ReceiverConfig, in_worker
-from gateway.web.client import DicomwebClient, DicomwebError
+from gateway.pull.receiver import ReceiverConfig, in_worker
+from gateway.pull.source import Retriever, RetrieveResult, SeriesHit, StudyHit
+from gateway.web.client import DicomwebClient
+
+__all__ = ["DicomwebRetriever", "PortInUse", "Retriever", "SourceError", "open_retrievers"]
 
 # What the Storage SCP's worker processes import, once, in the fork server they are forked from.
 WORKER_MODULES = ["gateway.pull.receiver"]
-T = TypeVar("T")
 
 
 class PortInUse(SphereError):
     """Our Storage SCP's port is taken or not ours to use (the message names it)."""
 
 
-class Retriever(Protocol):
-    """A PACS the pull plans with and retrieves from. A context manager: entering makes it
-    ready to receive (an SCP listening, a receiver open), leaving releases what it holds.
-    Network failures raise `SourceError`."""
-
-    name: str  # the source's name, recorded with each series pulled from it
-    protocol: str  # "move", "get", "dicomweb"
-    max_concurrent: int  # series retrieved at once: the source's association or request limit
-
-    def __enter__(self) -> Retriever: ...
-
-    def __exit__(self, *exc: object) -> None: ...
-
-    def echo(self) -> None:
-        """Check that the source answers; `SourceError` if it does not."""
-
-    def find_studies(self, kind: str, value: str) -> list[StudyHit]:
-        """Studies matching one cohort item exactly (kind: accession, patient_id, study_uid)."""
-
-    def find_series(self, study_uid: str) -> list[SeriesHit]:
-        """The series of one study, with the source's instance counts."""
-
-    def image_size(self, study_uid: str, series_uid: str) -> tuple[int, int, int, int] | None:
-        """Rows, columns, bits allocated, frames of an instance of the series (a plan's size
-        estimate), or None when the source does not say."""
-
-    def retrieve(self, study_uid: str, series_uid: str) -> RetrieveResult:
-        """Bring every instance of one series to the receivers; thread-safe."""
-
-
-class _Source:
-    """What every retriever shares: its protocol's errors become `SourceError`, named by it."""
-
-    errors: type[Exception] = Exception
-    name: str
-
-    def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        try:
-            with self.in_use():
-                return fn(*args)
-        except self.errors as e:
-            raise SourceError(f"{self}: {e}", answered=_answered(e)) from None
-
-    def in_use(self) -> Any:
-        """Counts an association (or HTTP exchange) with the source while it is open."""
-        return metrics.get().connections.labels(self.name).track_inprogress()
-
-
-def _answered(e: Exception) -> bool:
-    """Whether the source answered at all: a DIMSE status, or an HTTP answer."""
-    if isinstance(e, DimseError):
-        return e.status is not None
-    return "cannot be reached" not in str(e)
-
-
-class _ReceivesHere(_Source):
-    """A retriever whose instances arrive in this process: one receiver, open while entered."""
-
-    cfg: ReceiverConfig
-    _receiver: Receiver | None = None
-
-    def __enter__(self) -> _ReceivesHere:
-        self._receiver = Receiver(self.cfg)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._receiver is not None:
-            self._receiver.close()
-            self._receiver = None
-
-    @property
-    def receiver(self) -> Receiver:
-        if self._receiver is None:
-            raise RuntimeError("retriever used outside its `with` block")
-        return self._receiver
-
-
 # -- DIMSE ------------------------------------------------------------------------------------
 
 
-class DimseRetriever(_Source):
+class DimseRetriever(SourceBase):
     """What C-MOVE and C-GET share: C-ECHO and C-FIND (Study Root) on the PACS."""
 
     protocol = "dimse"
     errors = DimseError
+
+    def answered(self, e: Exception) -> bool:
+        return isinstance(e, DimseError) and e.status is not None
 
     def __init__(self, name: str, scu: Scu, peer: Peer, cfg: ReceiverConfig, limit: int) -> None:
         self.name, self.scu, self.peer, self.cfg = name, scu, peer, cfg
@@ -132,10 +60,12 @@ class DimseRetriever(_Source):
         self._call(self.scu.echo, self.peer)
 
     def find_studies(self, kind: str, value: str) -> list[StudyHit]:
-        return self._call(partial(self.scu.find_studies, self.peer, **{kind: value}))
+        found = self._call(partial(self.scu.find_studies, self.peer, **{kind: value}))
+        return [study_hit(ds) for ds in found]
 
     def find_series(self, study_uid: str) -> list[SeriesHit]:
-        return self._call(self.scu.find_series, self.peer, study_uid)
+        found = self._call(self.scu.find_series, self.peer, study_uid)
+        return [series_hit(ds, study_uid) for ds in found]
 
     def image_size(self, study_uid: str, series_uid: str) -> tuple[int, int, int, int] | None:
         """Rows, columns, bits, frames of one of the series' instances, if the PACS says."""
@@ -226,17 +156,19 @@ class MoveRetriever(DimseRetriever):
         if not self.keep_open:  # an association only while it moves (a cluster-wide limit)
             mover = Mover(self.scu, self.peer)
             try:
-                return self._call(mover.move_series, study_uid, series_uid, self.scu.calling_ae)
+                return _result(
+                    self._call(mover.move_series, study_uid, series_uid, self.scu.calling_ae)
+                )
             finally:
                 mover.close()
         with self._lock:
             held = self._movers.get(threading.get_ident())
             if held is None:
                 held = self._movers[threading.get_ident()] = Mover(self.scu, self.peer)
-        return self._call(held.move_series, study_uid, series_uid, self.scu.calling_ae)
+        return _result(self._call(held.move_series, study_uid, series_uid, self.scu.calling_ae))
 
 
-class GetRetriever(DimseRetriever, _ReceivesHere):
+class GetRetriever(DimseRetriever, ReceivesHere):
     """C-GET: the instances come back on our own association, to a receiver in this process
     (for a PACS that cannot open a connection back to us)."""
 
@@ -249,12 +181,10 @@ class GetRetriever(DimseRetriever, _ReceivesHere):
 
     def retrieve(self, study_uid: str, series_uid: str) -> RetrieveResult:
         receiver = self.receiver
-        get = partial(
-            self.scu.get_series, on_receive=receiver.on_receive, sop_classes=self._of(study_uid)
-        )
-        result = self._call(get, self.peer, study_uid, series_uid)
+        get = partial(self.scu.get_series, sop_classes=self._of(study_uid))
+        result = self._call(get, self.peer, study_uid, series_uid, receiver.on_store)
         receiver.on_release()
-        return result
+        return _result(result)
 
     def _of(self, study_uid: str) -> list[str]:
         """The study's SOP classes (asked once per study): offered compressed as well."""
@@ -267,135 +197,46 @@ class GetRetriever(DimseRetriever, _ReceivesHere):
         return known
 
 
-# -- DICOMweb ---------------------------------------------------------------------------------
-
-_QIDO_KEY = {
-    "accession": "AccessionNumber",
-    "patient_id": "PatientID",
-    "study_uid": "StudyInstanceUID",
-}
-_STUDY_FIELDS = "00080061,00201206,00201208"  # ModalitiesInStudy, related series, instances
+def _result(sub: SubOperations) -> RetrieveResult:
+    return RetrieveResult(**asdict(sub))
 
 
-class DicomwebRetriever(_ReceivesHere):
-    """QIDO-RS to plan, WADO-RS to retrieve: each instance of the multipart stream goes to a
-    receiver in this process, exactly as a C-STORE would (refused unless expected, de-identified,
-    spooled), and is counted; the pull verifies the count against QIDO's."""
-
-    protocol = "dicomweb"
-    errors = DicomwebError
-
-    def __init__(self, name: str, client: DicomwebClient, cfg: ReceiverConfig, limit: int) -> None:
-        self.name, self.client, self.cfg = name, client, cfg
-        self.max_concurrent = max(1, limit)
-
-    def __exit__(self, *exc: object) -> None:
-        super().__exit__(*exc)
-        self.client.close()
-
-    def echo(self) -> None:
-        self._call(self.client.search, "studies", {"limit": "1"})
-
-    def find_studies(self, kind: str, value: str) -> list[StudyHit]:
-        if any(w in value for w in "*?\\"):
-            raise ValueError(f"{kind} must not contain wildcards (* ? \\)")
-        key = _QIDO_KEY[kind]
-        found = self._call(
-            self.client.search, "studies", {key: value, "includefield": _STUDY_FIELDS}
-        )
-        hits = [_study_hit(d) for d in found]
-        # Only exact matches count: a server may match fuzzily or case-insensitively.
-        attr = {"accession": "accession", "patient_id": "patient_id", "study_uid": "study_uid"}
-        return [h for h in hits if getattr(h, attr[kind]) == value]
-
-    def find_series(self, study_uid: str) -> list[SeriesHit]:
-        params = {"includefield": "00201209"}  # NumberOfSeriesRelatedInstances
-        found = self._call(self.client.search, f"studies/{study_uid}/series", params)
-        return [_series_hit(study_uid, d) for d in found]
-
-    def image_size(self, study_uid: str, series_uid: str) -> tuple[int, int, int, int] | None:
-        """Rows, columns, bits, frames of one of the series' instances, if the server says."""
-        path = f"studies/{study_uid}/series/{series_uid}/instances"
-        params = {"limit": "1", "includefield": "00280010,00280011,00280100,00280008"}
-        for d in self._call(self.client.search, path, params):
-            rows, cols, bits = _int(d, "00280010"), _int(d, "00280011"), _int(d, "00280100")
-            if rows and cols and bits:
-                return rows, cols, bits, _int(d, "00280008") or 1
-        return None
-
-    def retrieve(self, study_uid: str, series_uid: str) -> RetrieveResult:
-        receiver = self.receiver
-        ok = bad = 0
-        caller = f"dicomweb:{self.name}"
-        try:
-            with self.in_use():
-                for data in self.client.series_instances(study_uid, series_uid):
-                    try:
-                        inst = _part10(data)
-                        status = receiver.on_receive(inst, caller)
-                    except ValueError:  # not a DICOM file: counted as failed, the rest goes on
-                        status = 0xC000
-                    if status == 0:
-                        ok += 1
-                    else:
-                        bad += 1
-        except DicomwebError as e:
-            raise SourceError(f"{self}: {e}") from None
-        finally:
-            receiver.on_release()  # what came whole is flushed and kept for the next attempt
-        return RetrieveResult(status=0, completed=ok, failed=bad)
-
-    def __str__(self) -> str:
-        return f"DICOMweb source {self.name} at {self.client.where}"
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    return "" if value is None else str(value)
 
 
-def _part10(data: bytes) -> ReceivedInstance:
-    """A DICOM Part 10 file as the receiver takes it: the dataset still encoded, with what its
-    file meta says of it."""
-    if len(data) < 144 or data[128:132] != b"DICM" or data[132:136] != b"\x02\x00\x00\x00":
-        raise ValueError("not a DICOM Part 10 file")
-    end = 144 + int.from_bytes(data[140:144], "little")  # after (0002,0000) group length
-    meta = read_dataset(BytesIO(data[132:end]), False, True)
-    syntax, sop_class = meta.get("TransferSyntaxUID"), meta.get("MediaStorageSOPClassUID")
-    sop = meta.get("MediaStorageSOPInstanceUID")
-    if not (syntax and sop_class and sop):
-        raise ValueError("DICOM file meta without its transfer syntax or SOP")
-    return ReceivedInstance(str(sop_class), str(sop), UID(str(syntax)), data[end:])
-
-
-def _value(d: dict[str, Any], tag: str) -> Any:
-    values = (d.get(tag) or {}).get("Value") or []
-    return values[0] if values else None
-
-
-def _int(d: dict[str, Any], tag: str) -> int | None:
-    v = _value(d, tag)
+def _number(ds: Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
     try:
-        return int(v) if v is not None else None
+        return None if value is None or value == "" else int(value)
     except (TypeError, ValueError):
         return None
 
 
-def _study_hit(d: dict[str, Any]) -> StudyHit:
-    mods = (d.get("00080061") or {}).get("Value") or []
+def study_hit(ds: Dataset) -> StudyHit:
+    """A study-level C-FIND identifier as the pull plans with it."""
+    mods = ds.get("ModalitiesInStudy") or []
+    mods = [mods] if isinstance(mods, str) else list(mods)
     return StudyHit(
-        study_uid=str(_value(d, "0020000D") or ""),
-        patient_id=str(_value(d, "00100020") or ""),
-        accession=str(_value(d, "00080050") or ""),
-        study_date=str(_value(d, "00080020") or ""),
+        study_uid=_text(ds, "StudyInstanceUID"),
+        patient_id=_text(ds, "PatientID"),
+        accession=_text(ds, "AccessionNumber"),
+        study_date=_text(ds, "StudyDate"),
         modalities=tuple(str(m) for m in mods if m),
-        n_series=_int(d, "00201206"),
-        n_instances=_int(d, "00201208"),
+        n_series=_number(ds, "NumberOfStudyRelatedSeries"),
+        n_instances=_number(ds, "NumberOfStudyRelatedInstances"),
     )
 
 
-def _series_hit(study_uid: str, d: dict[str, Any]) -> SeriesHit:
+def series_hit(ds: Dataset, study_uid: str) -> SeriesHit:
+    """A series-level C-FIND identifier within `study_uid`."""
     return SeriesHit(
-        study_uid=study_uid,
-        series_uid=str(_value(d, "0020000E") or ""),
-        modality=str(_value(d, "00080060") or ""),
-        series_number=_int(d, "00200011"),
-        n_instances=_int(d, "00201209"),
+        study_uid=_text(ds, "StudyInstanceUID") or study_uid,
+        series_uid=_text(ds, "SeriesInstanceUID"),
+        modality=_text(ds, "Modality"),
+        series_number=_number(ds, "SeriesNumber"),
+        n_instances=_number(ds, "NumberOfSeriesRelatedInstances"),
     )
 
 
