@@ -66,6 +66,17 @@ _dumps = json.JSONEncoder(separators=(",", ":")).encode
 Part = tuple[Any, str]  # one element's DICOM JSON entry and its '"TAG":{...}' text, from encode()
 
 
+def values(model: Mapping[str, Any], tag: str) -> list[Any]:
+    """The values of one element of a DICOM JSON model ([] when absent or empty)."""
+    return list((model.get(tag) or {}).get("Value") or [])
+
+
+def first(model: Mapping[str, Any], tag: str) -> Any:
+    """The first value of one element of a DICOM JSON model, or None."""
+    found = (model.get(tag) or {}).get("Value")
+    return found[0] if found else None
+
+
 def to_json_dict(ds: Dataset, bulk_threshold: int = DEFAULT_BULK_THRESHOLD) -> dict[str, Any]:
     """DICOM JSON model of `ds` without pixel data, file meta, group lengths or bulk data."""
     return _dataset(ds, bulk_threshold, [], top=True)

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from core import Core, SphereError, access, projects
+from dicom import json_model
 from processing import nifti
 from processing.loader import LoadError
 from storage.catalog import IndexedSeries, IndexedStudy
@@ -180,11 +181,10 @@ def _series_doc(se: IndexedSeries, reader: SeriesReader) -> dict[str, Any]:
 
 def _method_codes(header: dict[str, Any]) -> list[dict[str, str]]:
     """CID 7050 codes of a stored instance's De-identification Method Code Sequence."""
-    items = (header.get("00120064") or {}).get("Value") or []
     out = []
-    for item in items:
-        value = ((item.get("00080100") or {}).get("Value") or [""])[0]
-        meaning = ((item.get("00080104") or {}).get("Value") or [""])[0]
+    for item in json_model.values(header, "00120064"):
+        value = json_model.first(item, "00080100") or ""
+        meaning = json_model.first(item, "00080104") or ""
         out.append({"code": value, "scheme": "DCM", "meaning": meaning})
     return out
 

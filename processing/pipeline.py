@@ -22,6 +22,7 @@ from monai.data import MetaTensor
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from dicom import json_model
 from storage.series import SeriesReader
 
 OK, UNMEASURABLE, INELIGIBLE, FAILED = "ok", "unmeasurable", "ineligible", "failed"
@@ -60,11 +61,11 @@ class SeriesFacts:
             n_slices=n,
             shape=tuple(a.get("shape") or ()),
             spacing=tuple(a.get("spacing") or (None, None, None)),
-            slice_thickness=_float(_value(header, "00180050")),
+            slice_thickness=_float(json_model.first(header, "00180050")),
             normal=tuple(direction[6:9]) if direction else None,
             uniform=bool(a.get("uniform_spacing")),
-            image_type=tuple(str(v).upper() for v in _values(header, "00080008")),
-            kvp=_float(_value(header, "00180060")),
+            image_type=tuple(str(v).upper() for v in json_model.values(header, "00080008")),
+            kvp=_float(json_model.first(header, "00180060")),
             contrast=bool(agent.get("Value")) if agent is not None else None,
             lossy=n > 0 and any(_LOSSY in t for t in reader.header_texts()),
         )
@@ -173,16 +174,6 @@ def file_checksum(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _values(header: dict[str, Any], tag: str) -> list[Any]:
-    entry = header.get(tag) or {}
-    return list(entry.get("Value") or [])
-
-
-def _value(header: dict[str, Any], tag: str) -> Any:
-    values = _values(header, tag)
-    return values[0] if values else None
 
 
 def _float(value: Any) -> float | None:

@@ -22,6 +22,7 @@ from sqlalchemy import Select, delete, func, insert, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from dicom import query as dq
+from dicom.json_model import first
 from dicom.query import Level, Match, MatchKind, Query
 from storage.models import IndexedInstance, IndexedSeries, IndexedStudy, get_or_add
 
@@ -115,8 +116,8 @@ def write_series(
     # Pixel data kept inline (a derived SEG) is served by WADO-RS, not indexed; computed
     # attributes are the index's own.
     headers = [{t: e for t, e in h.items() if t not in _NOT_KEPT} for h in headers]
-    study_uid = _first(headers[0], "0020000D")
-    series_uid = _first(headers[0], "0020000E")
+    study_uid = first(headers[0], "0020000D")
+    series_uid = first(headers[0], "0020000E")
     common = _common(headers)
     series_ds = {t: e for t, e in common.items() if not _is_study_tag(t)}
     study_ds = {t: e for t, e in common.items() if _is_study_tag(t)}
@@ -438,7 +439,7 @@ def _columns(
     for tag, c in columns.items():
         if c.attr in skip:
             continue
-        value = _first(ds, tag)
+        value = first(ds, tag)
         if c.vr == "PN" and isinstance(value, dict):
             value = value.get("Alphabetic")
         if c.vr in _INT_VRS:
@@ -452,11 +453,6 @@ def _columns(
             value = str(value)
         out[c.attr] = value
     return out
-
-
-def _first(ds: dict[str, Any], tag: str) -> Any:
-    values = (ds.get(tag) or {}).get("Value")
-    return values[0] if values else None
 
 
 def _dumps(ds: dict[str, Any]) -> str:

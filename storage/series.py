@@ -144,12 +144,12 @@ class SeriesWriter:
         """
         parts: dict[int, json_model.Part | None] = {}
         header, text = json_model.encode(ds, self.bulk_threshold, reuse, parts)
-        sop = _first_value(header, "00080018")
+        sop = json_model.first(header, "00080018")
         if not sop or not isinstance(sop, str):
             raise SeriesError("instance has no SOPInstanceUID")
         meta: dict[str, Any] = {
-            "n": _int(_first_value(header, "00200013")),
-            "mod": _first_value(header, "00080060") or None,
+            "n": _int(json_model.first(header, "00200013")),
+            "mod": json_model.first(header, "00080060") or None,
         }
         frame: bytes = b""
         if inline_pixels and pixels.has_pixels(ds):
@@ -160,7 +160,7 @@ class SeriesWriter:
                 layout, raw, patches = pixels.extract(ds, header)
             except pixels.PixelError as exc:
                 raise SeriesError(str(exc)) from None
-            photometric = _first_value(header, "00280004")
+            photometric = json_model.first(header, "00280004")
             if patches:
                 merged = {**header, **patches}
                 header = {t: e for t, e in sorted(merged.items()) if e is not None}
@@ -624,7 +624,7 @@ def _compress_frames(
         meta["ff"] = functional_groups.frame_facts(header, layout.frames)
     else:  # a cine: frames share the instance's position, if any: no stack geometry
         meta["ipp"] = meta["iop"] = None
-    meta["ft"] = _float(_first_value(header, "00181063"))  # FrameTime, ms
+    meta["ft"] = _float(json_model.first(header, "00181063"))  # FrameTime, ms
     return b"".join(parts)
 
 
@@ -634,13 +634,13 @@ def _image_meta(header: dict[str, Any], layout: pixels.PixelLayout) -> dict[str,
         "cols": layout.cols,
         "spp": layout.samples,
         "dtype": layout.dtype,
-        "photo": _first_value(header, "00280004") or None,
-        "ipp": _floats(_values(header, "00200032"), 3),
-        "iop": _floats(_values(header, "00200037"), 6),
-        "ps": _floats(_values(header, "00280030"), 2),
-        "st": _float(_first_value(header, "00180050")),
-        "slope": _float(_first_value(header, "00281053"), 1.0),
-        "icpt": _float(_first_value(header, "00281052"), 0.0),
+        "photo": json_model.first(header, "00280004") or None,
+        "ipp": _floats(json_model.values(header, "00200032"), 3),
+        "iop": _floats(json_model.values(header, "00200037"), 6),
+        "ps": _floats(json_model.values(header, "00280030"), 2),
+        "st": _float(json_model.first(header, "00180050")),
+        "slope": _float(json_model.first(header, "00281053"), 1.0),
+        "icpt": _float(json_model.first(header, "00281052"), 0.0),
     }
 
 
@@ -652,16 +652,6 @@ def _inline_pixels(ds: Dataset) -> dict[str, Any]:
         raise SeriesError("inline pixel data must be native little-endian (PixelData)")
     vr = "OB" if int(ds.get("BitsAllocated") or 8) <= 8 else "OW"
     return {"vr": vr, "InlineBinary": base64.b64encode(bytes(ds.PixelData)).decode("ascii")}
-
-
-def _values(header: dict[str, Any], tag: str) -> list[Any] | None:
-    entry = header.get(tag)
-    return entry.get("Value") if entry is not None else None
-
-
-def _first_value(header: dict[str, Any], tag: str) -> Any:
-    values = _values(header, tag)
-    return values[0] if values else None
 
 
 def _rebuild(header: dict[str, Any], frame: np.ndarray | None) -> Dataset:

@@ -266,3 +266,16 @@ def test_encode_reuses_the_parts_of_unchanged_elements_and_encodes_the_rest():
     stale = {0x00080060: ({"vr": "CS", "Value": ["MR"]}, '"00080060":{"vr":"CS","Value":["MR"]}')}
     model, text = json_model.encode(ds, reuse=stale)
     assert model["00080060"]["Value"] == ["MR"] and json.loads(text) == model
+
+
+def test_first_and_values_of_a_json_element():
+    model = {
+        "00080060": {"vr": "CS", "Value": ["CT"]},
+        "00080008": {"vr": "CS", "Value": ["ORIGINAL", "PRIMARY"]},
+        "00100010": {"vr": "PN"},  # present, empty
+    }
+    assert json_model.first(model, "00080060") == "CT"
+    assert json_model.values(model, "00080008") == ["ORIGINAL", "PRIMARY"]
+    for tag in ("00100010", "00200013"):  # empty, absent
+        assert json_model.first(model, tag) is None
+        assert json_model.values(model, tag) == []

@@ -10,6 +10,7 @@ from typing import Any
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 
+from dicom.json_model import first, values
 from dicom.received import ReceivedInstance
 from gateway.pull.base import ReceivesHere
 from gateway.pull.guard import SourceError
@@ -115,13 +116,8 @@ def _part10(data: bytes, caller: str) -> ReceivedInstance:
     return ReceivedInstance(str(sop_class), str(sop), UID(str(syntax)), data[end:], caller)
 
 
-def _value(d: dict[str, Any], tag: str) -> Any:
-    values = (d.get(tag) or {}).get("Value") or []
-    return values[0] if values else None
-
-
 def _int(d: dict[str, Any], tag: str) -> int | None:
-    v = _value(d, tag)
+    v = first(d, tag)
     try:
         return int(v) if v is not None else None
     except (TypeError, ValueError):
@@ -129,12 +125,12 @@ def _int(d: dict[str, Any], tag: str) -> int | None:
 
 
 def _study_hit(d: dict[str, Any]) -> StudyHit:
-    mods = (d.get("00080061") or {}).get("Value") or []
+    mods = values(d, "00080061")
     return StudyHit(
-        study_uid=str(_value(d, "0020000D") or ""),
-        patient_id=str(_value(d, "00100020") or ""),
-        accession=str(_value(d, "00080050") or ""),
-        study_date=str(_value(d, "00080020") or ""),
+        study_uid=str(first(d, "0020000D") or ""),
+        patient_id=str(first(d, "00100020") or ""),
+        accession=str(first(d, "00080050") or ""),
+        study_date=str(first(d, "00080020") or ""),
         modalities=tuple(str(m) for m in mods if m),
         n_series=_int(d, "00201206"),
         n_instances=_int(d, "00201208"),
@@ -144,8 +140,8 @@ def _study_hit(d: dict[str, Any]) -> StudyHit:
 def _series_hit(study_uid: str, d: dict[str, Any]) -> SeriesHit:
     return SeriesHit(
         study_uid=study_uid,
-        series_uid=str(_value(d, "0020000E") or ""),
-        modality=str(_value(d, "00080060") or ""),
+        series_uid=str(first(d, "0020000E") or ""),
+        modality=str(first(d, "00080060") or ""),
         series_number=_int(d, "00200011"),
         n_instances=_int(d, "00201209"),
     )

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from pydicom import Dataset
 
-from dicom import xml_model
+from dicom import json_model, xml_model
 from gateway.web.accept import DICOM_XML
 from gateway.web.multipart import MultipartWriter
 from storage import backends
@@ -103,7 +103,7 @@ def metadata(
     out = dict(header)
     inline = header.get(PIXEL_DATA)  # a derived object's pixel data kept in its header
     if has_pixels or inline is not None:
-        sop = _first(header, "00080018")
+        sop = json_model.first(header, "00080018")
         vr = inline.get("vr", "OW") if inline is not None else "OB" if frame_bits <= 8 else "OW"
         out[PIXEL_DATA] = {
             "vr": vr,
@@ -180,8 +180,3 @@ def inline_pixels(header: dict[str, Any]) -> bytes | None:
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
-
-
-def _first(header: dict[str, Any], tag: str) -> Any:
-    values = (header.get(tag) or {}).get("Value")
-    return values[0] if values else None

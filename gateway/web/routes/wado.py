@@ -17,6 +17,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import Route
 
+from dicom import json_model
 from gateway.web import wado
 from gateway.web.accept import (
     DICOM_XML,
@@ -196,7 +197,7 @@ def _json(
 
 
 def _metadata_url(root: str, model: dict) -> str | None:
-    uids = [((model.get(t) or {}).get("Value") or [None])[0] for t in _UID_TAGS]
+    uids = [json_model.first(model, t) for t in _UID_TAGS]
     if not all(isinstance(u, str) for u in uids):
         return None
     return f"{root}/studies/{uids[0]}/series/{uids[1]}/instances/{uids[2]}/metadata"
