@@ -85,7 +85,7 @@ class BoneDensity(Pipeline):
             "flags": "; ".join(report.flags),
         }
         segments = []
-        for name in MEASURED:
+        for name in ("L1", *(n for n in MEASURED if n != "L1")):  # L1 first: it is classed
             lv = report.levels.get(name)
             values[f"{name.lower()}_hu"] = lv.mean_hu if lv else None
             if lv is None or lv.mean_hu is None or report.roi is None:

@@ -179,9 +179,10 @@ def build_sr(
     where: list[tuple[int, int | None]] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 measurement report: per ROI its mean, median and SD attenuation (HU),
-    referencing its SEG segment; the classification, when there is one, on the first ROI.
-    With `where` (`slice_images`), each ROI is also a planar group (TID 1410) with the same
-    measurements on an image region of its largest slice: what OHIF draws and lists."""
+    and the classification, when there is one, on the first ROI. With `where`
+    (`slice_images`) each ROI is a planar group (TID 1410) on an image region of its largest
+    slice (what OHIF draws and lists; it fails on an SR holding any group without a region),
+    else a volumetric group referencing its SEG segment (TID 1411)."""
     algorithm = hd.sr.AlgorithmIdentification(pipeline.name, pipeline.version)
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -191,7 +192,7 @@ def build_sr(
         ),
     )
     groups: list[Any] = []
-    planars: list[Any] = []  # first in the report: a viewer opens its first measurement
+    library: dict[str, Dataset] = {}  # the images the regions are on (the image library)
     for i, s in enumerate(finding.segments, start=1):
         measurements = [
             hd.sr.Measurement(
@@ -225,7 +226,16 @@ def build_sr(
             "measurements": measurements,
             "qualitative_evaluations": evaluations or None,
         }
-        if seg is not None:
+        region = image_region(sources, where, s.mask) if where is not None else None
+        if region is not None:  # a planar group only: OHIF fails on any group without one
+            ref = region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            library[ref] = next(d for d in sources if d.SOPInstanceUID == ref)
+            groups.append(
+                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                    referenced_region=region, **common
+                )
+            )
+        elif seg is not None:
             ref = hd.sr.ReferencedSegment(
                 sop_class_uid=seg.SOPClassUID,
                 sop_instance_uid=seg.SOPInstanceUID,
@@ -239,22 +249,11 @@ def build_sr(
             )
         else:
             groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(**common))
-        region = image_region(sources, where, s.mask) if where is not None else None
-        if region is not None:
-            planar = hd.sr.TrackingIdentifier(
-                uid=derived_uid(source_series_uid, pipeline.name, f"planar-{s.label}"),
-                identifier=s.label,
-            )
-            planars.append(
-                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                    referenced_region=region,
-                    **{**common, "tracking_identifier": planar, "qualitative_evaluations": None},
-                )
-            )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.SCT.ComputedTomography,
-        imaging_measurements=[*planars, *groups],
+        imaging_measurements=groups,
+        referenced_images=list(library.values()) or None,  # where a viewer finds the regions
     )
     return hd.sr.Comprehensive3DSR(
         evidence=[*sources, *([seg] if seg is not None else [])],

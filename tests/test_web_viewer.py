@@ -37,8 +37,11 @@ from gateway.api import Gateway
 from harness.browser import Browser, Request, chromium_path
 from harness.localpacs import LocalOrthanc, free_port
 from harness.multiframe import write_samples
+from harness.phantom_dicom import write_phantom_study
 from harness.phantoms import make_phantom
 from harness.synthetic import generate
+from processing.bone_density import BoneDensity
+from processing.worker import SeriesTask, process_series
 from tests.compressed import BY_NAME, reference, transcode
 from tests.web_server import serving
 
@@ -79,6 +82,8 @@ class Served:
     frames: dict[str, np.ndarray]  # pseudonymous SOP UID -> the source's values
     sops: dict[str, list[str]]  # case name -> its pseudonymous SOP UIDs
     syntaxes: dict[str, str]  # case name -> the transfer syntax its series came in
+    bone_study: str = ""  # a spine phantom's study, pseudonymous, with its bone-density SR
+    l1_hu: float = 0.0  # its L1 mean, as the results table has it
 
 
 def _cases(tmp: Path) -> list[tuple[Case, list[Path]]]:
@@ -136,10 +141,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("viewer")
     corpus = generate(tmp / "corpus", n_patients=1, slices=16, size=256, seed=11)
     cases = _cases(tmp)
+    vol, truth = make_phantom(shape_yx=(160, 160), pixel_mm=2.0, slice_spacing_mm=2.5, seed=1)
+    spine = write_phantom_study(vol, truth, tmp / "spine", index=5)
     scp_port = free_port()
     modalities = {"SPHERE": ("SPHERE", "127.0.0.1", scp_port)}
     with LocalOrthanc(tmp / "orthanc", modalities=modalities) as pacs:
-        files = [*corpus.files, *(f for _, fs in cases for f in fs)]
+        files = [*corpus.files, *(f for _, fs in cases for f in fs), *spine.files]
         assert pacs.upload(files) == len(files)
         held = {
             pacs.get(f"/instances/{i}/header?simplify")["TransferSyntaxUID"]
@@ -162,6 +169,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             expires_on=date.today() + timedelta(days=30),
         )
         accessions = [corpus.studies[0].accession, *(c.accession for c, _ in cases)]
+        accessions.append(spine.accession)
         gw.add_cohort(PROJECT, "accession", accessions)
         report = gw.pull(PROJECT)
         assert report.ok, [s.error for s in report.series if s.error]
@@ -170,6 +178,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     rows = core.catalog.series(core.project(PROJECT).id)
     by_study = {r.study_uid: r for r in rows}
     studies = {c.name: keys.uid(c.study_uid) for c, _ in cases}
+    bone = by_study[keys.uid(spine.study_uid)]
+    task = SeriesTask(PROJECT, bone.series_uid, bone.study_uid, bone.patient_pseudonym,
+                      bone.storage_key)  # fmt: skip
+    measured = process_series(settings.model_dump_json(), task, BoneDensity(), False)
+    assert measured.status == "ok", measured.reason
     token = users.add(core, "reader")
     users.grant(core, PROJECT, "reader", "viewer")
     with serving(core) as url:
@@ -182,6 +195,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             {keys.uid(sop): px for c, _ in cases for sop, px in c.frames.items()},
             {c.name: [keys.uid(sop) for sop in c.frames] for c, _ in cases},
             {name: by_study[uid].transfer_syntax or "" for name, uid in studies.items()},
+            bone.study_uid,
+            measured.values["l1_hu"],
         )
     core.close()
 
@@ -495,3 +510,45 @@ def test_ohif_shows_each_kind_with_its_pixels(served: Served, page: Browser, nam
         ]
     else:
         assert not on_screen(shown, png, not case.monochrome1)[0]
+
+
+# Every text on the page, the viewport's SVG annotations (cornerstone draws them) included.
+TEXT_JS = """[document.body.innerText,
+  ...[...document.querySelectorAll('svg text, svg tspan')].map(t => t.textContent)].join(' ')"""
+# Double-click the study panel's SR thumbnail (an SR has no image: OHIF's no-image tile).
+OPEN_SR_JS = """(() => {
+  const t = [...document.querySelectorAll('[data-cy="study-browser-thumbnail-no-image"]')]
+    .find(e => e.innerText.includes('SR'));
+  if (!t) return false;
+  t.dispatchEvent(new MouseEvent('dblclick', {bubbles: true}));
+  return true;
+})()"""
+
+
+def test_ohif_shows_the_bone_density_sr_with_its_l1_value(served: Served, page: Browser) -> None:
+    """The bone-density SR of a pulled spine phantom opens in OHIF (double-click on its tile):
+    the L1 ROI's outline is drawn on its CT slice, labelled with its mean HU as the results
+    table has it and its site. Control: with the CT alone on screen, the value is not there."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    signed_in(page, served)
+    value = f"{served.l1_hu:.2f}"  # OHIF's label: the NUM to two decimals, then its unit
+    page.goto(f"{served.url}/viewer/viewer?StudyInstanceUIDs={served.bone_study}&project={PROJECT}")
+    page.wait_for("document.querySelector('canvas') || document.body.innerText.length > 50")
+    page.wait_idle(quiet_s=1.0, timeout_s=40)
+    (SHOTS / "viewer-bone-before-sr.png").write_bytes(page.screenshot())
+    assert value not in page.evaluate(TEXT_JS)  # the control: not before the SR is open
+    page.forget_requests()
+    assert page.wait_for(OPEN_SR_JS), "no SR thumbnail in the study panel"
+    deadline = time.monotonic() + 40
+    while value not in page.evaluate(TEXT_JS) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    png = page.screenshot()
+    (SHOTS / "viewer-bone-sr.png").write_bytes(png)
+    text = page.evaluate(TEXT_JS)
+    broken = [(r.status, r.error, r.url) for r in page.requests if not _succeeded(r)]
+    assert value in text, (
+        f"L1 {value} HU not shown; see {SHOTS / 'viewer-bone-sr.png'}; "
+        f"console: {page.console[-5:]}; "
+        f"failed requests: {broken[:5]}"
+    )
+    assert "L1 vertebra" in text  # the label beside the L1 outline, drawn on its slice
