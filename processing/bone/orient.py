@@ -6,12 +6,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from processing import loader
+
 
 def to_hu(stored: np.ndarray, slope: float = 1.0, intercept: float = 0.0) -> np.ndarray:
-    """Stored pixel values (signed or unsigned) to HU as float32: stored * slope + intercept."""
-    return (
-        np.asarray(stored).astype(np.float32) * np.float32(slope) + np.float32(intercept)
-    ).astype(np.float32)
+    """Stored pixel values (signed or unsigned) to HU as float32: stored * slope + intercept
+    (the loader's `to_hu`, on the CPU, as an array)."""
+    return loader.to_hu(np.ascontiguousarray(stored), slope, intercept).numpy()
 
 
 @dataclass(frozen=True)
