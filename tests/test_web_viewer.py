@@ -179,6 +179,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     by_study = {r.study_uid: r for r in rows}
     studies = {c.name: keys.uid(c.study_uid) for c, _ in cases}
     bone = by_study[keys.uid(spine.study_uid)]
+    assert bone.storage_key is not None  # a complete series has one
     task = SeriesTask(PROJECT, bone.series_uid, bone.study_uid, bone.patient_pseudonym,
                       bone.storage_key)  # fmt: skip
     measured = process_series(settings.model_dump_json(), task, BoneDensity(), False)
