@@ -54,6 +54,7 @@ def submit(
     pipeline: str | None = None,
     export: str | None = None,
     user: Any = None,
+    level_rule: str | None = None,
 ) -> Job:
     """Queue a job as `user` (default: the CLI's operator): jobs.submit on the project, the
     project approved and in date. A second pull of a project is refused, naming the first.
@@ -68,6 +69,12 @@ def submit(
         if pipeline not in PIPELINES:
             raise SphereError(f"--pipeline is one of: {', '.join(PIPELINES)}")
         params["pipeline"] = pipeline
+        if level_rule is not None:
+            from processing.bone.levels import RULES
+
+            if level_rule not in RULES:
+                raise SphereError(f"--level-rule is one of: {', '.join(RULES)}")
+            params["level_rule"] = level_rule
     if kind == "export":
         found = core.catalog.export(export or "")
         if found is None or found.project != project:
@@ -307,12 +314,15 @@ class Node:
 
         job = run.job
         vaultkey.keep_out_of_environment()  # the pipeline's workers: the research side
-        report = run_pipeline(self.settings, job.project, BoneDensity(), progress=False)
-        counts = ", ".join(f"{n} {s}" for s, n in sorted(report.counts().items()))
+        from gateway.run_cmd import summary_line
+
+        rule = job.params.get("level_rule", "both")
+        report = run_pipeline(
+            self.settings, job.project, BoneDensity(level_rule=rule), progress=False
+        )
         run.progress = lambda: {"series": len(report.outcomes), **report.counts()}
         failed = report.counts().get("failed", 0)
-        text = f"{report.pipeline} {report.version}: {counts or 'nothing to do'}"
-        return ("failed" if failed else "done"), f"{text}; {report.already_done} already done"
+        return ("failed" if failed else "done"), summary_line(report)
 
     def _export(self, run: Running) -> tuple[str, str]:
         """Write a started export (again from its start, if a node was lost mid-way)."""

@@ -79,9 +79,13 @@ def register(app: typer.Typer, core: Any) -> None:
         pipeline: Annotated[
             str | None, typer.Option(help="For run: the pipeline (bone-density).")
         ] = None,
+        level_rule: Annotated[
+            str | None,
+            typer.Option(help="For run: both (default) or ribs-if-no-sacrum (`sphere run`)."),
+        ] = None,
     ) -> None:
         """Queue a pull or a pipeline run for the nodes (`sphere worker`, `sphere serve`)."""
-        job = jobs.submit(core(ctx), kind, project, pipeline=pipeline)
+        job = jobs.submit(core(ctx), kind, project, pipeline=pipeline, level_rule=level_rule)
         typer.echo(f"job {job.id} queued: {kind} {project} (`sphere jobs watch {job.id}`)")
 
     @jobs_app.command("cancel")

@@ -11,6 +11,8 @@ import typer
 
 from core import Core, Settings, SphereError, access, projects, vaultkey
 
+RIBS_FLAG = "level_from_ribs_only"  # the results' value saying L1 was named from the ribs alone
+
 run_app = typer.Typer(
     help="Run an analysis pipeline over a project's series.", no_args_is_help=True
 )
@@ -43,6 +45,13 @@ def bone_density(
         Path | None,
         typer.Option(help="A bundle folder from `sphere train bone-density`: learned bodies."),
     ] = None,
+    level_rule: Annotated[
+        str,
+        typer.Option(
+            help="both: L1 only where the ribs and the sacrum agree; ribs-if-no-sacrum: also "
+            "from the lowest ribs alone where the field ends above the sacrum (flagged)."
+        ),
+    ] = "both",
 ) -> None:
     """L1 trabecular attenuation of each eligible CT series: results, SR, SEG and PNG."""
     from processing.bone_density import BoneDensity
@@ -50,6 +59,10 @@ def bone_density(
 
     if workers is not None and workers < 1:
         raise SphereError("--workers must be at least 1")
+    from processing.bone.levels import RULES
+
+    if level_rule not in RULES:
+        raise SphereError(f"--level-rule is one of: {', '.join(RULES)}")
     with Core(_settings(ctx), research=True) as c:  # the research side: no vault
         access.require(c, "pipeline.run", project)
         projects.require_active(c, project, "pipeline.run")
@@ -63,14 +76,13 @@ def bone_density(
     report = run_pipeline(
         _settings(ctx),
         project,
-        BoneDensity(model_path=model_path),
+        BoneDensity(model_path=model_path, level_rule=level_rule),
         scheduler=scheduler,
         workers=workers,
         gpus=max(gpus, 1) if gpu else 0,
         force=force,
     )
-    counts = ", ".join(f"{n} {s}" for s, n in sorted(report.counts().items())) or "nothing to do"
-    typer.echo(f"{report.pipeline} {report.version}: {counts}; {report.already_done} already done")
+    typer.echo(summary_line(report))
     for o in report.outcomes:
         if o.status == "failed":
             typer.echo(f"  failed {o.series_uid[-20:]}: {o.reason}"[:WIDTH])
@@ -89,6 +101,15 @@ def where_outputs_are(settings: Settings, project: str, pipeline: str) -> list[s
         f"         projects/{project}/<study>/<series>: SR and SEG, beside the images",
         f"         in {settings.resolved_storage_url()}",
     ]
+
+
+def summary_line(report) -> str:
+    """A run's counts by status; results whose level came from the ribs alone counted apart."""
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(report.counts().items())) or "nothing to do"
+    ribs = sum(1 for o in report.outcomes if o.status == "ok" and o.values.get(RIBS_FLAG))
+    if ribs:
+        counts += f" ({ribs} ok with the level from ribs only)"
+    return f"{report.pipeline} {report.version}: {counts}; {report.already_done} already done"
 
 
 def results(

@@ -7,7 +7,16 @@ from processing.bone.phantoms import (
     THORACIC,
     PhantomSpec,
     PhantomTruth,
+    fracture_grade,
     make_phantom,
 )
 
-__all__ = ["LEVEL_CODES", "LUMBAR", "THORACIC", "PhantomSpec", "PhantomTruth", "make_phantom"]
+__all__ = [
+    "LEVEL_CODES",
+    "LUMBAR",
+    "THORACIC",
+    "PhantomSpec",
+    "PhantomTruth",
+    "fracture_grade",
+    "make_phantom",
+]

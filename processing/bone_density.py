@@ -3,7 +3,9 @@
 The science takes the HU volume in the store's (z, y, x) order with its LPS affine, on any torch
 device; this wraps it: header facts in, per-level ROIs out as SEG segments and SR measurements.
 With `model_path` (a bundle folder from `sphere train bone-density`) a learned segmenter finds
-the vertebral bodies; L1 is still named only when ribs and sacrum agree.
+the vertebral bodies; L1 is still named only when ribs and sacrum agree, unless the project
+chose `level_rule="ribs-if-no-sacrum"`: then a field established to end above the sacrum has L1
+named from the lowest ribs alone, flagged `level from ribs only` (values, SR, CSV).
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from typing import Any, ClassVar
 import torch
 from monai.data import MetaTensor
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from processing.bone import ScanFacts, Thresholds, measure_bone_density
-from processing.bone.levels import CODES
+from processing.bone.levels import CODES, RIBS_ONLY, RULES
 from processing.bone.measure import MEASURED
 from processing.loader import to_zyx_lps
 from processing.pipeline import OK, UNMEASURABLE, Finding, Pipeline, Segment, SeriesFacts
@@ -28,6 +31,9 @@ SITES = {
     "L3": codes.SCT.L3Vertebra,
     "L4": codes.SCT.L4Vertebra,
 }
+# how L1 was named, when only the ribs named it (a local code: no standard one says this)
+LEVEL_METHOD = Code("LEVELMETHOD", "99SPHERE", "Vertebral level identification")
+RIBS_ONLY_CODE = Code("RIBSONLY", "99SPHERE", "Level from ribs only")
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,11 @@ class BoneDensity(Pipeline):
     roi_area_mm2: float = 200.0
     osteoporosis_hu: float = 110.0
     osteopenia_hu: float = 160.0
+    level_rule: str = "both"  # or "ribs-if-no-sacrum" (levels.RULES)
+
+    def __post_init__(self) -> None:
+        if self.level_rule not in RULES:
+            raise ValueError(f"level_rule is one of {', '.join(RULES)}")
 
     def load_model(self, device: torch.device) -> Any:
         """The learned body segmenter of the bundle at `model_path`; None: classical bodies."""
@@ -76,12 +87,14 @@ class BoneDensity(Pipeline):
             metal_hu=self.metal_hu,
             roi_area_mm2=self.roi_area_mm2,
             segmenter=model,
+            level_rule=self.level_rule,
         )
         values: dict[str, Any] = {
             "l1_hu": report.l1_hu,
             "class": report.bone_class,
             "lowest_rib_level": report.lowest_rib_level,
             "sacrum_found": report.sacrum_found,
+            "level_from_ribs_only": report.level_from_ribs_only,
             "flags": "; ".join(report.flags),
         }
         segments = []
@@ -104,5 +117,8 @@ class BoneDensity(Pipeline):
         levels = {n: lv.slices for n, lv in report.levels.items()}
         if report.measurable:
             summary = f"L1 {report.l1_hu:.0f} HU: {report.bone_class}"
-            return Finding(OK, values, "", segments, levels, report.bone_class, summary)
+            notes = [(LEVEL_METHOD, RIBS_ONLY_CODE)] if report.level_from_ribs_only else []
+            if report.level_from_ribs_only:
+                summary += f" ({RIBS_ONLY})"
+            return Finding(OK, values, "", segments, levels, report.bone_class, summary, notes)
         return Finding(UNMEASURABLE, values, report.reason, segments, levels, None, report.reason)

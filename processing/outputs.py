@@ -214,6 +214,8 @@ def build_sr(
             evaluations.append(
                 hd.sr.QualitativeEvaluation(BONE_CLASS, CLASS_CODES[finding.classification])
             )
+        if i == 1:
+            evaluations += [hd.sr.QualitativeEvaluation(n, v) for n, v in finding.evaluations]
         tracking = hd.sr.TrackingIdentifier(
             uid=derived_uid(source_series_uid, pipeline.name, f"track-{s.label}"),
             identifier=s.label,

@@ -96,6 +96,8 @@ class Finding:
     levels: dict[str, tuple[int, int]] = field(default_factory=dict)
     classification: str | None = None  # e.g. osteoporosis / osteopenia / normal
     summary: str = ""  # one line for the PNG report
+    # more (name, value) qualitative evaluations for the SR's first ROI (how a result was had)
+    evaluations: list[tuple[Code, Code]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

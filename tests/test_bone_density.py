@@ -167,11 +167,11 @@ REFUSALS = [  # phantom options, and words the reason must contain
     (dict(fov="cut_l1_top"), "field of view"),
     (dict(fov="cut_l1_bottom"), "field of view"),
     (dict(fov_mm=(15.0, 250.0)), "sacrum"),
-    (dict(fracture_l1=True), "collapsed"),
-    (dict(fracture_l1=True, slice_spacing_mm=5.0, seed=2), "collapsed"),
+    (dict(fracture_l1=True), "Genant grade 3"),  # heights read on slices up to 3 mm
+    (dict(fracture_l1=True, slice_spacing_mm=5.0, seed=2), "collapsed"),  # thicker: the wall
     (dict(metal_l1=True), "metal"),
     (dict(COARSE, rib_pairs=13, slice_spacing_mm=3.0, noise_sd=20.0), "transitional"),
-    (dict(COARSE, fracture_l1=True, slice_spacing_mm=3.0, seed=1), "collapsed"),
+    (dict(COARSE, fracture_l1=True, slice_spacing_mm=3.0, seed=1), "Genant grade 3"),
 ]
 
 

@@ -1,6 +1,10 @@
-"""Ribs, sacrum and level names: L1 found below the lowest ribs and five above the sacrum.
+"""Ribs and level names: L1 found below the lowest ribs and five above the sacrum
+(processing.bone.pelvis finds the sacrum).
 
 Label codes (shared with SEG output later): T1..T12 = 1..12, L1..L5 = 13..17, sacrum = 18.
+Level rules: "both" (default) names L1 only when the ribs and the sacrum agree;
+"ribs-if-no-sacrum" also names it from the lowest ribs alone when the field is established to
+end above the sacrum (its lowest slice cuts a lumbar body or disc), flagged as such.
 """
 
 from __future__ import annotations
@@ -16,6 +20,10 @@ from processing.bone.segment import Column, Segment
 NAMES = tuple(f"T{i}" for i in range(1, 13)) + tuple(f"L{i}" for i in range(1, 6))
 CODES = {name: i + 1 for i, name in enumerate(NAMES)} | {"S": 18}
 MAX_DISC_MM = 25.0  # a longer gap between bodies hides a body the wall signal missed
+CORE_MM = 28.0  # the column itself, about its track: ribs are followed outside it
+BODY_HALF_MM = 30.0  # and the bodies in front of the track, this far to each side
+RULES = ("both", "ribs-if-no-sacrum")
+RIBS_ONLY = "level from ribs only"
 
 
 @dataclass
@@ -36,6 +44,7 @@ class Levels:
     ribs: list[Rib] = field(default_factory=list)
     sacrum: int | None = None
     lowest_rib_segment: int | None = None
+    ribs_only: bool = False  # named from the lowest ribs alone (rule "ribs-if-no-sacrum")
 
 
 def find_ribs(
@@ -45,12 +54,18 @@ def find_ribs(
     spacing: tuple[float, float, float],
     bone_hu: float,
 ) -> list[Rib]:
-    """Bone components apart from the column that start near it and reach far round the body."""
+    """Paired, lateral bone running out from the column and round the body, articulating with it
+    behind the bodies' anterior wall. Followed outside the column's core, so a rib whose joints
+    are closed at CT resolution (head on the body, neck on the transverse process) is still one
+    structure of its own; a contrast-filled renal artery starts in front of the bodies."""
     sz, sy, sx = spacing
     nz, ny, nx = vol.shape
     dev = vol.device
     f, fz = max(1, int(1.6 / sx)), max(1, int(2.5 / sz))
     small = vol > bone_hu
+    # not a noise speck (an enhanced kidney's): bone has bone beside it in the slice
+    near = torch.nn.functional.avg_pool2d(small.float()[:, None], 3, 1, 1)[:, 0] * 9.0
+    small = small & (near >= 3.0)
     if f > 1 or fz > 1:
         pooled = torch.nn.functional.max_pool3d(
             small.float()[None, None], (fz, f, f), (fz, f, f), ceil_mode=True
@@ -64,6 +79,13 @@ def find_ribs(
     dist = torch.hypot(
         (yc[None, :, None] - ty[:, None, None]) * sy, (xc[None, None, :] - tx[:, None, None]) * sx
     )
+    # the column's core: about its track, and the body in front of it (its front wall runs from
+    # one side to the other, and would join a left rib to a right one through it)
+    ya = torch.as_tensor(np.interp(zc, np.arange(nz), col.y_ant), device=dev, dtype=torch.float32)
+    dy = yc[None, :, None] - ty[:, None, None]
+    body = (dy <= 0) & (yc[None, :, None] >= ya[:, None, None] - 4.0 / sy)
+    body = body & ((xc[None, None, :] - tx[:, None, None]).abs() * sx < BODY_HALF_MM)
+    small = small & (dist >= CORE_MM) & ~body
     # 26-connected: a rib descending through thick slices steps diagonally from one to the next
     lab, n = ndimage.label(small.cpu().numpy(), structure=np.ones((3, 3, 3)))
     if n == 0:
@@ -85,6 +107,8 @@ def find_ribs(
     for i in np.nonzero(keep)[0]:
         z_s, y_s, x_s = pos[i]
         z = float(zc[z_s])
+        if (float(yc[y_s]) - col.y_ant[int(round(z))]) * sy < 5.0:
+            continue  # starts in front of the bodies: a vessel, not a rib
         side = 1 if float(xc[x_s]) > float(tx[z_s]) else -1
         ribs.append(Rib(z, side, float(dmax[i]), _attach(z, segs, sz)))
     return ribs
@@ -97,49 +121,20 @@ def _attach(z: float, segs: list[Segment], sz: float) -> int | None:
     return None
 
 
-def find_sacrum(
-    vol: torch.Tensor,
-    col: Column,
-    segs: list[Segment],
-    spacing: tuple[float, float, float],
-    bone_hu: float,
-) -> tuple[int | None, str]:
-    """Index of the sacrum segment (lowest, with alae: much wider than the bodies), and a note."""
-    sz, sy, sx = spacing
-    nz, ny, nx = vol.shape
-    if len(segs) < 2:
-        return None, "too few segments to find the sacrum"
-    widths = []
-    for s in segs:
-        zs = slice(s.z0, s.z1)
-        ya = float(np.median(col.y_ant[zs]))
-        cx = float(np.median(col.tx[zs]))
-        y0, y1 = max(int(ya), 0), min(int(ya + 18.0 / sy) + 1, ny)
-        x0, x1 = max(int(cx - 65.0 / sx), 0), min(int(cx + 65.0 / sx) + 1, nx)
-        rows = (vol[zs, y0:y1, x0:x1] > bone_hu).any(1)  # (z, x)
-        xs = torch.arange(x1 - x0, device=vol.device)[None, :].expand_as(rows)
-        big = torch.full_like(xs, 10**6)
-        lo = torch.where(rows, xs, big).amin(1)
-        hi = torch.where(rows, xs, -big).amax(1)
-        w = ((hi - lo + 1).clamp(min=0).float() * sx).median()
-        widths.append(float(w))
-    widths_a = np.asarray(widths)
-    typical = float(np.median(widths_a[1:])) if len(segs) > 2 else float(widths_a[-1])
-    wide = widths_a > 1.6 * max(typical, 1.0)
-    if not wide.any():
-        return None, ""
-    if wide[1:].any():
-        return None, "a sacrum-like wide segment above the lowest: orientation or anatomy unclear"
-    return 0, ""
-
-
 def assign_levels(
-    segs: list[Segment], ribs: list[Rib], sacrum: int | None, sacrum_note: str = ""
+    segs: list[Segment],
+    ribs: list[Rib],
+    sacrum: int | None,
+    sacrum_note: str = "",
+    *,
+    ribs_only: bool = False,
 ) -> Levels:
-    """Name the segments when ribs and sacrum agree on L1; otherwise say why not."""
+    """Name the segments when ribs and sacrum agree on L1; otherwise say why not. With
+    `ribs_only` (the caller established that the field ends above the sacrum and the project
+    chose that rule), a missing sacrum is no refusal: L1 is named below the lowest ribs."""
     names: list[str | None] = [None] * len(segs)
-    # nothing rib-like starting at the sacrum is a rib (iliac wings reach out from there)
-    ribs = [r for r in ribs if r.segment is not None and r.segment != sacrum]
+    # nothing rib-like starting at or below the sacrum is a rib (iliac wings reach out from there)
+    ribs = [r for r in ribs if r.segment is not None and (sacrum is None or r.segment > sacrum)]
     bearing = sorted({r.segment for r in ribs if r.segment is not None})
     lowest = bearing[0] if bearing else None
     out = Levels(names, None, "", ribs, sacrum, lowest)
@@ -156,8 +151,11 @@ def assign_levels(
     if lowest is None:
         out.reason = "no ribs attached to a vertebra in the field: L1 cannot be found from the ribs"
         return out
-    if sacrum is None:
+    if sacrum is None and not ribs_only:
         out.reason = "sacrum not in the field: the rib count cannot be cross-checked"
+        return out
+    if sacrum is None and lowest - 1 > 4:
+        out.reason = "the field's lowest vertebra would be below L5 by the ribs: sacrum expected"
         return out
     sides = {r.side for r in ribs if r.segment == lowest}
     if sides != {-1, 1}:
@@ -167,7 +165,7 @@ def assign_levels(
         if i not in bearing and not segs[i].cut:
             out.reason = "rib pattern irregular (a vertebra above the lowest ribs has none)"
             return out
-    for i in range(sacrum + 1, lowest + 1):
+    for i in range((-1 if sacrum is None else sacrum) + 1, lowest + 1):
         if segs[i].tall:
             out.reason = "two vertebrae may be merged (disc not seen): level count unsafe"
             return out
@@ -177,7 +175,8 @@ def assign_levels(
         if segs[i].gap_below_mm > MAX_DISC_MM:
             out.reason = "a vertebra may be missing (gap too long for a disc): level count unsafe"
             return out
-    l1_ribs, l1_sacrum = lowest - 1, sacrum + 5
+    l1_ribs = lowest - 1
+    l1_sacrum = l1_ribs if sacrum is None else sacrum + 5
     if l1_ribs != l1_sacrum:
         n_lumbar = lowest - sacrum - 1
         out.reason = (
@@ -194,4 +193,5 @@ def assign_levels(
         else:
             names[i] = f"T{13 - off}" if 13 - off >= 1 else None
     out.l1 = l1_ribs
+    out.ribs_only = sacrum is None
     return out

@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from processing.bone.levels import CODES, assign_levels, find_ribs, find_sacrum
+from processing.bone.heights import Heights, body_heights, grade
+from processing.bone.levels import CODES, RIBS_ONLY, RULES, assign_levels, find_ribs
 from processing.bone.orient import canonical_orientation
+from processing.bone.pelvis import find_pelvis, place_sacrum
 from processing.bone.roi import body_roi
 from processing.bone.segment import find_column, split_bodies, wall_from_mask
 
@@ -17,6 +19,10 @@ from processing.bone.segment import find_column, split_bodies, wall_from_mask
 Segmenter = Callable[[torch.Tensor, tuple[float, float, float]], np.ndarray]
 
 MEASURED = ("T12", "L1", "L2", "L3", "L4")
+FIELD_ENDS_IN_DISC_MM = 15.0  # the lowest body this close above the field's edge: a disc cut
+BAND_HU = 25.0  # an ROI slice this far from the middle one's mean: a sclerotic band, left out
+MILD = "mild fracture"  # Genant grade 1: measured, flagged
+SOFT = ("ROI small", MILD, "ROI slices")  # flags that do not make L1 unmeasurable
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,7 @@ class BoneReport:
     n_segments: int = 0
     lowest_rib_level: str | None = None
     sacrum_found: bool = False
+    level_from_ribs_only: bool = False  # L1 named below the lowest ribs alone (flagged)
 
 
 def _header_flags(facts: ScanFacts | None, sz: float) -> list[str]:
@@ -108,6 +115,7 @@ def measure_bone_density(
     fracture_ratio: float = 0.75,
     masks: bool = True,
     segmenter: Segmenter | None = None,
+    level_rule: str = "both",
 ) -> BoneReport:
     """Score L1 trabecular attenuation of an axial CT volume given in HU (after rescale).
 
@@ -115,7 +123,11 @@ def measure_bone_density(
     superior when `z_increases_superior`. Unsigned arrays are refused: HU are signed; convert
     stored values with `to_hu` first. A `segmenter` (e.g. a trained network) gives the
     vertebral bodies in place of the anterior-wall signal; an implausible mask is refused.
+    `level_rule` "both": L1 named only when the ribs and the sacrum agree; "ribs-if-no-sacrum":
+    also from the ribs alone when the field ends above the sacrum (flagged `level from ribs only`).
     """
+    if level_rule not in RULES:
+        raise ValueError(f"level_rule is one of {RULES}")
     arr = np.asarray(volume_hu)
     if arr.dtype.kind == "u" or arr.dtype == np.bool_:
         raise TypeError("volume must be HU (signed); convert stored values with to_hu()")
@@ -146,10 +158,18 @@ def measure_bone_density(
     if float(np.median(col.ty)) <= col.body_cy:
         report.reason = "spine not behind the body centre: check orientation (y axis)"
         return report
+    pelvis = find_pelvis(vol, col, spacing)
+    segs, sacrum, note = place_sacrum(segs, pelvis, spacing)
     ribs = find_ribs(vol, col, segs, spacing, bone_hu)
-    sacrum, note = find_sacrum(vol, col, segs, spacing, bone_hu)
-    lv = assign_levels(segs, ribs, sacrum, note)
+    # above the sacrum, established: no pelvic ring anywhere, and the field's lowest slice cuts
+    # the lowest body or the disc under it
+    above_sacrum = not pelvis.slices.any() and (segs[0].z0 * sz <= FIELD_ENDS_IN_DISC_MM)
+    ribs_only = level_rule == "ribs-if-no-sacrum" and above_sacrum
+    lv = assign_levels(segs, ribs, sacrum, note, ribs_only=ribs_only)
     report.sacrum_found = sacrum is not None
+    report.level_from_ribs_only = lv.ribs_only and lv.l1 is not None
+    if report.level_from_ribs_only:
+        flags.append(RIBS_ONLY)
     if lv.lowest_rib_segment is not None and lv.names[lv.lowest_rib_segment]:
         report.lowest_rib_level = lv.names[lv.lowest_rib_segment]
     if bool((vol > metal_hu).any()):
@@ -158,6 +178,7 @@ def measure_bone_density(
     labels = np.zeros(vol.shape, np.int16) if masks else None
     roi_vol = np.zeros(vol.shape, np.int16) if masks else None
     named = {n: i for i, n in enumerate(lv.names) if n}
+    heights: dict[int, Heights | None] = {}
     for name, i in named.items():
         s = segs[i]
         a, b = (s.z0, s.z1) if not orient.flips[0] else (nz - s.z1, nz - s.z0)
@@ -167,19 +188,19 @@ def measure_bone_density(
             continue
         if s.cut:
             res.flags.append("cut by the field of view")
-        nb_h = [
-            segs[j].height_mm
-            for j in (i - 1, i + 1)
-            if 0 <= j < len(segs) and lv.names[j] not in (None, "S") and not segs[j].cut
-        ]
-        if nb_h and not s.cut and s.height_mm < fracture_ratio * float(np.median(nb_h)):
-            res.flags.append(f"collapsed: height {s.height_mm / np.median(nb_h):.0%} of neighbours")
         r = body_roi(vol, col, s, spacing, bone_hu, roi_area_mm2) if not s.cut else None
         if r is None:
             if not s.cut:
                 res.flags.append("no trabecular interior found")
             continue
         h, w = r.body.shape
+        cxl = min(max(int(round(col.tx[int(round(s.z_mid))])) - r.x0, 0), w - 1)
+        rows = np.nonzero(r.body[:, cxl])[0]
+        if rows.size:
+            z_lo = segs[i - 1].z1 if i > 0 else 0
+            z_hi = segs[i + 1].z0 if i + 1 < len(segs) else nz
+            y_f, y_b = r.y0 + rows[0], r.y0 + rows[-1]
+            heights[i] = body_heights(vol, col, s, spacing, y_f, y_b, z_lo, z_hi)
         body_t = torch.as_tensor(r.body, device=vol.device)
         box = vol[s.z0 : s.z1, r.y0 : r.y0 + h, r.x0 : r.x0 + w]
         if bool((box[:, body_t] > metal_hu).any()):
@@ -189,7 +210,15 @@ def measure_bone_density(
         if name not in MEASURED:
             continue
         roi_t = torch.as_tensor(r.roi, device=vol.device)
-        vals = vol[r.z0 : r.z1, r.y0 : r.y0 + h, r.x0 : r.x0 + w][:, roi_t].flatten().double()
+        slab = vol[r.z0 : r.z1, r.y0 : r.y0 + h, r.x0 : r.x0 + w][:, roi_t].double()
+        if slab.shape[0] > 2 and slab.shape[1]:  # a dense band under a sunken endplate
+            means = slab.mean(1)
+            mid = min(max(int(round(s.z_mid)) - r.z0, 0), slab.shape[0] - 1)
+            keep = (means - means[mid]).abs() <= BAND_HU
+            if not bool(keep.all()):
+                slab = slab[keep]
+                res.flags.append("ROI slices with a dense band left out")
+        vals = slab.flatten()
         if vals.numel() == 0:
             res.flags.append("empty ROI")
             continue
@@ -203,6 +232,7 @@ def measure_bone_density(
         if roi_vol is not None:
             roi_vol[r.z0 : r.z1, r.y0 : r.y0 + h, r.x0 : r.x0 + w][:, r.roi] = CODES[name]
 
+    _grade_levels(segs, lv.names, heights, report, fracture_ratio)
     if labels is not None and roi_vol is not None:  # both made, or neither
         report.labels = orient.from_canonical(labels)
         report.roi = orient.from_canonical(roi_vol)
@@ -210,7 +240,7 @@ def measure_bone_density(
         report.reason = lv.reason
         return report
     l1 = report.levels["L1"]
-    bad = [f for f in l1.flags if f != "ROI small"]
+    bad = [f for f in l1.flags if not f.startswith(SOFT)]
     if bad:
         report.reason = "L1: " + "; ".join(bad)
         return report
@@ -221,3 +251,47 @@ def measure_bone_density(
     report.l1_hu = l1.mean_hu
     report.bone_class = classify(float(l1.mean_hu), thresholds)
     return report
+
+
+def _grade_levels(
+    segs: list,
+    names: list[str | None],
+    heights: dict[int, Heights | None],
+    report: BoneReport,
+    fracture_ratio: float,
+) -> None:
+    """Fracture flags per named body: a Genant grade from its heights against up to two sound
+    peers above and below; without heights (thick slices), its anterior-wall height against its
+    neighbours' (under `fracture_ratio`: collapsed). Grade 2-3 make a level unmeasurable, a
+    grade 1 is flagged only; fractures elsewhere are named in the report's flags."""
+    for i, name in enumerate(names):
+        if name is None or name == "S" or segs[i].cut or name not in report.levels:
+            continue
+        res = report.levels[name]
+        peers = [
+            heights[j]
+            for j in (i - 2, i - 1, i + 1, i + 2)
+            if 0 <= j < len(segs) and names[j] not in (None, "S") and heights.get(j) is not None
+        ]
+        own = heights.get(i)
+        found = grade(own, peers) if own is not None else None
+        flag = ""
+        if found is not None and found.grade >= 2:
+            flag = (
+                f"fractured: Genant grade {found.grade} "
+                f"({found.kind}, {found.loss:.0%} of height lost)"
+            )
+        elif found is not None and found.grade == 1:
+            flag = f"{MILD}: Genant grade 1 ({found.kind}, {found.loss:.0%} of height lost)"
+        elif found is None:
+            nb_h = [
+                segs[j].height_mm
+                for j in (i - 1, i + 1)
+                if 0 <= j < len(segs) and names[j] not in (None, "S") and not segs[j].cut
+            ]
+            ratio = segs[i].height_mm / float(np.median(nb_h)) if nb_h else 1.0
+            if ratio < fracture_ratio:
+                flag = f"collapsed: height {ratio:.0%} of neighbours"
+        if flag:
+            res.flags.append(flag)
+            report.flags.append(f"{name} {flag}")

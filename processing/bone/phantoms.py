@@ -99,9 +99,14 @@ class PhantomSpec:
     width_scale: float = 1.0  # habitus: the abdomen's (and rib cage's) width, 0.9 .. 1.2
     scoliosis_mm: float = 0.0  # a lateral C curve: the spine shifted sideways up to this much
     rotation_deg: float = 0.0  # axial rotation of the vertebrae along the same curve, at its apex
-    fov: str = "full"  # "full", "cut_l1_top" (field ends in L1), "cut_l1_bottom" (starts in L1)
+    fov: str = "full"  # "full", "cut_l1_top" (field ends in L1), "cut_l1_bottom" (starts in L1),
+    # "ends_in:L4" (field starts mid-L4: above the sacrum), "ends_in:L5-S1" (in that disc), ...
     fov_mm: tuple[float, float] | None = None  # explicit (bottom, top) on the anatomical axis
     fracture_l1: bool = False  # L1 collapsed to 55 % height, sclerotic
+    # a graded compression fracture: (level, "wedge" | "biconcave" | "crush", Genant grade 1-3)
+    fracture: tuple[str, str, int] | None = None
+    fracture_loss: float | None = None  # fraction of height lost (default: the grade's middle)
+    sclerotic: bool = False  # a dense band under the sunken endplate
     metal_l1: bool = False  # a 3 mm radius metal bead in the L1 body
     flip_z: bool = False
     flip_y: bool = False
@@ -128,6 +133,13 @@ class PhantomTruth:
     l1_hu: float
     fractured: list[str] = field(default_factory=list)
     metal: list[str] = field(default_factory=list)
+    family: str = "A"  # which generator: A (this module) or B (harness.phantoms_b)
+    fractures: dict[str, tuple[str, int, bool]] = field(default_factory=dict)  # kind, grade, band
+    field_above_sacrum: bool = False  # the field's lowest slice cuts a lumbar body or disc
+    l1_by_ribs_only: bool = False  # L1 right when named from the lowest ribs alone
+
+
+FRACTURE_GRADES = {1: (0.20, 0.25), 2: (0.25, 0.40), 3: (0.40, 0.60)}  # Genant: height lost
 
 
 @dataclass
@@ -141,6 +153,10 @@ class _Level:
     hu: float
     ribs: bool
     lumbar: bool
+    kind: str = ""  # graded fracture: wedge, biconcave or crush; "" when sound
+    loss: float = 0.0  # its fraction of height lost (of the sound height)
+    band: bool = False  # with a sclerotic band
+    sound_h: float = 0.0
 
     @property
     def height(self) -> float:
@@ -151,6 +167,11 @@ class _Level:
         return self.cy + self.ry + 9.0
 
 
+def fracture_grade(loss: float) -> int:
+    """Genant grade of a fraction of height lost: 0 (< 20 %), 1, 2 (25-40 %), 3 (> 40 %)."""
+    return 0 if loss < 0.20 else 1 if loss < 0.25 else 2 if loss <= 0.40 else 3
+
+
 def _levels(spec: PhantomSpec, rng: np.random.Generator) -> list[_Level]:
     base = spec.trabecular_hu if isinstance(spec.trabecular_hu, (int, float)) else None
     rib_levels = {11: THORACIC[:11], 12: THORACIC, 13: THORACIC + ("L1",)}[spec.rib_pairs]
@@ -159,6 +180,15 @@ def _levels(spec: PhantomSpec, rng: np.random.Generator) -> list[_Level]:
         s += _DISC_BELOW[name]
         if spec.fracture_l1 and name == "L1":
             h *= 0.55
+        kind, loss, sound_h = "", 0.0, h
+        if spec.fracture is not None and spec.fracture[0] == name:
+            kind, grade = spec.fracture[1], spec.fracture[2]
+            if kind not in ("wedge", "biconcave", "crush") or grade not in FRACTURE_GRADES:
+                raise ValueError("fracture: (level, wedge|biconcave|crush, grade 1-3)")
+            lo_g, hi_g = FRACTURE_GRADES[grade]
+            loss = spec.fracture_loss if spec.fracture_loss is not None else (lo_g + hi_g) / 2
+            if kind == "crush":  # the body shortens; the spine above comes down
+                h *= 1.0 - loss
         if base is None:
             hu = float(spec.trabecular_hu[name])  # type: ignore[index]
         else:
@@ -168,6 +198,7 @@ def _levels(spec: PhantomSpec, rng: np.random.Generator) -> list[_Level]:
             hu += 70.0
         lordosis = -7.0 * math.exp(-(((s + h / 2 - 65.0) / 55.0) ** 2))
         lv = _Level(name, rx, ry, s, s + h, 40.0 + lordosis, hu, name in rib_levels, name[0] == "L")
+        lv.kind, lv.loss, lv.band, lv.sound_h = kind, loss, spec.sclerotic and bool(kind), sound_h
         out.append(lv)
         s += h
     return out
@@ -266,7 +297,9 @@ def _spine_plane(
         if lv.lumbar and not lv.ribs and 0.3 <= rel <= 0.7:
             img[pl.box(-44.0, 44.0, lv.canal_y - 4.0, lv.canal_y + 4.0)] = ARCH_HU
         img[pl.ellipse(0, lv.canal_y, 8.0, 8.0)] = CSF_HU
-        if min(s - lv.bottom, lv.top - s) < ENDPLATE or (
+        if lv.kind:
+            _fractured_body(pl, lv, s, cort, img, lab)
+        elif min(s - lv.bottom, lv.top - s) < ENDPLATE or (
             spec.fracture_l1 and lv.name == "L1" and min(rel, 1 - rel) < 0.12
         ):
             img[outer] = cort
@@ -275,7 +308,7 @@ def _spine_plane(
             img[pl.ellipse(0, lv.cy, lv.rx - SHELL, lv.ry - SHELL)] = lv.hu
             if 0.2 <= rel <= 0.8:
                 img[pl.ellipse(0, lv.cy + 0.55 * lv.ry, 3.5, 2.5)] = lv.hu - 70.0
-        if lab is not None:
+        if lab is not None and not lv.kind:
             lab[outer] = LEVEL_CODES[lv.name]
         if spec.metal_l1 and lv.name == "L1" and abs(rel - 0.5) * h < 3.0:
             r = math.sqrt(max(9.0 - (rel - 0.5) ** 2 * h * h, 0.0))
@@ -292,7 +325,7 @@ def _spine_plane(
         if lab is not None:
             lab[pl.ellipse(0, cy, 26.0, 19.0)] = LEVEL_CODES["S"]
         img[pl.ellipse(0, cy + 28.0, 7.0, 6.0)] = CSF_HU
-        if -70.0 < s < -10.0:
+        if -70.0 < s < -3.0:  # the sacroiliac joints, up to just below S1's top
             img[pl.box(50.0, 78.0, cy - 2, cy + 14) | pl.box(-78.0, -50.0, cy - 2, cy + 14)] = cort
     if -150.0 < s < 25.0:
         for side in (-1, 1):
@@ -300,6 +333,37 @@ def _spine_plane(
                 side * 95.0, 30.0, 18.0, 28.0
             )
             img[ring & (pl.y > 10.0)] = cort
+
+
+def _fractured_body(
+    pl: _Plane, lv: _Level, s: float, cort: float, img: np.ndarray, lab: np.ndarray | None
+) -> None:
+    """A graded fracture at height s: a wedge's upper endplate sunk in front, a biconcave body's
+    two endplates dished in the middle, a crushed body (already shortened) as it is; the disc
+    fills where the body sank; a sclerotic band under the sunken endplate."""
+    h = lv.height
+    outer = pl.ellipse(0, lv.cy, lv.rx, lv.ry)
+    r2 = (pl.x / lv.rx) ** 2 + ((pl.y - lv.cy) / lv.ry) ** 2
+    lo = np.full(np.broadcast(pl.x, pl.y).shape, lv.bottom, np.float32)
+    hi = np.full_like(lo, lv.top)
+    if lv.kind == "wedge":  # the anterior wall loses `loss` of the sound height
+        hi -= lv.loss * lv.sound_h * np.clip((lv.cy + lv.ry - pl.y) / (2 * lv.ry), 0.0, 1.0)
+    elif lv.kind == "biconcave":  # the middle loses it, half from each endplate
+        dish = 0.5 * lv.loss * lv.sound_h * np.clip(1.0 - r2, 0.0, 1.0)
+        lo, hi = lo + dish, hi - dish
+    body = outer & (s >= lo) & (s < hi)
+    img[outer & ~body] = DISC_HU
+    img[body] = cort
+    inner = body & pl.ellipse(0, lv.cy, lv.rx - SHELL, lv.ry - SHELL)
+    inner &= np.minimum(s - lo, hi - s) >= ENDPLATE
+    img[inner] = lv.hu
+    rel = (s - lv.bottom) / h
+    if 0.2 <= rel <= 0.8:
+        img[inner & pl.ellipse(0, lv.cy + 0.55 * lv.ry, 3.5, 2.5)] = lv.hu - 70.0
+    if lv.band:
+        img[inner & (hi - s < ENDPLATE + 4.0)] = lv.hu + 300.0
+    if lab is not None:
+        lab[body] = LEVEL_CODES[lv.name]
 
 
 def _background(pl: _Plane, spec: PhantomSpec, vessels: bool = True) -> np.ndarray:
@@ -320,6 +384,16 @@ def _vessels(pl: _Plane, spec: PhantomSpec, img: np.ndarray) -> None:
     img[pl.ellipse(-24.0, aorta_y - 2.0, 12.0, 10.0)] = SOFT_HU + 0.6 * spec.contrast_hu
 
 
+def _ends_in(levels: list[_Level], where: str) -> float:
+    """Height of the middle of a body ("L4") or of the disc under it ("L4-L5", "L5-S1")."""
+    by = {lv.name: lv for lv in levels}
+    if "-" not in where:
+        return (by[where].bottom + by[where].top) / 2
+    upper = by[where.split("-")[0]]
+    k = levels.index(upper)
+    return (upper.bottom + (levels[k - 1].top if k else 0.0)) / 2
+
+
 def make_phantom(spec: PhantomSpec | None = None, /, **kw: Any) -> tuple[np.ndarray, PhantomTruth]:
     """Build a phantom: (int16 HU volume (z, y, x), ground truth). Keywords override `spec`."""
     spec = spec or PhantomSpec()
@@ -337,6 +411,8 @@ def make_phantom(spec: PhantomSpec | None = None, /, **kw: Any) -> tuple[np.ndar
         lo, hi = -25.0, (l1.bottom + l1.top) / 2
     elif spec.fov == "cut_l1_bottom":
         lo, hi = (l1.bottom + l1.top) / 2, by_name["T10"].top + 3.0
+    elif spec.fov.startswith("ends_in:"):  # the field starts in a lumbar body or disc
+        lo, hi = _ends_in(levels, spec.fov[8:]), by_name["T10"].top + 3.0
     else:
         lo, hi = -25.0, by_name["T10"].top + 3.0
     nz = int(math.floor((hi - lo) / sz))
@@ -430,7 +506,10 @@ def make_phantom(spec: PhantomSpec | None = None, /, **kw: Any) -> tuple[np.ndar
             z_slices[lv.name] = (int(inside[0]), int(inside[-1]) + 1)
             cut[lv.name] = bool(lv.bottom < lo or lv.top > hi)
             hus[lv.name] = float(lv.hu)
-    sacrum_in = lo < -5.0
+    sacrum_in = lo < -18.0  # the sacrum with 15 mm of its joints to the ilia
+    fractures = {lv.name: (lv.kind, fracture_grade(lv.loss), lv.band) for lv in levels if lv.kind}
+    if spec.fracture_l1:
+        fractures["L1"] = ("crush", 3, True)
     lowest_rib = [lv.name for lv in levels if lv.ribs][0]
     reason = ""
     if spec.rib_pairs != 12:
@@ -443,6 +522,8 @@ def make_phantom(spec: PhantomSpec | None = None, /, **kw: Any) -> tuple[np.ndar
         reason = "lowest ribs not in the field"
     elif spec.fracture_l1:
         reason = "L1 fractured (collapsed)"
+    elif fractures.get("L1", ("", 0))[1] >= 2:
+        reason = f"L1 fractured (Genant grade {fractures['L1'][1]})"
     elif spec.metal_l1:
         reason = "metal in L1"
 
@@ -474,7 +555,17 @@ def make_phantom(spec: PhantomSpec | None = None, /, **kw: Any) -> tuple[np.ndar
         l1_measurable=reason == "",
         l1_reason=reason,
         l1_hu=float(l1.hu),
-        fractured=["L1"] if spec.fracture_l1 else [],
+        fractured=sorted(fractures),
         metal=["L1"] if spec.metal_l1 else [],
+        family="A",
+        fractures=fractures,
+        field_above_sacrum=lo > 0.0,
+        l1_by_ribs_only=lo > 0.0
+        and spec.rib_pairs == 12
+        and "L1" in z_slices
+        and not cut["L1"]
+        and "T12" in z_slices
+        and fractures.get("L1", ("", 0))[1] < 2
+        and not spec.metal_l1,
     )
     return np.ascontiguousarray(vol), truth

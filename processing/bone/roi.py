@@ -38,6 +38,24 @@ def _shrink(mask: torch.Tensor, r: int) -> torch.Tensor:
     return ~_grow(~mask, r)
 
 
+NECK = 0.4  # a row this much narrower than the body's widest, behind it: the canal's neck
+
+
+def _cut_neck(filled: np.ndarray, sy_i: int) -> np.ndarray:
+    """The interior in front of its neck: where the posterior wall is open (the basivertebral
+    foramen, a thin cortex lost to partial volume) the interior runs on into the canal through
+    a narrow neck; rows from the first one under `NECK` of the widest so far are left out."""
+    widths = filled.sum(1)
+    widest = 0
+    for y in range(max(sy_i, 0), filled.shape[0]):
+        widest = max(widest, int(widths[y]))
+        if widest and widths[y] < NECK * widest:
+            out = filled.copy()
+            out[y:] = False
+            return out
+    return filled
+
+
 def body_roi(
     vol: torch.Tensor,
     col: Column,
@@ -78,6 +96,7 @@ def body_roi(
         best = max(cand, key=lambda v: int((seed == v).sum()))
         grown = _grow(torch.as_tensor(lab == best, device=vol.device), r1) & ~raw
         filled = ndimage.binary_fill_holes(grown.cpu().numpy())  # specks stay inside
+        filled = _cut_neck(filled, sy_i)
         yy, xx = np.nonzero(filled)
         if yy.size * sy * sx >= 150.0 and (yy.max() - yy.min()) * sy >= 12.0:
             inner = filled

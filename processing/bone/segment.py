@@ -97,7 +97,11 @@ def find_column(vol: torch.Tensor, spacing: tuple[float, float, float], bone_hu:
     sz, sy, sx = spacing
     nz, ny, nx = vol.shape
     dev = vol.device
-    body = vol[::2, ::2, ::2] > -400.0
+    body = (vol[::2, ::2, ::2] > -400.0).float()[:, None]
+    # eroded ~3 mm and grown back: the table's thin shells under the back are not the body
+    k = max(1, round(3.0 / (2 * sx)))
+    pool = torch.nn.functional.max_pool2d
+    body = pool(1.0 - pool(1.0 - body, 2 * k + 1, 1, k), 2 * k + 1, 1, k)[:, 0] > 0.5
     prof_x = body.sum((0, 1)).double()
     prof_y = body.sum((0, 2)).double()
     xs, ys = torch.arange(0, nx, 2, device=dev), torch.arange(0, ny, 2, device=dev)

@@ -1,0 +1,265 @@
+"""Bone density on a second, independent phantom family (harness.phantoms_b): its truth is what
+it claims, the pipeline agrees on both families, finds the sacrum and ribs by anatomy, names L1
+from the ribs alone only under that rule, and grades fractures. N is small here; the table over
+many draws is benchmarks/bone_families.py."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import pytest
+
+from harness.bone_cases import draw, run
+from harness.phantoms import LEVEL_CODES, make_phantom
+from harness.phantoms_b import make_phantom_b
+from processing.bone import measure_bone_density
+
+SMALL = dict(shape_yx=(200, 200), pixel_mm=1.6, slice_spacing_mm=2.5)
+MAKERS = {"A": make_phantom, "B": make_phantom_b}
+
+
+@lru_cache(maxsize=8)
+def case(family: str, rule: str = "both", **kw):
+    vol, truth = MAKERS[family](**{**SMALL, **kw})
+    rep = measure_bone_density(vol, truth.spacing, affine=truth.affine, level_rule=rule)
+    return vol, truth, rep
+
+
+def assert_right_l1(truth, rep):
+    a, b = rep.levels["L1"].slices
+    ta, tb = truth.z_slices["L1"]
+    assert abs(a - ta) <= 1 and abs(b - tb) <= 1, (rep.levels["L1"].slices, truth.z_slices["L1"])
+
+
+# --- family B's truth ------------------------------------------------------------------------
+
+
+def test_family_b_truth_is_what_it_claims():
+    vol, t, _ = case("B", noise_sd=0.0)
+    assert t.family == "B" and vol.dtype == np.int16 and t.spacing == (2.5, 1.6, 1.6)
+    order = [t.z_slices[n][0] for n in ("L5", "L1", "T12", "T10")]
+    assert order == sorted(order) and t.sacrum_in_field and t.l1_measurable
+    for name, (a, b) in t.z_slices.items():  # labels where the truth says
+        zs = np.nonzero((t.labels == LEVEL_CODES[name]).any((1, 2)))[0]
+        assert abs(zs.min() - a) <= 1 and abs(zs.max() + 1 - b) <= 1, name
+    a, b = t.z_slices["L1"]
+    k = (a + b) // 2
+    yy, xx = np.nonzero(t.labels[k] == LEVEL_CODES["L1"])
+    core = vol[k][yy[(abs(yy - yy.mean()) < 4)], xx[(abs(yy - yy.mean()) < 4)]]
+    assert abs(float(np.median(core)) - t.l1_hu) < 12.0  # textured, no noise: about the truth
+
+
+def test_family_b_differs_from_a():
+    """Not family A with other numbers: other HU, a blurred and textured image, a table."""
+    va, ta, _ = case("A", noise_sd=0.0)
+    vb, tb, _ = case("B", noise_sd=0.0)
+    assert va.shape != vb.shape or not np.array_equal(va, vb)
+    # B's table: bright curved shell far behind the spine, in every slice
+    back = vb[:, -25:, 60:140]
+    assert ((back > 150) & (back < 400)).any(axis=(1, 2)).all()
+    assert not ((va[:, -25:, 60:140] > 150).any())
+    # B's body interior is textured even without noise; A's is flat
+    for vol, t, textured in ((va, ta, False), (vb, tb, True)):
+        a, b = t.z_slices["L2"]
+        m = t.labels[(a + b) // 2] == LEVEL_CODES["L2"]
+        vals = vol[(a + b) // 2][m]
+        assert (np.percentile(vals, 75) - np.percentile(vals, 25) > 5) == textured
+
+
+# --- both families agree ---------------------------------------------------------------------
+
+AGREE = [0, 1, 4]  # draws that are sound spines in both families (harness.bone_cases)
+
+
+@pytest.mark.parametrize("index", AGREE)
+def test_families_agree(index):
+    """The same draw rendered by each family: both measured, the true L1, within tolerance."""
+    outs = {fam: run(draw(fam, index, "sound")) for fam in ("A", "B")}
+    spacing = dict(outs["A"].case.options)["slice_spacing_mm"]
+    tol = 5.0 if spacing <= 1.25 else 10.0  # test_bone_density's tolerance
+    for fam, o in outs.items():
+        assert o.expect and o.measured, (fam, o.reason)
+        assert not o.mislabel and abs(o.error_hu) <= tol, (fam, o.error_hu)
+    assert abs(outs["A"].error_hu - outs["B"].error_hu) <= tol
+
+
+# --- the sacrum and the ribs by anatomy ------------------------------------------------------
+
+
+@pytest.mark.parametrize("opts", [dict(sacrum_hu=45.0, ilium_hu=90.0), dict(contrast_hu=400.0)])
+def test_sacrum_found_whatever_its_density(opts):
+    """A low-density sacrum (thin cortex, tilted, not a body the wall signal finds) joined to its
+    ilia across open SI joints; ribs whose joints are closed (one structure with the column)."""
+    _, truth, rep = case("B", **opts)
+    assert truth.sacrum_in_field
+    assert rep.sacrum_found and rep.measurable, rep.reason
+    assert_right_l1(truth, rep)
+    assert rep.lowest_rib_level == "T12"
+
+
+def test_no_sacrum_no_pelvis_found():
+    """Positive control: a field above the sacrum has no pelvic ring."""
+    _, truth, rep = case("B", fov="ends_in:L4")
+    assert not truth.sacrum_in_field and not rep.sacrum_found
+    assert "sacrum not in the field" in rep.reason
+
+
+@pytest.mark.parametrize("pairs", [11, 13])
+def test_transitional_refused_in_family_b(pairs):
+    _, truth, rep = case("B", rib_pairs=pairs)
+    assert not truth.l1_measurable and not rep.measurable
+    assert "transitional" in rep.reason or "rib" in rep.reason, rep.reason
+
+
+# --- abdomen-only fields ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family,ends", [("A", "ends_in:L4"), ("B", "ends_in:L4-L5")])
+def test_ribs_only_rule(family, ends):
+    _, truth, both = case(family, fov=ends)
+    assert truth.field_above_sacrum and truth.l1_by_ribs_only and not truth.l1_measurable
+    assert not both.measurable and "sacrum" in both.reason  # the default rule refuses
+    _, _, rep = case(family, "ribs-if-no-sacrum", fov=ends)
+    assert rep.measurable and rep.level_from_ribs_only, rep.reason
+    assert "level from ribs only" in rep.flags
+    assert_right_l1(truth, rep)
+    assert abs(rep.l1_hu - truth.l1_hu) <= 10.0
+
+
+def test_ribs_only_rule_leaves_full_fields_alone():
+    """With the sacrum in the field the rule changes nothing: both ways must still agree."""
+    _, truth, rep = case("B", "ribs-if-no-sacrum")
+    assert rep.measurable and not rep.level_from_ribs_only and rep.sacrum_found
+    _, _, odd = case("B", "ribs-if-no-sacrum", rib_pairs=13)
+    assert not odd.measurable  # a sacrum in the field still catches 13 rib pairs
+
+
+def test_level_rule_is_checked():
+    vol, truth = make_phantom(shape_yx=(64, 64), pixel_mm=5.0, slice_spacing_mm=5.0)
+    with pytest.raises(ValueError):
+        measure_bone_density(vol, truth.spacing, affine=truth.affine, level_rule="ribs")
+
+
+# --- fracture grades ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "family,kind,grade",
+    [("A", "wedge", 3), ("B", "biconcave", 2), ("B", "crush", 3), ("A", "crush", 2)],
+)
+def test_grade_2_3_at_l1_refused(family, kind, grade):
+    _, truth, rep = case(family, fracture=("L1", kind, grade), sclerotic=True)
+    assert not truth.l1_measurable
+    assert not rep.measurable and "fractured" in rep.reason, rep.reason
+
+
+@pytest.mark.parametrize("family,kind", [("B", "wedge"), ("B", "crush"), ("A", "crush")])
+def test_grade_1_at_l1_measured_and_flagged(family, kind):
+    _, truth, rep = case(family, fracture=("L1", kind, 1), sclerotic=True)
+    assert truth.l1_measurable and truth.fractures["L1"][1] == 1
+    assert rep.measurable, rep.reason
+    assert any("L1 mild fracture: Genant grade 1" in f for f in rep.flags), rep.flags
+    assert abs(rep.l1_hu - truth.l1_hu) <= 10.0
+
+
+@pytest.mark.parametrize("family,level", [("B", "T12"), ("A", "L2")])
+def test_fracture_next_to_l1_does_not_stop_it(family, level):
+    _, truth, rep = case(family, fracture=(level, "crush", 3), sclerotic=True)
+    assert truth.l1_measurable
+    assert rep.measurable, rep.reason
+    assert_right_l1(truth, rep)
+    assert any(f.startswith(f"{level} fractured") for f in rep.flags), rep.flags
+
+
+def test_sound_spine_is_not_called_fractured():
+    """Control for the grades: sound spines in both families carry no fracture flag."""
+    for fam in ("A", "B"):
+        _, _, rep = case(fam)
+        assert rep.measurable and not any("fracture" in f for f in rep.flags), (fam, rep.flags)
+
+
+# --- the rule through the pipeline: values, SR, CSV, the run's summary ------------------------
+
+
+def test_ribs_only_flag_reaches_values_sr_and_csv(tmp_path):
+    import highdicom as hd
+
+    from core.core import Core
+    from core.settings import Settings
+    from gateway.run_cmd import summary_line
+    from processing.bone_density import BoneDensity
+    from processing.results import result_rows, write_csv
+    from processing.runner import RunReport
+    from processing.worker import process_series
+    from storage.series import SeriesReader
+    from tests.processing_data import ct_series, new_project, store_series
+    from tests.test_processing_pipeline import dciodvfy_errors, task_for
+
+    home = Settings(home=tmp_path, fsync=False)
+    new_project(home, "proc")
+    vol, truth = make_phantom_b(**SMALL, fov="ends_in:L4")
+    key = store_series(home, "proc", ct_series(vol, spacing=truth.spacing, seed=3), tmp_path / "s")
+    task = task_for(home, "proc", key)
+    default = process_series(home.model_dump_json(), task, BoneDensity(), False)
+    assert default.status == "unmeasurable" and "sacrum" in default.reason
+    out = process_series(
+        home.model_dump_json(), task, BoneDensity(level_rule="ribs-if-no-sacrum"), False
+    )
+    assert out.status == "ok", out.reason
+    assert out.values["level_from_ribs_only"] is True
+    assert "level from ribs only" in out.values["flags"]
+    assert summary_line(RunReport("bone-density", "0.1", [out, default])) == (
+        "bone-density 0.1: 1 ok, 1 unmeasurable (1 ok with the level from ribs only); "
+        "0 already done"
+    )
+    with Core(home) as core:
+        p = core.project("proc")
+        (row,) = core.catalog.results(p.id)
+        keys = {s.series_uid: s.storage_key for s in core.catalog.series(p.id)}
+        sr_ds = SeriesReader(core.store, keys[row.sr_series_uid]).instance(0)
+        rows = result_rows(core, "proc", "bone-density")
+    sr_ds.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    assert dciodvfy_errors(tmp_path / "sr.dcm") == []
+    sr = hd.sr.srread(tmp_path / "sr.dcm")
+    groups = (
+        sr.content.get_planar_roi_measurement_groups()
+        + sr.content.get_volumetric_roi_measurement_groups()
+    )
+    said = [e.value.meaning for g in groups for e in g.get_qualitative_evaluations()]
+    assert "Level from ribs only" in said
+    write_csv(rows, tmp_path / "r.csv")
+    text = (tmp_path / "r.csv").read_text()
+    assert "level from ribs only" in text and "level_from_ribs_only" in text
+
+
+def test_level_rule_option_is_checked():
+    from processing.bone_density import BoneDensity
+
+    assert BoneDensity(level_rule="ribs-if-no-sacrum").parameters()["level_rule"]
+    with pytest.raises(ValueError):
+        BoneDensity(level_rule="ribs")
+
+
+def test_cli_level_rule(tmp_path):
+    """A wrong rule is one line and exit 2 (`sphere run`, `sphere jobs submit`); a right one
+    is queued with the run job's parameters."""
+    from typer.testing import CliRunner
+
+    from core.core import Core
+    from core.settings import Settings
+    from gateway.cli import app
+    from tests.processing_data import new_project
+
+    env = {"SPHERE_HOME": str(tmp_path / "home")}
+    new_project(Settings(home=tmp_path / "home"), "pp")
+    bad = CliRunner().invoke(app, ["run", "bone-density", "pp", "--level-rule", "ribs"], env=env)
+    assert bad.exit_code == 2 and "--level-rule is one of" in bad.output
+    args = ["jobs", "submit", "run", "pp", "--pipeline", "bone-density", "--level-rule"]
+    bad = CliRunner().invoke(app, [*args, "ribs"], env=env)
+    assert bad.exit_code == 2 and "--level-rule is one of" in bad.output
+    ok = CliRunner().invoke(app, [*args, "ribs-if-no-sacrum"], env=env)
+    assert ok.exit_code == 0, ok.output
+    with Core(Settings(home=tmp_path / "home")) as core:
+        (job,) = core.catalog.jobs("pp")
+    assert job.params == {"pipeline": "bone-density", "level_rule": "ribs-if-no-sacrum"}
