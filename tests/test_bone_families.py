@@ -154,7 +154,7 @@ def test_grade_2_3_at_l1_refused(family, kind, grade):
     assert not rep.measurable and "fractured" in rep.reason, rep.reason
 
 
-@pytest.mark.parametrize("family,kind", [("B", "wedge"), ("B", "crush"), ("A", "crush")])
+@pytest.mark.parametrize("family,kind", [("B", "wedge"), ("B", "biconcave"), ("A", "crush")])
 def test_grade_1_at_l1_measured_and_flagged(family, kind):
     _, truth, rep = case(family, fracture=("L1", kind, 1), sclerotic=True)
     assert truth.l1_measurable and truth.fractures["L1"][1] == 1
