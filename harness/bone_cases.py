@@ -160,7 +160,7 @@ def run(case: Case, rule: str = "both") -> Outcome:
 def summary(outs: list[Outcome]) -> dict[str, Any]:
     """Counts and errors of a set of outcomes (one family, one rule)."""
     measured = [o for o in outs if o.measured and not o.mislabel]
-    errs = np.abs([o.error_hu for o in measured]) if measured else np.zeros(0)
+    errs = np.abs([o.error_hu or 0.0 for o in measured]) if measured else np.zeros(0)
     lost = Counter(reason_class(o.reason) for o in outs if o.expect and not o.measured)
     refused = Counter(reason_class(o.reason) for o in outs if not o.measured)
     return {

@@ -16,12 +16,12 @@ from harness.phantoms_b import make_phantom_b
 from processing.bone import measure_bone_density
 
 SMALL = dict(shape_yx=(200, 200), pixel_mm=1.6, slice_spacing_mm=2.5)
-MAKERS = {"A": make_phantom, "B": make_phantom_b}
 
 
 @lru_cache(maxsize=8)
 def case(family: str, rule: str = "both", **kw):
-    vol, truth = MAKERS[family](**{**SMALL, **kw})
+    maker = make_phantom if family == "A" else make_phantom_b
+    vol, truth = maker(**{**SMALL, **kw})
     rep = measure_bone_density(vol, truth.spacing, affine=truth.affine, level_rule=rule)
     return vol, truth, rep
 

@@ -177,7 +177,7 @@ def assign_levels(
             return out
     l1_ribs = lowest - 1
     l1_sacrum = l1_ribs if sacrum is None else sacrum + 5
-    if l1_ribs != l1_sacrum:
+    if l1_ribs != l1_sacrum and sacrum is not None:
         n_lumbar = lowest - sacrum - 1
         out.reason = (
             f"{n_lumbar} rib-free vertebrae above the sacrum, 5 expected: transitional anatomy "

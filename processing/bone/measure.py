@@ -269,9 +269,11 @@ def _grade_levels(
             continue
         res = report.levels[name]
         peers = [
-            heights[j]
+            h
             for j in (i - 2, i - 1, i + 1, i + 2)
-            if 0 <= j < len(segs) and names[j] not in (None, "S") and heights.get(j) is not None
+            if 0 <= j < len(segs)
+            and names[j] not in (None, "S")
+            and (h := heights.get(j)) is not None
         ]
         own = heights.get(i)
         found = grade(own, peers) if own is not None else None

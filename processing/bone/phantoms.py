@@ -350,7 +350,7 @@ def _fractured_body(
         hi -= lv.loss * lv.sound_h * np.clip((lv.cy + lv.ry - pl.y) / (2 * lv.ry), 0.0, 1.0)
     elif lv.kind == "biconcave":  # the middle loses it, half from each endplate
         dish = 0.5 * lv.loss * lv.sound_h * np.clip(1.0 - r2, 0.0, 1.0)
-        lo, hi = lo + dish, hi - dish
+        lo, hi = (lo + dish).astype(np.float32), (hi - dish).astype(np.float32)
     body = outer & (s >= lo) & (s < hi)
     img[outer & ~body] = DISC_HU
     img[body] = cort
