@@ -314,10 +314,11 @@ def cohort_add(
         typer.Option(help="With --omop, no image_occurrence: procedure concepts (repeatable)."),
     ] = None,
 ) -> None:
-    """Add studies to a project's cohort, by accession number, patient ID or study UID, or
-    from an OMOP warehouse's cohort (--omop URL --cohort-definition N, or --omop-sql FILE).
+    """Add studies to a project's cohort: typed values, a CSV file or an OMOP warehouse.
 
-    The values are kept in the vault; the catalog holds only keyed digests of them."""
+    By accession number, patient ID or study UID, or from an OMOP warehouse's cohort (--omop
+    URL --cohort-definition N, or --omop-sql FILE). The values are kept in the vault; the
+    catalog holds only keyed digests of them."""
     if (cohort_definition is not None or omop_sql) and not omop:
         raise SphereError("--cohort-definition and --omop-sql read an OMOP warehouse: give --omop")
     if omop:

@@ -69,9 +69,10 @@ def register(app: typer.Typer) -> None:
             typer.Option(help="The procedure_occurrence column holding the accession number."),
         ] = None,
     ) -> None:
-        """Write a project's results to the warehouse as measurement (and image_feature) rows,
-        on the original persons and dates; a re-export replaces its own rows. Trusted third
-        party only: it reads the vault."""
+        """Write a project's results to the warehouse as OMOP measurement rows.
+
+        On the original persons and dates, with image_feature rows where the imaging tables
+        exist; a re-export replaces its own rows. Trusted third party only: it reads the vault."""
         c: Core = acting(ctx, "omop.export", name)
         projects.require_active(c, name, "omop.export", actor=c.operator.name)
         with omop_cohort.open_warehouse(to, schema) as wh:

@@ -51,8 +51,9 @@ def register(app: typer.Typer, core: Any) -> None:
             str, typer.Option(help="Why it is declined (the investigator reads it).")
         ] = "",
     ) -> None:
-        """Study requests: list them (pending first), approve one (its items join the cohort, a
-        pull is queued) or decline one with a reason."""
+        """Study requests: list them (pending first), approve one, or decline one with a reason.
+
+        An approved request's items join the cohort and a pull job is queued."""
         c: Core = core(ctx)
         if what in ("approve", "decline"):
             if request_id is None:

@@ -141,17 +141,20 @@ def results(
 
 
 def table_lines(rows: list[dict]) -> list[str]:
-    """Patient (pseudonym), shifted study date, series (UID tail), pipeline, status, main
-    value and class; a reason on a line of its own: lines of at most 80 columns."""
-    head = f"{'patient':<17} {'date':<10} {'series':<10} {'pipeline':<12} {'status':<12} value"
+    """Per pipeline (a heading line), patient (pseudonym), shifted study date, series (UID
+    tail), status, main value and class; a reason on a line of its own: at most 80 columns."""
+    head = f"{'patient':<17} {'date':<10} {'series':<10} {'status':<12} {'value':>6} class"
     lines = [head]
-    for r in rows:
+    pipeline = None
+    for r in sorted(rows, key=lambda r: r["pipeline"]):
+        if r["pipeline"] != pipeline:
+            pipeline = r["pipeline"]
+            lines.append(f"{pipeline}:"[:WIDTH])
         value = r.get("l1_hu", r.get("body_mean_hu"))
         shown = f"{value:6.1f}" if isinstance(value, int | float) else f"{'-':>6}"
         line = (
             f"{(r['patient'] or '-')[:17]:<17} {(r['study_date'] or '-'):<10} "
-            f"…{r['series_uid'][-9:]:<9} {r['pipeline'][:12]:<12} {r['status'][:12]:<12} "
-            f"{shown} {r.get('class') or ''}"
+            f"…{r['series_uid'][-9:]:<9} {r['status'][:12]:<12} {shown} {r.get('class') or ''}"
         )
         lines.append(line.rstrip()[:WIDTH])
         if r["reason"]:
