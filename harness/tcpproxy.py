@@ -21,6 +21,7 @@ class CountingProxy:
         self.dropping = False
         self.rate: float | None = None  # bytes a second each way, per connection; None: free
         self._conns: set[socket.socket] = set()
+        self._live: set[socket.socket] = set()  # client sockets counted in `open`
         self._lock = threading.Lock()
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
@@ -46,10 +47,12 @@ class CountingProxy:
             client.close()
             return
         with self._lock:
+            self._count_ended()
             self.open += 1
             self.total += 1
             self.most = max(self.most, self.open)
             self._conns.update((client, up))
+            self._live.add(client)
         other = threading.Thread(target=self._pump, args=(up, client), daemon=True)
         other.start()
         self._pump(client, up)
@@ -57,8 +60,26 @@ class CountingProxy:
         for s in (client, up):
             s.close()
         with self._lock:
-            self.open -= 1
+            if client in self._live:
+                self._live.discard(client)
+                self.open -= 1
             self._conns.difference_update((client, up))
+
+    def _count_ended(self) -> None:
+        """Uncount connections whose client has already closed. Their end is in the kernel before
+        a new connection that came after it (on loopback a FIN is delivered when sent), though
+        this proxy's threads may not have run yet: without this, a busy machine shows two
+        connections at once where the client side never had two."""
+        for c in list(self._live):
+            try:
+                ended = c.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            except BlockingIOError:
+                ended = False
+            except OSError:
+                ended = True
+            if ended:
+                self._live.discard(c)
+                self.open -= 1
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
