@@ -18,7 +18,7 @@ typecheck: setup
 	.venv/bin/mypy
 
 test: setup lint typecheck
-	.venv/bin/pytest
+	.venv/bin/pytest -n 3 --dist loadfile
 
 bench: setup
 	.venv/bin/python benchmarks/bench_pull.py
