@@ -231,7 +231,12 @@ def build_sr(
         region = image_region(sources, where, s.mask) if where is not None else None
         if region is not None:  # a planar group only: OHIF fails on any group without one
             ref = region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-            library[ref] = next(d for d in sources if d.SOPInstanceUID == ref)
+            image = next(d for d in sources if d.SOPInstanceUID == ref)
+            # highdicom describes a library entry from top-level geometry, which an enhanced
+            # multi-frame image keeps in its functional groups: such an image is left out
+            # (the library is optional; the region still names its image).
+            if int(image.get("NumberOfFrames", 1) or 1) == 1:
+                library[ref] = image
             groups.append(
                 hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                     referenced_region=region, **common

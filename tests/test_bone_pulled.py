@@ -33,7 +33,8 @@ def phantoms(tmp_path_factory) -> list[tuple[PhantomStudy, str]]:
     cases: list[tuple[dict[str, Any], str]] = [
         (dict(slice_spacing_mm=2.5, trabecular_hu=135.0, contrast_hu=150.0, seed=1), ""),
         (dict(slice_spacing_mm=2.0, rib_pairs=13, seed=2), "transitional"),
-        (dict(slice_spacing_mm=2.5, fracture_l1=True, seed=3), "collapsed"),
+        # graded (Genant 3) on slices of 3 mm or less; "collapsed" is the rule on thicker ones
+        (dict(slice_spacing_mm=2.5, fracture_l1=True, seed=3), "fractured"),
     ]
     writers: list[dict[str, Any]] = [
         dict(unsigned=True, contrast=True),  # uint16, intercept -1024
