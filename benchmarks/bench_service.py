@@ -43,7 +43,7 @@ from core import users
 from core.settings import PacsPeer, Settings, Source
 from gateway import jobs
 from gateway.api import Gateway
-from harness.localpacs import LocalOrthanc, free_port
+from harness.localpacs import LocalOrthanc, free_port, stop_group
 from harness.postgres import PgServer
 from harness.serve import SERVER, server_token, settings_env, start_sphere
 from harness.synthetic import generate
@@ -408,12 +408,7 @@ def node(env: dict[str, str], ae: str, port: int) -> Iterator[subprocess.Popen[b
     try:
         yield proc
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        stop_group(proc)
 
 
 # -- the job queue ------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from harness.chaoslab import (
     wait_for,
     worker,
 )
+from harness.localpacs import stop_group
 from harness.tcpproxy import CountingProxy
 
 __all__ = ["SCENARIOS", "HalfSeriesWatch", "IndexedInstance", "Lab", "Outcome", "Site", "site"]
@@ -371,13 +372,7 @@ def spool_disk_full(lab: Lab, quick: bool) -> Outcome:
             out.problems.append(f"job {row.state}: {row.outcome}")
         return count(out, st)
     finally:
-        if node.poll() is None:
-            os.killpg(node.pid, signal.SIGTERM)
-            try:
-                node.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(node.pid, signal.SIGKILL)
-                node.wait(10)
+        stop_group(node)
         log.close()
         st.close()
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ from typing import Any
 from core import access, users
 from core.settings import JobOptions, Settings, Source
 from gateway.api import Gateway
-from harness.localpacs import LocalOrthanc, free_port
+from harness.localpacs import LocalOrthanc, free_port, stop_group
 from harness.postgres import PgServer
 from harness.seaweed import SeaweedS3
 from harness.synthetic import SyntheticCorpus, generate
@@ -349,13 +348,7 @@ def worker(st: Site, ae: str, lab: Lab) -> Iterator[subprocess.Popen[str]]:
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        stop_group(proc)
 
 
 @contextmanager

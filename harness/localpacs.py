@@ -41,6 +41,19 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+def stop_group(proc: subprocess.Popen[Any]) -> None:
+    """Stop a process started with `start_new_session=True`, and its children: SIGTERM to
+    its group, SIGKILL after a minute."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free now, for peers that cannot bind port 0 themselves.
 

@@ -19,7 +19,7 @@ import pytest
 from core import access, users
 from core.settings import PacsPeer, Settings
 from gateway.api import Gateway
-from harness.localpacs import LocalOrthanc, free_port
+from harness.localpacs import LocalOrthanc, free_port, stop_group
 from harness.synthetic import generate
 from storage.catalog import IndexedInstance
 from tests.test_pull import approved
@@ -93,13 +93,7 @@ def worker(env: dict[str, str], ae: str, port: int) -> Iterator[subprocess.Popen
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        stop_group(proc)
 
 
 def wait_for(check, what: str, timeout_s: float = 240.0) -> None:
