@@ -23,15 +23,11 @@ import subprocess
 import tempfile
 import time
 import warnings
-from datetime import date, timedelta
 from pathlib import Path
 
-from core import projects, users
 from core.core import Core
-from core.settings import Settings
-from harness.synthetic import generate
+from harness.stored import stored_ct
 from storage.objectstore import local_path
-from storage.series import SeriesReader, SeriesWriter, series_key
 
 
 def main() -> None:
@@ -41,36 +37,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
-    import pydicom
-
     from processing import export
 
     dcm2niix = shutil.which("dcm2niix")
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
-        corpus = generate(
-            base / "dicom", n_patients=1, series_per_study=1, slices=args.slices, size=args.size
-        )
-        settings = Settings(home=base / "home", fsync=False)
-        with Core(settings, create=True) as core:
-            users.first_admin(core)
-            projects.create(core, "bench")
-            today = date.today()
-            projects.approve(core, "bench", committee_ref="B", approved_on=today,
-                             expires_on=today + timedelta(30))  # fmt: skip
-            writer = SeriesWriter(base / "spool", fsync=False)
-            for f in corpus.files:
-                writer.add(pydicom.dcmread(f))
-            key = series_key("bench", "2.25.1", "2.25.2")
-            info = writer.commit(core.store, key)
-            p = core.project("bench")
-            core.catalog.mark_complete(p.id, "2.25.2", key, info, study_uid="2.25.1",
-                                       modality="CT")  # fmt: skip
-            reader = SeriesReader(core.store, key)
-            core.catalog.index_series(p.id, key, reader.headers(), reader.attrs["n_slices"])
-            series_dir = local_path(core.store, key)
-            dicom_dir = Path(corpus.files[0]).parent
-            dicom_bytes = sum(Path(f).stat().st_size for f in corpus.files)
+        stored = stored_ct(base, "bench", slices=args.slices, size=args.size)
+        dicom_dir, dicom_bytes = stored.dicom_dir, stored.dicom_bytes
+        with Core(stored.settings) as core:
+            series_dir = local_path(core.store, stored.key)
             times: dict[str, list[float]] = {}
             sizes: dict[str, int] = {}
 

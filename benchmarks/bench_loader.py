@@ -18,17 +18,13 @@ import statistics
 import tempfile
 import time
 import warnings
-from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-from core import projects, users
+from core import users
 from core.core import Core
-from core.settings import Settings
-from harness.localpacs import free_port
-from harness.serve import start_sphere
-from harness.synthetic import generate
-from storage.series import SeriesWriter, series_key
+from harness.serve import sphere_serving
+from harness.stored import StoredCT, stored_ct
 
 LOADERS = (
     ("zarr", "Zarr -> MetaTensor"),
@@ -44,41 +40,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
-    import pydicom
-
     from processing.remote import Client
 
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
-        corpus = generate(
-            base / "dicom", n_patients=1, series_per_study=1, slices=args.slices, size=args.size
-        )
-        settings = Settings(home=base / "home", fsync=False)
-        with Core(settings, create=True) as core:
-            users.first_admin(core)
-            projects.create(core, "bench")
-            today = date.today()
-            projects.approve(core, "bench", committee_ref="B", approved_on=today,
-                             expires_on=today + timedelta(30))  # fmt: skip
+        stored = stored_ct(base, "bench", slices=args.slices, size=args.size)
+        with Core(stored.settings) as core:
             token = users.add(core, "reader")
             users.grant(core, "bench", "reader", "viewer")
-            writer = SeriesWriter(base / "spool", fsync=False)
-            for f in corpus.files:
-                writer.add(pydicom.dcmread(f))
-            key = series_key("bench", "study", "series")
-            info = writer.commit(core.store, key)
-            core.catalog.mark_complete(core.project("bench").id, "series", key, info,
-                                       study_uid="study", modality="CT")  # fmt: skip
-            nbytes = args.slices * args.size * args.size * 2
-        port = free_port()
-        server = start_sphere(settings, port)
-        try:
-            client = Client(f"http://127.0.0.1:{port}", "bench", token)
-            with Core(settings) as core:
-                times = rounds(args.rounds, core, key, client, str(base / "dicom"))
-        finally:
-            server.terminate()
-            server.wait(30)
+        nbytes = args.slices * args.size * args.size * 2
+        with sphere_serving(stored.settings) as url:
+            client = Client(url, "bench", token)
+            with Core(stored.settings) as core:
+                times = rounds(args.rounds, core, stored, client)
     shape = f"{args.slices}x{args.size}x{args.size}"
     print(f"series {shape} int16 ({nbytes / 1e6:.0f} MB), {args.rounds} rounds, median:")
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -93,7 +67,7 @@ def main() -> None:
     )
 
 
-def rounds(n: int, core: Core, key: str, client: Any, folder: str) -> dict[str, list[float]]:
+def rounds(n: int, core: Core, stored: StoredCT, client: Any) -> dict[str, list[float]]:
     """Each loader `n` times, in turn; seconds of each read."""
     from monai.transforms import LoadImage
 
@@ -101,9 +75,9 @@ def rounds(n: int, core: Core, key: str, client: Any, folder: str) -> dict[str, 
 
     reader = LoadImage(reader="PydicomReader", image_only=True)
     fns = {
-        "zarr": lambda: load_series(core.store, key),
-        "remote": lambda: client.load("series"),
-        "dicom": lambda: reader(folder),
+        "zarr": lambda: load_series(core.store, stored.key),
+        "remote": lambda: client.load(stored.series_uid),
+        "dicom": lambda: reader(str(stored.dicom_dir)),
     }
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(n):

@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from core import Core, access, users
 from core.settings import Settings
-from harness.localpacs import wait_port
+from harness.localpacs import free_port, wait_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER = "server"  # the sphere user the server process acts as
@@ -29,6 +31,18 @@ def start_sphere(settings: Settings, port: int, workers: int = 1) -> subprocess.
     )  # fmt: skip
     wait_port(port, timeout_s=60)
     return proc
+
+
+@contextmanager
+def sphere_serving(settings: Settings, workers: int = 1) -> Iterator[str]:
+    """`start_sphere` on a free port; yields its base URL; stops it on leaving."""
+    port = free_port()
+    proc = start_sphere(settings, port, workers)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def server_token(settings: Settings) -> str:
