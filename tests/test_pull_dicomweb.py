@@ -4,10 +4,8 @@ stream is resumed; wrong credentials are one clear error."""
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import logging
-import socket
 import threading
 from datetime import date, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,6 +20,7 @@ from gateway.pull import PullRefused  # noqa: F401 - the public names stay impor
 from harness.leaks import scan_database, scan_folder, scan_store, scan_text
 from harness.localpacs import LocalOrthanc, free_port
 from harness.synthetic import generate
+from harness.tcpproxy import CountingProxy
 from storage.series import SeriesReader, series_key
 
 pytestmark = pytest.mark.peers
@@ -138,60 +137,17 @@ def test_a_cohort_across_two_pacs_dicomweb_and_dimse(
     assert again.ok and again.count("skipped") == len(rows)
 
 
-class CuttingProxy:
-    """A TCP proxy to Orthanc that cuts the first WADO-RS series response after `cut` bytes."""
-
-    def __init__(self, upstream: int, cut: int) -> None:
-        self.upstream, self.cut, self.cuts = upstream, cut, 0
-        self._lock = threading.Lock()  # the two series are fetched at once: cut one only
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
-        up = socket.create_connection(("127.0.0.1", self.upstream))
-        first = client.recv(65536)
-        is_series = b"/series/" in first.split(b"\r\n")[0] and b"metadata" not in first[:200]
-        with self._lock:
-            cutting = is_series and self.cuts == 0
-            if cutting:
-                self.cuts += 1
-        up.sendall(first)
-
-        def pump(src: socket.socket, dst: socket.socket, limit: int | None) -> None:
-            sent = 0
-            try:
-                while data := src.recv(65536):
-                    if limit is not None and sent + len(data) > limit:
-                        dst.sendall(data[: limit - sent])
-                        break
-                    dst.sendall(data)
-                    sent += len(data)
-            except OSError:
-                pass
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-        threading.Thread(target=pump, args=(client, up, None), daemon=True).start()
-        pump(up, client, self.cut if cutting else None)
-
-    def close(self) -> None:
-        self.sock.close()
+def wado_series(request: bytes) -> bool:
+    """A WADO-RS series retrieval (not its metadata), by its request line."""
+    line = request.split(b"\r\n")[0]
+    return b"/series/" in line and b"metadata" not in line
 
 
 def test_a_cut_wado_stream_is_resumed_and_wrong_credentials_are_one_clear_error(
     tmp_path, corpus, pacs_web, scp_port
 ):
-    proxy = CuttingProxy(pacs_web.http_port, cut=6000)
+    proxy = CountingProxy(pacs_web.http_port)
+    proxy.cut_response(6000, when=wado_series)  # the two series are fetched at once: one cut
     try:
         gw = gateway(
             tmp_path / "a",
@@ -355,47 +311,6 @@ def test_any_syntax_first_explicit_le_when_refused_and_what_came_is_recorded(
     assert f"came as {name} ({came})" in text
 
 
-class BusyProxy(CuttingProxy):
-    """A proxy to Orthanc that answers the first WADO-RS series request `status` with a
-    Retry-After, then passes everything."""
-
-    def __init__(self, upstream: int, status: int = 429, after: int = 2) -> None:
-        self.status, self.after, self.busy = status, after, 0
-        super().__init__(upstream, cut=0)
-
-    def _serve(self, client: socket.socket) -> None:
-        first = client.recv(65536)
-        line = first.split(b"\r\n")[0]
-        with self._lock:
-            busy = b"/series/" in line and b"metadata" not in line and self.busy == 0
-            if busy:
-                self.busy += 1
-        if not busy:
-            return self._pass(client, first)
-        client.sendall(
-            f"HTTP/1.1 {self.status} Busy\r\nRetry-After: {self.after}\r\n"
-            "Content-Length: 0\r\nConnection: close\r\n\r\n".encode()
-        )
-        client.close()
-
-    def _pass(self, client: socket.socket, first: bytes) -> None:
-        up = socket.create_connection(("127.0.0.1", self.upstream))
-        up.sendall(first)
-
-        def pump(src: socket.socket, dst: socket.socket) -> None:
-            try:
-                while data := src.recv(65536):
-                    dst.sendall(data)
-            except OSError:
-                pass
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-        threading.Thread(target=pump, args=(client, up), daemon=True).start()
-        pump(up, client)
-
-
 @pytest.mark.parametrize("status", [429, 503])
 def test_a_busy_source_is_asked_again_after_its_retry_after(
     tmp_path, corpus, pacs_web, scp_port, monkeypatch, status
@@ -412,7 +327,12 @@ def test_a_busy_source_is_asked_again_after_its_retry_after(
         return real(self, response)
 
     monkeypatch.setattr(Retry, "sleep_for_retry", sleep_for_retry)
-    proxy = BusyProxy(pacs_web.http_port, status=status, after=2)
+    proxy = CountingProxy(pacs_web.http_port)
+    busy = (
+        f"HTTP/1.1 {status} Busy\r\nRetry-After: 2\r\n"
+        "Content-Length: 0\r\nConnection: close\r\n\r\n"
+    ).encode()
+    proxy.answer_once(busy, when=wado_series)
     try:
         url = f"http://127.0.0.1:{proxy.port}/dicom-web"
         gw = gateway(tmp_path, scp_port, web_source(pacs_web, url=url))
@@ -420,6 +340,6 @@ def test_a_busy_source_is_asked_again_after_its_retry_after(
         report = gw.pull("busy")
     finally:
         proxy.close()
-    assert proxy.busy == 1
+    assert proxy.answered == 1
     assert 2 in slept  # Retry-After honoured
     assert report.ok and report.instances == corpus.studies[0].n_instances
