@@ -19,8 +19,8 @@ from storage.catalog import (
     IndexedSeries,
     IndexedStudy,
     Project,
-    _fresh_statistics,  # noqa: PLC2701 - the control removes it
 )
+from storage.catalog.db import _fresh_statistics  # noqa: PLC2701 - the control removes it
 
 
 @pytest.fixture(

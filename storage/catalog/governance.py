@@ -5,7 +5,6 @@ the opt-out register (keyed digests) and forgetting series. Mixed into `Catalog`
 from __future__ import annotations
 
 from collections.abc import Iterable
-from contextlib import AbstractContextManager
 from datetime import date
 from typing import Any
 
@@ -13,6 +12,7 @@ from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from storage import index
+from storage.catalog.db import Queries
 from storage.models import (
     CohortItem,
     IndexedInstance,
@@ -27,11 +27,8 @@ from storage.models import (
 )
 
 
-class GovernanceQueries:
-    """Retention, purges and the opt-out register (needs `session()` from `Catalog`)."""
-
-    def session(self) -> AbstractContextManager[Session]:  # pragma: no cover - Catalog's
-        raise NotImplementedError
+class GovernanceQueries(Queries):
+    """Retention, purges and the opt-out register."""
 
     # -- retention ----------------------------------------------------------------------------
 

@@ -3,20 +3,16 @@ Mixed into `Catalog`, so callers ask `core.catalog`."""
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
+from storage.catalog.db import Queries
 from storage.models import InboxKey, StudyRequest, get_or_add
 
 
-class RequestQueries:
-    """Study requests (needs `session()` from `Catalog`)."""
-
-    def session(self) -> AbstractContextManager[Session]:  # pragma: no cover - Catalog's
-        raise NotImplementedError
+class RequestQueries(Queries):
+    """Study requests."""
 
     def inbox_key(self) -> str | None:
         with self.session() as s:

@@ -4,20 +4,16 @@ Mixed into `Catalog`."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from contextlib import AbstractContextManager
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
 
+from storage.catalog.db import Queries
 from storage.models import Export, IndexedSeries, IndexedStudy, rowcount, utcnow
 
 
-class ExportQueries:
-    """Export records and selections (needs `session()` from `Catalog`)."""
-
-    def session(self) -> AbstractContextManager[Session]:  # pragma: no cover - Catalog's
-        raise NotImplementedError
+class ExportQueries(Queries):
+    """Export records and selections."""
 
     def add_export(self, row: Export) -> Export:
         with self.session() as s:

@@ -7,14 +7,13 @@ conditional update alone decides. Mixed into `Catalog`, so callers ask `core.cat
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from datetime import date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
+from storage.catalog.db import Queries
 from storage.models import (
     DailyTask,
     Job,
@@ -29,11 +28,8 @@ ACTIVE = ("queued", "running", "waiting")
 TERMINAL = ("done", "failed", "cancelled")
 
 
-class JobQueries:
-    """Jobs (needs `session()` from `Catalog`)."""
-
-    def session(self) -> AbstractContextManager[Session]:  # pragma: no cover - Catalog's
-        raise NotImplementedError
+class JobQueries(Queries):
+    """Jobs."""
 
     def submit_job(
         self, kind: str, project: str, params: dict[str, Any], by: str
