@@ -154,7 +154,7 @@ class PullLock(Base):
 
 
 class Job(Base):
-    """A unit of work a node runs (`storage.jobs`, `gateway.jobs`): a pull, a pipeline run.
+    """A unit of work a node runs (`storage.catalog.jobs`, `gateway.jobs`): a pull, a pipeline run.
 
     A node leases it (`token`, `lease_expires`) and renews the lease with each heartbeat; a job
     whose lease ran out is taken up by any node. `progress` holds counts only (instances,
