@@ -4,7 +4,8 @@ Zarr chunks are compressed, so a scan of raw bytes cannot see a name inside a he
 array is read back through zarr (decompressed, decoded) and its values scanned, as are every
 object key and every document (group and array metadata, attributes). Databases are scanned row
 by row (any SQLAlchemy URL) and, for SQLite, byte by byte including freed pages and the WAL; logs
-and folders as text and bytes.
+and folders as text and bytes. A PNG is decoded too: its text chunks and metadata scanned, and
+each needle drawn in the font reports are drawn with looked for in its pixels (burned-in text).
 
     leaks = scan_store(store, corpus.phi) + scan_database(url, corpus.phi)
     assert leaks == []
@@ -12,6 +13,7 @@ and folders as text and bytes.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,6 +22,8 @@ from typing import Any
 
 import numpy as np
 import zarr
+from PIL import Image, ImageDraw
+from scipy.signal import fftconvolve
 from sqlalchemy import MetaData, create_engine, select
 from zarr.abc.store import Store
 from zarr.core.buffer import default_buffer_prototype
@@ -100,6 +104,53 @@ def scan_folder(root: Path, needles: Iterable[str]) -> list[Leak]:
         if f.is_file():
             leaks += scan_bytes(f"file {rel}", f.read_bytes(), needles)
     return leaks
+
+
+def date_forms(needles: Iterable[str]) -> list[str]:
+    """The needles, and each DICOM date (YYYYMMDD) also as a page shows it (YYYY-MM-DD)."""
+    needles = list(needles)
+    iso = [f"{n[:4]}-{n[4:6]}-{n[6:]}" for n in needles if len(n) == 8 and n.isdigit()]
+    return needles + iso
+
+
+def scan_png(where: str, data: bytes, needles: Iterable[str]) -> list[Leak]:
+    """A PNG decoded: its text chunks and metadata (tEXt, zTXt, iTXt, eXIf ...) as text, and
+    its pixels searched for each needle as `ImageDraw.text` draws it with the default font (the
+    reports' font): text burned into pixels is not in the bytes. Other fonts are not seen."""
+    needles = list(needles)
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    meta = "\n".join(f"{k}={_text(v)}" for k, v in img.info.items())
+    found = scan_text(f"{where} (png metadata)", meta, needles)
+    ink = _ink(img)
+    found += [Leak(f"{where} (png pixels)", n) for n in needles if _drawn(ink, n) >= 0.8]
+    return found
+
+
+def _ink(img: Image.Image) -> np.ndarray:
+    """Light pixels (white or yellow text on black) as 1.0, the rest 0.0."""
+    return (np.asarray(img.convert("L")) >= 128).astype(np.float64)
+
+
+def _drawn(ink: np.ndarray, needle: str) -> float:
+    """The best overlap (intersection over union of light pixels) of `needle`, drawn in the
+    default font, with any window of `ink`: 1.0 where it is drawn, about 0.3-0.4 elsewhere."""
+    font = ImageDraw.Draw(Image.new("L", (1, 1))).getfont()
+    _, _, right, bottom = font.getbbox(needle)
+    pic = Image.new("L", (int(right) + 4, int(bottom) + 4), 0)
+    ImageDraw.Draw(pic).text((2, 2), needle, fill=255)
+    t = _ink(pic)
+    ys, xs = np.nonzero(t)
+    if not len(ys):
+        return 0.0
+    t = t[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    h, w = t.shape
+    if ink.shape[0] < h or ink.shape[1] < w:
+        return 0.0
+    overlap = fftconvolve(ink, t[::-1, ::-1], mode="valid")
+    c = np.pad(ink.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    window = c[h:, w:] - c[:-h, w:] - c[h:, :-w] + c[:-h, :-w]
+    return float((overlap / (t.sum() + window - overlap + 1e-9)).max())
 
 
 async def _list(store: Store, prefix: str) -> list[str]:

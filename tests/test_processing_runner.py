@@ -1,22 +1,30 @@
 """The batch runner on a real Dask LocalCluster (2 worker processes): every series of a project
 gets a result, a failing series is reported with its reason while the others complete, a
 re-run skips what is done, `force` replaces, and a model is loaded once per worker. With real
-peers: a project pulled from Orthanc goes through the pipeline, and no identifier leaks."""
+peers: a project pulled from Orthanc goes through the pipeline, and no identifier leaks, neither
+in the store and catalog nor in what an investigator reads over HTTP (the results page, each PNG
+report, the CSV and Parquet tables), each decoded."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 from collections import Counter
 
+import numpy as np
 import pytest
 import typer
+from PIL import Image, PngImagePlugin
 from typer.testing import CliRunner
 
+from core import users
 from core.core import Core
 from core.settings import Settings
 from gateway import run_cmd
-from harness.leaks import scan_database, scan_store
+from harness.leaks import date_forms, scan_database, scan_store
+from processing import outputs
 from processing.body_hu import BodyHu
+from processing.pipeline import FAILED, Finding
 from processing.runner import local_cluster, run_pipeline
 from tests.processing_data import (
     GpuBodyHu,
@@ -28,6 +36,7 @@ from tests.processing_data import (
     store_series,
 )
 from tests.test_pull import approved, corpus, make_gateway, pacs, scp_port  # noqa: F401
+from tests.web_server import Fetched, fetch, leaks, serving
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +177,68 @@ def test_a_pulled_project_goes_through_the_pipeline_without_leaks(
         assert core.catalog.series_counts(p.id) == {"complete": 3 * n}
         assert scan_store(core.store, corpus.phi) == []
     assert scan_database(gw.settings.resolved_catalog_url(), corpus.phi) == []
+
+    # What an investigator reads over HTTP, every layer decoded; dates also as the page writes them.
+    core, needles = gw.core, date_forms(corpus.phi)
+    token = users.add(core, "ivy")
+    users.grant(core, "pulled", "ivy", "investigator")
+    with serving(core) as url:
+        got = results_responses(url, "pulled", token)
+        assert len(got) == 3 + n and all(f.status == 200 for _, f in got)
+        assert sum(f.headers["content-type"] == "image/png" for _, f in got) == n
+        assert [leak for where, f in got for leak in leaks(where, f, needles)] == []
+
+        # Control: a result whose reason and values carry identifiers (one needing HTML
+        # unescaping), and a report with one drawn in its pixels and one in a text chunk.
+        st = corpus.studies[0]
+        surname, quoted = st.patient_name.split("^")[0], "D'ARTAGNAN"
+        row = core.catalog.results(core.project("pulled").id)[0]
+        key = outputs.report_key("pulled", "leaky", row.series_uid)
+        outputs.put_bytes(core.store, key, planted_png(f"leaky 1: {st.accession}", st.patient_id))
+        core.catalog.upsert_result(
+            core.project("pulled").id, row.series_uid, "leaky", study_uid=row.study_uid,
+            version="1", status=FAILED, reason=f"{surname} {quoted}",
+            values={"note": st.patient_id}, report_key=key,
+        )  # fmt: skip
+        got = results_responses(url, "pulled", token)
+        found = {
+            (leak.where, leak.needle) for w, f in got for leak in leaks(w, f, [*needles, quoted])
+        }
+    png = f"{row.series_uid}/leaky.png"
+    assert {("page (html)", surname), ("page (html)", quoted)} <= found
+    assert ("page", surname) in found and ("page", quoted) not in found  # escaped: &#x27;
+    assert {("results.csv", surname), ("results.csv", st.patient_id)} <= found
+    assert {
+        ("results.parquet (parquet)", surname),
+        ("results.parquet (parquet)", st.patient_id),
+    } <= found
+    assert {
+        (f"{png} (png pixels)", st.accession),
+        (f"{png} (png metadata)", st.patient_id),
+    } <= found
+    # ... and only there: the pipeline's own reports stay clean.
+    assert {w.split(" ")[0] for w, _ in found if ".png" in w} == {png}
+
+
+def results_responses(url: str, project: str, token: str) -> list[tuple[str, Fetched]]:
+    """The results page, each PNG report it shows, the CSV and the Parquet table, as fetched;
+    named page, <series>/<pipeline>.png, results.csv, results.parquet."""
+    page = fetch(f"{url}/projects/{project}/results", token)
+    got = [("page", page)]
+    for src in [s.split('"')[0] for s in page.body.decode().split('<img src="')[1:]]:
+        got.append((src.split("/results/")[1], fetch(url + src.replace("&amp;", "&"), token)))
+    for fmt in ("csv", "parquet"):
+        got.append((f"results.{fmt}", fetch(f"{url}/api/projects/{project}/results.{fmt}", token)))
+    return got
+
+
+def planted_png(title: str, chunk: str) -> bytes:
+    """A report as the worker draws it, `title` burned in, and `chunk` in a PNG text chunk."""
+    vol = np.random.default_rng(0).normal(0, 300, (24, 32, 32)).astype(np.float32)
+    finding = Finding(FAILED, {}, levels={"body": (2, 20)})
+    png = outputs.report_png(vol, np.diag([-0.7, -0.7, 2.5, 1.0]), finding, title)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", chunk)
+    out = io.BytesIO()
+    Image.open(io.BytesIO(png)).save(out, format="PNG", pnginfo=info)
+    return out.getvalue()

@@ -4,6 +4,7 @@ way to read responses as a client sees them, decoded (gzip, multipart parts, DIC
 from __future__ import annotations
 
 import gzip
+import html
 import json
 import threading
 import time
@@ -20,7 +21,7 @@ from core import Core
 from gateway.web.app import create_app
 from gateway.web.multipart import parse_multipart
 from gateway.web.server import uvicorn_options
-from harness.leaks import Leak, scan_bytes
+from harness.leaks import Leak, scan_bytes, scan_png, scan_text
 from harness.localpacs import free_port
 
 
@@ -81,12 +82,30 @@ def fetch(url: str, token: str | None = None, method: str = "GET", **kw) -> Fetc
 
 def leaks(where: str, f: Fetched, needles: list[str]) -> list[Leak]:
     """Planted identifiers in a response, every layer decoded: headers, body, JSON (non-ASCII
-    unescaped), each multipart part and each DICOM part read back (its elements as text)."""
+    unescaped), HTML (entities unescaped), Parquet (read back to its values), PNG (its text
+    chunks and the text drawn in its pixels), each multipart part and each DICOM part read back
+    (its elements as text)."""
     found = scan_bytes(f"{where} headers", json.dumps(dict(f.headers)).encode(), needles)
     found += scan_bytes(where, f.body, needles)
-    if f.headers.get("content-type", "").startswith(("application/dicom+json", "application/json")):
+    ctype = f.headers.get("content-type", "")
+    if ctype.startswith(("application/dicom+json", "application/json")):
         text = json.dumps(json.loads(f.body), ensure_ascii=False)
         found += scan_bytes(f"{where} (json)", text.encode(), needles)
+    elif ctype.startswith("text/html"):
+        found += scan_text(f"{where} (html)", html.unescape(f.body.decode("utf-8")), needles)
+    elif ctype.startswith("application/vnd.apache.parquet"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(BytesIO(f.body))
+        meta = {
+            k.decode("latin-1"): v.decode("latin-1")
+            for k, v in (table.schema.metadata or {}).items()
+        }
+        values = [table.schema.names, table.to_pylist(), meta]
+        text = json.dumps(values, default=str, ensure_ascii=False)
+        found += scan_text(f"{where} (parquet)", text, needles)
+    elif ctype.startswith("image/png"):
+        found += scan_png(where, f.body, needles)
     for i, (ctype, content) in enumerate(f.parts):
         found += scan_bytes(f"{where} part {i}", content, needles)
         if ctype.startswith("application/dicom"):
