@@ -3,7 +3,9 @@ the page's form, a list or a cohort CSV), a data manager lists, approves (the it
 cohort by its own path, a pull job is queued) or declines with a reason, the investigator sees
 each state and, after the pull's resolution, what was found of each item. The values are
 originals: sealed in the catalog until the decision, then in the vault only; never in a
-response (decoded scans of the catalog and the answers, with a positive control)."""
+response (decoded scans of the catalog and the answers, with a positive control). With real
+peers: an approved request's pull runs on a node (the job machinery) against Orthanc, and the
+investigator sees per item what was found and what was not."""
 
 from __future__ import annotations
 
@@ -13,10 +15,12 @@ import pytest
 from typer.testing import CliRunner
 
 from core import Core, Settings, access, projects, users
+from gateway import jobs
 from gateway.cli import app as cli_app
-from harness.leaks import scan_database, scan_text
+from harness.leaks import date_forms, scan_database, scan_text
 from tests.processing_data import new_project
-from tests.web_server import fetch, serving
+from tests.test_pull import approved, corpus, make_gateway, pacs, scp_port  # noqa: F401
+from tests.web_server import fetch, leaks, serving
 
 PROJECT = "asks"
 PLANTED = ["PLANTED-ACC-7731", "PLANTED-ACC-7732", "PLANTED-PID-0099"]
@@ -137,3 +141,56 @@ def test_no_value_of_a_request_is_in_the_catalog_or_an_answer(home):
     with Core(home.settings) as c:
         c.catalog.audit("t", "control", PROJECT, value=PLANTED[0])
     assert {leak.needle for leak in scan_database(url, needles)} == {PLANTED[0]}
+
+
+@pytest.mark.peers
+def test_an_approved_request_is_pulled_by_a_node_and_told_per_item(
+    tmp_path,
+    pacs,  # noqa: F811
+    scp_port,  # noqa: F811
+    corpus,  # noqa: F811
+):
+    gw = make_gateway(tmp_path / "home", pacs, scp_port)
+    approved(gw, "asked", [])
+    c = gw.core
+    tokens = {"investigator": users.add(c, "ivy"), "data-manager": users.add(c, "dan")}
+    users.grant(c, "asked", "ivy", access.INVESTIGATOR)
+    c.catalog.add_user_role(c.catalog.user("dan").id, access.DATA_MANAGER, "setup")
+    home = Home(gw.settings, "", tokens)
+    sphere(home, "requests")  # the data manager opens requests (the inbox key published)
+    absent = "ACC0000001"  # in no study of the PACS
+    items = [corpus.studies[0].accession, absent, corpus.studies[1].accession]
+    ivy = tokens["investigator"]
+    with Core(gw.settings, research=True) as core, serving(core) as url:
+        api, page = f"{url}/api/projects/asked/requests", f"{url}/projects/asked/requests"
+        made = fetch(api, ivy, "POST", json={"accession": items})
+        assert made.status == 201, made.body
+        rid = made.json()["id"]
+        assert "pull job" in sphere(home, "requests", "approve", str(rid))
+        (queued,) = fetch(api, ivy).json()
+        assert queued["job"]["state"] == "queued" and queued["outcome"]["not_looked_up"] == 3
+        node = jobs.Node(gw.settings, name="node-1")  # what `sphere worker` / `serve` run
+        node.run(once=True)
+        assert node.ran == [queued["job"]["id"]]
+        answers = [("api", fetch(api, ivy)), ("page", fetch(page, ivy))]
+    seen = answers[0][1].json()[0]
+    assert seen["job"]["state"] == "done", seen["job"]
+    assert seen["outcome"]["per_item"] == ["found 1", "not found", "found 1"]
+    assert (seen["outcome"]["found"], seen["outcome"]["not_found"]) == (2, 1)
+    assert seen["outcome"]["studies_stored"] == 2
+    html = answers[1][1].body.decode()
+    assert "found 2, not found 1 (items 2), not looked up yet 0; 2 studies stored" in html
+    # The pull stored the two studies found, whole, and nothing of the PACS' third.
+    p = c.project("asked")
+    stored = {r.study_uid for r in c.catalog.series(p.id, status="complete")}
+    assert len(stored) == 2
+    n_series = sum(len(st.series) for st in corpus.studies[:2])
+    assert len(c.catalog.series(p.id, status="complete")) == n_series
+    trail = {(e.action, e.actor) for e in c.catalog.audit_trail("asked", 500)}
+    assert {("request.submit", "ivy"), ("request.approve", "dan"), ("pull.start", "dan")} <= trail
+    # No original value in what the investigator reads, decoded (the absent item's too) ...
+    needles = [*date_forms(corpus.phi), absent]
+    assert [leak for where, f in answers for leak in leaks(where, f, needles)] == []
+    # ... control: the trusted side's cohort (from the vault) holds them, and the scan sees them.
+    values = " ".join(e.value for e in projects.cohort(c, "asked", purpose="test", actor="t"))
+    assert {leak.needle for leak in scan_text("cohort", values, needles)} >= set(items)
