@@ -21,6 +21,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, MapTransform
 
 from core.core import Core
+from core.errors import SphereError
 from core.settings import Settings
 from storage.series import SeriesReader
 
@@ -208,17 +209,36 @@ class LoadSeriesd(MapTransform):
 
 class SeriesDataset(MonaiDataset):
     """A project's complete image series, one item per series, each loaded from the store by
-    key when the item is read: {"storage_key", "series_uid", "study_uid", "image", ...}."""
+    key when the item is read: {"storage_key", "series_uid", "study_uid", "image", ...}.
+
+    Given a server's URL instead of settings, `SeriesDataset("https://host", project,
+    token=...)`, the same items come through `sphere serve` (role-checked, audited, no store
+    or vault beside it): a `processing.remote.RemoteSeriesDataset`."""
+
+    def __new__(
+        cls, settings: Settings | str, project: str, *, token: str | None = None, **kw: Any
+    ) -> Any:
+        if isinstance(settings, Settings):
+            return super().__new__(cls)
+        if not isinstance(settings, str) or not settings.startswith(("http://", "https://")):
+            raise SphereError("SeriesDataset takes Settings or a server's http(s):// URL")
+        if not token:
+            raise SphereError("a dataset over HTTP needs token= (`sphere user token NAME`)")
+        from processing.remote import RemoteSeriesDataset  # it imports this module
+
+        return RemoteSeriesDataset(settings, project, token, **kw)
 
     def __init__(
         self,
-        settings: Settings,
+        settings: Settings | str,
         project: str,
         *,
+        token: str | None = None,
         transform: Any = None,
         modality: str | None = "CT",
         device: str | None = None,
     ) -> None:
+        assert isinstance(settings, Settings)  # a URL made a RemoteSeriesDataset in __new__
         with Core(settings, research=True) as core:
             p = core.project(project)
             rows = core.catalog.series(p.id, status="complete")

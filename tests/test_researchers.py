@@ -16,7 +16,7 @@ import pytest
 from monai.transforms import Orientationd
 from PIL import Image
 
-from core import Core, Settings, access, users
+from core import Core, Settings, SphereError, access, users
 from core.index import index_stored
 from processing.body_hu import BodyHu
 from processing.loader import SeriesDataset
@@ -111,9 +111,16 @@ def audited(settings: Settings, action: str, n: int) -> list:
         time.sleep(0.1)
 
 
-def test_remote_dataset_gives_the_local_loaders_metatensors(served):
-    remote = RemoteSeriesDataset(served.url, PROJECT, served.tokens["viewer"])
+@pytest.mark.parametrize("form", ["RemoteSeriesDataset", "SeriesDataset(url)"])
+def test_remote_dataset_gives_the_local_loaders_metatensors(served, form):
+    token = served.tokens["viewer"]
+    if form == "RemoteSeriesDataset":
+        remote = RemoteSeriesDataset(served.url, PROJECT, token)
+    else:  # one name for both: given a URL, SeriesDataset reads through the server
+        remote = SeriesDataset(served.url, PROJECT, token=token)
+        assert isinstance(remote, RemoteSeriesDataset)
     local = SeriesDataset(served.settings, PROJECT)
+    assert isinstance(local, SeriesDataset) and not isinstance(local, RemoteSeriesDataset)
     assert len(remote) == len(local) == 2
     by_uid = {d["series_uid"]: d for d in local}
     pairs = [(r, by_uid[r["series_uid"]]) for r in remote]
@@ -141,6 +148,12 @@ def test_remote_dataset_goes_through_the_role_check(served):
         RemoteSeriesDataset(served.url, PROJECT, served.tokens["none"])
     with pytest.raises(RemoteError, match="401"):
         RemoteSeriesDataset(served.url, PROJECT, "sph_not-a-token")
+    with pytest.raises(RemoteError, match="401"):  # SeriesDataset(url) asks the server too
+        SeriesDataset(served.url, PROJECT, token="sph_not-a-token")
+    with pytest.raises(SphereError, match="token="):
+        SeriesDataset(served.url, PROJECT)
+    with pytest.raises(SphereError, match="URL"):
+        SeriesDataset("sphere.example.org", PROJECT, token="t")
     client = Client(served.url, PROJECT, served.tokens["viewer"])
     with pytest.raises(RemoteError, match="404"):  # a series of no project of theirs
         client.load("1.2.3.4")
