@@ -7,8 +7,9 @@ conditional update alone decides. Mixed into `Catalog`, so callers ask `core.cat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import date, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -26,6 +27,8 @@ from storage.models import (
 
 ACTIVE = ("queued", "running", "waiting")
 TERMINAL = ("done", "failed", "cancelled")
+_SourceRow = TypeVar("_SourceRow", SourceBucket, SourceBreaker)
+_T = TypeVar("_T")
 
 
 class JobQueries(Queries):
@@ -246,29 +249,17 @@ class JobQueries(Queries):
         """Take `n` instances' worth from the source's bucket (refilled at `rate` a second, up
         to `burst`); the seconds to wait before using them (0: at once). One transaction for a
         whole batch, the row locked meanwhile so that nodes take in turn."""
-        now = now or utcnow()
-        for _ in range(3):  # two nodes making the row at once: the loser reads it again
-            try:
-                with self.session() as s:
-                    # a no-op write first: SQLite takes its write lock here, before the read
-                    s.execute(
-                        update(SourceBucket)
-                        .where(SourceBucket.source == source)
-                        .values(taken=SourceBucket.taken)
-                    )
-                    row = s.get(SourceBucket, source, with_for_update=True, populate_existing=True)
-                    if row is None:
-                        row = SourceBucket(source=source, tokens=burst, updated=now, taken=0)
-                        s.add(row)
-                        s.flush()
-                    elapsed = max(0.0, (now - row.updated).total_seconds())
-                    row.tokens = min(burst, row.tokens + elapsed * rate) - n
-                    row.updated = max(row.updated, now)
-                    row.taken += n
-                    return max(0.0, -row.tokens / rate)
-            except IntegrityError:
-                continue
-        return 0.0
+        at = now or utcnow()
+
+        def take(row: SourceBucket) -> float:
+            elapsed = max(0.0, (at - row.updated).total_seconds())
+            row.tokens = min(burst, row.tokens + elapsed * rate) - n
+            row.updated = max(row.updated, at)
+            row.taken += n
+            return max(0.0, -row.tokens / rate)
+
+        fresh = {"tokens": burst, "updated": at, "taken": 0}
+        return self._on_source_row(SourceBucket, source, fresh, take, 0.0)
 
     def source_bucket(self, source: str) -> SourceBucket | None:
         with self.session() as s:
@@ -286,32 +277,47 @@ class JobQueries(Queries):
         """Count a call to `source` that got no answer, on any node. True when this one opened
         the breaker (`after` in a row: its caller tells the audit trail), False when it was
         open already, None while it stays closed."""
-        now = now or utcnow()
+        at = now or utcnow()
+
+        def miss(row: SourceBreaker) -> bool | None:
+            if row.opened_at is not None:
+                return False
+            row.misses += 1
+            if row.misses < after:
+                return None
+            row.opened_at, row.next_probe = at, at + timedelta(seconds=probe_s)
+            row.probes, row.opening = 0, row.opening + 1
+            return True
+
+        fresh = {"misses": 0, "probes": 0, "opening": 0}
+        return self._on_source_row(SourceBreaker, source, fresh, miss, None)
+
+    def _on_source_row(
+        self,
+        model: type[_SourceRow],
+        source: str,
+        fresh: dict[str, Any],
+        change: Callable[[_SourceRow], _T],
+        given_up: _T,
+    ) -> _T:
+        """`change` the source's row (made from `fresh` when there is none) in one transaction,
+        the row locked meanwhile so that nodes take in turn; `given_up` when it could not."""
         for _ in range(3):  # two nodes making the row at once: the loser reads it again
             try:
                 with self.session() as s:
                     # a no-op write first: SQLite takes its write lock here, before the read
                     s.execute(
-                        update(SourceBreaker)
-                        .where(SourceBreaker.source == source)
-                        .values(misses=SourceBreaker.misses)
+                        update(model).where(model.source == source).values(source=model.source)
                     )
-                    row = s.get(SourceBreaker, source, with_for_update=True, populate_existing=True)
+                    row = s.get(model, source, with_for_update=True, populate_existing=True)
                     if row is None:
-                        row = SourceBreaker(source=source, misses=0, probes=0, opening=0)
+                        row = model(source=source, **fresh)
                         s.add(row)
                         s.flush()
-                    if row.opened_at is not None:
-                        return False
-                    row.misses += 1
-                    if row.misses < after:
-                        return None
-                    row.opened_at, row.next_probe = now, now + timedelta(seconds=probe_s)
-                    row.probes, row.opening = 0, row.opening + 1
-                    return True
+                    return change(row)
             except IntegrityError:
                 continue
-        return None
+        return given_up
 
     def breaker_answered(self, source: str) -> None:
         """A call to `source` got an answer: the misses in a row start again from none."""
