@@ -381,6 +381,23 @@ class Browser:
         if not self.evaluate(script):
             raise BrowserError(f"no element matches {selector}")
 
+    def click(self, selector: str) -> None:
+        """Click the middle of the visible element matched by `selector` with the mouse, as a
+        user does (press and release at that point: whatever is on top there gets it)."""
+        box = self.evaluate(
+            f"""(() => {{
+              const el = document.querySelector({json.dumps(selector)});
+              const r = el && el.getBoundingClientRect();
+              return r && r.width && r.height ? [r.left + r.width / 2, r.top + r.height / 2] : null;
+            }})()"""
+        )
+        if not box:
+            raise BrowserError(f"no visible element matches {selector}")
+        x, y = box
+        self.send("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+        for kind in ("mousePressed", "mouseReleased"):
+            self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+
     def submit(self, selector: str) -> None:
         """Submit the form matched by `selector` and wait for the page it leads to."""
         loaded = self._expect("Page.loadEventFired")

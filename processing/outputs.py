@@ -8,6 +8,7 @@ UIDs derive from the source series and the pipeline, so a re-run replaces them i
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 from dataclasses import dataclass
@@ -127,6 +128,33 @@ def image_region(
     )
 
 
+# OHIF (3.13, through @cornerstonejs/adapters) restores a measurement group as one of its own
+# tools when the tracking identifier starts with the tool's tag: the region it reads from the
+# first NUM's INFERRED FROM SCOORD, the label from a Comment. Its measurement panel lists that
+# label, beside the area and maximum it computes itself from the pixels (never a stored mean).
+OHIF_FREEHAND = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
+
+
+def ohif_label(site: str, mean_hu: float | None) -> str:
+    """The label OHIF lists a planar group by: its site and, when there is one, its mean."""
+    return site if mean_hu is None else f"{site}: mean {mean_hu:.2f} HU"
+
+
+def for_ohif(group: Any, region: hd.sr.ImageRegion, label: str) -> Any:
+    """A planar group (TID 1410) as OHIF also reads it: its first measurement inferred from
+    the same image region, and a Comment holding `label`."""
+    items = group[0].ContentSequence
+    first = next((item for item in items if item.ValueType == "NUM"), None)
+    if first is not None:
+        inferred = copy.deepcopy(region)
+        inferred.RelationshipType = hd.sr.RelationshipTypeValues.INFERRED_FROM.value
+        if "ContentSequence" not in first:
+            first.ContentSequence = hd.sr.ContentSequence([], is_root=False)
+        first.ContentSequence.append(inferred)
+    items.append(hd.sr.TextContentItem(codes.DCM.Comment, label, "CONTAINS"))
+    return group
+
+
 def build_seg(
     sources: list[Dataset],
     finding: Finding,
@@ -181,8 +209,9 @@ def build_sr(
     """A TID 1500 measurement report: per ROI its mean, median and SD attenuation (HU),
     and the classification, when there is one, on the first ROI. With `where`
     (`slice_images`) each ROI is a planar group (TID 1410) on an image region of its largest
-    slice (what OHIF draws and lists; it fails on an SR holding any group without a region),
-    else a volumetric group referencing its SEG segment (TID 1411)."""
+    slice, also in the form OHIF restores as a measurement of its own (`for_ohif`; it fails on
+    an SR holding any group without a region), else a volumetric group referencing its SEG
+    segment (TID 1411)."""
     algorithm = hd.sr.AlgorithmIdentification(pipeline.name, pipeline.version)
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -216,9 +245,10 @@ def build_sr(
             )
         if i == 1:
             evaluations += [hd.sr.QualitativeEvaluation(n, v) for n, v in finding.evaluations]
+        region = image_region(sources, where, s.mask) if where is not None else None
         tracking = hd.sr.TrackingIdentifier(
             uid=derived_uid(source_series_uid, pipeline.name, f"track-{s.label}"),
-            identifier=s.label,
+            identifier=s.label if region is None else f"{OHIF_FREEHAND}:{s.label}",
         )
         common: dict[str, Any] = {
             "tracking_identifier": tracking,
@@ -228,7 +258,6 @@ def build_sr(
             "measurements": measurements,
             "qualitative_evaluations": evaluations or None,
         }
-        region = image_region(sources, where, s.mask) if where is not None else None
         if region is not None:  # a planar group only: OHIF fails on any group without one
             ref = region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
             image = next(d for d in sources if d.SOPInstanceUID == ref)
@@ -237,11 +266,10 @@ def build_sr(
             # (the library is optional; the region still names its image).
             if int(image.get("NumberOfFrames", 1) or 1) == 1:
                 library[ref] = image
-            groups.append(
-                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                    referenced_region=region, **common
-                )
+            group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                referenced_region=region, **common
             )
+            groups.append(for_ohif(group, region, ohif_label(s.site.meaning, s.mean_hu)))
         elif seg is not None:
             ref = hd.sr.ReferencedSegment(
                 sop_class_uid=seg.SOPClassUID,

@@ -20,6 +20,7 @@ import torch
 import typer
 from monai.data import MetaTensor
 from PIL import Image
+from pydicom.sr.codedict import codes
 from typer.testing import CliRunner
 from zarr.core.buffer import default_buffer_prototype
 
@@ -30,6 +31,7 @@ from harness.phantoms import PhantomSpec, make_phantom
 from processing.body_hu import BodyHu
 from processing.bone_density import BoneDensity
 from processing.loader import ras_affine
+from processing.outputs import OHIF_FREEHAND
 from processing.pipeline import SeriesFacts
 from processing.results import result_rows, write_csv, write_parquet
 from processing.worker import SeriesTask, process_series
@@ -226,7 +228,10 @@ def test_bone_density_on_a_phantom_scores_l1_and_writes_valid_sr_and_seg(home, t
     sr = hd.sr.srread(tmp_path / "sr.dcm")
     # Each ROI is drawn: a planar group (TID 1410) whose image region is a closed polygon on a
     # stored image of the series, with the mean HU (what OHIF lists and draws), the class on L1.
-    planars = {g.tracking_identifier: g for g in sr.content.get_planar_roi_measurement_groups()}
+    planars = {
+        g.tracking_identifier.removeprefix(f"{OHIF_FREEHAND}:"): g
+        for g in sr.content.get_planar_roi_measurement_groups()
+    }
     assert sr.content.get_volumetric_roi_measurement_groups() == []  # OHIF fails on them
     evaluations = [
         e.value.meaning for g in planars.values() for e in g.get_qualitative_evaluations()
@@ -245,6 +250,16 @@ def test_bone_density_on_a_phantom_scores_l1_and_writes_valid_sr_and_seg(home, t
     assert mean.derivation.meaning == "Mean" and mean.value == pytest.approx(
         out.values["l1_hu"], abs=0.5
     )
+    # As OHIF reads it: its freehand tool's tag, the mean inferred from the same region, and
+    # the label it lists (site and mean).
+    assert planar.tracking_identifier == f"{OHIF_FREEHAND}:L1 trabecular ROI"
+    (inferred,) = [i for i in mean[0].ContentSequence if i.ValueType == "SCOORD"]
+    assert inferred.RelationshipType == "INFERRED FROM"
+    assert inferred.value.tolist() == region.value.tolist()
+    ref2 = inferred.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    assert ref2 == ref
+    (comment,) = [i for i in planar[0].ContentSequence if i.name == codes.DCM.Comment]
+    assert comment.value == f"L1 vertebra: mean {out.values['l1_hu']:.2f} HU"
 
 
 def test_results_table_prints_in_80_columns_and_exports(home, tmp_path):

@@ -526,16 +526,42 @@ OPEN_SR_JS = """(() => {
 })()"""
 
 
-def test_ohif_shows_the_bone_density_sr_with_its_l1_value(served: Served, page: Browser) -> None:
-    """The bone-density SR of a pulled spine phantom opens in OHIF (double-click on its tile):
-    the L1 ROI's outline is drawn on its CT slice, labelled with its mean HU as the results
-    table has it and its site. Control: with the CT alone on screen, the value is not there."""
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    signed_in(page, served)
-    value = f"{served.l1_hu:.2f}"  # OHIF's label: the NUM to two decimals, then its unit
+def open_bone_sr(page: Browser, served: Served) -> None:
+    """The spine phantom's study in the viewer, settled (its CT on screen)."""
     page.goto(f"{served.url}/viewer/viewer?StudyInstanceUIDs={served.bone_study}&project={PROJECT}")
     page.wait_for("document.querySelector('canvas') || document.body.innerText.length > 50")
     page.wait_idle(quiet_s=1.0, timeout_s=40)
+
+
+# The rows of OHIF's measurement panel, as the user reads them.
+PANEL_ROWS_JS = """[...document.querySelectorAll('[data-cy^="measurement-table-row-"]')]
+  .map(e => e.innerText)"""
+
+
+def panel_lists(page: Browser, value: str) -> tuple[bool, str]:
+    """Whether the measurement panel lists the L1 vertebra with `value` HU in its row."""
+    rows = page.evaluate(PANEL_ROWS_JS) or []
+    l1 = [r for r in rows if "L1 vertebra" in r]
+    return any(f"{value} HU" in r for r in l1), f"rows: {rows}"
+
+
+def show_panel(page: Browser) -> None:
+    """Open the right-hand measurement panel by its tab, unless it is open."""
+    if not page.evaluate("!!document.querySelector('[data-cy=trackedMeasurements-panel]')"):
+        page.click("[data-cy=trackedMeasurements-btn]")
+    page.wait_for("!!document.querySelector('[data-cy=trackedMeasurements-panel]')")
+
+
+def test_ohif_shows_the_bone_density_sr_with_its_l1_value(served: Served, page: Browser) -> None:
+    """The bone-density SR of a pulled spine phantom opens in OHIF (double-click on its tile):
+    the L1 ROI's outline is drawn on its CT slice, labelled with its mean HU as the results
+    table has it and its site. OHIF then offers to track its measurements; accepted, its
+    measurement panel lists L1 with that mean. Controls: with the CT alone on screen the value
+    is not there; declined, the panel does not list it; another value is not found."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    signed_in(page, served)
+    value = f"{served.l1_hu:.2f}"  # OHIF's label: the NUM to two decimals, then its unit
+    open_bone_sr(page, served)
     (SHOTS / "viewer-bone-before-sr.png").write_bytes(page.screenshot())
     assert value not in page.evaluate(TEXT_JS)  # the control: not before the SR is open
     page.forget_requests()
@@ -553,3 +579,29 @@ def test_ohif_shows_the_bone_density_sr_with_its_l1_value(served: Served, page: 
         f"failed requests: {broken[:5]}"
     )
     assert "L1 vertebra" in text  # the label beside the L1 outline, drawn on its slice
+
+    # Measurements OHIF can restore: it asks whether to track them. Declined, its measurement
+    # panel lists nothing (the control: the panel check fails when the SR is not loaded).
+    page.wait_for("!!document.querySelector('[data-cy=no-hydrate-btn]')")
+    page.click("[data-cy=no-hydrate-btn]")
+    show_panel(page)
+    time.sleep(2)  # what the panel would list, it lists at once
+    listed, why = panel_lists(page, value)
+    (SHOTS / "viewer-bone-sr-declined.png").write_bytes(page.screenshot())
+    assert not listed, f"the panel lists L1 though the SR was not loaded ({why})"
+
+    # Accepted (a click on Yes, as a user does), the panel lists L1 with its mean HU: the
+    # value the results table has, read from the SR by OHIF's own hydration.
+    open_bone_sr(page, served)
+    assert page.wait_for(OPEN_SR_JS), "no SR thumbnail in the study panel"
+    page.wait_for("!!document.querySelector('[data-cy=yes-hydrate-btn]')")
+    page.click("[data-cy=yes-hydrate-btn]")
+    show_panel(page)
+    deadline = time.monotonic() + 40
+    while not panel_lists(page, value)[0] and time.monotonic() < deadline:
+        time.sleep(0.3)
+    (SHOTS / "viewer-bone-sr-panel.png").write_bytes(page.screenshot())
+    listed, why = panel_lists(page, value)
+    assert listed, f"the panel does not list L1 {value} HU ({why}); see {SHOTS}"
+    wrong = f"{served.l1_hu + 0.01:.2f}"
+    assert not panel_lists(page, wrong)[0]  # the control: another value is not found
