@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
-from sqlalchemy import create_engine, event, inspect, text, update
+from sqlalchemy import create_engine, event, inspect, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DisconnectionError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
@@ -98,6 +98,16 @@ class Queries:
 
     def session(self) -> AbstractContextManager[Session]:  # pragma: no cover - Database's
         raise NotImplementedError
+
+    def _update_one(self, model: type[Base], where: Any, values: dict[str, Any]) -> bool:
+        """Set columns of the one row of `model` that `where` finds; False when there is none."""
+        with self.session() as s:
+            row = s.scalar(select(model).where(where))
+            if row is None:
+                return False
+            for k, v in values.items():
+                setattr(row, k, v)
+            return True
 
 
 class Database(Queries):

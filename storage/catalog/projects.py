@@ -38,10 +38,4 @@ class ProjectQueries(Queries):
 
     def update_project(self, name: str, **values: Any) -> bool:
         """Set columns of a project; False when there is no such project."""
-        with self.session() as s:
-            p = s.scalar(select(Project).where(Project.name == name))
-            if p is None:
-                return False
-            for k, v in values.items():
-                setattr(p, k, v)
-            return True
+        return self._update_one(Project, Project.name == name, values)

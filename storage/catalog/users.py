@@ -67,13 +67,8 @@ class UserQueries(Queries):
         return True
 
     def update_user(self, name: str, **values: Any) -> bool:
-        with self.session() as s:
-            u = s.scalar(select(User).where(User.name == name))
-            if u is None:
-                return False
-            for k, v in values.items():
-                setattr(u, k, v)
-            return True
+        """Set columns of a user; False when there is no such user."""
+        return self._update_one(User, User.name == name, values)
 
     def users(self) -> list[User]:
         """Every user, by name."""
