@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
@@ -48,33 +49,39 @@ def pacs(tmp_path_factory, corpus, ports):
 
 
 def cluster(tmp_path, pg_server, pacs, name: str) -> tuple[Gateway, dict[str, str]]:
-    url = pg_server.create_database(name)
-    settings = Settings(
-        home=tmp_path,
-        catalog_url=url,
-        pacs=PacsPeer(ae_title=pacs.aet, port=pacs.dicom_port),
-        fsync=False,
-    )
-    gw = Gateway(settings)
-    token = users.add(gw.core, "dan")
-    user = gw.catalog.user("dan")
-    assert user is not None
-    gw.catalog.add_user_role(user.id, access.DATA_MANAGER, "tester")
     env = {
-        **os.environ,
-        "SPHERE_HOME": str(tmp_path),
-        "SPHERE_CATALOG_URL": url,
-        "SPHERE_TOKEN": token,
         "SPHERE_PACS__AE_TITLE": pacs.aet,
         "SPHERE_PACS__PORT": str(pacs.dicom_port),
-        "SPHERE_FSYNC": "false",
         "SPHERE_BACKOFF_S": "0.1",
         "SPHERE_MAX_ASSOCIATIONS": "1",
         "SPHERE_JOBS__LEASE_S": "3",  # short: a dead node's job is taken up within seconds
         "SPHERE_JOBS__BEAT_S": "0.3",
-        "SPHERE_JOBS__POLL_S": "0.2",
     }
-    return gw, env
+    pacs_peer = PacsPeer(ae_title=pacs.aet, port=pacs.dicom_port)
+    return node_home(tmp_path, pg_server, name, env, pacs=pacs_peer)
+
+
+def node_home(
+    tmp_path, pg_server, name: str, env: dict[str, str], **settings: Any
+) -> tuple[Gateway, dict[str, str]]:
+    """A home on a new PostgreSQL database `name` (`settings` added), with data manager dan:
+    its gateway, and the environment of a `sphere worker` node on it (`env` added)."""
+    url = pg_server.create_database(name)
+    gw = Gateway(Settings(home=tmp_path, catalog_url=url, fsync=False, **settings))
+    token = users.add(gw.core, "dan")
+    user = gw.catalog.user("dan")
+    assert user is not None
+    gw.catalog.add_user_role(user.id, access.DATA_MANAGER, "tester")
+    node_env = {
+        **os.environ,
+        "SPHERE_HOME": str(tmp_path),
+        "SPHERE_CATALOG_URL": url,
+        "SPHERE_TOKEN": token,
+        "SPHERE_FSYNC": "false",
+        "SPHERE_JOBS__POLL_S": "0.2",
+        **env,
+    }
+    return gw, node_env
 
 
 @contextmanager
@@ -103,6 +110,12 @@ def wait_for(check, what: str, timeout_s: float = 240.0) -> None:
         time.sleep(0.1)
 
 
+def jobs_ended(gw: Gateway, ids: list[int]) -> bool:
+    """Every job of `ids` done or failed."""
+    rows = [gw.catalog.job(i) for i in ids]
+    return all(r is not None and r.state in ("done", "failed") for r in rows)
+
+
 def every_instance_once(gw: Gateway, project: str, corpus) -> None:
     p = gw.core.project(project)
     n_series = sum(len(st.series) for st in corpus.studies)
@@ -128,9 +141,7 @@ def test_two_nodes_run_three_queued_pulls_each_once(tmp_path, pg_server, pacs, p
         approved(gw, name, [st.accession for st in corpus.studies])
         ids.append(jobs.submit(gw.core, "pull", name, user=dan).id)
     with worker(env, "NODEA", ports["NODEA"]), worker(env, "NODEB", ports["NODEB"]):
-        wait_for(
-            lambda: all(gw.catalog.job(i).state in ("done", "failed") for i in ids), "the jobs"
-        )
+        wait_for(lambda: jobs_ended(gw, ids), "the jobs")
     rows = [gw.catalog.job(i) for i in ids]
     assert [r.state for r in rows] == ["done"] * 3, [r.outcome for r in rows]
     assert [r.attempts for r in rows] == [1, 1, 1]  # each leased once

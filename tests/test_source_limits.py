@@ -12,7 +12,10 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import update
@@ -27,7 +30,7 @@ from harness.synthetic import generate
 from storage.catalog import utcnow
 from storage.models import SourceSlot
 from tests.tcp_proxy import CountingProxy
-from tests.test_jobs_nodes import every_instance_once, wait_for, worker
+from tests.test_jobs_nodes import every_instance_once, jobs_ended, node_home, wait_for, worker
 from tests.test_pull import approved
 
 SPHERE = [sys.executable, "-m", "gateway.cli"]
@@ -158,46 +161,41 @@ def pacs(tmp_path_factory, corpus, ports):
         yield orthanc
 
 
+@pytest.fixture
+def two_nodes(tmp_path, pg_server, pacs, ports, corpus):
+    """Starts two `sphere worker` nodes on a new PostgreSQL catalog `db`, with a queued pull of
+    each of `projects` (every study approved), from Orthanc behind a counting proxy as source
+    "pacs" (`source`: its limits; `env`: the nodes' settings). Yields (gateway, proxy, job ids)
+    while both run; stops them, then closes the proxy."""
+
+    @contextmanager
+    def start(
+        db: str, projects: tuple[str, str], source: dict[str, Any], env: dict[str, str]
+    ) -> Iterator[tuple[Gateway, CountingProxy, list[int]]]:
+        with CountingProxy(pacs.dicom_port) as proxy:
+            source = {"name": "pacs", "protocol": "move", "ae_title": pacs.aet,
+                      "host": "127.0.0.1", "port": proxy.port, **source}  # fmt: skip
+            env = {"SPHERE_SOURCES": json.dumps([source]), "SPHERE_JOBS__BEAT_S": "0.5", **env}
+            gw, env = node_home(tmp_path, pg_server, db, env, sources=[Source(**source)])
+            ids = []
+            for name in projects:
+                approved(gw, name, [st.accession for st in corpus.studies])
+                ids.append(jobs.submit(gw.core, "pull", name, user=gw.catalog.user("dan")).id)
+            try:
+                with worker(env, "NODEA", ports["NODEA"]), worker(env, "NODEB", ports["NODEB"]):
+                    yield gw, proxy, ids
+            finally:
+                proxy.pass_again()
+
+    return start
+
+
 @pytest.mark.peers
-def test_two_nodes_hold_the_source_to_one_association(tmp_path, pg_server, pacs, ports, corpus):
-    proxy = CountingProxy(pacs.dicom_port)
-    url = pg_server.create_database("limited")
-    source = {
-        "name": "pacs",
-        "protocol": "move",
-        "ae_title": pacs.aet,
-        "host": "127.0.0.1",
-        "port": proxy.port,
-        "cluster_limit": 1,
-    }
-    settings = Settings(home=tmp_path, catalog_url=url, sources=[Source(**source)], fsync=False)
-    gw = Gateway(settings)
-    token = users.add(gw.core, "dan")
-    gw.catalog.add_user_role(gw.catalog.user("dan").id, access.DATA_MANAGER, "t")
-    ids = []
-    for name in ("one", "two"):
-        approved(gw, name, [st.accession for st in corpus.studies])
-        ids.append(jobs.submit(gw.core, "pull", name, user=gw.catalog.user("dan")).id)
-    env = {
-        **os.environ,
-        "SPHERE_HOME": str(tmp_path),
-        "SPHERE_CATALOG_URL": url,
-        "SPHERE_TOKEN": token,
-        "SPHERE_SOURCES": json.dumps([source]),
-        "SPHERE_MAX_ASSOCIATIONS": "2",  # each node would open two: the cluster's limit is 1
-        "SPHERE_FSYNC": "false",
-        "SPHERE_JOBS__POLL_S": "0.2",
-        "SPHERE_JOBS__BEAT_S": "0.5",
-    }
-    try:
-        with worker(env, "NODEA", ports["NODEA"]), worker(env, "NODEB", ports["NODEB"]):
-            wait_for(
-                lambda: all(gw.catalog.job(i).state in ("done", "failed") for i in ids),
-                "the jobs",
-                timeout_s=400,
-            )
-    finally:
-        proxy.close()
+def test_two_nodes_hold_the_source_to_one_association(two_nodes, corpus):
+    # each node would open two associations: the cluster's limit is 1
+    limits, env = {"cluster_limit": 1}, {"SPHERE_MAX_ASSOCIATIONS": "2"}
+    with two_nodes("limited", ("one", "two"), limits, env) as (gw, proxy, ids):
+        wait_for(lambda: jobs_ended(gw, ids), "the jobs", timeout_s=400)
     rows = [gw.catalog.job(i) for i in ids]
     assert [r.state for r in rows] == ["done", "done"], [r.outcome for r in rows]
     assert proxy.total > 2  # C-FINDs and C-MOVEs went through it...
@@ -480,68 +478,27 @@ def test_a_breaker_per_node_is_caught(tmp_path):
 
 
 @pytest.mark.peers
-def test_two_nodes_pause_on_one_breaker_and_resume(tmp_path, pg_server, pacs, ports, corpus):
+def test_two_nodes_pause_on_one_breaker_and_resume(two_nodes, corpus):
     """Two `sphere worker` nodes on one PostgreSQL catalog, each pulling a project through the
     proxy, which stops answering mid-pull: one opening audited (not one per node), only probes
     reach for the source meanwhile, and when it answers again both pulls complete."""
-    proxy = CountingProxy(pacs.dicom_port)
-    url = pg_server.create_database("breaker_nodes")
-    source = {
-        "name": "pacs",
-        "protocol": "move",
-        "ae_title": pacs.aet,
-        "host": "127.0.0.1",
-        "port": proxy.port,
-        "max_rate": 8,  # both nodes still mid-pull when the source goes out
-        "breaker_after": 2,
-        "probe_s": 0.5,
-    }
-    settings = Settings(home=tmp_path, catalog_url=url, sources=[Source(**source)], fsync=False)
-    gw = Gateway(settings)
-    token = users.add(gw.core, "dan")
-    gw.catalog.add_user_role(gw.catalog.user("dan").id, access.DATA_MANAGER, "t")
-    ids = []
-    for name in ("left", "right"):
-        approved(gw, name, [st.accession for st in corpus.studies])
-        ids.append(jobs.submit(gw.core, "pull", name, user=gw.catalog.user("dan")).id)
-    env = {
-        **os.environ,
-        "SPHERE_HOME": str(tmp_path),
-        "SPHERE_CATALOG_URL": url,
-        "SPHERE_TOKEN": token,
-        "SPHERE_SOURCES": json.dumps([source]),
-        "SPHERE_MAX_ASSOCIATIONS": "1",
-        "SPHERE_FSYNC": "false",
-        "SPHERE_BACKOFF_S": "0.1",
-        "SPHERE_TIMEOUT_S": "5",
-        "SPHERE_JOBS__POLL_S": "0.2",
-        "SPHERE_JOBS__BEAT_S": "0.5",
-    }
+    # max_rate: both nodes still mid-pull when the source goes out
+    limits = {"max_rate": 8, "breaker_after": 2, "probe_s": 0.5}
+    env = {"SPHERE_MAX_ASSOCIATIONS": "1", "SPHERE_BACKOFF_S": "0.1", "SPHERE_TIMEOUT_S": "5"}
+    with two_nodes("breaker_nodes", ("left", "right"), limits, env) as (gw, proxy, ids):
 
-    def mid_pull(name: str) -> bool:
-        return len(gw.catalog.series(gw.core.project(name).id, status="complete")) >= 1
+        def mid_pull(name: str) -> bool:
+            return len(gw.catalog.series(gw.core.project(name).id, status="complete")) >= 1
 
-    def breaker_rows() -> list:
-        return sorted(gw.catalog.audit_trail(action="source.breaker"), key=lambda e: e.id)
-
-    try:
-        with worker(env, "NODEA", ports["NODEA"]), worker(env, "NODEB", ports["NODEB"]):
-            wait_for(lambda: mid_pull("left") and mid_pull("right"), "both pulls under way")
-            proxy.drop()
-            # both still pulling (else the outage would test nothing)
-            assert [gw.catalog.job(i).state for i in ids] == ["running", "running"]
-            wait_for(lambda: getattr(gw.catalog.source_breaker("pacs"), "probes", 0) >= 4, "probes")
-            row = gw.catalog.source_breaker("pacs")
-            assert row.opened_at is not None
-            proxy.pass_again()
-            wait_for(
-                lambda: all(gw.catalog.job(i).state in ("done", "failed") for i in ids),
-                "the jobs",
-                timeout_s=300,
-            )
-    finally:
+        wait_for(lambda: mid_pull("left") and mid_pull("right"), "both pulls under way")
+        proxy.drop()
+        # both still pulling (else the outage would test nothing)
+        assert [gw.catalog.job(i).state for i in ids] == ["running", "running"]
+        wait_for(lambda: getattr(gw.catalog.source_breaker("pacs"), "probes", 0) >= 4, "probes")
+        row = gw.catalog.source_breaker("pacs")
+        assert row.opened_at is not None
         proxy.pass_again()
-        proxy.close()
+        wait_for(lambda: jobs_ended(gw, ids), "the jobs", timeout_s=300)
     rows = [gw.catalog.job(i) for i in ids]
     assert [r.state for r in rows] == ["done", "done"], [r.outcome for r in rows]
     for name in ("left", "right"):
@@ -549,6 +506,10 @@ def test_two_nodes_pause_on_one_breaker_and_resume(tmp_path, pg_server, pacs, po
     # the rate cap counted every instance of both nodes (a series' worth at a time, again for
     # a series asked again after the outage cut it)
     assert gw.catalog.source_bucket("pacs").taken >= 2 * len(corpus.files)
+
+    def breaker_rows() -> list:
+        return sorted(gw.catalog.audit_trail(action="source.breaker"), key=lambda e: e.id)
+
     states = [json.loads(e.detail)["state"] for e in breaker_rows()]
     assert states == ["open", "closed"], states  # once for the cluster, not once per node
     probes = json.loads(breaker_rows()[1].detail)["probes"]
