@@ -210,10 +210,6 @@ def _enhanced_ct(
         if kw in ds:
             delattr(ds, kw)
     ds.PatientPosition = "FFS"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
-    ds.PixelPresentation = "MONOCHROME"
-    ds.VolumetricProperties = "VOLUME"
-    ds.VolumeBasedCalculationTechnique = "NONE"
     ds.AcquisitionNumber = 1
     ds.AcquisitionDateTime = who["date"] + "101600"
     ds.AcquisitionDuration = 4.2
@@ -235,23 +231,15 @@ def _enhanced_ct(
     ds.FrameOfReferenceUID = who["frame_uid"]
 
     shared = Dataset()
-    measures = Dataset()
-    measures.PixelSpacing = [round(sy, 6), round(sx, 6)]
-    measures.SliceThickness = round(sz, 4)
-    measures.SpacingBetweenSlices = round(sz, 4)
-    shared.PixelMeasuresSequence = Sequence([measures])
-    orient = Dataset()
-    orient.ImageOrientationPatient = [round(float(v), 6) for v in (*row_dir, *col_dir)]
-    shared.PlaneOrientationSequence = Sequence([orient])
-    frame_type = Dataset()
-    frame_type.FrameType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
-    frame_type.PixelPresentation = "MONOCHROME"
-    frame_type.VolumetricProperties = "VOLUME"
-    frame_type.VolumeBasedCalculationTechnique = "NONE"
-    shared.CTImageFrameTypeSequence = Sequence([frame_type])
-    voi = Dataset()
-    voi.WindowCenter, voi.WindowWidth = 40, 400
-    shared.FrameVOILUTSequence = Sequence([voi])
+    spacing = [round(sy, 6), round(sx, 6)]
+    thickness = round(sz, 4)
+    shared.PixelMeasuresSequence = _seq(
+        PixelSpacing=spacing, SliceThickness=thickness, SpacingBetweenSlices=thickness
+    )
+    orientation = [round(float(v), 6) for v in (*row_dir, *col_dir)]
+    shared.PlaneOrientationSequence = _seq(ImageOrientationPatient=orientation)
+    _frame_type(ds, shared, "CTImageFrameTypeSequence", ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"])
+    shared.FrameVOILUTSequence = _seq(WindowCenter=40, WindowWidth=400)
     _ct_acquisition(shared, rng, sy, sx)
     if not per_frame_rescale:
         shared.PixelValueTransformationSequence = Sequence([_rescale(intercept)])
@@ -265,34 +253,34 @@ def _enhanced_ct(
         stored = volume[k].astype(np.int32) - int(round(icpt))
         frames.append(stored.astype(np.int16))
         item = Dataset()
-        content = Dataset()
-        content.FrameAcquisitionDateTime = f"{who['date']}1016{k % 60:02d}"
-        content.FrameReferenceDateTime = content.FrameAcquisitionDateTime
-        content.FrameAcquisitionDuration = 50.0
-        content.StackID = "1"
-        content.InStackPositionNumber = k + 1
-        content.DimensionIndexValues = [1, k + 1]
-        content.FrameComments = f"Slice {k + 1} for {who['surname']}"
-        item.FrameContentSequence = Sequence([content])
-        position = Dataset()
+        acquired = f"{who['date']}1016{k % 60:02d}"
+        item.FrameContentSequence = _seq(
+            FrameAcquisitionDateTime=acquired,
+            FrameReferenceDateTime=acquired,
+            FrameAcquisitionDuration=50.0,
+            StackID="1",
+            InStackPositionNumber=k + 1,
+            DimensionIndexValues=[1, k + 1],
+            FrameComments=f"Slice {k + 1} for {who['surname']}",
+        )
         ipp = a @ np.array([k, 0.0, 0.0, 1.0])
-        position.ImagePositionPatient = [round(float(v), 4) for v in ipp[:3]]
-        item.PlanePositionSequence = Sequence([position])
+        item.PlanePositionSequence = _seq(
+            ImagePositionPatient=[round(float(v), 4) for v in ipp[:3]]
+        )
         if per_frame_rescale:
             item.PixelValueTransformationSequence = Sequence([_rescale(icpt)])
-        table = Dataset()  # CT Position: where the table and the reconstruction were
-        table.TablePosition = round(float(ipp[2]), 4)
-        table.ReconstructionTargetCenterPatient = [0.0, 0.0, round(float(ipp[2]), 4)]
-        table.DataCollectionCenterPatient = [0.0, 0.0, round(float(ipp[2]), 4)]
-        item.CTPositionSequence = Sequence([table])
+        z = round(float(ipp[2]), 4)  # CT Position: where the table and the reconstruction were
+        item.CTPositionSequence = _seq(
+            TablePosition=z,
+            ReconstructionTargetCenterPatient=[0.0, 0.0, z],
+            DataCollectionCenterPatient=[0.0, 0.0, z],
+        )
         block = item.private_block(0x0029, "ACME CT 1.0", create=True)
         block.add_new(0x11, "SH", who["id"])
         per_frame.append(item)
     ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
     dim_uid = _uid(rng)
-    org = Dataset()
-    org.DimensionOrganizationUID = dim_uid
-    ds.DimensionOrganizationSequence = Sequence([org])
+    ds.DimensionOrganizationSequence = _seq(DimensionOrganizationUID=dim_uid)
     ds.DimensionIndexSequence = Sequence(
         [
             _dimension(dim_uid, 0x00209056, 0x00209111, "Stack ID"),
@@ -328,9 +316,6 @@ def _enhanced_mr(
     ds.ManufacturerModelName = "PHANTOM-MR"
     ds.SeriesDescription = "ENHANCED MR " + who["surname"]
     del ds.KVP
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
-    ds.ComplexImageComponent = "MAGNITUDE"
-    ds.AcquisitionContrast = "T1"
     shared = ds.SharedFunctionalGroupsSequence[0]
     for keyword in [k for k in shared.dir() if k.startswith("CT")]:
         delattr(shared, keyword)
@@ -350,9 +335,9 @@ def _enhanced_mr(
         for u in slices
     ]
     series = _item(SeriesInstanceUID=classic.series_uid, ReferencedSOPSequence=Sequence(sops))
-    evidence = _item(StudyInstanceUID=classic.study_uid)
-    evidence.ReferencedSeriesSequence = Sequence([series])
-    ds.ReferencedImageEvidenceSequence = Sequence([evidence])
+    ds.ReferencedImageEvidenceSequence = _seq(
+        StudyInstanceUID=classic.study_uid, ReferencedSeriesSequence=Sequence([series])
+    )
     return ds, stack
 
 
@@ -379,97 +364,63 @@ def _mr_acquisition(ds: Dataset, shared: Dataset) -> None:
     ds.RectilinearPhaseEncodeReordering = "LINEAR"
     ds.SegmentedKSpaceTraversal = "SINGLE"
     ds.NumberOfKSpaceTrajectories = 1
-    shared.MRImageFrameTypeSequence = Sequence(
-        [
-            _item(
-                FrameType=["ORIGINAL", "PRIMARY", "VOLUME", "NONE"],
-                PixelPresentation="MONOCHROME",
-                VolumetricProperties="VOLUME",
-                VolumeBasedCalculationTechnique="NONE",
-                ComplexImageComponent="MAGNITUDE",
-                AcquisitionContrast="T1",
-            )
-        ]
+    mr_type = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+    _frame_type(
+        ds,
+        shared,
+        "MRImageFrameTypeSequence",
+        mr_type,
+        ComplexImageComponent="MAGNITUDE",
+        AcquisitionContrast="T1",
     )
-    shared.MRTimingAndRelatedParametersSequence = Sequence(
-        [
-            _item(
-                RepetitionTime=500.0,
-                FlipAngle=90.0,
-                EchoTrainLength=1,
-                RFEchoTrainLength=1,
-                GradientEchoTrainLength=0,
-                SpecificAbsorptionRateSequence=Sequence(
-                    [
-                        _item(
-                            SpecificAbsorptionRateDefinition="IEC_WHOLE_BODY",
-                            SpecificAbsorptionRateValue=0.8,
-                        )
-                    ]
-                ),
-                OperatingModeSequence=Sequence(
-                    [_item(OperatingModeType="STATIC FIELD", OperatingMode="IEC_NORMAL")]
-                ),
-            )
-        ]
+    shared.MRTimingAndRelatedParametersSequence = _seq(
+        RepetitionTime=500.0,
+        FlipAngle=90.0,
+        EchoTrainLength=1,
+        RFEchoTrainLength=1,
+        GradientEchoTrainLength=0,
+        SpecificAbsorptionRateSequence=_seq(
+            SpecificAbsorptionRateDefinition="IEC_WHOLE_BODY", SpecificAbsorptionRateValue=0.8
+        ),
+        OperatingModeSequence=_seq(OperatingModeType="STATIC FIELD", OperatingMode="IEC_NORMAL"),
     )
-    shared.MRFOVGeometrySequence = Sequence(
-        [
-            _item(
-                InPlanePhaseEncodingDirection="COLUMN",
-                MRAcquisitionFrequencyEncodingSteps=int(ds.Columns),
-                MRAcquisitionPhaseEncodingStepsInPlane=int(ds.Rows),
-                PercentSampling=100.0,
-                PercentPhaseFieldOfView=100.0,
-            )
-        ]
+    shared.MRFOVGeometrySequence = _seq(
+        InPlanePhaseEncodingDirection="COLUMN",
+        MRAcquisitionFrequencyEncodingSteps=int(ds.Columns),
+        MRAcquisitionPhaseEncodingStepsInPlane=int(ds.Rows),
+        PercentSampling=100.0,
+        PercentPhaseFieldOfView=100.0,
     )
-    shared.MREchoSequence = Sequence([_item(EffectiveEchoTime=15.0)])
-    shared.MRModifierSequence = Sequence(
-        [
-            _item(
-                InversionRecovery="NO",
-                FlowCompensation="NONE",
-                Spoiling="NONE",
-                T2Preparation="NO",
-                SpectrallySelectedExcitation="NONE",
-                SpatialPresaturation="NONE",
-                PartialFourier="NO",
-                ParallelAcquisition="NO",
-            )
-        ]
+    shared.MREchoSequence = _seq(EffectiveEchoTime=15.0)
+    shared.MRModifierSequence = _seq(
+        InversionRecovery="NO",
+        FlowCompensation="NONE",
+        Spoiling="NONE",
+        T2Preparation="NO",
+        SpectrallySelectedExcitation="NONE",
+        SpatialPresaturation="NONE",
+        PartialFourier="NO",
+        ParallelAcquisition="NO",
     )
-    shared.MRImagingModifierSequence = Sequence(
-        [
-            _item(
-                MagnetizationTransfer="NONE",
-                BloodSignalNulling="NO",
-                Tagging="NONE",
-                TransmitterFrequency=63.87,
-                PixelBandwidth=130.0,
-            )
-        ]
+    shared.MRImagingModifierSequence = _seq(
+        MagnetizationTransfer="NONE",
+        BloodSignalNulling="NO",
+        Tagging="NONE",
+        TransmitterFrequency=63.87,
+        PixelBandwidth=130.0,
     )
-    shared.MRReceiveCoilSequence = Sequence(
-        [
-            _item(
-                ReceiveCoilName="BODY",
-                ReceiveCoilManufacturerName="SPHERE PHANTOM",
-                ReceiveCoilType="BODY",
-                QuadratureReceiveCoil="YES",
-            )
-        ]
+    shared.MRReceiveCoilSequence = _seq(
+        ReceiveCoilName="BODY",
+        ReceiveCoilManufacturerName="SPHERE PHANTOM",
+        ReceiveCoilType="BODY",
+        QuadratureReceiveCoil="YES",
     )
-    shared.MRTransmitCoilSequence = Sequence(
-        [
-            _item(
-                TransmitCoilName="BODY",
-                TransmitCoilManufacturerName="SPHERE PHANTOM",
-                TransmitCoilType="BODY",
-            )
-        ]
+    shared.MRTransmitCoilSequence = _seq(
+        TransmitCoilName="BODY",
+        TransmitCoilManufacturerName="SPHERE PHANTOM",
+        TransmitCoilType="BODY",
     )
-    shared.MRAveragesSequence = Sequence([_item(NumberOfAverages=1.0)])
+    shared.MRAveragesSequence = _seq(NumberOfAverages=1.0)
 
 
 def _split(
@@ -489,6 +440,28 @@ def _split(
     return out
 
 
+def _seq(**values: object) -> Sequence:
+    """A one-item sequence of these values: the form of a functional group macro."""
+    return Sequence([_item(**values)])
+
+
+def _frame_type(
+    ds: Dataset, shared: Dataset, keyword: str, image_type: list[str], **values: object
+) -> None:
+    """The image's type, said at the top and again in the frame type macro of the shared
+    groups (`keyword`), as Enhanced CT and MR both do."""
+    values = {
+        "PixelPresentation": "MONOCHROME",
+        "VolumetricProperties": "VOLUME",
+        "VolumeBasedCalculationTechnique": "NONE",
+        **values,
+    }
+    ds.ImageType = image_type
+    for name, value in values.items():
+        setattr(ds, name, value)
+    setattr(shared, keyword, _seq(FrameType=list(image_type), **values))
+
+
 def _item(**values: object) -> Dataset:
     item = Dataset()
     for keyword, value in values.items():
@@ -503,81 +476,61 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
 def _ct_acquisition(shared: Dataset, rng: random.Random, sy: float, sx: float) -> None:
     """The Enhanced CT macros a scanner fills once for the whole acquisition (PS3.3 C.8.15.3),
     with the irradiation event's UID: a hospital UID inside the shared groups."""
-    shared.CTAcquisitionTypeSequence = Sequence(
-        [_item(AcquisitionType="SPIRAL", ConstantVolumeFlag="NO", FluoroscopyFlag="NO")]
+    shared.CTAcquisitionTypeSequence = _seq(
+        AcquisitionType="SPIRAL", ConstantVolumeFlag="NO", FluoroscopyFlag="NO"
     )
-    shared.CTAcquisitionDetailsSequence = Sequence(
-        [
-            _item(
-                DataCollectionDiameter=500.0,
-                GantryDetectorTilt=0.0,
-                TableHeight=150.0,
-                RotationDirection="CW",
-                RevolutionTime=0.5,
-                SingleCollimationWidth=0.625,
-                TotalCollimationWidth=40.0,
-            )
-        ]
+    shared.CTAcquisitionDetailsSequence = _seq(
+        DataCollectionDiameter=500.0,
+        GantryDetectorTilt=0.0,
+        TableHeight=150.0,
+        RotationDirection="CW",
+        RevolutionTime=0.5,
+        SingleCollimationWidth=0.625,
+        TotalCollimationWidth=40.0,
     )
-    shared.CTTableDynamicsSequence = Sequence(
-        [_item(TableSpeed=80.0, TableFeedPerRotation=40.0, SpiralPitchFactor=1.0)]
+    shared.CTTableDynamicsSequence = _seq(
+        TableSpeed=80.0, TableFeedPerRotation=40.0, SpiralPitchFactor=1.0
     )
-    shared.CTGeometrySequence = Sequence(
-        [_item(DistanceSourceToDetector=1085.6, DistanceSourceToDataCollectionCenter=595.0)]
+    shared.CTGeometrySequence = _seq(
+        DistanceSourceToDetector=1085.6, DistanceSourceToDataCollectionCenter=595.0
     )
-    shared.CTReconstructionSequence = Sequence(
-        [
-            _item(
-                ReconstructionAlgorithm="FILTER_BACK_PROJ",
-                ConvolutionKernel="B30F",
-                ConvolutionKernelGroup="SOFT_TISSUE",
-                ReconstructionDiameter=500.0,
-                ReconstructionPixelSpacing=[round(sy, 6), round(sx, 6)],
-                ReconstructionAngle=360.0,
-                ImageFilter="NONE",
-            )
-        ]
+    shared.CTReconstructionSequence = _seq(
+        ReconstructionAlgorithm="FILTER_BACK_PROJ",
+        ConvolutionKernel="B30F",
+        ConvolutionKernelGroup="SOFT_TISSUE",
+        ReconstructionDiameter=500.0,
+        ReconstructionPixelSpacing=[round(sy, 6), round(sx, 6)],
+        ReconstructionAngle=360.0,
+        ImageFilter="NONE",
     )
-    shared.CTExposureSequence = Sequence(
-        [
-            _item(
-                ExposureTimeInms=500.0,
-                XRayTubeCurrentInmA=200.0,
-                ExposureInmAs=100.0,
-                ExposureModulationType="NONE",
-                CTDIvol=10.0,
-            )
-        ]
+    shared.CTExposureSequence = _seq(
+        ExposureTimeInms=500.0,
+        XRayTubeCurrentInmA=200.0,
+        ExposureInmAs=100.0,
+        ExposureModulationType="NONE",
+        CTDIvol=10.0,
     )
-    shared.CTXRayDetailsSequence = Sequence(
-        [_item(KVP=120.0, FocalSpots=[1.2], FilterType="FLAT", FilterMaterial="ALUMINUM")]
+    shared.CTXRayDetailsSequence = _seq(
+        KVP=120.0, FocalSpots=[1.2], FilterType="FLAT", FilterMaterial="ALUMINUM"
     )
-    shared.FrameAnatomySequence = Sequence(
-        [
-            _item(
-                AnatomicRegionSequence=Sequence([_code("818981001", "SCT", "Abdomen")]),
-                FrameLaterality="U",
-            )
-        ]
+    shared.FrameAnatomySequence = _seq(
+        AnatomicRegionSequence=Sequence([_code("818981001", "SCT", "Abdomen")]),
+        FrameLaterality="U",
     )
-    shared.IrradiationEventIdentificationSequence = Sequence([_item(IrradiationEventUID=_uid(rng))])
+    shared.IrradiationEventIdentificationSequence = _seq(IrradiationEventUID=_uid(rng))
 
 
 def _rescale(intercept: float) -> Dataset:
-    item = Dataset()
-    item.RescaleIntercept = intercept
-    item.RescaleSlope = 1
-    item.RescaleType = "HU"
-    return item
+    return _item(RescaleIntercept=intercept, RescaleSlope=1, RescaleType="HU")
 
 
 def _dimension(org_uid: str, pointer: int, group: int, label: str) -> Dataset:
-    item = Dataset()
-    item.DimensionOrganizationUID = org_uid
-    item.DimensionIndexPointer = pointer
-    item.FunctionalGroupPointer = group
-    item.DimensionDescriptionLabel = label
-    return item
+    return _item(
+        DimensionOrganizationUID=org_uid,
+        DimensionIndexPointer=pointer,
+        FunctionalGroupPointer=group,
+        DimensionDescriptionLabel=label,
+    )
 
 
 def _cine_rgb(n: int, shape: tuple[int, int], seed: int) -> np.ndarray:
