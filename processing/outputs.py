@@ -8,6 +8,7 @@ UIDs derive from the source series and the pipeline, so a re-run replaces them i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import io
@@ -25,9 +26,9 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from zarr.core.buffer import default_buffer_prototype
 
 from core.core import Core
-from core.index import index_stored
 from dicom import IMPLEMENTATION_CLASS_UID, json_model
 from processing.pipeline import Finding, Pipeline
+from storage.commit import commit_series
 from storage.objectstore import guard, run
 from storage.series import SeriesReader, SeriesWriter, series_key
 
@@ -306,25 +307,41 @@ def build_sr(
 def store_derived(
     core: Core, project: str, study_uid: str, patient: str, datasets: list[Dataset], spool: Path
 ) -> Derived:
-    """Commit `datasets` (one series) to the project's store through a SeriesWriter, index them
-    for the web and mark the series complete in the catalog: served with the project's data."""
+    """Commit `datasets` (one series) to the project's store, indexed for the web, complete in
+    the catalog and audited, in one call (`storage.commit`): served with the project's data."""
     ds0 = datasets[0]
     uid, modality = str(ds0.SeriesInstanceUID), str(ds0.Modality)
     key = series_key(project, study_uid, uid)
+    p = core.project(project)
     writer = SeriesWriter(spool / uid, fsync=core.settings.fsync)
     try:
         for ds in datasets:
             writer.add(_as_written(ds), inline_pixels=modality == "SEG")
-        info = writer.commit(core.store, key)
+        commit_series(
+            core.store,
+            core.catalog,
+            writer,
+            key,
+            project_id=p.id,
+            series_uid=uid,
+            values={
+                "study_uid": study_uid,
+                "modality": modality,
+                "patient_pseudonym": patient,
+                "expected": len(datasets),
+                "error": None,
+            },
+            audit={
+                "actor": core.actor,
+                "action": "series.stored",
+                "project": project,
+                "detail": {"series": uid, "derived": modality},
+            },
+        )
     except BaseException:
-        writer.discard()
+        with contextlib.suppress(Exception):  # gone already when the catalog part failed
+            writer.discard()
         raise
-    p = core.project(project)
-    index_stored(core, p.id, key)
-    core.catalog.mark_complete(
-        p.id, uid, key, info, study_uid=study_uid, modality=modality,
-        patient_pseudonym=patient, error=None,
-    )  # fmt: skip
     return Derived(uid, key, modality)
 
 

@@ -29,7 +29,7 @@ import io
 import json
 import threading
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -75,6 +75,10 @@ class SeriesInfo:
     shape: tuple[int, ...]  # volume shape; () when the series has no images
     dtype: str | None  # numpy name of the volume type; None without images
     nbytes: int  # uncompressed volume bytes
+    # What the commit stored, as it had it in memory: each instance's DICOM JSON header in
+    # stored order (the first `n_images` with pixels), for the index without a read-back.
+    headers: tuple[dict[str, Any], ...] = field(default=(), repr=False, compare=False)
+    n_images: int = 0
 
 
 class SeriesWriter:
@@ -269,13 +273,15 @@ class SeriesWriter:
         if images:
             assert dtype is not None  # planned with the images above
             self._linked = backend.write_volume(key, self._spool, slices, shape, dtype)
-        self._write_headers(store, key, images + others)
+        texts = self._write_headers(store, key, images + others)
         backend.write_marker(key, _group_doc(attrs), durable=self.fsync)
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize if images else 0
-        return SeriesInfo(len(entries), shape, dtype, nbytes)
+        headers = tuple(json.loads(t) for t in texts)
+        return SeriesInfo(len(entries), shape, dtype, nbytes, headers, len(images))
 
-    def _write_headers(self, store: Store, key: str, entries: list[SpoolEntry]) -> None:
-        n = len(entries)
+    def _write_headers(self, store: Store, key: str, entries: list[SpoolEntry]) -> list[str]:
+        """Store the headers of `entries` at `key/headers`; returns their texts as stored."""
+        n, written = len(entries), []
         arr = _create_array(
             store,
             f"{key}/headers",
@@ -286,9 +292,11 @@ class SeriesWriter:
         )
         for i0 in range(0, n, _HEADER_CHUNK):
             part = entries[i0 : i0 + _HEADER_CHUNK]
-            texts = np.array([self._spool.read_header(e).decode() for e in part], dtype=object)
+            texts = [self._spool.read_header(e).decode() for e in part]
             with guard("commit"):
-                arr[i0 : i0 + len(part)] = texts
+                arr[i0 : i0 + len(part)] = np.array(texts, dtype=object)
+            written += texts
+        return written
 
 
 class SeriesReader:

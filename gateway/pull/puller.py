@@ -10,7 +10,6 @@ their spool.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -24,7 +23,6 @@ from typing import NoReturn, TypeVar
 from sqlalchemy.exc import SQLAlchemyError
 
 from core import Core, SphereError, Unavailable, metrics
-from core.index import index_stored
 from core.optout import Register
 from core.projects import CohortEntry, cohort
 from deid.keys import ProjectKeys
@@ -42,8 +40,8 @@ from gateway.pull.stops import (
     why_stopped,
 )
 from storage.catalog import Project, utcnow
-from storage.objectstore import guard
-from storage.series import SeriesError, SeriesWriter, delete_series, series_key, unreadable
+from storage.commit import IndexingFailed, SeriesUnreadable, commit_series
+from storage.series import SeriesError, SeriesWriter, series_key
 from storage.spool import SpoolError
 
 log = logging.getLogger(__name__)
@@ -508,53 +506,46 @@ class Puller:
             )
         if self.lock is not None and self.lock.lost:
             return self._fail(job, "another pull took this project's pull lock: not committed")
-        store = self.core.store
+        # Stored, read back, indexed from the writer's headers, complete and audited: one call.
+        values = self._row(job, error=note or None)
+        audit = {
+            "actor": self.actor,
+            "action": "series.stored",
+            "project": self.project.name,
+            "detail": {
+                "series": job.pseudo_series,
+                "quarantined": job.n_quarantined,
+            },
+        }
         try:  # the store down for a while holds the commit up, the spool kept
-            info = self._store_retried(lambda: job.writer.commit(store, job.key), "commit")
+            info = commit_series(
+                self.core.store,
+                self.core.catalog,
+                job.writer,
+                job.key,
+                project_id=self.project.id,
+                series_uid=job.pseudo_series,
+                values=values,
+                audit=audit,
+                retry=self._store_retried,
+            )
+        except SeriesUnreadable as e:  # never "complete" unless it reads back whole
+            return self._fail(job, f"the stored series does not read back: {e}")
         except SeriesError as e:
             return self._fail(job, f"could not assemble the series: {e}")
+        except SQLAlchemyError:  # the catalog itself fails (full, down): the pull stops
+            raise
+        except IndexingFailed as e:  # not findable: failed, so a re-run pulls it again
+            log.error("series %s: indexing failed: %s", job.pseudo_series, e)
+            return self._fail(job, f"indexing failed ({e})")
         except Exception as e:  # storage down too long: the spool is kept, a re-run resumes
             log.error("series %s: storage failed: %s", job.pseudo_series, type(e).__name__)
             return self._fail(job, f"storage failed ({type(e).__name__}): spool kept for resume")
-        try:  # never "complete" unless it reads back whole
-            problem = self._store_retried(
-                lambda: unreadable(store, job.key, info.n_instances), "read-back"
-            )
-        except Exception as e:
-            problem = f"storage failed ({type(e).__name__})"
-        if problem:
-            with contextlib.suppress(Exception):  # not left looking whole to a store listing
-                delete_series(store, job.key)
-            return self._fail(job, f"the stored series does not read back: {problem}")
-        try:
-            self._store_retried(lambda: self._index(job), "indexing")
-        except SQLAlchemyError:  # the catalog itself fails (full, down): the pull stops
-            raise
-        except Exception as e:  # stored but not findable: failed, so a re-run pulls it again
-            log.error("series %s: indexing failed: %s", job.pseudo_series, type(e).__name__)
-            return self._fail(job, f"indexing failed ({type(e).__name__})")
         self.layout.clear_notes(job.pseudo_series)
-        self._upsert(
-            job,
-            status="complete",
-            storage_key=job.key,
-            stored=info.n_instances,
-            nbytes=info.nbytes,
-            shape=list(info.shape),
-            error=note or None,
-        )
         m = metrics.get()
         m.series.labels(job.project, job.source.name, "complete").inc()
         m.stored.labels(job.project, job.source.name).inc(info.n_instances)
         m.stored_bytes.labels(job.project, job.source.name).inc(info.nbytes)
-        self.core.catalog.audit(
-            self.actor,
-            "series.stored",
-            self.project.name,
-            series=job.pseudo_series,
-            instances=info.n_instances,
-            quarantined=job.n_quarantined,
-        )
         return SeriesOutcome(
             job.pseudo_series,
             "complete",
@@ -564,11 +555,6 @@ class Puller:
             error=note or None,
             quarantined=job.n_quarantined,
         )
-
-    def _index(self, job: SeriesJob) -> None:
-        """The QIDO-RS index rows of a committed series, before it is marked complete."""
-        with guard("indexing"):  # the headers are read from the store
-            index_stored(self.core, self.project.id, job.key)
 
     def _store_retried(self, fn: Callable[[], T], what: str) -> T:
         """`fn()` while the object store is down, up to `store_wait_s` (not once the pull is
@@ -611,15 +597,19 @@ class Puller:
 
     def _upsert(self, job: SeriesJob, **values: object) -> None:
         self.core.catalog.upsert_series(
-            self.project.id,
-            job.pseudo_series,
-            study_uid=job.pseudo_study,
-            modality=job.modality,
-            source=job.source.name,
-            patient_pseudonym=job.patient_pseudonym,
-            expected=job.expected,
-            **values,
+            self.project.id, job.pseudo_series, **self._row(job, **values)
         )
+
+    def _row(self, job: SeriesJob, **values: object) -> dict[str, object]:
+        """The catalog row's values of a series of this pull, with `values`."""
+        return {
+            "study_uid": job.pseudo_study,
+            "modality": job.modality,
+            "source": job.source.name,
+            "patient_pseudonym": job.patient_pseudonym,
+            "expected": job.expected,
+            **values,
+        }
 
 
 def _quarantine_text(job: SeriesJob) -> str:

@@ -14,6 +14,14 @@ from storage.catalog.db import Queries
 from storage.models import AuditEvent
 
 
+def audit_values(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Audit rows as `storage.audit.append` takes them: the detail dict as JSON text."""
+    return [
+        {**r, "detail": json.dumps(r.get("detail") or {}, default=str, sort_keys=True)}
+        for r in rows
+    ]
+
+
 class AuditQueries(Queries):
     """Append to, read and verify the audit trail."""
 
@@ -36,10 +44,7 @@ class AuditQueries(Queries):
     def audit_many(self, rows: Iterable[dict[str, Any]]) -> None:
         """Append audit rows (actor, action, project, outcome, detail dict, at) in one go,
         chained (`storage.audit`)."""
-        values = [
-            {**r, "detail": json.dumps(r.get("detail") or {}, default=str, sort_keys=True)}
-            for r in rows
-        ]
+        values = audit_values(rows)
         if values:
             with self.session() as s:
                 chain.append(s, values)

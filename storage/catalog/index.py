@@ -1,17 +1,21 @@
-"""The catalog's queries on the QIDO-RS index (`storage.index`): write, search, read."""
+"""The catalog's queries on the QIDO-RS index (`storage.index`): write, search, read; and the
+catalog's part of committing a series (index, complete, audit: one transaction)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom.query import Query
+from storage import audit as chain
 from storage import index
+from storage.catalog.audit import audit_values
 from storage.catalog.db import Queries
-from storage.models import IndexedInstance, IndexedSeries, IndexedStudy
+from storage.models import IndexedInstance, IndexedSeries, IndexedStudy, SeriesRecord, get_or_add
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +29,28 @@ class IndexQueries(Queries):
         """Index a committed series from its headers, replacing any earlier version of it."""
         with self.session() as s:
             index.write_series(s, project_id, storage_key, headers, n_slices)
+        self._refresh_statistics()
+
+    def commit_series(
+        self,
+        project_id: int,
+        series_uid: str,
+        storage_key: str,
+        headers: Sequence[dict[str, Any]],
+        n_images: int,
+        values: dict[str, Any],
+        audit: dict[str, Any] | None = None,
+    ) -> None:
+        """The catalog's part of committing a series (`storage.commit`), in one transaction:
+        its QIDO-RS index rows from `headers`, its row complete with `values`, and the audit
+        row (actor, action, project, outcome, detail). All of it or none of it."""
+        with self.session() as s:
+            index.write_series(s, project_id, storage_key, headers, n_images)
+            row = get_or_add(s, SeriesRecord, project_id=project_id, series_uid=series_uid)
+            for k, v in {**values, "status": "complete", "storage_key": storage_key}.items():
+                setattr(row, k, v)
+            if audit is not None:  # last: the chain's head stays locked until the commit
+                chain.append(s, audit_values([audit]))
         self._refresh_statistics()
 
     def unindex_series(self, project_id: int, series_uid: str) -> None:
