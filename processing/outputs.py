@@ -131,8 +131,9 @@ def image_region(
 
 # OHIF (3.13, through @cornerstonejs/adapters) restores a measurement group as one of its own
 # tools when the tracking identifier starts with the tool's tag: the region it reads from the
-# first NUM's INFERRED FROM SCOORD, the label from a Comment. Its measurement panel lists that
-# label, beside the area and maximum it computes itself from the pixels (never a stored mean).
+# first NUM's INFERRED FROM SCOORD (taken as the area of a closed one: the region's own area
+# goes first), the label from a Comment. Its measurement panel lists that label, beside the
+# area and maximum it computes itself from the pixels (never a stored mean).
 OHIF_FREEHAND = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
 
 
@@ -154,6 +155,20 @@ def for_ohif(group: Any, region: hd.sr.ImageRegion, label: str) -> Any:
         first.ContentSequence.append(inferred)
     items.append(hd.sr.TextContentItem(codes.DCM.Comment, label, "CONTAINS"))
     return group
+
+
+def region_area_mm2(region: hd.sr.ImageRegion, image: Dataset) -> float | None:
+    """The area of a closed polygon region in mm² (shoelace, by the image's pixel spacing:
+    top-level, else its shared functional groups); None without a spacing."""
+    spacing = image.get("PixelSpacing")
+    if spacing is None:
+        try:
+            spacing = image.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+        except (AttributeError, IndexError):
+            return None
+    x, y = np.asarray(region.value, np.float64).T  # columns, rows
+    pixels = 0.5 * abs(float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1])))
+    return pixels * float(spacing[0]) * float(spacing[1])
 
 
 def build_seg(
@@ -210,9 +225,9 @@ def build_sr(
     """A TID 1500 measurement report: per ROI its mean, median and SD attenuation (HU),
     and the classification, when there is one, on the first ROI. With `where`
     (`slice_images`) each ROI is a planar group (TID 1410) on an image region of its largest
-    slice, also in the form OHIF restores as a measurement of its own (`for_ohif`; it fails on
-    an SR holding any group without a region), else a volumetric group referencing its SEG
-    segment (TID 1411)."""
+    slice, the region's area first, also in the form OHIF restores as a measurement of its own
+    (`for_ohif`; it fails on an SR holding any group without a region), else a volumetric
+    group referencing its SEG segment (TID 1411)."""
     algorithm = hd.sr.AlgorithmIdentification(pipeline.name, pipeline.version)
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -247,6 +262,21 @@ def build_sr(
         if i == 1:
             evaluations += [hd.sr.QualitativeEvaluation(n, v) for n, v in finding.evaluations]
         region = image_region(sources, where, s.mask) if where is not None else None
+        image = None
+        if region is not None:  # the region's own area first: where OHIF reads the region
+            on = region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            image = next(d for d in sources if d.SOPInstanceUID == on)
+            area = region_area_mm2(region, image)
+            if area is not None:
+                measurements.insert(
+                    0,
+                    hd.sr.Measurement(
+                        name=codes.SCT.Area,
+                        value=area,
+                        unit=codes.UCUM.SquareMillimeter,
+                        algorithm_id=algorithm,
+                    ),
+                )
         tracking = hd.sr.TrackingIdentifier(
             uid=derived_uid(source_series_uid, pipeline.name, f"track-{s.label}"),
             identifier=s.label if region is None else f"{OHIF_FREEHAND}:{s.label}",
@@ -259,14 +289,12 @@ def build_sr(
             "measurements": measurements,
             "qualitative_evaluations": evaluations or None,
         }
-        if region is not None:  # a planar group only: OHIF fails on any group without one
-            ref = region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-            image = next(d for d in sources if d.SOPInstanceUID == ref)
+        if region is not None and image is not None:  # planar only: OHIF fails on others
             # highdicom describes a library entry from top-level geometry, which an enhanced
             # multi-frame image keeps in its functional groups: such an image is left out
             # (the library is optional; the region still names its image).
             if int(image.get("NumberOfFrames", 1) or 1) == 1:
-                library[ref] = image
+                library[image.SOPInstanceUID] = image
             group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 referenced_region=region, **common
             )

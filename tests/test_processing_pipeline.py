@@ -15,6 +15,7 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
 import torch
 import typer
@@ -246,20 +247,34 @@ def test_bone_density_on_a_phantom_scores_l1_and_writes_valid_sr_and_seg(home, t
     with Core(home) as core:
         sops = {str(d.SOPInstanceUID) for d in SeriesReader(core.store, key).iter_instances()}
     assert ref in sops
-    mean = planar.get_measurements()[0]  # mean, median, SD: in that order
+    area, mean = planar.get_measurements()[:2]  # the region's area; mean, median, SD
     assert mean.derivation.meaning == "Mean" and mean.value == pytest.approx(
         out.values["l1_hu"], abs=0.5
     )
-    # As OHIF reads it: its freehand tool's tag, the mean inferred from the same region, and
-    # the label it lists (site and mean).
+    # The region's area, its polygon's (shoelace) at the stored pixel spacing.
+    x, y = region.value.T
+    spacing = np.prod([float(v) for v in sr_ds_image(home, key, ref).PixelSpacing])
+    shoelace = 0.5 * abs(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1])) * spacing
+    assert area.name == codes.SCT.Area and area.unit == codes.UCUM.SquareMillimeter
+    assert float(area.value) == pytest.approx(shoelace) and 50 < shoelace < 2000
+    # As OHIF reads it: its freehand tool's tag, the first NUM (the area) inferred from the
+    # same region, and the label it lists (site and mean).
     assert planar.tracking_identifier == f"{OHIF_FREEHAND}:L1 trabecular ROI"
-    (inferred,) = [i for i in mean[0].ContentSequence if i.ValueType == "SCOORD"]
+    (inferred,) = [i for i in area[0].ContentSequence if i.ValueType == "SCOORD"]
     assert inferred.RelationshipType == "INFERRED FROM"
     assert inferred.value.tolist() == region.value.tolist()
     ref2 = inferred.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
     assert ref2 == ref
     (comment,) = [i for i in planar[0].ContentSequence if i.name == codes.DCM.Comment]
     assert comment.value == f"L1 vertebra: mean {out.values['l1_hu']:.2f} HU"
+
+
+def sr_ds_image(home: Settings, key: str, sop_uid: str) -> pydicom.Dataset:
+    """The stored image `sop_uid` of the series at `key` (headers)."""
+    with Core(home) as core:
+        return next(
+            d for d in SeriesReader(core.store, key).iter_instances() if d.SOPInstanceUID == sop_uid
+        )
 
 
 def test_results_table_prints_in_80_columns_and_exports(home, tmp_path):
