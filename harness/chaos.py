@@ -17,7 +17,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,25 +51,66 @@ from harness.chaoslab import (
 )
 from harness.localpacs import stop_group
 from harness.tcpproxy import CountingProxy
+from storage.catalog import Job
 
 __all__ = ["SCENARIOS", "HalfSeriesWatch", "IndexedInstance", "Lab", "Outcome", "Site", "site"]
+
+
+# -- what scenarios share ----------------------------------------------------------------------
+
+
+@contextmanager
+def recovering(out: Outcome) -> Iterator[None]:
+    """Times the recovery, from now (the fault's end) until the block's end: `recover_s`."""
+    t0 = time.monotonic()
+    yield
+    out.recover_s = time.monotonic() - t0
+
+
+def rerun(out: Outcome, st: Site, peer: CountingProxy) -> None:
+    """The peer answers again and the pull is run again here: it must store everything."""
+    peer.pass_again()
+    with recovering(out):
+        pull_here(out, st, "the re-run")
+
+
+def first_series(st: Site, proc: Pulling | subprocess.Popen[str]) -> None:
+    """Until the pull has completed a series (or ended)."""
+    wait_for(lambda: n_complete(st) >= 1 or proc.poll() is not None, "a first series")
+
+
+def outage(out: Outcome, st: Site, peer: CountingProxy, down_s: float) -> None:
+    """A pull here; after its first series the peer answers nothing for `down_s`, then
+    answers again: the pull must go on by itself and end complete."""
+    proc = Pulling(out, st)
+    first_series(st, proc)
+    peer.drop()
+    time.sleep(down_s)
+    peer.pass_again()
+    with recovering(out):
+        proc.finish()
+
+
+def job_done(out: Outcome, st: Site, job_id: int) -> Job:
+    """The job's row, which must say done."""
+    row = job_row(st, job_id)
+    if row.state != "done":
+        out.problems.append(f"job {row.state}: {row.outcome}")
+    return row
+
+
+# -- the scenarios ------------------------------------------------------------------------------
 
 
 def pacs_down_at_start(lab: Lab, quick: bool) -> Outcome:
     """The PACS answers nothing when the pull starts: one line, exit 2, the `pull.end` row;
     back, the pull is run again and stores everything."""
     out = Outcome("PACS down at start", lab.corpus.n_instances)
-    st = site(lab, "down-at-start")
-    try:
+    with site(lab, "down-at-start") as st:
         st.proxy.drop()
         ended_cleanly(out, st, pull_cli(st), rc=2)
-        st.proxy.pass_again()
-        t0 = time.monotonic()
-        pull_here(out, st, "the re-run")
-        out.recover_s = time.monotonic() - t0
+        rerun(out, st, st.proxy)
         return count(out, st)
-    finally:
-        st.close()
 
 
 def pacs_down_mid_pull(lab: Lab, quick: bool) -> Outcome:
@@ -77,57 +119,42 @@ def pacs_down_mid_pull(lab: Lab, quick: bool) -> Outcome:
     retries, with the summary (series failed, none pending), one line, exit 2, the `pull.end`
     row; back, the re-run completes."""
     out = Outcome("PACS down mid-pull", lab.corpus.n_instances)
-    st = site(lab, "down-mid-pull", source={"give_up_s": 1.5 if quick else 5, "max_rate": 40})
-    try:
+    source = {"give_up_s": 1.5 if quick else 5, "max_rate": 40}
+    with site(lab, "down-mid-pull", source=source) as st:
         if quick:  # in this process (no `sphere` to start): what the CLI would print
             here = Pulling(out, st, stops=True)
-            wait_for(lambda: n_complete(st) >= 1 or here.poll() is not None, "a first series")
+            first_series(st, here)
             st.proxy.drop()
             stopped_cleanly(out, st, here.finish())
         else:
             proc = pull_popen(st)
-            wait_for(lambda: n_complete(st) >= 1 or proc.poll() is not None, "a first series")
+            first_series(st, proc)
             st.proxy.drop()
             stdout, stderr = proc.communicate(timeout=300)
             ended = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
             ended_cleanly(out, st, ended, rc=2)
             if "failed" not in stdout:
                 out.problems.append("no summary of the failed series")
-        st.proxy.pass_again()
-        t0 = time.monotonic()
-        pull_here(out, st, "the re-run")
-        out.recover_s = time.monotonic() - t0
+        rerun(out, st, st.proxy)
         return count(out, st)
-    finally:
-        st.close()
 
 
 def pacs_outage(lab: Lab, quick: bool) -> Outcome:
     """The PACS stops answering for a few seconds mid-pull: the breaker pauses the work, the
     pull resumes by itself when it answers and ends complete."""
     out = Outcome("PACS outage (breaker)", lab.corpus.n_instances)
-    st = site(lab, "outage", source={"max_rate": 40})
-    try:
-        proc = Pulling(out, st)
-        wait_for(lambda: n_complete(st) >= 1 or proc.poll() is not None, "a first series")
-        st.proxy.drop()
-        time.sleep(1.5 if quick else 4)
-        st.proxy.pass_again()
-        t0 = time.monotonic()
-        proc.finish()
-        out.recover_s = time.monotonic() - t0
+    with site(lab, "outage", source={"max_rate": 40}) as st:
+        outage(out, st, st.proxy, 1.5 if quick else 4)
         return count(out, st)
-    finally:
-        st.close()
 
 
 def association_aborted(lab: Lab, quick: bool) -> Outcome:
     """The association to the PACS is aborted mid-retrieve (the proxy cuts it), twice: the
     series is asked again, every instance stored once."""
     out = Outcome("association aborted", lab.corpus.n_instances)
-    st = site(lab, "aborted", source={"max_rate": 60})
-    expected = st.gw.settings.spool_dir / st.project / "expected"  # a series' marker: retrieving
-    try:
+    with site(lab, "aborted", source={"max_rate": 60}) as st:
+        # a series' marker: retrieving
+        expected = st.gw.settings.spool_dir / st.project / "expected"
         proc = Pulling(out, st)
         cuts = 0
         for _ in range(2):
@@ -144,21 +171,16 @@ def association_aborted(lab: Lab, quick: bool) -> Outcome:
         if not cuts:
             out.problems.append("nothing was cut")
         return count(out, st)
-    finally:
-        st.close()
 
 
 def slow_pacs(lab: Lab, quick: bool) -> Outcome:
     """A slow PACS: C-GET (the instances come through the proxy) at 200 KB/s. Nothing times
     out, nothing fails, nothing is stored twice."""
     out = Outcome("slow PACS (200 KB/s)", lab.corpus.n_instances)
-    st = site(lab, "slow", source={"protocol": "get"})
-    try:
+    with site(lab, "slow", source={"protocol": "get"}) as st:
         st.proxy.throttle(200_000)
         pull_here(out, st)
         return count(out, st)
-    finally:
-        st.close()
 
 
 def out_of_resources(lab: Lab, quick: bool, busy_retries: int = 3) -> Outcome:
@@ -169,17 +191,13 @@ def out_of_resources(lab: Lab, quick: bool, busy_retries: int = 3) -> Outcome:
     dests = {ae: ("127.0.0.1", port) for ae, port in lab.ports.items()}
     with BusyPacs(lab.pacs.aet, lab.pacs.dicom_port, dests, busy=3) as busy:
         retry = {"busy_backoff_s": 0.2, "busy_retries": busy_retries}
-        st = site(
-            lab, "a702", source={"ae_title": busy.aet, **retry}, upstream=busy.port, retries=0
-        )
-        try:
+        source = {"ae_title": busy.aet, **retry}
+        with site(lab, "a702", source=source, upstream=busy.port, retries=0) as st:
             pull_here(out, st)
             out.recover_s = time.monotonic() - busy.last_refused
             if busy.refused != 3 or not busy.relayed:
                 out.problems.append(f"{busy.refused} refused, {busy.relayed} relayed")
             return count(out, st)
-        finally:
-            st.close()
 
 
 def s3_behind_proxy(lab: Lab) -> tuple[CountingProxy, dict[str, Any]]:
@@ -202,20 +220,13 @@ def store_down_before(lab: Lab, quick: bool) -> Outcome:
     re-run stores everything."""
     out = Outcome("object store down before", lab.corpus.n_instances)
     store, settings = s3_behind_proxy(lab)
-    st = site(lab, "store-before", timeout_s=5, **settings)
-    try:
+    with store, site(lab, "store-before", timeout_s=5, **settings) as st:
         store.drop()
         ended_cleanly(out, st, pull_cli(st), rc=2)
         if st.proxy.total:
             out.problems.append(f"the PACS was asked {st.proxy.total} times")
-        store.pass_again()
-        t0 = time.monotonic()
-        pull_here(out, st, "the re-run")
-        out.recover_s = time.monotonic() - t0
+        rerun(out, st, store)
         return count(out, st)
-    finally:
-        st.close()
-        store.close()
 
 
 def store_down_mid_commit(lab: Lab, quick: bool, store_wait_s: float = 60) -> Outcome:
@@ -224,29 +235,12 @@ def store_down_mid_commit(lab: Lab, quick: bool, store_wait_s: float = 60) -> Ou
     the pull completes."""
     out = Outcome("object store down mid-commit", lab.corpus.n_instances)
     store, settings = s3_behind_proxy(lab)
-    st = site(
-        lab,
-        "store-down",
-        source={"max_rate": 60},
-        timeout_s=5,
-        store_wait_s=store_wait_s,
-        **settings,
-    )
-    try:
-        proc = Pulling(out, st)
-        wait_for(lambda: n_complete(st) >= 1 or proc.poll() is not None, "a first series")
-        store.drop()
-        time.sleep(2 if quick else 5)
-        store.pass_again()
-        t0 = time.monotonic()
-        proc.finish()
-        out.recover_s = time.monotonic() - t0
+    waits: dict[str, Any] = {"timeout_s": 5, "store_wait_s": store_wait_s}
+    with store, site(lab, "store-down", source={"max_rate": 60}, **waits, **settings) as st:
+        outage(out, st, store, 2 if quick else 5)
         if not store.dropped:
             out.problems.append("the store was not asked while it was down")
         return count(out, st)
-    finally:
-        st.close()
-        store.close()
 
 
 def node_killed(lab: Lab, quick: bool) -> Outcome:
@@ -256,10 +250,9 @@ def node_killed(lab: Lab, quick: bool) -> Outcome:
     kills = 2 if quick else 5
     out = Outcome(f"node SIGKILLed x{kills}", lab.corpus.n_instances)
     url = lab.postgres().create_database(f"killed{lab._n}")
-    st = site(lab, "killed", source={"max_rate": 10 if quick else 8}, catalog_url=url)
     from gateway import jobs
 
-    try:
+    with site(lab, "killed", source={"max_rate": 10 if quick else 8}, catalog_url=url) as st:
         job = jobs.submit(st.gw.core, "pull", st.project, user=st.gw.catalog.user("dan"))
         got = 0
         t0 = time.monotonic()
@@ -281,15 +274,11 @@ def node_killed(lab: Lab, quick: bool) -> Outcome:
             with worker(st, NODES[kills % 2], lab):
                 wait_for(lambda: job_ended(st, job.id), "the job's end", 300)
         out.recover_s = time.monotonic() - t0
-        row = job_row(st, job.id)
-        if row.state != "done":
-            out.problems.append(f"job {row.state}: {row.outcome}")
+        row = job_done(out, st, job.id)
         if row.attempts != kills + 1:
             out.problems.append(f"{row.attempts} leases for {kills + 1} nodes")
         out.problems += sorted(set(watch.seen))
         return count(out, st)
-    finally:
-        st.close()
 
 
 def postgres_restarted(lab: Lab, quick: bool) -> Outcome:
@@ -298,24 +287,18 @@ def postgres_restarted(lab: Lab, quick: bool) -> Outcome:
     out = Outcome("PostgreSQL restarted", lab.corpus.n_instances)
     pg = lab.postgres()
     url = pg.create_database(f"restarted{lab._n}")
-    st = site(lab, "pg-restart", source={"max_rate": 40}, catalog_url=url)
     from gateway import jobs
 
-    try:
+    with site(lab, "pg-restart", source={"max_rate": 40}, catalog_url=url) as st:
         job = jobs.submit(st.gw.core, "pull", st.project, user=st.gw.catalog.user("dan"))
         with HalfSeriesWatch(st) as watch, node_here(st):
             wait_for(lambda: n_complete(st) >= 1 or job_ended(st, job.id), "a first series")
             pg.restart(down_s=1 if quick else 3)
-            t0 = time.monotonic()
-            wait_for(lambda: job_ended_quietly(st, job.id), "the job's end", 300)
-            out.recover_s = time.monotonic() - t0
-        row = job_row(st, job.id)
-        if row.state != "done":
-            out.problems.append(f"job {row.state}: {row.outcome}")
+            with recovering(out):
+                wait_for(lambda: job_ended_quietly(st, job.id), "the job's end", 300)
+        job_done(out, st, job.id)
         out.problems += sorted(set(watch.seen))
         return count(out, st)
-    finally:
-        st.close()
 
 
 FULL_SPOOL = """
@@ -364,12 +347,9 @@ def spool_disk_full(lab: Lab, quick: bool) -> Outcome:
         if leftover:
             out.problems.append(f"{len(leftover)} .tmp files left")
         room.touch()
-        t0 = time.monotonic()
-        wait_for(lambda: job_ended(st, job.id), "the job's end", 300)
-        out.recover_s = time.monotonic() - t0
-        row = job_row(st, job.id)
-        if row.state != "done":
-            out.problems.append(f"job {row.state}: {row.outcome}")
+        with recovering(out):
+            wait_for(lambda: job_ended(st, job.id), "the job's end", 300)
+        job_done(out, st, job.id)
         return count(out, st)
     finally:
         stop_group(node)

@@ -123,6 +123,12 @@ class Site:
         self.proxy.close()
         self.gw.core.close()
 
+    def __enter__(self) -> Site:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def site(
     lab: Lab,

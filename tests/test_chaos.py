@@ -57,8 +57,7 @@ def test_control_a_pacs_out_of_resources_without_waits_fails_the_series(lab):
 def test_control_the_watch_sees_a_half_series(lab):
     """Positive control of `HalfSeriesWatch`: an instance gone from the index, a complete
     series' volume gone from the store, are both seen."""
-    st = chaos.site(lab, "watch-control")
-    try:
+    with chaos.site(lab, "watch-control") as st:
         assert st.gw.pull(st.project).ok
         watch = chaos.HalfSeriesWatch(st)
         watch.look()
@@ -71,5 +70,3 @@ def test_control_the_watch_sees_a_half_series(lab):
         watch.look()
         assert any("indexed with" in s for s in watch.seen), watch.seen
         assert any("does not read back" in s for s in watch.seen), watch.seen
-    finally:
-        st.close()
