@@ -13,7 +13,8 @@ from core import projects, users
 from core.core import Core
 from core.settings import Settings
 from harness.synthetic import generate
-from storage.series import SeriesReader, SeriesWriter, series_key
+from storage.commit import commit_series
+from storage.series import SeriesWriter, series_key
 
 STUDY_UID, SERIES_UID = "2.25.1", "2.25.2"  # the stored series' UIDs (pseudonyms, as pulled)
 
@@ -44,11 +45,14 @@ def stored_ct(base: Path, project: str, *, slices: int, size: int) -> StoredCT:
         writer = SeriesWriter(base / "spool", fsync=False)
         for f in corpus.files:
             writer.add(pydicom.dcmread(f))
-        info = writer.commit(core.store, key)
-        p = core.project(project)
-        core.catalog.mark_complete(p.id, SERIES_UID, key, info, study_uid=STUDY_UID,
-                                   modality="CT")  # fmt: skip
-        reader = SeriesReader(core.store, key)
-        core.catalog.index_series(p.id, key, reader.headers(), reader.attrs["n_slices"])
+        commit_series(
+            core.store,
+            core.catalog,
+            writer,
+            key,
+            project_id=core.project(project).id,
+            series_uid=SERIES_UID,
+            values={"study_uid": STUDY_UID, "modality": "CT"},
+        )
     dicom_bytes = sum(Path(f).stat().st_size for f in corpus.files)
     return StoredCT(settings, key, SERIES_UID, dicom_dir, dicom_bytes)

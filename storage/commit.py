@@ -75,6 +75,7 @@ def commit_series(
     if audit is not None:  # what was stored, known now
         audit = {**audit, "detail": {**audit.get("detail", {}), "instances": info.n_instances}}
     row = {
+        "expected": info.n_instances,  # unless `values` says what a source announced
         **values,
         "stored": info.n_instances,
         "nbytes": info.nbytes,

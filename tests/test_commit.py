@@ -18,8 +18,8 @@ from core.core import Core
 from core.index import index_stored, reindex
 from core.settings import S3Options, Settings
 from dicom.query import Level, Query
+from harness.storecount import chunks, counting
 from harness.synthetic import generate
-from storage.backends import ObjectBucket
 from storage.catalog import (
     AuditEvent,
     Catalog,
@@ -86,29 +86,6 @@ def site(tmp_path, **settings: Any) -> Core:
     core = Core(Settings(home=tmp_path / "home", fsync=False, **settings), create=True)
     core.catalog.add_project(Project(name=PROJECT, title=""))
     return core
-
-
-def counting(store: ObjectBucket) -> tuple[ObjectBucket, list[str]]:
-    """The same bucket, every key read through zarr's store API listed (zarr opens a store
-    again read-only as a new instance: the list is the class's)."""
-    gets: list[str] = []
-
-    class Counting(ObjectBucket):
-        async def get(self, key, prototype, byte_range=None):
-            gets.append(key)
-            return await super().get(key, prototype, byte_range)
-
-        async def get_partial_values(self, prototype, key_ranges):
-            key_ranges = list(key_ranges)
-            gets.extend(k for k, _ in key_ranges)
-            return await super().get_partial_values(prototype, key_ranges)
-
-    return Counting(store.store), gets
-
-
-def chunks(keys: list[str]) -> list[str]:
-    """The chunk (shard) objects among `keys`: all but the zarr.json metadata documents."""
-    return [k for k in keys if not k.endswith("zarr.json")]
 
 
 def searches(catalog: Catalog) -> dict[Level, list[Any]]:
