@@ -15,7 +15,9 @@ every case.
 
 from __future__ import annotations
 
+import copy
 import io
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -29,7 +31,7 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.pixels import apply_modality_lut
-from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLosslessSV1
+from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLosslessSV1, generate_uid
 
 from core import users
 from core.settings import DEFAULT_VIEWER_DIST, PacsPeer, Settings
@@ -41,7 +43,9 @@ from harness.phantom_dicom import write_phantom_study
 from harness.phantoms import make_phantom
 from harness.synthetic import generate
 from processing.bone_density import BoneDensity
+from processing.outputs import OHIF_FREEHAND, derived_uid, store_derived
 from processing.worker import SeriesTask, process_series
+from storage.series import SeriesReader, series_key
 from tests.compressed import BY_NAME, reference, transcode
 from tests.web_server import serving
 
@@ -134,6 +138,26 @@ def _per_frame_values(ds: pydicom.Dataset, frames: np.ndarray) -> np.ndarray:
     return out
 
 
+UNTAGGED = "bone-density untagged"  # the series description of the SR's untagged copy
+
+
+def untagged_copy(sr: pydicom.Dataset) -> pydicom.Dataset:
+    """The bone-density SR with its tracking identifiers stripped of OHIF's tool tag, as a
+    series of its own (everything else as written): what OHIF gets without the tag."""
+    ds = copy.deepcopy(sr)
+
+    def strip(items: Any) -> None:
+        for item in items:
+            if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == "112039":
+                item.TextValue = item.TextValue.removeprefix(f"{OHIF_FREEHAND}:")
+            strip(item.get("ContentSequence", []))
+
+    strip(ds.ContentSequence)
+    ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
+    ds.SeriesNumber, ds.SeriesDescription = 9003, UNTAGGED
+    return ds
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """A CT study (two series) and one study per case pulled into a fresh home and served; a
@@ -184,6 +208,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
                       bone.storage_key)  # fmt: skip
     measured = process_series(settings.model_dump_json(), task, BoneDensity(), False)
     assert measured.status == "ok", measured.reason
+    sr_key = series_key(PROJECT, bone.study_uid, derived_uid(bone.series_uid, "bone-density", "sr"))
+    untagged = untagged_copy(SeriesReader(core.store, sr_key).instance(0))
+    store_derived(core, PROJECT, bone.study_uid, bone.patient_pseudonym, [untagged], tmp / "sp")
     token = users.add(core, "reader")
     users.grant(core, PROJECT, "reader", "viewer")
     with serving(core) as url:
@@ -516,14 +543,19 @@ def test_ohif_shows_each_kind_with_its_pixels(served: Served, page: Browser, nam
 # Every text on the page, the viewport's SVG annotations (cornerstone draws them) included.
 TEXT_JS = """[document.body.innerText,
   ...[...document.querySelectorAll('svg text, svg tspan')].map(t => t.textContent)].join(' ')"""
-# Double-click the study panel's SR thumbnail (an SR has no image: OHIF's no-image tile).
+# Double-click the study panel's tile of the SR described so (an SR has no image: OHIF's
+# no-image tile).
 OPEN_SR_JS = """(() => {
   const t = [...document.querySelectorAll('[data-cy="study-browser-thumbnail-no-image"]')]
-    .find(e => e.innerText.includes('SR'));
+    .find(e => e.innerText.includes('SR') && e.innerText.includes(%s));
   if (!t) return false;
   t.dispatchEvent(new MouseEvent('dblclick', {bubbles: true}));
   return true;
 })()"""
+
+
+def open_sr_js(description: str = "bone-density report") -> str:
+    return OPEN_SR_JS % json.dumps(description)
 
 
 def open_bone_sr(page: Browser, served: Served) -> None:
@@ -557,7 +589,8 @@ def test_ohif_shows_the_bone_density_sr_with_its_l1_value(served: Served, page: 
     the L1 ROI's outline is drawn on its CT slice, labelled with its mean HU as the results
     table has it and its site. OHIF then offers to track its measurements; accepted, its
     measurement panel lists L1 with that mean. Controls: with the CT alone on screen the value
-    is not there; declined, the panel does not list it; another value is not found."""
+    is not there; declined, the panel does not list it; nor does it from the same SR without
+    OHIF's tool tag in its tracking identifiers; another value is not found."""
     SHOTS.mkdir(parents=True, exist_ok=True)
     signed_in(page, served)
     value = f"{served.l1_hu:.2f}"  # OHIF's label: the NUM to two decimals, then its unit
@@ -565,7 +598,7 @@ def test_ohif_shows_the_bone_density_sr_with_its_l1_value(served: Served, page: 
     (SHOTS / "viewer-bone-before-sr.png").write_bytes(page.screenshot())
     assert value not in page.evaluate(TEXT_JS)  # the control: not before the SR is open
     page.forget_requests()
-    assert page.wait_for(OPEN_SR_JS), "no SR thumbnail in the study panel"
+    assert page.wait_for(open_sr_js()), "no SR thumbnail in the study panel"
     deadline = time.monotonic() + 40
     while value not in page.evaluate(TEXT_JS) and time.monotonic() < deadline:
         time.sleep(0.3)
@@ -590,10 +623,28 @@ def test_ohif_shows_the_bone_density_sr_with_its_l1_value(served: Served, page: 
     (SHOTS / "viewer-bone-sr-declined.png").write_bytes(page.screenshot())
     assert not listed, f"the panel lists L1 though the SR was not loaded ({why})"
 
+    # The same SR without OHIF's tool tag in its tracking identifiers (control: the tag is what
+    # lets OHIF load it): drawn and labelled as before, but no L1 in the panel, whatever the
+    # user answers.
+    open_bone_sr(page, served)
+    assert page.wait_for(open_sr_js(UNTAGGED)), "no tile for the untagged SR"
+    deadline = time.monotonic() + 40
+    while value not in page.evaluate(TEXT_JS) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert value in page.evaluate(TEXT_JS)  # the SR viewport draws it all the same
+    time.sleep(3)  # when OHIF can load an SR, it asks at once
+    if page.evaluate("!!document.querySelector('[data-cy=yes-hydrate-btn]')"):
+        page.click("[data-cy=yes-hydrate-btn]")
+    show_panel(page)
+    time.sleep(2)
+    listed, why = panel_lists(page, value)
+    (SHOTS / "viewer-bone-sr-untagged.png").write_bytes(page.screenshot())
+    assert not listed, f"the panel lists L1 from the untagged SR ({why})"
+
     # Accepted (a click on Yes, as a user does), the panel lists L1 with its mean HU: the
     # value the results table has, read from the SR by OHIF's own hydration.
     open_bone_sr(page, served)
-    assert page.wait_for(OPEN_SR_JS), "no SR thumbnail in the study panel"
+    assert page.wait_for(open_sr_js()), "no SR thumbnail in the study panel"
     page.wait_for("!!document.querySelector('[data-cy=yes-hydrate-btn]')")
     page.click("[data-cy=yes-hydrate-btn]")
     show_panel(page)
