@@ -41,8 +41,8 @@ from core.core import Core
 from core.projects import approve, create
 from core.settings import Settings
 from dicom.json_model import to_json_dict
-from harness.localpacs import LocalOrthanc, free_port
-from harness.serve import start_sphere
+from harness.localpacs import LocalOrthanc
+from harness.serve import sphere_serving
 from storage.series import series_key
 
 PROJECT = "bench-qido"
@@ -231,16 +231,11 @@ def run(tmp: Path, args: argparse.Namespace, total: int) -> None:
     with LocalOrthanc(tmp / "orthanc", extra={"StorageAccessOnFind": "Never"}) as pacs:
         took = fill_orthanc(pacs, args)
         print(f"Orthanc: stored in {took:.1f} s ({total / took:,.0f} instances/s)")
-        port = free_port()
-        proc = start_sphere(settings, port)
-        try:
-            ours = Client(f"http://127.0.0.1:{port}/projects/{PROJECT}/dicom-web",
+        with sphere_serving(settings) as base:
+            ours = Client(f"{base}/projects/{PROJECT}/dicom-web",
                           {"Authorization": f"Bearer {token}"})  # fmt: skip
             theirs = Client(f"{pacs.url}/dicom-web", {})
             report(ours, theirs, searches(args), args.repeat)
-        finally:
-            proc.terminate()
-            proc.wait(30)
 
 
 def report(ours: Client, theirs: Client, queries: list[tuple[str, str]], repeat: int) -> None:

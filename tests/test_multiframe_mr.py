@@ -9,10 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import requests
-from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 
-from core import users
 from core.core import Core
 from deid.engine import Deidentifier
 from deid.profile import Profile
@@ -20,10 +18,16 @@ from harness.leaks import scan_database, scan_store
 from harness.localpacs import free_port
 from harness.multiframe import MultiFrameStudy, write_samples
 from harness.phantoms import make_phantom
-from harness.serve import start_sphere
 from processing.loader import load_series
 from tests.orthanc_fixture import seeded_orthanc
-from tests.test_multiframe_pull import _reader, _uids, pull, raw_leaks, torch_equal
+from tests.test_multiframe_pull import (
+    _reader,
+    _uids,
+    investigator_client,
+    pull,
+    raw_leaks,
+    torch_equal,
+)
 from tests.test_pull import make_gateway
 
 pytestmark = pytest.mark.peers
@@ -81,13 +85,7 @@ def test_enhanced_mr_loads_as_the_classic_series(pulled, study):
 
 def test_enhanced_mr_is_served_frame_by_frame(pulled, study):
     gw, _rows = pulled
-    token = users.add(gw.core, "ivy")
-    users.grant(gw.core, "mf", "ivy", "investigator")
-    port = free_port()
-    proc = start_sphere(gw.settings, port)
-    try:
-        url = f"http://127.0.0.1:{port}/projects/mf/dicom-web"
-        client = DICOMwebClient(url, headers={"Authorization": f"Bearer {token}"})
+    with investigator_client(gw) as client:
         mr = study.samples["enhanced_mr"]
         uids = _uids(gw.keys("mf"), study, "enhanced_mr")
         last = mr.n_frames
@@ -99,9 +97,6 @@ def test_enhanced_mr_is_served_frame_by_frame(pulled, study):
         metadata = client.retrieve_instance_metadata(*uids)
         assert metadata["00080016"]["Value"] == [mr.sop_class]
         assert metadata["00280008"]["Value"] == [last]
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def test_no_identifier_of_the_enhanced_mr_reaches_the_store_or_catalog(pulled, study, tmp_path):

@@ -9,6 +9,8 @@ store or the catalog."""
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,7 @@ from harness.leaks import scan_database, scan_store
 from harness.localpacs import free_port
 from harness.multiframe import MultiFrameStudy, write_samples
 from harness.phantoms import make_phantom
-from harness.serve import start_sphere
+from harness.serve import sphere_serving
 from processing.bone_density import BoneDensity
 from processing.loader import load_series
 from processing.runner import run_pipeline
@@ -201,20 +203,22 @@ def raw_leaks(source: Path | Dataset, phi: list[str], work: Path) -> set[str]:
 # -- served by `sphere serve`, read with dicomweb-client ----------------------------------------
 
 
-@pytest.fixture(scope="module")
-def served(pulled):
-    """`sphere serve` (a process of its own) on the gateway's home; a client of an investigator."""
-    gw, rows = pulled
+@contextmanager
+def investigator_client(gw: Gateway) -> Iterator[DICOMwebClient]:
+    """`sphere serve` (a process of its own) on the gateway's home; a DICOMweb client of an
+    investigator of project mf."""
     token = users.add(gw.core, "ivy")
     users.grant(gw.core, "mf", "ivy", "investigator")
-    port = free_port()
-    proc = start_sphere(gw.settings, port)
-    try:
-        url = f"http://127.0.0.1:{port}/projects/mf/dicom-web"
-        yield DICOMwebClient(url, headers={"Authorization": f"Bearer {token}"}), gw.keys("mf")
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with sphere_serving(gw.settings) as base:
+        url = f"{base}/projects/mf/dicom-web"
+        yield DICOMwebClient(url, headers={"Authorization": f"Bearer {token}"})
+
+
+@pytest.fixture(scope="module")
+def served(pulled):
+    gw, rows = pulled
+    with investigator_client(gw) as client:
+        yield client, gw.keys("mf")
 
 
 def _uids(keys, study: MultiFrameStudy, name: str) -> tuple[str, str, str]:
