@@ -28,7 +28,7 @@ from processing.loader import LoadError
 from storage.catalog import IndexedSeries, IndexedStudy
 from storage.models import Export
 from storage.objectstore import Upload, guard, run
-from storage.series import SeriesReader, part10_instances
+from storage.series import SeriesReader, part10_chunks
 from storage.zipstream import ZipStream
 
 log = logging.getLogger(__name__)
@@ -135,8 +135,8 @@ def _zip(
         before = len(z.entries)
         if row.format == "dicom":
             folder = f"dicom/{patient}/{se.study_uid}/{se.series_uid}"
-            for sop, body in part10_instances(reader):
-                yield from z.add(f"{folder}/{sop}.dcm", [body])
+            for sop, chunks in part10_chunks(reader):  # the pixels not copied on the way
+                yield from z.add(f"{folder}/{sop}.dcm", chunks)
         elif row.format == "nifti":
             stem = f"nifti/{patient}/{se.study_uid}/{se.series_uid}"
             try:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import io
 import json
 import threading
 from collections.abc import Iterable, Iterator, Mapping
@@ -35,20 +34,17 @@ from typing import Any, cast
 
 import numpy as np
 import zarr
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.dataset import Dataset
 from zarr.abc.store import Store
 from zarr.codecs import ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import MemoryStore
 
-from dicom import (
-    IMPLEMENTATION_CLASS_UID,
-    IMPLEMENTATION_VERSION_NAME,
-    functional_groups,
-    json_model,
-)
+from dicom import functional_groups, json_model
 from dicom.geometry import GeometryError, order_slices
+from dicom.part10 import Chunk, Encoder
+from dicom.part10 import rebuild as _rebuild
+from dicom.part10 import write as part10  # noqa: F401 - WADO-RS writes one instance with it
 from storage import backends, pixels, volume
 from storage.objectstore import StorageUnavailable, guard, run
 from storage.spool import Spool, SpoolEntry, SpoolSealed
@@ -400,9 +396,17 @@ class SeriesReader:
 
     def iter_instances(self) -> Iterator[Dataset]:
         """Rebuild every instance in stored order, reading each volume chunk once."""
-        if self.attrs.get("frames"):  # multi-frame: instance by instance
-            for i in range(len(self)):
-                yield self.instance(i)
+        for header, frame in self.iter_raw():
+            yield _rebuild(header, frame)
+
+    def iter_raw(
+        self, positions: Iterable[int] | None = None
+    ) -> Iterator[tuple[dict[str, Any], np.ndarray | None]]:
+        """(DICOM JSON header, pixels or None) of every instance in stored order (each volume
+        chunk read once), or of those at the stored positions given."""
+        if positions is not None or self.attrs.get("frames"):  # multi-frame: one by one
+            for i in range(len(self)) if positions is None else positions:
+                yield self.header(i), self.frames_of(i) if i < self.n_images else None
             return
         n, n_slices = len(self), self.attrs["n_slices"]
         headers = self._header_array()
@@ -410,16 +414,29 @@ class SeriesReader:
         if vol is not None:  # a shard at a time, but never more than ~SHARD_BYTES of pixels
             frame_nbytes = int(np.prod(vol.shape[1:])) * vol.dtype.itemsize
             cz = min((vol.shards or vol.chunks)[0], volume.shard_depth(n_slices, frame_nbytes))
+            frames = self._frames(vol)
             for z0 in range(0, n_slices, cz):
                 z1 = min(z0 + cz, n_slices)
                 with guard("read"):
-                    block, texts = _ndarray(vol[z0:z1]), _ndarray(headers[z0:z1])
+                    texts = _ndarray(headers[z0:z1])
+                    block = _ndarray(vol[z0:z1]) if frames is None else None
                 for j in range(z1 - z0):
-                    yield _rebuild(json.loads(texts[j]), block[j])
+                    frame = frames.frame(z0 + j) if frames is not None else _ndarray(block)[j]
+                    yield json.loads(texts[j]), frame
         with guard("read"):
             rest: Iterable[Any] = _ndarray(headers[n_slices:n]) if n > n_slices else []
         for text in rest:
-            yield _rebuild(json.loads(text), None)
+            yield json.loads(text), None
+
+    def _frames(self, vol: zarr.Array) -> Any:
+        """A `storage.frames.FrameReader` of a sharded volume (None otherwise): a frame's one
+        read and one blosc call, without zarr's machinery per chunk (a remote store's frames
+        read ahead a window at a time)."""
+        from storage.frames import FrameReader, ReadAhead  # it imports this module
+
+        if not vol.shards:
+            return None
+        return FrameReader(self.store, self.key, vol, ReadAhead(64 << 20))
 
     def pixels(self) -> zarr.Array:
         """The volume, of a series known to have images (IndexError otherwise)."""
@@ -442,11 +459,15 @@ class SeriesReader:
             raise IndexError("instance index out of range")
 
 
-def part10(ds: Dataset) -> bytes:
-    """A Part 10 file of a rebuilt instance: what WADO-RS serves and an export holds."""
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+def part10_chunks(
+    reader: SeriesReader, positions: Iterable[int] | None = None
+) -> Iterator[tuple[str, list[Chunk]]]:
+    """(SOP Instance UID, Part 10 bytes in pieces) of the series' instances (all, or those at
+    the stored positions given), one at a time: `dicom.part10.Encoder`, equal to `part10` of
+    each rebuilt instance, the pixels not copied."""
+    encoder = Encoder()
+    for header, frame in reader.iter_raw(positions):
+        yield encoder.encode(header, frame)
 
 
 def part10_instances(
@@ -454,13 +475,8 @@ def part10_instances(
 ) -> Iterator[tuple[str, bytes]]:
     """(SOP Instance UID, Part 10 bytes) of the series' instances (all, or those at the stored
     positions given), one at a time."""
-    if positions is None:
-        for ds in reader.iter_instances():
-            yield str(ds.SOPInstanceUID), part10(ds)
-        return
-    for position in positions:
-        ds = reader.instance(position)
-        yield str(ds.SOPInstanceUID), part10(ds)
+    for sop, chunks in part10_chunks(reader, positions):
+        yield sop, b"".join(chunks)
 
 
 def _ndarray(read: Any) -> np.ndarray:
@@ -660,24 +676,6 @@ def _inline_pixels(ds: Dataset) -> dict[str, Any]:
         raise SeriesError("inline pixel data must be native little-endian (PixelData)")
     vr = "OB" if int(ds.get("BitsAllocated") or 8) <= 8 else "OW"
     return {"vr": vr, "InlineBinary": base64.b64encode(bytes(ds.PixelData)).decode("ascii")}
-
-
-def _rebuild(header: dict[str, Any], frame: np.ndarray | None) -> Dataset:
-    ds = json_model.from_json(header)
-    if frame is not None:
-        vr = "OB" if frame.dtype.itemsize == 1 else "OW"
-        data = np.ascontiguousarray(frame, dtype=frame.dtype.newbyteorder("<")).tobytes()
-        ds.add_new(0x7FE00010, vr, data)
-    meta = FileMetaDataset()
-    if "SOPClassUID" in ds:
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    if "SOPInstanceUID" in ds:
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    ds.file_meta = meta
-    return ds
 
 
 def _create_array(store: Store, path: str, **kwargs: Any) -> zarr.Array:

@@ -38,7 +38,7 @@ class _Sink:
     def __init__(self) -> None:
         self.buf = bytearray()
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | memoryview) -> int:
         self.buf += data
         return len(data)
 
@@ -62,7 +62,7 @@ class ZipStream:
         self.entries: list[Entry] = []
         self.nbytes = 0  # zip bytes handed on so far
 
-    def add(self, name: str, chunks: Iterable[bytes]) -> Iterator[bytes]:
+    def add(self, name: str, chunks: Iterable[bytes | memoryview]) -> Iterator[bytes]:
         """Write file `name` from `chunks`; yields the zip's bytes as they accumulate."""
         info = zipfile.ZipInfo(name, date_time=self._stamp)
         info.compress_type = zipfile.ZIP_STORED
