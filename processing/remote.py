@@ -18,7 +18,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, MapTransform
 
 from core.errors import SphereError
-from processing.loader import volume_tensor
+from processing.tensor import volume_tensor
 
 
 class RemoteError(SphereError):
