@@ -26,7 +26,7 @@ from numcodecs import blosc
 from zarr.abc.store import RangeByteRequest, Store, SuffixByteRequest
 
 from storage import backends, volume
-from storage.series import SeriesError
+from storage.errors import SeriesError
 
 EMPTY = 2**64 - 1  # a shard index's offset for a chunk never written
 WINDOW = 16  # frames fetched together from a remote store

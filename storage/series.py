@@ -46,6 +46,8 @@ from dicom.part10 import Chunk, Encoder
 from dicom.part10 import rebuild as _rebuild
 from dicom.part10 import write as part10  # noqa: F401 - WADO-RS writes one instance with it
 from storage import backends, pixels, volume
+from storage.errors import SeriesError, SeriesIncomplete
+from storage.frames import FrameReader, ReadAhead
 from storage.objectstore import StorageUnavailable, guard, run
 from storage.spool import Spool, SpoolEntry, SpoolSealed
 
@@ -53,14 +55,6 @@ FORMAT_VERSION = 1
 _HEADER_CHUNK = 128  # instances per headers chunk
 _HEADER_CODEC = ZstdCodec(level=3)
 _OPEN, _COMMITTING, _CLOSED = "open", "committing", "closed"
-
-
-class SeriesError(ValueError):
-    """The series cannot be stored or read as one volume (message holds no PHI)."""
-
-
-class SeriesIncomplete(SeriesError):
-    """The series group has no commit marker: a commit never finished."""
 
 
 @dataclass(frozen=True)
@@ -428,12 +422,10 @@ class SeriesReader:
         for text in rest:
             yield json.loads(text), None
 
-    def _frames(self, vol: zarr.Array) -> Any:
+    def _frames(self, vol: zarr.Array) -> FrameReader | None:
         """A `storage.frames.FrameReader` of a sharded volume (None otherwise): a frame's one
         read and one blosc call, without zarr's machinery per chunk (a remote store's frames
         read ahead a window at a time)."""
-        from storage.frames import FrameReader, ReadAhead  # it imports this module
-
         if not vol.shards:
             return None
         return FrameReader(self.store, self.key, vol, ReadAhead(64 << 20))
