@@ -27,13 +27,10 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -43,14 +40,13 @@ from core import users
 from core.settings import PacsPeer, Settings, Source
 from gateway import jobs
 from gateway.api import Gateway
-from harness.localpacs import LocalOrthanc, free_port, stop_group
+from harness.localpacs import LocalOrthanc, free_port
 from harness.postgres import PgServer
-from harness.serve import SERVER, server_token, settings_env, start_sphere
+from harness.serve import SERVER, server_token, settings_env, sphere_worker, start_sphere
 from harness.synthetic import generate
 from storage.catalog import Catalog, Job
 from tests.tcp_proxy import CountingProxy
 
-ROOT = Path(__file__).resolve().parents[1]
 FRAME_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
 
 
@@ -361,7 +357,7 @@ def nodes_bench(work: Path, args: argparse.Namespace) -> None:
                 }
                 with contextlib.ExitStack() as nodes:
                     for ae in list(ports)[:n_nodes]:
-                        nodes.enter_context(node(env, ae, ports[ae]))
+                        nodes.enter_context(sphere_worker(env, ae, ports[ae]))
                     time.sleep(3)  # the nodes up and polling
                     proxy.most = proxy.open
                     user = gw.catalog.user(SERVER)
@@ -392,23 +388,6 @@ def job_row(gw: Gateway, job_id: int) -> Job:
 
 def ended(gw: Gateway, ids: list[int]) -> bool:
     return all(job_row(gw, i).state in ("done", "failed") for i in ids)
-
-
-@contextmanager
-def node(env: dict[str, str], ae: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
-    """`sphere worker` as node `ae` (its Storage SCP on `port`), stopped (SIGTERM) after."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "worker"],
-        env={**env, "SPHERE_AE_TITLE": ae, "SPHERE_PORT": str(port)},
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        yield proc
-    finally:
-        stop_group(proc)
 
 
 # -- the job queue ------------------------------------------------------------------------------

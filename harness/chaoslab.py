@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -21,9 +21,10 @@ from typing import Any
 from core import access, users
 from core.settings import JobOptions, Settings, Source
 from gateway.api import Gateway
-from harness.localpacs import LocalOrthanc, free_port, stop_group
+from harness.localpacs import LocalOrthanc, free_port
 from harness.postgres import PgServer
 from harness.seaweed import SeaweedS3
+from harness.serve import sphere_worker
 from harness.synthetic import SyntheticCorpus, generate
 from harness.tcpproxy import CountingProxy
 from storage.catalog import IndexedInstance, Job
@@ -338,23 +339,10 @@ def n_complete(st: Site) -> int:
 # -- the scenarios ------------------------------------------------------------------------------
 
 
-@contextmanager
-def worker(st: Site, ae: str, lab: Lab) -> Iterator[subprocess.Popen[str]]:
-    """`sphere worker` as node `ae` (its own SCP port), in a process group of its own."""
-    env = {**st.env, "SPHERE_AE_TITLE": ae, "SPHERE_PORT": str(lab.ports[ae])}
-    with open(st.gw.settings.home / f"worker-{ae}.log", "a") as log:  # what it said, to read
-        proc = subprocess.Popen(
-            [*SPHERE, "worker"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-            text=True,
-            start_new_session=True,
-        )
-    try:
-        yield proc
-    finally:
-        stop_group(proc)
+def worker(st: Site, ae: str, lab: Lab) -> AbstractContextManager[subprocess.Popen[str]]:
+    """`sphere worker` as node `ae` (its own SCP port), what it said in the home to read."""
+    log = st.gw.settings.home / f"worker-{ae}.log"
+    return sphere_worker(st.env, ae, lab.ports[ae], log)
 
 
 @contextmanager

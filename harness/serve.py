@@ -1,5 +1,6 @@
 """`sphere serve` in a process of its own, on a given home and store: what the benchmarks
-measure is the server as a user starts it."""
+measure is the server as a user starts it. `sphere worker` nodes likewise, for the tests and
+`make chaos`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from core import Core, access, users
 from core.settings import Settings
-from harness.localpacs import free_port, wait_port
+from harness.localpacs import free_port, stop_group, wait_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER = "server"  # the sphere user the server process acts as
@@ -43,6 +44,30 @@ def sphere_serving(settings: Settings, workers: int = 1) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@contextmanager
+def sphere_worker(
+    env: dict[str, str], ae: str, port: int, log: Path | None = None
+) -> Iterator[subprocess.Popen[str]]:
+    """`sphere worker` with `env` as node `ae` (its own SCP port), in a process group of its own
+    (its SCP workers with it), what it says appended to `log` (None: dropped); stopped
+    (SIGTERM to the group, SIGKILL after a minute) on leaving."""
+    node_env = {**env, "SPHERE_AE_TITLE": ae, "SPHERE_PORT": str(port)}
+    with open(log or os.devnull, "a") as said:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "worker"],
+            env=node_env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=said,
+            text=True,
+            start_new_session=True,
+        )
+    try:
+        yield proc
+    finally:
+        stop_group(proc)
 
 
 def server_token(settings: Settings) -> str:

@@ -9,10 +9,9 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +19,8 @@ import pytest
 from core import access, users
 from core.settings import PacsPeer, Settings
 from gateway.api import Gateway
-from harness.localpacs import LocalOrthanc, free_port, stop_group
+from harness.localpacs import LocalOrthanc, free_port
+from harness.serve import sphere_worker
 from harness.synthetic import generate
 from storage.catalog import IndexedInstance
 from tests.test_pull import approved
@@ -84,23 +84,11 @@ def node_home(
     return gw, node_env
 
 
-@contextmanager
-def worker(env: dict[str, str], ae: str, port: int) -> Iterator[subprocess.Popen[str]]:
-    """`sphere worker` as node `ae` (its own SCP port), in a process group of its own (its SCP
-    workers with it)."""
-    node_env = {**env, "SPHERE_AE_TITLE": ae, "SPHERE_PORT": str(port)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "worker"],
-        env=node_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        yield proc
-    finally:
-        stop_group(proc)
+def worker(
+    env: dict[str, str], ae: str, port: int
+) -> AbstractContextManager[subprocess.Popen[str]]:
+    """`sphere worker` as node `ae` (its own SCP port), what it said in the home."""
+    return sphere_worker(env, ae, port, Path(env["SPHERE_HOME"]) / f"worker-{ae}.log")
 
 
 def wait_for(check, what: str, timeout_s: float = 240.0) -> None:
