@@ -1,7 +1,9 @@
 """The bone-density pipeline: L1 trabecular attenuation (processing.bone) as a `Pipeline`.
 
-The science takes the HU volume in the store's (z, y, x) order with its LPS affine, on any torch
-device; this wraps it: header facts in, per-level ROIs out as SEG segments and SR measurements.
+The science takes the HU volume once, on the run's device, in canonical (S, P, L) order (one
+MONAI `Orientation` of the loaded image: a view of the loaded values for the usual stored order),
+and its ROIs go back to the stored order by that transform's inverse; this wraps it: header facts
+in, per-level ROIs out as SEG segments and SR measurements.
 With `model_path` (a bundle folder from `sphere train bone-density`) a learned segmenter finds
 the vertebral bodies; L1 is still named only when ribs and sacrum agree, unless the project
 chose `level_rule="ribs-if-no-sacrum"`: then a field established to end above the sacrum has L1
@@ -11,7 +13,7 @@ named from the lowest ribs alone, flagged `level from ribs only` (values, SR, CS
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from monai.data import MetaTensor
@@ -21,7 +23,7 @@ from pydicom.sr.coding import Code
 from processing.bone import ScanFacts, Thresholds, measure_bone_density
 from processing.bone.levels import CODES, RIBS_ONLY, RULES
 from processing.bone.measure import MEASURED
-from processing.loader import to_zyx_lps
+from processing.bone.orient import canonical_spacing, orient_image, stored_runs_up, to_stored
 from processing.pipeline import OK, UNMEASURABLE, Finding, Pipeline, Segment, SeriesFacts
 
 SITES = {
@@ -74,12 +76,11 @@ class BoneDensity(Pipeline):
     def run(
         self, image: MetaTensor, facts: SeriesFacts, *, model: Any, device: torch.device
     ) -> Finding:
-        vol, affine = to_zyx_lps(image)
-        sx, sy, sz = (float(v) for v in image.meta["spacing"])
+        # moved only when not loaded on `device` (a MetaTensor stays one)
+        can = orient_image(cast(MetaTensor, image.to(device)))
         report = measure_bone_density(
-            vol.cpu().numpy(),
-            (sz, sy, sx),
-            affine=affine,
+            can.as_tensor()[0],
+            canonical_spacing(can),
             facts=ScanFacts(facts.slice_thickness, facts.kvp, facts.contrast, facts.lossy),
             thresholds=Thresholds(self.osteoporosis_hu, self.osteopenia_hu),
             device=device,
@@ -97,24 +98,30 @@ class BoneDensity(Pipeline):
             "level_from_ribs_only": report.level_from_ribs_only,
             "flags": "; ".join(report.flags),
         }
+        roi = to_stored(report.roi, can) if report.roi is not None else None
         segments = []
         for name in ("L1", *(n for n in MEASURED if n != "L1")):  # L1 first: it is classed
             lv = report.levels.get(name)
             values[f"{name.lower()}_hu"] = lv.mean_hu if lv else None
-            if lv is None or lv.mean_hu is None or report.roi is None:
+            if lv is None or lv.mean_hu is None or roi is None:
                 continue
             segments.append(
                 Segment(
                     f"{name} trabecular ROI",
                     SITES[name],
-                    report.roi == CODES[name],
+                    roi == CODES[name],
                     lv.mean_hu,
                     lv.median_hu,
                     lv.sd_hu,
                     lv.n_voxels,
                 )
             )
-        levels = {n: lv.slices for n, lv in report.levels.items()}
+        nz = can.shape[1]  # canonical slices (from the feet) -> the stored head-foot axis
+        up = stored_runs_up(image)
+        levels = {}
+        for n, lv in report.levels.items():
+            a, b = lv.slices
+            levels[n] = (a, b) if up else (nz - b, nz - a)
         if report.measurable:
             summary = f"L1 {report.l1_hu:.0f} HU: {report.bone_class}"
             notes = [(LEVEL_METHOD, RIBS_ONLY_CODE)] if report.level_from_ribs_only else []

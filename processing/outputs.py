@@ -18,6 +18,7 @@ from typing import Any
 
 import highdicom as hd
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -374,7 +375,7 @@ def store_derived(
 
 
 def report_png(
-    hu_zyx: np.ndarray,
+    hu_zyx: np.ndarray | torch.Tensor,
     affine_lps: np.ndarray,
     finding: Finding,
     title: str,
@@ -382,14 +383,17 @@ def report_png(
     window: tuple[float, float] = (400.0, 1800.0),
 ) -> bytes:
     """A sagittal view through the ROIs (or the middle), head up, at true aspect, with the
-    levels marked and the ROIs in red; `window` is (level, width) in HU."""
+    levels marked and the ROIs in red; `window` is (level, width) in HU. A tensor stays on its
+    device: only the drawn plane is copied off it."""
     nz, ny, nx = hu_zyx.shape
     roi = np.zeros((nz, ny, nx), bool)
     for s in finding.segments:
         roi |= s.mask
     x = int(np.round(np.nonzero(roi)[2].mean())) if roi.any() else nx // 2
     level, width = window
-    img = np.clip((hu_zyx[:, :, x] - (level - width / 2)) / width * 255.0, 0, 255).astype(np.uint8)
+    plane = hu_zyx[:, :, x]
+    sag = plane.cpu().numpy() if isinstance(plane, torch.Tensor) else np.asarray(plane)
+    img = np.clip((sag - (level - width / 2)) / width * 255.0, 0, 255).astype(np.uint8)
     rgb = np.repeat(img[..., None], 3, axis=-1)
     cut = roi[:, :, x]
     rgb[cut] = rgb[cut] // 2 + np.array([127, 0, 0], np.uint8)  # ROIs tinted red

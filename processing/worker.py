@@ -164,7 +164,7 @@ def _write_outputs(
     if "png" in pipeline.outputs:
         vol, affine = to_zyx_lps(image)
         title = f"{pipeline.name} {pipeline.version}: {finding.summary or finding.status}"
-        png = outputs.report_png(vol.cpu().numpy(), affine, finding, title)
+        png = outputs.report_png(vol, affine, finding, title)  # one plane off the device
         key = outputs.report_key(task.project, pipeline.name, task.series_uid)
         outputs.put_bytes(core.store, key, png)
         out["report_key"] = key

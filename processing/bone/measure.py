@@ -101,7 +101,7 @@ def _header_flags(facts: ScanFacts | None, sz: float) -> list[str]:
 
 
 def measure_bone_density(
-    volume_hu: np.ndarray,
+    volume_hu: np.ndarray | torch.Tensor,
     spacing_zyx: tuple[float, float, float],
     *,
     affine: np.ndarray | None = None,
@@ -120,22 +120,31 @@ def measure_bone_density(
     """Score L1 trabecular attenuation of an axial CT volume given in HU (after rescale).
 
     Orientation: `affine` (array index -> LPS mm), or without it axial DICOM order with axis 0
-    superior when `z_increases_superior`. Unsigned arrays are refused: HU are signed; convert
-    stored values with `to_hu` first. A `segmenter` (e.g. a trained network) gives the
-    vertebral bodies in place of the anterior-wall signal; an implausible mask is refused.
+    superior when `z_increases_superior`. A tensor is used where it lies, moved only when it is
+    not on `device` (a canonical float32 one on `device`, as the pipeline passes: not copied).
+    Unsigned arrays are refused: HU are signed; convert stored values with `to_hu` first.
+    A `segmenter` (e.g. a trained network) gives the vertebral bodies in place of the
+    anterior-wall signal; an implausible mask is refused.
     `level_rule` "both": L1 named only when the ribs and the sacrum agree; "ribs-if-no-sacrum":
     also from the ribs alone when the field ends above the sacrum (flagged `level from ribs only`).
     """
     if level_rule not in RULES:
         raise ValueError(f"level_rule is one of {RULES}")
-    arr = np.asarray(volume_hu)
-    if arr.dtype.kind == "u" or arr.dtype == np.bool_:
+    if isinstance(volume_hu, torch.Tensor):
+        signed = volume_hu.is_floating_point() or volume_hu.is_signed()  # bool: not signed
+    else:
+        volume_hu = np.asarray(volume_hu)
+        signed = volume_hu.dtype.kind != "u" and volume_hu.dtype != np.bool_
+    if not signed:
         raise TypeError("volume must be HU (signed); convert stored values with to_hu()")
-    if arr.ndim != 3:
+    if volume_hu.ndim != 3:
         raise ValueError("volume must be 3D")
     orient, spacing = canonical_orientation(spacing_zyx, affine, z_increases_superior)
-    can = np.ascontiguousarray(orient.to_canonical(arr))
-    vol = torch.as_tensor(can, device=device).float()
+    if isinstance(volume_hu, torch.Tensor):
+        vol = orient.to_canonical(volume_hu.to(device)).float().contiguous()
+    else:
+        can = np.ascontiguousarray(orient.to_canonical(volume_hu))
+        vol = torch.as_tensor(can, device=device).float()
     nz = vol.shape[0]
     sz = spacing[0]
     flags = _header_flags(facts, sz)
