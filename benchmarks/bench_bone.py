@@ -8,12 +8,17 @@ that matters here). Then:
 - one series end to end, in a child process of its own (`processing.worker.process_series`:
   load from the store into a MetaTensor, segment, measure, write SEG, SR, PNG and the result
   row): seconds per series, and the child's peak memory (VmHWM, its own high-water mark);
+- the science alone on that series, warm (load into the MetaTensor on the device, orient,
+  segment, measure: `BoneDensity.run`), best of `--repeat`;
 - `--series` clinical-size series (512x512, 2.5 mm slices) through `run_pipeline` on the
   embedded LocalCluster (2 worker processes): series per hour, cluster start included.
 
+`--device cpu` hides any GPU from the child and the workers; `cuda` requires one; `auto`
+(default) is what a worker picks (the pipeline wants a GPU: CUDA when there is one).
+
 Figures are printed, not asserted.
 
-    .venv/bin/python benchmarks/bench_bone.py [--slices 400 --size 512 --series 6]
+    .venv/bin/python benchmarks/bench_bone.py [--slices 400 --size 512 --series 6 --device auto]
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -68,10 +74,16 @@ def commit_phantom(settings: Settings, index: int, size: int, slices: int, spaci
     return key
 
 
-def one_series(settings_json: str, key: str) -> None:
-    """The child: one series end to end; prints seconds, status and peak memory as JSON."""
+def one_series(settings_json: str, key: str, repeat: int) -> None:
+    """The child: one series end to end, then the science alone (warm, best of `repeat`);
+    prints seconds, status, device and peak memory as JSON."""
+    import torch
+
     from processing.bone_density import BoneDensity
-    from processing.worker import SeriesTask, process_series
+    from processing.loader import load_series
+    from processing.pipeline import SeriesFacts
+    from processing.worker import SeriesTask, cached_model, process_series
+    from storage.series import SeriesReader
 
     settings = Settings.model_validate_json(settings_json)
     with Core(settings) as core:
@@ -81,11 +93,26 @@ def one_series(settings_json: str, key: str) -> None:
     started = time.perf_counter()
     out = process_series(settings_json, task, BoneDensity(), False)
     seconds = time.perf_counter() - started
+    device = torch.device(out.device)
+    with Core(settings) as core:
+        facts = SeriesFacts.from_reader(SeriesReader(core.store, key))
+        pipeline = BoneDensity()
+        science = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            image = load_series(core.store, key, device=device)
+            found = pipeline.run(image, facts, model=cached_model(pipeline, device), device=device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            science.append(time.perf_counter() - t)
     hwm = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if "VmHWM" in ln)
     print(
         json.dumps(
             {
                 "seconds": seconds,
+                "science_s": min(science) if science else None,
+                "science_l1_hu": found.values.get("l1_hu") if science else None,
+                "device": out.device,
                 "status": out.status,
                 "l1_hu": out.values.get("l1_hu"),
                 "peak_mib": int(hwm.split()[1]) / 1024,
@@ -99,12 +126,21 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--slices", type=int, default=400)
     ap.add_argument("--series", type=int, default=6, help="series of the small project")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ap.add_argument("--repeat", type=int, default=2, help="timed runs of the science alone")
     ap.add_argument("--one", nargs=2, metavar=("SETTINGS", "KEY"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     if args.one:
-        one_series(*args.one)
+        one_series(*args.one, args.repeat)
         return
+    if args.device == "cpu":  # the child and the cluster's workers see no GPU: they pick the CPU
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("bench_bone: --device cuda, but torch sees no CUDA device")
     from processing.bone_density import BoneDensity
     from processing.runner import run_pipeline
 
@@ -121,18 +157,25 @@ def main() -> None:
             f"written and committed in {time.perf_counter() - t:.1f} s"
         )
         child = subprocess.run(
-            [sys.executable, __file__, "--one", settings.model_dump_json(), key],
+            [sys.executable, __file__, "--one", settings.model_dump_json(), key]
+            + ["--repeat", str(args.repeat)],
             capture_output=True,
             text=True,
             check=True,
         )
         one = json.loads(child.stdout.strip().splitlines()[-1])
         print(
-            f"one series end to end (load, segment, measure, SEG, SR, PNG), one process: "
-            f"{one['seconds']:.1f} s, {one['status']} (L1 {one['l1_hu']}), "
+            f"one series end to end (load, segment, measure, SEG, SR, PNG), one process, "
+            f"{one['device']}: {one['seconds']:.1f} s, {one['status']} (L1 {one['l1_hu']}), "
             f"peak memory {one['peak_mib']:.0f} MiB"
         )
-
+        if one["science_s"] is not None:
+            print(
+                f"the science alone (load to {one['device']}, orient, segment, measure), warm, "
+                f"best of {args.repeat}: {one['science_s']:.2f} s (L1 {one['science_l1_hu']})"
+            )
+        if not args.series:
+            return
         for i in range(1, args.series + 1):
             commit_phantom(settings, i, 512, 120, 2.5)
         t = time.perf_counter()
