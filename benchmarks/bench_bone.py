@@ -132,7 +132,8 @@ def main() -> None:
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     if args.one:
-        one_series(*args.one, args.repeat)
+        settings_json, key = args.one
+        one_series(settings_json, key, args.repeat)
         return
     if args.device == "cpu":  # the child and the cluster's workers see no GPU: they pick the CPU
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
