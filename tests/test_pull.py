@@ -189,12 +189,13 @@ def test_pull_with_cget(tmp_path, pacs, scp_port, corpus, logs):
     assert_no_leaks(gw, corpus.phi, logs())
 
 
-def test_pull_into_s3(tmp_path, pacs, scp_port, corpus, s3_server, logs):
+def s3_gateway(home: Path, pacs: LocalOrthanc, port: int, s3_server) -> tuple[Gateway, str]:
+    """`make_gateway` storing into a new bucket of `s3_server`; the gateway and the bucket."""
     bucket = s3_server.new_bucket()
     gw = make_gateway(
-        tmp_path,
+        home,
         pacs,
-        scp_port,
+        port,
         storage_url=f"s3://{bucket}/research",
         s3=S3Options(
             endpoint=s3_server.endpoint,
@@ -202,6 +203,11 @@ def test_pull_into_s3(tmp_path, pacs, scp_port, corpus, s3_server, logs):
             secret_key=s3_server.secret_key,
         ),
     )
+    return gw, bucket
+
+
+def test_pull_into_s3(tmp_path, pacs, scp_port, corpus, s3_server, logs):
+    gw, bucket = s3_gateway(tmp_path, pacs, scp_port, s3_server)
     approved(gw, "s3proj", [corpus.studies[2].accession])
     report = gw.pull("s3proj")
     assert report.ok

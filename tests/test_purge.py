@@ -15,7 +15,7 @@ from zarr.core.buffer import default_buffer_prototype
 from core import users
 from core.errors import ProjectError
 from core.retention import retention_end
-from core.settings import S3Options, Settings
+from core.settings import Settings
 from deid.vault import TRUSTED_THIRD_PARTY, cohort_table
 from dicom.query import Level, Query
 from gateway.api import Gateway
@@ -31,26 +31,18 @@ from processing.body_hu import BodyHu
 from processing.worker import SeriesTask, process_series
 from storage.objectstore import leftovers, run
 from storage.series import SeriesReader
-from tests.test_pull import TODAY, approved, corpus, make_gateway, pacs, scp_port  # noqa: F401
+from tests.test_pull import (  # noqa: F401 - corpus, pacs, scp_port: fixtures
+    TODAY,
+    approved,
+    corpus,
+    make_gateway,
+    pacs,
+    s3_gateway,
+    scp_port,
+)
 from tests.web_server import fetch, serving
 
 pytestmark = pytest.mark.peers
-
-
-def s3_gateway(tmp_path, pacs, scp_port, s3_server) -> tuple[Gateway, str]:  # noqa: F811
-    bucket = s3_server.new_bucket()
-    gw = make_gateway(
-        tmp_path,
-        pacs,
-        scp_port,
-        storage_url=f"s3://{bucket}/research",
-        s3=S3Options(
-            endpoint=s3_server.endpoint,
-            access_key=s3_server.access_key,
-            secret_key=s3_server.secret_key,
-        ),
-    )
-    return gw, bucket
 
 
 def pulled_with_results(gw: Gateway, name: str, studies) -> None:
