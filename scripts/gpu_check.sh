@@ -20,7 +20,7 @@ echo "== CUDA tests"
 python3 -m pytest -q -p no:cacheprovider -p no:xdist -k "gpu or cuda" \
   tests/test_bone_density.py tests/test_processing_pipeline.py tests/test_bone_one_tensor.py
 echo "== GPU against CPU, the same phantoms"
-python3 benchmarks/bone_gpu_cpu.py --n 4 --big 2
+python3 benchmarks/bone_gpu_cpu.py --n 3 --big 2
 echo "== bench_bone, CUDA"
 python3 benchmarks/bench_bone.py --device cuda --slices "$SLICES" --series 0
 echo "== bench_bone, CPU"
