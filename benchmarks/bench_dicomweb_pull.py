@@ -20,31 +20,19 @@ import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import date, timedelta
 from pathlib import Path
 
+from bench_pull import timed_pull
 from dicomweb_client.api import DICOMwebClient
 
 from core.settings import Settings, Source
-from gateway.api import Gateway
 from harness.localpacs import LocalOrthanc, free_port
 from harness.synthetic import generate
 
 
 def sphere_round(source: Source, port: int, accessions: list[str], home: Path) -> tuple[float, int]:
     """The whole pull of the cohort from one source; seconds and instances."""
-    shutil.rmtree(home, ignore_errors=True)
-    gw = Gateway(Settings(home=home, port=port, sources=[source]), actor="bench")
-    today = date.today()
-    gw.create_project("bench")
-    gw.approve("bench", committee_ref="B", approved_on=today, expires_on=today + timedelta(1))
-    gw.add_cohort("bench", "accession", accessions)
-    t0 = time.perf_counter()
-    report = gw.pull("bench")
-    seconds = time.perf_counter() - t0
-    assert report.ok, [s.error for s in report.series if s.error]
-    gw.close()
-    return seconds, report.instances
+    return timed_pull(Settings(home=home, port=port, sources=[source]), accessions)
 
 
 def client_round(

@@ -82,17 +82,21 @@ def sphere_round(
     fsync_each: bool = False,
 ) -> tuple[float, int]:
     """The whole pull of the cohort with default settings; seconds and instances."""
-    shutil.rmtree(home, ignore_errors=True)
-    gw = Gateway(
-        Settings(
-            home=home,
-            port=port,
-            max_associations=assoc,
-            fsync=os.environ.get("BENCH_FSYNC", "1") == "1",
-            fsync_each=fsync_each,
-            pacs=PacsPeer(ae_title=pacs.aet, port=pacs.dicom_port),
-        )
+    settings = Settings(
+        home=home,
+        port=port,
+        max_associations=assoc,
+        fsync=os.environ.get("BENCH_FSYNC", "1") == "1",
+        fsync_each=fsync_each,
+        pacs=PacsPeer(ae_title=pacs.aet, port=pacs.dicom_port),
     )
+    return timed_pull(settings, accessions)
+
+
+def timed_pull(settings: Settings, accessions: list[str]) -> tuple[float, int]:
+    """The whole pull of the cohort into a fresh home on `settings`; seconds and instances."""
+    shutil.rmtree(settings.home, ignore_errors=True)
+    gw = Gateway(settings, actor="bench")
     gw.create_project("bench")
     today = date.today()
     gw.approve(
