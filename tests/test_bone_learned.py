@@ -227,3 +227,18 @@ def test_worker_runs_the_bundle_and_records_its_checksum(bundle, tmp_path):
         (res,) = core.catalog.results(core.project("learn").id)
     assert res.provenance["model_checksum"] == bundle_checksum(bundle)
     assert res.provenance["parameters"]["model_path"] == str(bundle)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_learned_bodies_on_cuda_match_the_cpu(trained):
+    """The net, the windowing and both resamplings run where the volume lies; the mask alone
+    comes back to the host, and it is the CPU's."""
+    import copy
+
+    vol, truth = make_phantom(**SMALL, seed=41)
+    orient, spacing = canonical_orientation(truth.spacing, truth.affine)
+    can = torch.as_tensor(np.ascontiguousarray(orient.to_canonical(vol))).float()
+    on_gpu = Segmenter(copy.deepcopy(trained.segmenter.net), trained.segmenter.recipe, "cuda")
+    gpu = on_gpu.bodies(can.cuda(), spacing)
+    cpu = trained.segmenter.bodies(can, spacing)
+    assert gpu.shape == cpu.shape and (gpu != cpu).mean() < 1e-3

@@ -114,9 +114,10 @@ def preprocess(
     recipe: Recipe,
     labels: np.ndarray | None = None,
 ) -> tuple[MetaTensor, MetaTensor | None]:
-    """Canonical HU volume (S, P, L) -> windowed image at the recipe's spacing (and labels)."""
+    """Canonical HU volume (S, P, L) -> windowed image at the recipe's spacing (and labels),
+    on the volume's device."""
     affine = torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64))
-    img = MetaTensor(torch.as_tensor(canonical_hu).float()[None].cpu(), affine=affine)
+    img = MetaTensor(torch.as_tensor(canonical_hu).float()[None], affine=affine)
     lo, hi = recipe.window
     img = _meta(ScaleIntensityRange(lo, hi, 0.0, 1.0, clip=True)(img))
     img = _meta(Spacing(pixdim=recipe.spacing, mode="bilinear")(img))
@@ -136,25 +137,31 @@ class Segmenter:
         self.recipe = recipe
 
     def probabilities(self, image: torch.Tensor) -> torch.Tensor:
-        """Body probability (S, P, L) of a preprocessed image (1, S, P, L)."""
+        """Body probability (S, P, L) of a preprocessed image (1, S, P, L), on the CPU."""
+        return self._probabilities(image).cpu()
+
+    def _probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        """`probabilities` on the net's device."""
         roi = (self.recipe.size,) * 3
         with torch.no_grad():
             if isinstance(image, MetaTensor):
                 image = image.as_tensor()
             x = image[None].float().to(self.device)
             logits = sliding_window_inference(x, roi, 4, self.net, overlap=0.25)
-        return torch.softmax(torch.as_tensor(logits).float(), 1)[0, 1].cpu()
+        return torch.softmax(torch.as_tensor(logits).float(), 1)[0, 1]
 
     def bodies(
         self, canonical_hu: np.ndarray | torch.Tensor, spacing: tuple[float, float, float]
     ) -> np.ndarray:
-        """Vertebral-body mask on the input's own grid (canonical order, input spacing)."""
+        """Vertebral-body mask on the input's own grid (canonical order, input spacing): the
+        volume is windowed, resampled and segmented where it lies (the pipeline's: on its
+        device), and only the mask comes back to the host."""
         shape = tuple(canonical_hu.shape)
         img, _ = preprocess(canonical_hu, spacing, self.recipe)
-        prob = MetaTensor(self.probabilities(img)[None], affine=img.affine)
+        prob = MetaTensor(self._probabilities(img)[None], affine=img.affine)
         dst = torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64))
         back = SpatialResample(mode="bilinear")(prob, dst_affine=dst, spatial_size=shape)
-        return (torch.as_tensor(back)[0] > 0.5).numpy()
+        return (torch.as_tensor(back)[0] > 0.5).cpu().numpy()
 
     def __call__(
         self, canonical_hu: np.ndarray | torch.Tensor, spacing: tuple[float, float, float]
