@@ -2,14 +2,17 @@
 
 Each body's anterior, middle and posterior heights are read in its mid-sagittal plane, between
 the outer edges of its endplates (found outward from the body's centre, so a sclerotic band under
-a sunken endplate is part of it). Each height is compared with the same height of up to two
-sound bodies above and below (their median): a wedge loses the anterior height, a biconcave body
-the middle one, a crushed body all three. Grade 1: 20-25 % lost, 2: 25-40 %, 3: over 40 %
-(the cut-offs calibrated on family A: `G1`, `G2`, `G3`).
+a sunken endplate is part of it), each edge placed within a slice by partial volume, with an SD.
+Each height is compared with the same height of up to two bodies above and below (their median,
+each scaled to this level by typical heights): a wedge loses the anterior height, a biconcave
+body the middle one, a crushed body all three. Grade 1: 20-25 % lost, 2: 25-40 %, 3: over 40 %;
+a grade is sure only when it holds over the loss's SD (on 2.5 mm slices it seldom does for
+grade 1: the line to grade 2 is ~1.3 mm on a 25 mm body).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,9 +23,15 @@ from processing.bone.segment import Column, Segment
 MAX_SLICE_MM = 3.0  # thicker slices blur an endplate over a fifth of a body: no grading
 POSITIONS = ("anterior", "middle", "posterior")
 KIND = {"anterior": "wedge", "middle": "biconcave", "posterior": "crush"}
-# Genant's 20 / 25 / 40 % less 2 %: heights read this way come out ~2-4 % short of the truth on
-# the phantoms of family A (partial volume at the endplates); checked on family B
-G1, G2, G3 = 0.18, 0.23, 0.38
+G1, G2, G3 = 0.20, 0.25, 0.40  # Genant: grade 1 from 20 % of the height lost, 2 from 25, 3 over 40
+NATURAL = 0.01  # neighbours' heights about their trend: a loss is not known better than this
+# typical body heights (mm, relative only): bodies grow going down, to L3-L4; a peer's heights are
+# scaled by these before it stands for another level (values as family A draws them)
+TYPICAL = {"T8": 19.0, "T9": 20.0, "T10": 21.0, "T11": 22.0, "T12": 23.0, "L1": 25.0, "L2": 26.0}
+TYPICAL |= {"L3": 27.0, "L4": 27.0, "L5": 26.0}
+CRUSH = 0.75  # all three heights lost within this of the largest: a crush, graded by the mean
+PLATE_MM = 1.0  # an endplate's thickness, about
+NOISE_FLOOR_HU = 3.0  # a slice mean's noise, at least (texture, quantisation)
 
 
 @dataclass
@@ -32,9 +41,15 @@ class Heights:
     anterior: float
     middle: float
     posterior: float
+    sd: float = 0.0  # the largest of the three's SD (mm), from how well the edges are placed
 
     def as_tuple(self) -> tuple[float, float, float]:
         return (self.anterior, self.middle, self.posterior)
+
+    def as_level(self, name: str, peer: str) -> Heights:
+        """These heights of level `peer` scaled to what level `name` has (`TYPICAL`)."""
+        k = TYPICAL.get(name, 1.0) / TYPICAL.get(peer, 1.0)
+        return Heights(self.anterior * k, self.middle * k, self.posterior * k, self.sd * k)
 
 
 def body_heights(
@@ -59,56 +74,117 @@ def body_heights(
     if zm - z0 < 2 or z1 - zm < 3:
         return None
     wx, wy = max(1, round(3.0 / sx)), max(1, round(1.5 / sy))
-    out = []
+    out, sds = [], []
     for f in (0.1, 0.5, 0.9):
         yc = int(round(y_front + f * (y_back - y_front)))
         box = vol[z0:z1, max(yc - wy, 0) : yc + wy + 1, max(cx - wx, 0) : cx + wx + 1]
-        prof = box.mean((1, 2)).cpu().numpy().astype(float)
-        h = _between_endplates(prof, zm - z0, 0, prof.size, sz)
-        if h is None:
+        flat = box.reshape(box.shape[0], -1)
+        prof = flat.mean(1).cpu().numpy().astype(float)
+        # the noise of a slice's mean: from the spread inside the box at the body's middle
+        mid = flat[max(zm - z0 - 1, 0) : zm - z0 + 2].std(1).median()
+        sigma = max(NOISE_FLOOR_HU, float(mid) / math.sqrt(flat.shape[1]))
+        got = _between_endplates(prof, zm - z0, prof.size, sz, sigma)
+        if got is None:
             return None
-        out.append(h)
-    return Heights(*out)
+        out.append(got[0])
+        sds.append(got[1])
+    return Heights(out[0], out[1], out[2], max(sds))
 
 
-def _between_endplates(p: np.ndarray, c: int, lo: int, hi: int, sz: float) -> float | None:
-    """Distance (mm) between the outer edges of the endplates above and below index c: each
-    where the profile drops most from the (bright) endplate to the disc, going outward, within
-    [lo, hi) (the disc spaces, not the next bodies)."""
-    edges = []
+def _between_endplates(
+    p: np.ndarray, c: int, hi: int, sz: float, sigma: float
+) -> tuple[float, float] | None:
+    """Distance (mm) between the outer edges of the endplates above and below index c, and its
+    SD: each edge is first placed at the slice where the profile drops most going outward, from
+    the (bright) endplate to the disc, then fitted within a slice or so (`_fit_edge`)."""
+    edges, var = [], 0.0
     for step in (1, -1):
-        ks = range(c, hi - 1) if step == 1 else range(c, lo, -1)
+        ks = range(c, hi - 1) if step == 1 else range(c, 0, -1)
         drops = [(p[k] - p[k + step], k) for k in ks]
         if not drops:
             return None
         drop, k = max(drops)
         if drop < 30.0:
             return None
-        # partial volume: how much of slices k and k+step lies inside, between the brightest of
-        # the last ones inside and the disc further out; the edge is that far past k - step/2
-        inside = max(p[k], p[k - step]) if 0 <= k - step < p.size else p[k]
-        out = p[k + 2 * step] if 0 <= k + 2 * step < p.size else p[k + step]
-        span = max(inside - out, 1e-6)
-        amount = sum(min(max((p[j] - out) / span, 0.0), 1.0) for j in (k, k + step))
-        edges.append(k - 0.5 * step + step * amount)
-    return abs(edges[0] - edges[1]) * sz
+        m, sd = _fit_edge(p, k, step, sz, sigma)
+        edges.append(m)
+        var += sd * sd
+    return abs(edges[0] - edges[1]) * sz, math.sqrt(var) * sz
+
+
+def _fit_edge(p: np.ndarray, k: int, step: int, sz: float, sigma: float) -> tuple[float, float]:
+    """Where (slice units) the body ends near slice k, its last slice inside going `step`, and
+    the SD of that: each slice holds the disc, a thin endplate (`PLATE_MM`, of unknown HU) and
+    the inside (unknown HU, a sclerotic band's or the trabecular bone's) in the proportions an
+    edge at E makes; E weighed over the slice on either side by how well it explains the five
+    slices about it (a least-squares fit per E, a flat prior, noise `sigma`). Partial volume so
+    places an edge within a slice where the inside differs from the disc; where the two look
+    alike, only the endplate's share of two slices does, and the SD says how little is known."""
+    n = p.size
+    js = np.array([k + step * d for d in (-2, -1, 0, 1, 2)])
+    js = js[(js >= 0) & (js < n)]
+    far = k + 2 * step if 0 <= k + 2 * step < n else k + step
+    e = np.linspace(k - 0.5 * step, k + 1.5 * step, 81)[:, None]
+    lo, hi = js[None, :] - 0.5, js[None, :] + 0.5
+    eps = PLATE_MM / sz
+    if step == 1:  # the body below the edge
+        inside = np.clip(e - lo, 0.0, 1.0)
+        plate = np.clip(np.minimum(hi, e) - np.maximum(lo, e - eps), 0.0, 1.0)
+    else:
+        inside = np.clip(hi - e, 0.0, 1.0)
+        plate = np.clip(np.minimum(hi, e + eps) - np.maximum(lo, e), 0.0, 1.0)
+    y = p[js] - p[far]
+    sse = np.empty(e.shape[0])
+    for g in range(e.shape[0]):
+        a = np.stack([inside[g], plate[g]], 1)
+        coef = np.linalg.lstsq(a, y, rcond=None)[0]
+        if coef[1] < 0.0:  # an endplate is not darker than what it covers
+            coef = np.array([a[:, 0] @ y / max(float(a[:, 0] @ a[:, 0]), 1e-9), 0.0])
+        r = y - a @ coef
+        sse[g] = r @ r
+    w = np.exp(-(sse - sse.min()) / (2.0 * sigma * sigma))
+    w /= w.sum()
+    mean = float(w @ e[:, 0])
+    return mean, math.sqrt(float(w @ (e[:, 0] - mean) ** 2))
 
 
 @dataclass
 class Fracture:
-    grade: int  # 0 sound, 1..3 (Genant)
+    grade: int  # 0 sound, 1..3 (Genant); by the loss as read
     kind: str  # wedge, biconcave or crush
-    loss: float  # the largest fraction of height lost
+    loss: float  # the fraction of the body's height lost, as read
+    sd: float = 0.0  # its SD (how well the slices place the endplates, and the peers' spread)
+
+    @property
+    def sure(self) -> bool:
+        """Whether the grade holds over the loss +- its SD (the slices resolve it)."""
+        lo, hi = self.loss - self.sd, self.loss + self.sd
+        return _genant(lo) == _genant(hi)
+
+
+def _genant(loss: float) -> int:
+    return 0 if loss < G1 else 1 if loss < G2 else 2 if loss <= G3 else 3
 
 
 def grade(own: Heights, peers: list[Heights]) -> Fracture | None:
-    """Grade of a body against its sound peers (None without peers to compare)."""
+    """Grade of a body against its peers (None without peers to compare). Each position's loss
+    is the height lost there over the body's full height (the peers' tallest), as Genant's
+    fractions are of a body's height; the anterior one is carried from 10 % of the depth to the
+    wall (a wedge's loss grows linearly forward); a crush (all three lost alike) by their mean."""
     if not peers:
         return None
-    ref = np.median(np.array([p.as_tuple() for p in peers]), axis=0)
-    losses = 1.0 - np.array(own.as_tuple()) / np.maximum(ref, 1e-6)
+    hs = np.array([p.as_tuple() for p in peers])
+    ref = np.median(hs, axis=0)
+    full = max(float(ref.max()), 1e-6)
+    lost = (ref - np.array(own.as_tuple())) / full
+    losses = np.array([1.25 * lost[0] - 0.25 * lost[1], lost[1], lost[2]])
     i = int(np.argmax(losses))
-    loss = float(losses[i])
-    kind = "crush" if losses.min() >= 0.2 else KIND[POSITIONS[i]]
-    g = 0 if loss < G1 else 1 if loss < G2 else 2 if loss <= G3 else 3
-    return Fracture(g, kind, loss)
+    # the peers' spread about their median, and how well the endplates are placed
+    ref_sd = max(p.sd for p in peers) * 1.25 / math.sqrt(len(peers))
+    sd = math.hypot(math.hypot(own.sd, ref_sd) / full, NATURAL)
+    if losses.min() >= CRUSH * losses.max() and losses.max() > 0:
+        kind, loss = "crush", float(losses.mean())
+    else:
+        kind, loss = KIND[POSITIONS[i]], float(losses[i])
+        sd *= 1.25 if i == 0 else 1.0
+    return Fracture(_genant(loss), kind, loss, sd)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from processing.bone.heights import Heights, body_heights, grade
+from processing.bone.heights import G1, G2, Fracture, Heights, body_heights, grade
 from processing.bone.levels import CODES, RIBS_ONLY, RULES, assign_levels, find_ribs
 from processing.bone.orient import canonical_orientation
 from processing.bone.pelvis import find_pelvis, place_sacrum
@@ -22,7 +22,8 @@ MEASURED = ("T12", "L1", "L2", "L3", "L4")
 FIELD_ENDS_IN_DISC_MM = 15.0  # the lowest body this close above the field's edge: a disc cut
 BAND_HU = 25.0  # an ROI slice this far from the middle one's mean: a sclerotic band, left out
 MILD = "mild fracture"  # Genant grade 1: measured, flagged
-SOFT = ("ROI small", MILD, "ROI slices")  # flags that do not make L1 unmeasurable
+POSSIBLE = "possible mild fracture"  # the slices cannot tell grade 1 from 0 or 2: measured, flagged
+SOFT = ("ROI small", MILD, POSSIBLE, "ROI slices")  # flags that do not make L1 unmeasurable
 
 
 @dataclass(frozen=True)
@@ -278,7 +279,7 @@ def _grade_levels(
             continue
         res = report.levels[name]
         peers = [
-            h
+            h.as_level(name, str(names[j]))
             for j in (i - 2, i - 1, i + 1, i + 2)
             if 0 <= j < len(segs)
             and names[j] not in (None, "S")
@@ -287,14 +288,9 @@ def _grade_levels(
         own = heights.get(i)
         found = grade(own, peers) if own is not None else None
         flag = ""
-        if found is not None and found.grade >= 2:
-            flag = (
-                f"fractured: Genant grade {found.grade} "
-                f"({found.kind}, {found.loss:.0%} of height lost)"
-            )
-        elif found is not None and found.grade == 1:
-            flag = f"{MILD}: Genant grade 1 ({found.kind}, {found.loss:.0%} of height lost)"
-        elif found is None:
+        if found is not None:
+            flag = _fracture_flag(found)
+        else:
             nb_h = [
                 segs[j].height_mm
                 for j in (i - 1, i + 1)
@@ -306,3 +302,20 @@ def _grade_levels(
         if flag:
             res.flags.append(flag)
             report.flags.append(f"{name} {flag}")
+
+
+def _fracture_flag(f: Fracture) -> str:
+    """A level's flag for its grade. Grade 2-3 that holds over the loss's SD: fractured; grade 1
+    that holds: a mild fracture. A loss whose SD spans a grade line (slices too coarse to grade
+    it: a grade 1 is ~1.3 mm short of a grade 2 on a 25 mm body): a possible mild fracture,
+    measured and flagged with the grades it may be, not guessed either way."""
+    how = f"{f.kind}, {f.loss:.0%} ± {f.sd:.0%} of height lost"
+    if f.grade >= 2 and f.loss - f.sd >= G2:
+        return f"fractured: Genant grade {f.grade} ({how})"
+    if f.grade == 1 and f.sure:
+        return f"{MILD}: Genant grade 1 ({how})"
+    if f.grade >= 1 or not f.sure:
+        hi = 2 if f.loss + f.sd >= G2 else 1
+        lo = 0 if f.loss - f.sd < G1 else 1
+        return f"{POSSIBLE}: Genant grade {lo}-{hi}? ({how}; these slices cannot grade it)"
+    return ""
