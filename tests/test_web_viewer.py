@@ -88,6 +88,8 @@ class Served:
     syntaxes: dict[str, str]  # case name -> the transfer syntax its series came in
     bone_study: str = ""  # a spine phantom's study, pseudonymous, with its bone-density SR
     l1_hu: float = 0.0  # its L1 mean, as the results table has it
+    untagged_study: str = ""  # another spine phantom's, its SR without OHIF's tool tag
+    untagged_l1_hu: float = 0.0
 
 
 def _cases(tmp: Path) -> list[tuple[Case, list[Path]]]:
@@ -142,8 +144,9 @@ UNTAGGED = "bone-density untagged"  # the series description of the SR's untagge
 
 
 def untagged_copy(sr: pydicom.Dataset) -> pydicom.Dataset:
-    """The bone-density SR with its tracking identifiers stripped of OHIF's tool tag, as a
-    series of its own (everything else as written): what OHIF gets without the tag."""
+    """The bone-density SR with its tracking identifiers stripped of OHIF's tool tag
+    (everything else as written, the series too: it replaces the SR): what OHIF gets
+    without the tag."""
     ds = copy.deepcopy(sr)
 
     def strip(items: Any) -> None:
@@ -153,8 +156,7 @@ def untagged_copy(sr: pydicom.Dataset) -> pydicom.Dataset:
             strip(item.get("ContentSequence", []))
 
     strip(ds.ContentSequence)
-    ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
-    ds.SeriesNumber, ds.SeriesDescription = 9003, UNTAGGED
+    ds.SOPInstanceUID, ds.SeriesDescription = generate_uid(), UNTAGGED
     return ds
 
 
@@ -167,10 +169,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     cases = _cases(tmp)
     vol, truth = make_phantom(shape_yx=(160, 160), pixel_mm=2.0, slice_spacing_mm=2.5, seed=1)
     spine = write_phantom_study(vol, truth, tmp / "spine", index=5)
+    # Its own study: a second SR beside the first made OHIF draw the first one only at times.
+    spine2 = write_phantom_study(vol, truth, tmp / "spine2", index=6)
     scp_port = free_port()
     modalities = {"SPHERE": ("SPHERE", "127.0.0.1", scp_port)}
     with LocalOrthanc(tmp / "orthanc", modalities=modalities) as pacs:
-        files = [*corpus.files, *(f for _, fs in cases for f in fs), *spine.files]
+        files = [*corpus.files, *(f for _, fs in cases for f in fs), *spine.files, *spine2.files]
         assert pacs.upload(files) == len(files)
         held = {
             pacs.get(f"/instances/{i}/header?simplify")["TransferSyntaxUID"]
@@ -193,7 +197,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             expires_on=date.today() + timedelta(days=30),
         )
         accessions = [corpus.studies[0].accession, *(c.accession for c, _ in cases)]
-        accessions.append(spine.accession)
+        accessions += [spine.accession, spine2.accession]
         gw.add_cohort(PROJECT, "accession", accessions)
         report = gw.pull(PROJECT)
         assert report.ok, [s.error for s in report.series if s.error]
@@ -202,15 +206,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     rows = core.catalog.series(core.project(PROJECT).id)
     by_study = {r.study_uid: r for r in rows}
     studies = {c.name: keys.uid(c.study_uid) for c, _ in cases}
-    bone = by_study[keys.uid(spine.study_uid)]
-    assert bone.storage_key is not None  # a complete series has one
-    task = SeriesTask(PROJECT, bone.series_uid, bone.study_uid, bone.patient_pseudonym,
-                      bone.storage_key)  # fmt: skip
-    measured = process_series(settings.model_dump_json(), task, BoneDensity(), False)
-    assert measured.status == "ok", measured.reason
-    sr_key = series_key(PROJECT, bone.study_uid, derived_uid(bone.series_uid, "bone-density", "sr"))
+    bone, bone2 = (by_study[keys.uid(x.study_uid)] for x in (spine, spine2))
+    measured, measured2 = (_bone_density(settings, row) for row in (bone, bone2))
+    sr_key = series_key(
+        PROJECT, bone2.study_uid, derived_uid(bone2.series_uid, "bone-density", "sr")
+    )
     untagged = untagged_copy(SeriesReader(core.store, sr_key).instance(0))
-    store_derived(core, PROJECT, bone.study_uid, bone.patient_pseudonym, [untagged], tmp / "sp")
+    store_derived(core, PROJECT, bone2.study_uid, bone2.patient_pseudonym, [untagged], tmp / "sp")
     token = users.add(core, "reader")
     users.grant(core, PROJECT, "reader", "viewer")
     with serving(core) as url:
@@ -225,8 +227,20 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             {name: by_study[uid].transfer_syntax or "" for name, uid in studies.items()},
             bone.study_uid,
             measured.values["l1_hu"],
+            bone2.study_uid,
+            measured2.values["l1_hu"],
         )
     core.close()
+
+
+def _bone_density(settings: Settings, row: Any) -> Any:
+    """Bone density run on a pulled series (its catalog row): its SEG, SR and result."""
+    assert row.storage_key is not None  # a complete series has one
+    task = SeriesTask(PROJECT, row.series_uid, row.study_uid, row.patient_pseudonym,
+                      row.storage_key)  # fmt: skip
+    measured = process_series(settings.model_dump_json(), task, BoneDensity(), False)
+    assert measured.status == "ok", measured.reason
+    return measured
 
 
 @pytest.fixture(scope="module")
@@ -558,9 +572,11 @@ def open_sr_js(description: str = "bone-density report") -> str:
     return OPEN_SR_JS % json.dumps(description)
 
 
-def open_bone_sr(page: Browser, served: Served) -> None:
-    """The spine phantom's study in the viewer, settled (its CT on screen)."""
-    page.goto(f"{served.url}/viewer/viewer?StudyInstanceUIDs={served.bone_study}&project={PROJECT}")
+def open_bone_sr(page: Browser, served: Served, study: str = "") -> None:
+    """A spine phantom's study (the first by default) in the viewer, settled (its CT on
+    screen)."""
+    study = study or served.bone_study
+    page.goto(f"{served.url}/viewer/viewer?StudyInstanceUIDs={study}&project={PROJECT}")
     page.wait_for("document.querySelector('canvas') || document.body.innerText.length > 50")
     page.wait_idle(quiet_s=1.0, timeout_s=40)
 
@@ -626,18 +642,19 @@ def test_ohif_shows_the_bone_density_sr_with_its_l1_value(served: Served, page: 
     # The same SR without OHIF's tool tag in its tracking identifiers (control: the tag is what
     # lets OHIF load it): drawn and labelled as before, but no L1 in the panel, whatever the
     # user answers.
-    open_bone_sr(page, served)
+    untagged = f"{served.untagged_l1_hu:.2f}"
+    open_bone_sr(page, served, served.untagged_study)
     assert page.wait_for(open_sr_js(UNTAGGED)), "no tile for the untagged SR"
     deadline = time.monotonic() + 40
-    while value not in page.evaluate(TEXT_JS) and time.monotonic() < deadline:
+    while untagged not in page.evaluate(TEXT_JS) and time.monotonic() < deadline:
         time.sleep(0.3)
-    assert value in page.evaluate(TEXT_JS)  # the SR viewport draws it all the same
+    assert untagged in page.evaluate(TEXT_JS)  # the SR viewport draws it all the same
     time.sleep(3)  # when OHIF can load an SR, it asks at once
     if page.evaluate("!!document.querySelector('[data-cy=yes-hydrate-btn]')"):
         page.click("[data-cy=yes-hydrate-btn]")
     show_panel(page)
     time.sleep(2)
-    listed, why = panel_lists(page, value)
+    listed, why = panel_lists(page, untagged)
     (SHOTS / "viewer-bone-sr-untagged.png").write_bytes(page.screenshot())
     assert not listed, f"the panel lists L1 from the untagged SR ({why})"
 
