@@ -65,6 +65,8 @@ def submit(
     who = access.require(core, "jobs.submit", project, user=user, kind=kind)
     projects.require_active(core, project, "jobs.submit", actor=who.name)
     params: dict[str, Any] = {}
+    if level_rule is not None and kind != "run":
+        raise SphereError("--level-rule is for a run job (bone-density)")
     if kind == "run":
         if pipeline not in PIPELINES:
             raise SphereError(f"--pipeline is one of: {', '.join(PIPELINES)}")

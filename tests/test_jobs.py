@@ -158,6 +158,31 @@ def test_the_http_api_submits_and_lists(gw):
     assert client.post("/api/projects/queued/jobs", json={"kind": "pull"}).status_code == 401
 
 
+def test_the_http_api_takes_a_runs_level_rule(gw):
+    """`level_rule` over HTTP: the CLI's choices, checked (400 and the choices otherwise), kept in
+    the job's parameters (what the node runs with); only for a run."""
+    from fastapi.testclient import TestClient
+
+    from gateway.web.app import create_app
+
+    dm = {"Authorization": f"Bearer {data_manager(gw)}"}
+    client = TestClient(create_app(gw.core))
+    url = "/api/projects/queued/jobs"
+    run = {"kind": "run", "pipeline": "bone-density"}
+    bad = client.post(url, json={**run, "level_rule": "ribs"}, headers=dm)
+    assert bad.status_code == 400 and "both, ribs-if-no-sacrum" in bad.json()["detail"]
+    pull = client.post(url, json={"kind": "pull", "level_rule": "both"}, headers=dm)
+    assert pull.status_code == 400 and "run job" in pull.json()["detail"]
+    assert gw.catalog.jobs() == []  # control: neither was queued
+    r = client.post(url, json={**run, "level_rule": "ribs-if-no-sacrum"}, headers=dm)
+    assert r.status_code == 201, r.text
+    want = {"pipeline": "bone-density", "level_rule": "ribs-if-no-sacrum"}
+    assert r.json()["params"] == want
+    assert [j.params for j in gw.catalog.jobs()] == [want]
+    plain = client.post(url, json=run, headers=dm)  # no rule: the default, as on the CLI
+    assert plain.status_code == 201 and plain.json()["params"] == {"pipeline": "bone-density"}
+
+
 # -- pulls run as jobs, against Orthanc ----------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ router = APIRouter()
 class Submit(BaseModel):
     kind: str = "pull"
     pipeline: str | None = None
+    level_rule: str | None = None  # a run's level rule (processing.bone.levels.RULES)
 
 
 def job_json(j: Job) -> dict[str, Any]:
@@ -49,12 +50,14 @@ def submit(
     audit(request, "jobs.submit", kind=body.kind)
     user = member_access(project, request, "jobs.submit").user
     try:
-        job = jobs.submit(core, body.kind, project, pipeline=body.pipeline, user=user)
+        job = jobs.submit(
+            core, body.kind, project, pipeline=body.pipeline, user=user, level_rule=body.level_rule
+        )
     except jobs.JobRefused as e:
         raise HTTPException(409, str(e)) from None
     except access.NotAllowed as e:
         raise HTTPException(403, str(e)) from None
-    except SphereError as e:  # a closed project, an unknown kind or pipeline
+    except SphereError as e:  # a closed project, an unknown kind, pipeline or level rule
         raise HTTPException(400, str(e)) from None
     return job_json(job)
 
