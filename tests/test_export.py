@@ -427,3 +427,49 @@ def test_an_export_job_whose_node_was_lost_is_written_by_another(site):
         assert zip_of(c, c.catalog.export(row.id)).testzip() is None  # whole, every CRC right
         with pytest.raises(SphereError, match="export job"):
             jobs.submit(c, "export", "ex", export="no-such-export")
+
+
+def test_a_browser_downloads_a_study_zip_and_an_export(site, tmp_path):
+    """Headless Chromium, signed in as the investigator, follows a link to a study with
+    `?accept=application/zip` (what a page can link to: a browser's own Accept asks for HTML)
+    and an export's download link; each lands in its download folder, whole."""
+    from harness.browser import Browser, chromium_path
+
+    if chromium_path() is None:
+        pytest.skip("chromium is not installed (run scripts/setup.sh)")
+    with Core(site.settings) as c:
+        (se, _), *_ = c.catalog.export_series(c.project("ex").id)
+        n_study = sum(s.n_instances for s, _ in c.catalog.export_series(c.project("ex").id))
+        row = export.export(c, "ex", "zarr")
+        stored = local_path(c.store, row.key).read_bytes()
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+
+    def download(page: Browser, url: str, before: set[str], wait: float = 30) -> Path | None:
+        page.send("Page.navigate", url=url)  # a download is no page: no load event
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            new = [p for p in folder.iterdir() if p.name not in before]
+            done = [p for p in new if not p.name.endswith(".crdownload")]
+            if done and not [p for p in new if p.name.endswith(".crdownload")]:
+                return done[0]
+            time.sleep(0.1)
+        return None
+
+    with serving(Core(site.settings, research=True)) as url, Browser(timeout_s=40) as page:
+        page.send("Page.setDownloadBehavior", behavior="allow", downloadPath=str(folder))
+        page.goto(f"{url}/signin")
+        page.fill("input[name=token]", site.tokens["ivy"])
+        page.submit("form[action='/signin']")
+        root = f"{url}/projects/ex/dicom-web/studies/{se.study_uid}"
+        got = download(page, f"{root}?accept=application/zip", set())
+        assert got is not None and got.name.endswith(".zip")
+        names = zipfile.ZipFile(got).namelist()
+        assert len(names) == n_study and all(n.endswith(".dcm") for n in names)
+        with Core(site.settings) as c:
+            link, _ = links.link(c, row.id, 1, base_url=url)
+        again = download(page, link, {got.name})
+        assert again is not None and again.read_bytes() == stored
+        # Control: a study of a project the investigator is not in downloads nothing.
+        other = f"{url}/projects/raw/dicom-web/studies/{se.study_uid}?accept=application/zip"
+        assert download(page, other, {got.name, again.name}, wait=3) is None
