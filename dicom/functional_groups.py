@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from dicom import json_model
+
 SHARED = "52009229"
 PER_FRAME = "52009230"
 # (functional group macro sequence, attribute inside, fact name, number of values)
@@ -47,7 +49,7 @@ def _facts(group: dict[str, Any]) -> dict[str, Any]:
         items = _items(group, macro)
         if not items:
             continue
-        values = (items[0].get(tag) or {}).get("Value")
+        values = json_model.values(items[0], tag)
         if not values:
             continue
         try:
@@ -62,5 +64,5 @@ def _facts(group: dict[str, Any]) -> dict[str, Any]:
 
 
 def _items(ds: dict[str, Any], tag: str) -> list[dict[str, Any]]:
-    values = (ds.get(tag) or {}).get("Value") or []
+    values = json_model.values(ds, tag)
     return [v for v in values if isinstance(v, dict)]

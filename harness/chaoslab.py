@@ -20,6 +20,7 @@ from typing import Any
 
 from core import access, users
 from core.settings import JobOptions, Settings, Source
+from dicom.json_model import first
 from gateway.api import Gateway
 from harness.localpacs import LocalOrthanc, free_port
 from harness.postgres import PgServer
@@ -218,7 +219,7 @@ def count(out: Outcome, st: Site) -> Outcome:
         if r.status != "complete" or not r.storage_key:
             continue
         headers = SeriesReader(gw.store, r.storage_key).headers()
-        sops += [h[SOP_UID]["Value"][0] for h in headers]
+        sops += [first(h, SOP_UID) for h in headers]
         if len(headers) != r.stored:
             out.problems.append(f"a series holds {len(headers)}, the catalog says {r.stored}")
     out.stored, out.duplicated = len(set(sops)), len(sops) - len(set(sops))

@@ -20,6 +20,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
 from dicom import colour, decoders, lossy
+from dicom.json_model import first
 
 decoders.register()
 _DTYPES = {
@@ -186,11 +187,11 @@ def _json_getter(header: dict[str, Any]) -> Any:
     """`Dataset.get` over a DICOM JSON model, for the single-valued image attributes."""
 
     def get(keyword: str, default: Any = None) -> Any:
-        entry = header.get(_TAGS[keyword])
-        if entry is None:
+        tag = _TAGS[keyword]
+        if header.get(tag) is None:
             return default
-        values = entry.get("Value")
-        return values[0] if values else ""
+        value = first(header, tag)
+        return "" if value is None else value  # present but empty, as pydicom's ''
 
     return get
 

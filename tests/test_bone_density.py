@@ -368,8 +368,8 @@ def test_unsigned_storage_goes_through_to_hu():
     stored = (vol.astype(np.int32) + 1024).astype(np.uint16)  # intercept -1024
     with pytest.raises(TypeError):
         measure_bone_density(stored, truth.spacing, affine=truth.affine)
-    hu = to_hu(stored, slope=1.0, intercept=-1024.0)
-    assert hu.dtype == np.float32 and np.array_equal(hu, vol.astype(np.float32))
+    hu = to_hu(stored, slope=1.0, intercept=-1024.0)  # a tensor, as the pipeline passes it
+    assert hu.dtype == torch.float32 and np.array_equal(hu.numpy(), vol.astype(np.float32))
     rep_u = measure_bone_density(hu, truth.spacing, affine=truth.affine)
     assert rep_u.l1_hu == rep.l1_hu
     # forgetting the intercept cannot yield a plausible L1 reading

@@ -10,6 +10,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from dicom import lossy
+from dicom.json_model import first
 from gateway.dimse.common import STORAGE_TRANSFER_SYNTAXES
 from gateway.dimse.scp import StorageSCP
 from harness.synthetic import generate
@@ -32,8 +33,8 @@ def slices(tmp_path_factory) -> list[pydicom.Dataset]:
 
 
 def hu(arr: np.ndarray, header: dict) -> np.ndarray:
-    slope = float(header.get("00281053", {}).get("Value", [1])[0])
-    icpt = float(header.get("00281052", {}).get("Value", [0])[0])
+    slope = float(first(header, "00281053") or 1)
+    icpt = float(first(header, "00281052") or 0)
     return arr.astype(np.float64) * slope + icpt
 
 

@@ -25,6 +25,7 @@ from PIL import Image
 from core import users
 from core.settings import S3Options
 from dicom import xml_model
+from dicom.json_model import first
 from dicom.query import Level, Query
 from gateway.web import sessions
 from gateway.web.multipart import parse_multipart
@@ -97,29 +98,25 @@ def site(tmp_path_factory, pacs, scp_port, corpus):  # noqa: F811
 # -- QIDO-RS ----------------------------------------------------------------------------------
 
 
-def value(ds, tag):
-    return (ds.get(tag) or {}).get("Value", [None])[0]
-
-
 def test_qido_at_every_level(site):
     client = site.client()
     studies = client.search_for_studies()
     expected = {site.keys.uid(st.study_uid): st for st in site.corpus.studies[:2]}
-    assert {value(s, "0020000D") for s in studies} == set(expected)  # only this project's
+    assert {first(s, "0020000D") for s in studies} == set(expected)  # only this project's
     for s in studies:
-        st = expected[value(s, "0020000D")]
-        assert value(s, "00100020") == site.keys.pseudonym(st.patient_id)
-        assert value(s, "00201206") == len(st.series)
-        assert value(s, "00201208") == st.n_instances
-        assert value(s, "00080061") == "CT"
+        st = expected[first(s, "0020000D")]
+        assert first(s, "00100020") == site.keys.pseudonym(st.patient_id)
+        assert first(s, "00201206") == len(st.series)
+        assert first(s, "00201208") == st.n_instances
+        assert first(s, "00080061") == "CT"
         # dicomweb-client sends `Host` without the port: the URL follows the Host header.
-        assert value(s, "00081190").startswith("http://127.0.0.1/projects/web/dicom-web/studies/")
+        assert first(s, "00081190").startswith("http://127.0.0.1/projects/web/dicom-web/studies/")
     study, series = site.uids(0)
     found = client.search_for_series(study)
     assert len(found) == len(site.corpus.studies[0].series)
     instances = client.search_for_instances(study, series)
     assert len(instances) == site.corpus.studies[0].series[0].n_instances
-    assert all(value(i, "00280010") == 64 and value(i, "00280100") == 16 for i in instances)
+    assert all(first(i, "00280010") == 64 and first(i, "00280100") == 16 for i in instances)
     assert all("00280008" not in i or not i["00280008"].get("Value") for i in instances)
     assert len(client.search_for_series()) == sum(len(st.series) for st in expected.values())
     assert len(client.search_for_instances()) == sum(st.n_instances for st in expected.values())
@@ -134,7 +131,7 @@ def test_qido_vectors(site):
     st = site.corpus.studies[0]
     pseudo = site.keys.pseudonym(st.patient_id)
     (one,) = client.search_for_studies(search_filters={"PatientID": pseudo})
-    day = value(one, "00080020")
+    day = first(one, "00080020")
     assert day and day != st.study_date  # shifted
     assert len(client.search_for_studies(search_filters={"PatientID": pseudo[:4] + "*"})) >= 1
     assert client.search_for_studies(search_filters={"StudyDate": f"{day}-{day}"}) == [one]
@@ -151,8 +148,8 @@ def test_qido_vectors(site):
     study, _ = site.uids(0)
     all_instances = client.search_for_instances(study)
     pages = [client.search_for_instances(study, limit=5, offset=o) for o in range(0, 40, 5)]
-    paged = [value(i, "00080018") for page in pages for i in page]
-    assert paged == [value(i, "00080018") for i in all_instances]  # stable, disjoint pages
+    paged = [first(i, "00080018") for page in pages for i in page]
+    assert paged == [first(i, "00080018") for i in all_instances]  # stable, disjoint pages
     r = fetch(f"{site.root}/studies?NotAnAttribute=1", site.tokens["alice"])
     assert r.status == 200 and r.headers["Warning"].startswith("299 ")
     assert fetch(f"{site.root}/studies?StudyDate=2020", site.tokens["alice"]).status == 400
@@ -211,8 +208,8 @@ def test_metadata_for_ohif(site):
         uri = m["7FE00010"]["BulkDataURI"]
         assert uri.startswith(f"http://127.0.0.1/projects/web/dicom-web/studies/{study}/series/")
     assert len(client.retrieve_study_metadata(study)) == site.corpus.studies[0].n_instances
-    sop = value(meta[0], "00080018")
-    assert value(client.retrieve_instance_metadata(study, series, sop), "00080018") == sop
+    sop = first(meta[0], "00080018")
+    assert first(client.retrieve_instance_metadata(study, series, sop), "00080018") == sop
     url = f"{site.root}/studies/{study}/series/{series}/metadata"
     tok = site.tokens["alice"]
     # OHIF's combined Accept gets JSON, gzipped when asked, with an ETag for a 304.
@@ -828,12 +825,12 @@ def test_frames_and_metadata_from_s3(tmp_path, pacs, scp_port, corpus, s3_server
             f"{url}/projects/s3web/dicom-web", headers={"Authorization": f"Bearer {token}"}
         )
         meta = client.retrieve_series_metadata(study, series)
-        assert [value(m, "00080018") for m in meta] == [
+        assert [first(m, "00080018") for m in meta] == [
             h["00080018"]["Value"][0] for h in reader.headers()
         ]
         for i in (0, len(meta) - 1):
             (frame,) = client.retrieve_instance_frames(
-                study, series, value(meta[i], "00080018"), [1]
+                study, series, first(meta[i], "00080018"), [1]
             )
             assert frame == np.ascontiguousarray(reader.volume[i], dtype="<i2").tobytes()
         assert len(client.retrieve_series(study, series)) == len(meta)
@@ -867,7 +864,7 @@ def test_a_store_that_is_down_is_a_clear_503_and_searches_go_on(
         root = f"{url}/projects/downs3/dicom-web"
         found = fetch(f"{root}/studies/{study}/series/{series}/instances", token)
         assert found.status == 200  # the catalog does not need the store
-        sop = value(found.json()[0], "00080018")
+        sop = first(found.json()[0], "00080018")
         inst = f"{root}/studies/{study}/series/{series}/instances/{sop}"
         for target in (f"{inst}/metadata", f"{inst}/frames/1", f"{inst}/rendered", inst):
             r = fetch(target, token)

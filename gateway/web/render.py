@@ -87,17 +87,17 @@ class PixelAttributes:
         and shared functional groups are consulted too (in that order, before top level)."""
         sources = _functional_group_sources(dataset, frame_index) + [dataset]
 
-        def first(tag: str) -> list[Any]:
+        def found(tag: str) -> list[Any]:
             for source in sources:
                 values = _values(source.get(tag))
                 if values:
                     return values
             return []
 
-        slope = _to_float((first("00281053") or [1.0])[0], 1.0)
-        intercept = _to_float((first("00281052") or [0.0])[0], 0.0)
-        centers, widths = first("00281050"), first("00281051")
-        functions = first("00281056")
+        slope = _to_float((found("00281053") or [1.0])[0], 1.0)
+        intercept = _to_float((found("00281052") or [0.0])[0], 0.0)
+        centers, widths = found("00281050"), found("00281051")
+        functions = found("00281056")
         try:
             function = VoiFunction(str(functions[0]).strip().upper()) if functions else None
         except ValueError:

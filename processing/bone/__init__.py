@@ -13,7 +13,8 @@ from processing.bone.measure import (
     classify,
     measure_bone_density,
 )
-from processing.bone.orient import canonical_orientation, to_hu
+from processing.bone.orient import canonical_orientation
+from processing.tensor import to_hu  # the one conversion, re-exported for the science's callers
 
 __all__ = [
     "BoneReport",

@@ -1,4 +1,4 @@
-"""Orientation and HU: bring any axial volume to canonical (S, P, L) order; stored values to HU.
+"""Orientation: bring any axial volume to canonical (S, P, L) order (HU: `processing.tensor.to_hu`).
 
 A loaded image (processing.loader, a (1, x, y, z) RAS `MetaTensor` on its device) is brought to
 canonical order once, by MONAI's `Orientation` (`orient_image`); what the science makes in that
@@ -16,18 +16,10 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Orientation as MonaiOrientation
 
-from processing import loader
-
 # Canonical axes as MONAI axis codes (RAS labels): 0 toward superior, 1 posterior, 2 left.
 CANONICAL = "SPL"
 _ORIENT = MonaiOrientation(axcodes=CANONICAL, labels=(("L", "R"), ("P", "A"), ("I", "S")))
 A = TypeVar("A", np.ndarray, torch.Tensor)
-
-
-def to_hu(stored: np.ndarray, slope: float = 1.0, intercept: float = 0.0) -> np.ndarray:
-    """Stored pixel values (signed or unsigned) to HU as float32: stored * slope + intercept
-    (the loader's `to_hu`, on the CPU, as an array)."""
-    return loader.to_hu(np.ascontiguousarray(stored), slope, intercept).numpy()
 
 
 @dataclass(frozen=True)

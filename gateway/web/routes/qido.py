@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from core import Core
+from dicom.json_model import first
 from gateway.web import qido, wado
 from gateway.web.accept import DICOM_XML, negotiate_metadata
 from gateway.web.deps import Access, audit, dicomweb_root, get_core, project_access
@@ -73,7 +74,7 @@ def search(
     )
     headers = {"Warning": ", ".join(qido.warning_headers(query))} if query.warnings else {}
     if chosen.media_type == DICOM_XML:  # one part a result, named by its RetrieveURL
-        urls = [r.get(RETRIEVE_URL, {}).get("Value", [None])[0] for r in results]
+        urls = [first(r, RETRIEVE_URL) for r in results]
         writer = wado.xml_multipart(zip(results, urls, strict=True))
         return Response(b"".join(writer), media_type=writer.content_type, headers=headers)
     return Response(
