@@ -164,6 +164,12 @@ class _Requests(Store):
         return None
 
 
+# A streamed upload holds at most about PART x (CONCURRENCY + 1) bytes in memory (obstore's
+# defaults, 10 MiB x 12, would hold a 130 MB export whole); 5 MiB is S3's smallest part.
+UPLOAD_PART = 5 << 20
+UPLOAD_CONCURRENCY = 4
+
+
 class ObjectBucket(_Requests, ObjectStore):
     """An S3 bucket (obstore): uploads, range reads, sizes from one listing."""
 
@@ -171,7 +177,11 @@ class ObjectBucket(_Requests, ObjectStore):
         """A multipart upload (obstore's writer); completed by `close` only."""
         import obstore as obs
 
-        return _Multipart(obs.open_writer(self.store, key))
+        return _Multipart(
+            obs.open_writer(
+                self.store, key, buffer_size=UPLOAD_PART, max_concurrency=UPLOAD_CONCURRENCY
+            )
+        )
 
     def sizes(self, folder: str) -> list[int]:
         with guard("list"):

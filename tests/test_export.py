@@ -473,3 +473,40 @@ def test_a_browser_downloads_a_study_zip_and_an_export(site, tmp_path):
         # Control: a study of a project the investigator is not in downloads nothing.
         other = f"{url}/projects/raw/dicom-web/studies/{se.study_uid}?accept=application/zip"
         assert download(page, other, {got.name, again.name}, wait=3) is None
+
+
+def test_an_s3_export_is_written_as_a_stream(tmp_path, s3_server, monkeypatch):
+    """The zip is never whole in this process' memory: the export's Python heap peaks at what
+    one study takes, whether the zip holds one study or three (control: the same export
+    through a writer that keeps the stream whole peaks above the zip's size)."""
+    import tracemalloc
+
+    from storage import backends
+
+    monkeypatch.setattr(backends, "UPLOAD_CONCURRENCY", 1)
+
+    big = generate(tmp_path / "big", n_patients=3, series_per_study=2, slices=40, size=256)
+    s3 = S3Options(
+        endpoint=s3_server.endpoint, access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key, region=s3_server.region, allow_http=True,
+    )  # fmt: skip
+    site = make_site(tmp_path, big, f"s3://{s3_server.new_bucket()}/sphere", s3)
+
+    def peak(c: Core, studies: list[str]) -> tuple[int, int]:
+        tracemalloc.start()
+        try:
+            row = export.export(c, "ex", "dicom", studies=studies)
+            return tracemalloc.get_traced_memory()[1], row.nbytes
+        finally:
+            tracemalloc.stop()
+
+    with Core(site.settings) as c:
+        uids = sorted({se.study_uid for se, _ in c.catalog.export_series(c.project("ex").id)})
+        one, one_bytes = peak(c, uids[:1])
+        three, nbytes = peak(c, uids)
+        assert nbytes > 2.5 * one_bytes and three < one + one_bytes / 3, (one, three, nbytes)
+        monkeypatch.setattr(
+            backends.ObjectBucket, "writer", lambda self, key: backends._Buffered(self, key)
+        )
+        whole, nbytes = peak(c, uids)
+        assert whole > nbytes > three, (whole, nbytes, three)
