@@ -33,6 +33,7 @@ from processing import export
 from processing.loader import load_series
 from storage.objectstore import local_path, open_store, run
 from storage.series import SeriesReader, SeriesWriter, series_key
+from tests.test_pull import pacs, scp_port  # noqa: F401 - Orthanc, seeded with `corpus`
 from tests.web_server import fetch, serving
 
 pytestmark = pytest.mark.peers
@@ -251,6 +252,25 @@ def test_no_planted_identifier_in_any_export(site, corpus):
         for fmt in export.FORMATS:
             found = decoded_leaks(fmt, zip_of(c, export.export(c, "raw", fmt)), corpus.phi)
             assert corpus.studies[0].patient_id in {leak.needle for leak in found}, fmt
+
+
+def test_the_scan_reads_a_nifti_header(site, corpus, monkeypatch):
+    """Control for the NIfTI header itself (not its path or sidecar): a name planted in its
+    `descrip` field is found, in the gunzipped file only."""
+    from processing import nifti
+
+    plain = nifti.header
+    name = corpus.studies[0].patient_name
+
+    def planted(reader):
+        head = bytearray(plain(reader))
+        head[148 : 148 + len(name)] = name.encode()  # descrip, char[80] at byte 148
+        return bytes(head)
+
+    monkeypatch.setattr(nifti, "header", planted)
+    with Core(site.settings) as c:
+        found = decoded_leaks("nifti", zip_of(c, export.export(c, "ex", "nifti")), [name])
+    assert found and all(leak.where.endswith(".nii.gz (gunzip)") for leak in found)
 
 
 # -- refusals, links, retention -----------------------------------------------------------------
@@ -510,3 +530,42 @@ def test_an_s3_export_is_written_as_a_stream(tmp_path, s3_server, monkeypatch):
         )
         whole, nbytes = peak(c, uids)
         assert whole > nbytes > three, (whole, nbytes, three)
+
+
+def test_an_export_of_a_project_pulled_from_orthanc_names_no_one(
+    tmp_path,
+    pacs,  # noqa: F811
+    scp_port,  # noqa: F811
+    corpus,
+):
+    """Orthanc as the PACS: the study pulled (de-identified on the way), then each format
+    exported and each link made; no planted identifier (dates also as YYYY-MM-DD) in a zip,
+    decoded, in its manifest, in a link or in what the link serves."""
+    from harness.leaks import date_forms
+    from tests.test_pull import approved, make_gateway
+
+    gw = make_gateway(tmp_path / "home", pacs, scp_port)
+    users.first_admin(gw.core)  # who runs `sphere export`
+    approved(gw, "pulled", [st.accession for st in corpus.studies])
+    assert [s.status for s in gw.pull("pulled").series] == ["complete"] * 2
+    needles = date_forms(corpus.phi)
+    c = gw.core
+    made = [export.export(c, "pulled", fmt) for fmt in export.FORMATS]
+    with serving(Core(gw.settings, research=True)) as url:
+        for row in made:
+            z = zip_of(c, row)
+            assert decoded_leaks(row.format, z, needles) == []
+            link, _ = links.link(c, row.id, 1, base_url=url)
+            assert scan_bytes("link", link.encode(), needles) == []
+            served = requests.get(link, timeout=30)
+            assert served.status_code == 200
+            served_zip = zipfile.ZipFile(io.BytesIO(served.content))
+            assert decoded_leaks(f"{row.format} link", served_zip, needles) == []
+            manifest = json.loads(z.read("manifest.json"))
+            assert manifest["deidentification"]["profile"] == c.project("pulled").deid_profile
+    # Control: the same scan of a zip of what Orthanc holds finds the patient.
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as raw:
+        raw.writestr("x.dcm", Path(corpus.files[0]).read_bytes())
+    found = decoded_leaks("orthanc", zipfile.ZipFile(buf), needles)
+    assert corpus.studies[0].patient_id in {leak.needle for leak in found}
