@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from datetime import date, timedelta
 
 import pytest
@@ -20,6 +19,7 @@ from tests.processing_data import body_volume, ct_series, new_project, store_ser
 from tests.test_cli import SPHERE
 from tests.test_pull import approved, corpus, make_gateway, pacs, scp_port  # noqa: F401
 from tests.test_pull_faults import env_for
+from tests.web_server import wait_healthy
 
 KEYS = {"time", "level", "logger", "message"}
 
@@ -67,14 +67,7 @@ def test_a_servers_log_is_json_lines(tmp_path):
         args, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).ok
-                break
-            except requests.RequestException:
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.2)
+        wait_healthy(f"http://127.0.0.1:{port}", proc, timeout_s=60)
         assert requests.get(f"http://127.0.0.1:{port}/nothing/here").status_code == 404
     finally:
         proc.terminate()

@@ -24,7 +24,7 @@ from harness.localpacs import free_port
 from tests.test_cli import SPHERE
 from tests.test_pull import approved, corpus, make_gateway, pacs, scp_port  # noqa: F401
 from tests.test_pull_faults import env_for
-from tests.web_server import serving
+from tests.web_server import serving, wait_healthy
 
 STUDIES = "/projects/{project}/dicom-web/studies/{study}/series"
 
@@ -101,14 +101,7 @@ def test_pull_and_serve_count_across_processes_and_name_no_patient(
     url = f"http://127.0.0.1:{port}"
     keys = gw.keys("metr")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                assert requests.get(f"{url}/healthz", timeout=5).ok
-                break
-            except requests.RequestException:
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.1)
+        wait_healthy(url, proc)
         # The pull is a job the server's node runs (its own process, with its SCP worker
         # processes); the server cleared the files of ended processes at its start only.
         done = subprocess.run(

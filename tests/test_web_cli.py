@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import time
 
 import pytest
 import requests
@@ -17,6 +16,7 @@ from gateway.cli import app
 from harness.leaks import scan_database
 from harness.localpacs import free_port
 from tests.test_cli import SPHERE
+from tests.web_server import wait_healthy
 
 
 def sphere(*args: str, home, check: bool = True):
@@ -74,14 +74,7 @@ def test_serve_answers_health_and_refuses_anonymous(tmp_path, workers):
     }
     proc = subprocess.Popen([*SPHERE, "serve"], env=env, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).ok
-                break
-            except requests.RequestException:  # not listening yet, or slow to answer at start
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.1)
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
         r = requests.get(f"http://127.0.0.1:{port}/projects/webp/dicom-web/studies")
         assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
         assert r.headers["X-Content-Type-Options"] == "nosniff"  # the web edge is in place

@@ -6,12 +6,14 @@ from __future__ import annotations
 import gzip
 import html
 import json
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from io import BytesIO
+from typing import Any
 
 import pydicom
 import requests
@@ -48,6 +50,20 @@ def serving(core: Core) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(20)
+
+
+def wait_healthy(base: str, proc: subprocess.Popen[Any], timeout_s: float = 30) -> None:
+    """Until `base`/healthz answers ok (a `sphere serve` just started as `proc`); fails if the
+    process ends first or the time runs out, or at once on an answer that is not ok."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            assert requests.get(f"{base}/healthz", timeout=5).ok
+            return
+        except requests.RequestException:  # not listening yet, or slow to answer at start
+            assert proc.poll() is None, f"the server ended, exit {proc.returncode}"
+            assert time.monotonic() < deadline, f"no /healthz answer in {timeout_s:.0f} s"
+            time.sleep(0.1)
 
 
 @dataclass
