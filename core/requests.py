@@ -78,6 +78,14 @@ def _pending(core: Core, request_id: int) -> tuple[StudyRequest, str]:
     return row, project
 
 
+def _reread(core: Core, request_id: int) -> StudyRequest:
+    """The request as its decision left it."""
+    row = core.catalog.request(request_id)
+    if row is None:  # decided just now: only a purge in between removes it
+        raise SphereError(f"no request {request_id}")
+    return row
+
+
 def approve(core: Core, request_id: int) -> tuple[StudyRequest, str]:
     """The operator approves: the values, opened from the inbox, join the project's cohort
     (`projects.add_cohort`); the request keeps their digests. The caller starts the pull."""
@@ -97,7 +105,7 @@ def approve(core: Core, request_id: int) -> tuple[StudyRequest, str]:
     ):  # fmt: skip
         raise SphereError(f"request {request_id} was decided meanwhile")
     core.catalog.audit(who.name, "request.approve", project, request=request_id, items=len(items))
-    return core.catalog.request(request_id), project  # type: ignore[return-value]
+    return _reread(core, request_id), project
 
 
 def decline(core: Core, request_id: int, reason: str) -> StudyRequest:
@@ -113,7 +121,7 @@ def decline(core: Core, request_id: int, reason: str) -> StudyRequest:
     ):  # fmt: skip
         raise SphereError(f"request {request_id} was decided meanwhile")
     core.catalog.audit(who.name, "request.decline", project, request=request_id)
-    return core.catalog.request(request_id)  # type: ignore[return-value]
+    return _reread(core, request_id)
 
 
 def project_name(core: Core, project_id: int) -> str:

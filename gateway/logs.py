@@ -56,7 +56,7 @@ def setup(verbose: bool, fmt: str = "text") -> Callable[[], None]:
         return lambda: None
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter(fmt))
-    handler.sphere = True  # type: ignore[attr-defined]
+    handler.sphere = True  # type: ignore[attr-defined]  # our mark: replaced when set up again
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     logging.captureWarnings(True)  # warnings.warn goes through "py.warnings", below

@@ -56,7 +56,8 @@ class ZipStream:
 
     def __init__(self) -> None:
         self._sink = _Sink()
-        # _Sink has what ZipFile calls on an unseekable stream (write, flush), not all of IO
+        # ZipFile's stubs want an IO; _Sink has what it calls on an unseekable stream (write,
+        # flush), not all of IO
         self._zip = zipfile.ZipFile(self._sink, "w", zipfile.ZIP_STORED)  # type: ignore[call-overload]
         self._stamp = time.localtime()[:6]
         self.entries: list[Entry] = []

@@ -187,7 +187,8 @@ def test_a_mover_keeps_one_association_and_replaces_one_the_pacs_closed(
         assert mover.associations == 1  # series after series on the same association
         # The PACS ends the kept association (as many do with idle ones): the next series
         # still arrives, on a new one.
-        mover._assoc.ch.sock.shutdown(socket.SHUT_WR)  # type: ignore[union-attr]
+        assert mover._assoc is not None and mover._assoc.ch.sock is not None  # the kept one
+        mover._assoc.ch.sock.shutdown(socket.SHUT_WR)
         other = seeded.corpus.studies[1]
         series = other.series[0]
         result = mover.move_series(other.study_uid, series.series_uid, GATEWAY_AE)

@@ -60,7 +60,7 @@ class Target:
 
 
 def start_target(**kwargs: object) -> Target:
-    target = Target(None)  # type: ignore[arg-type]
+    target = Target(None)  # type: ignore[arg-type]  # its SCP is set just below
 
     def on_store(event: ReceivedInstance) -> int:
         ds, calling_ae = event.dataset, event.calling_ae

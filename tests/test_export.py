@@ -75,7 +75,7 @@ def make_site(root: Path, corpus, storage_url: str | None = None, s3=None) -> Si
             projects.approve(
                 c, name, committee_ref="C", approved_on=TODAY, expires_on=TODAY + timedelta(30)
             )
-        c.tokens = {n: users.add(c, n) for n in ("ivy", "val")}  # type: ignore[attr-defined]
+        tokens = {n: users.add(c, n) for n in ("ivy", "val")}
         users.grant(c, "ex", "ivy", access.INVESTIGATOR)
         users.grant(c, "ex", "val", access.VIEWER)
         by_series: dict[str, list] = {}
@@ -95,7 +95,6 @@ def make_site(root: Path, corpus, storage_url: str | None = None, s3=None) -> Si
                 )  # fmt: skip
         raw = next(iter(by_series.values()))
         store_series(c, "raw", [pydicom.dcmread(d.filename) for d in raw], root / "spool-raw")
-        tokens = c.tokens  # type: ignore[attr-defined]
     return Site(settings, tokens)
 
 

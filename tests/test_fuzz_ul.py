@@ -102,7 +102,7 @@ READ_ERRORS = (ul.ReleaseRequested, ul.PeerAborted, ul.PeerGone, ul.ProtocolErro
 
 
 def channel(data: bytes) -> ul.Channel:
-    ch = ul.Channel(BytesSocket(data))  # type: ignore[arg-type]
+    ch = ul.Channel(BytesSocket(data))  # type: ignore[arg-type]  # bytes as a socket's reads
     ch.contexts = dict(CONTEXTS)
     return ch
 

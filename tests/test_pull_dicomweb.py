@@ -9,6 +9,7 @@ import logging
 import threading
 from datetime import date, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import cast
 
 import numpy as np
 import pydicom
@@ -228,7 +229,7 @@ class _Forward(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
-        proxy: RefusingProxy = self.server  # type: ignore[assignment]
+        proxy = cast(RefusingProxy, self.server)  # the server this handler was made for
         accept = self.headers.get("Accept", "")
         if 'type="application/dicom"' in accept:
             proxy.asked.append(accept)

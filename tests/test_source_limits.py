@@ -323,6 +323,7 @@ class Outage:
 
         self.down = False
         self.probes: list[float] = []
+        self.span = 0.0  # from the breaker opening to its closing
         self._lock = threading.Lock()
 
     def fetch(self) -> str:
@@ -381,7 +382,7 @@ def nodes_through_an_outage(catalogs, probe_s: float = 0.2):
     stop.set()
     for t in threads:
         t.join(10)
-    out.span = when.get("closed", 0.0) - when.get("open", 0.0)  # type: ignore[attr-defined]
+    out.span = when.get("closed", 0.0) - when.get("open", 0.0)
     return out, told
 
 

@@ -36,7 +36,8 @@ class FakeCatalog:
 
 
 def cache_on(catalog: FakeCatalog, **kw) -> CatalogCache:
-    return CatalogCache(SimpleNamespace(catalog=catalog), **kw)  # type: ignore[arg-type]
+    core = SimpleNamespace(catalog=catalog)  # a stand-in Core: only the catalog the cache asks
+    return CatalogCache(core, **kw)  # type: ignore[arg-type]  # (the stand-in above)
 
 
 def test_kept_while_the_version_stands_and_never_taken_back():

@@ -106,11 +106,11 @@ class ProtocolError(ValueError):
     """The peer broke the upper layer or DIMSE protocol."""
 
 
-def _decode_pdu(pdu: object, data: bytes) -> None:
+def _decode_pdu(pdu: A_ASSOCIATE_RQ | A_ASSOCIATE_AC | A_ASSOCIATE_RJ, data: bytes) -> None:
     """pynetdicom's decode of a received PDU; anything it raises on bad bytes (ValueError,
     KeyError, struct.error, AssertionError...) becomes ProtocolError."""
     try:
-        pdu.decode(data)  # type: ignore[attr-defined]
+        pdu.decode(data)
     except Exception as exc:
         raise ProtocolError(f"undecodable PDU ({type(exc).__name__})") from exc
 

@@ -23,6 +23,7 @@ class TimedProtocol(HttpToolsProtocol):
     body_timeout_s = 30.0
     _deadline: asyncio.TimerHandle | None = None
 
+    # asyncio declares BaseTransport; uvicorn's override (and this) take the Transport it gets
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm(self.header_timeout_s)

@@ -173,7 +173,7 @@ def fracture_grade(loss: float) -> int:
 
 
 def _levels(spec: PhantomSpec, rng: np.random.Generator) -> list[_Level]:
-    base = spec.trabecular_hu if isinstance(spec.trabecular_hu, (int, float)) else None
+    hus = spec.trabecular_hu  # one L1 value, or one per level
     rib_levels = {11: THORACIC[:11], 12: THORACIC, 13: THORACIC + ("L1",)}[spec.rib_pairs]
     out, s = [], 0.0
     for i, (name, rx, ry, h) in enumerate(_LEVELS):
@@ -189,9 +189,10 @@ def _levels(spec: PhantomSpec, rng: np.random.Generator) -> list[_Level]:
             loss = spec.fracture_loss if spec.fracture_loss is not None else (lo_g + hi_g) / 2
             if kind == "crush":  # the body shortens; the spine above comes down
                 h *= 1.0 - loss
-        if base is None:
-            hu = float(spec.trabecular_hu[name])  # type: ignore[index]
+        if isinstance(hus, dict):
+            hu = float(hus[name])
         else:
+            base = float(hus)
             # thoracic a bit denser than lumbar, with a little per-level scatter; L1 exact
             hu = base if name == "L1" else base + 2.0 * (i - 4) + float(rng.uniform(-6, 6))
         if spec.fracture_l1 and name == "L1":
