@@ -437,6 +437,21 @@ def test_callback_exception_is_a_failure_status_and_scp_keeps_serving(
     assert result.ok and got.sop_uids == seeded.sop_uids[series.series_uid]
 
 
+def intruder_push(port: int, path: str | Path) -> None:
+    """dcmtk's storescu pushes `path` to the SCP at `port` as an unknown AE (INTRUDER): it must
+    be refused, 0x0124 (not authorized)."""
+    args = ["-aet", "INTRUDER", "-aec", GATEWAY_AE, "127.0.0.1", str(port)]
+    run = subprocess.run(
+        [dcmtk("storescu"), "-v", *args, str(path)],
+        env=DCMTK_ENV,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert run.returncode != 0
+    assert "0x124" in run.stdout + run.stderr  # storescu reports the status it got
+
+
 def test_storescu_push_refused_by_callback(seeded: Seeded, start_scp, tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     spool.mkdir()
@@ -449,26 +464,7 @@ def test_storescu_push_refused_by_callback(seeded: Seeded, start_scp, tmp_path: 
         return 0
 
     scp = start_scp(refuse_unsolicited, register=False)
-    path = seeded.corpus.files[0]
-    run = subprocess.run(
-        [
-            "storescu",
-            "-v",
-            "-aet",
-            "INTRUDER",
-            "-aec",
-            GATEWAY_AE,
-            "127.0.0.1",
-            str(scp.port),
-            path,
-        ],
-        env=DCMTK_ENV,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert run.returncode != 0
-    assert "0x124" in run.stdout + run.stderr  # storescu reports the status it got
+    intruder_push(scp.port, seeded.corpus.files[0])
     assert list(spool.iterdir()) == []
     assert scp.received == 1 and scp.failed == 1
 

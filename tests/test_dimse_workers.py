@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ from gateway.dimse.forkserver import ForkServer
 from gateway.dimse.scp import StorageSCP
 from gateway.dimse.scu import AssociationRejected, Peer, Scu
 from tests.orthanc_fixture import GATEWAY_AE, Seeded
-from tests.test_dimse import DCMTK_ENV, assert_no_phi, dcmtk
+from tests.test_dimse import assert_no_phi, intruder_push
 
 pytestmark = pytest.mark.peers
 
@@ -193,16 +192,7 @@ def test_storescu_push_refused_by_handler(
 ) -> None:
     factory = Recorder(tmp_path, only_from="ORTHANC")
     scp = start_scp(None, register=False, handler_factory=factory, workers=workers)
-    args = ["-aet", "INTRUDER", "-aec", GATEWAY_AE, "127.0.0.1", str(scp.port)]
-    run = subprocess.run(
-        [dcmtk("storescu"), "-v", *args, seeded.corpus.files[0]],
-        env=DCMTK_ENV,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert run.returncode != 0
-    assert "0x124" in run.stdout + run.stderr  # storescu reports the status it got
+    intruder_push(scp.port, seeded.corpus.files[0])
     assert stored(tmp_path) == {}
     assert scp.received == 1 and scp.failed == 1
     # The association's open and end reached the handler (in-process or in a worker).
