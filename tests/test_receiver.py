@@ -7,10 +7,10 @@ import copy
 import pytest
 
 from core.settings import Settings
+from dicom.status import REFUSED as REFUSED_NOT_AUTHORIZED
+from dicom.status import SUCCESS
 from gateway.api import Gateway
 from gateway.pull.receiver import Receiver, ReceiverConfig
-from gateway.pull.source import REFUSED as REFUSED_NOT_AUTHORIZED
-from gateway.pull.source import SUCCESS
 from harness.synthetic import generate
 from storage.series import SeriesWriter
 

@@ -13,10 +13,10 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from core.settings import Settings
 from dicom.received import ReceivedInstance
+from dicom.status import DATASET_MISMATCH, SUCCESS
+from dicom.status import REFUSED as REFUSED_NOT_AUTHORIZED
 from gateway.api import Gateway
 from gateway.pull.receiver import Receiver, ReceiverConfig
-from gateway.pull.source import DATASET_MISMATCH, SUCCESS
-from gateway.pull.source import REFUSED as REFUSED_NOT_AUTHORIZED
 from harness.synthetic import generate
 from storage.series import SeriesWriter
 

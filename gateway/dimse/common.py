@@ -116,31 +116,6 @@ OFTEN_COMPRESSED = [
     sc.UltrasoundMultiFrameImageStorage,
 ]
 
-# DIMSE statuses the storage callback and the retrieve results use.
-SUCCESS = 0x0000
-REFUSED_NOT_AUTHORIZED = 0x0124
-OUT_OF_RESOURCES = 0xA700
-CANNOT_UNDERSTAND = 0xC000
-DATASET_MISMATCH = 0xA900  # "Data set does not match SOP class" (nor the request's UIDs)
-DECODE_FAILED = 0xC210  # in "Cannot understand"; pynetdicom's code for an undecodable dataset
-
-
-def is_success(status: int) -> bool:
-    return status == SUCCESS
-
-
-def is_pending(status: int) -> bool:
-    return status in (0xFF00, 0xFF01)
-
-
-def is_warning(status: int) -> bool:
-    return status in (0x0001, 0x0107, 0x0116) or 0xB000 <= status <= 0xBFFF
-
-
-def is_failure(status: int) -> bool:
-    """Neither success, warning, pending nor cancel (0xFE00)."""
-    return not (is_success(status) or is_warning(status) or is_pending(status) or status == 0xFE00)
-
 
 class DimseError(Exception):
     """A DIMSE operation failed. Messages carry AE titles, statuses and counts, never PHI."""

@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable, Collection
 from typing import cast
 
+from dicom.status import CANNOT_UNDERSTAND
 from gateway.dimse import ul
-from gateway.dimse.common import CANNOT_UNDERSTAND
 from gateway.dimse.service import (
     FAILED,
     RECEIVED,

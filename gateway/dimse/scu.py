@@ -27,6 +27,7 @@ from pynetdicom.sop_class import (
 )
 
 from dicom.received import ReceivedInstance
+from dicom.status import is_pending, is_success
 from gateway.dimse import ul
 from gateway.dimse.common import (
     GET_STORAGE_CLASSES,
@@ -39,8 +40,6 @@ from gateway.dimse.common import (
     DimseError,
     DimseTimeout,
     PeerUnreachable,
-    is_pending,
-    is_success,
 )
 from gateway.dimse.service import OnStore, call_on_store
 

@@ -23,16 +23,15 @@ from pynetdicom import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
 from dicom.received import Mismatch, ReceivedInstance, Undecodable
-from gateway.dimse import ul
-from gateway.dimse.common import (
+from dicom.status import (
     CANNOT_UNDERSTAND,
     DATASET_MISMATCH,
     DECODE_FAILED,
     OUT_OF_RESOURCES,
-    STORAGE_TRANSFER_SYNTAXES,
-    UNCOMPRESSED,
     is_failure,
 )
+from gateway.dimse import ul
+from gateway.dimse.common import STORAGE_TRANSFER_SYNTAXES, UNCOMPRESSED
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,11 @@ from pydicom.uid import UID
 
 from dicom.json_model import first, values
 from dicom.received import ReceivedInstance
+from dicom.status import CANNOT_UNDERSTAND, SUCCESS
 from gateway.pull.base import ReceivesHere
 from gateway.pull.guard import SourceError
 from gateway.pull.receiver import ReceiverConfig
-from gateway.pull.source import FAILED, SUCCESS, RetrieveResult, SeriesHit, StudyHit
+from gateway.pull.source import RetrieveResult, SeriesHit, StudyHit
 from gateway.web.client import DicomwebClient, DicomwebError
 
 log = logging.getLogger(__name__)
@@ -84,10 +85,10 @@ class DicomwebRetriever(ReceivesHere):
                     try:
                         status = receiver.on_store(_part10(data, caller))
                     except ValueError:  # not a DICOM file: counted as failed, the rest goes on
-                        status = FAILED
+                        status = CANNOT_UNDERSTAND
                     except Exception as e:  # as a C-STORE's would: a failed instance
                         log.error("an instance from %s failed (%s)", caller, type(e).__name__)
-                        status = FAILED
+                        status = CANNOT_UNDERSTAND
                     if status == SUCCESS:
                         ok += 1
                     else:

@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 from core import Core, SphereError, metrics, windows
 from core.settings import Source
-from gateway.pull.source import is_out_of_resources
+from dicom.status import is_out_of_resources
 from storage.catalog import Catalog, utcnow
 
 log = logging.getLogger(__name__)

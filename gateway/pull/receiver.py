@@ -34,9 +34,9 @@ from deid.profile import CODES, Option
 from dicom.json_model import Part
 from dicom.raw import element_spans, value_span
 from dicom.received import Mismatch, ReceivedInstance, Undecodable, file_meta
+from dicom.status import DATASET_MISMATCH, DECODE_FAILED, REFUSED, SUCCESS
 from gateway import logs
 from gateway.pull.layout import SpoolLayout
-from gateway.pull.source import DATASET_MISMATCH, DECODE_FAILED, REFUSED, SUCCESS
 from storage.series import SeriesWriter
 
 _SERIES_UID, _SOP_UID, _PIXEL_DATA = 0x0020000E, 0x00080018, 0x7FE00010

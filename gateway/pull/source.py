@@ -1,7 +1,7 @@
 """What a pull knows of a source, whatever its protocol: the studies and series it holds
 (`StudyHit`, `SeriesHit`), what a retrieve brought (`RetrieveResult`), the `Retriever` protocol
-and the statuses a receiver answers. The statuses are DICOM's (PS3.7 Annex C), so a C-STORE
-answer passes through unchanged; a DICOMweb retrieve speaks them too.
+whose status is DICOM's (`dicom.status`, PS3.7 Annex C), as a receiver's answers are: a
+C-STORE answer passes through unchanged, and a DICOMweb retrieve speaks them too.
 """
 
 from __future__ import annotations
@@ -9,21 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-SUCCESS = 0x0000
-REFUSED = 0x0124  # "Refused: not authorized": not expected, or opted out
-OUT_OF_RESOURCES = 0xA700  # a full disk: the sender may try again later
-DATASET_MISMATCH = 0xA900  # the dataset's SOP UIDs are not its request's
-FAILED = 0xC000  # "Cannot understand": anything else that went wrong
-DECODE_FAILED = 0xC210  # in "Cannot understand": the dataset cannot be decoded
-
-
-def is_success(status: int) -> bool:
-    return status == SUCCESS
-
-
-def is_out_of_resources(status: int) -> bool:
-    """A7xx "Refused: out of resources": the source is busy, not broken."""
-    return 0xA700 <= status <= 0xA7FF
+from dicom.status import is_success
 
 
 @dataclass(frozen=True)
