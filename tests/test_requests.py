@@ -67,7 +67,12 @@ def test_a_request_asked_approved_pulled_and_followed(home):
     # Who may not ask is refused; who is no member learns nothing.
     assert fetch(api, home.tokens["viewer"], "POST", json=body).status == 403
     assert fetch(api, home.tokens["none"], "POST", json=body).status == 404
-    # The data manager sees it pending, and approves it: items in the cohort, a pull queued.
+    # The data manager sees it pending (the page and the CLI), and approves it: items in the
+    # cohort, a pull queued.
+    seen_dm = fetch(f"{home.url}/projects/{PROJECT}/requests", home.tokens["data-manager"])
+    html_dm = seen_dm.body.decode()
+    assert seen_dm.status == 200 and f"<td>{first['id']}</td><td>ivy</td>" in html_dm
+    assert "<td>pending</td>" in html_dm and "sphere requests approve ID" in html_dm
     listed = sphere(home, "requests", PROJECT)
     assert "pending" in listed and "3 accession/patient_id" in listed
     approved = sphere(home, "requests", "approve", str(first["id"]))
