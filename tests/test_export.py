@@ -323,6 +323,17 @@ def test_the_command_line(site):
     assert export_id in listed.output and "done" in listed.output
     link = CliRunner().invoke(cli_app, ["export", "link", export_id, "--hours", "2"], env=env)
     assert link.exit_code == 0 and f"/exports/{export_id}/download?expires=" in link.output
+    with Core(site.settings) as c:
+        (se, _), *_ = c.catalog.export_series(c.project("ex").id)
+    args = ["export", "ex", "--format", "nifti", "--study", se.study_uid, "--modality", "CT"]
+    chosen = CliRunner().invoke(cli_app, args, env=env)
+    assert chosen.exit_code == 0, chosen.output
+    with Core(site.settings) as c:
+        row = c.catalog.export(chosen.output.split()[1].rstrip(":"))
+        assert row.selection == {"studies": [se.study_uid], "modality": "CT"}
+        assert len([n for n in zip_of(c, row).namelist() if n.endswith(".nii.gz")]) == 2
+    args[-1] = "MR"  # control: the selection is applied (no MR series in the study)
+    assert CliRunner().invoke(cli_app, args, env=env).exit_code == 2
     bad = CliRunner().invoke(cli_app, ["export", "ex", "--format", "tiff"], env=env)
     assert bad.exit_code == 2 and "--format is one of" in bad.output
 
