@@ -38,6 +38,7 @@ import psutil
 
 from core import users
 from core.settings import PacsPeer, Settings, Source
+from dicom.json_model import first
 from gateway import jobs
 from gateway.api import Gateway
 from harness.localpacs import LocalOrthanc, free_port
@@ -428,7 +429,7 @@ def frame_sops(port: int, path: str, token: str) -> list[str]:
     r = conn.getresponse()
     found = json.loads(r.read())
     conn.close()
-    return sorted(d["00080018"]["Value"][0] for d in found)
+    return sorted(first(d, "00080018") for d in found)
 
 
 def main() -> None:

@@ -45,6 +45,7 @@ from dicomweb_client.api import DICOMwebClient
 
 from core import users
 from core.settings import PacsPeer, S3Options, Settings
+from dicom.json_model import first
 from gateway.api import Gateway
 from harness.localpacs import LocalOrthanc, free_port, wait_port
 from harness.seaweed import SeaweedS3
@@ -224,7 +225,7 @@ def static_frames(source: Server, www: Path, target: Server) -> None:
 
 def sop_uids(server: Server) -> list[str]:
     found = client(server).search_for_instances(server.study, server.series)
-    return sorted(d["00080018"]["Value"][0] for d in found)
+    return sorted(first(d, "00080018") for d in found)
 
 
 def pull(
@@ -269,8 +270,8 @@ def sphere_server(name: str, settings: Settings, token: str, workers: int) -> tu
     server = Server(name, f"http://127.0.0.1:{port}/projects/{PROJECT}/dicom-web", "", "", [])
     server.headers = {"Authorization": f"Bearer {token}"}
     (found,) = client(server).search_for_series()
-    server.study = found["0020000D"]["Value"][0]
-    server.series = found["0020000E"]["Value"][0]
+    server.study = first(found, "0020000D")
+    server.series = first(found, "0020000E")
     server.sops = sop_uids(server)
     return server, proc
 

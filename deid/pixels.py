@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset
 
 from deid.profile import Region
 from dicom import colour, decoders, lossy
+from dicom.json_model import first
 
 decoders.register()
 
@@ -118,5 +119,5 @@ def _decompress(ds: Dataset, ts: Any) -> bool:
     except Exception:  # no decoder, broken data: pydicom raises many types
         return False
     for tag, entry in marks.items():
-        ds.add_new(int(tag, 16), entry["vr"], entry["Value"][0])
+        ds.add_new(int(tag, 16), entry["vr"], first(marks, tag))
     return True

@@ -13,6 +13,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut
 
+from dicom.json_model import first
+
 # The palette's descriptors, tables (normal and segmented) and UID, as DICOM JSON tags.
 PALETTE_TAGS = (
     "00281101",
@@ -56,6 +58,6 @@ def to_rgb_in_place(ds: Dataset) -> None:
     else:  # pydicom converts YBR to RGB (and upsamples 4:2:2) when it decodes
         rgb = np.ascontiguousarray(ds.pixel_array)
     for tag, entry in RGB_HEADER.items():
-        ds.add_new(int(tag, 16), entry["vr"], entry["Value"][0])
+        ds.add_new(int(tag, 16), entry["vr"], first(RGB_HEADER, tag))
     ds.PixelData = rgb.tobytes()
     ds["PixelData"].VR = "OB" if rgb.dtype.itemsize == 1 else "OW"

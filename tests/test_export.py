@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from core import Core, ProjectError, Settings, SphereError, access, projects, users
 from core.settings import S3Options
+from dicom.json_model import first
 from gateway import jobs, links
 from gateway.cli import app as cli_app
 from gateway.purge import opt_out, purge_project
@@ -89,8 +90,8 @@ def make_site(root: Path, corpus, storage_url: str | None = None, s3=None) -> Si
                 reader = SeriesReader(c.store, key)
                 h = reader.header(0)
                 c.catalog.upsert_result(
-                    c.project("ex").id, h["0020000E"]["Value"][0], "bone-density",
-                    study_uid=h["0020000D"]["Value"][0], version="1", status="ok",
+                    c.project("ex").id, first(h, "0020000E"), "bone-density",
+                    study_uid=first(h, "0020000D"), version="1", status="ok",
                     values={"l1_hu": 151.5},
                 )  # fmt: skip
         raw = next(iter(by_series.values()))

@@ -27,6 +27,7 @@ from zarr.core.buffer import default_buffer_prototype
 
 from core.core import Core
 from core.settings import Settings
+from dicom.json_model import first
 from gateway import run_cmd
 from harness.phantoms import PhantomSpec, make_phantom
 from processing.body_hu import BodyHu
@@ -127,9 +128,9 @@ def test_a_series_gets_a_result_seg_sr_and_png_and_a_rerun_replaces_them(home, t
         assert dciodvfy_errors(path) == [], name
     seg = hd.seg.segread(tmp_path / "seg.dcm")
     sr = hd.sr.srread(tmp_path / "sr.dcm")
-    sources = {h["00080018"]["Value"][0] for h in reader.headers()}
+    sources = {first(h, "00080018") for h in reader.headers()}
     assert {r.ReferencedSOPInstanceUID for r in seg.SourceImageSequence} <= sources
-    assert seg.StudyInstanceUID == sr.StudyInstanceUID == reader.header(0)["0020000D"]["Value"][0]
+    assert seg.StudyInstanceUID == sr.StudyInstanceUID == first(reader.header(0), "0020000D")
     labels = [d.SegmentLabel for d in seg.SegmentSequence]
     assert labels == ["Body", "Soft tissue"]
     body = seg.get_volume(combine_segments=False).array[..., 0].astype(bool)
@@ -137,7 +138,7 @@ def test_a_series_gets_a_result_seg_sr_and_png_and_a_rerun_replaces_them(home, t
     # The SEG mask placed on the stored volume gives the measured mean back.
     mask = np.zeros(stored.shape, bool)
     frames = seg.get_source_image_uids()
-    order = [h["00080018"]["Value"][0] for h in reader.headers()]
+    order = [first(h, "00080018") for h in reader.headers()]
     vol_seg = seg.get_volume(combine_segments=False)
     assert vol_seg is not None and len(frames) == len(order)
     mask[:] = seg.get_pixels_by_source_instance(order, segment_numbers=[1]).astype(bool)[..., 0]

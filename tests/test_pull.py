@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from core.settings import PacsPeer, S3Options, Settings
 from dicom import IMPLEMENTATION_CLASS_UID
+from dicom.json_model import first
 from gateway.api import Gateway
 from gateway.pull import PullRefused
 from harness.leaks import scan_database, scan_folder, scan_store, scan_text
@@ -365,7 +366,7 @@ def test_quarantined_instance_is_reported_never_stored(tmp_path, pacs, scp_port,
     reader = SeriesReader(
         gw.store, series_key("burned", keys.uid(st.study_uid), keys.uid(st.series[0].series_uid))
     )
-    stored_sops = {h["00080018"]["Value"][0] for h in reader.headers()}
+    stored_sops = {first(h, "00080018") for h in reader.headers()}
     assert keys.uid(marked.SOPInstanceUID) not in stored_sops and len(stored_sops) == 4
     with gw.catalog.session() as s:
         row = s.scalar(select(SeriesRecord).where(SeriesRecord.project_id.is_not(None)))

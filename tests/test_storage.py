@@ -22,6 +22,7 @@ from pydicom.pixels import apply_color_lut
 from pydicom.uid import BasicTextSRStorage, generate_uid
 
 from dicom import json_model
+from dicom.json_model import first
 from harness.synthetic import generate
 from storage.objectstore import open_store
 from storage.series import (
@@ -105,7 +106,7 @@ def test_round_trip_orders_slices_and_rebuilds_instances(tmp_path, ct):
         assert affine @ [k, 0, 0, 1] == pytest.approx(expect)
 
     headers = reader.headers()
-    assert [h["00080018"]["Value"][0] for h in headers] == [d.SOPInstanceUID for d in src]
+    assert [first(h, "00080018") for h in headers] == [d.SOPInstanceUID for d in src]
     for i in (0, 9):
         rebuilt = reader.instance(i)
         assert same_header(rebuilt, src[i])
@@ -440,7 +441,7 @@ def test_writer_killed_while_adding_resumes_with_every_acknowledged_instance(tmp
     assert writer.count == 16
     store = open_store(str(tmp_path / "store"))
     assert writer.commit(store, KEY).n_instances == 16
-    uids = [h["00080018"]["Value"][0] for h in SeriesReader(store, KEY).headers()]
+    uids = [first(h, "00080018") for h in SeriesReader(store, KEY).headers()]
     assert acked <= set(uids)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from dicom.json_model import first
 from harness.synthetic import generate
 from storage.objectstore import StorageUnavailable, open_store
 from storage.series import SeriesError, SeriesReader, SeriesWriter
@@ -226,7 +227,7 @@ def test_resume_after_workers_crash_uses_every_segment(tmp_path, ct_files):
     assert coordinator.count == 16
     store = open_store(str(tmp_path / "store"))
     assert coordinator.commit(store, KEY).n_instances == 16
-    uids = {h["00080018"]["Value"][0] for h in SeriesReader(store, KEY).headers()}
+    uids = {first(h, "00080018") for h in SeriesReader(store, KEY).headers()}
     assert acked <= uids
     with pytest.raises(SeriesError):
         again.add(pydicom.dcmread(ct_files[0]))

@@ -180,7 +180,7 @@ def test_retrieved_instances_equal_the_store_and_validate(site, tmp_path):
         src = pydicom.dcmread(f, stop_before_pixels=True)
         sources[site.keys.uid(src.SOPInstanceUID)] = f
     for i, header in enumerate(reader.headers()):
-        ds = by_sop[header["00080018"]["Value"][0]]
+        ds = by_sop[first(header, "00080018")]
         np.testing.assert_array_equal(ds.pixel_array, volume[i])
         assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
         assert "NumberOfFrames" not in ds
@@ -190,7 +190,7 @@ def test_retrieved_instances_equal_the_store_and_validate(site, tmp_path):
         assert not new, sorted(new)
     whole = client.retrieve_study(study)
     assert len(whole) == site.corpus.studies[0].n_instances
-    sop = reader.header(3)["00080018"]["Value"][0]
+    sop = first(reader.header(3), "00080018")
     one = client.retrieve_instance(study, series, sop)
     np.testing.assert_array_equal(one.pixel_array, volume[3])
 
@@ -274,7 +274,7 @@ def test_frames_bulkdata_rendered(site):
     client = site.client()
     study, series = site.uids(0)
     reader = site.reader(0)
-    sop = reader.header(5)["00080018"]["Value"][0]
+    sop = first(reader.header(5), "00080018")
     expected = np.ascontiguousarray(reader.volume[5], dtype="<i2").tobytes()
     (frame,) = client.retrieve_instance_frames(study, series, sop, [1])
     assert frame == expected
@@ -321,7 +321,7 @@ def test_frames_bulkdata_rendered(site):
     # as dicomweb-client reads it; the thumbnail of the same is smaller.
     middle = site.reader(0)
     n = int(middle.attrs["n_slices"])
-    mid_sop = middle.header(n // 2)["00080018"]["Value"][0]
+    mid_sop = first(middle.header(n // 2), "00080018")
     want = client.retrieve_instance_rendered(study, series, mid_sop, media_types=("image/png",))
     got = client.retrieve_series_rendered(study, series, media_types=("image/png",))
     assert got == want and Image.open(BytesIO(got)).size == (64, 64)
@@ -334,7 +334,7 @@ def test_every_multipart_part_names_its_url(site, monkeypatch):
     instance its WADO-RS URL; behind a trusted proxy, the proxy's URL."""
     study, series = site.uids(0)
     reader = site.reader(0)
-    sop = reader.header(2)["00080018"]["Value"][0]
+    sop = first(reader.header(2), "00080018")
     tok = site.tokens["alice"]
     inst = f"{site.root}/studies/{study}/series/{series}/instances/{sop}"
     frames = fetch(f"{inst}/frames/1,1", tok)
@@ -387,7 +387,7 @@ def test_metadata_and_searches_as_dicom_xml(site, pacs):  # noqa: F811
     ):
         got = fetch(url, tok, headers={"Accept": accept})
         assert xml_parts(got) == as_json, accept
-    sops = [m["00080018"]["Value"][0] for m in as_json]
+    sops = [first(m, "00080018") for m in as_json]
     inst = f"{site.root}/studies/{study}/series/{series}/instances"
     assert got.locations == [f"{inst}/{sop}/metadata" for sop in sops]
     one = fetch(f"{inst}/{sops[0]}/metadata", tok, headers={"Accept": XML_PARTS})
@@ -407,7 +407,7 @@ def test_metadata_and_searches_as_dicom_xml(site, pacs):  # noqa: F811
         results = fetch(f"{site.root}/{path}", tok).json()
         found = fetch(f"{site.root}/{path}", tok, headers={"Accept": XML_PARTS})
         assert xml_parts(found) == results and results
-        assert found.locations == [r["00081190"]["Value"][0] for r in results]
+        assert found.locations == [first(r, "00081190") for r in results]
     assert fetch(f"{site.root}/studies?PatientID=nobody", tok,
                  headers={"Accept": XML_PARTS}).parts == []  # fmt: skip
     # Orthanc's answer for the same instances (its originals): the kept attributes agree, as
@@ -425,7 +425,7 @@ def test_metadata_and_searches_as_dicom_xml(site, pacs):  # noqa: F811
     assert len(their_parts) == len(ours_by_sop)
     for part in their_parts:
         their_model = xml_model.from_xml(part.content)
-        mine = ours_by_sop[site.keys.uid(their_model["00080018"]["Value"][0])][1]
+        mine = ours_by_sop[site.keys.uid(first(their_model, "00080018"))][1]
         my_model = xml_model.from_xml(mine)
         for tag in KEPT:
             assert my_model[tag] == their_model[tag], tag
@@ -445,7 +445,7 @@ def test_metadata_and_searches_as_dicom_xml(site, pacs):  # noqa: F811
 
 def routes(site, project="web"):
     study, series = site.uids(0)
-    sop = site.reader(0).header(0)["00080018"]["Value"][0]
+    sop = first(site.reader(0).header(0), "00080018")
     root = f"{site.url}/projects/{project}/dicom-web"
     se = f"{root}/studies/{study}/series/{series}"
     inst = f"{se}/instances/{sop}"
@@ -589,7 +589,7 @@ def test_changes_reach_a_warm_cache_on_the_next_request(site, monkeypatch):
     project, an unindexed series and a new grant must still take effect at once."""
     core = site.gw.core
     study, series = site.uids(1)
-    sop = site.reader(1).header(0)["00080018"]["Value"][0]
+    sop = first(site.reader(1).header(0), "00080018")
     frame = f"{site.root}/studies/{study}/series/{series}/instances/{sop}/frames/1"
     token = users.add(core, "frank")
     assert fetch(frame, token).status == 404  # not a member yet
@@ -645,7 +645,7 @@ def test_a_viewer_session_leaves_a_few_rows_with_route_and_client_refusals_inclu
     tok = users.add(c, "session-viewer")
     users.grant(c, "web", "session-viewer", "viewer")
     study, series = site.uids(0)
-    sops = [h["00080018"]["Value"][0] for h in site.reader(0).headers()]
+    sops = [first(h, "00080018") for h in site.reader(0).headers()]
     accept = {"Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"}
     sent = 0
     with serving(c) as url:  # a server of its own: stopping it writes what it rolled up
@@ -826,7 +826,7 @@ def test_frames_and_metadata_from_s3(tmp_path, pacs, scp_port, corpus, s3_server
         )
         meta = client.retrieve_series_metadata(study, series)
         assert [first(m, "00080018") for m in meta] == [
-            h["00080018"]["Value"][0] for h in reader.headers()
+            first(h, "00080018") for h in reader.headers()
         ]
         for i in (0, len(meta) - 1):
             (frame,) = client.retrieve_instance_frames(
@@ -879,7 +879,7 @@ def test_frames_per_second(site):
     """Printed for the report, not asserted: frames of one series, 1 and 4 clients at once."""
     study, series = site.uids(0)
     reader = site.reader(0)
-    sops = [h["00080018"]["Value"][0] for h in reader.headers()]
+    sops = [first(h, "00080018") for h in reader.headers()]
     base = f"{site.root}/studies/{study}/series/{series}/instances"
     headers = {
         "Authorization": f"Bearer {site.tokens['alice']}",

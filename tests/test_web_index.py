@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import create_engine, event, inspect, text
 
 from dicom import json_model
+from dicom.json_model import first
 from dicom.query import Level, Query, matches
 from gateway.web.qido import parse_qido
 from harness.synthetic import generate
@@ -370,7 +371,7 @@ def test_a_study_keeps_attributes_its_last_series_lacks(tmp_path):
         cat.add_project(Project(name="p", title=""))
         pid = cat.project("p").id
         for h in order:
-            cat.index_series(pid, "k/" + h["0020000E"]["Value"][0], [h], 1)
+            cat.index_series(pid, "k/" + first(h, "0020000E"), [h], 1)
         for params in (
             [("StudyDescription", "CT*")],
             [("StudyTime", "100000-110000")],
