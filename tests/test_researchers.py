@@ -80,6 +80,26 @@ def test_results_page_lists_pseudonyms_shifted_dates_and_reports(served):
     assert fetch(base).status == 401
 
 
+def test_results_page_shows_a_reason_and_flags_both(served):
+    with Core(served.settings) as c:
+        p = c.project(PROJECT)
+        kept = c.catalog.results(p.id)[0]
+        cols = ("status", "version", "study_uid", "reason", "values", "provenance", "report_key")
+        before = {k: getattr(kept, k) for k in cols}
+        c.catalog.upsert_result(
+            p.id, kept.series_uid, kept.pipeline,
+            **{**before, "reason": "PLANTED-REASON", "values": {**kept.values, "flags": "FLAG-X"}},
+        )  # fmt: skip
+    try:
+        page = fetch(f"{served.url}/projects/{PROJECT}/results", served.tokens["viewer"])
+        html = page.body.decode()
+        assert "<th>reason</th><th>flags</th>" in html
+        assert "<td>PLANTED-REASON</td><td>FLAG-X</td>" in html  # neither hides the other
+    finally:
+        with Core(served.settings) as c:
+            c.catalog.upsert_result(c.project(PROJECT).id, kept.series_uid, kept.pipeline, **before)
+
+
 def test_results_table_downloads_as_csv_and_parquet_for_who_may_export(served):
     api = f"{served.url}/api/projects/{PROJECT}/results"
     got = fetch(api + ".csv", served.tokens["investigator"])

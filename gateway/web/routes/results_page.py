@@ -25,7 +25,9 @@ CSP = (
     "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; "
     "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 )
-HEADER = ("patient", "study date", "series", "pipeline", "status", "value", "class", "reason")
+HEADER = (
+    "patient", "study date", "series", "pipeline", "status", "value", "class", "reason", "flags"
+)  # fmt: skip
 
 
 def _value(row: dict[str, Any]) -> str:
@@ -45,7 +47,7 @@ def results_page(project: str, request: Request) -> HTMLResponse:
     for r in rows:
         link = "/viewer/?" + urlencode({"StudyInstanceUIDs": r["study_uid"], "project": project})
         row = [r["study_date"] or "-", r["series_uid"][-12:], r["pipeline"], r["status"]]
-        row += [_value(r), r.get("class") or "", r["reason"] or r.get("flags") or ""]
+        row += [_value(r), r.get("class") or "", r["reason"] or "", r.get("flags") or ""]
         first = f'<td><a href="{escape(link)}">{escape(r["patient"] or "-")}</a></td>'
         cells.append(f"<tr>{first}{''.join(f'<td>{escape(str(c))}</td>' for c in row)}</tr>")
         if r["report_key"]:
