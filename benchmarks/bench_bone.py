@@ -41,6 +41,7 @@ from core.projects import create
 from core.settings import Settings
 from harness.phantom_dicom import write_phantom_study
 from harness.phantoms import make_phantom
+from storage.commit import commit_series
 from storage.series import SeriesWriter, series_key
 
 PROJECT = "bench"
@@ -64,10 +65,10 @@ def commit_phantom(settings: Settings, index: int, size: int, slices: int, spaci
         writer = SeriesWriter(settings.home / "spool" / str(index), fsync=False)
         for f in study.files:
             writer.add(pydicom.dcmread(f))
-        info = writer.commit(core.store, key)
-        core.catalog.mark_complete(
-            core.project(PROJECT).id, study.series_uid, key, info, study_uid=study.study_uid,
-            modality="CT", patient_pseudonym=study.patient_id,
+        commit_series(
+            core.store, core.catalog, writer, key, project_id=core.project(PROJECT).id,
+            series_uid=study.series_uid, values={"study_uid": study.study_uid, "modality": "CT",
+                                                 "patient_pseudonym": study.patient_id},
         )  # fmt: skip
     for f in study.files:
         f.unlink()

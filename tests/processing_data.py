@@ -19,6 +19,7 @@ from core import projects, users
 from core.core import Core
 from core.settings import Settings
 from processing.body_hu import BodyHu
+from storage.commit import commit_series
 from storage.series import SeriesWriter, series_key
 
 
@@ -92,7 +93,7 @@ def new_project(settings: Settings, name: str) -> None:
 
 
 def store_series(settings: Settings, project: str, datasets: list[Dataset], spool: Path) -> str:
-    """Commit `datasets` as one series of `project` and mark it complete; its storage key."""
+    """Commit `datasets` as one series of `project`, complete and indexed; its storage key."""
     ds0 = datasets[0]
     study, series = ds0.StudyInstanceUID, ds0.SeriesInstanceUID
     key = series_key(project, study, series)
@@ -100,11 +101,10 @@ def store_series(settings: Settings, project: str, datasets: list[Dataset], spoo
         writer = SeriesWriter(spool / series, fsync=False)
         for ds in datasets:
             writer.add(ds)
-        info = writer.commit(core.store, key)
-        p = core.project(project)
-        core.catalog.mark_complete(
-            p.id, series, key, info, study_uid=study, modality=ds0.Modality,
-            patient_pseudonym=str(ds0.PatientID),
+        commit_series(
+            core.store, core.catalog, writer, key, project_id=core.project(project).id,
+            series_uid=series, values={"study_uid": study, "modality": ds0.Modality,
+                                       "patient_pseudonym": str(ds0.PatientID)},
         )  # fmt: skip
     return key
 

@@ -32,6 +32,7 @@ from harness.leaks import scan_bytes
 from harness.synthetic import generate
 from processing import export
 from processing.loader import load_series
+from storage.commit import commit_series
 from storage.objectstore import local_path, open_store, run
 from storage.series import SeriesReader, SeriesWriter, series_key
 from tests.test_pull import pacs, scp_port  # noqa: F401 - Orthanc, seeded with `corpus`
@@ -48,14 +49,11 @@ def store_series(core: Core, project: str, datasets: list, spool: Path) -> str:
     writer = SeriesWriter(spool / ds0.SeriesInstanceUID, fsync=False)
     for ds in datasets:
         writer.add(ds)
-    info = writer.commit(core.store, key)
-    p = core.project(project)
-    core.catalog.mark_complete(
-        p.id, ds0.SeriesInstanceUID, key, info, study_uid=ds0.StudyInstanceUID,
-        modality=ds0.Modality, patient_pseudonym=str(ds0.PatientID),
+    commit_series(
+        core.store, core.catalog, writer, key, project_id=core.project(project).id,
+        series_uid=ds0.SeriesInstanceUID, values={"study_uid": ds0.StudyInstanceUID,
+        "modality": ds0.Modality, "patient_pseudonym": str(ds0.PatientID)},
     )  # fmt: skip
-    reader = SeriesReader(core.store, key)
-    core.catalog.index_series(p.id, key, reader.headers(), reader.attrs["n_slices"])
     return key
 
 

@@ -17,7 +17,6 @@ from monai.transforms import Orientationd
 from PIL import Image
 
 from core import Core, Settings, SphereError, access, users
-from core.index import index_stored
 from processing.body_hu import BodyHu
 from processing.loader import SeriesDataset
 from processing.remote import Client, RemoteError, RemoteSeriesDataset
@@ -42,13 +41,11 @@ def served(tmp_path_factory):
     settings = Settings(home=tmp / "home", fsync=False)
     new_project(settings, PROJECT)
     keys = []
-    for seed in (1, 2):
+    for seed in (1, 2):  # committed complete and indexed
         dss = ct_series(body_volume(seed=seed), seed=seed)
         keys.append(store_series(settings, PROJECT, dss, tmp / "spool"))
     with Core(settings) as c:
         p = c.project(PROJECT)
-        for key in keys:
-            index_stored(c, p.id, key)
         tokens = {}
         for role, name in (("investigator", "ivy"), ("viewer", "val"), ("none", "nobody")):
             tokens[role] = users.add(c, name)
