@@ -67,7 +67,7 @@ def test_a_servers_log_is_json_lines(tmp_path):
         args, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     try:
-        wait_healthy(f"http://127.0.0.1:{port}", proc, timeout_s=60)
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
         assert requests.get(f"http://127.0.0.1:{port}/nothing/here").status_code == 404
     finally:
         proc.terminate()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 
 import pytest
 import requests
@@ -84,6 +85,16 @@ def test_serve_answers_health_and_refuses_anonymous(tmp_path, workers):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_waiting_for_a_server_that_ended_fails_at_once_with_its_stderr():
+    """wait_healthy's control: a server that exits is reported (exit code, stderr's tail), not
+    waited for until the deadline."""
+    exits = "import sys; sys.stderr.write('cannot bind'); sys.exit(3)"
+    proc = subprocess.Popen([sys.executable, "-c", exits], stderr=subprocess.PIPE, text=True)
+    proc.wait(30)
+    with pytest.raises(AssertionError, match="exit 3:\\ncannot bind"):
+        wait_healthy(f"http://127.0.0.1:{free_port()}", proc, timeout_s=3600)
 
 
 def test_serve_on_a_wrong_home_is_one_line(tmp_path):

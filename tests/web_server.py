@@ -52,16 +52,19 @@ def serving(core: Core) -> Iterator[str]:
         thread.join(20)
 
 
-def wait_healthy(base: str, proc: subprocess.Popen[Any], timeout_s: float = 30) -> None:
-    """Until `base`/healthz answers ok (a `sphere serve` just started as `proc`); fails if the
-    process ends first or the time runs out, or at once on an answer that is not ok."""
+def wait_healthy(base: str, proc: subprocess.Popen[Any], timeout_s: float = 90) -> None:
+    """Until `base`/healthz answers ok (a `sphere serve` just started as `proc`); fails at once
+    if the process ends (with its stderr's tail) or answers not ok, else past the deadline
+    (generous: a loaded machine starts `serve --workers 2` slowly)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             assert requests.get(f"{base}/healthz", timeout=5).ok
             return
         except requests.RequestException:  # not listening yet, or slow to answer at start
-            assert proc.poll() is None, f"the server ended, exit {proc.returncode}"
+            if proc.poll() is not None:
+                tail = proc.stderr.read()[-2000:] if proc.stderr else ""
+                raise AssertionError(f"the server ended, exit {proc.returncode}:\n{tail}") from None
             assert time.monotonic() < deadline, f"no /healthz answer in {timeout_s:.0f} s"
             time.sleep(0.1)
 
