@@ -296,6 +296,22 @@ def test_the_home_is_owner_only_and_a_home_made_before_is_tightened(tmp_path, um
     assert loose(outside) == []
 
 
+def test_a_store_folder_is_reported_tightened_only_when_it_was_loose(tmp_path, caplog):
+    """The warning says what changed: once for a 0755 store folder, nothing on a later open
+    (already 0700) or for a folder made owner-only from the start."""
+    loose_dir, tight_dir = tmp_path / "loose", tmp_path / "tight"
+    loose_dir.mkdir()
+    loose_dir.chmod(0o755)
+    tight_dir.mkdir(mode=0o700)
+    opened = []
+    for folder in (loose_dir, loose_dir, tight_dir):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="core.home"):
+            Core(Settings(home=tmp_path / "home", storage_url=str(folder))).store  # noqa: B018
+        opened.append([r.getMessage() for r in caplog.records if "owner-only" in r.getMessage()])
+    assert opened == [[f"made owner-only (0700): the store's folder {loose_dir}"], [], []]
+
+
 def test_with_postgresql_the_vault_has_its_own_database_and_role(pg_server, tmp_path):
     import psycopg
 
