@@ -1,10 +1,10 @@
 """Download links to an export that stop working after their time.
 
-On S3 a presigned GET (the MinIO SDK): the bucket serves it, so sphere never sees a download;
-the link's creation is what is audited. On a local folder a URL signed with the home's link key
-(`secrets/export-links.key`, made on first use), served by `sphere serve` at
-`/exports/{id}/download`, which checks the signature, the time and the project, and audits each
-download.
+A link is a URL signed with the home's link key (`secrets/export-links.key`, made on first use),
+served by `sphere serve` at `/exports/{id}/download`, which checks the signature, the time and
+the project, and audits each download (or refusal). On a local folder the route streams the
+zip; on S3 it redirects to a fresh presigned GET (the MinIO SDK) that lives a few minutes at
+most (never past the link's own time), so the bytes still come straight from the bucket.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from urllib.parse import urlencode, urlsplit
 from core import Core, SphereError, access, home, projects
 from storage.models import Export
 
-MAX_HOURS = 24 * 7  # S3's longest presigned URL
+MAX_HOURS = 24 * 7  # a week, S3's longest presigned URL too
+REDIRECT_SECONDS = 300  # the presigned GET a download is sent to
 KEY_FILE = "secrets/export-links.key"
 
 
@@ -46,7 +47,7 @@ def signature(core: Core, export_id: str, expires: int) -> str:
 
 
 def valid(core: Core, export_id: str, expires: str, sig: str) -> bool:
-    """Whether a local link's signature is right and its time not over."""
+    """Whether a link's signature is right and its time not over."""
     try:
         when = int(expires)
     except ValueError:
@@ -59,7 +60,7 @@ def link(
     core: Core, export_id: str, hours: float, *, user: Any = None, base_url: str | None = None
 ) -> tuple[str, int]:
     """(URL, expiry as a Unix time) of a finished export, for `export` on its project (which
-    must be active). Audited: the S3 downloads themselves are not seen by sphere."""
+    must be active). Audited, as is each download through it."""
     row = core.catalog.export(export_id)
     if row is None:
         raise SphereError(f"no export '{export_id}' (see `sphere export list PROJECT`)")
@@ -70,16 +71,10 @@ def link(
     if not 0 < hours <= MAX_HOURS:
         raise SphereError(f"--hours is more than 0 and at most {MAX_HOURS}")
     expires = int(time.time() + hours * 3600)
-    url = core.settings.resolved_storage_url()
-    if url.startswith("s3://"):
-        out = _presigned(core, url, row, hours)
-        kind = "presigned"
-    else:
-        base = base_url or _public_url(core)
-        query = urlencode({"expires": expires, "sig": signature(core, row.id, expires)})
-        out = f"{base}/exports/{row.id}/download?{query}"
-        kind = "signed"
-    core.catalog.audit(who.name, "export.link", row.project, export=row.id, hours=hours, kind=kind)
+    base = base_url or _public_url(core)
+    query = urlencode({"expires": expires, "sig": signature(core, row.id, expires)})
+    out = f"{base}/exports/{row.id}/download?{query}"
+    core.catalog.audit(who.name, "export.link", row.project, export=row.id, hours=hours)
     return out, expires
 
 
@@ -88,9 +83,15 @@ def _public_url(core: Core) -> str:
     return (web.public_url or f"http://{web.host}:{web.port}").rstrip("/")
 
 
-def _presigned(core: Core, url: str, row: Export, hours: float) -> str:
+def presigned(core: Core, row: Export, expires: int) -> str | None:
+    """A presigned GET of an export in an S3 store, living REDIRECT_SECONDS at most and never
+    past `expires` (the link's time); None if the object is gone."""
     from minio import Minio
+    from minio.error import S3Error
 
+    url = core.settings.resolved_storage_url()
+    if not url.startswith("s3://"):
+        return None
     s3 = core.settings.s3
     parts = urlsplit(url)
     prefix = parts.path.strip("/")
@@ -103,4 +104,11 @@ def _presigned(core: Core, url: str, row: Export, hours: float) -> str:
         region=s3.region,
     )
     key = f"{prefix}/{row.key}" if prefix else row.key
-    return client.presigned_get_object(parts.netloc, key, expires=timedelta(hours=hours))
+    try:
+        client.stat_object(parts.netloc, key)
+    except S3Error as e:
+        if e.code in ("NoSuchKey", "NoSuchBucket"):
+            return None
+        raise
+    seconds = max(1, min(REDIRECT_SECONDS, expires - int(time.time())))
+    return client.presigned_get_object(parts.netloc, key, expires=timedelta(seconds=seconds))

@@ -6,6 +6,7 @@ after its time; no planted identifier is in any export (decoded scan, with its c
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import time
@@ -392,26 +393,68 @@ def test_an_opted_out_patients_exports_are_deleted(tmp_path, corpus):
             links.link(c, theirs.id, 1)
 
 
-def test_s3_export_and_a_presigned_link_that_expires(tmp_path, corpus, s3_server):
+def test_s3_export_and_a_link_through_sphere_to_a_short_presigned_get(
+    tmp_path, corpus, s3_server, monkeypatch
+):
+    """On S3 the link is sphere's: each download audited (one row), then a 307 to a presigned
+    GET of at most 5 minutes that gives the zip's bytes. A link whose time is over, or with a
+    tampered signature, is refused (403, no redirect) and audited. Control: the route with its
+    audit taken out still redirects, and the row count shows the missing row."""
     bucket = s3_server.new_bucket()
     s3 = S3Options(
         endpoint=s3_server.endpoint, access_key=s3_server.access_key,
         secret_key=s3_server.secret_key, region=s3_server.region, allow_http=True,
     )  # fmt: skip
-    with Core(make_site(tmp_path, corpus, f"s3://{bucket}/sphere", s3).settings) as c:
+    site = make_site(tmp_path, corpus, f"s3://{bucket}/sphere", s3)
+    with Core(site.settings) as c:
         row = export.export(c, "ex", "dicom")  # a multipart upload, as a stream
         z = zip_of(c, row)
         n = sum(se.n_instances for se, _ in c.catalog.export_series(c.project("ex").id))
         assert len([n for n in z.namelist() if n.endswith(".dcm")]) == n
-        url, _ = links.link(c, row.id, 1)
-        short, _ = links.link(c, row.id, 1 / 3600)
-        stored = run(
-            c.store.get(row.key, __import__("zarr").core.buffer.default_buffer_prototype())
-        ).to_bytes()
-    r = requests.get(url, timeout=30)
-    assert r.status_code == 200 and r.content == stored
-    time.sleep(2.2)
-    assert requests.get(short, timeout=30).status_code == 403
+        stored = hashlib.sha256(
+            run(
+                c.store.get(row.key, __import__("zarr").core.buffer.default_buffer_prototype())
+            ).to_bytes()
+        ).hexdigest()
+
+    def downloads(outcome: str) -> int:
+        with Core(site.settings) as c:
+            trail = c.catalog.audit_trail("ex", 500)
+        return sum(r.action == "export.download" and r.outcome == outcome for r in trail)
+
+    def through(link: str) -> requests.Response:
+        r = requests.get(link, timeout=30, allow_redirects=False)
+        assert r.status_code == 307, r.text
+        there = r.headers["location"]
+        assert there.startswith(s3_server.endpoint) and "X-Amz-Expires=300" in there
+        assert scan_bytes("redirect", there.encode(), corpus.phi) == []
+        return requests.get(there, timeout=30)
+
+    with serving(Core(site.settings, research=True)) as url:
+        with Core(site.settings) as c:
+            good, _ = links.link(c, row.id, 1, base_url=url)
+            short, _ = links.link(c, row.id, 1 / 3600, base_url=url)
+        assert good.startswith(f"{url}/exports/{row.id}/download?")
+        assert scan_bytes("link", good.encode(), corpus.phi) == []
+        for _ in range(2):
+            r = through(good)
+            assert r.status_code == 200 and hashlib.sha256(r.content).hexdigest() == stored
+            assert len(r.content) == row.nbytes
+        bad = requests.get(good.replace("sig=", "sig=0"), timeout=30, allow_redirects=False)
+        assert bad.status_code == 403 and "location" not in bad.headers
+        time.sleep(2.2)
+        over = requests.get(short, timeout=30, allow_redirects=False)
+        assert over.status_code == 403 and "location" not in over.headers  # its time is over
+    assert downloads("ok") == 2 and downloads("refused") == 2
+
+    from gateway.web.routes import exports as route
+
+    monkeypatch.setattr(route, "audit", lambda *a, **k: None)  # the fault: no download audit
+    with serving(Core(site.settings, research=True)) as url:
+        with Core(site.settings) as c:
+            again, _ = links.link(c, row.id, 1, base_url=url)
+        assert through(again).status_code == 200
+    assert downloads("ok") == 2  # the check that would fail: 3 downloads, 2 rows
 
 
 def test_nifti_of_a_per_slice_rescale_is_float_hu_equal_to_the_loader(site, tmp_path):

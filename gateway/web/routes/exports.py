@@ -1,8 +1,9 @@
 """Exports on the web: a project's exports page (`/projects/{project}/exports`), starting one
 (POST: recorded, then written by a job node, `processing.export`), a link that expires (POST
-`.../exports/{id}/link`, `gateway.links`), and the download a local link leads to
-(`/exports/{id}/download`: the link is the credential; each download audited). Who may: the role
-table's `export` (a data manager, an investigator of the project)."""
+`.../exports/{id}/link`, `gateway.links`), and the download a link leads to
+(`/exports/{id}/download`: the link is the credential; each download audited; on S3 a redirect
+to a short presigned GET). Who may: the role table's `export` (a data manager, an investigator
+of the project)."""
 
 from __future__ import annotations
 
@@ -125,8 +126,9 @@ def download(
     sig: str = "",
     core: Core = Depends(get_core),
 ) -> Response:
-    """The zip a local signed link leads to: its signature and time checked, the project still
-    approved and in date; refused otherwise (403), audited either way."""
+    """The zip a signed link leads to: its signature and time checked, the project still
+    approved and in date; refused otherwise (403), audited either way. A local zip is streamed;
+    one on S3 is a 307 to a presigned GET of a few minutes (`links.presigned`)."""
     audit(request, "export.download", export=export_id)
     record = request.state.audit
     row = core.catalog.export(export_id) if len(export_id) <= 32 else None
@@ -139,8 +141,12 @@ def download(
     record["actor"] = f"link:{row.actor}"
     project = core.catalog.project(row.project)
     problem = project.approval_problem(date.today()) if project else "no such project"
-    path = local_path(core.store, row.key)
-    if problem or row.state != "done" or path is None or not path.exists():
-        audit(request, refused="export.download")
-        raise HTTPException(403, problem or "this export is no longer kept")
-    return FileResponse(path, media_type="application/zip", filename=f"{row.project}-{row.id}.zip")
+    if not problem and row.state == "done":
+        path = local_path(core.store, row.key)
+        if path is not None and path.exists():
+            name = f"{row.project}-{row.id}.zip"
+            return FileResponse(path, media_type="application/zip", filename=name)
+        if path is None and (there := links.presigned(core, row, int(expires))):
+            return RedirectResponse(there, status_code=307)
+    audit(request, refused="export.download")
+    raise HTTPException(403, problem or "this export is no longer kept")
