@@ -252,8 +252,15 @@ def test_cross_check_logic():
         bad = assign_levels(segs, ribs_on(lowest), sacrum=0)
         assert bad.l1 is None and "transitional" in bad.reason
     assert "sacrum" in assign_levels(segs, ribs_on(6), sacrum=None).reason
+    # a rib missed on one side counts where the sacrum checks the count, not from ribs alone
     one_side = [r for r in ribs_on(6) if not (r.segment == 6 and r.side == 1)]
-    assert assign_levels(segs, one_side, sacrum=0).l1 is None
+    assert assign_levels(segs, one_side, sacrum=0).l1 == 5
+    alone = assign_levels(
+        segs[1:], [Rib(r.z, r.side, 120.0, r.segment - 1) for r in one_side], None, ribs_only=True
+    )
+    assert alone.l1 is None and "one side" in alone.reason
+    one_13th = ribs_on(6) + [Rib(56.0, -1, 120.0, 5)]  # a one-sided rib on L1: disagrees
+    assert "transitional" in assign_levels(segs, one_13th, sacrum=0).reason
     segs[4].gap_below_mm = 40.0  # a body missed between sacrum and ribs
     assert "missing" in assign_levels(segs, ribs_on(6), sacrum=0).reason
     segs[4].gap_below_mm = 10.0

@@ -31,6 +31,7 @@ TYPICAL = {"T8": 19.0, "T9": 20.0, "T10": 21.0, "T11": 22.0, "T12": 23.0, "L1": 
 TYPICAL |= {"L3": 27.0, "L4": 27.0, "L5": 26.0}
 CRUSH = 0.75  # all three heights lost within this of the largest: a crush, graded by the mean
 PLATE_MM = 1.0  # an endplate's thickness, about
+ENDPLATE_HU = 40.0  # an endplate's slice over the body's middle, at least
 NOISE_FLOOR_HU = 3.0  # a slice mean's noise, at least (texture, quantisation)
 
 
@@ -98,9 +99,12 @@ def _between_endplates(
     SD: each edge is first placed at the slice where the profile drops most going outward, from
     the (bright) endplate to the disc, then fitted within a slice or so (`_fit_edge`)."""
     edges, var = [], 0.0
+    # an endplate is brighter than the body's middle: a drop from no brighter is not one (a wall
+    # grazed by the box, noise in a body as dark as the disc)
+    floor = float(np.median(p[max(c - 2, 0) : c + 3])) + ENDPLATE_HU
     for step in (1, -1):
         ks = range(c, hi - 1) if step == 1 else range(c, 0, -1)
-        drops = [(p[k] - p[k + step], k) for k in ks]
+        drops = [(p[k] - p[k + step], k) for k in ks if p[k] >= floor]
         if not drops:
             return None
         drop, k = max(drops)
@@ -142,6 +146,9 @@ def _fit_edge(p: np.ndarray, k: int, step: int, sz: float, sigma: float) -> tupl
             coef = np.array([a[:, 0] @ y / max(float(a[:, 0] @ a[:, 0]), 1e-9), 0.0])
         r = y - a @ coef
         sse[g] = r @ r
+    # the noise: what the best fit leaves (2 degrees of freedom), at most the box's spread (which
+    # counts structure too: a vein, a pedicle), at least a floor
+    sigma = min(sigma, max(NOISE_FLOOR_HU, math.sqrt(float(sse.min()) / max(js.size - 3, 1))))
     w = np.exp(-(sse - sse.min()) / (2.0 * sigma * sigma))
     w /= w.sum()
     mean = float(w @ e[:, 0])

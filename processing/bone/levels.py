@@ -157,12 +157,15 @@ def assign_levels(
     if sacrum is None and lowest - 1 > 4:
         out.reason = "the field's lowest vertebra would be below L5 by the ribs: sacrum expected"
         return out
+    # ribs are paired, and every whole vertebra above the lowest bears them; a rib missed on
+    # one side (thin, coarse slices) is let pass only where the sacrum checks the count (a
+    # one-sided 13th rib then disagrees with it: transitional); from the ribs alone, not
     sides = {r.side for r in ribs if r.segment == lowest}
-    if sides != {-1, 1}:
+    if sides != {-1, 1} and sacrum is None:
         out.reason = "lowest ribs on one side only: rib count ambiguous"
         return out
-    for i in range(lowest, len(segs)):  # every whole vertebra above must bear ribs too
-        if i not in bearing and not segs[i].cut:
+    for i in range(lowest, len(segs)):
+        if i not in bearing and not segs[i].cut and sacrum is None:
             out.reason = "rib pattern irregular (a vertebra above the lowest ribs has none)"
             return out
     for i in range((-1 if sacrum is None else sacrum) + 1, lowest + 1):

@@ -25,6 +25,7 @@ SOLID_MM = 25.0  # thicker, solid, above PELVIC_HU and under DENSE_HU, lateral: 
 DENSE_HU = 350.0
 SACRAL_SLACK_MM = 2.0  # a segment starting this close above the pelvic run is sacral
 S1_ABOVE_RING_MM = 15.0  # S1's top over the highest slice of a sacrum-ilia ring, at most
+UPPER_RING_MM = 25.0  # a higher ring shorter than this, within one body, is not a pelvis
 FUSED_MM = 30.0  # a sacral segment reaching this far above the ring: L5 not parted from S1
 
 
@@ -124,7 +125,9 @@ def place_sacrum(
         if len(out) > 1:  # S1's top lies some way above where its joints establish it
             out[1].gap_below_mm = max((out[1].z0 - stop) * sz - S1_ABOVE_RING_MM, 0.0)
         i = 0
-    for a, _ in pelvis.runs[1:]:  # a pelvis-like ring over a lumbar body: upside down, or odd
+    for a, b in pelvis.runs[1:]:  # a pelvis-like ring over a lumbar body: upside down, or odd
+        if _beside_one_body(a, b, out, sz):
+            continue
         if any(s.z_mid < a for s in out[i + 1 :]):
             return (
                 out,
@@ -132,3 +135,12 @@ def place_sacrum(
                 "a pelvis-like ring above a lumbar body: orientation or anatomy unclear",
             )
     return out, i, ""
+
+
+def _beside_one_body(a: int, b: int, segs: list[Segment], sz: float) -> bool:
+    """Whether slices [a, b) are a short run at one vertebra's level, no disc within: bone and
+    bright vessels reaching out beside a lumbar body (transverse processes, arteries in an
+    arterial phase), not a sacrum with its ilia (fused segments over several discs' height)."""
+    if (b - a) * sz >= UPPER_RING_MM:
+        return False
+    return any(s.z0 <= a and b <= s.z1 for s in segs)
