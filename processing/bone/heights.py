@@ -105,6 +105,8 @@ def _between_endplates(
     for step in (1, -1):
         ks = range(c, hi - 1) if step == 1 else range(c, 0, -1)
         drops = [(p[k] - p[k + step], k) for k in ks if p[k] >= floor]
+        if not drops or max(drops)[0] < 30.0:  # no bright endplate (a sunken one, tilted): any
+            drops = [(p[k] - p[k + step], k) for k in ks]
         if not drops:
             return None
         drop, k = max(drops)
