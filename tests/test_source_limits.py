@@ -12,6 +12,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -610,7 +612,15 @@ def test_a_source_out_of_resources_is_asked_again_after_a_longer_wait(monkeypatc
 
     catalog = Gateway(Settings(home=tmp_path)).catalog
     slept: list[float] = []
-    monkeypatch.setattr(guard.time, "sleep", slept.append)
+    here, real_sleep = threading.get_ident(), time.sleep
+
+    def sleep(s: float) -> None:  # time.sleep is process-wide: other threads keep their clock
+        if threading.get_ident() == here:
+            slept.append(s)
+        else:
+            real_sleep(s)
+
+    monkeypatch.setattr(guard.time, "sleep", sleep)
     src = Source(busy_backoff_s=5, busy_retries=3)
     inner = Busy([0xA702, 0xA700, 0x0000])
     result = guard.Guarded(inner, guard.Breaker(src, inner.echo, catalog), None).retrieve("1", "2")
