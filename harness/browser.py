@@ -24,8 +24,9 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -310,9 +311,7 @@ class Browser:
                 request.finished = True
             elif method == "Network.loadingFailed":
                 request.finished = True
-                request.error = params.get("errorText") or "failed"
-                if params.get("canceled"):
-                    request.error = "canceled"
+                request.error = _failure(params)
 
     def _expect(self, method: str) -> Future[dict[str, Any]]:
         future: Future[dict[str, Any]] = Future()
@@ -334,6 +333,16 @@ class Browser:
     def block(self, *patterns: str) -> None:
         """Fail requests whose URL matches any pattern (`*` wildcards); none unblocks."""
         self.send("Network.setBlockedURLs", urls=list(patterns))
+
+    @contextmanager
+    def blocked(self, *patterns: str) -> Iterator[None]:
+        """`block` within a `with`, lifted however it ends: a block left behind by a
+        failed check fails every later request it matches, in every later test on this page."""
+        self.block(*patterns)
+        try:
+            yield
+        finally:
+            self.block()
 
     def goto(self, url: str) -> None:
         """Navigate and wait for the load event."""
@@ -449,6 +458,17 @@ class Browser:
         if path is not None:
             Path(path).write_bytes(data)
         return data
+
+
+def _failure(params: dict[str, Any]) -> str:
+    """Why a request failed, from `Network.loadingFailed`. Chromium leaves `errorText` empty
+    for a URL the test blocked (`blockedReason` "inspector"): said so, it is not taken for a
+    failed server."""
+    if params.get("canceled"):
+        return "canceled"
+    if reason := params.get("blockedReason"):
+        return f"blocked ({reason})"
+    return params.get("errorText") or "failed"
 
 
 def _page_websocket(port: int, deadline: float) -> str:

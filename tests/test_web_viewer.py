@@ -247,11 +247,22 @@ def _bone_density(settings: Settings, row: Any) -> Any:
 
 
 @pytest.fixture(scope="module")
-def page() -> Iterator[Browser]:
+def browser() -> Iterator[Browser]:
     """One browser for every case (a returning user: OHIF's first-visit tour dims the viewport
     at a moment of its own)."""
     with Browser(timeout_s=PATIENCE_S) as browser:
         yield browser
+
+
+@pytest.fixture
+def page(browser: Browser) -> Browser:
+    """The browser as each test starts on it: nothing blocked, no requests or console lines of
+    an earlier test (a test that failed with frames blocked made every later one fail with
+    'Failed to fetch', and its console lines showed up in the next test's report)."""
+    browser.block()
+    browser.forget_requests()
+    browser.console.clear()
+    return browser
 
 
 def signed_in(page: Browser, served: Served) -> None:
@@ -473,16 +484,15 @@ def test_ohif_shows_the_pulled_ct(served: Served, page: Browser) -> None:
     shown, why, png = open_study(page, missing)
     (SHOTS / "viewer-missing-study.png").write_bytes(png)
     assert not shown, f"the image check passes on a study that does not exist ({why})"
-    page.block("*/frames/*")
     page.forget_requests()
-    shown, why, png = open_study(page, link)
-    (SHOTS / "viewer-no-frames.png").write_bytes(png)
-    assert any("/frames/" in r.url and r.error for r in page.requests)
-    assert not shown, f"the image check passes on a viewport without frames ({why})"
-    assert displayed(page) is None  # nor is any image decoded
+    with page.blocked("*/frames/*"):
+        shown, why, png = open_study(page, link)
+        (SHOTS / "viewer-no-frames.png").write_bytes(png)
+        assert any("/frames/" in r.url and r.error == "blocked (inspector)" for r in page.requests)
+        assert not shown, f"the image check passes on a viewport without frames ({why})"
+        assert displayed(page) is None  # nor is any image decoded
 
     # OHIF's own navigation drops ?project=; the tab remembers it (its study list).
-    page.block()
     page.forget_requests()
     page.goto(f"{served.url}/viewer/")
     page.wait_idle(quiet_s=1.0)
@@ -613,7 +623,11 @@ def test_ohif_shows_the_bone_density_sr_with_its_l1_value(served: Served, page: 
     SHOTS.mkdir(parents=True, exist_ok=True)
     signed_in(page, served)
     value = f"{served.l1_hu:.2f}"  # OHIF's label: the NUM to two decimals, then its unit
-    for _ in range(2):  # the page once more when an image fetch failed (seen under load)
+    # Once more when OHIF shows the SR's slice without its outline and label: seen once in a
+    # full run under load, every request answered (its report's "Failed to fetch" lines were
+    # the blocked-frames control's, left in the console); the cause is not known. A failed
+    # request is not retried: it is reported.
+    for _ in range(2):
         page.console.clear()
         open_bone_sr(page, served)
         (SHOTS / "viewer-bone-before-sr.png").write_bytes(page.screenshot())
@@ -622,15 +636,13 @@ def test_ohif_shows_the_bone_density_sr_with_its_l1_value(served: Served, page: 
         assert page.wait_for(open_sr_js()), "no SR thumbnail in the study panel"
         deadline = time.monotonic() + PATIENCE_S
         while value not in page.evaluate(TEXT_JS) and time.monotonic() < deadline:
-            if any("Failed to fetch" in line for line in page.console[-20:]):
-                break
             time.sleep(0.3)
-        if value in page.evaluate(TEXT_JS):
+        broken = [(r.status, r.error, r.url) for r in page.requests if not _succeeded(r)]
+        if value in page.evaluate(TEXT_JS) or broken:
             break
     png = page.screenshot()
     (SHOTS / "viewer-bone-sr.png").write_bytes(png)
     text = page.evaluate(TEXT_JS)
-    broken = [(r.status, r.error, r.url) for r in page.requests if not _succeeded(r)]
     assert value in text, (
         f"L1 {value} HU not shown; see {SHOTS / 'viewer-bone-sr.png'}; "
         f"console: {page.console[-5:]}; "
