@@ -290,6 +290,41 @@ def test_slow_headers_and_bodies_are_cut(edge):
     )
 
 
+def test_a_pipelined_request_is_not_cut_while_it_is_answered(edge, monkeypatch):
+    """A request sent behind another on one connection (HTTP/1.1 pipelining) is answered in
+    full though its answer takes longer than header_timeout_s (2 s here): the header deadline
+    set when the first answer ends is for a request not yet received, not for this one. After
+    an answer, a next request that is slow to come is still cut (the deadline is still set)."""
+    from dicom import query as qido
+
+    real = qido.matches
+
+    def slow(query, ds):  # 301 rows: some 6 s, three header deadlines
+        time.sleep(0.02)
+        return real(query, ds)
+
+    monkeypatch.setattr(qido, "matches", slow)
+    first = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    second = (
+        f"GET /projects/edge/dicom-web/instances?{COMMENTS}={HOSTILE} HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {edge.token}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    answer = raw(edge, first + second, timeout=60)
+    assert answer.count(b"HTTP/1.1 200 OK\r\n") == 2, answer[:300]
+    assert answer.rstrip().endswith(b"]")  # the search's JSON, whole
+    with socket.create_connection((edge.host, int(edge.port)), timeout=30) as s:
+        s.sendall(first)
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        try:
+            for byte in b"GET /healthz HTTP/1.1\r\nX-Slow: " + b"a" * 40:
+                s.sendall(bytes([byte]))
+                time.sleep(0.25)
+        except OSError:
+            pass  # cut: what is wanted
+        s.settimeout(30)
+        assert s.recv(100) == b""  # closed before the headers were all sent
+
+
 # -- headers -----------------------------------------------------------------------------------
 
 

@@ -42,8 +42,10 @@ class TimedProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing():
-            self._arm(self.header_timeout_s)  # the next request's headers
+        # The next request's headers, unless it is in already (pipelined: uvicorn has just
+        # started it, and its answer may take what any answer takes).
+        if not self.transport.is_closing() and self.cycle.response_complete:
+            self._arm(self.header_timeout_s)
 
     def _arm(self, seconds: float | None) -> None:
         if self._deadline is not None:
