@@ -9,6 +9,7 @@ ending above the sacrum, a field cutting L1, graded fractures (Genant; at L1, T1
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -119,6 +120,39 @@ class Outcome:
     ribs_only: bool
     flags: list[str]
 
+    @property
+    def l1_fracture(self) -> tuple[float, int] | None:
+        """The true L1 fracture of a graded-fracture case: (slice spacing, Genant grade)."""
+        o = dict(self.case.options)
+        frac = o.get("fracture")
+        if not frac or frac[0] != "L1":
+            return None
+        return float(o["slice_spacing_mm"]), int(frac[2])
+
+    @property
+    def l1_read(self) -> str:
+        """How the pipeline read L1's fracture: "refused 2", "refused 3", "grade 1",
+        "possible 0-1", "possible 1-2", "sound" (measured, no flag) or "refused: other"."""
+        text = (
+            self.reason
+            if not self.measured
+            else " ".join(f for f in self.flags if f.startswith("L1 "))
+        )
+        m = re.search(r"Genant grade (\d(?:-\d)?)", text)
+        if not self.measured:
+            return f"refused {m.group(1)}" if m and "fractured" in text else "refused: other"
+        if m is None:
+            return "sound"
+        return ("possible " if "possible" in text else "grade ") + m.group(1)
+
+
+def same_body(got: tuple[int, int], want: tuple[int, int]) -> bool:
+    """Whether the slices named L1 [start, stop) are the true L1's: most of them lie in its
+    slices. A body's wall signal may end short of its endplates (a wedge loses its front
+    height), but a neighbour's slices overlap L1's by a disc's width at most."""
+    overlap = min(got[1], want[1]) - max(got[0], want[0])
+    return overlap > 0.5 * (got[1] - got[0])
+
 
 def score(case: Case, truth: PhantomTruth, rep: Any, rule: str = "both") -> Outcome:
     """What the pipeline's report `rep` (processing.bone.BoneReport) made of a case."""
@@ -130,7 +164,7 @@ def score(case: Case, truth: PhantomTruth, rep: Any, rule: str = "both") -> Outc
     right = None
     if rep.measurable:
         got, want = rep.levels["L1"].slices, truth.z_slices.get("L1")
-        mislabel = want is None or abs(got[0] - want[0]) > 1 or abs(got[1] - want[1]) > 1
+        mislabel = want is None or not same_body(got, want)
         err = float(rep.l1_hu - truth.l1_hu)
         right = rep.bone_class == classify(truth.l1_hu)
     return Outcome(
@@ -180,5 +214,6 @@ def summary(outs: list[Outcome]) -> dict[str, Any]:
             if o.measured and o.case.scenario == "fracture"
         ),
         "lost": dict(lost),
+        "l1 grades": Counter((f, o.l1_read) for o in outs if (f := o.l1_fracture)),
         "refused": dict(refused),
     }

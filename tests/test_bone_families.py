@@ -290,3 +290,50 @@ def test_cli_level_rule(tmp_path):
     with Core(Settings(home=tmp_path / "home")) as core:
         (job,) = core.catalog.jobs("pp")
     assert job.params == {"pipeline": "bone-density", "level_rule": "ribs-if-no-sacrum"}
+
+
+# --- cases the draws turned up ---------------------------------------------------------------
+
+
+def test_l1_beside_a_crushed_l2_is_measured_in_its_body():
+    """Draw B #4 (fracture): L2 crushed, an arterial phase, 2 mm pixels. L1's anterior cortex
+    (536 HU, blurred) fell under the bone threshold over its middle slices, the wall search
+    found the posterior wall there and L1's ROI landed in the canal (12 HU for a true 185)."""
+    o = run(draw("B", 4, "fracture"))
+    assert o.expect and o.measured and not o.mislabel, o.reason
+    assert abs(o.error_hu) <= 10.0, o.error_hu
+
+
+def test_lost_wall_runs_are_dropped():
+    """The rule behind it: a run of slices whose wall lies > 8 mm behind the runs above and
+    below is dropped; a run in front of them (or a lone end run) is kept."""
+    from processing.bone.segment import _drop_lost_wall
+
+    y = np.array([84.0] * 10 + [100.0] * 6 + [86.0] * 10)
+    on = np.ones(y.size, bool)
+    assert not _drop_lost_wall(on, y, 2.0)[10:16].any()
+    assert _drop_lost_wall(on, y, 2.0)[:10].all() and _drop_lost_wall(on, y, 2.0)[16:].all()
+    ahead = np.array([84.0] * 10 + [70.0] * 6 + [86.0] * 10)
+    assert _drop_lost_wall(on, ahead, 2.0).all()
+    assert _drop_lost_wall(on, y, 0.5).all()  # 16 px at 0.5 mm: 8 mm, not more
+
+
+def test_dim_sound_spine_is_not_read_as_a_wedge():
+    """Draw B #9 (sound): bodies of 55 HU, noise 24 HU, 2.5 mm slices. No bright endplate at
+    L1's anterior rim: the largest drop was a dip inside the body (the profile climbs back),
+    which read a 33 % wedge and refused a sound L1."""
+    o = run(draw("B", 9))
+    assert o.case.scenario == "sound" and o.expect
+    assert o.measured and not o.mislabel, o.reason
+    assert not any("fracture" in f for f in o.flags if f.startswith("L1")), o.flags
+
+
+def test_mislabel_score_catches_a_neighbour():
+    """The score's L1 check: a wall extent shortened at one end is still L1; a neighbour's
+    slices (the positive control) are a mislabel."""
+    from harness.bone_cases import same_body
+
+    l1, t12, l2 = (159, 180), (186, 206), (136, 151)
+    assert same_body((163, 180), l1) and same_body((159, 176), l1)
+    assert not same_body(t12, l1) and not same_body(l2, l1)
+    assert not same_body((170, 190), l1)  # half in L1, half in the disc and T12

@@ -107,6 +107,18 @@ def _between_endplates(
         drops = [(p[k] - p[k + step], k) for k in ks if p[k] >= floor]
         if not drops or max(drops)[0] < 30.0:  # no bright endplate (a sunken one, tilted): any
             drops = [(p[k] - p[k + step], k) for k in ks]
+            # but one the profile climbs back from is a dip inside the body (a dim body, the
+            # wall grazing the box), not the disc: the disc stays low for ~6 mm
+            ahead = max(2, math.ceil(6.0 / sz))
+            stays = [
+                (d, k)
+                for d, k in drops
+                if p[[j for j in range(k + step, k + step * (ahead + 1), step) if 0 <= j < hi]].max(
+                    initial=-np.inf
+                )
+                < p[k] - 15.0
+            ]
+            drops = stays or drops
         if not drops:
             return None
         drop, k = max(drops)

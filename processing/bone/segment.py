@@ -92,6 +92,24 @@ def _best_path(coarse: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(path[::-1], device=coarse.device)
 
 
+def _drop_lost_wall(on: np.ndarray, y_first: np.ndarray, sy: float) -> np.ndarray:
+    """`on` without the runs of slices where the wall found lies more than 8 mm behind the wall
+    of the runs above and below it: a thin anterior cortex lost at coarse pixels (dimmer than
+    the threshold over a body's middle) lets the search find its posterior wall, and enough
+    such slices (with discs between) carry the running median back with them."""
+    idx = np.nonzero(on)[0]
+    if idx.size < 3:
+        return on
+    ys = y_first[idx]
+    runs = np.split(np.arange(idx.size), np.nonzero(np.abs(np.diff(ys)) * sy >= 4.0)[0] + 1)
+    depth = [float(np.median(ys[r])) for r in runs]
+    out = on.copy()
+    for k in range(1, len(runs) - 1):
+        if min(depth[k] - depth[k - 1], depth[k] - depth[k + 1]) * sy > 8.0:
+            out[idx[runs[k]]] = False
+    return out
+
+
 def find_column(vol: torch.Tensor, spacing: tuple[float, float, float], bone_hu: float) -> Column:
     """Track the spinal column and the bodies' anterior wall through every slice."""
     sz, sy, sx = spacing
@@ -162,6 +180,7 @@ def find_column(vol: torch.Tensor, spacing: tuple[float, float, float], bone_hu:
     with np.errstate(invalid="ignore"):
         on = np.abs(y_first - run_med) * sy < 8.0
     on &= ~np.isnan(y_first)
+    on = _drop_lost_wall(on, y_first, sy)
     if on.sum() < 2:  # no wall found: a flat guess; no segment will come of it
         y_ant = np.full(nz, ty.mean() - 30.0 / sy)
     else:
