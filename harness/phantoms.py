@@ -9,6 +9,7 @@ from processing.bone.phantoms import (
     PhantomTruth,
     fracture_grade,
     make_phantom,
+    placed,
 )
 
 __all__ = [
@@ -19,4 +20,5 @@ __all__ = [
     "PhantomTruth",
     "fracture_grade",
     "make_phantom",
+    "placed",
 ]

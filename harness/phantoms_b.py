@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from harness.phantoms import LEVEL_CODES, PhantomTruth, fracture_grade
+from harness.phantoms import LEVEL_CODES, PhantomTruth, fracture_grade, placed
 
 # name, half-width, half-depth, height, disc under it (mm), bottom-up from S1
 _TABLE = [
@@ -547,16 +547,9 @@ def make_phantom_b(spec: SpecB | None = None, **kw) -> tuple[np.ndarray, Phantom
         and not spec.metal_l1
     )
 
-    affine = np.zeros((4, 4))
-    affine[0, 2], affine[1, 1], affine[2, 0], affine[3, 3] = px, px, sz, 1.0
-    affine[:3, 3] = [-(nx - 1) / 2 * px, -(ny - 1) / 2 * px, float(centres[0]) if nz else lo]
-    for axis, flip in enumerate((spec.flip_z, spec.flip_y, spec.flip_x)):
-        if flip:
-            vol, labels = np.flip(vol, axis), np.flip(labels, axis)
-            affine[:3, 3] += affine[:3, axis] * (vol.shape[axis] - 1)
-            affine[:3, axis] *= -1
-            if axis == 0:
-                z_slices = {n: (nz - b, nz - a) for n, (a, b) in z_slices.items()}
+    vol, labels, affine, z_slices = placed(
+        vol, labels, z_slices, px, sz, float(centres[0]) if nz else lo, spec
+    )
     truth = PhantomTruth(
         spacing=(sz, px, px),
         affine=affine,

@@ -528,20 +528,9 @@ def make_phantom(spec: PhantomSpec | None = None, /, **kw: Any) -> tuple[np.ndar
     elif spec.metal_l1:
         reason = "metal in L1"
 
-    affine = np.zeros((4, 4))
-    affine[0, 2], affine[1, 1], affine[2, 0], affine[3, 3] = px, px, sz, 1.0
-    affine[:3, 3] = [-(nx - 1) / 2 * px, -(ny - 1) / 2 * px, float(centres[0]) if nz else lo]
-    shape = (nz, ny, nx)
-    for axis, flip in enumerate((spec.flip_z, spec.flip_y, spec.flip_x)):
-        if not flip:
-            continue
-        vol = np.flip(vol, axis)
-        labels = np.flip(labels, axis)
-        n = shape[axis]
-        affine[:3, 3] += affine[:3, axis] * (n - 1)
-        affine[:3, axis] *= -1
-        if axis == 0:
-            z_slices = {k: (nz - b, nz - a) for k, (a, b) in z_slices.items()}
+    vol, labels, affine, z_slices = placed(
+        vol, labels, z_slices, px, sz, float(centres[0]) if nz else lo, spec
+    )
     truth = PhantomTruth(
         spacing=(sz, px, px),
         affine=affine,
@@ -570,3 +559,30 @@ def make_phantom(spec: PhantomSpec | None = None, /, **kw: Any) -> tuple[np.ndar
         and not spec.metal_l1,
     )
     return np.ascontiguousarray(vol), truth
+
+
+def placed(
+    vol: np.ndarray,
+    labels: np.ndarray,
+    z_slices: dict[str, tuple[int, int]],
+    px: float,
+    sz: float,
+    z0: float,
+    spec: Any,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, tuple[int, int]]]:
+    """A phantom's affine (LPS mm; first slice at z0, the field centred in plane) and the flips
+    its spec asks for (`flip_z`, `flip_y`, `flip_x`), applied to the volume, its labels, the
+    affine and the truth's slice ranges alike (one step for both phantom families)."""
+    nz, ny, nx = vol.shape
+    affine = np.zeros((4, 4))
+    affine[0, 2], affine[1, 1], affine[2, 0], affine[3, 3] = px, px, sz, 1.0
+    affine[:3, 3] = [-(nx - 1) / 2 * px, -(ny - 1) / 2 * px, z0]
+    for axis, flip in enumerate((spec.flip_z, spec.flip_y, spec.flip_x)):
+        if not flip:
+            continue
+        vol, labels = np.flip(vol, axis), np.flip(labels, axis)
+        affine[:3, 3] += affine[:3, axis] * (vol.shape[axis] - 1)
+        affine[:3, axis] *= -1
+        if axis == 0:
+            z_slices = {k: (nz - b, nz - a) for k, (a, b) in z_slices.items()}
+    return vol, labels, affine, z_slices
