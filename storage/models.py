@@ -55,6 +55,13 @@ def get_or_add(s: Session, model: type[M], **keys: Any) -> M:
     return row
 
 
+def set_series(s: Session, project_id: int, series_uid: str, values: dict[str, Any]) -> None:
+    """Create or update a series row (by pseudonymous UID) with these column values."""
+    row = get_or_add(s, SeriesRecord, project_id=project_id, series_uid=series_uid)
+    for k, v in values.items():
+        setattr(row, k, v)
+
+
 class Project(Base):
     __tablename__ = "projects"
 

@@ -15,7 +15,7 @@ from storage import audit as chain
 from storage import index
 from storage.catalog.audit import audit_values
 from storage.catalog.db import Queries
-from storage.models import IndexedInstance, IndexedSeries, IndexedStudy, SeriesRecord, get_or_add
+from storage.models import IndexedInstance, IndexedSeries, IndexedStudy, set_series
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,8 @@ class IndexQueries(Queries):
         row (actor, action, project, outcome, detail). All of it or none of it."""
         with self.session() as s:
             index.write_series(s, project_id, storage_key, headers, n_images)
-            row = get_or_add(s, SeriesRecord, project_id=project_id, series_uid=series_uid)
-            for k, v in {**values, "status": "complete", "storage_key": storage_key}.items():
-                setattr(row, k, v)
+            done = {"status": "complete", "storage_key": storage_key}
+            set_series(s, project_id, series_uid, {**values, **done})
             if audit is not None:  # last: the chain's head stays locked until the commit
                 chain.append(s, audit_values([audit]))
         self._refresh_statistics()

@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 
 from storage.catalog.db import Queries
-from storage.models import SeriesRecord, get_or_add, rowcount
+from storage.models import SeriesRecord, rowcount, set_series
 
 
 class SeriesQueries(Queries):
@@ -67,9 +67,7 @@ class SeriesQueries(Queries):
     def upsert_series(self, project_id: int, series_uid: str, **values: Any) -> None:
         """Create or update a series row (by pseudonymous UID) with these column values."""
         with self.session() as s:
-            row = get_or_add(s, SeriesRecord, project_id=project_id, series_uid=series_uid)
-            for k, v in values.items():
-                setattr(row, k, v)
+            set_series(s, project_id, series_uid, values)
 
     def fail_pending(self, project_id: int, error: str) -> int:
         """Mark a project's pending series failed (a pull that stopped); returns how many."""
