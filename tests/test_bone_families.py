@@ -337,3 +337,13 @@ def test_mislabel_score_catches_a_neighbour():
     assert same_body((163, 180), l1) and same_body((159, 176), l1)
     assert not same_body(t12, l1) and not same_body(l2, l1)
     assert not same_body((170, 190), l1)  # half in L1, half in the disc and T12
+
+
+def test_sacrum_top_a_slice_above_the_ring_is_not_l5():
+    """Draw B #116 (13 rib pairs, a low-density sacrum, 2.5 mm slices): the wall signal saw S1's
+    top as a short body starting in the slice after the sacrum-ilia ring's last one. Counted as
+    L5, it made "five above the sacrum" agree with the 13th rib: L2 was measured as L1. A
+    segment starting within a slice of the ring's top is sacral: transitional, refused."""
+    o = run(draw("B", 116))
+    assert o.case.scenario == "transitional" and not o.expect
+    assert not o.measured and "transitional" in o.reason, o.reason

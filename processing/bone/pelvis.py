@@ -109,7 +109,10 @@ def place_sacrum(
         return segs, None, ""
     start, stop = pelvis.runs[0]
     top = stop - 1
-    sacral = [i for i, s in enumerate(segs) if s.z0 <= top + SACRAL_SLACK_MM / sz]
+    # at least the next slice: a segment starting there starts at the ring's top, give or take
+    # the slice (the L5-S1 disc parts a true L5 from it by more)
+    slack = max(SACRAL_SLACK_MM / sz, 1.0)
+    sacral = [i for i, s in enumerate(segs) if s.z0 <= top + slack]
     if sacral:
         i = sacral[-1]
         if (segs[i].z1 - top) * sz > FUSED_MM:
