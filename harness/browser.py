@@ -365,12 +365,19 @@ class Browser:
         return result.get("result", {}).get("value")
 
     def wait_for(self, expression: str, timeout_s: float | None = None) -> Any:
-        """Poll a JavaScript expression until it is truthy; its value."""
+        """Poll a JavaScript expression until it is truthy (in JavaScript); its value (an
+        element: True). Truthiness is JavaScript's: an element comes back by value as {}, which
+        Python takes for false, so a wait on `querySelector(...) || ...` never ended once the
+        element was there."""
         limit = timeout_s or self.timeout_s
         deadline = time.monotonic() + limit
+        probe = (
+            f"(async () => {{ const v = await ({expression});"
+            " return [!!v, v instanceof Node || v]; })()"
+        )
         while True:
-            value = self.evaluate(expression)
-            if value:
+            truthy, value = self.evaluate(probe)
+            if truthy:
                 return value
             if time.monotonic() > deadline:
                 raise BrowserError(f"still false after {limit:g}s: {expression}")

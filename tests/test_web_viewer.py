@@ -594,6 +594,20 @@ def open_bone_sr(page: Browser, served: Served, study: str = "") -> None:
     page.wait_idle(quiet_s=1.0, timeout_s=PATIENCE_S)
 
 
+# What the viewports show and which annotations OHIF's tools hold (their tool and image): said
+# when the SR's label is not drawn, to tell an annotation never made from one not drawn.
+ANNOTATIONS_JS = """(() => {
+  const t = window.cornerstoneTools, cs = window.cornerstone;
+  if (!t || !cs) return null;
+  const shown = cs.getEnabledElements().map(e => e.viewport && e.viewport.getCurrentImageId
+    && e.viewport.getCurrentImageId()).filter(Boolean);
+  const sr = t.annotation.state.getAllAnnotations()
+    .filter(a => a.metadata.toolName === 'DICOMSRDisplay');
+  return {images_shown: shown.length, sr_annotations: sr.length,
+          on_a_shown_image: sr.filter(a => shown.includes(a.metadata.referencedImageId)).length,
+          hidden: sr.filter(a => a.isVisible === false).length};
+})()"""
+
 # The rows of OHIF's measurement panel, as the user reads them.
 PANEL_ROWS_JS = """[...document.querySelectorAll('[data-cy^="measurement-table-row-"]')]
   .map(e => e.innerText)"""
@@ -646,7 +660,7 @@ def test_ohif_shows_the_bone_density_sr_with_its_l1_value(served: Served, page: 
     assert value in text, (
         f"L1 {value} HU not shown; see {SHOTS / 'viewer-bone-sr.png'}; "
         f"console: {page.console[-5:]}; "
-        f"failed requests: {broken[:5]}"
+        f"failed requests: {broken[:5]}; OHIF: {page.evaluate(ANNOTATIONS_JS)}"
     )
     assert "L1 vertebra" in text  # the label beside the L1 outline, drawn on its slice
 
