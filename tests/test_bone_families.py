@@ -347,3 +347,15 @@ def test_sacrum_top_a_slice_above_the_ring_is_not_l5():
     o = run(draw("B", 116))
     assert o.case.scenario == "transitional" and not o.expect
     assert not o.measured and "transitional" in o.reason, o.reason
+
+
+def test_sacrum_ring_broken_at_a_dim_midline_is_found():
+    """Held-out draw B #162 (5 mm slices, 2 mm pixels, a 71 HU sacrum, scoliosis): the sacral
+    body stays under the pelvic threshold at the midline, so the sacrum-ilia ring is two halves,
+    each reaching out past 85 mm and in to the column. It was refused "sacrum not in the field"
+    with the sacrum in the field; the halves now make the ring (the control: a field ending in
+    L4 still finds none, `test_no_sacrum_no_pelvis_found`)."""
+    o = run(draw("B", 162))
+    assert o.case.scenario == "sound" and o.expect
+    assert o.measured and not o.mislabel, o.reason
+    assert abs(o.error_hu) <= 10.0

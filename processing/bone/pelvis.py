@@ -20,6 +20,7 @@ PELVIC_HU = 150.0  # a thin, partial-volumed cortex of a low-density sacrum stil
 JOINT_MM = 3.0  # closing radius: bridges a sacroiliac joint space (2-4 mm) and thin-cortex gaps
 REACH_MM = 85.0  # from the column, on both sides: a sacrum joined to its ilia reaches that far
 # (a rib seen in one slice with its vertebra runs 6-7 cm out before it leaves the slice)
+MIDLINE_GAP_MM = 10.0  # a ring's halves parted at a dim sacral body end this close to the column
 MIN_RUN_MM = 10.0  # pelvic slices over less than this establish nothing (ribs span ~8 mm)
 SOLID_MM = 25.0  # thicker, solid, above PELVIC_HU and under DENSE_HU, lateral: an organ
 DENSE_HU = 350.0
@@ -82,6 +83,11 @@ def find_pelvis(vol: torch.Tensor, col: Column, spacing: tuple[float, float, flo
     held[ids[edge]] = False
     ring = held & (lo <= -REACH_MM) & (hi >= REACH_MM)
     pelvic[np.unique(zz[ring[ids]])] = True
+    # a low-density sacral body may not show above PELVIC_HU at the midline: the ring broken
+    # there still counts, when its two halves each reach out REACH_MM and in to the column
+    left = held & (lo <= -REACH_MM) & (hi >= -MIDLINE_GAP_MM)
+    right = held & (hi >= REACH_MM) & (lo <= MIDLINE_GAP_MM)
+    pelvic[np.intersect1d(zz[left[ids]], zz[right[ids]])] = True
     runs, z = [], 0
     while z < nz:
         if pelvic[z]:
