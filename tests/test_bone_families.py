@@ -158,7 +158,8 @@ def test_grade_2_3_at_l1_refused(family, kind, grade):
 def test_grade_1_at_l1_on_25_mm_slices_is_never_passed_as_sound(family, kind):
     """On 2.5 mm slices a grade 1 (22 % lost, ~6 mm) is seen but not graded for sure (the line
     to grade 2 is ~1.3 mm, half a slice): measured and flagged a (possible) mild fracture, or,
-    read at 25 % or more, refused saying grade 1 is not ruled out; never measured unflagged."""
+    read at 25 % or more (or with grade 2 within its SD), refused saying which grades the slices
+    leave open; never measured unflagged."""
     _, truth, rep = case(family, fracture=("L1", kind, 1), sclerotic=True)
     assert truth.l1_measurable and truth.fractures["L1"][1] == 1
     if rep.measurable:
@@ -166,7 +167,7 @@ def test_grade_1_at_l1_on_25_mm_slices_is_never_passed_as_sound(family, kind):
         assert any(f.startswith(("L1 mild fracture", "L1 possible mild fracture")) for f in flags)
         assert abs(rep.l1_hu - truth.l1_hu) <= 10.0
     else:
-        assert "grade 1 not ruled out" in rep.reason, rep.reason
+        assert "not ruled out on these slices" in rep.reason, rep.reason
 
 
 THIN = dict(shape_yx=(256, 256), pixel_mm=1.25, slice_spacing_mm=1.25)
@@ -175,19 +176,44 @@ THIN = dict(shape_yx=(256, 256), pixel_mm=1.25, slice_spacing_mm=1.25)
 @pytest.mark.parametrize("kind", ["wedge", "crush"])
 def test_family_b_grade_1_flagged_grade_2_refused_on_thin_slices(kind):
     """Family B (grades tuned on A), 1.25 mm slices: the same fracture at 22.5 % of the height
-    (grade 1) is measured and flagged with the loss read within 2.5 % of the truth, at 32.5 %
-    (grade 2) refused as fractured. Control: the sound spine of the same draw has no flag."""
+    (grade 1) is read within 2.5 % of the truth, with an SD of 1-2 %: measured and flagged a
+    mild fracture, or, where the read loss's SD reaches 25 %, refused with grade 2 not ruled
+    out; at 32.5 % (grade 2) refused as fractured. Control: the sound spine of the same draw has
+    no flag."""
     _, truth, sound = case("B", **THIN)
     assert sound.measurable and not any("fracture" in f for f in sound.flags), sound.flags
     _, truth, g1 = case("B", **THIN, fracture=("L1", kind, 1), fracture_loss=0.225)
-    assert truth.fractures["L1"][1] == 1 and g1.measurable, g1.reason
+    assert truth.fractures["L1"][1] == 1
     (flag,) = [f for f in g1.levels["L1"].flags if "fracture" in f]
-    assert flag.startswith(("mild fracture: Genant grade 1", "possible mild fracture")), flag
+    if g1.measurable:
+        assert flag.startswith("mild fracture: Genant grade 1"), flag
+    else:
+        assert flag.startswith("fractured: Genant grade 1-2?") and "grade 2 not" in flag, flag
     read = float(flag.split("% ±")[0].rsplit(" ", 1)[1]) / 100
     assert abs(read - 0.225) <= 0.025, flag
     _, truth, g2 = case("B", **THIN, fracture=("L1", kind, 2), fracture_loss=0.325)
     assert truth.fractures["L1"][1] == 2 and not g2.measurable
     assert "fractured: Genant grade 2" in g2.reason, g2.reason
+
+
+def test_grade_2_within_the_sd_is_refused():
+    """Held-out fracture draw B #107: a grade 2 wedge (32.5 %) on 2.5 mm slices with a sclerotic
+    band read 24 % ± 4 %: the SD reaches grade 2, and it is refused, not measured as a
+    possible mild fracture (a grade 2 measured is a wrong value; a grade 1 refused is a lost
+    case). The flag's rule alone, the control: the same loss with an SD short of grade 2 is
+    measured and flagged."""
+    from processing.bone.heights import Fracture
+    from processing.bone.measure import _fracture_flag
+
+    o = run(draw("B", 107, "fracture"))
+    assert dict(o.case.options)["fracture"] == ("L1", "wedge", 2) and not o.expect
+    assert not o.measured and "grade 2 not ruled out" in o.reason, o.reason
+    assert _fracture_flag(Fracture(1, "wedge", 0.23, 0.03)).startswith(
+        "fractured: Genant grade 1-2?"
+    )
+    assert _fracture_flag(Fracture(1, "wedge", 0.22, 0.01)).startswith("mild fracture")
+    assert _fracture_flag(Fracture(0, "wedge", 0.18, 0.03)).startswith("possible mild fracture")
+    assert _fracture_flag(Fracture(0, "wedge", 0.10, 0.03)) == ""
 
 
 @pytest.mark.parametrize("family,level", [("B", "T12"), ("A", "L2")])

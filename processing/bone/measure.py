@@ -305,19 +305,20 @@ def _grade_levels(
 
 
 def _fracture_flag(f: Fracture) -> str:
-    """A level's flag for its grade. Grade 2-3 as read: fractured (refused, saying when grade 1
-    is within the loss's SD: a grade 2 measured would be a wrong value, a grade 1 refused only a
-    lost case). Grade 1 that holds over the SD: a mild fracture. A loss under 25 % whose SD
-    spans a grade line (slices too coarse: grade 1 is ~1.3 mm short of grade 2 on a 25 mm body):
-    a possible mild fracture, measured and flagged with the grades it may be."""
+    """A level's flag for its grade. Grade 2-3 as read, or a lesser loss whose SD reaches grade
+    2: fractured (refused, saying which grades the slices leave open: a grade 2 measured would
+    be a wrong value, a grade 1 refused only a lost case). Grade 1 that holds over the SD: a
+    mild fracture. A loss whose SD spans the line between grades 0 and 1 (slices too coarse):
+    a possible mild fracture, measured and flagged."""
     how = f"{f.kind}, {f.loss:.0%} ± {f.sd:.0%} of height lost"
     if f.grade >= 2:
         maybe = "" if f.loss - f.sd >= G2 else "; grade 1 not ruled out on these slices"
         return f"fractured: Genant grade {f.grade} ({how}{maybe})"
+    lo = 0 if f.loss - f.sd < G1 else 1
+    if f.loss + f.sd >= G2:
+        return f"fractured: Genant grade {lo}-2? ({how}; grade 2 not ruled out on these slices)"
     if f.grade == 1 and f.sure:
         return f"{MILD}: Genant grade 1 ({how})"
     if f.grade == 1 or not f.sure:
-        hi = 2 if f.loss + f.sd >= G2 else 1
-        lo = 0 if f.loss - f.sd < G1 else 1
-        return f"{POSSIBLE}: Genant grade {lo}-{hi}? ({how}; these slices cannot grade it)"
+        return f"{POSSIBLE}: Genant grade 0-1? ({how}; these slices cannot grade it)"
     return ""
