@@ -18,14 +18,13 @@ import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 
-from harness.bone_cases import Case, Outcome, draw, run, summary
+from harness.bone_cases import draw, run, summary
 
 
-def _one(job: tuple[Case, str]) -> Outcome:
+def _one_thread() -> None:
     import torch
 
     torch.set_num_threads(1)  # one case per core
-    return run(*job)
 
 
 def grades_table(grades: dict[str, Counter]) -> None:
@@ -52,9 +51,9 @@ def main() -> None:
     t0 = time.monotonic()
     sums = {}
     idx = range(args.start, args.start + args.n)
-    with ProcessPoolExecutor(args.jobs) as pool:
+    with ProcessPoolExecutor(args.jobs, initializer=_one_thread) as pool:
         runs = {
-            fam: pool.map(_one, [(draw(fam, i, args.scenario), args.rule) for i in idx])
+            fam: pool.map(run, [draw(fam, i, args.scenario) for i in idx], [args.rule] * len(idx))
             for fam in ("A", "B")
         }
         for fam in ("A", "B"):

@@ -131,8 +131,9 @@ class Outcome:
 
     @property
     def l1_read(self) -> str:
-        """How the pipeline read L1's fracture: "refused 2", "refused 3", "grade 1",
-        "possible 0-1", "possible 1-2", "sound" (measured, no flag) or "refused: other"."""
+        """How the pipeline read L1's fracture: "refused 2", "refused 3", "refused 1-2" or
+        "refused 0-2" (grade 2 not ruled out), "grade 1", "possible 0-1", "sound" (measured,
+        no flag) or "refused: other"."""
         text = (
             self.reason
             if not self.measured

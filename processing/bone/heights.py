@@ -113,10 +113,7 @@ def _between_endplates(
             stays = [
                 (d, k)
                 for d, k in drops
-                if p[[j for j in range(k + step, k + step * (ahead + 1), step) if 0 <= j < hi]].max(
-                    initial=-np.inf
-                )
-                < p[k] - 15.0
+                if _past(p, k, step, ahead, hi).max(initial=-np.inf) < p[k] - 15.0
             ]
             drops = stays or drops
         if not drops:
@@ -128,6 +125,11 @@ def _between_endplates(
         edges.append(m)
         var += sd * sd
     return abs(edges[0] - edges[1]) * sz, math.sqrt(var) * sz
+
+
+def _past(p: np.ndarray, k: int, step: int, n: int, hi: int) -> np.ndarray:
+    """The profile's next `n` values past slice k going `step`, within [0, hi)."""
+    return p[k + 1 : min(k + 1 + n, hi)] if step == 1 else p[max(k - n, 0) : k]
 
 
 def _fit_edge(p: np.ndarray, k: int, step: int, sz: float, sigma: float) -> tuple[float, float]:
