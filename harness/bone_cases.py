@@ -209,7 +209,7 @@ def summary(outs: list[Outcome]) -> dict[str, Any]:
         "max error HU": round(float(errs.max()), 1) if errs.size else None,
         "class right": sum(bool(o.class_right) for o in measured),
         "mislabels": sum(o.mislabel for o in outs),
-        "grade-1 flagged": sum(
+        "fracture flagged": sum(  # measured with a fracture named (L1 grade 1, T12, L2)
             any("fracture" in f for f in o.flags)
             for o in outs
             if o.measured and o.case.scenario == "fracture"
