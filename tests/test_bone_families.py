@@ -10,7 +10,7 @@ from functools import lru_cache
 import numpy as np
 import pytest
 
-from harness.bone_cases import draw, run
+from harness.bone_cases import Case, draw, run
 from harness.phantoms import LEVEL_CODES, make_phantom
 from harness.phantoms_b import make_phantom_b
 from processing.bone import measure_bone_density
@@ -337,11 +337,27 @@ def test_lost_wall_runs_are_dropped():
 
     y = np.array([84.0] * 10 + [100.0] * 6 + [86.0] * 10)
     on = np.ones(y.size, bool)
-    assert not _drop_lost_wall(on, y, 2.0)[10:16].any()
-    assert _drop_lost_wall(on, y, 2.0)[:10].all() and _drop_lost_wall(on, y, 2.0)[16:].all()
+    kept = _drop_lost_wall(on, y, 2.0, 1.25)
+    assert not kept[10:16].any() and kept[:10].all() and kept[16:].all()
     ahead = np.array([84.0] * 10 + [70.0] * 6 + [86.0] * 10)
-    assert _drop_lost_wall(on, ahead, 2.0).all()
-    assert _drop_lost_wall(on, y, 0.5).all()  # 16 px at 0.5 mm: 8 mm, not more
+    assert _drop_lost_wall(on, ahead, 2.0, 1.25).all()
+    assert _drop_lost_wall(on, y, 0.5, 1.25).all()  # 16 px at 0.5 mm: 8 mm, not more
+    # a run as tall as a body behind short runs in front (S1's top, a vessel) is its wall
+    body = np.array([72.0] * 3 + [81.0] * 11 + [71.0] * 2 + [81.0] * 10)
+    assert _drop_lost_wall(np.ones(body.size, bool), body, 2.0, 2.5).all()
+    assert not _drop_lost_wall(np.ones(body.size, bool), body, 2.0, 1.25)[3:14].any()
+
+
+def test_l5_behind_short_runs_in_front_is_kept():
+    """Fracture draw B #304, sound (2 mm pixels, 2.5 mm slices, a 73 HU body): L5's wall lay
+    18 mm behind two short runs in front of it (S1's top, something at L4's foot) and was
+    dropped as a lost wall; the 42 mm gap it left was refused 'a vertebra may be missing'."""
+    o = dict(draw("B", 304, "fracture").options)
+    o.pop("fracture")
+    o["sclerotic"] = False
+    out = run(Case("B", "fracture", tuple(sorted(o.items()))))
+    assert out.expect and out.measured and not out.mislabel, out.reason
+    assert abs(out.error_hu) <= 4.0, out.error_hu
 
 
 def test_dim_sound_spine_is_not_read_as_a_wedge():

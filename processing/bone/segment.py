@@ -92,11 +92,16 @@ def _best_path(coarse: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(path[::-1], device=coarse.device)
 
 
-def _drop_lost_wall(on: np.ndarray, y_first: np.ndarray, sy: float) -> np.ndarray:
+LOST_MAX_MM = 15.0  # a wall lost over a body's middle spans less than ~60 % of the shortest body
+
+
+def _drop_lost_wall(on: np.ndarray, y_first: np.ndarray, sy: float, sz: float) -> np.ndarray:
     """`on` without the runs of slices where the wall found lies more than 8 mm behind the wall
-    of the runs above and below it: a thin anterior cortex lost at coarse pixels (dimmer than
-    the threshold over a body's middle) lets the search find its posterior wall, and enough
-    such slices (with discs between) carry the running median back with them."""
+    of the runs above and below it: a thin anterior cortex lost at
+    coarse pixels (dimmer than the threshold over a body's middle) lets the search find its
+    posterior wall, and enough such slices (with discs between) carry the running median back
+    with them. Only a run within a body's middle (under `LOST_MAX_MM`) is such: a run as tall
+    as a body is that body's wall (L5 behind S1's top and a vessel at L4's foot, 2 mm pixels)."""
     idx = np.nonzero(on)[0]
     if idx.size < 3:
         return on
@@ -105,7 +110,8 @@ def _drop_lost_wall(on: np.ndarray, y_first: np.ndarray, sy: float) -> np.ndarra
     depth = [float(np.median(ys[r])) for r in runs]
     out = on.copy()
     for k in range(1, len(runs) - 1):
-        if min(depth[k] - depth[k - 1], depth[k] - depth[k + 1]) * sy > 8.0:
+        behind = min(depth[k] - depth[k - 1], depth[k] - depth[k + 1]) * sy > 8.0
+        if behind and (idx[runs[k][-1]] - idx[runs[k][0]] + 1) * sz < LOST_MAX_MM:
             out[idx[runs[k]]] = False
     return out
 
@@ -180,7 +186,7 @@ def find_column(vol: torch.Tensor, spacing: tuple[float, float, float], bone_hu:
     with np.errstate(invalid="ignore"):
         on = np.abs(y_first - run_med) * sy < 8.0
     on &= ~np.isnan(y_first)
-    on = _drop_lost_wall(on, y_first, sy)
+    on = _drop_lost_wall(on, y_first, sy, sz)
     if on.sum() < 2:  # no wall found: a flat guess; no segment will come of it
         y_ant = np.full(nz, ty.mean() - 30.0 / sy)
     else:
