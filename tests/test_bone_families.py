@@ -216,6 +216,27 @@ def test_grade_2_within_the_sd_is_refused():
     assert _fracture_flag(Fracture(0, "wedge", 0.10, 0.03)) == ""
 
 
+@pytest.mark.parametrize("family,draw_of,true_loss", [("A", 311, 0.24), ("B", None, 0.225)])
+def test_sclerotic_band_on_thick_slices_is_not_read_as_a_grade_more(family, draw_of, true_loss):
+    """A grade 1 crush with a sclerotic band under its sunken endplate, 2.5 mm slices: a thin
+    endplate fitted to the band put the edge a slice inside (A: fracture draw #311's field
+    read 30 % +- 3 % for 24 %; B: 35 % +- 4 %, a "wedge", for 22.5 %: both "grade 2" with
+    grade 1 ruled out). The bright layer's thickness is now left open on such slices: the read
+    lies within 2 SD of the truth and leaves grade 1 open. Control: a grade 3 crush with the
+    same band is still refused."""
+    base = dict(draw(family, draw_of, "fracture").options) if draw_of is not None else {}
+    frac = {**base, "sclerotic": True, "fracture": ("L1", "crush", 1), "fracture_loss": true_loss}
+    _, truth, rep = case(family, **frac)
+    assert truth.fractures["L1"] == ("crush", 1, True) and truth.spacing[0] == 2.5
+    (flag,) = [f for f in rep.levels["L1"].flags if "fracture" in f]
+    assert "crush, " in flag, flag
+    loss, sd = (float(v) / 100 for v in flag.split("crush, ")[1].split("% of")[0].split("% ± "))
+    assert abs(loss - true_loss) <= 2 * sd, flag
+    assert rep.measurable or "grade 1" in flag.split("(")[0] or "grade 1 not" in flag, flag
+    _, truth, g3 = case(family, **{**frac, "fracture_loss": 0.45})
+    assert not g3.measurable and "fractured: Genant grade" in g3.reason, g3.reason
+
+
 @pytest.mark.parametrize("family,level", [("B", "T12"), ("A", "L2")])
 def test_fracture_next_to_l1_does_not_stop_it(family, level):
     _, truth, rep = case(family, fracture=(level, "crush", 3), sclerotic=True)

@@ -31,6 +31,10 @@ TYPICAL = {"T8": 19.0, "T9": 20.0, "T10": 21.0, "T11": 22.0, "T12": 23.0, "L1": 
 TYPICAL |= {"L3": 27.0, "L4": 27.0, "L5": 26.0}
 CRUSH = 0.75  # all three heights lost within this of the largest: a crush, graded by the mean
 PLATE_MM = 1.0  # an endplate's thickness, about
+# the bright layer at an edge, on thick slices: an endplate alone, or with a sclerotic band under
+# it (condensed trabeculae, a few mm); thinner slices see the band as the inside's own HU
+LAYERS_MM = (PLATE_MM, 2.0, 3.0, 4.5)
+BAND_SEEN_MM = 2.0
 ENDPLATE_HU = 40.0  # an endplate's slice over the body's middle, at least
 NOISE_FLOOR_HU = 3.0  # a slice mean's noise, at least (texture, quantisation)
 
@@ -134,41 +138,53 @@ def _past(p: np.ndarray, k: int, step: int, n: int, hi: int) -> np.ndarray:
 
 def _fit_edge(p: np.ndarray, k: int, step: int, sz: float, sigma: float) -> tuple[float, float]:
     """Where (slice units) the body ends near slice k, its last slice inside going `step`, and
-    the SD of that: each slice holds the disc, a thin endplate (`PLATE_MM`, of unknown HU) and
-    the inside (unknown HU, a sclerotic band's or the trabecular bone's) in the proportions an
-    edge at E makes; E weighed over the slice on either side by how well it explains the five
-    slices about it (a least-squares fit per E, a flat prior, noise `sigma`). Partial volume so
-    places an edge within a slice where the inside differs from the disc; where the two look
-    alike, only the endplate's share of two slices does, and the SD says how little is known."""
+    the SD of that: each slice holds the disc, a bright layer at the edge (of unknown HU) and
+    the inside (of unknown HU) in the proportions an edge at E makes; E weighed over the slice
+    on either side by how well it explains the five slices about it (a least-squares fit per E,
+    a flat prior, noise `sigma`). The layer is the endplate (`PLATE_MM`); on slices too thick
+    to resolve it, also a sclerotic band under it (`LAYERS_MM`, weighed alike): a band read as
+    a thin plate puts the edge a slice inside, so a graded body reads a grade too low in height.
+    Partial volume so places an edge within a slice where the inside differs from the disc;
+    where the two look alike, only the layer's share of two slices does, and the SD says how
+    little is known."""
     n = p.size
     js = np.array([k + step * d for d in (-2, -1, 0, 1, 2)])
     js = js[(js >= 0) & (js < n)]
     far = k + 2 * step if 0 <= k + 2 * step < n else k + step
-    e = np.linspace(k - 0.5 * step, k + 1.5 * step, 81)[:, None]
-    lo, hi = js[None, :] - 0.5, js[None, :] + 0.5
-    eps = PLATE_MM / sz
+    e = np.linspace(k - 0.5 * step, k + 1.5 * step, 81)[:, None, None]
+    t = np.array(LAYERS_MM if sz > BAND_SEEN_MM else (PLATE_MM,))[None, :, None] / sz
+    lo, hi = js - 0.5, js + 0.5
     if step == 1:  # the body below the edge
         inside = np.clip(e - lo, 0.0, 1.0)
-        plate = np.clip(np.minimum(hi, e) - np.maximum(lo, e - eps), 0.0, 1.0)
+        layer = np.clip(np.minimum(hi, e) - np.maximum(lo, e - t), 0.0, 1.0)
     else:
         inside = np.clip(hi - e, 0.0, 1.0)
-        plate = np.clip(np.minimum(hi, e + eps) - np.maximum(lo, e), 0.0, 1.0)
-    y = p[js] - p[far]
-    sse = np.empty(e.shape[0])
-    for g in range(e.shape[0]):
-        a = np.stack([inside[g], plate[g]], 1)
-        coef = np.linalg.lstsq(a, y, rcond=None)[0]
-        if coef[1] < 0.0:  # an endplate is not darker than what it covers
-            coef = np.array([a[:, 0] @ y / max(float(a[:, 0] @ a[:, 0]), 1e-9), 0.0])
-        r = y - a @ coef
-        sse[g] = r @ r
+        layer = np.clip(np.minimum(hi, e + t) - np.maximum(lo, e), 0.0, 1.0)
+    inside = np.broadcast_to(inside, layer.shape)
+    sse = _fit2(inside, layer, p[js] - p[far])
     # the noise: what the best fit leaves (2 degrees of freedom), at most the box's spread (which
     # counts structure too: a vein, a pedicle), at least a floor
     sigma = min(sigma, max(NOISE_FLOOR_HU, math.sqrt(float(sse.min()) / max(js.size - 3, 1))))
-    w = np.exp(-(sse - sse.min()) / (2.0 * sigma * sigma))
+    w = np.exp(-(sse - sse.min()) / (2.0 * sigma * sigma)).sum(1)
     w /= w.sum()
-    mean = float(w @ e[:, 0])
-    return mean, math.sqrt(float(w @ (e[:, 0] - mean) ** 2))
+    mean = float(w @ e[:, 0, 0])
+    return mean, math.sqrt(float(w @ (e[:, 0, 0] - mean) ** 2))
+
+
+def _fit2(a: np.ndarray, b: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Residual sum of squares of y ~ ca * a + cb * b (cb >= 0: an endplate is not darker than
+    what it covers), for every row of a and b (..., n) at once."""
+    aa, bb, ab = (a * a).sum(-1), (b * b).sum(-1), (a * b).sum(-1)
+    ay, by, yy = a @ y, b @ y, float(y @ y)
+    det = aa * bb - ab * ab
+    ok = det > 1e-9 * np.maximum(aa * bb, 1e-12)
+    safe = np.where(ok, det, 1.0)
+    ca, cb = (bb * ay - ab * by) / safe, (aa * by - ab * ay) / safe
+    both = yy - ca * ay - cb * by  # the normal equations' residual
+    only_a = yy - ay * ay / np.maximum(aa, 1e-12)  # cb pinned at 0 (or a and b collinear)
+    only_b = np.where(by > 0, yy - by * by / np.maximum(bb, 1e-12), yy)
+    one = np.minimum(only_a, np.where(ok, yy, only_b))
+    return np.maximum(np.where(ok & (cb >= 0.0), both, one), 0.0)
 
 
 @dataclass
