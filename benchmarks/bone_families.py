@@ -3,9 +3,11 @@ reason, mislabels. The same N draws (harness.bone_cases) are rendered by family 
 (harness.phantoms) and family B (harness.phantoms_b) and run on the CPU.
 
     .venv/bin/python benchmarks/bone_families.py [--n 60] [--rule both|ribs-if-no-sacrum]
-        [--start 0] [--scenario fracture] [--show] [--jobs 2]
+        [--start 0] [--scenario fracture] [--l1-grade 0 1 2] [--show] [--jobs 2]
 
-Last, the L1 fractures' grades as read, by slice spacing and true grade (Genant), per family.
+Last, the L1 fractures' grades as read, by slice spacing and true grade (Genant), per family,
+and the losses read against the truth. `--l1-grade` takes the fracture draws and moves each
+one's fracture to L1 at the grades given (0: none), for many L1 grades from few draws.
 
 Figures are printed, not asserted.
 """
@@ -18,7 +20,7 @@ import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 
-from harness.bone_cases import draw, run, summary
+from harness.bone_cases import at_l1, draw, run, summary
 
 
 def _one_thread() -> None:
@@ -45,6 +47,13 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=0, help="first case index")
     ap.add_argument("--rule", default="both", choices=["both", "ribs-if-no-sacrum"])
     ap.add_argument("--scenario", default=None, help="only this scenario (e.g. fracture)")
+    ap.add_argument(
+        "--l1-grade",
+        type=int,
+        nargs="+",
+        choices=[0, 1, 2, 3],
+        help="fracture draws, each with its fracture moved to L1 at these grades (0: none)",
+    )
     ap.add_argument("--show", action="store_true", help="a line per case that went wrong")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="cases run at once")
     args = ap.parse_args()
@@ -52,13 +61,17 @@ def main() -> None:
     sums = {}
     idx = range(args.start, args.start + args.n)
     with ProcessPoolExecutor(args.jobs, initializer=_one_thread) as pool:
-        runs = {
-            fam: pool.map(run, [draw(fam, i, args.scenario) for i in idx], [args.rule] * len(idx))
-            for fam in ("A", "B")
-        }
+        cases = {fam: [draw(fam, i, args.scenario) for i in idx] for fam in ("A", "B")}
+        if args.l1_grade:
+            cases = {
+                fam: [at_l1(draw(fam, i, "fracture"), g) for i in idx for g in args.l1_grade]
+                for fam in ("A", "B")
+            }
+        runs = {fam: pool.map(run, cs, [args.rule] * len(cs)) for fam, cs in cases.items()}
         for fam in ("A", "B"):
             outs = []
-            for i, o in zip(idx, runs[fam], strict=True):
+            for o in runs[fam]:
+                i = dict(o.case.options)["seed"]
                 case = o.case
                 outs.append(o)
                 bad = o.mislabel or (o.expect != o.measured) or (o.error_hu and abs(o.error_hu) > 4)

@@ -18,6 +18,7 @@ import numpy as np
 
 from harness.phantoms import PhantomTruth, make_phantom
 from harness.phantoms_b import make_phantom_b
+from processing.bone.phantoms import FRACTURE_GRADES
 
 SCENARIOS = (  # name, weight
     ("sound", 0.45),
@@ -88,6 +89,22 @@ def draw(family: str, index: int, scenario: str | None = None) -> Case:
     return Case(family, scen, tuple(sorted(o.items())))
 
 
+def at_l1(case: Case, grade: int) -> Case:
+    """A fracture draw with its fracture moved to L1 at Genant `grade` (its kind and band kept,
+    the loss drawn within the grade, 0.5 % clear of its lines), or with none (`grade` 0): many
+    L1 grades from few draws, to count how each is read."""
+    o = dict(case.options)
+    if grade == 0:
+        o.pop("fracture", None)
+        o["sclerotic"] = False
+    else:
+        lo, hi = FRACTURE_GRADES[grade]
+        rng = np.random.default_rng([int(o["seed"]), 18, grade])
+        o["fracture"] = ("L1", o["fracture"][1], grade)
+        o["fracture_loss"] = float(rng.uniform(lo + 0.005, hi - 0.005))
+    return Case(case.family, case.scenario, tuple(sorted(o.items())))
+
+
 REASONS = (  # what a refusal said, by words in it
     ("transitional", "transitional anatomy"),
     ("sacrum not in the field", "sacrum not in the field"),
@@ -130,15 +147,28 @@ class Outcome:
         return float(o["slice_spacing_mm"]), int(frac[2])
 
     @property
+    def _l1_flags(self) -> list[str]:
+        return [f for f in self.flags if f.startswith("L1 ")]
+
+    @property
+    def l1_loss(self) -> tuple[float, float, float] | None:
+        """A graded L1 fracture's height loss: (true, as read, its SD), None unread."""
+        o = dict(self.case.options)
+        frac = o.get("fracture")
+        text = self.reason if not self.measured else " ".join(self._l1_flags)
+        m = re.search(r", (\d+)% ± (\d+)% of height lost", text)
+        if not frac or frac[0] != "L1" or m is None:
+            return None
+        lo, hi = FRACTURE_GRADES[int(frac[2])]
+        true = o.get("fracture_loss") or (lo + hi) / 2
+        return float(true), int(m.group(1)) / 100, int(m.group(2)) / 100
+
+    @property
     def l1_read(self) -> str:
         """How the pipeline read L1's fracture: "refused 2", "refused 3", "refused 1-2" or
         "refused 0-2" (grade 2 not ruled out), "grade 1", "possible 0-1", "sound" (measured,
         no flag) or "refused: other"."""
-        text = (
-            self.reason
-            if not self.measured
-            else " ".join(f for f in self.flags if f.startswith("L1 "))
-        )
+        text = self.reason if not self.measured else " ".join(self._l1_flags)
         m = re.search(r"Genant grade (\d(?:-\d)?)", text)
         if not self.measured:
             return f"refused {m.group(1)}" if m and "fractured" in text else "refused: other"
@@ -192,6 +222,14 @@ def run(case: Case, rule: str = "both") -> Outcome:
     return score(case, truth, rep, rule)
 
 
+def _loss_errors(reads: list[tuple[float, float, float]]) -> str | None:
+    """L1 losses as read against the truth: the median error, and how many lie within 2 SD."""
+    if not reads:
+        return None
+    near = sum(abs(r - t) <= 2 * sd for t, r, sd in reads)
+    return f"{np.median([r - t for t, r, _ in reads]):+.1%}, {near}/{len(reads)} in 2 SD"
+
+
 def summary(outs: list[Outcome]) -> dict[str, Any]:
     """Counts and errors of a set of outcomes (one family, one rule)."""
     measured = [o for o in outs if o.measured and not o.mislabel]
@@ -216,5 +254,6 @@ def summary(outs: list[Outcome]) -> dict[str, Any]:
         ),
         "lost": dict(lost),
         "l1 grades": Counter((f, o.l1_read) for o in outs if (f := o.l1_fracture)),
+        "l1 loss read - true": _loss_errors([x for o in outs if (x := o.l1_loss)]),
         "refused": dict(refused),
     }

@@ -391,6 +391,26 @@ def test_dim_sound_spine_is_not_read_as_a_wedge():
     assert not any("fracture" in f for f in o.flags if f.startswith("L1")), o.flags
 
 
+def test_l1_grades_forced_and_read():
+    """The harness's forced L1 grades (`at_l1`) and the loss it reads back from a report's words
+    (`Outcome.l1_loss`); controls: grade 0 has no fracture, a T12 flag is not L1's."""
+    from harness.bone_cases import Outcome, at_l1
+
+    base = draw("B", 3, "fracture")
+    g2 = dict(at_l1(base, 2).options)
+    assert g2["fracture"][:1] == ("L1",) and g2["fracture"][2] == 2
+    assert (
+        0.255 <= g2["fracture_loss"] <= 0.395
+        and g2["fracture"][1] == dict(base.options)["fracture"][1]
+    )
+    assert "fracture" not in dict(at_l1(base, 0).options)
+    said = "L1: fractured: Genant grade 2 (crush, 31% ± 3% of height lost)"
+    out = Outcome(at_l1(base, 2), False, False, False, None, None, said, False, [])
+    assert out.l1_loss == (g2["fracture_loss"], 0.31, 0.03)
+    flag = "T12 fractured: Genant grade 3 (wedge, 45% ± 3% of height lost)"
+    assert Outcome(at_l1(base, 2), False, True, False, 0.0, True, "", False, [flag]).l1_loss is None
+
+
 def test_mislabel_score_catches_a_neighbour():
     """The score's L1 check: a wall extent shortened at one end is still L1; a neighbour's
     slices (the positive control) are a mislabel."""
