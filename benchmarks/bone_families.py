@@ -61,12 +61,13 @@ def main() -> None:
     sums = {}
     idx = range(args.start, args.start + args.n)
     with ProcessPoolExecutor(args.jobs, initializer=_one_thread) as pool:
-        cases = {fam: [draw(fam, i, args.scenario) for i in idx] for fam in ("A", "B")}
         if args.l1_grade:
             cases = {
                 fam: [at_l1(draw(fam, i, "fracture"), g) for i in idx for g in args.l1_grade]
                 for fam in ("A", "B")
             }
+        else:
+            cases = {fam: [draw(fam, i, args.scenario) for i in idx] for fam in ("A", "B")}
         runs = {fam: pool.map(run, cs, [args.rule] * len(cs)) for fam, cs in cases.items()}
         for fam in ("A", "B"):
             outs = []

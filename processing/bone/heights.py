@@ -34,7 +34,7 @@ PLATE_MM = 1.0  # an endplate's thickness, about
 # the bright layer at an edge, on thick slices: an endplate alone, or with a sclerotic band under
 # it (condensed trabeculae, a few mm); thinner slices see the band as the inside's own HU
 LAYERS_MM = (PLATE_MM, 2.0, 3.0, 4.5)
-BAND_SEEN_MM = 2.0
+BAND_SEEN_MM = 2.0  # slices up to this thick resolve a band: the endplate alone is fitted
 ENDPLATE_HU = 40.0  # an endplate's slice over the body's middle, at least
 NOISE_FLOOR_HU = 3.0  # a slice mean's noise, at least (texture, quantisation)
 

@@ -97,11 +97,11 @@ LOST_MAX_MM = 15.0  # a wall lost over a body's middle spans less than ~60 % of 
 
 def _drop_lost_wall(on: np.ndarray, y_first: np.ndarray, sy: float, sz: float) -> np.ndarray:
     """`on` without the runs of slices where the wall found lies more than 8 mm behind the wall
-    of the runs above and below it: a thin anterior cortex lost at
-    coarse pixels (dimmer than the threshold over a body's middle) lets the search find its
-    posterior wall, and enough such slices (with discs between) carry the running median back
-    with them. Only a run within a body's middle (under `LOST_MAX_MM`) is such: a run as tall
-    as a body is that body's wall (L5 behind S1's top and a vessel at L4's foot, 2 mm pixels)."""
+    of the runs above and below it: a thin anterior cortex lost at coarse pixels (dimmer than
+    the threshold over a body's middle) lets the search find its posterior wall, and enough
+    such slices (with discs between) carry the running median back with them. Only a run
+    within a body's middle (under `LOST_MAX_MM`) is such: a run as tall as a body is that
+    body's wall (L5 behind S1's top and a vessel at L4's foot, 2 mm pixels)."""
     idx = np.nonzero(on)[0]
     if idx.size < 3:
         return on
