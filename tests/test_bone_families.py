@@ -218,6 +218,46 @@ def test_grade_2_within_the_sd_is_refused():
     assert _fracture_flag(Fracture(0, "wedge", 0.10, 0.03)) == ""
 
 
+@pytest.mark.parametrize("kind", ["crush", "wedge", "biconcave"])
+def test_loss_is_of_the_full_height_past_a_dished_endplate(kind):
+    """Sound bodies whose endplates are dished (a parabola across the depth, 2.6 mm deep in all,
+    as family B draws them) are shorter at 10 % and 90 % of their depth than at their walls: a
+    loss over the peers' tallest height read there came out ~4 % too large (a 22 % crush read
+    as 22.9 %, grade 2 within its SD). Now over the height carried out to the walls. Control:
+    flat endplates (family A) give the same loss as before."""
+    from processing.bone.heights import Heights, grade
+
+    def body(rim: float, dish: float, lost: tuple[float, float, float]) -> Heights:
+        at = [rim - dish * (1 - u * u) for u in (0.8, 0.0, 0.8)]  # u: distance from the middle
+        return Heights(*(h - x for h, x in zip(at, lost, strict=True)), sd=0.1)
+
+    rim, loss = 25.0, 0.22
+    cut = {"crush": (1, 1, 1), "wedge": (0.9 / 1.0, 0.5, 0.1), "biconcave": (0.36, 1, 0.36)}[kind]
+    for dish in (2.6, 0.0):
+        peers = [body(rim, dish, (0.0, 0.0, 0.0))] * 4
+        own = body(rim, dish, tuple(loss * rim * c for c in cut))
+        f = grade(own, peers)
+        assert f is not None and f.kind == kind
+        assert abs(f.loss - loss) < 0.003, (dish, f)
+
+
+@pytest.mark.parametrize("draw_of,grade", [(408, 1), (408, 2), (420, 2)])
+def test_heights_read_through_the_body_centre_at_their_depth(draw_of, grade):
+    """Fracture draws A #408 (biconcave, 1.6 mm pixels, rotated 10 degrees) and #420 (wedge,
+    2 mm pixels), their L1 fractures forced to grades 1 and 2, 1.25 mm slices: heights were
+    read along the column's line, 6 mm off the body's centre where a dish is shallower, at
+    points rounded to a row (10 % of the depth moved back by up to 3 %): losses read 2-4 %
+    low (23.3 % as 21.5 %, 30.5 % as 27 %, 36.7 % as 33.5 %). Now through the body's centre,
+    at the points themselves: within 1 %."""
+    from harness.bone_cases import at_l1
+
+    o = run(at_l1(draw("A", draw_of, "fracture"), grade))
+    assert dict(o.case.options)["slice_spacing_mm"] == 1.25
+    assert o.l1_loss is not None, o.reason
+    true, read, _ = o.l1_loss
+    assert abs(read - true) <= 0.01, (true, o.reason, o.flags)
+
+
 @pytest.mark.parametrize("family,draw_of,true_loss", [("A", 311, 0.24), ("B", None, 0.225)])
 def test_sclerotic_band_on_thick_slices_is_not_read_as_a_grade_more(family, draw_of, true_loss):
     """A grade 1 crush with a sclerotic band under its sunken endplate, 2.5 mm slices: a thin

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from processing.bone.segment import Column, Segment
+from processing.bone.segment import Segment
 
 MAX_SLICE_MM = 3.0  # thicker slices blur an endplate over a fifth of a body: no grading
 POSITIONS = ("anterior", "middle", "posterior")
@@ -29,6 +29,10 @@ NATURAL = 0.01  # neighbours' heights about their trend: a loss is not known bet
 # scaled by these before it stands for another level (values as family A draws them)
 TYPICAL = {"T8": 19.0, "T9": 20.0, "T10": 21.0, "T11": 22.0, "T12": 23.0, "L1": 25.0, "L2": 26.0}
 TYPICAL |= {"L3": 27.0, "L4": 27.0, "L5": 26.0}
+# a sound body's endplates are dished (a parabola across its depth): its full height, at the
+# walls, is above the heights at 10 % and 90 % of the depth by 0.36 / 0.64 of what the middle
+# lacks against them
+DISH_TO_WALL = 0.36 / 0.64
 CRUSH = 0.75  # all three heights lost within this of the largest: a crush, graded by the mean
 PLATE_MM = 1.0  # an endplate's thickness, about
 # the bright layer at an edge, on thick slices: an endplate alone, or with a sclerotic band under
@@ -59,41 +63,55 @@ class Heights:
 
 def body_heights(
     vol: torch.Tensor,
-    col: Column,
     seg: Segment,
     spacing: tuple[float, float, float],
+    cx: float,
     y_front: float,
     y_back: float,
     z_lo: int,
     z_hi: int,
 ) -> Heights | None:
-    """Heights of one body whose depth at the midline runs from row y_front to y_back, its
-    endplates lying in slices [z_lo, z_hi) (from the body under it to the body over it)."""
+    """Heights of one body along column cx (its centre), whose depth there runs from y_front to
+    y_back (the outer borders of its first and last rows, in row units), its endplates lying in
+    slices [z_lo, z_hi) (from the body under it to the body over it). Each height is read in a
+    box about its point, pixels at the box's border weighed by their share of it, so the points
+    keep their place on coarse pixels (rounded to a row, 10 % of the depth moved by up to 3 %)."""
     sz, sy, sx = spacing
     nz, ny, nx = vol.shape
     if sz > MAX_SLICE_MM or y_back - y_front < 8.0 / sy:
         return None
     zm = int(round(seg.z_mid))
-    cx = int(round(col.tx[min(max(zm, 0), nz - 1)]))
     z0, z1 = max(z_lo, 0), min(z_hi, nz)
     if zm - z0 < 2 or z1 - zm < 3:
         return None
-    wx, wy = max(1, round(3.0 / sx)), max(1, round(1.5 / sy))
+    x_lo, wx = _box(cx, max(1, round(3.0 / sx)) + 0.5, nx)
+    hy = max(1, round(1.5 / sy)) + 0.5
     out, sds = [], []
     for f in (0.1, 0.5, 0.9):
-        yc = int(round(y_front + f * (y_back - y_front)))
-        box = vol[z0:z1, max(yc - wy, 0) : yc + wy + 1, max(cx - wx, 0) : cx + wx + 1]
-        flat = box.reshape(box.shape[0], -1)
-        prof = flat.mean(1).cpu().numpy().astype(float)
+        y_lo, wy = _box(y_front + f * (y_back - y_front), hy, ny)
+        box = vol[z0:z1, y_lo : y_lo + wy.size, x_lo : x_lo + wx.size].double()
+        w = torch.as_tensor(np.outer(wy, wx), dtype=box.dtype, device=box.device)
+        prof = ((box * w).sum((1, 2)) / w.sum()).cpu().numpy()
         # the noise of a slice's mean: from the spread inside the box at the body's middle
+        flat = box.reshape(box.shape[0], -1)
         mid = flat[max(zm - z0 - 1, 0) : zm - z0 + 2].std(1).median()
-        sigma = max(NOISE_FLOOR_HU, float(mid) / math.sqrt(flat.shape[1]))
+        sigma = max(NOISE_FLOOR_HU, float(mid) / math.sqrt(float(w.sum())))
         got = _between_endplates(prof, zm - z0, prof.size, sz, sigma)
         if got is None:
             return None
         out.append(got[0])
         sds.append(got[1])
     return Heights(out[0], out[1], out[2], max(sds))
+
+
+def _box(c: float, half: float, n: int) -> tuple[int, np.ndarray]:
+    """The pixels [lo, lo + len(w)) of [0, n) that the interval c +- half (pixel units) covers,
+    and the share of each it covers."""
+    lo = min(max(int(math.floor(c - half + 0.5)), 0), n - 1)
+    hi = min(max(int(math.floor(c + half + 0.5)), lo), n - 1)
+    j = np.arange(lo, hi + 1, dtype=float)
+    w = np.clip(np.minimum(j + 0.5, c + half) - np.maximum(j - 0.5, c - half), 0.0, 1.0)
+    return lo, w if w.sum() > 0 else np.ones_like(w)
 
 
 def _between_endplates(
@@ -207,14 +225,15 @@ def _genant(loss: float) -> int:
 
 def grade(own: Heights, peers: list[Heights]) -> Fracture | None:
     """Grade of a body against its peers (None without peers to compare). Each position's loss
-    is the height lost there over the body's full height (the peers' tallest), as Genant's
-    fractions are of a body's height; the anterior one is carried from 10 % of the depth to the
-    wall (a wedge's loss grows linearly forward); a crush (all three lost alike) by their mean."""
+    is the height lost there over the body's full height (the peers' tallest, carried out to
+    the walls past their endplates' dish), as Genant's fractions are of a body's height; the
+    anterior one is carried from 10 % of the depth to the wall (a wedge's loss grows linearly
+    forward); a crush (all three lost alike) by their mean."""
     if not peers:
         return None
     hs = np.array([p.as_tuple() for p in peers])
     ref = np.median(hs, axis=0)
-    full = max(float(ref.max()), 1e-6)
+    full = max(float(ref.max()) + DISH_TO_WALL * max(float(ref[[0, 2]].mean() - ref[1]), 0.0), 1e-6)
     lost = (ref - np.array(own.as_tuple())) / full
     losses = np.array([1.25 * lost[0] - 0.25 * lost[1], lost[1], lost[2]])
     i = int(np.argmax(losses))

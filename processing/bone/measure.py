@@ -204,13 +204,15 @@ def measure_bone_density(
                 res.flags.append("no trabecular interior found")
             continue
         h, w = r.body.shape
-        cxl = min(max(int(round(col.tx[int(round(s.z_mid))])) - r.x0, 0), w - 1)
-        rows = np.nonzero(r.body[:, cxl])[0]
+        # heights through the body's own centre: the column's line runs off it under axial
+        # rotation or a lateral tilt, where a biconcave body's dish is shallower
+        cx = float(np.nonzero(r.body)[1].mean())
+        rows = np.nonzero(r.body[:, min(max(int(round(cx)), 0), w - 1)])[0]
         if rows.size:
             z_lo = segs[i - 1].z1 if i > 0 else 0
             z_hi = segs[i + 1].z0 if i + 1 < len(segs) else nz
-            y_f, y_b = r.y0 + rows[0], r.y0 + rows[-1]
-            heights[i] = body_heights(vol, col, s, spacing, y_f, y_b, z_lo, z_hi)
+            y_f, y_b = r.y0 + rows[0] - 0.5, r.y0 + rows[-1] + 0.5
+            heights[i] = body_heights(vol, s, spacing, r.x0 + cx, y_f, y_b, z_lo, z_hi)
         body_t = torch.as_tensor(r.body, device=vol.device)
         box = vol[s.z0 : s.z1, r.y0 : r.y0 + h, r.x0 : r.x0 + w]
         if bool((box[:, body_t] > metal_hu).any()):
