@@ -484,3 +484,16 @@ def test_sacrum_ring_broken_at_a_dim_midline_is_found():
     assert o.case.scenario == "sound" and o.expect
     assert o.measured and not o.mislabel, o.reason
     assert abs(o.error_hu) <= 10.0
+
+
+def test_sacrum_ring_parted_off_the_column_line_is_found():
+    """Fracture draw B #474, its L1 left sound (2.5 mm slices, 2 mm pixels, a 42 HU sacrum,
+    scoliosis 11 mm): the ring's two halves are parted 13 mm at the dim sacral body, but the
+    gap lies 6 mm to one side of the column's line, so one half ended 13 mm from it, not within
+    10 mm: refused "sacrum not in the field" with the sacrum in the field. Now the gap between
+    the halves counts (20 mm at most, within 20 mm of the line)."""
+    from harness.bone_cases import at_l1
+
+    o = run(at_l1(draw("B", 474, "fracture"), 0))
+    assert o.expect and o.measured and not o.mislabel, o.reason
+    assert abs(o.error_hu) <= 10.0

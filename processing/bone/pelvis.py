@@ -20,7 +20,9 @@ PELVIC_HU = 150.0  # a thin, partial-volumed cortex of a low-density sacrum stil
 JOINT_MM = 3.0  # closing radius: bridges a sacroiliac joint space (2-4 mm) and thin-cortex gaps
 REACH_MM = 85.0  # from the column, on both sides: a sacrum joined to its ilia reaches that far
 # (a rib seen in one slice with its vertebra runs 6-7 cm out before it leaves the slice)
-MIDLINE_GAP_MM = 10.0  # a ring's halves parted at a dim sacral body end this close to the column
+# a ring's halves parted at a dim sacral body: at most twice this apart, each ending within
+# twice this of the column's line (the sacrum's midline may lie off it, under a scoliosis)
+MIDLINE_GAP_MM = 10.0
 MIN_RUN_MM = 10.0  # pelvic slices over less than this establish nothing (ribs span ~8 mm)
 SOLID_MM = 25.0  # thicker, solid, above PELVIC_HU and under DENSE_HU, lateral: an organ
 DENSE_HU = 350.0
@@ -84,10 +86,14 @@ def find_pelvis(vol: torch.Tensor, col: Column, spacing: tuple[float, float, flo
     ring = held & (lo <= -REACH_MM) & (hi >= REACH_MM)
     pelvic[np.unique(zz[ring[ids]])] = True
     # a low-density sacral body may not show above PELVIC_HU at the midline: the ring broken
-    # there still counts, when its two halves each reach out REACH_MM and in to the column
-    left = held & (lo <= -REACH_MM) & (hi >= -MIDLINE_GAP_MM)
-    right = held & (hi >= REACH_MM) & (lo <= MIDLINE_GAP_MM)
-    pelvic[np.intersect1d(zz[left[ids]], zz[right[ids]])] = True
+    # there still counts, when its two halves each reach out REACH_MM and the gap between them
+    # is narrow and about the column
+    left = held & (lo <= -REACH_MM) & (hi >= -2 * MIDLINE_GAP_MM) & (hi < REACH_MM)
+    right = held & (hi >= REACH_MM) & (lo <= 2 * MIDLINE_GAP_MM) & (lo > -REACH_MM)
+    for z in np.intersect1d(zz[left[ids]], zz[right[ids]]):
+        at = np.unique(ids[zz == z])
+        gap = lo[at[right[at]]].min() - hi[at[left[at]]].max()
+        pelvic[z] |= bool(gap <= 2 * MIDLINE_GAP_MM)
     runs, z = [], 0
     while z < nz:
         if pelvic[z]:
