@@ -229,10 +229,11 @@ def test_loss_is_of_the_full_height_past_a_dished_endplate(kind):
 
     def body(rim: float, dish: float, lost: tuple[float, float, float]) -> Heights:
         at = [rim - dish * (1 - u * u) for u in (0.8, 0.0, 0.8)]  # u: distance from the middle
-        return Heights(*(h - x for h, x in zip(at, lost, strict=True)), sd=0.1)
+        a, m, p = (h - x for h, x in zip(at, lost, strict=True))
+        return Heights(a, m, p, sd=0.1)
 
     rim, loss = 25.0, 0.22
-    cut = {"crush": (1, 1, 1), "wedge": (0.9 / 1.0, 0.5, 0.1), "biconcave": (0.36, 1, 0.36)}[kind]
+    cut = {"crush": (1, 1, 1), "wedge": (0.9, 0.5, 0.1), "biconcave": (0.36, 1, 0.36)}[kind]
     for dish in (2.6, 0.0):
         peers = [body(rim, dish, (0.0, 0.0, 0.0))] * 4
         own = body(rim, dish, tuple(loss * rim * c for c in cut))
