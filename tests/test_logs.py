@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
+import time
 from datetime import date, timedelta
 
 import pytest
@@ -64,14 +66,22 @@ def test_a_servers_log_is_json_lines(tmp_path):
     subprocess.run([*SPHERE, "init"], env=env, capture_output=True, check=True, timeout=60)
     args = [*SPHERE, "--log-format", "json", "-v", "serve", "--workers", "2", "--no-jobs"]
     proc = subprocess.Popen(
-        args, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        args, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
     )
+    got: list[str] = []  # stderr as it comes: the server is healthy once one worker is up
+    reader = threading.Thread(target=lambda: got.extend(iter(proc.stderr.readline, "")))
+    reader.start()
     try:
         wait_healthy(f"http://127.0.0.1:{port}", proc)
         assert requests.get(f"http://127.0.0.1:{port}/nothing/here").status_code == 404
+        until = time.monotonic() + 60.0  # the second worker may still be starting (a busy host)
+        while sum("Started server process" in ln for ln in got) < 2 and time.monotonic() < until:
+            time.sleep(0.2)
     finally:
         proc.terminate()
-        _, err = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
+        reader.join(timeout=30)
+    err = "".join(got)
     assert not_json(err) == []
     lines = [json.loads(ln) for ln in err.splitlines() if ln.strip()]
     said = " ".join(ln["message"] for ln in lines)
