@@ -90,10 +90,12 @@ def find_pelvis(vol: torch.Tensor, col: Column, spacing: tuple[float, float, flo
     # is narrow and about the column
     left = held & (lo <= -REACH_MM) & (hi >= -2 * MIDLINE_GAP_MM) & (hi < REACH_MM)
     right = held & (hi >= REACH_MM) & (lo <= 2 * MIDLINE_GAP_MM) & (lo > -REACH_MM)
-    for z in np.intersect1d(zz[left[ids]], zz[right[ids]]):
-        at = np.unique(ids[zz == z])
-        gap = lo[at[right[at]]].min() - hi[at[left[at]]].max()
-        pelvic[z] |= bool(gap <= 2 * MIDLINE_GAP_MM)
+    comp_z = np.zeros(n + 1, np.int64)  # each component lies within one slice
+    comp_z[ids] = zz
+    inner_left, inner_right = np.full(nz, -np.inf), np.full(nz, np.inf)
+    np.maximum.at(inner_left, comp_z[left], hi[left])
+    np.minimum.at(inner_right, comp_z[right], lo[right])
+    pelvic |= inner_right - inner_left <= 2 * MIDLINE_GAP_MM
     runs, z = [], 0
     while z < nz:
         if pelvic[z]:
