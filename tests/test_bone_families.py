@@ -218,6 +218,51 @@ def test_grade_2_within_the_sd_is_refused():
     assert _fracture_flag(Fracture(0, "wedge", 0.10, 0.03)) == ""
 
 
+def _slab_means(height: float, sz: float, n: int) -> np.ndarray:
+    """A body [0, height) mm between discs (80 HU), 1 mm endplates (500 HU) at both ends and an
+    inside as dark as the discs (80 HU: osteoporotic trabecular bone); the mean of each slice
+    [-20 + k sz, -20 + (k + 1) sz), from the overlaps (exact)."""
+    lo = -20.0 + sz * np.arange(n)
+    out = np.full(n, 80.0)
+    for a in (0.0, height - 1.0):
+        overlap = np.clip(np.minimum(lo + sz, a + 1.0) - np.maximum(lo, a), 0.0, None)
+        out += (500.0 - 80.0) * overlap / sz
+    return out
+
+
+@pytest.mark.parametrize("sz", [2.5, 1.25])
+def test_grade_1_and_2_with_the_same_slices_are_both_refused(sz):
+    """Why no reader can measure every grade 1 and refuse every grade 2 on 2.5 mm slices: a
+    crushed body 25.0 mm tall (21.9 % lost against a 32 mm peer: grade 1) and one 23.6 mm tall
+    (26.3 %: grade 2), endplates 1 mm thick and the inside as dark as the disc, give the very
+    same 2.5 mm slices (each endplate lies within one slice, which its place in it does not
+    change). Both are refused, the read's SD covering both truths. Control, 1.25 mm slices:
+    the slices differ, the grade 1 is measured and flagged and the grade 2 refused."""
+    from processing.bone.heights import Heights, _between_endplates, grade
+    from processing.bone.measure import _fracture_flag
+
+    def read(height: float) -> tuple[np.ndarray, Heights]:
+        p = _slab_means(height, sz, n=int(60 / sz))
+        c = int((20.0 + height / 2) // sz)
+        got = _between_endplates(p, c, p.size, sz, 3.0)
+        assert got is not None
+        return p, Heights(got[0], got[0], got[0], got[1])
+
+    _, peer = read(32.0)
+    (p1, h1), (p2, h2) = read(25.0), read(23.6)
+    f1, f2 = grade(h1, [peer, peer]), grade(h2, [peer, peer])
+    assert f1 is not None and f2 is not None and f1.kind == f2.kind == "crush"
+    flag1, flag2 = _fracture_flag(f1), _fracture_flag(f2)
+    assert flag2.startswith("fractured"), (f2, flag2)  # grade 2: refused
+    if sz == 2.5:
+        assert np.allclose(p1, p2, rtol=0.0, atol=1e-9)  # the very same slices
+        assert flag1 == flag2 and flag1.startswith("fractured"), flag1
+        assert abs(f1.loss - 0.219) <= 2 * f1.sd and abs(f1.loss - 0.263) <= 2 * f1.sd, f1
+    else:
+        assert not np.allclose(p1, p2)
+        assert flag1.startswith(("mild fracture", "possible mild fracture")), (f1, flag1)
+
+
 @pytest.mark.parametrize("kind", ["crush", "wedge", "biconcave"])
 def test_loss_is_of_the_full_height_past_a_dished_endplate(kind):
     """Sound bodies whose endplates are dished (a parabola across the depth, 2.6 mm deep in all,
