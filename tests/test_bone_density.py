@@ -19,7 +19,7 @@ from processing.bone import (
 from processing.bone.levels import CODES, Rib, assign_levels
 from processing.bone.measure import _header_flags
 from processing.bone.orient import canonical_orientation
-from processing.bone.segment import Segment, find_column, split_bodies
+from processing.bone.segment import Segment, find_column, split_bodies, square_max
 
 SMALL = dict(shape_yx=(200, 200), pixel_mm=1.6, slice_spacing_mm=2.5)
 
@@ -88,6 +88,19 @@ ACCURACY = [  # (options beyond SMALL, slice spacing, noise, trabecular HU, seed
         10.0,
     ),
 ]
+
+
+@pytest.mark.parametrize("r", [0, 1, 2, 3, 7, 12])
+def test_square_max_is_max_pool2d(r):
+    """The running max that opens and closes the masks gives max_pool2d's very values (a window
+    2r + 1 wide, stride 1, out-of-range ignored), on masks and on values, at the borders too.
+    Control: a window one wider differs."""
+    g = torch.Generator().manual_seed(r)
+    for shape in ((4, 1, 33, 41), (2, 1, 7, 30)):
+        x = (torch.rand(shape, generator=g) > 0.8).float() * torch.rand(shape, generator=g)
+        want = torch.nn.functional.max_pool2d(x, 2 * r + 1, 1, r)
+        assert torch.equal(square_max(x, r), want), shape
+        assert not torch.equal(square_max(x, r + 1), want), shape
 
 
 @pytest.mark.parametrize("more,sz,noise,hu,seed,tol", ACCURACY)

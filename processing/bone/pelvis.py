@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from processing.bone.segment import Column, Segment
+from processing.bone.segment import Column, Segment, square_max
 
 PELVIC_HU = 150.0  # a thin, partial-volumed cortex of a low-density sacrum still shows above it
 JOINT_MM = 3.0  # closing radius: bridges a sacroiliac joint space (2-4 mm) and thin-cortex gaps
@@ -52,14 +52,14 @@ def find_pelvis(vol: torch.Tensor, col: Column, spacing: tuple[float, float, flo
     # (not the midline, where a sacrum's body is; not what is itself dense bone)
     mean = avg(avg(vol[:, None], f, f, ceil_mode=True), 3, 1, 1, count_include_pad=False)
     k = max(3, round(SOLID_MM / (sx * f)) | 1)
-    eroded = 1.0 - pool(1.0 - ((mean > PELVIC_HU) & (mean < DENSE_HU)).float(), k, 1, k // 2)
-    organ = pool(eroded, k, 1, k // 2) > 0.5
+    eroded = 1.0 - square_max(1.0 - ((mean > PELVIC_HU) & (mean < DENSE_HU)).float(), k // 2)
+    organ = square_max(eroded, k // 2) > 0.5
     organ &= pool((vol > DENSE_HU).float()[:, None], f, f, ceil_mode=True) < 0.5
     xs = (torch.arange(coarse.shape[3], device=vol.device) + 0.5) * f - 0.5
     organ &= ((xs - float(np.median(col.tx))).abs() * sx > 35.0)[None, None, None, :]
     coarse = coarse * (~organ).float()
     r = max(1, round(JOINT_MM / (sx * f)))
-    closed = 1.0 - pool(1.0 - pool(coarse, 2 * r + 1, 1, r), 2 * r + 1, 1, r)
+    closed = 1.0 - square_max(1.0 - square_max(coarse, r), r)
     mask = closed[:, 0].cpu().numpy() > 0.5
     structure = np.zeros((3, 3, 3), bool)
     structure[1] = True  # components within a slice only

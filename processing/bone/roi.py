@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from processing.bone.segment import Column, Segment
+from processing.bone.segment import Column, Segment, square_max
 
 
 @dataclass
@@ -31,7 +31,7 @@ def _grow(mask: torch.Tensor, r: int) -> torch.Tensor:
     if r <= 0:
         return mask
     m = mask.float()[None, None]
-    return torch.nn.functional.max_pool2d(m, 2 * r + 1, 1, r)[0, 0] > 0
+    return square_max(m, r)[0, 0] > 0
 
 
 def _shrink(mask: torch.Tensor, r: int) -> torch.Tensor:

@@ -15,6 +15,27 @@ import numpy as np
 import torch
 
 
+def square_max(x: torch.Tensor, r: int) -> torch.Tensor:
+    """`max_pool2d(x, 2r + 1, 1, r)` over the last two dims of a float tensor, as a running max
+    along each: the same values, in ~log2(r) passes instead of (2r + 1)² comparisons a pixel (a
+    15-pixel window over a 500-slice CT took over a second)."""
+    return _running_max(_running_max(x, r, x.dim() - 1), r, x.dim() - 2)
+
+
+def _running_max(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+    """The max over [i - r, i + r] along `dim` (what lies outside ignored), from maxima over
+    windows doubling in width: the window is covered by two of width w, w <= 2r + 1 < 2w."""
+    if r <= 0:
+        return x
+    n, k = x.shape[dim], 2 * r + 1
+    pad = [0, 0] * (x.dim() - 1 - dim) + [r, r]
+    m, w = torch.nn.functional.pad(x, pad, value=float("-inf")), 1
+    while 2 * w <= k:
+        m = torch.maximum(m.narrow(dim, 0, m.shape[dim] - w), m.narrow(dim, w, m.shape[dim] - w))
+        w *= 2
+    return torch.maximum(m.narrow(dim, 0, n), m.narrow(dim, k - w, n))
+
+
 @dataclass
 class Column:
     """Per-slice track of the spine (pixel indices, float) and the anterior-wall signal."""
@@ -67,9 +88,8 @@ def _solid(vol: torch.Tensor, hu: float, f: int, width_px: float) -> torch.Tenso
     nz, ny, nx = vol.shape
     above = (vol[:, ::f, ::f] > hu).float()[:, None]
     k = max(3, round(width_px / f) | 1)
-    pool = torch.nn.functional.max_pool2d
-    eroded = 1.0 - pool(1.0 - above, k, 1, k // 2)
-    opened = pool(eroded, k, 1, k // 2)[:, 0] > 0.5
+    eroded = 1.0 - square_max(1.0 - above, k // 2)
+    opened = square_max(eroded, k // 2)[:, 0] > 0.5
     return opened.repeat_interleave(f, 1).repeat_interleave(f, 2)[:, :ny, :nx]
 
 
@@ -124,8 +144,7 @@ def find_column(vol: torch.Tensor, spacing: tuple[float, float, float], bone_hu:
     body = (vol[::2, ::2, ::2] > -400.0).float()[:, None]
     # eroded ~3 mm and grown back: the table's thin shells under the back are not the body
     k = max(1, round(3.0 / (2 * sx)))
-    pool = torch.nn.functional.max_pool2d
-    body = pool(1.0 - pool(1.0 - body, 2 * k + 1, 1, k), 2 * k + 1, 1, k)[:, 0] > 0.5
+    body = square_max(1.0 - square_max(1.0 - body, k), k)[:, 0] > 0.5
     prof_x = body.sum((0, 1)).double()
     prof_y = body.sum((0, 2)).double()
     xs, ys = torch.arange(0, nx, 2, device=dev), torch.arange(0, ny, 2, device=dev)
