@@ -10,6 +10,7 @@ import pytest
 from core import Core, ProjectError, Settings, access, projects, users
 
 TODAY = date.today()
+DAY = timedelta(days=1)  # approvals meant to be in date run to tomorrow: a run may cross midnight
 
 
 @pytest.fixture
@@ -88,6 +89,9 @@ def test_state_and_require_active(core):
     row = core.catalog.audit_trail("p1", 1)[0]
     assert (row.actor, row.action, row.outcome) == ("dan", "export", "refused")
     projects.approve(core, "p1", committee_ref="C", approved_on=TODAY, expires_on=TODAY)
+    assert core.project("p1").approval_problem(TODAY) is None  # in date on its last day
+    # a day's margin from here: a run crossing midnight checks against tomorrow
+    projects.approve(core, "p1", committee_ref="C", approved_on=TODAY, expires_on=TODAY + DAY)
     assert projects.require_active(core, "p1", "pull").name == "p1"
     projects.revoke(core, "p1")
     assert core.project("p1").state(TODAY) == "revoked"
@@ -98,7 +102,7 @@ def test_state_and_require_active(core):
 def test_grants_follow_the_table(core):
     u = core.catalog.user
     users.add(core, "zoe")
-    projects.approve(core, "p1", committee_ref="C", approved_on=TODAY, expires_on=TODAY)
+    projects.approve(core, "p1", committee_ref="C", approved_on=TODAY, expires_on=TODAY + DAY)
     users.grant(core, "p1", "zoe", "viewer", by_user=u("ivy"))  # investigator -> viewer: yes
     with pytest.raises(access.NotAllowed):  # investigator -> investigator: no
         users.grant(core, "p1", "zoe", "investigator", by_user=u("ivy"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from harness.localpacs import free_port
 from storage.models import Export
 
 TODAY = date.today()
+DAY = timedelta(days=1)  # approvals meant to be in date run to tomorrow: a run may cross midnight
 TABLE = access.allows  # what the table says, kept from the controls that break the rule
 # A sphere user for each role; "nobody" holds none, "gone" was revoked.
 ROLE_USERS = {
@@ -155,7 +156,7 @@ def home(tmp_path_factory) -> Home:
         users.first_admin(c)  # the OS account running the tests, as `sphere init` makes it
         for name in ("pp", "qq", "ww"):
             projects.create(c, name)
-        projects.approve(c, "ww", committee_ref="C", approved_on=TODAY, expires_on=TODAY)
+        projects.approve(c, "ww", committee_ref="C", approved_on=TODAY, expires_on=TODAY + DAY)
         tokens = {role: users.add(c, name) for role, name in ROLE_USERS.items()}
         users.add(c, "zed")
         for role in access.GLOBAL_ROLES:
