@@ -64,6 +64,7 @@ KINDS = ("wedge", "biconcave", "crush")
 
 SHELL, ENDPLATE, CONCAVITY = 1.1, 1.0, 1.3  # cortex, endplate thickness, endplate dip (mm)
 FAT, MUSCLE, ORGAN, DISC, NUCLEUS, CSF, AIR = -95.0, 48.0, 38.0, 95.0, 72.0, 12.0, -1000.0
+WALL_A, WALL_B = 140.0, 95.0  # the muscle wall's half-width (x width_scale) and half-depth, mm
 CAGE_CY = -10.0  # the rib cage's centre, y
 
 
@@ -201,10 +202,10 @@ def _window(x, y, x_lo, x_hi, y_lo, y_hi, px):
     return slice(int(r0), int(r1)), slice(int(c0), int(c1))
 
 
-def _paint_ell(img, x, y, px, cx, cy, a, b, hu, p=2.0, w=1.0):
-    """Paint a super-ellipse (`_sdf_ell`) at weight w, on its window."""
+def _paint_ell(img, x, y, px, cx, cy, a, b, hu):
+    """Paint an ellipse (`_sdf_ell`), on its window."""
     r, c = _window(x, y, cx - a, cx + a, cy - b, cy + b, px)
-    _paint(img[r, c], _cov(_sdf_ell(x[:, c], y[r], cx, cy, a, b, p), px) * w, hu)
+    _paint(img[r, c], _cov(_sdf_ell(x[:, c], y[r], cx, cy, a, b), px), hu)
 
 
 # --- the spine -------------------------------------------------------------------------------
@@ -400,7 +401,7 @@ def _walls(x, y, px, spec: SpecB) -> np.ndarray:
     """Air, fat, the muscle wall and the abdomen inside it: the same in every slice."""
     ws = spec.width_scale
     img = np.full(np.broadcast(x, y).shape, AIR, np.float32)
-    wall_a, wall_b = 140.0 * ws, 95.0
+    wall_a, wall_b = WALL_A * ws, WALL_B
     p = np.where(y > -8.0, 3.6, 2.3)  # a flat back, a rounder belly
     _paint(
         img, _cov(_sdf_ell(x, y, 0, -8.0, wall_a + spec.fat_mm, wall_b + spec.fat_mm, p), px), FAT
@@ -415,7 +416,6 @@ def _soft(
 ) -> np.ndarray:
     ws, c = spec.width_scale, spec.contrast_hu
     img = walls.copy()
-    wall_b = 95.0
     l1, l4, t12 = verts["L1"], verts["L4"], verts["T12"]
     for xs, yy, a, b in bowel:
         if xs[0] < zc < xs[1]:
@@ -451,7 +451,7 @@ def _soft(
             pts = np.array([(dx + 17.0, front), (dx + side * 64.0 * ws, 32.0)])
             _paint(img, _cov(_sdf_polyline(x, y, pts, 2.4), px) * zr, 40.0 + c)
     if spec.table:
-        back = -8.0 + wall_b + spec.fat_mm + 10.0
+        back = -8.0 + WALL_B + spec.fat_mm + 10.0
         curve = back - 0.0008 * x**2  # a cradle, rising at the sides
         _paint(img, _cov(np.abs(y - curve - 1.5) - 1.5, px), 220.0)
         _paint(img, _cov(np.abs(y - curve - 14.0) - 11.0, px), -820.0)
